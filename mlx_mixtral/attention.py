@@ -1,0 +1,43 @@
+"""Grouped-query self-attention with RoPE, over a full or a sliding-window KV cache."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import Mask
+from .config import ModelArgs
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.scale = self.head_dim**-0.5
+        self.rope_theta = args.rope_theta
+        h = args.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+
+    def _rope(self, x: mx.array, offset: int) -> mx.array:
+        # traditional=False: Hugging Face's rotate-half layout of q/k weights.
+        return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_theta,
+                            scale=1.0, offset=offset)
+
+    def __call__(self, x: mx.array, mask: Mask = None, cache=None) -> mx.array:
+        b, length, _ = x.shape
+        q = self.q_proj(x).reshape(b, length, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(b, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+
+        offset = 0 if cache is None else cache.offset
+        q, k = self._rope(q, offset), self._rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        # The kernel broadcasts the KV heads over their query groups: no repeated K/V in memory.
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))

@@ -1,0 +1,1 @@
+"""The converter behind `mlx-mixtral convert` (issue #3: not built yet)."""

@@ -1,0 +1,13 @@
+"""The exceptions mlx-mixtral raises for bad input. The CLI turns them into one line and exit 2."""
+
+
+class MlxMixtralError(Exception):
+    """Base class: a problem with the user's input (a file, a setting, a prompt)."""
+
+
+class ConfigError(MlxMixtralError, ValueError):
+    """A model configuration is missing keys, has wrong values, or names an unknown model."""
+
+
+class WeightsError(MlxMixtralError, ValueError):
+    """Weight files are missing, unreadable, refused (pickles), or disagree with the config."""

@@ -1,0 +1,102 @@
+"""Mistral (dense) and Mixtral (sparse MoE) decoder, in mlx-lm's model protocol.
+
+`Model(inputs, cache=...)` returns logits `(batch, length, vocab)`; `model.layers` and
+`model.make_cache()` let mlx-lm's generation tools drive it. Parameter names follow the
+Hugging Face / mlx-lm layout so weights load without renaming (experts aside, see weights.py).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .attention import Attention
+from .cache import KVCache, RotatingKVCache, window_mask
+from .config import ModelArgs
+from .moe import SparseMoE
+from .routing import RouterTrace
+
+
+class MLP(nn.Module):
+    """The dense SwiGLU feed-forward of Mistral."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.is_moe = args.is_moe
+        self.self_attn = Attention(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        if self.is_moe:
+            self.block_sparse_moe = SparseMoE(args.hidden_size, args.intermediate_size,
+                                              args.num_local_experts, args.num_experts_per_tok)
+        else:
+            self.mlp = MLP(args.hidden_size, args.intermediate_size)
+
+    def __call__(self, x: mx.array, mask, cache=None, trace: list | None = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        r = self.post_attention_layernorm(h)
+        r = self.block_sparse_moe(r, trace) if self.is_moe else self.mlp(r)
+        return h + r
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = DecoderStack(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @property
+    def layers(self) -> list[TransformerBlock]:
+        return self.model.layers
+
+    def make_cache(self) -> list[KVCache | RotatingKVCache]:
+        """One cache per layer: rolling at the sliding window, or full when there is none."""
+        window = self.args.sliding_window
+        if window is None:
+            return [KVCache() for _ in self.layers]
+        return [RotatingKVCache(window) for _ in self.layers]
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache: list | None = None,
+        input_embeddings: mx.array | None = None,
+        router_trace: RouterTrace | None = None,
+    ) -> mx.array:
+        """Logits for `inputs` (batch, length). Pass a `RouterTrace` to record MoE routing."""
+        h = input_embeddings if input_embeddings is not None else self.model.embed_tokens(inputs)
+        length = h.shape[1]
+        window = self.args.sliding_window
+        if cache is None:
+            cache = [None] * len(self.layers)
+            mask = window_mask(0, length, 0, length, window)
+        else:
+            mask = cache[0].make_mask(length, window)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c, router_trace)
+        h = self.model.norm(h)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)

@@ -1,0 +1,129 @@
+"""Loading weights from a model folder: Hugging Face safetensors or an MLX (mlx-lm) folder.
+
+Loading is lazy: `mx.load` maps safetensors without reading them, and the stacking of
+per-expert tensors stays a lazy graph, so only one copy of the weights is ever materialised.
+Pickled weights (`.bin`, `.pt`, `.pth`) are never opened: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelArgs
+from .errors import ConfigError, WeightsError
+from .model import Model
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+_EXPERT_NAMES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+_EXPERT_KEY = re.compile(r"^(.*\.block_sparse_moe)\.experts\.(\d+)\.(w[123])\.(\w+)$")
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no config.json in this folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return config
+
+
+def load_safetensors(folder: Path) -> dict[str, mx.array]:
+    """All tensors of a folder's `*.safetensors` files, lazily."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise WeightsError(
+                f"{folder}: only pickled weights ({', '.join(pickles[:3])}); they are refused "
+                "because unpickling can run code. Get the safetensors version of the model "
+                "(most Hugging Face repos have one) or convert it with transformers' "
+                "save_pretrained(..., safe_serialization=True) on a trusted machine."
+            )
+        raise WeightsError(f"{folder}: no *.safetensors weight files")
+    weights: dict[str, mx.array] = {}
+    for path in files:
+        try:
+            weights.update(mx.load(str(path)))
+        except Exception as e:  # mx.load raises RuntimeError/ValueError on corrupt files
+            raise WeightsError(f"{path}: cannot read safetensors ({e})") from None
+    return weights
+
+
+def stack_experts(weights: dict[str, mx.array], num_experts: int) -> dict[str, mx.array]:
+    """Hugging Face `experts.E.w1/w2/w3` -> stacked `switch_mlp.{gate,down,up}_proj`."""
+    groups: dict[str, dict[int, mx.array]] = {}
+    out = {}
+    for key, value in weights.items():
+        m = _EXPERT_KEY.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        prefix, expert, name, param = m.groups()
+        target = f"{prefix}.switch_mlp.{_EXPERT_NAMES[name]}.{param}"
+        groups.setdefault(target, {})[int(expert)] = value
+    for target, experts in groups.items():
+        if sorted(experts) != list(range(num_experts)):
+            raise WeightsError(
+                f"{target}: expected experts 0..{num_experts - 1}, found {sorted(experts)}"
+            )
+        out[target] = mx.stack([experts[e] for e in range(num_experts)])
+    return out
+
+
+def sanitize(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+    """Map a checkpoint's tensors onto our parameter names."""
+    weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+    if args.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    if args.is_moe:
+        weights = stack_experts(weights, args.num_local_experts)
+    return weights
+
+
+def _quantization_predicate(quantization: dict, weights: dict[str, mx.array]):
+    """Quantize exactly the layers the checkpoint stores quantized (mlx-lm's config format)."""
+
+    def predicate(path: str, module: nn.Module):
+        if f"{path}.scales" not in weights:
+            return False
+        if path in quantization and isinstance(quantization[path], dict):
+            return quantization[path]
+        return True
+
+    return predicate
+
+
+def load_model(folder: str | Path, lazy: bool = True) -> Model:
+    """Build a `Model` from a folder with `config.json` and safetensors weights."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: not a folder")
+    config = read_config(folder)
+    args = ModelArgs.from_dict(config)
+    weights = sanitize(load_safetensors(folder), args)
+    model = Model(args)
+    quantization = config.get("quantization") or config.get("quantization_config")
+    if isinstance(quantization, dict) and "bits" in quantization:
+        nn.quantize(
+            model,
+            group_size=quantization.get("group_size", 64),
+            bits=quantization["bits"],
+            mode=quantization.get("mode", "affine"),
+            class_predicate=_quantization_predicate(quantization, weights),
+        )
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise WeightsError(f"{folder}: weights do not match config.json ({e})") from None
+    if not lazy:
+        mx.eval(model.parameters())
+    return model

@@ -1,0 +1,57 @@
+"""Tiny Hugging Face reference models, built and saved by the tests themselves (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+BASE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    # A wide init gives O(1) logits and peaked attention, so small errors show up.
+    initializer_range=0.15,
+    attn_implementation="eager",
+)
+
+
+def build_hf(folder: Path, model_type: str, seed: int = 0, **overrides):
+    """Save a random tiny Mistral or Mixtral with `save_pretrained`; return the torch model."""
+    torch.manual_seed(seed)
+    kwargs = {**BASE, **overrides}
+    attn = kwargs.pop("attn_implementation")
+    if model_type == "mistral":
+        config = transformers.MistralConfig(**kwargs)
+        model = transformers.MistralForCausalLM(config)
+    else:
+        kwargs.setdefault("sliding_window", None)
+        config = transformers.MixtralConfig(**kwargs)
+        model = transformers.MixtralForCausalLM(config)
+    model.config._attn_implementation = attn
+    model.eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def hf_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+
+@pytest.fixture
+def tokens():
+    def make(batch: int, length: int, vocab: int = BASE["vocab_size"], seed: int = 1):
+        return np.random.RandomState(seed).randint(0, vocab, (batch, length))
+
+    return make
