@@ -24,6 +24,23 @@ REQUIRED_KEYS = (
 )
 
 
+_INT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+)
+
+
+def _check_positive_ints(args: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
 @dataclass
 class ModelArgs:
     model_type: str
@@ -49,41 +66,34 @@ class ModelArgs:
                 f"unsupported model_type {self.model_type!r}; expected one of "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        _check_positive_ints(self, _INT_FIELDS)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        self._validate()
-
-    def _validate(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "max_position_embeddings",
-        ):
+        _check_positive_ints(self, ("num_key_value_heads", "head_dim"))
+        for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(
+                f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.sliding_window is not None and (
-            not isinstance(self.sliding_window, int) or self.sliding_window <= 0
-        ):
-            raise ConfigError(f"sliding_window must be null or a positive integer, "
-                              f"got {self.sliding_window!r}")
-        if self.is_moe and not 0 < self.num_experts_per_tok <= self.num_local_experts:
-            raise ConfigError(
-                f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
-                f"num_local_experts ({self.num_local_experts})"
-            )
+        if self.sliding_window is not None:
+            _check_positive_ints(self, ("sliding_window",))
+        if self.is_moe:
+            _check_positive_ints(self, ("num_local_experts", "num_experts_per_tok"))
+            if self.num_experts_per_tok > self.num_local_experts:
+                raise ConfigError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
+                    f"num_local_experts ({self.num_local_experts})"
+                )
 
     @property
     def is_moe(self) -> bool:

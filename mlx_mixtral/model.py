@@ -94,7 +94,7 @@ class Model(nn.Module):
             mask = window_mask(0, length, 0, length, window)
         else:
             mask = cache[0].make_mask(length, window)
-        for layer, c in zip(self.layers, cache):
+        for layer, c in zip(self.layers, cache, strict=True):
             h = layer(h, mask, c, router_trace)
         h = self.model.norm(h)
         if self.args.tie_word_embeddings:
