@@ -1,0 +1,191 @@
+"""Loading llama-architecture GGUF files (Mistral, Mixtral, and other llama models).
+
+`mx.load` reads GGUF natively and keeps F32/F16/Q4_0/Q4_1/Q8_0 tensors as they are (the
+quantized ones as MLX affine weights with group size 32). Tensor types it cannot read are
+dequantized with the `gguf` package, or refused with the type named.
+
+llama.cpp's converter permutes the rows of q/k for interleaved (GPT-J) RoPE; we undo that, so a
+GGUF model runs the same Hugging Face layout as every other format.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .config import ModelArgs
+from .errors import ConfigError, WeightsError
+from .model import Model
+from .weights import build_model
+
+GGUF_GROUP_SIZE = 32
+
+_TOP_LEVEL = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "block_sparse_moe.gate",
+    "ffn_gate_exps": "block_sparse_moe.switch_mlp.gate_proj",
+    "ffn_up_exps": "block_sparse_moe.switch_mlp.up_proj",
+    "ffn_down_exps": "block_sparse_moe.switch_mlp.down_proj",
+}
+# Older Mixtral GGUFs store one tensor per expert: blk.N.ffn_gate.E.weight
+_PER_EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.(weight|scales|biases)$")
+_BLOCK_KEY = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|scales|biases)$")
+_SKIP = ("rope_freqs", "attn_rot_embd")
+
+
+def _meta(metadata: dict[str, Any], key: str, default: Any = None) -> Any:
+    value = metadata.get(key, default)
+    if isinstance(value, mx.array):
+        value = value.item() if value.size == 1 else value.tolist()
+    return value
+
+
+def config_from_metadata(metadata: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A Hugging Face style config dict from GGUF metadata."""
+    arch = _meta(metadata, "general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported "
+                          "(only 'llama': Mistral, Mixtral and other llama models)")
+
+    def key(name: str, default: Any = None) -> Any:
+        return _meta(metadata, f"llama.{name}", default)
+
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    experts = key("expert_count", 0) or 0
+    config = {
+        "model_type": "mixtral" if experts > 1 else "mistral",
+        "vocab_size": key("vocab_size") or (len(tokens) if tokens else None),
+        "hidden_size": key("embedding_length"),
+        "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": key("block_count"),
+        "num_attention_heads": key("attention.head_count"),
+        "num_key_value_heads": key("attention.head_count_kv"),
+        "head_dim": key("attention.key_length"),
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": key("rope.freq_base", 10000.0),
+        "max_position_embeddings": key("context_length", 4096),
+    }
+    if experts > 1:
+        config["num_local_experts"] = experts
+        config["num_experts_per_tok"] = key("expert_used_count", 2)
+    missing = [k for k, v in config.items() if v is None and k != "head_dim"]
+    if missing:
+        raise ConfigError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
+    return config
+
+
+def _unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
+    """Invert llama.cpp's q/k row permutation (interleaved RoPE -> rotate-half layout)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+        w.shape)
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    try:
+        return mx.load(str(path), return_metadata=True)
+    except (RuntimeError, ValueError) as e:
+        message = str(e)
+    if "type" not in message.lower():
+        raise WeightsError(f"{path}: cannot read GGUF ({message})")
+    return _read_with_gguf_package(path, message)
+
+
+def _read_with_gguf_package(path: Path, why: str) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    """Dequantize tensor types MLX cannot keep quantized (K-quants and others) to float16."""
+    import gguf  # only needed for these files
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise WeightsError(f"{path}: cannot read GGUF ({e})") from None
+    tensors = {}
+    for t in reader.tensors:
+        try:
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise WeightsError(
+                f"{path}: tensor {t.name} has type {t.tensor_type.name}, which neither MLX nor "
+                "the gguf package can read; use a Q4_0, Q4_1, Q8_0, K-quant or F16 file"
+            ) from None
+        shape = tuple(int(d) for d in reversed(t.shape))
+        tensors[t.name] = mx.array(np.asarray(data, dtype=np.float16).reshape(shape))
+    metadata: dict[str, Any] = {}
+    for name, field in reader.fields.items():
+        value = field.contents()
+        metadata[name] = mx.array(value) if isinstance(value, (int, float, bool)) else value
+    return tensors, metadata
+
+
+def _rename(tensors: dict[str, mx.array], args: ModelArgs, path: Path) -> dict[str, mx.array]:
+    weights: dict[str, mx.array] = {}
+    per_expert: dict[str, dict[int, mx.array]] = {}
+    for name, value in tensors.items():
+        stem, _, param = name.rpartition(".")
+        if stem in _TOP_LEVEL:
+            weights[f"{_TOP_LEVEL[stem]}.{param}"] = value
+            continue
+        if (m := _PER_EXPERT.match(name)) is not None:
+            layer, proj, expert, param = m.groups()
+            target = (f"model.layers.{layer}.block_sparse_moe.switch_mlp.{proj}_proj.{param}")
+            per_expert.setdefault(target, {})[int(expert)] = value
+            continue
+        m = _BLOCK_KEY.match(name)
+        if m is None or m.group(2) not in _BLOCK:
+            if any(s in name for s in _SKIP):
+                continue
+            raise WeightsError(f"{path}: unexpected tensor {name!r} in a llama GGUF")
+        layer, kind, param = m.groups()
+        if kind == "attn_q":
+            value = _unpermute_rows(value, args.num_attention_heads)
+        elif kind == "attn_k":
+            value = _unpermute_rows(value, args.num_key_value_heads)
+        weights[f"model.layers.{layer}.{_BLOCK[kind]}.{param}"] = value
+    for target, experts in per_expert.items():
+        weights[target] = mx.stack([experts[e] for e in sorted(experts)])
+    return weights
+
+
+def _quantization(weights: dict[str, mx.array]) -> dict[str, Any] | None:
+    """mlx-lm style per-layer quantization entries, read off the tensor shapes."""
+    layers: dict[str, Any] = {}
+    for name, scales in weights.items():
+        if not name.endswith(".scales"):
+            continue
+        module = name[: -len(".scales")]
+        in_dims = scales.shape[-1] * GGUF_GROUP_SIZE
+        bits = weights[f"{module}.weight"].shape[-1] * 32 // in_dims
+        layers[module] = {"group_size": GGUF_GROUP_SIZE, "bits": bits}
+    if not layers:
+        return None
+    return {"group_size": GGUF_GROUP_SIZE, "bits": 4, **layers}
+
+
+def load_gguf(path: str | Path) -> tuple[Model, dict[str, Any]]:
+    """Build a `Model` from a GGUF file; returns it with the file's metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such GGUF file")
+    tensors, metadata = _read_tensors(path)
+    config = config_from_metadata(metadata, path)
+    config["tie_word_embeddings"] = "output.weight" not in tensors
+    args = ModelArgs.from_dict(config)
+    weights = _rename(tensors, args, path)
+    return build_model(args, weights, _quantization(weights), str(path)), metadata
