@@ -3,6 +3,7 @@
 from .cache import KVCache, RotatingKVCache
 from .config import PRESETS, ModelArgs, preset
 from .errors import ConfigError, MlxMixtralError, WeightsError
+from .loader import TokenizerError, load
 from .model import Model
 from .routing import RouterTrace, load_balancing_loss
 from .weights import load_model
@@ -18,7 +19,9 @@ __all__ = [
     "ModelArgs",
     "RotatingKVCache",
     "RouterTrace",
+    "TokenizerError",
     "WeightsError",
+    "load",
     "load_balancing_loss",
     "load_model",
     "preset",

@@ -36,6 +36,35 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+def check_safetensors(path: Path) -> None:
+    """Refuse a safetensors file whose header lies (MLX would only fail, or crash, later)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{path}: truncated safetensors file (no header)")
+        header_len = int.from_bytes(head, "little")
+        if header_len <= 0 or 8 + header_len > size:
+            raise WeightsError(f"{path}: truncated or corrupt safetensors file (header length "
+                               f"{header_len} in a {size}-byte file); download it again")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise WeightsError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: corrupt safetensors header")
+    data_size = size - 8 - header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise WeightsError(f"{path}: tensor {name!r} lies past the end of the file "
+                               "(truncated download?); download it again")
+
+
 def load_safetensors(folder: Path) -> dict[str, mx.array]:
     """All tensors of a folder's `*.safetensors` files, lazily."""
     files = sorted(folder.glob("*.safetensors"))
@@ -51,6 +80,7 @@ def load_safetensors(folder: Path) -> dict[str, mx.array]:
         raise WeightsError(f"{folder}: no *.safetensors weight files")
     weights: dict[str, mx.array] = {}
     for path in files:
+        check_safetensors(path)
         try:
             weights.update(mx.load(str(path)))
         except Exception as e:  # mx.load raises RuntimeError/ValueError on corrupt files

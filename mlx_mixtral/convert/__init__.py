@@ -1,1 +1,6 @@
-"""The converter behind `mlx-mixtral convert` (issue #3: not built yet)."""
+"""The converter behind `mlx-mixtral convert`: Hugging Face weights -> (quantized) MLX folder."""
+
+from .plan import Plan
+from .run import ConvertError, Summary, convert
+
+__all__ = ["ConvertError", "Plan", "Summary", "convert"]

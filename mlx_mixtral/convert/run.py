@@ -1,0 +1,249 @@
+"""Streaming, atomic conversion of a checkpoint folder into an MLX folder.
+
+Every output tensor is first described as a lazy MLX graph (memory-mapped source -> stacked
+experts -> cast -> quantize). The graphs are grouped into shards by their output size, and each
+shard is evaluated and written on its own, so peak memory is about one output shard plus the
+source tensors it reads, never the whole model. Everything is written into a hidden folder beside
+OUT, which is renamed to OUT only when complete: an interrupted run leaves no OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from tqdm import tqdm
+
+from ..config import ModelArgs
+from ..errors import MlxMixtralError
+from ..weights import load_safetensors, read_config, sanitize
+from .plan import DTYPES, Plan
+
+# Files copied as they are: tokenizers, chat templates, generation defaults.
+SIDE_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tekken.json",
+)
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+
+class ConvertError(MlxMixtralError):
+    """The output folder cannot be written as asked."""
+
+
+@dataclass
+class Summary:
+    out: Path
+    parameters: int
+    bytes_on_disk: int
+    bits_per_weight: float
+    shards: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (f"Wrote {self.out}: {self.parameters / 1e9:.3g}B parameters, "
+                f"{self.bits_per_weight:.2f} bits per weight, "
+                f"{self.bytes_on_disk / 1e9:.3g} GB in {self.shards} shard(s), "
+                f"{self.seconds:.1f} s")
+
+
+def _partial_folder(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial-{os.getpid()}"
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Folders left by a killed run (its process is gone) are removed."""
+    for folder in out.parent.glob(f".{out.name}.partial-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _source_dtype(config: dict) -> mx.Dtype:
+    name = config.get("torch_dtype") or config.get("dtype") or "float16"
+    return DTYPES.get(name, mx.float16)
+
+
+def _dequantize(weights: dict[str, mx.array], quantization: dict) -> dict[str, mx.array]:
+    """Turn an MLX-quantized checkpoint back into float tensors."""
+    out = {}
+    for name, value in weights.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        module = name.rpartition(".")[0]
+        scales = weights.get(f"{module}.scales")
+        if name.endswith(".weight") and scales is not None:
+            spec = quantization.get(module)
+            spec = spec if isinstance(spec, dict) else quantization
+            value = mx.dequantize(value, scales, weights.get(f"{module}.biases"),
+                                  spec.get("group_size", 64), spec["bits"],
+                                  mode=spec.get("mode", "affine"))
+        out[name] = value
+    return out
+
+
+def _output_tensors(weights: dict[str, mx.array], plan: Plan,
+                    layers: dict[str, int | None]) -> dict[str, mx.array]:
+    """Lazy output tensors; records each quantizable module's bits in `layers`."""
+    out: dict[str, mx.array] = {}
+    for name, value in weights.items():
+        if not mx.issubdtype(value.dtype, mx.floating):
+            out[name] = value
+            continue
+        value = value.astype(plan.dtype)
+        module, _, param = name.rpartition(".")
+        bits = plan.bits_for(module, value) if param == "weight" else None
+        if param == "weight" and value.ndim >= 2:
+            layers[module] = bits
+        if bits is None:
+            out[name] = value
+            continue
+        q, scales, *biases = mx.quantize(value, plan.group_size, bits, mode=plan.mode)
+        out[name] = q
+        out[f"{module}.scales"] = scales
+        if biases:
+            out[f"{module}.biases"] = biases[0]
+    return out
+
+
+def _shards(tensors: dict[str, mx.array], max_bytes: int) -> Iterator[dict[str, mx.array]]:
+    shard: dict[str, mx.array] = {}
+    size = 0
+    for name, value in tensors.items():
+        if shard and size + value.nbytes > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = value
+        size += value.nbytes
+    if shard:
+        yield shard
+
+
+def _count_parameters(weights: dict[str, mx.array]) -> int:
+    return sum(v.size for k, v in weights.items() if not k.endswith((".scales", ".biases")))
+
+
+def convert(
+    hf_path: str | Path,
+    mlx_path: str | Path,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    dtype: str | None = None,
+    dequantize: bool = False,
+    force: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+) -> Summary:
+    """Convert a Hugging Face (or MLX) folder into an MLX folder; see `mlx-mixtral convert`."""
+    start = time.perf_counter()
+    src, out = Path(hf_path), Path(mlx_path)
+    if not src.is_dir():
+        raise ConvertError(f"{src}: not a folder (give the folder holding config.json)")
+    if out.exists() and not force:
+        raise ConvertError(f"{out} already exists; pass --force to replace it")
+    if quantize and dequantize:
+        raise ConvertError("-q and --dequantize exclude each other")
+    config = read_config(src)
+    args = ModelArgs.from_dict(config)
+    weights = sanitize(load_safetensors(src), args)
+    source_quant = config.get("quantization")
+    if dequantize:
+        if not isinstance(source_quant, dict):
+            raise ConvertError(f"{src}: --dequantize needs a quantized MLX folder")
+        weights = _dequantize(weights, source_quant)
+    elif isinstance(source_quant, dict):
+        raise ConvertError(f"{src} is already quantized; pass --dequantize to turn it back "
+                           "into floats (or use it as it is)")
+    plan = Plan(dtype=DTYPES[dtype] if dtype else _source_dtype(config),
+                bits=q_bits if quantize else None, group_size=q_group_size)
+
+    layers: dict[str, int | None] = {}
+    tensors = _output_tensors(weights, plan, layers)
+    shards = list(_shards(tensors, shard_bytes))
+    parameters = _count_parameters(weights)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    work = _partial_folder(out)
+    work.mkdir()
+    try:
+        weight_map, total = _write_shards(shards, work, progress)
+        del shards, tensors, weights
+        _write_config(config, plan, layers, args, work)
+        (work / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+            indent=2))
+        for name in SIDE_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, work / name)
+        _publish(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return Summary(out, parameters, total, 8 * total / max(parameters, 1),
+                   len(set(weight_map.values())), time.perf_counter() - start)
+
+
+def _write_shards(shards: list[dict[str, mx.array]], work: Path,
+                  progress: bool) -> tuple[dict[str, str], int]:
+    weight_map: dict[str, str] = {}
+    total = 0
+    count = len(shards)
+    with tqdm(total=sum(len(s) for s in shards), unit="tensor", disable=not progress,
+              desc="Converting") as bar:
+        for i in range(count):
+            shard = shards[i]
+            name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            for key, value in shard.items():  # evaluate tensor by tensor for the bar
+                mx.eval(value)
+                bar.update(1)
+                weight_map[key] = name
+            mx.save_safetensors(str(work / name), shard, metadata={"format": "mlx"})
+            total += sum(v.nbytes for v in shard.values())
+            shards[i] = {}  # free this shard before the next one is computed
+    return weight_map, total
+
+
+def _write_config(config: dict, plan: Plan, layers: dict[str, int | None], args: ModelArgs,
+                  work: Path) -> None:
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    config["rope_theta"] = args.rope_theta  # mlx-lm reads it at the top level
+    entry = plan.config_entry(layers)
+    if entry is not None:
+        config["quantization"] = config["quantization_config"] = entry
+    config["torch_dtype"] = next(k for k, v in DTYPES.items() if v == plan.dtype)
+    (work / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))
+
+
+def _publish(work: Path, out: Path) -> None:
+    """Rename the finished folder to OUT; an existing OUT (with --force) goes only after."""
+    if not out.exists():
+        os.replace(work, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, old)
+    os.replace(work, out)
+    shutil.rmtree(old, ignore_errors=True)
