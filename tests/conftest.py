@@ -44,6 +44,16 @@ def build_hf(folder: Path, model_type: str, seed: int = 0, **overrides):
     return model
 
 
+def tiny_tokenizer():
+    """A word-level fast tokenizer over the tiny vocabulary: tokens t1 .. t127."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<unk>": 0, **{f"t{i}": i for i in range(1, BASE["vocab_size"])}}
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, "<unk>")), eos_token="t2",
+        bos_token="t1", unk_token="<unk>")
+
+
 def hf_logits(model, ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()

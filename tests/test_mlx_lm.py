@@ -7,12 +7,10 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import BASE, build_hf
+from conftest import build_hf, tiny_tokenizer
 from mlx_lm.generate import stream_generate
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model as mlx_lm_load_model
-from tokenizers import Tokenizer, models
-from transformers import PreTrainedTokenizerFast
 
 from mlx_mixtral import load_model
 
@@ -35,17 +33,10 @@ def test_same_logits_as_mlx_lm(folder, tokens):
     assert np.abs(np.array(ours(ids)) - np.array(theirs(ids))).max() <= 1e-4
 
 
-def tiny_tokenizer() -> TokenizerWrapper:
-    vocab = {"<unk>": 0, **{f"t{i}": i for i in range(1, BASE["vocab_size"])}}
-    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "<unk>")),
-                                   eos_token="t2")
-    return TokenizerWrapper(fast)
-
-
 def test_mlx_lm_stream_generate_drives_our_model(folder, tokens):
     ours = load_model(folder)
     prompt = tokens(1, 10)[0].tolist()
-    steps = list(stream_generate(ours, tiny_tokenizer(), prompt, max_tokens=6))
+    steps = list(stream_generate(ours, TokenizerWrapper(tiny_tokenizer()), prompt, max_tokens=6))
     generated = [s.token for s in steps]
     assert 1 <= len(generated) <= 6
     # Greedy decoding by hand with our own cache gives the same tokens.

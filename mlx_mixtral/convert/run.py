@@ -181,9 +181,11 @@ def convert(
                 bits=q_bits if quantize else None, group_size=q_group_size)
 
     layers: dict[str, int | None] = {}
-    tensors = _output_tensors(weights, plan, layers)
-    shards = list(_shards(tensors, shard_bytes))
     parameters = _count_parameters(weights)
+    shards = list(_shards(_output_tensors(weights, plan, layers), shard_bytes))
+    # From here on only the lazy graphs in `shards` reference the (memory-mapped) sources, so
+    # each source tensor and each written shard is freed as soon as it has been used.
+    del weights
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
@@ -191,7 +193,6 @@ def convert(
     work.mkdir()
     try:
         weight_map, total = _write_shards(shards, work, progress)
-        del shards, tensors, weights
         _write_config(config, plan, layers, args, work)
         (work / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},

@@ -1,0 +1,52 @@
+"""Benchmark: peak memory of `mlx-mixtral convert -q` on a synthetic >= 3 GB bf16 Mixtral.
+
+Usage: python benchmarks/convert_memory.py [--workdir DIR] [--keep]
+Prints the checkpoint size, the converter's peak RSS (its own process) and their ratio;
+the target is a peak at or below 40% of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mlx_mixtral import ModelArgs
+from mlx_mixtral.synthetic import write_hf_checkpoint
+
+SHAPE = dict(model_type="mixtral", vocab_size=32000, hidden_size=1024, intermediate_size=3584,
+             num_hidden_layers=17, num_attention_heads=16, num_key_value_heads=4,
+             num_local_experts=8, num_experts_per_tok=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="convert-memory-"))
+    src, out = work / "hf", work / "mlx-q4"
+    try:
+        size = write_hf_checkpoint(src, ModelArgs.from_dict(SHAPE), shard_bytes=10**9)
+        shards = len(list(src.glob("*.safetensors")))
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", "convert", "--hf-path",
+                        str(src), "--mlx-path", str(out), "-q", "--force"], check=True)
+        seconds = time.perf_counter() - start
+        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB else
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit
+        print(f"checkpoint: {size / 1e9:.2f} GB bf16 in {shards} shards")
+        print(f"converted to 4 bits in {seconds:.1f} s; peak RSS {peak / 1e9:.2f} GB "
+              f"= {peak / size:.1%} of the checkpoint (target <= 40%)")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""`mlx-mixtral convert`: precision against transformers, interop with mlx-lm, atomic output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import build_hf, hf_logits, tiny_tokenizer
+from mlx_lm.utils import load_model as mlx_lm_load_model
+
+from mlx_mixtral import load_model
+from mlx_mixtral.convert import convert
+
+SHAPES = dict(intermediate_size=128)  # divisible by the default group of 64
+MODELS = {
+    "mixtral": ("mixtral", dict(num_local_experts=8, num_experts_per_tok=2, **SHAPES)),
+    "mistral": ("mistral", dict(sliding_window=8, **SHAPES)),
+}
+
+
+def make_source(name: str, tmp_path_factory):
+    model_type, overrides = MODELS[name]
+    folder = tmp_path_factory.mktemp(f"hf-{name}")
+    ref = build_hf(folder, model_type, **overrides)
+    tiny_tokenizer().save_pretrained(folder)
+    # transformers 5 nests rope_theta; mlx-lm reads it at the top level (default 1e6).
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, ref
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def source(request, tmp_path_factory):
+    return make_source(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    """For interop with mlx-lm, which has no sliding window: Mixtral without one."""
+    return make_source("mixtral", tmp_path_factory)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", *args],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_converted_logits_against_transformers(source, tmp_path, tokens, bits):
+    folder, ref = source
+    out = tmp_path / "out"
+    summary = convert(folder, out, quantize=bits is not None, q_bits=bits or 4,
+                      dtype="float32", shard_bytes=40_000, progress=False)
+    assert summary.shards > 1
+    ids = tokens(2, 20)
+    expected = hf_logits(ref, ids)
+    got = np.array(load_model(out)(mx.array(ids)))
+    error = np.abs(got - expected)
+    top1 = (got.argmax(-1) == expected.argmax(-1)).mean()
+    print(f"\n{folder.name} bits={bits}: max |dlogits| {error.max():.2e}, mean "
+          f"{error.mean():.2e} (logit std {expected.std():.2f}), top-1 agreement {top1:.0%}")
+    if bits is None:
+        assert error.max() <= 1e-4
+    elif bits == 8:
+        assert error.mean() <= 0.05 * expected.std() and top1 >= 0.9
+    else:  # 4 bits: reported; sanity only
+        assert error.mean() <= 0.5 * expected.std()
+
+
+def test_q8_no_worse_than_mlx_lm(source, tmp_path, tokens):
+    """Same weights, 8 bits: our precision plan is at least as faithful as mlx-lm's."""
+    from mlx_lm import convert as mlx_lm_convert
+
+    folder, ref = source
+    ours_out, theirs_out = tmp_path / "ours", tmp_path / "theirs"
+    convert(folder, ours_out, quantize=True, q_bits=8, dtype="float32", progress=False)
+    mlx_lm_convert(str(folder), str(theirs_out), quantize=True, q_bits=8, dtype="float32")
+    ids = tokens(2, 20)
+    expected = hf_logits(ref, ids)
+    if json.loads((folder / "config.json").read_text())["model_type"] == "mistral":
+        expected = hf_logits(ref, ids[:, :8])  # mlx-lm ignores the window: stay inside it
+        ids = ids[:, :8]
+    ours = np.abs(np.array(load_model(ours_out)(mx.array(ids))) - expected).mean()
+    theirs_model, _ = mlx_lm_load_model(theirs_out)
+    theirs = np.abs(np.array(theirs_model(mx.array(ids))) - expected).mean()
+    print(f"\n{folder.name} 8-bit mean |dlogits|: ours {ours:.3e}, mlx-lm {theirs:.3e}")
+    assert ours <= theirs * 1.1
+
+
+def test_output_folder_layout(source, tmp_path):
+    folder, _ = source
+    out = tmp_path / "q4"
+    convert(folder, out, quantize=True, shard_bytes=30_000, progress=False)
+    files = sorted(p.name for p in out.iterdir())
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                      for i in range(1, len(shards) + 1)]
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json",
+            "tokenizer_config.json", "generation_config.json"} <= set(files)
+    config = json.loads((out / "config.json").read_text())
+    quant = config["quantization"]
+    assert (quant["bits"], quant["group_size"], quant["mode"]) == (4, 64, "affine")
+    assert quant["lm_head"]["bits"] == 6 and quant["model.embed_tokens"]["bits"] == 6
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    if config["model_type"] == "mixtral":
+        assert quant["model.layers.0.block_sparse_moe.gate"] is False  # router unquantized
+        stacked = "model.layers.0.block_sparse_moe.switch_mlp.gate_proj.weight"
+        assert stacked in index["weight_map"]
+        assert not any(".experts." in k for k in index["weight_map"])
+
+
+def test_our_q4_folder_loads_in_mlx_lm(mixtral, tmp_path, tokens):
+    folder, _ = mixtral
+    out = tmp_path / "q4"
+    convert(folder, out, quantize=True, progress=False)
+    theirs, _ = mlx_lm_load_model(out)
+    ids = mx.array(tokens(1, 16))
+    assert np.abs(np.array(theirs(ids)) - np.array(load_model(out)(ids))).max() <= 1e-4
+
+
+def test_mlx_lm_q4_folder_loads_in_ours(mixtral, tmp_path, tokens):
+    from mlx_lm import convert as mlx_lm_convert
+
+    folder, _ = mixtral
+    out = tmp_path / "mlx-lm-q4"
+    mlx_lm_convert(str(folder), str(out), quantize=True, q_bits=4, q_group_size=64)
+    theirs, _ = mlx_lm_load_model(out)
+    ours = load_model(out)
+    assert ours.layers[0].block_sparse_moe.gate.bits == 4  # theirs quantizes the router
+    ids = mx.array(tokens(1, 16))
+    assert np.abs(np.array(theirs(ids)) - np.array(ours(ids))).max() <= 1e-4
+
+
+def test_existing_out_refused_then_forced(source, tmp_path):
+    folder, _ = source
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    result = cli("convert", "--hf-path", str(folder), "--mlx-path", str(out))
+    assert result.returncode == 2 and "--force" in result.stderr
+    assert (out / "keep.txt").exists()
+    result = cli("convert", "--hf-path", str(folder), "--mlx-path", str(out), "--force")
+    assert result.returncode == 0, result.stderr
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert "bits per weight" in result.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left
+
+
+def test_verify_reports_agreement(source, tmp_path):
+    folder, _ = source
+    out = tmp_path / "q8"
+    result = cli("convert", "--hf-path", str(folder), "--mlx-path", str(out), "-q",
+                 "--q-bits", "8", "--verify")
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip().splitlines()[-1]
+    assert "top-1 agreement" in line and "mean KL" in line
+    if "mixtral" in folder.name:
+        assert "same experts chosen" in line
