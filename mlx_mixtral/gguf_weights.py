@@ -1,8 +1,9 @@
 """Loading llama-architecture GGUF files (Mistral, Mixtral, and other llama models).
 
 `mx.load` reads GGUF natively and keeps F32/F16/Q4_0/Q4_1/Q8_0 tensors as they are (the
-quantized ones as MLX affine weights with group size 32). Tensor types it cannot read are
-dequantized with the `gguf` package, or refused with the type named.
+quantized ones as MLX affine weights with group size 32). Files with types it cannot read
+(K-quants, I-quants ...) are dequantized tensor by tensor with the `gguf` package and
+re-quantized in MLX; a type neither can read is refused by name.
 
 llama.cpp's converter permutes the rows of q/k for interleaved (GPT-J) RoPE; we undo that, so a
 GGUF model runs the same Hugging Face layout as every other format.
@@ -10,6 +11,7 @@ GGUF model runs the same Hugging Face layout as every other format.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -101,32 +103,51 @@ def _unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
 def _read_tensors(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     try:
         return mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError) as e:
-        message = str(e)
-    if "type" not in message.lower():
-        raise WeightsError(f"{path}: cannot read GGUF ({message})")
-    return _read_with_gguf_package(path, message)
+    except (RuntimeError, ValueError):
+        pass  # a tensor type MLX cannot read (K-quants, I-quants, Q5_x ...), or a bad file
+    return _read_with_gguf_package(path)
 
 
-def _read_with_gguf_package(path: Path, why: str) -> tuple[dict[str, mx.array], dict[str, Any]]:
-    """Dequantize tensor types MLX cannot keep quantized (K-quants and others) to float16."""
+def _mlx_bits(qtype: Any) -> int:
+    """The MLX affine width that holds a GGUF type without losing precision to it."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    per_weight = math.ceil(size * 8 / block)
+    return next(b for b in (2, 3, 4, 5, 6, 8) if b >= min(per_weight, 8))
+
+
+def _read_with_gguf_package(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    """Read a GGUF whose tensor types MLX cannot load: the `gguf` package dequantizes each
+    tensor, which is then re-quantized in MLX (group 32, enough bits to hold the type), so
+    memory stays near the file's size instead of growing to float16."""
     import gguf  # only needed for these files
 
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
         raise WeightsError(f"{path}: cannot read GGUF ({e})") from None
-    tensors = {}
+    float_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                   gguf.GGMLQuantizationType.BF16)
+    tensors: dict[str, mx.array] = {}
     for t in reader.tensors:
         try:
             data = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise WeightsError(
                 f"{path}: tensor {t.name} has type {t.tensor_type.name}, which neither MLX nor "
-                "the gguf package can read; use a Q4_0, Q4_1, Q8_0, K-quant or F16 file"
+                "the gguf package can read; use a file with another quantization (Q4_K_M, "
+                "Q8_0, F16 ...)"
             ) from None
         shape = tuple(int(d) for d in reversed(t.shape))
-        tensors[t.name] = mx.array(np.asarray(data, dtype=np.float16).reshape(shape))
+        value = mx.array(np.asarray(data, dtype=np.float32).reshape(shape))
+        stem = t.name.rpartition(".")[0]
+        if t.tensor_type in float_types or value.ndim < 2 or shape[-1] % GGUF_GROUP_SIZE:
+            tensors[t.name] = value
+            continue
+        q, scales, biases = mx.quantize(value, GGUF_GROUP_SIZE, _mlx_bits(t.tensor_type))
+        mx.eval(q, scales, biases)
+        tensors.update({t.name: q, f"{stem}.scales": scales, f"{stem}.biases": biases})
     metadata: dict[str, Any] = {}
     for name, field in reader.fields.items():
         value = field.contents()

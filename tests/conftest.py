@@ -46,12 +46,13 @@ def build_hf(folder: Path, model_type: str, seed: int = 0, **overrides):
 
 def tiny_tokenizer():
     """A word-level fast tokenizer over the tiny vocabulary: tokens t1 .. t127."""
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {"<unk>": 0, **{f"t{i}": i for i in range(1, BASE["vocab_size"])}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, "<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, "<unk>")), eos_token="t2",
-        bos_token="t1", unk_token="<unk>")
+        tokenizer_object=tokenizer, eos_token="t2", bos_token="t1", unk_token="<unk>")
 
 
 def hf_logits(model, ids: np.ndarray) -> np.ndarray:

@@ -162,3 +162,16 @@ def test_verify_reports_agreement(source, tmp_path):
     assert "top-1 agreement" in line and "mean KL" in line
     if "mixtral" in folder.name:
         assert "same experts chosen" in line
+
+
+def test_dequantize_round_trip(mixtral, tmp_path, tokens):
+    folder, _ = mixtral
+    q4, back = tmp_path / "q4", tmp_path / "float"
+    convert(folder, q4, quantize=True, dtype="float32", progress=False)
+    result = cli("convert", "--hf-path", str(q4), "--mlx-path", str(back), "--dequantize")
+    assert result.returncode == 0, result.stderr
+    assert "quantization" not in json.loads((back / "config.json").read_text())
+    ids = mx.array(tokens(1, 12))
+    assert np.abs(np.array(load_model(back)(ids)) - np.array(load_model(q4)(ids))).max() <= 1e-4
+    again = cli("convert", "--hf-path", str(q4), "--mlx-path", str(tmp_path / "x"), "-q")
+    assert again.returncode == 2 and "already quantized" in again.stderr

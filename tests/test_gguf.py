@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import build_hf, hf_logits
 
+from mlx_mixtral import WeightsError
 from mlx_mixtral.demo import demo_model_path
 from mlx_mixtral.gguf_weights import load_gguf
 
@@ -97,9 +98,19 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def write_mixtral_gguf(ref, path, merged: bool) -> None:
+def write_mixtral_gguf(ref, path, merged: bool, qtype=None) -> None:
+    """`qtype`: store the 2-D weights in this GGUF quantization (float32 when None)."""
     cfg = ref.config
     writer = gguf.GGUFWriter(str(path), "llama")
+    add = writer.add_tensor
+
+    def add_tensor(name: str, value: np.ndarray) -> None:
+        if qtype is None or value.ndim < 2:
+            return add(name, value)
+        q = gguf.quants.quantize(value, qtype)
+        return add(name, q, raw_shape=q.shape, raw_dtype=qtype)
+
+    writer.add_tensor = add_tensor
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -142,6 +153,51 @@ def write_mixtral_gguf(ref, path, merged: bool) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def test_type_mlx_cannot_read_is_requantized(tmp_path, tokens):
+    """Q5_0 is not read by mx.load: the gguf package dequantizes, MLX re-quantizes to 6 bits.
+    Each weight then sits within one 6-bit step of the GGUF value (MLX's affine grid is
+    anchored at a group's edge, so the worst case is a little over half a step)."""
+    ref = build_hf(tmp_path / "hf", "mixtral", num_local_experts=4, num_experts_per_tok=2,
+                   intermediate_size=128)
+    path = tmp_path / "q5.gguf"
+    write_mixtral_gguf(ref, path, merged=True, qtype=gguf.GGMLQuantizationType.Q5_0)
+    with pytest.raises(RuntimeError):
+        mx.load(str(path))
+    model, _ = load_gguf(path)
+    reader = gguf.GGUFReader(str(path))
+    stored = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(
+        [int(d) for d in reversed(t.shape)]) for t in reader.tensors}
+    layer = model.layers[1]
+    pairs = {
+        "blk.1.attn_v.weight": layer.self_attn.v_proj,
+        "blk.1.ffn_down_exps.weight": layer.block_sparse_moe.switch_mlp.down_proj,
+        "blk.1.ffn_gate_inp.weight": layer.block_sparse_moe.gate,
+        "token_embd.weight": model.model.embed_tokens,
+    }
+    for name, module in pairs.items():
+        assert (module.bits, module.group_size) == (6, 32)
+        ours = np.array(mx.dequantize(module.weight, module.scales, module.biases, 32, 6))
+        groups = stored[name].reshape(*stored[name].shape[:-1], -1, 32)
+        step = (groups.max(-1) - groups.min(-1)) / 63
+        error = np.abs(ours.reshape(groups.shape) - groups).max(-1)
+        assert (error <= step + 1e-6).all(), name
+    logits = np.array(model(mx.array(tokens(1, 8))))
+    assert np.isfinite(logits).all()
+
+
+def test_unreadable_type_is_refused_by_name(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "q81.gguf"), "llama")
+    raw = np.zeros((4, 40 * 2), dtype=np.uint8)  # Q8_1: 40 bytes per 32 weights
+    writer.add_tensor("blk.0.attn_q.weight", raw, raw_shape=(4, 80),
+                      raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(WeightsError, match="type Q8_1"):
+        load_gguf(tmp_path / "q81.gguf")
 
 
 @pytest.mark.parametrize("merged", [True, False], ids=["merged-experts", "per-expert"])
