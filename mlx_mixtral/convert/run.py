@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..config import ModelArgs
 from ..errors import MlxMixtralError
+from ..loader import resolve
 from ..weights import load_safetensors, read_config, sanitize
 from .plan import DTYPES, Plan
 
@@ -157,9 +158,11 @@ def convert(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
 ) -> Summary:
-    """Convert a Hugging Face (or MLX) folder into an MLX folder; see `mlx-mixtral convert`."""
+    """Convert a Hugging Face folder or repo id (or an MLX folder) into an MLX folder.
+
+    See `mlx-mixtral convert --help`; returns what was written."""
     start = time.perf_counter()
-    src, out = Path(hf_path), Path(mlx_path)
+    src, out = resolve(hf_path), Path(mlx_path)
     if not src.is_dir():
         raise ConvertError(f"{src}: not a folder (give the folder holding config.json)")
     if out.exists() and not force:
