@@ -54,10 +54,18 @@ class Summary:
     seconds: float
 
     def __str__(self) -> str:
-        return (f"Wrote {self.out}: {self.parameters / 1e9:.3g}B parameters, "
+        return (f"Wrote {self.out}: {human(self.parameters, 'B')} parameters, "
                 f"{self.bits_per_weight:.2f} bits per weight, "
-                f"{self.bytes_on_disk / 1e9:.3g} GB in {self.shards} shard(s), "
+                f"{human(self.bytes_on_disk)}B on disk in {self.shards} shard(s), "
                 f"{self.seconds:.1f} s")
+
+
+def human(n: float, giga: str = "G") -> str:
+    """1234567 -> '1.23M' (K, M, G, T by powers of 1000; giga="B" for parameter counts)."""
+    for unit, scale in (("T", 1e12), (giga, 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
 
 
 def _partial_folder(out: Path) -> Path:
