@@ -2,16 +2,18 @@
 
 from .cache import KVCache, RotatingKVCache
 from .config import PRESETS, ModelArgs, preset
-from .errors import ConfigError, MlxMixtralError, WeightsError
-from .loader import TokenizerError, load
+from .errors import ChatFormatError, ConfigError, MlxMixtralError, TokenizerError, WeightsError
+from .loader import load
 from .model import Model
 from .routing import RouterTrace, load_balancing_loss
+from .tokenizer import Tokenizer
 from .weights import load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "ChatFormatError",
     "ConfigError",
     "KVCache",
     "MlxMixtralError",
@@ -19,6 +21,7 @@ __all__ = [
     "ModelArgs",
     "RotatingKVCache",
     "RouterTrace",
+    "Tokenizer",
     "TokenizerError",
     "WeightsError",
     "load",

@@ -49,6 +49,10 @@ class KVCache:
     def make_mask(self, num_queries: int, window: int | None = None) -> Mask:
         return window_mask(self.offset, num_queries, 0, self.offset + num_queries, window)
 
+    def key_positions(self, num_queries: int) -> mx.array:
+        """Positions of the keys the next `update_and_fetch` of that many queries returns."""
+        return mx.arange(self.offset + num_queries)
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         length = keys.shape[2]
         end = self.offset + length
@@ -145,10 +149,15 @@ class RotatingKVCache:
         if self.complete:
             return None  # every returned slot is within the window and valid
         # Decoding after a trim of a wrapped buffer: hide slots holding trimmed positions.
-        slots = min(self.offset + 1, self.window)
-        slot = mx.arange(slots)
-        position = self.offset - (self.offset - slot) % self.window
-        return (position >= self.start)[None]
+        return (self.key_positions(1) >= self.start)[None]
+
+    def key_positions(self, num_queries: int) -> mx.array:
+        """Positions of the keys the next `update_and_fetch` of that many queries returns
+        (for one query: the ring's slots, each holding the latest position that maps to it)."""
+        if num_queries > 1:
+            return mx.arange(self._first_visible(self.offset), self.offset + num_queries)
+        slot = mx.arange(min(self.offset + 1, self.window))
+        return self.offset - (self.offset - slot) % self.window
 
     # ---- update -------------------------------------------------------------------------------
 

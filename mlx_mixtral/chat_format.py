@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import MlxMixtralError
+from .errors import ChatFormatError
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -24,10 +24,6 @@ if TYPE_CHECKING:
 FORMATS = ("mistral-v1", "mistral-v3", "template", "plain")
 ROLES = ("system", "user", "assistant")
 JOIN = "\n\n"  # mistral-common joins system prompts and consecutive same-role messages so
-
-
-class ChatFormatError(MlxMixtralError, ValueError):
-    """A message list that cannot be formatted (unknown role, no user message ...)."""
 
 
 @dataclass

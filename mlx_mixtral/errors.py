@@ -11,3 +11,11 @@ class ConfigError(MlxMixtralError, ValueError):
 
 class WeightsError(MlxMixtralError, ValueError):
     """Weight files are missing, unreadable, refused (pickles), or disagree with the config."""
+
+
+class TokenizerError(MlxMixtralError, ValueError):
+    """The model's tokenizer is missing or unreadable."""
+
+
+class ChatFormatError(MlxMixtralError, ValueError):
+    """A message list that cannot be formatted (unknown role, no user message ...)."""

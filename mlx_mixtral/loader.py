@@ -8,19 +8,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from .errors import WeightsError
 from .gguf_weights import load_gguf
 from .model import Model
+from .tokenizer import Tokenizer, load_folder_tokenizer, load_gguf_tokenizer
 from .weights import PICKLE_SUFFIXES, load_model
 
 # What a download needs: no pickles, no original consolidated.* duplicates.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.tiktoken"]
-
-
-class TokenizerError(WeightsError):
-    """The model's tokenizer is missing or unreadable."""
 
 
 def _looks_like_repo_id(name: str) -> bool:
@@ -47,21 +43,6 @@ def download(repo_id: str) -> Path:
         ) from None
 
 
-def load_tokenizer(path: Path, gguf_metadata: dict | None = None) -> Any:
-    """mlx-lm's `TokenizerWrapper` (with its streaming detokenizer) for a folder or GGUF."""
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-    from transformers import AutoTokenizer
-
-    try:
-        if path.is_file():  # GGUF: transformers rebuilds the tokenizer from the metadata
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # noqa: BLE001 - any failure here means no usable tokenizer
-        raise TokenizerError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
-    return TokenizerWrapper(tokenizer)
-
-
 def resolve(path_or_repo: str | Path) -> Path:
     """A local file or folder for what the user named."""
     path = Path(path_or_repo).expanduser()
@@ -73,7 +54,7 @@ def resolve(path_or_repo: str | Path) -> Path:
                        "like mistralai/Mixtral-8x7B-Instruct-v0.1)")
 
 
-def load(path_or_repo: str | Path, tokenizer: bool = True) -> tuple[Model, Any]:
+def load(path_or_repo: str | Path, tokenizer: bool = True) -> tuple[Model, Tokenizer | None]:
     """(model, tokenizer) from a GGUF file, a model folder or a Hugging Face repo id.
 
     Weights stay memory-mapped until first used; `tokenizer=False` skips the tokenizer."""
@@ -84,7 +65,7 @@ def load(path_or_repo: str | Path, tokenizer: bool = True) -> tuple[Model, Any]:
                                "use the model's safetensors or GGUF files")
         if path.suffix != ".gguf":
             raise WeightsError(f"{path}: not a GGUF file; give a .gguf file or a model folder")
-        model, _ = load_gguf(path)
-    else:
-        model = load_model(path)
-    return model, (load_tokenizer(path) if tokenizer else None)
+        model, metadata = load_gguf(path)
+        return model, (load_gguf_tokenizer(path, metadata) if tokenizer else None)
+    model = load_model(path)
+    return model, (load_folder_tokenizer(path) if tokenizer else None)

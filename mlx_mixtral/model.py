@@ -71,6 +71,20 @@ class Model(nn.Module):
     def layers(self) -> list[TransformerBlock]:
         return self.model.layers
 
+    def _padding_mask(self, cache, length: int, padding: mx.array) -> mx.array:
+        """(batch, 1, length, keys) mask: causal, windowed, and blind to left padding."""
+        offset = 0 if cache is None else cache.offset
+        q = mx.arange(offset, offset + length)[:, None]
+        k = (mx.arange(length) if cache is None else cache.key_positions(length))[None]
+        visible = k <= q
+        if self.args.sliding_window is not None:
+            visible = visible & (k > q - self.args.sliding_window)
+        if getattr(cache, "start", 0):
+            visible = visible & (k >= cache.start)
+        real = k[None] >= padding[:, None, None]
+        # A padding query sees itself, so that its (unused) row never softmaxes over nothing.
+        return ((visible[None] & real) | (k == q)[None])[:, None]
+
     def make_cache(self) -> list[KVCache | RotatingKVCache]:
         """One cache per layer: rolling at the sliding window, or full when there is none."""
         window = self.args.sliding_window
@@ -84,8 +98,13 @@ class Model(nn.Module):
         cache: list | None = None,
         input_embeddings: mx.array | None = None,
         router_trace: RouterTrace | None = None,
+        padding: mx.array | None = None,
     ) -> mx.array:
-        """Logits for `inputs` (batch, length). Pass a `RouterTrace` to record MoE routing."""
+        """Logits for `inputs` (batch, length).
+
+        `router_trace`: a `RouterTrace` that records the MoE routing of this pass.
+        `padding`: (batch,) counts of left-padding tokens, for prompts of unequal length run
+        together; those positions are hidden from every other token."""
         h = input_embeddings if input_embeddings is not None else self.model.embed_tokens(inputs)
         length = h.shape[1]
         window = self.args.sliding_window
@@ -94,6 +113,8 @@ class Model(nn.Module):
             mask = window_mask(0, length, 0, length, window)
         else:
             mask = cache[0].make_mask(length, window)
+        if padding is not None:
+            mask = self._padding_mask(cache[0], length, padding)
         for layer, c in zip(self.layers, cache, strict=True):
             h = layer(h, mask, c, router_trace)
         h = self.model.norm(h)

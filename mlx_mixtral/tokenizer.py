@@ -15,11 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import MlxMixtralError
-
-
-class TokenizerError(MlxMixtralError, ValueError):
-    """The model's tokenizer is missing or unreadable."""
+from .errors import TokenizerError
 
 
 class Tokenizer:

@@ -1,0 +1,151 @@
+"""A conversation kept together with its KV cache, so each turn prefills only what is new.
+
+The conversation is rebuilt as token ids every turn (per-message segments, assistant replies as
+the tokens that were generated) and compared with the ids already in the cache: only the part
+after the longest common prefix is prefilled. Regenerate and edit-last trim the cache back to
+that prefix instead of recomputing it.
+
+Policies:
+- Sliding window: the rolling cache keeps memory flat. A trim that reaches behind what it still
+  holds (after it wrapped) cannot be exact, so the cache is rebuilt from the conversation.
+- Context length: when the conversation plus the reply would outgrow it, the oldest turns are
+  dropped (the system prompt stays) and the rest is prefilled again.
+- mistral-v3 puts the system prompt in the last user message, so with a system prompt each turn
+  also re-prefills the previous user message and reply (the format's choice, kept exactly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from .chat_format import format_segments
+from .generate import Chunk, GenerationError, Stats, clean_text, context_length, stream_generate
+from .model import Model
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+
+class ChatSession:
+    def __init__(self, model: Model, tokenizer: Tokenizer, system: str | None = None,
+                 chat_format: str | None = None, sampling: SamplingParams | None = None,
+                 **settings: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.system = system
+        self.chat_format = chat_format or tokenizer.chat_format
+        self.sampling = SamplingParams.from_kwargs(sampling, **settings)
+        self.messages: list[dict[str, str]] = []  # user / assistant turns
+        self.reply_ids: list[list[int]] = []  # each assistant turn's tokens, as generated
+        self.cache = model.make_cache()
+        self.cached: list[int] = []  # the token ids whose keys/values are in the cache
+        self.last_stats: Stats | None = None
+
+    # ---- the conversation as tokens -------------------------------------------------------
+
+    def _all_messages(self) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.messages
+
+    def conversation_ids(self) -> list[int]:
+        """The whole conversation, formatted, with replies as the tokens generated."""
+        segments = format_segments(self.tokenizer, self._all_messages(),
+                                   chat_format=self.chat_format)
+        replies = iter(self.reply_ids)
+        ids: list[int] = []
+        for segment in segments:
+            if segment.role == "assistant":
+                generated = next(replies, None)
+                ids.extend(generated if generated is not None else segment.ids)
+            else:
+                ids.extend(segment.ids)
+        return ids
+
+    def _fit_context(self, reserve: int) -> list[int]:
+        """Drop the oldest turns (keeping the system prompt) until the reply fits."""
+        ids = self.conversation_ids()
+        while len(ids) + reserve >= context_length(self.model) and len(self.messages) > 1:
+            turn = 2 if self.messages[1]["role"] == "assistant" else 1  # a user + its reply
+            del self.reply_ids[: turn - 1]
+            del self.messages[:turn]
+            ids = self.conversation_ids()
+        return ids
+
+    def _sync_cache(self, ids: list[int]) -> list[int]:
+        """Trim the cache to the common prefix with `ids`; return the ids still to prefill."""
+        common = 0
+        for a, b in zip(self.cached, ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # always feed at least one token to get logits
+        if common < len(self.cached):
+            for c in self.cache:
+                c.trim(len(self.cached) - common)
+            if not all(getattr(c, "complete", True) for c in self.cache):
+                self.cache, common = self.model.make_cache(), 0  # lost to the window: rebuild
+            self.cached = self.cached[:common]
+        return ids[common:]
+
+    # ---- turns ----------------------------------------------------------------------------
+
+    def _reply(self, **settings: Any) -> Iterator[Chunk | Stats]:
+        params = SamplingParams.from_kwargs(self.sampling, **settings)
+        ids = self._fit_context(reserve=min(params.max_tokens, 64))
+        new = self._sync_cache(ids)
+        tokens: list[int] = []
+        text = ""
+        stats = None
+        started = False
+        try:
+            for item in stream_generate(self.model, self.tokenizer, new, sampling=params,
+                                        cache=self.cache):
+                started = True
+                if isinstance(item, Stats):
+                    stats = item
+                    tokens, text = item.tokens, item.text
+                else:
+                    if item.token is not None:
+                        tokens.append(item.token)
+                    text += item.text
+                yield item
+        finally:
+            if started:
+                self._record(ids, tokens, text, stats)
+
+    def _record(self, ids: list[int], tokens: list[int], text: str, stats: Stats | None) -> None:
+        """Book a reply, also one the caller stopped early: the cache then holds the prompt and
+        every token streamed so far."""
+        self.cached = ids + tokens
+        reply = tokens if tokens[-1:] and tokens[-1] in self.tokenizer.eos_ids else (
+            tokens + [self.tokenizer.eos_id])  # the format ends a reply with EOS
+        self.messages.append({"role": "assistant", "content": text})
+        self.reply_ids.append(reply)
+        self.last_stats = stats
+
+    def send(self, text: str, **settings: Any) -> Iterator[Chunk | Stats]:
+        """Add a user message and stream the reply (`Chunk`s, then `Stats`)."""
+        self.messages.append({"role": "user", "content": clean_text(text)})
+        return self._reply(**settings)
+
+    def regenerate(self, **settings: Any) -> Iterator[Chunk | Stats]:
+        """Replace the last reply with a new one."""
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise GenerationError("there is no reply to regenerate")
+        self.messages.pop()
+        self.reply_ids.pop()
+        return self._reply(**settings)
+
+    def edit_last(self, text: str, **settings: Any) -> Iterator[Chunk | Stats]:
+        """Replace the last user message (and its reply), and stream the new reply."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+            self.reply_ids.pop()
+        if not self.messages or self.messages[-1]["role"] != "user":
+            raise GenerationError("there is no user message to edit")
+        self.messages[-1] = {"role": "user", "content": clean_text(text)}
+        return self._reply(**settings)
+
+    def set_reply_text(self, text: str) -> None:
+        """Keep a reply that was stopped early as the text shown (it is re-tokenized)."""
+        self.messages[-1]["content"] = text
+        self.reply_ids[-1] = self.tokenizer.encode(text) + [self.tokenizer.eos_id]

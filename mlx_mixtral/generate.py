@@ -1,0 +1,277 @@
+"""Text generation: streaming, stop strings, statistics, and batches of prompts.
+
+The token loop is mlx-lm's `generate_step` (chunked prefill, pipelined decoding with
+`mx.async_eval`, its samplers); this module adds prompts in any form, streaming text that never
+breaks a character, stop strings, and the numbers a user wants after a reply.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+
+from .errors import MlxMixtralError
+from .model import Model
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+DEFAULT_PREFILL_STEP = 512
+
+
+class GenerationError(MlxMixtralError, ValueError):
+    """A prompt that cannot be generated from (empty, longer than the context ...)."""
+
+
+@dataclass
+class Chunk:
+    """A piece of the reply: its text (maybe "") and token. The last chunk has no token and
+    says why the reply ended."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    ttft: float  # seconds to the first token
+    peak_memory: int  # bytes
+    finish_reason: str | None = None
+    tokens: list[int] = field(default_factory=list, repr=False)
+    text: str = field(default="", repr=False)
+
+    def __str__(self) -> str:
+        return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
+                f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
+                f"first token {self.ttft:.2f} s | peak memory {self.peak_memory / 1e9:.2f} GB")
+
+
+def clean_text(text: str) -> str:
+    """Prompts may carry bytes that are not UTF-8 (lone surrogates): make them U+FFFD."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[Any], system: str | None = None,
+               raw: bool = False, chat_format: str | None = None) -> list[int]:
+    """Token ids for a plain string (chat-formatted unless `raw`), a message list, or ids."""
+    if isinstance(prompt, str):
+        prompt = clean_text(prompt)
+        if raw:
+            return tokenizer.encode(prompt, add_bos=tokenizer.add_bos)
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
+        return tokenizer.apply_chat_template(messages, chat_format=chat_format)
+    prompt = list(prompt)
+    if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    messages = [{**m, "content": clean_text(m["content"])}
+                if isinstance(m, dict) and isinstance(m.get("content"), str) else m
+                for m in prompt]
+    if system:
+        messages = [{"role": "system", "content": system}, *messages]
+    return tokenizer.apply_chat_template(messages, chat_format=chat_format)
+
+
+def context_length(model: Model) -> int:
+    return model.args.max_position_embeddings
+
+
+def check_prompt(model: Model, ids: Sequence[int], already_cached: int = 0) -> None:
+    if not ids:
+        raise GenerationError("the prompt is empty")
+    total = already_cached + len(ids)
+    if total >= context_length(model):
+        raise GenerationError(
+            f"the prompt is {total} tokens, and the model's context is "
+            f"{context_length(model)}; shorten it")
+    bad = [t for t in ids if not 0 <= t < model.args.vocab_size]
+    if bad:
+        raise GenerationError(f"token id {bad[0]} is outside the vocabulary "
+                              f"(size {model.args.vocab_size})")
+
+
+class StopStrings:
+    """Holds back text that may be the start of a stop string; cuts at a complete one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """(text safe to show, whether a stop string was hit)."""
+        self.held += piece
+        hits = [(self.held.find(s), s) for s in self.stops if s in self.held]
+        if hits:
+            at = min(hits)[0]
+            out, self.held = self.held[:at], ""
+            return out, True
+        keep = max((k for s in self.stops for k in range(1, len(s))
+                    if self.held.endswith(s[:k])), default=0)
+        out = self.held[: len(self.held) - keep]
+        self.held = self.held[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+def stream_generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[Any],
+    *,
+    sampling: SamplingParams | None = None,
+    stop: Sequence[str] = (),
+    system: str | None = None,
+    raw: bool = False,
+    chat_format: str | None = None,
+    cache: list | None = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    **settings: Any,
+) -> Iterator[Chunk | Stats]:
+    """Yield `Chunk`s as the reply streams, then one `Stats`.
+
+    `prompt`: text (formatted with the model's chat format unless `raw`), a list of
+    {"role", "content"} messages, or token ids. Sampling: a `SamplingParams` and/or its fields
+    as keywords (temperature, top_p, top_k, min_p, repetition_penalty, repetition_context,
+    max_tokens, seed). `cache`: a KV cache holding earlier tokens, which are not prefilled again.
+    """
+    params = SamplingParams.from_kwargs(sampling, **settings)
+    ids = prompt_ids(tokenizer, prompt, system=system, raw=raw, chat_format=chat_format)
+    check_prompt(model, ids, cache[0].offset if cache else 0)
+    if params.seed is not None:
+        mx.random.seed(params.seed)
+    cache = cache if cache is not None else model.make_cache()
+    max_tokens = min(params.max_tokens, context_length(model) - cache[0].offset - len(ids))
+
+    detok = tokenizer.detokenizer()
+    stops = StopStrings(stop)
+    tokens: list[int] = []
+    text, finish, hit = "", None, False
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    ttft = 0.0
+    steps = generate_step(mx.array(ids), model, max_tokens=max_tokens,
+                          sampler=params.sampler(),
+                          logits_processors=params.logits_processors(),
+                          prompt_cache=cache, prefill_step_size=prefill_step_size)
+    try:
+        for n, (token, _) in enumerate(steps):
+            if n == 0:
+                ttft = time.perf_counter() - start
+            token = int(token)
+            tokens.append(token)
+            if token in tokenizer.eos_ids:
+                finish = "stop"
+                break
+            shown, hit = stops.feed(detok.add_token(token))
+            text += shown
+            yield Chunk(shown, token)
+            if hit:
+                finish = "stop"
+                break
+            if len(tokens) >= max_tokens:
+                break
+    finally:
+        steps.close()
+    rest = ""
+    if not hit:
+        rest, hit = stops.feed(detok.finalize())
+        rest += "" if hit else stops.flush()
+    text += rest
+    finish = finish or ("stop" if hit else "length")
+    yield Chunk(rest, None, finish)
+    elapsed = time.perf_counter() - start
+    generated = len(tokens)
+    decode_time = max(elapsed - ttft, 1e-9)
+    yield Stats(
+        prompt_tokens=len(ids),
+        prompt_tps=len(ids) / max(ttft, 1e-9),
+        generation_tokens=generated,
+        generation_tps=(generated - 1) / decode_time if generated > 1 else 0.0,
+        ttft=ttft,
+        peak_memory=mx.get_peak_memory(),
+        finish_reason=finish,
+        tokens=tokens,
+        text=text,
+    )
+
+
+def generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[Any],
+             **kwargs: Any) -> str:
+    """The whole reply as text (see `stream_generate` for the arguments)."""
+    for item in stream_generate(model, tokenizer, prompt, **kwargs):
+        if isinstance(item, Stats):
+            return item.text
+    return ""
+
+
+def batch_generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | Sequence[Any]],
+    *,
+    sampling: SamplingParams | None = None,
+    stop: Sequence[str] = (),
+    system: str | None = None,
+    raw: bool = False,
+    chat_format: str | None = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    **settings: Any,
+) -> list[str]:
+    """Replies to many prompts, computed together (left-padded to one length)."""
+    params = SamplingParams.from_kwargs(sampling, **settings)
+    seqs = [prompt_ids(tokenizer, p, system=system, raw=raw, chat_format=chat_format)
+            for p in prompts]
+    if not seqs:
+        return []
+    for ids in seqs:
+        check_prompt(model, ids)
+    if params.seed is not None:
+        mx.random.seed(params.seed)
+    width = max(map(len, seqs))
+    pad = [width - len(ids) for ids in seqs]
+    padding = mx.array(pad)
+    x = mx.array([[tokenizer.eos_id] * p + ids for p, ids in zip(pad, seqs, strict=True)])
+    cache = model.make_cache()
+    for i in range(0, width, prefill_step_size):
+        logits = model(x[:, i:i + prefill_step_size], cache=cache, padding=padding)
+        mx.eval(logits, [c.state for c in cache])
+    sampler, processors = params.sampler(), params.logits_processors()
+    history = [mx.array(ids) for ids in seqs]
+    out: list[list[int]] = [[] for _ in seqs]
+    done = [False] * len(seqs)
+    max_tokens = min(params.max_tokens, context_length(model) - width)
+    for _ in range(max_tokens):
+        last = logits[:, -1, :]
+        if processors:  # penalties look at each row's own tokens
+            rows = [last[b:b + 1] for b in range(len(seqs))]
+            for proc in processors:
+                rows = [proc(history[b], rows[b]) for b in range(len(seqs))]
+            last = mx.concatenate(rows, axis=0)
+        tokens = sampler(last - mx.logsumexp(last, axis=-1, keepdims=True))
+        for b, token in enumerate(tokens.tolist()):
+            if done[b]:
+                continue
+            out[b].append(token)
+            history[b] = mx.concatenate([history[b], mx.array([token])])
+            done[b] = token in tokenizer.eos_ids
+        if all(done):
+            break
+        logits = model(tokens[:, None], cache=cache, padding=padding)
+    texts = []
+    for ids in out:
+        text = tokenizer.decode([t for t in ids if t not in tokenizer.eos_ids])
+        cuts = [text.find(s) for s in stop if s and s in text]
+        texts.append(text[: min(cuts)] if cuts else text)
+    return texts

@@ -1,0 +1,90 @@
+"""Sampling settings, validated once, turned into mlx-lm's samplers and logits processors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .errors import MlxMixtralError
+
+
+class SamplingError(MlxMixtralError, ValueError):
+    """A sampling setting out of its range."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What a reply is sampled with. The defaults suit chat with an instruct model.
+
+    temperature 0.7     0 means greedy (always the most likely token)
+    top_p 0.95          nucleus: keep the smallest set of tokens holding this probability (1 = off)
+    top_k 0             keep only the k most likely tokens (0 = off)
+    min_p 0.05          drop tokens below this share of the top token's probability (0 = off)
+    repetition_penalty 1.0   >1 discourages tokens seen in the last `repetition_context` (1 = off)
+    repetition_context 64
+    max_tokens 512      the longest reply
+    seed None           a number makes sampling reproducible
+    """
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 0
+    min_p: float = 0.05
+    repetition_penalty: float = 1.0
+    repetition_context: int = 64
+    max_tokens: int = 512
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        def number(name: str, lo: float, hi: float = math.inf) -> None:
+            value = getattr(self, name)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not lo <= value <= hi or math.isnan(value)):
+                bound = f"between {lo} and {hi}" if hi != math.inf else f"at least {lo}"
+                raise SamplingError(f"{name} must be a number {bound}, got {value!r}")
+
+        def integer(name: str, lo: int) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise SamplingError(f"{name} must be an integer >= {lo}, got {value!r}")
+
+        number("temperature", 0.0, 100.0)
+        number("top_p", 0.0, 1.0)
+        number("min_p", 0.0, 1.0)
+        number("repetition_penalty", 0.0, 100.0)
+        if self.repetition_penalty == 0:
+            raise SamplingError("repetition_penalty must be above 0 (1 turns it off)")
+        integer("top_k", 0)
+        integer("repetition_context", 1)
+        integer("max_tokens", 1)
+        if self.seed is not None:
+            integer("seed", 0)
+
+    @classmethod
+    def from_kwargs(cls, base: SamplingParams | None = None, **kwargs: Any) -> SamplingParams:
+        """`base` (or the defaults) with the given settings changed (None: left as it is);
+        unknown names are refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise SamplingError(f"unknown sampling setting(s): {', '.join(unknown)}")
+        return replace(base or cls(), **{k: v for k, v in kwargs.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def sampler(self) -> Callable[[mx.array], mx.array]:
+        # top_p = 1 and min_p = 0 are "off"; mlx-lm spells off as 0 for top_p.
+        return make_sampler(self.temperature, top_p=0.0 if self.top_p >= 1 else self.top_p,
+                            min_p=self.min_p, top_k=self.top_k)
+
+    def logits_processors(self) -> list:
+        if self.repetition_penalty == 1.0:
+            return []
+        return make_logits_processors(repetition_penalty=self.repetition_penalty,
+                                      repetition_context_size=self.repetition_context)
