@@ -16,8 +16,11 @@ Policies:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
+
+import mlx.core as mx
 
 from .chat_format import format_segments
 from .generate import Chunk, GenerationError, Stats, clean_text, context_length, stream_generate
@@ -35,10 +38,19 @@ class ChatSession:
         self.chat_format = chat_format or tokenizer.chat_format
         self.sampling = SamplingParams.from_kwargs(sampling, **settings)
         self.messages: list[dict[str, str]] = []  # user / assistant turns
-        self.reply_ids: list[list[int]] = []  # each assistant turn's tokens, as generated
+        # Each assistant turn's tokens as generated (None: not generated here, so re-encoded).
+        self.reply_ids: list[list[int] | None] = []
         self.cache = model.make_cache()
         self.cached: list[int] = []  # the token ids whose keys/values are in the cache
         self.last_stats: Stats | None = None
+
+    def load_messages(self, messages: list[dict[str, str]], system: str | None = None) -> None:
+        """Continue a stored conversation: its replies are re-encoded, the cache starts empty."""
+        self.system = system
+        self.messages = [{"role": m["role"], "content": clean_text(m["content"])}
+                         for m in messages if m["role"] in ("user", "assistant")]
+        self.reply_ids = [None for m in self.messages if m["role"] == "assistant"]
+        self.cache, self.cached = self.model.make_cache(), []
 
     # ---- the conversation as tokens -------------------------------------------------------
 
@@ -88,18 +100,19 @@ class ChatSession:
 
     # ---- turns ----------------------------------------------------------------------------
 
-    def _reply(self, **settings: Any) -> Iterator[Chunk | Stats]:
-        params = SamplingParams.from_kwargs(self.sampling, **settings)
+    def _reply(self, sampling: SamplingParams | None = None,
+               **settings: Any) -> Iterator[Chunk | Stats]:
+        params = SamplingParams.from_kwargs(sampling or self.sampling, **settings)
         ids = self._fit_context(reserve=min(params.max_tokens, 64))
         new = self._sync_cache(ids)
         tokens: list[int] = []
         text = ""
         stats = None
-        started = False
+        start, first = time.perf_counter(), None
         try:
             for item in stream_generate(self.model, self.tokenizer, new, sampling=params,
                                         cache=self.cache):
-                started = True
+                first = first or time.perf_counter()
                 if isinstance(item, Stats):
                     stats = item
                     tokens, text = item.tokens, item.text
@@ -109,10 +122,18 @@ class ChatSession:
                     text += item.text
                 yield item
         finally:
-            if started:
+            if first is not None:
+                if stats is None:  # stopped by the caller: the numbers so far
+                    now = time.perf_counter()
+                    stats = Stats(
+                        prompt_tokens=len(new), prompt_tps=len(new) / max(first - start, 1e-9),
+                        generation_tokens=len(tokens),
+                        generation_tps=max(len(tokens) - 1, 0) / max(now - first, 1e-9),
+                        ttft=first - start, peak_memory=mx.get_peak_memory(),
+                        finish_reason="stopped", tokens=tokens, text=text)
                 self._record(ids, tokens, text, stats)
 
-    def _record(self, ids: list[int], tokens: list[int], text: str, stats: Stats | None) -> None:
+    def _record(self, ids: list[int], tokens: list[int], text: str, stats: Stats) -> None:
         """Book a reply, also one the caller stopped early: the cache then holds the prompt and
         every token streamed so far."""
         self.cached = ids + tokens

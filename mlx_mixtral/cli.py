@@ -129,6 +129,37 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "chat", help="chat in the terminal (the default command)",
+        description="Chat with a model in the terminal. Replies stream as Markdown; "
+        "conversations are kept in SQLite in your user data folder ($MLX_MIXTRAL_DATA_DIR "
+        "overrides it). Press F1 in the app for every key.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--system", default=None, help="a system prompt for new chats")
+    p.add_argument("--db", default=None, help="conversation database (default: user data dir)")
+    add_sampling_flags(p)
+    p.set_defaults(run=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from .app.chat_app import ChatApp
+    from .app.engine import MlxEngine
+    from .app.store import Store
+    from .loader import default_model, resolve
+
+    sampling = sampling_from(args)
+    name = args.model or default_model()
+    resolve(name)  # a missing file or unknown repo: one line now, not an app that cannot load
+    store = Store(args.db)
+    try:
+        ChatApp(MlxEngine(name), name, store, system=args.system, settings=sampling).run()
+    finally:
+        store.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlx-mixtral",
@@ -137,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mlx-mixtral {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _chat_parser(sub)
     _generate_parser(sub)
     _convert_parser(sub)
     return parser
@@ -145,9 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "run", None):
-        parser.print_help()
-        return EXIT_BAD_INPUT
+    if not getattr(args, "run", None):  # no command: chat, the main job
+        args = parser.parse_args(["chat", *(argv if argv is not None else sys.argv[1:])])
     try:
         return args.run(args)
     except MlxMixtralError as e:

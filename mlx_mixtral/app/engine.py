@@ -1,0 +1,169 @@
+"""The narrow interface between the chat app and the model.
+
+The app calls an `Engine` only from its one MLX worker thread, and hears back through the
+`emit` callback. `MlxEngine` runs a real model through `ChatSession`; tests may pass any object
+with the same methods (a fake backend, or a tiny real model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..chat_session import ChatSession
+from ..generate import Stats
+from ..routing import RouterTrace
+from ..sampling import SamplingParams
+
+
+@dataclass
+class EngineInfo:
+    name: str
+    parameters: int = 0
+    active_parameters: int = 0
+    quantization: str = "float"
+    memory_bytes: int = 0
+    is_moe: bool = False
+    layers: int = 0
+    experts: int = 0
+    top_k: int = 0
+    context: int = 0
+    window: int | None = None
+    chat_format: str = ""
+
+    def describe(self) -> str:
+        size = f"{self.parameters / 1e9:.2f}B" if self.parameters >= 1e8 else (
+            f"{self.parameters / 1e6:.1f}M")
+        moe = (f", {self.experts} experts (top-{self.top_k}), "
+               f"{self.active_parameters / 1e9:.2f}B active" if self.is_moe else "")
+        return (f"{self.name}: {size} parameters{moe}, {self.quantization}, "
+                f"{self.memory_bytes / 1e9:.2f} GB in memory")
+
+
+@dataclass
+class ReplyEvent:
+    """From the worker: a piece of text, or the end of a reply (with its numbers)."""
+
+    text: str = ""
+    done: bool = False
+    finish_reason: str | None = None  # "stop", "length" or "stopped" (by the user)
+    stats: Stats | None = None
+    context_used: int = 0
+    expert_share: list[list[float]] | None = None  # layers x experts, share of reply tokens
+    balance: float | None = None  # load-balancing loss over the reply (1.0 = even)
+    error: str | None = None
+
+
+class Engine(Protocol):
+    info: EngineInfo
+
+    def load(self, progress: Callable[[float], None]) -> EngineInfo: ...
+
+    def set_conversation(self, system: str | None, messages: list[dict[str, str]]) -> None: ...
+
+    def reply(self, action: str, text: str | None, settings: SamplingParams,
+              emit: Callable[[ReplyEvent], None], should_stop: Callable[[], bool]) -> None: ...
+
+
+class TracedModel:
+    """Our model with a `RouterTrace` attached to every call, for the experts panel."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.trace = model, RouterTrace()
+        self.args, self.layers = model.args, model.layers
+
+    def make_cache(self) -> list:
+        return self.model.make_cache()
+
+    def __call__(self, inputs: mx.array, cache: list | None = None, **kwargs: Any) -> mx.array:
+        return self.model(inputs, cache=cache, router_trace=self.trace, **kwargs)
+
+
+def quantization_of(model: nn.Module) -> str:
+    bits = sorted({m.bits for _, m in model.named_modules() if hasattr(m, "bits")})
+    return "float" if not bits else "/".join(str(b) for b in bits) + "-bit"
+
+
+class MlxEngine:
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.info = EngineInfo(name=Path(model_name).name or model_name)
+        self.session: ChatSession | None = None
+        self.traced: TracedModel | None = None
+
+    def load(self, progress: Callable[[float], None]) -> EngineInfo:
+        from ..loader import load
+
+        model, tokenizer = load(self.model_name)
+        layers = model.layers
+        for i, layer in enumerate(layers):  # read the weights now, with visible progress
+            mx.eval(layer.parameters())
+            progress((i + 1) / (len(layers) + 1))
+        mx.eval(model.parameters())
+        progress(1.0)
+        args = model.args
+        total, active = args.parameter_counts()
+        self.traced = TracedModel(model) if args.is_moe else None
+        self.session = ChatSession(self.traced or model, tokenizer)
+        self.info = EngineInfo(
+            name=self.info.name, parameters=total, active_parameters=active,
+            quantization=quantization_of(model), memory_bytes=mx.get_active_memory(),
+            is_moe=args.is_moe, layers=args.num_hidden_layers,
+            experts=args.num_local_experts if args.is_moe else 0,
+            top_k=args.num_experts_per_tok if args.is_moe else 0,
+            context=args.max_position_embeddings, window=args.sliding_window,
+            chat_format=self.session.chat_format)
+        return self.info
+
+    def set_conversation(self, system: str | None, messages: list[dict[str, str]]) -> None:
+        self.session.load_messages(messages, system)
+
+    def reply(self, action: str, text: str | None, settings: SamplingParams,
+              emit: Callable[[ReplyEvent], None], should_stop: Callable[[], bool]) -> None:
+        session = self.session
+        if self.traced is not None:
+            self.traced.trace = RouterTrace()
+        start = {"send": lambda: session.send(text, sampling=settings),
+                 "regenerate": lambda: session.regenerate(sampling=settings),
+                 "edit": lambda: session.edit_last(text, sampling=settings)}[action]
+        finish, stats = None, None
+        stream = start()
+        try:
+            for item in stream:
+                if isinstance(item, Stats):
+                    stats = item
+                    continue
+                if item.text:
+                    emit(ReplyEvent(text=item.text))
+                if item.finish_reason:
+                    finish = item.finish_reason
+                if should_stop():
+                    finish = "stopped"
+                    break
+        finally:
+            stream.close()
+        share, balance = self._experts()
+        emit(ReplyEvent(done=True, finish_reason=finish, stats=stats or session.last_stats,
+                        context_used=len(session.cached), expert_share=share, balance=balance))
+
+    def _experts(self) -> tuple[list[list[float]] | None, float | None]:
+        """Which experts each layer chose for the reply's tokens (decode steps only)."""
+        if self.traced is None:
+            return None, None
+        steps = RouterTrace(r for r in self.traced.trace if r.indices.shape[-2] == 1)
+        if not steps:
+            return None, None
+        layers = self.info.layers
+        per_layer = [RouterTrace(steps[i::layers]) for i in range(layers)]
+        experts, top_k = self.info.experts, self.info.top_k
+        counts = mx.stack([t.expert_counts(experts).sum(axis=0) for t in per_layer])
+        # Share of the reply's tokens that chose each expert (a row sums to top_k).
+        share = counts * top_k / mx.maximum(counts.sum(axis=1, keepdims=True), 1)
+        balance = steps.load_balancing_loss(experts, top_k).item()
+        return share.tolist(), balance
+

@@ -1,0 +1,175 @@
+"""Conversations in SQLite (WAL), in the user data folder.
+
+Each message is written as soon as it is complete; the reply being streamed is written every
+second or so with status 'streaming', so a crash loses at most its last second. The schema is
+versioned with `PRAGMA user_version`, and `MIGRATIONS` bring an older file up to date.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MIGRATIONS = [
+    # version 1
+    """
+    CREATE TABLE conversations (
+        id INTEGER PRIMARY KEY,
+        title TEXT NOT NULL,
+        model TEXT NOT NULL,
+        system TEXT,
+        settings TEXT NOT NULL DEFAULT '{}',
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+        content TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'complete'
+            CHECK (status IN ('complete', 'streaming', 'stopped')),
+        stats TEXT,
+        created REAL NOT NULL
+    );
+    CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def default_path() -> Path:
+    """$MLX_MIXTRAL_DATA_DIR, else the platform's user data folder."""
+    from platformdirs import user_data_dir
+
+    folder = os.environ.get("MLX_MIXTRAL_DATA_DIR") or user_data_dir("mlx-mixtral")
+    return Path(folder) / "conversations.db"
+
+
+@dataclass
+class Message:
+    id: int
+    role: str
+    content: str
+    status: str = "complete"
+    stats: dict[str, Any] | None = None
+
+
+@dataclass
+class Conversation:
+    id: int
+    title: str
+    model: str
+    system: str | None
+    settings: dict[str, Any]
+    updated: float
+    messages: list[Message] = field(default_factory=list)
+
+
+class Store:
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path else default_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The generation worker and the UI both write: one connection, serialised by SQLite.
+        self.db = sqlite3.connect(self.path, timeout=10, check_same_thread=False,
+                                  isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path} was written by a newer mlx-mixtral "
+                               f"(schema {version}, this one knows {SCHEMA_VERSION})")
+        for number in range(version, SCHEMA_VERSION):
+            # One script, one transaction: a migration applies whole or not at all.
+            self.db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[number]}; "
+                                  f"PRAGMA user_version = {number + 1}; COMMIT;")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- conversations --------------------------------------------------------------------
+
+    def create(self, model: str, system: str | None, settings: dict[str, Any],
+               title: str = "New chat") -> int:
+        now = time.time()
+        cur = self.db.execute(
+            "INSERT INTO conversations (title, model, system, settings, created, updated) "
+            "VALUES (?, ?, ?, ?, ?, ?)", (title, model, system, json.dumps(settings), now, now))
+        return int(cur.lastrowid)
+
+    def update(self, conversation_id: int, **fields: Any) -> None:
+        allowed = {"title", "model", "system", "settings"}
+        values = {k: json.dumps(v) if k == "settings" else v for k, v in fields.items()
+                  if k in allowed}
+        if not values:
+            return
+        assignments = ", ".join(f"{k} = ?" for k in values)
+        self.db.execute(f"UPDATE conversations SET {assignments}, updated = ? WHERE id = ?",
+                        (*values.values(), time.time(), conversation_id))
+
+    def delete(self, conversation_id: int) -> None:
+        self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    def list(self) -> list[Conversation]:
+        rows = self.db.execute(
+            "SELECT id, title, model, system, settings, updated FROM conversations "
+            "ORDER BY updated DESC, id DESC").fetchall()
+        return [Conversation(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]
+
+    def load(self, conversation_id: int) -> Conversation | None:
+        row = self.db.execute(
+            "SELECT id, title, model, system, settings, updated FROM conversations "
+            "WHERE id = ?", (conversation_id,)).fetchone()
+        if row is None:
+            return None
+        conversation = Conversation(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
+        conversation.messages = [
+            Message(m[0], m[1], m[2], m[3], json.loads(m[4]) if m[4] else None)
+            for m in self.db.execute(
+                "SELECT id, role, content, status, stats FROM messages "
+                "WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+        ]
+        return conversation
+
+    # ---- messages -------------------------------------------------------------------------
+
+    def add_message(self, conversation_id: int, role: str, content: str,
+                    status: str = "complete", stats: dict[str, Any] | None = None) -> int:
+        with self._transaction():
+            cur = self.db.execute(
+                "INSERT INTO messages (conversation_id, role, content, status, stats, created) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (conversation_id, role, content, status, json.dumps(stats) if stats else None,
+                 time.time()))
+            self.db.execute("UPDATE conversations SET updated = ? WHERE id = ?",
+                            (time.time(), conversation_id))
+        return int(cur.lastrowid)
+
+    def update_message(self, message_id: int, content: str, status: str,
+                       stats: dict[str, Any] | None = None) -> None:
+        self.db.execute("UPDATE messages SET content = ?, status = ?, stats = ? WHERE id = ?",
+                        (content, status, json.dumps(stats) if stats else None, message_id))
+
+    def delete_message(self, message_id: int) -> None:
+        self.db.execute("DELETE FROM messages WHERE id = ?", (message_id,))

@@ -1,0 +1,140 @@
+"""The chat app's widgets: messages, the prompt box, the status bar, the experts heatmap."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.message import Message as TextualMessage
+from textual.widgets import Markdown, Static, TextArea
+
+from .engine import EngineInfo
+
+
+class UserMessage(Static):
+    DEFAULT_CSS = """
+    UserMessage {
+        background: $boost;
+        border-left: thick $accent;
+        padding: 0 1;
+        margin: 1 0 0 8;
+    }
+    """
+
+    def __init__(self, text: str, message_id: int | None = None) -> None:
+        super().__init__(Text(text), markup=False)
+        self.text, self.message_id = text, message_id
+
+
+class AssistantMessage(Markdown):
+    """A reply, rendered as Markdown (code blocks included) while it streams."""
+
+    DEFAULT_CSS = """
+    AssistantMessage {
+        border-left: thick $success;
+        padding: 0 1;
+        margin: 1 8 0 0;
+    }
+    AssistantMessage.stopped { border-left: thick $warning; }
+    AssistantMessage.interrupted { border-left: thick $error; }
+    """
+
+    def __init__(self, text: str = "", message_id: int | None = None,
+                 status: str = "complete") -> None:
+        super().__init__(text + self._marker(status))
+        self.text, self.message_id = text, message_id
+        self.set_status(status)
+
+    @staticmethod
+    def _marker(status: str) -> str:
+        return {"stopped": "\n\n*[stopped]*", "streaming": "\n\n*[interrupted]*"}.get(status,
+                                                                                       "")
+
+    def set_status(self, status: str) -> None:
+        self.set_class(status == "stopped", "stopped")
+        self.set_class(status == "streaming", "interrupted")
+
+    async def add(self, fragment: str) -> None:
+        self.text += fragment
+        await self.append(fragment)
+
+    async def finish(self, status: str) -> None:
+        self.set_status(status)
+        if status == "stopped":
+            await self.append(self._marker(status))
+
+
+class PromptInput(TextArea):
+    """Multi-line prompt: Enter sends; Ctrl+J (or Shift+Enter) inserts a newline."""
+
+    class Submitted(TextualMessage):
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
+    async def _on_key(self, event) -> None:
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.Submitted(self.text))
+            return
+        if event.key in ("ctrl+j", "shift+enter"):
+            event.stop()
+            event.prevent_default()
+            self.insert("\n")
+            return
+        await super()._on_key(event)
+
+
+class StatusBar(Static):
+    DEFAULT_CSS = """
+    StatusBar { height: 1; background: $panel; color: $text-muted; padding: 0 1; }
+    """
+
+    def show(self, info: EngineInfo | None, tps: float | None = None, ttft: float | None = None,
+             context_used: int = 0, peak_memory: int | None = None, note: str = "") -> None:
+        if info is None:
+            self.update(note)
+            return
+        limit = info.window or info.context
+        kind = "window" if info.window else "context"
+        parts = [
+            info.name,
+            f"{tps:.1f} tok/s" if tps is not None else "- tok/s",
+            f"TTFT {ttft:.2f} s" if ttft is not None else "TTFT -",
+            f"{kind} {min(context_used, limit)}/{limit}",
+            f"peak {peak_memory / 1e9:.2f} GB" if peak_memory is not None else "peak -",
+        ]
+        if note:
+            parts.append(note)
+        self.update(" │ ".join(parts))
+
+
+SHADES = " ░▒▓█"
+
+
+class ExpertsPanel(Static):
+    """Layers x experts heatmap of the last reply's routing, and its load balance."""
+
+    DEFAULT_CSS = """
+    ExpertsPanel { width: auto; min-width: 30; dock: right; border-left: solid $primary;
+                   padding: 0 1; }
+    """
+
+    def show(self, share: list[list[float]] | None, balance: float | None,
+             top_k: int = 2) -> None:
+        if not share:
+            self.update("Experts\n\n(no reply yet)")
+            return
+        experts = len(share[0])
+        text = Text("Experts (share of reply tokens)\n\n", style="bold")
+        text.append("layer " + "".join(f"{e:>2}" for e in range(experts)) + "\n")
+        fair = top_k / experts
+        for layer, row in enumerate(share):
+            text.append(f"{layer:>5} ")
+            for value in row:
+                level = min(len(SHADES) - 1, int(value / (2 * fair) * (len(SHADES) - 1) + 0.5))
+                style = "bold red" if value >= 2 * fair else "cyan"
+                text.append(" " + SHADES[level], style=style if level else "dim")
+            text.append("\n")
+        if balance is not None:
+            text.append(f"\nload balance {balance:.2f} (1.00 = even)")
+        self.update(text)

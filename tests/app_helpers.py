@@ -1,0 +1,79 @@
+"""Shared by the app tests: a tiny real Mixtral folder with the Mistral v1 tokenizer, a fake
+engine, and waiting on the app."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_mixtral import ModelArgs
+from mlx_mixtral.app.engine import EngineInfo, ReplyEvent
+from mlx_mixtral.generate import Stats
+from mlx_mixtral.synthetic import write_hf_checkpoint
+from test_chat_format import VERSIONS
+
+TINY_MIXTRAL = dict(model_type="mixtral", vocab_size=32000, hidden_size=64,
+                    intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                    max_position_embeddings=4096, sliding_window=256)
+
+
+def tiny_model_folder(folder: Path) -> Path:
+    """A tiny random Mixtral with the real Mistral v1 tokenizer ([INST] chat format)."""
+    write_hf_checkpoint(folder, ModelArgs.from_dict(TINY_MIXTRAL), dtype=mx.float32, seed=3)
+    shutil.copyfile(VERSIONS["mistral-v1"], folder / "tokenizer.model")
+    return folder
+
+
+async def wait_until(pilot, predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the app")
+        await pilot.pause(0.05)
+
+
+class FakeEngine:
+    """Deterministic replies and numbers, for screenshots."""
+
+    def __init__(self, moe: bool = True, reply: str = "Hello! Here is some code:\n\n"
+                 "```python\nprint('hi')\n```\n\nAnything else?") -> None:
+        self.info = EngineInfo(name="fake-mixtral", parameters=46_700_000_000,
+                               active_parameters=12_900_000_000, quantization="4-bit",
+                               memory_bytes=26_000_000_000, is_moe=moe, layers=4,
+                               experts=8 if moe else 0, top_k=2 if moe else 0,
+                               context=32768, chat_format="mistral-v1")
+        self.reply_text = reply
+        self.history: list = []
+        self.delay = 0.0
+
+    def load(self, progress):
+        progress(1.0)
+        return self.info
+
+    def set_conversation(self, system, messages):
+        self.history = list(messages)
+
+    def reply(self, action, text, settings, emit, should_stop):
+        words = self.reply_text.split(" ")
+        sent = 0
+        for i, word in enumerate(words):
+            if should_stop():
+                break
+            emit(ReplyEvent(text=word if i == 0 else " " + word))
+            sent += 1
+            if self.delay:
+                time.sleep(self.delay)
+        share = [[0.5, 0.1, 0.3, 0.2, 0.4, 0.1, 0.3, 0.1]] * 4 if self.info.is_moe else None
+        stats = Stats(prompt_tokens=12, prompt_tps=100.0, generation_tokens=sent,
+                      generation_tps=42.0, ttft=0.25, peak_memory=2_500_000_000)
+        emit(ReplyEvent(done=True, finish_reason="stopped" if sent < len(words) else "stop",
+                        stats=stats, context_used=40, expert_share=share, balance=1.07))
+
+
+def run(coro):
+    return asyncio.run(coro)

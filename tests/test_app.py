@@ -1,0 +1,176 @@
+"""The chat app, driven with Textual's pilot on a tiny real Mixtral (Mistral v1 tokenizer)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from app_helpers import tiny_model_folder, wait_until
+
+from mlx_mixtral.app.chat_app import ChatApp
+from mlx_mixtral.app.engine import MlxEngine
+from mlx_mixtral.app.store import Store
+from mlx_mixtral.app.widgets import AssistantMessage, PromptInput, UserMessage
+from mlx_mixtral.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny-mixtral"))
+
+
+def make_app(model_folder, db, settings=GREEDY, export_dir=None):
+    return ChatApp(MlxEngine(str(model_folder)), str(model_folder), Store(db),
+                   settings=settings, export_dir=export_dir)
+
+
+async def loaded(app, pilot):
+    await wait_until(pilot, lambda: app.info is not None)
+
+
+async def reply_to(app, pilot, *keys: str) -> None:
+    """Press keys that start a reply, and wait for it to finish."""
+    done = app.replies_done
+    await pilot.press(*keys)
+    await wait_until(pilot, lambda: app.replies_done > done)
+
+
+async def send(app, pilot, text: str) -> None:
+    prompt = app.query_one(PromptInput)
+    prompt.focus()
+    prompt.text = text
+    await reply_to(app, pilot, "enter")
+
+
+def db_messages(db):
+    store = Store(db)
+    try:
+        (c,) = store.list()
+        return store.load(c.id).messages
+    finally:
+        store.close()
+
+
+async def test_send_streams_a_reply(model_folder, tmp_path):
+    db = tmp_path / "chats.db"
+    app = make_app(model_folder, db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(app, pilot)
+        assert app.info.is_moe and app.info.chat_format == "mistral-v1"
+        await send(app, pilot, "Hello there")
+        replies = list(app.query(AssistantMessage))
+        assert len(replies) == 1 and replies[0].text
+        assert not app.query_one("#experts").has_class("hidden")  # MoE: the panel shows
+    messages = db_messages(db)
+    assert [(m.role, m.status) for m in messages] == [("user", "complete"),
+                                                     ("assistant", "complete")]
+    assert messages[1].content == replies[0].text
+    assert messages[1].stats["generation_tokens"] <= 12
+
+
+async def test_escape_stops_mid_reply(model_folder, tmp_path):
+    db = tmp_path / "chats.db"
+    app = make_app(model_folder, db, SamplingParams(temperature=1.0, max_tokens=3000, seed=1))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(app, pilot)
+        app.query_one(PromptInput).text = "Tell me everything"
+        app.query_one(PromptInput).focus()
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app._reply is not None and app._reply.text)
+        await reply_to(app, pilot, "escape")
+        reply = list(app.query(AssistantMessage))[-1]
+        assert reply.has_class("stopped")
+    stored = db_messages(db)[-1]
+    assert stored.status == "stopped" and stored.content == reply.text
+    assert stored.stats["generation_tokens"] < 3000
+
+
+async def test_regenerate_edit_and_new_chat(model_folder, tmp_path):
+    db = tmp_path / "chats.db"
+    app = make_app(model_folder, db, SamplingParams(temperature=1.0, max_tokens=8, seed=None))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(app, pilot)
+        await send(app, pilot, "First question")
+        await reply_to(app, pilot, "ctrl+r")
+        assert len(app.query(AssistantMessage)) == 1
+        assert [m.role for m in db_messages(db)] == ["user", "assistant"]
+
+        await pilot.press("ctrl+e")
+        prompt = app.query_one(PromptInput)
+        assert prompt.text == "First question"
+        prompt.text = "Edited question"
+        await reply_to(app, pilot, "enter")
+        assert [w.text for w in app.query(UserMessage)] == ["Edited question"]
+        stored = db_messages(db)
+        assert [(m.role, m.content) for m in stored][0] == ("user", "Edited question")
+        assert len(stored) == 2
+
+        await pilot.press("ctrl+n")
+        await pilot.pause(0.1)
+        assert not app.query(UserMessage) and app.conversation_id is None
+
+
+async def test_settings_change_applies_to_the_next_reply(model_folder, tmp_path):
+    db = tmp_path / "chats.db"
+    app = make_app(model_folder, db, SamplingParams(temperature=0, max_tokens=40))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(app, pilot)
+        await send(app, pilot, "One")
+        first = db_messages(db)[-1].stats["generation_tokens"]
+        await pilot.press("f3")
+        await pilot.pause(0.2)
+        field = app.screen.query_one("#set-max_tokens")
+        field.value = "3"
+        await pilot.click("#save")
+        await pilot.pause(0.2)
+        assert app.settings.max_tokens == 3
+        await send(app, pilot, "Two")
+    stored = db_messages(db)
+    assert first > 3 and stored[-1].stats["generation_tokens"] <= 3
+    store = Store(db)
+    assert store.list()[0].settings["max_tokens"] == 3  # saved with the chat
+    store.close()
+
+
+async def test_reopen_lists_and_restores(model_folder, tmp_path):
+    db = tmp_path / "chats.db"
+    app = make_app(model_folder, db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(app, pilot)
+        await send(app, pilot, "Remember me")
+        await send(app, pilot, "And this")
+        before = [(type(w).__name__, w.text) for w in app.query("#messages > *")]
+    again = make_app(model_folder, db, SamplingParams())
+    async with again.run_test(size=(120, 40)) as pilot:
+        await loaded(again, pilot)
+        sidebar = again.query_one("#sidebar")
+        assert len(sidebar.children) == 1
+        sidebar.focus()
+        sidebar.index = 0
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(again.query("#messages > *")) == 4)
+        after = [(type(w).__name__, w.text) for w in again.query("#messages > *")]
+        assert after == before
+        assert again.settings == GREEDY  # the chat's settings came back with it
+        await send(again, pilot, "Still there?")  # the conversation goes on
+        assert len(again.query(AssistantMessage)) == 3
+
+
+async def test_export_markdown_and_json(model_folder, tmp_path):
+    db = tmp_path / "chats.db"
+    app = make_app(model_folder, db, export_dir=tmp_path / "out")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(app, pilot)
+        await send(app, pilot, "Export me")
+        await pilot.press("f5")
+        await pilot.pause(0.1)
+        cid = app.conversation_id
+    md = (tmp_path / "out" / f"chat-{cid}.md").read_text()
+    data = json.loads((tmp_path / "out" / f"chat-{cid}.json").read_text())
+    stored = db_messages(db)
+    assert data["messages"] == [{"role": m.role, "content": m.content, "status": m.status}
+                                for m in stored]
+    assert data["settings"]["max_tokens"] == 12
+    assert "**You:**\n\nExport me" in md and stored[1].content in md
