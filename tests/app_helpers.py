@@ -3,18 +3,17 @@ engine, and waiting on the app."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import time
 from pathlib import Path
 
 import mlx.core as mx
+from test_chat_format import VERSIONS
 
 from mlx_mixtral import ModelArgs
 from mlx_mixtral.app.engine import EngineInfo, ReplyEvent
 from mlx_mixtral.generate import Stats
 from mlx_mixtral.synthetic import write_hf_checkpoint
-from test_chat_format import VERSIONS
 
 TINY_MIXTRAL = dict(model_type="mixtral", vocab_size=32000, hidden_size=64,
                     intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -75,5 +74,3 @@ class FakeEngine:
                         stats=stats, context_used=40, expert_share=share, balance=1.07))
 
 
-def run(coro):
-    return asyncio.run(coro)

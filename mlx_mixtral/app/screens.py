@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Vertical
+from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static, TextArea
 
@@ -22,12 +22,13 @@ FIELDS = [  # (SamplingParams field, label, type)
 ]
 
 MODAL_CSS = """
-ModalScreen { align: center middle; }
+SettingsScreen, SystemPromptScreen, HelpScreen { align: center middle; }
 #dialog { width: 70; height: auto; max-height: 90%; border: thick $primary; background: $surface;
           padding: 1 2; }
 #fields { grid-size: 2; grid-columns: 32 1fr; grid-rows: 3; height: auto; }
 #fields Label { padding: 1 0; }
 #buttons { height: 3; margin-top: 1; }
+#buttons Button { margin-right: 2; }
 #error { color: $error; height: auto; }
 """
 
@@ -51,7 +52,7 @@ class SettingsScreen(ModalScreen[SamplingParams | None]):
                     yield Label(label)
                     yield Input("" if value is None else str(value), id=f"set-{name}")
             yield Static("", id="error")
-            with Grid(id="buttons"):
+            with Horizontal(id="buttons"):
                 yield Button("Save", variant="primary", id="save")
                 yield Button("Cancel", id="cancel")
 
@@ -96,7 +97,7 @@ class SystemPromptScreen(ModalScreen[str | None]):
         with Vertical(id="dialog"):
             yield Static("[b]System prompt[/b] (Ctrl+S saves, Esc cancels; empty = none)")
             yield TextArea(self.system, id="system")
-            with Grid(id="buttons"):
+            with Horizontal(id="buttons"):
                 yield Button("Save", variant="primary", id="save")
                 yield Button("Cancel", id="cancel")
 
@@ -111,7 +112,7 @@ class SystemPromptScreen(ModalScreen[str | None]):
 
 
 class HelpScreen(ModalScreen[None]):
-    CSS = MODAL_CSS
+    CSS = MODAL_CSS + "HelpScreen #dialog { width: 96; }"
     BINDINGS = [Binding("escape,f1,q", "close", "Close")]
 
     def __init__(self, keys: list[tuple[str, str]]) -> None:
