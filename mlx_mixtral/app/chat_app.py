@@ -87,6 +87,7 @@ class ChatApp(App):
         self._last_save = 0.0
         self._last_stats: dict[str, Any] = {}
         self.replies_done = 0  # finished replies, for whoever waits on the app (tests)
+        self._sidebar_toggled = False
 
     # ---- layout ---------------------------------------------------------------------------
 
@@ -103,6 +104,11 @@ class ChatApp(App):
             yield ExpertsPanel(classes="hidden", id="experts")
         yield StatusBar(id="status")
         yield Footer()
+
+    def on_resize(self, event) -> None:
+        # A narrow terminal gives the conversation the room; Ctrl+B still shows the chats.
+        narrow = event.size.width < 100
+        self.query_one("#sidebar").set_class(narrow != self._sidebar_toggled, "hidden")
 
     def on_mount(self) -> None:
         self.query_one("#messages").anchor()
@@ -373,6 +379,7 @@ class ChatApp(App):
         self.notify("Chat deleted")
 
     def action_toggle_sidebar(self) -> None:
+        self._sidebar_toggled = not self._sidebar_toggled
         self.query_one("#sidebar").toggle_class("hidden")
 
     def action_toggle_experts(self) -> None:

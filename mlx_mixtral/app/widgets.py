@@ -115,8 +115,8 @@ class ExpertsPanel(Static):
     """Layers x experts heatmap of the last reply's routing, and its load balance."""
 
     DEFAULT_CSS = """
-    ExpertsPanel { width: auto; min-width: 30; dock: right; border-left: solid $primary;
-                   padding: 0 1; }
+    ExpertsPanel { width: 36; border-left: solid $primary; padding: 0 1;
+                   overflow-y: auto; }
     """
 
     def show(self, share: list[list[float]] | None, balance: float | None,
