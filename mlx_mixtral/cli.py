@@ -160,6 +160,29 @@ def _run_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info_parser(sub: argparse._SubParsersAction) -> None:
+    from .config import PRESETS
+
+    p = sub.add_parser(
+        "info", help="architecture, size and memory needs of a model or preset",
+        description="Print a model's architecture, parameters (total and active per token), "
+        "layers, experts, window, context, vocabulary, and a memory table for float16 and "
+        "8/6/4/3 bits with whether each fits this machine.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--model", default=None, help=MODEL_HELP)
+    group.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help="a released model's shape, no weights needed")
+    p.set_defaults(run=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from .info import info
+
+    print(info(args.model, args.preset))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlx-mixtral",
@@ -171,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _chat_parser(sub)
     _generate_parser(sub)
     _convert_parser(sub)
+    _info_parser(sub)
     return parser
 
 

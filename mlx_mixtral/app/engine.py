@@ -19,6 +19,7 @@ from ..chat_session import ChatSession
 from ..generate import Stats
 from ..routing import RouterTrace
 from ..sampling import SamplingParams
+from ..units import gb, human
 
 
 @dataclass
@@ -37,12 +38,10 @@ class EngineInfo:
     chat_format: str = ""
 
     def describe(self) -> str:
-        size = f"{self.parameters / 1e9:.2f}B" if self.parameters >= 1e8 else (
-            f"{self.parameters / 1e6:.1f}M")
         moe = (f", {self.experts} experts (top-{self.top_k}), "
-               f"{self.active_parameters / 1e9:.2f}B active" if self.is_moe else "")
-        return (f"{self.name}: {size} parameters{moe}, {self.quantization}, "
-                f"{self.memory_bytes / 1e9:.2f} GB in memory")
+               f"{human(self.active_parameters, 'B')} active" if self.is_moe else "")
+        return (f"{self.name}: {human(self.parameters, 'B')} parameters{moe}, "
+                f"{self.quantization}, {gb(self.memory_bytes)} in memory")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ..config import ModelArgs
 from ..errors import MlxMixtralError
 from ..loader import resolve
+from ..units import human
 from ..weights import load_safetensors, read_config, sanitize
 from .plan import DTYPES, Plan
 
@@ -59,13 +60,6 @@ class Summary:
                 f"{human(self.bytes_on_disk)}B on disk in {self.shards} shard(s), "
                 f"{self.seconds:.1f} s")
 
-
-def human(n: float, giga: str = "G") -> str:
-    """1234567 -> '1.23M' (K, M, G, T by powers of 1000; giga="B" for parameter counts)."""
-    for unit, scale in (("T", 1e12), (giga, 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.0f}"
 
 
 def _partial_folder(out: Path) -> Path:
