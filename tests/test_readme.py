@@ -1,0 +1,52 @@
+"""Every command line in the README runs (except the interactive chat and the conversion of
+the real Mixtral, which needs a download), and so does the Python API example."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlx_mixtral.demo import demo_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, re.S)
+
+
+def commands() -> list[str]:
+    lines = [line.strip() for block in blocks("bash") for line in block.splitlines()]
+    runnable = [line for line in lines if line.startswith(("mlx-mixtral ", "python "))]
+    return [line for line in runnable
+            if not line.startswith("mlx-mixtral chat") and "mistralai/" not in line
+            and "pytest" not in line]
+
+
+def test_readme_has_the_commands():
+    assert "pip install \".[demo]\" && mlx-mixtral chat" in README
+    assert "python -m pytest -q" in README
+    assert len(commands()) >= 4
+
+
+@pytest.mark.parametrize("command", commands())
+def test_readme_command_runs(command, tmp_path):
+    result = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    if "capital of France" in command:
+        assert "Paris" in result.stdout
+
+
+def test_readme_python_example_runs():
+    (code,) = blocks("python")
+    code = code.replace('"mixtral-8x7b-4bit"', repr(str(demo_model_path())))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Paris" in result.stdout
