@@ -183,6 +183,41 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    from .bench import PRESETS as BENCH_PRESETS
+
+    p = sub.add_parser(
+        "bench", help="measure speed and memory, side by side with mlx-lm",
+        description="Measure prefill and decode tokens/s, time to first token, peak memory and "
+        "load time (medians over --runs). With --compare mlx-lm the same weights also run "
+        "through mlx-lm, alternating with ours, and each figure gets a ratio (>1: we are "
+        "better). Presets are synthetic 4-bit models of fixed shape and seed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--model", default=None, help="an MLX or Hugging Face model folder")
+    group.add_argument("--preset", choices=sorted(BENCH_PRESETS), default=None,
+                       help="a synthetic model (built and cached on first use)")
+    p.add_argument("--prompt-tokens", type=int, default=256, help="prompt length")
+    p.add_argument("--gen-tokens", type=int, default=64, help="tokens generated per run")
+    p.add_argument("--runs", type=int, default=3, help="runs per engine (medians reported)")
+    p.add_argument("--compare", choices=["mlx-lm"], default=None, help="run a peer too")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_main
+    from .errors import MlxMixtralError
+
+    if args.prompt_tokens < 1 or args.gen_tokens < 2 or args.runs < 1:
+        raise MlxMixtralError("--prompt-tokens and --runs must be >= 1, --gen-tokens >= 2")
+    if not args.model and not args.preset:
+        args.preset = "mixtral-tiny"
+    print(bench_main(args.model, args.preset, args.prompt_tokens, args.gen_tokens, args.runs,
+                     args.compare == "mlx-lm", args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlx-mixtral",
@@ -195,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     _convert_parser(sub)
     _info_parser(sub)
+    _bench_parser(sub)
     return parser
 
 

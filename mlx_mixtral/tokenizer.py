@@ -175,14 +175,27 @@ def load_folder_tokenizer(folder: Path) -> Tokenizer:
 
 def load_gguf_tokenizer(path: Path, metadata: dict[str, Any]) -> Tokenizer:
     """Rebuild the vocabulary a GGUF file embeds (`llama` or `gpt2` type) with transformers."""
-    from transformers import AutoTokenizer
+    try:  # transformers' converter, fed our metadata (its own reader needs torch)
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_TOKENIZER_MAPPING,
+            convert_gguf_tokenizer,
+        )
+    except ImportError as e:
+        raise TokenizerError(f"{path}: this transformers cannot rebuild GGUF vocabularies "
+                             f"({e}); pass a model folder with tokenizer files") from None
 
-    kind = metadata.get("tokenizer.ggml.model")
+    def plain(value: Any) -> Any:
+        return value.tolist() if hasattr(value, "tolist") else value
+
+    kind = plain(metadata.get("tokenizer.ggml.model"))
     if kind not in ("llama", "gpt2"):
         raise TokenizerError(f"{path}: GGUF tokenizer type {kind!r} is not supported "
                              "(expected 'llama' or 'gpt2')")
+    tok_dict = {name: plain(metadata[f"tokenizer.{key}"])
+                for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+                if f"tokenizer.{key}" in metadata}
     try:
-        fast = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        backend, _ = convert_gguf_tokenizer(plain(metadata["general.architecture"]), tok_dict)
     except Exception as e:  # noqa: BLE001 - any failure means no usable vocabulary
         raise TokenizerError(f"{path}: cannot rebuild the GGUF vocabulary ({e})") from None
 
@@ -203,4 +216,4 @@ def load_gguf_tokenizer(path: Path, metadata: dict[str, Any]) -> Tokenizer:
         "chat_template": metadata.get("tokenizer.chat_template"),
         "add_bos_token": bool(add_bos.item()) if hasattr(add_bos, "item") else True,
     }
-    return HFTokenizer(fast.backend_tokenizer, config)
+    return HFTokenizer(backend, config)

@@ -1,0 +1,269 @@
+"""`mlx-mixtral bench`: speed and memory, measured side by side with mlx-lm on the same weights.
+
+Both engines run the same harness — mlx-lm's `generate_step` (chunked prefill, pipelined greedy
+decoding) over the same prompt tokens and the same MLX folder — alternating run by run, and every
+figure is the median over the runs. Ratios are ours over mlx-lm's for rates (higher is better)
+and mlx-lm's over ours for times and memory (higher is better too).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .config import ModelArgs
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "mixtral-tiny": dict(model_type="mixtral", vocab_size=32000, hidden_size=1024,
+                         intermediate_size=3584, num_hidden_layers=8, num_attention_heads=16,
+                         num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+                         max_position_embeddings=32768, rope_theta=1e6),
+    "mistral-tiny": dict(model_type="mistral", vocab_size=32000, hidden_size=512,
+                         intermediate_size=1792, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=2, sliding_window=256,
+                         max_position_embeddings=32768, rope_theta=1e4),
+}
+PRESET_BITS, PRESET_GROUP = 4, 64
+
+
+def preset_folder(name: str) -> Path:
+    """The preset as a 4-bit MLX folder (built once from a seeded synthetic checkpoint and
+    cached). On the CPU backend scales are float32, which both engines need to run fast."""
+    from platformdirs import user_cache_dir
+
+    from .convert import convert
+    from .synthetic import write_hf_checkpoint
+
+    dtype = "float32" if mx.default_device() == mx.cpu else "float16"
+    folder = Path(user_cache_dir("mlx-mixtral")) / "bench" / f"{name}-q4g64-{dtype}"
+    if (folder / "config.json").is_file():
+        return folder
+    with tempfile.TemporaryDirectory() as tmp:
+        write_hf_checkpoint(tmp, ModelArgs.from_dict(PRESETS[name]), dtype=mx.bfloat16, seed=0)
+        convert(tmp, folder, quantize=True, q_bits=PRESET_BITS, q_group_size=PRESET_GROUP,
+                dtype=dtype, progress=False)
+    return folder
+
+
+@dataclass
+class Run:
+    load_s: float = 0.0
+    ttft_s: float = 0.0
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+    peak_memory: int = 0
+
+
+@dataclass
+class Engine:
+    name: str
+    model: Any
+    load_s: float
+    runs: list[Run] = field(default_factory=list)
+
+    def median(self, key: str) -> float:
+        return statistics.median(getattr(r, key) for r in self.runs)
+
+
+def load_ours(folder: Path) -> Engine:
+    from .weights import load_model
+
+    start = time.perf_counter()
+    model = load_model(folder, lazy=False)
+    return Engine("mlx-mixtral", model, time.perf_counter() - start)
+
+
+def load_mlx_lm(folder: Path) -> Engine:
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    start = time.perf_counter()
+    model, _ = mlx_lm_load_model(folder)
+    mx.eval(model.parameters())
+    return Engine("mlx-lm", model, time.perf_counter() - start)
+
+
+def make_cache(model: Any) -> list:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(model)
+
+
+def measure(engine: Engine, prompt: mx.array, gen_tokens: int,
+            prefill_step: int = 512) -> Run:
+    from mlx_lm.generate import generate_step
+
+    mx.synchronize()
+    mx.reset_peak_memory()
+    cache = make_cache(engine.model)
+    start = time.perf_counter()
+    first = None
+    n = 0
+    for _ in generate_step(prompt, engine.model, max_tokens=gen_tokens, prompt_cache=cache,
+                           prefill_step_size=prefill_step):
+        n += 1
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    ttft = first - start
+    return Run(load_s=engine.load_s, ttft_s=ttft, prefill_tps=len(prompt) / ttft,
+               decode_tps=(n - 1) / max(end - first, 1e-9), peak_memory=mx.get_peak_memory())
+
+
+def decode_graph_nodes(model: Any, context: int = 16) -> int:
+    """Nodes in the graph of one decode step (after `context` cached tokens)."""
+    cache = make_cache(model)
+    mx.eval(model(mx.zeros((1, context), mx.int32), cache=cache))
+    logits = model(mx.zeros((1, 1), mx.int32), cache=cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "step.dot"
+        mx.export_to_dot(str(path), logits)
+        text = path.read_text()
+    mx.eval(logits)
+    return sum(1 for line in text.splitlines() if "[label" in line and "->" not in line)
+
+
+def chat_turns_ttft(model: Any, turns: int = 10, message: int = 32, reply: int = 16,
+                    seed: int = 0) -> list[float]:
+    """Time to first token of turns 1..N, each a new `message`-token user turn on top of the
+    cached conversation (what `ChatSession` does), then a `reply`-token answer."""
+    from mlx_lm.generate import generate_step
+
+    rng = np.random.RandomState(seed)
+    cache = make_cache(model)
+    times = []
+    for _ in range(turns):
+        tokens = mx.array(rng.randint(3, model.args.vocab_size, message))
+        start = time.perf_counter()
+        for i, _ in enumerate(generate_step(tokens, model, max_tokens=reply, prompt_cache=cache)):
+            if i == 0:
+                times.append(time.perf_counter() - start)
+    return times
+
+
+def kv_bytes(model: Any, positions: int) -> int:
+    cache = make_cache(model)
+    step = 256
+    for start in range(0, positions, step):
+        model(mx.zeros((1, min(step, positions - start)), mx.int32), cache=cache)
+        mx.eval([c.state for c in cache])
+    return sum(c.nbytes for c in cache)
+
+
+def batch_throughput(model: Any, batch: int, prompt: int = 64, gen: int = 32) -> float:
+    """Generated tokens per second for `batch` prompts decoded together."""
+    cache = make_cache(model)
+    tokens = mx.array(np.random.RandomState(batch).randint(3, model.args.vocab_size,
+                                                           (batch, prompt)))
+    logits = model(tokens, cache=cache)
+    mx.eval(logits)
+    start = time.perf_counter()
+    for _ in range(gen):
+        y = mx.argmax(logits[:, -1, :], axis=-1)[:, None]
+        logits = model(y, cache=cache)
+        mx.async_eval(logits)
+    mx.eval(logits)
+    return batch * gen / (time.perf_counter() - start)
+
+
+METRICS = [  # (key, label, higher is better)
+    ("prefill_tps", "prefill tok/s", True),
+    ("decode_tps", "decode tok/s", True),
+    ("ttft_s", "time to first token (s)", False),
+    ("peak_memory", "peak memory (GB)", False),
+    ("load_s", "load time (s)", False),
+]
+
+
+def run_bench(folder: Path, prompt_tokens: int = 256, gen_tokens: int = 64, runs: int = 3,
+              compare: bool = False, extras: bool = True,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    ours = load_ours(folder)
+    engines = [ours]
+    if compare:
+        engines.append(load_mlx_lm(folder))
+    vocab = ours.model.args.vocab_size
+    prompt = mx.array(np.random.RandomState(0).randint(3, vocab, prompt_tokens))
+    for engine in engines:  # warm up: first-call allocations and kernel setup
+        measure(engine, prompt[:32], 4)
+    for r in range(runs):
+        order = engines if r % 2 == 0 else engines[::-1]  # alternate who goes first
+        for engine in order:
+            engine.runs.append(measure(engine, prompt, gen_tokens))
+        log(f"run {r + 1}/{runs} done")
+    result: dict[str, Any] = {
+        "model": str(folder), "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
+        "runs": runs, "device": str(mx.default_device()),
+        "engines": {e.name: {k: e.median(k) for k, _, _ in METRICS} for e in engines},
+        "all_runs": {e.name: [asdict(r) for r in e.runs] for e in engines},
+    }
+    if compare:
+        a, b = result["engines"]["mlx-mixtral"], result["engines"]["mlx-lm"]
+        result["ratios"] = {k: (a[k] / b[k] if better else b[k] / a[k])
+                            for k, _, better in METRICS if a[k] and b[k]}
+        result["decode_graph_nodes"] = {e.name: decode_graph_nodes(e.model) for e in engines}
+    if extras:
+        model = ours.model
+        result["chat_ttft_turns_s"] = chat_turns_ttft(model)
+        window = model.args.sliding_window
+        if window:
+            result["kv_bytes"] = {"1x_window": kv_bytes(model, window),
+                                  "4x_window": kv_bytes(model, 4 * window)}
+        result["batch_tps"] = {str(b): batch_throughput(model, b) for b in (1, 4, 8)}
+    return result
+
+
+def format_result(result: dict[str, Any]) -> str:
+    engines = result["engines"]
+    names = list(engines)
+    head = f"{'':<26}" + "".join(f"{n:>14}" for n in names)
+    if "ratios" in result:
+        head += f"{'ratio':>10}"
+    lines = [f"{result['model']}  ({result['prompt_tokens']} prompt tokens, "
+             f"{result['gen_tokens']} generated, median of {result['runs']} runs, "
+             f"{result['device']})", head]
+    for key, label, _ in METRICS:
+        scale = 1e9 if key == "peak_memory" else 1
+        row = f"{label:<26}" + "".join(f"{engines[n][key] / scale:>14.3f}" for n in names)
+        if "ratios" in result and key in result["ratios"]:
+            row += f"{result['ratios'][key]:>9.2f}x"
+        lines.append(row)
+    if "decode_graph_nodes" in result:
+        nodes = result["decode_graph_nodes"]
+        lines.append(f"{'graph nodes per decode step':<26}"
+                     + "".join(f"{nodes[n]:>14}" for n in names))
+    if "chat_ttft_turns_s" in result:
+        turns = result["chat_ttft_turns_s"]
+        lines.append("chat TTFT turns 1..10 (s): " + " ".join(f"{t:.3f}" for t in turns)
+                     + f"  (turn 10 / turn 1 = {turns[-1] / turns[0]:.2f})")
+    if "kv_bytes" in result:
+        kv = result["kv_bytes"]
+        lines.append(f"KV cache bytes: {kv['1x_window']} at 1x the window, "
+                     f"{kv['4x_window']} at 4x")
+    if "batch_tps" in result:
+        lines.append("batch decode tok/s: " + ", ".join(
+            f"{b} prompts {t:.1f}" for b, t in result["batch_tps"].items()))
+    return "\n".join(lines)
+
+
+def bench_main(model: str | None, preset: str | None, prompt_tokens: int, gen_tokens: int,
+               runs: int, compare: bool, as_json: bool) -> str:
+    from .loader import resolve
+
+    folder = preset_folder(preset) if preset else resolve(model)
+    if not Path(folder).is_dir():
+        from .errors import WeightsError
+
+        raise WeightsError(f"{folder}: bench needs an MLX or Hugging Face folder (mlx-lm "
+                           "cannot run GGUF files); convert it first")
+    result = run_bench(Path(folder), prompt_tokens, gen_tokens, runs, compare,
+                       log=lambda m: None if as_json else print(m, flush=True))
+    return json.dumps(result, indent=2) if as_json else format_result(result)
