@@ -7,6 +7,7 @@ import mlx.nn as nn
 
 from .cache import Mask
 from .config import ModelArgs
+from .fusion import fuse_linears
 
 
 class Attention(nn.Module):
@@ -28,11 +29,25 @@ class Attention(nn.Module):
         return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_theta,
                             scale=1.0, offset=offset)
 
+    def fuse(self) -> None:
+        """Compute q, k and v with one projection (see fusion.py)."""
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
+
+    def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        if "qkv_proj" in self:
+            q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            return tuple(mx.split(self.qkv_proj(x), [q_size, q_size + kv_size], axis=-1))
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def __call__(self, x: mx.array, mask: Mask = None, cache=None) -> mx.array:
         b, length, _ = x.shape
-        q = self.q_proj(x).reshape(b, length, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(b, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(b, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k, v = self._project(x)
+        q = q.reshape(b, length, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = k.reshape(b, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(b, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
 
         offset = 0 if cache is None else cache.offset
         q, k = self._rope(q, offset), self._rope(k, offset)

@@ -67,6 +67,15 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
+    def fuse(self) -> Model:
+        """Fuse q/k/v and the experts' gate/up projections (fewer kernels per token). Done
+        after loading; the weights on disk keep the unfused, mlx-lm compatible names."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            if layer.is_moe:
+                layer.block_sparse_moe.switch_mlp.fuse()
+        return self
+
     @property
     def layers(self) -> list[TransformerBlock]:
         return self.model.layers

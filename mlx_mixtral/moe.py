@@ -13,6 +13,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .fusion import fuse_linears
 from .routing import RouterRecord, route
 
 # With this many (token, expert) pairs or more, sort them by expert first: each expert's
@@ -79,6 +80,13 @@ class ExpertsGLU(nn.Module):
         self.up_proj = ExpertLinear(hidden, intermediate, num_experts)
         self.down_proj = ExpertLinear(intermediate, hidden, num_experts)
 
+    def fuse(self) -> None:
+        """Compute every expert's gate and up projections with one gathered matmul."""
+        fused = fuse_linears([self.gate_proj, self.up_proj], axis=1)
+        if fused is not None:
+            self.gate_up_proj = fused
+            del self.gate_proj, self.up_proj
+
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """x: (..., hidden), indices: (..., k) -> (..., k, hidden)."""
         x = mx.expand_dims(x, (-2, -3))  # (..., 1, 1, hidden): one row per gathered matmul
@@ -86,7 +94,11 @@ class ExpertsGLU(nn.Module):
         idx = indices
         if do_sort:
             x, idx, inverse = _sort_by_expert(x, indices)
-        h = nn.silu(self.gate_proj(x, idx, do_sort)) * self.up_proj(x, idx, do_sort)
+        if "gate_up_proj" in self:
+            gate, up = mx.split(self.gate_up_proj(x, idx, do_sort), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x, idx, do_sort), self.up_proj(x, idx, do_sort)
+        h = nn.silu(gate) * up
         y = self.down_proj(h, idx, do_sort)
         if do_sort:
             y = y[inverse].reshape(*indices.shape, 1, y.shape[-1])

@@ -158,7 +158,7 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], quantization: dic
         model.load_weights(list(upcast_for_cpu(weights).items()), strict=True)
     except ValueError as e:
         raise WeightsError(f"{source}: weights do not match the config ({e})") from None
-    return model
+    return model.fuse()
 
 
 def load_model(folder: str | Path, lazy: bool = True) -> Model:

@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from app_helpers import FakeEngine, wait_until
+from textual.widgets import Input
 
 from mlx_mixtral.app.chat_app import ChatApp
+from mlx_mixtral.app.screens import HelpScreen, SettingsScreen
 from mlx_mixtral.app.store import Store
 from mlx_mixtral.app.widgets import PromptInput
 from mlx_mixtral.sampling import SamplingParams
@@ -50,7 +52,10 @@ def test_settings_screen(snap_compare, tmp_path):
     async def open_settings(pilot):
         await ready(pilot)
         await pilot.press("f3")
-        await pilot.pause(0.3)
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, SettingsScreen))
+        for field in pilot.app.screen.query(Input):
+            field.cursor_blink = False
+        await pilot.pause(0.5)
 
     assert snap_compare(make_app(tmp_path), terminal_size=SIZE, run_before=open_settings)
 
@@ -59,6 +64,7 @@ def test_help_screen(snap_compare, tmp_path):
     async def open_help(pilot):
         await ready(pilot)
         await pilot.press("f1")
-        await pilot.pause(0.3)
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, HelpScreen))
+        await pilot.pause(0.5)
 
     assert snap_compare(make_app(tmp_path), terminal_size=SIZE, run_before=open_help)

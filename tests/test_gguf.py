@@ -75,8 +75,9 @@ def smollm2():
 
 
 def test_smollm2_kept_quantized(smollm2):
-    attn = smollm2.layers[0].self_attn.q_proj
-    assert attn.bits == 4 and attn.group_size == 32
+    attn = smollm2.layers[0].self_attn
+    proj = attn["qkv_proj"] if "qkv_proj" in attn else attn.q_proj
+    assert proj.bits == 4 and proj.group_size == 32
     assert smollm2.args.tie_word_embeddings and smollm2.args.num_hidden_layers == 30
 
 
@@ -171,7 +172,7 @@ def test_type_mlx_cannot_read_is_requantized(tmp_path, tokens):
         [int(d) for d in reversed(t.shape)]) for t in reader.tensors}
     layer = model.layers[1]
     pairs = {
-        "blk.1.attn_v.weight": layer.self_attn.v_proj,
+        "blk.1.attn_output.weight": layer.self_attn.o_proj,
         "blk.1.ffn_down_exps.weight": layer.block_sparse_moe.switch_mlp.down_proj,
         "blk.1.ffn_gate_inp.weight": layer.block_sparse_moe.gate,
         "token_embd.weight": model.model.embed_tokens,
