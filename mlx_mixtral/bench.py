@@ -131,7 +131,7 @@ def decode_graph_nodes(model: Any, context: int = 16) -> int:
     return sum(1 for line in text.splitlines() if "[label" in line and "->" not in line)
 
 
-def chat_turns_ttft(model: Any, turns: int = 10, message: int = 32, reply: int = 16,
+def chat_turns_ttft(model: Any, turns: int = 10, message: int = 16, reply: int = 4,
                     seed: int = 0) -> list[float]:
     """Time to first token of turns 1..N, each a new `message`-token user turn on top of the
     cached conversation (what `ChatSession` does), then a `reply`-token answer."""
@@ -158,7 +158,7 @@ def kv_bytes(model: Any, positions: int) -> int:
     return sum(c.nbytes for c in cache)
 
 
-def batch_throughput(model: Any, batch: int, prompt: int = 64, gen: int = 32) -> float:
+def batch_throughput(model: Any, batch: int, prompt: int = 16, gen: int = 8) -> float:
     """Generated tokens per second for `batch` prompts decoded together."""
     cache = make_cache(model)
     tokens = mx.array(np.random.RandomState(batch).randint(3, model.args.vocab_size,
