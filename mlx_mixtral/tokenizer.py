@@ -67,11 +67,15 @@ class Tokenizer:
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece `tokenizer.model`, used exactly as mistral-common uses it."""
 
-    def __init__(self, path: str | Path, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str | Path | None, config: dict[str, Any] | None = None,
+                 model_proto: bytes | None = None) -> None:
         import sentencepiece
 
         try:
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+            if model_proto is not None:
+                self.sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+            else:
+                self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as e:
             raise TokenizerError(f"{path}: not a sentencepiece model ({e})") from None
         self.vocab_size = self.sp.vocab_size()
@@ -173,8 +177,51 @@ def load_folder_tokenizer(folder: Path) -> Tokenizer:
     raise TokenizerError(f"{folder}: no tokenizer.model or tokenizer.json in the folder")
 
 
+def _plain(value: Any) -> Any:
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _sentencepiece_from_gguf(path: Path, metadata: dict[str, Any]) -> SentencePieceTokenizer:
+    """A `llama` GGUF vocabulary is a sentencepiece BPE model taken apart (pieces, scores,
+    types): put it back together, so it tokenizes exactly as the original tokenizer.model."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    tokens = _plain(metadata.get("tokenizer.ggml.tokens")) or []
+    scores = _plain(metadata.get("tokenizer.ggml.scores")) or [0.0] * len(tokens)
+    types = _plain(metadata.get("tokenizer.ggml.token_type")) or [1] * len(tokens)
+    if not (len(tokens) == len(scores) == len(types)) or not tokens:
+        raise TokenizerError(f"{path}: the GGUF vocabulary is incomplete")
+    model = pb.ModelProto()
+    model.trainer_spec.model_type = pb.TrainerSpec.BPE
+    model.trainer_spec.byte_fallback = True
+    model.trainer_spec.vocab_size = len(tokens)
+    for key, field in (("unknown", "unk_id"), ("bos", "bos_id"), ("eos", "eos_id"),
+                       ("padding", "pad_id")):
+        value = _plain(metadata.get(f"tokenizer.ggml.{key}_token_id"))
+        setattr(model.trainer_spec, field, int(value) if value is not None else -1)
+    model.normalizer_spec.name = "identity"
+    add_space = _plain(metadata.get("tokenizer.ggml.add_space_prefix"))
+    model.normalizer_spec.add_dummy_prefix = True if add_space is None else bool(add_space)
+    model.normalizer_spec.remove_extra_whitespaces = False
+    model.normalizer_spec.escape_whitespaces = True
+    for token, score, kind in zip(tokens, scores, types, strict=True):
+        piece = model.pieces.add()
+        piece.piece, piece.score = token, float(score)
+        piece.type = kind if kind in (1, 2, 3, 4, 5, 6) else 1  # GGUF uses sentencepiece's enum
+    add_bos = _plain(metadata.get("tokenizer.ggml.add_bos_token"))
+    config = {"chat_template": _plain(metadata.get("tokenizer.chat_template")),
+              "add_bos_token": True if add_bos is None else bool(add_bos)}
+    return SentencePieceTokenizer(path, config, model_proto=model.SerializeToString())
+
+
 def load_gguf_tokenizer(path: Path, metadata: dict[str, Any]) -> Tokenizer:
-    """Rebuild the vocabulary a GGUF file embeds (`llama` or `gpt2` type) with transformers."""
+    """The vocabulary a GGUF file embeds: `llama` (sentencepiece) or `gpt2` (byte-level BPE)."""
+    kind = _plain(metadata.get("tokenizer.ggml.model"))
+    if kind == "llama":
+        return _sentencepiece_from_gguf(path, metadata)
+    if kind != "gpt2":
+        raise TokenizerError(f"{path}: GGUF tokenizer type {kind!r} is not supported "
+                             "(expected 'llama' or 'gpt2')")
     try:  # transformers' converter, fed our metadata (its own reader needs torch)
         from transformers.integrations.gguf.gguf_tokenizer_mapping import (
             GGUF_TOKENIZER_MAPPING,
@@ -183,37 +230,24 @@ def load_gguf_tokenizer(path: Path, metadata: dict[str, Any]) -> Tokenizer:
     except ImportError as e:
         raise TokenizerError(f"{path}: this transformers cannot rebuild GGUF vocabularies "
                              f"({e}); pass a model folder with tokenizer files") from None
-
-    def plain(value: Any) -> Any:
-        return value.tolist() if hasattr(value, "tolist") else value
-
-    kind = plain(metadata.get("tokenizer.ggml.model"))
-    if kind not in ("llama", "gpt2"):
-        raise TokenizerError(f"{path}: GGUF tokenizer type {kind!r} is not supported "
-                             "(expected 'llama' or 'gpt2')")
-    tok_dict = {name: plain(metadata[f"tokenizer.{key}"])
+    tok_dict = {name: _plain(metadata[f"tokenizer.{key}"])
                 for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
                 if f"tokenizer.{key}" in metadata}
     try:
-        backend, _ = convert_gguf_tokenizer(plain(metadata["general.architecture"]), tok_dict)
+        backend, _ = convert_gguf_tokenizer(_plain(metadata["general.architecture"]), tok_dict)
     except Exception as e:  # noqa: BLE001 - any failure means no usable vocabulary
         raise TokenizerError(f"{path}: cannot rebuild the GGUF vocabulary ({e})") from None
-
-    def meta_int(key: str) -> int | None:
-        value = metadata.get(key)
-        return int(value.item()) if hasattr(value, "item") else value
-
-    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    tokens = _plain(metadata.get("tokenizer.ggml.tokens")) or []
 
     def piece(key: str) -> str | None:
-        i = meta_int(key)
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+        i = _plain(metadata.get(key))
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
-    add_bos = metadata.get("tokenizer.ggml.add_bos_token")
+    add_bos = _plain(metadata.get("tokenizer.ggml.add_bos_token"))
     config = {
         "bos_token": piece("tokenizer.ggml.bos_token_id"),
         "eos_token": piece("tokenizer.ggml.eos_token_id"),
-        "chat_template": metadata.get("tokenizer.chat_template"),
-        "add_bos_token": bool(add_bos.item()) if hasattr(add_bos, "item") else True,
+        "chat_template": _plain(metadata.get("tokenizer.chat_template")),
+        "add_bos_token": True if add_bos is None else bool(add_bos),
     }
     return HFTokenizer(backend, config)

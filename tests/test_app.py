@@ -174,3 +174,20 @@ async def test_export_markdown_and_json(model_folder, tmp_path):
                                 for m in stored]
     assert data["settings"]["max_tokens"] == 12
     assert "**You:**\n\nExport me" in md and stored[1].content in md
+
+
+async def test_load_error_is_shown_in_the_app(tmp_path):
+    from app_helpers import FakeEngine
+
+    from mlx_mixtral.errors import WeightsError
+
+    class Broken(FakeEngine):
+        def load(self, progress):
+            raise WeightsError("model.safetensors: truncated safetensors file")
+
+    app = ChatApp(Broken(), "broken-model", Store(tmp_path / "chats.db"))
+    async with app.run_test(size=(120, 40)) as pilot:
+        loading = app.query_one("#loading-text")
+        await wait_until(pilot, lambda: "Could not load" in str(loading.render()))
+        assert "truncated safetensors file" in str(loading.render())
+        assert app.info is None

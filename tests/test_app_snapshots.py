@@ -36,8 +36,9 @@ async def chat_once(pilot) -> None:
     done = app.replies_done
     await pilot.press("enter")
     await wait_until(pilot, lambda: app.replies_done > done)
+    await pilot.wait_for_scheduled_animations()
     app.clear_notifications()
-    await pilot.pause(0.3)
+    await pilot.pause(0.5)
 
 
 def test_main_screen(snap_compare, tmp_path):

@@ -106,3 +106,21 @@ def test_help_lists_every_flag_with_defaults():
     assert "(default: 0.7)" in gen.replace("\n", " ").replace("  ", " ") or "0.7" in gen
     version = cli("--version")
     assert version.returncode == 0 and mlx_mixtral.__version__ in version.stdout
+
+
+def test_info_preset_mixtral_8x7b():
+    result = cli("info", "--preset", "mixtral-8x7b")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "46.7B total, 12.9B active per token" in out
+    assert "experts        8, top-2" in out
+    for row in ("float16       93.4 GB", "8-bit         49.6 GB", "6-bit", "4-bit         26.3 GB",
+                "3-bit"):
+        assert row in out
+    assert "fits" in out and "KV cache" in out
+
+
+def test_info_of_a_model_folder(folder):
+    result = cli("info", "--model", str(folder))
+    assert result.returncode == 0, result.stderr
+    assert "Mistral (dense)" in result.stdout and "window         8" in result.stdout

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -65,3 +66,37 @@ def test_text_comes_out_as_tokens_arrive(name):
     pieces = stream(tokenizer, ids)
     assert sum(1 for p in pieces[:-1] if p) >= len(ids) // 2  # not all held to the end
     assert "".join(pieces) == "Hello world, this is streaming 你好"
+
+
+def test_llama_type_gguf_vocabulary_encodes_like_sentencepiece(tmp_path):
+    """A Mistral GGUF carries a `llama` (SentencePiece-style) vocabulary: rebuilt from the
+    metadata, it must tokenize as the tokenizer.model it came from."""
+    import gguf
+    import sentencepiece
+    from test_chat_format import VERSIONS
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(VERSIONS["mistral-v1"]))
+    pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    kinds = [gguf.TokenType.CONTROL if sp.is_control(i) else gguf.TokenType.UNKNOWN
+             if sp.is_unknown(i) else gguf.TokenType.BYTE if sp.is_byte(i)
+             else gguf.TokenType.NORMAL for i in range(sp.vocab_size())]
+    path = tmp_path / "vocab.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores([sp.get_score(i) for i in range(sp.vocab_size())])
+    writer.add_token_types(kinds)
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _, metadata = mx.load(str(path), return_metadata=True)
+    tokenizer = load_gguf_tokenizer(path, metadata)
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
+    for text in ["Hello world", "The capital of France is Paris.", "naïve café 你好 👋",
+                 "  two  spaces\nnew line", "[INST] hi [/INST]"]:
+        assert tokenizer.encode(text) == sp.encode(text), text
+        assert tokenizer.decode(sp.encode(text)) == sp.decode(sp.encode(text))
