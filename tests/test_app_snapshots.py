@@ -24,6 +24,7 @@ def make_app(tmp_path: Path, moe: bool = True) -> ChatApp:
 
 async def ready(pilot) -> None:
     await wait_until(pilot, lambda: pilot.app.info is not None)
+    pilot.app.query_one(PromptInput).cursor_blink = False  # a blinking cursor is a coin toss
     pilot.app.clear_notifications()
     await pilot.pause(0.1)
 
