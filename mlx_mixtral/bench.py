@@ -121,7 +121,7 @@ def measure(engine: Engine, prompt: mx.array, gen_tokens: int,
 def decode_graph_nodes(model: Any, context: int = 16) -> int:
     """Nodes in the graph of one decode step (after `context` cached tokens)."""
     cache = make_cache(model)
-    mx.eval(model(mx.zeros((1, context), mx.int32), cache=cache))
+    mx.eval(model(mx.zeros((1, context), mx.int32), cache=cache), [c.state for c in cache])
     logits = model(mx.zeros((1, 1), mx.int32), cache=cache)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "step.dot"

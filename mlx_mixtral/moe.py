@@ -12,6 +12,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.activations import swiglu  # silu(gate) * up as one compiled kernel
 
 from .fusion import fuse_linears
 from .routing import RouterRecord, route
@@ -98,7 +99,7 @@ class ExpertsGLU(nn.Module):
             gate, up = mx.split(self.gate_up_proj(x, idx, do_sort), 2, axis=-1)
         else:
             gate, up = self.gate_proj(x, idx, do_sort), self.up_proj(x, idx, do_sort)
-        h = nn.silu(gate) * up
+        h = swiglu(gate, up)
         y = self.down_proj(h, idx, do_sort)
         if do_sort:
             y = y[inverse].reshape(*indices.shape, 1, y.shape[-1])
