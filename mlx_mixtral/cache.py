@@ -36,8 +36,8 @@ def window_mask(q_start: int, num_queries: int, k_start: int, num_keys: int,
     return visible
 
 
-class KVCache:
-    """Full-attention cache; grows in steps of `step` positions."""
+class _Cache:
+    """What both caches share: the buffers, the position count, and the protocol basics."""
 
     step = 256
 
@@ -45,6 +45,20 @@ class KVCache:
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class KVCache(_Cache):
+    """Full-attention cache; grows in steps of `step` positions."""
 
     def make_mask(self, num_queries: int, window: int | None = None) -> Mask:
         return window_mask(self.offset, num_queries, 0, self.offset + num_queries, window)
@@ -91,23 +105,13 @@ class KVCache:
     def meta_state(self, value: tuple[str, ...]) -> None:
         self.offset = int(value[0])
 
-    def is_trimmable(self) -> bool:
-        return True
-
     def trim(self, n: int) -> int:
         n = min(self.offset, n)
         self.offset -= n
         return n
 
-    def empty(self) -> bool:
-        return self.keys is None
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-
-
-class RotatingKVCache:
+class RotatingKVCache(_Cache):
     """Sliding-window cache holding at most `window` positions per layer.
 
     Position p lives in slot p % window. Decoding writes one slot and attends to the buffer as
@@ -120,15 +124,11 @@ class RotatingKVCache:
     `complete` turns False until decoding has moved a full window past the lost positions.
     """
 
-    step = 256
-
     def __init__(self, window: int) -> None:
         if window <= 0:
             raise ValueError(f"window must be positive, got {window}")
+        super().__init__()
         self.window = window
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
-        self.offset = 0
         self.start = 0  # oldest position whose key is still valid (moves up only via trim)
 
     # ---- masks -------------------------------------------------------------------------------
@@ -245,9 +245,6 @@ class RotatingKVCache:
     def meta_state(self, value: tuple[str, ...]) -> None:
         self.window, self.offset, self.start = map(int, value)
 
-    def is_trimmable(self) -> bool:
-        return True
-
     def trim(self, n: int) -> int:
         n = min(self.offset, n)
         new_offset = self.offset - n
@@ -256,10 +253,3 @@ class RotatingKVCache:
         self.start = min(max(self.start, self.offset - self.window), new_offset)
         self.offset = new_offset
         return n
-
-    def empty(self) -> bool:
-        return self.keys is None
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
