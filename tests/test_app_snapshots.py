@@ -50,23 +50,25 @@ def test_experts_panel(snap_compare, tmp_path):
     assert snap_compare(make_app(tmp_path), terminal_size=SIZE, run_before=chat_once)
 
 
-def test_settings_screen(snap_compare, tmp_path):
-    async def open_settings(pilot):
+def open_screen(key: str, kind: type):
+    """A `run_before` that presses `key` and waits for the `kind` modal, cursors still."""
+
+    async def run(pilot) -> None:
         await ready(pilot)
-        await pilot.press("f3")
-        await wait_until(pilot, lambda: isinstance(pilot.app.screen, SettingsScreen))
+        await pilot.press(key)
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, kind))
         for field in pilot.app.screen.query(Input):
             field.cursor_blink = False
         await pilot.pause(0.5)
 
-    assert snap_compare(make_app(tmp_path), terminal_size=SIZE, run_before=open_settings)
+    return run
+
+
+def test_settings_screen(snap_compare, tmp_path):
+    assert snap_compare(make_app(tmp_path), terminal_size=SIZE,
+                        run_before=open_screen("f3", SettingsScreen))
 
 
 def test_help_screen(snap_compare, tmp_path):
-    async def open_help(pilot):
-        await ready(pilot)
-        await pilot.press("f1")
-        await wait_until(pilot, lambda: isinstance(pilot.app.screen, HelpScreen))
-        await pilot.pause(0.5)
-
-    assert snap_compare(make_app(tmp_path), terminal_size=SIZE, run_before=open_help)
+    assert snap_compare(make_app(tmp_path), terminal_size=SIZE,
+                        run_before=open_screen("f1", HelpScreen))
