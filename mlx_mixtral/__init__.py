@@ -6,6 +6,7 @@ from .config import PRESETS, ModelArgs, preset
 from .errors import ChatFormatError, ConfigError, MlxMixtralError, TokenizerError, WeightsError
 from .generate import Chunk, Stats, batch_generate, generate, stream_generate
 from .loader import load
+from .memory import MemoryLimitError
 from .model import Model
 from .routing import RouterTrace, load_balancing_loss
 from .sampling import SamplingParams
@@ -26,6 +27,7 @@ __all__ = [
     "ChatFormatError",
     "ConfigError",
     "KVCache",
+    "MemoryLimitError",
     "MlxMixtralError",
     "Model",
     "ModelArgs",

@@ -255,8 +255,9 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 def bench_main(model: str | None, preset: str | None, prompt_tokens: int, gen_tokens: int,
-               runs: int, compare: bool, as_json: bool) -> str:
+               runs: int, compare: bool, as_json: bool, force: bool = False) -> str:
     from .loader import resolve
+    from .memory import check_fits
 
     folder = preset_folder(preset) if preset else resolve(model)
     if not Path(folder).is_dir():
@@ -264,6 +265,7 @@ def bench_main(model: str | None, preset: str | None, prompt_tokens: int, gen_to
 
         raise WeightsError(f"{folder}: bench needs an MLX or Hugging Face folder (mlx-lm "
                            "cannot run GGUF files); convert it first")
+    check_fits(folder, force)
     result = run_bench(Path(folder), prompt_tokens, gen_tokens, runs, compare,
                        log=lambda m: None if as_json else print(m, flush=True))
     return json.dumps(result, indent=2) if as_json else format_result(result)

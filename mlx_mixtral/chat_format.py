@@ -48,6 +48,11 @@ def detect_chat_format(tokenizer: Tokenizer) -> str:
     return "plain"
 
 
+def clean_text(text: str) -> str:
+    """Text may carry what is not UTF-8 (lone surrogates from undecodable bytes): U+FFFD."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def normalize(messages: list[dict[str, str]]) -> tuple[str | None, list[dict[str, str]]]:
     """(system prompt, alternating user/assistant turns) as mistral-common aggregates them."""
     if not isinstance(messages, list):
@@ -62,6 +67,7 @@ def normalize(messages: list[dict[str, str]]) -> tuple[str | None, list[dict[str
             raise ChatFormatError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise ChatFormatError(f"{role} message content must be text")
+        content = clean_text(content)
         if role == "system":
             system.append(content)
         elif turns and turns[-1]["role"] == role:
@@ -135,6 +141,7 @@ def format_segments(tokenizer: Tokenizer, messages: list[dict[str, str]],
         if not tokenizer.chat_template:
             raise ChatFormatError("the model has no chat template")
         normalize(messages)  # the same validation as the other formats
+        messages = [{**m, "content": clean_text(m["content"])} for m in messages]
         text = render_template(tokenizer, messages, add_generation_prompt)
         return [Segment("prompt", tokenizer.encode(text), text)]
     system, turns = normalize(messages)

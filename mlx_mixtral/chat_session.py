@@ -22,8 +22,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from .chat_format import format_segments
-from .generate import Chunk, GenerationError, Stats, clean_text, context_length, stream_generate
+from .chat_format import clean_text, format_segments
+from .generate import Chunk, GenerationError, Stats, context_length, stream_generate
 from .model import Model
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -87,13 +88,16 @@ def sampling_from(args: argparse.Namespace):
         max_tokens=args.max_tokens, seed=args.seed)
 
 
-def load_model_for_cli(name: str | None):
+FORCE_HELP = "load the model even if it looks too big for the available memory"
+
+
+def load_model_for_cli(name: str | None, force: bool = False):
     """Load the named (or default) model, saying what is happening on stderr."""
     from .loader import default_model, load
 
     name = name or default_model()
     print(f"Loading {name} ...", file=sys.stderr, flush=True)
-    return load(name)
+    return load(name, force=force)
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -109,16 +113,29 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat-format", default=None,
                    choices=["mistral-v1", "mistral-v3", "template", "plain"],
                    help="override the chat format detected from the tokenizer")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     add_sampling_flags(p)
     p.set_defaults(run=_run_generate)
+
+
+def read_prompt(arg: str) -> str:
+    """The prompt from the command line or stdin (-); bytes that are not UTF-8 become U+FFFD,
+    with a warning, instead of a decoding traceback."""
+    raw = sys.stdin.buffer.read() if arg == "-" else os.fsencode(arg)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        print("mlx-mixtral: warning: the prompt has bytes that are not UTF-8; they were "
+              "replaced by U+FFFD", file=sys.stderr)
+        return raw.decode("utf-8", "replace")
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     from .generate import Stats, stream_generate
 
     sampling = sampling_from(args)  # validate before the slow load
-    model, tokenizer = load_model_for_cli(args.model)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_prompt(args.prompt)
+    model, tokenizer = load_model_for_cli(args.model, args.force)
     for item in stream_generate(model, tokenizer, prompt, sampling=sampling,
                                 system=args.system, raw=args.raw, chat_format=args.chat_format):
         if isinstance(item, Stats):
@@ -139,6 +156,7 @@ def _chat_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--system", default=None, help="a system prompt for new chats")
     p.add_argument("--db", default=None, help="conversation database (default: user data dir)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     add_sampling_flags(p)
     p.set_defaults(run=_run_chat)
 
@@ -148,13 +166,17 @@ def _run_chat(args: argparse.Namespace) -> int:
     from .app.engine import MlxEngine
     from .app.store import Store
     from .loader import default_model, resolve
+    from .memory import check_fits
 
     sampling = sampling_from(args)
     name = args.model or default_model()
-    resolve(name)  # a missing file or unknown repo: one line now, not an app that cannot load
+    # A missing file, an unknown repo or a model too big: one line now, not an app that
+    # cannot load.
+    check_fits(resolve(name), args.force)
     store = Store(args.db)
     try:
-        ChatApp(MlxEngine(name), name, store, system=args.system, settings=sampling).run()
+        ChatApp(MlxEngine(name, force=True), name, store, system=args.system,
+                settings=sampling).run()
     finally:
         store.close()
     return 0
@@ -202,6 +224,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=int, default=3, help="runs per engine (medians reported)")
     p.add_argument("--compare", choices=["mlx-lm"], default=None, help="run a peer too")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(run=_run_bench)
 
 
@@ -214,7 +237,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     if not args.model and not args.preset:
         args.preset = "mixtral-tiny"
     print(bench_main(args.model, args.preset, args.prompt_tokens, args.gen_tokens, args.runs,
-                     args.compare == "mlx-lm", args.json))
+                     args.compare == "mlx-lm", args.json, args.force))
     return 0
 
 
@@ -242,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except MlxMixtralError as e:
-        print(f"mlx-mixtral: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split("\n"))  # one line, whatever a library put in it
+        print(f"mlx-mixtral: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("mlx-mixtral: interrupted", file=sys.stderr)

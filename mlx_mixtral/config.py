@@ -117,22 +117,6 @@ class ModelArgs:
             values.pop("head_dim", None)
         return cls(**values)
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> ModelArgs:
-        path = Path(path)
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config.json not found") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        try:
-            return cls.from_dict(config)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-        except TypeError as e:  # a value of the wrong type reached the dataclass
-            raise ConfigError(f"{path}: {e}") from None
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -157,6 +141,29 @@ class ModelArgs:
         total = shared + self.num_hidden_layers * experts_total
         active = shared + self.num_hidden_layers * experts_active
         return total, active
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """The JSON object in a folder's config.json."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no config.json in this folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return config
+
+
+def load_config(folder: str | Path) -> tuple[ModelArgs, dict[str, Any]]:
+    """A folder's `ModelArgs`, and its raw config (for `quantization` and the like)."""
+    config = read_config(folder)
+    try:
+        return ModelArgs.from_dict(config), config
+    except ConfigError as e:
+        raise ConfigError(f"{Path(folder) / 'config.json'}: {e}") from None
 
 
 _MISTRAL_7B = dict(

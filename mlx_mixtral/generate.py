@@ -8,13 +8,14 @@ breaks a character, stop strings, and the numbers a user wants after a reply.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 
+from .chat_format import clean_text
 from .errors import MlxMixtralError
 from .model import Model
 from .sampling import SamplingParams
@@ -55,15 +56,12 @@ class Stats:
                 f"first token {self.ttft:.2f} s | peak memory {self.peak_memory / 1e9:.2f} GB")
 
 
-def clean_text(text: str) -> str:
-    """Prompts may carry bytes that are not UTF-8 (lone surrogates): make them U+FFFD."""
-    return text.encode("utf-8", "replace").decode("utf-8")
-
-
 def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[Any], system: str | None = None,
                raw: bool = False, chat_format: str | None = None) -> list[int]:
     """Token ids for a plain string (chat-formatted unless `raw`), a message list, or ids."""
     if isinstance(prompt, str):
+        if not prompt.strip():
+            raise GenerationError("the prompt is empty")
         prompt = clean_text(prompt)
         if raw:
             return tokenizer.encode(prompt, add_bos=tokenizer.add_bos)
@@ -73,9 +71,7 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[Any], system: str | 
     prompt = list(prompt)
     if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt
-    messages = [{**m, "content": clean_text(m["content"])}
-                if isinstance(m, dict) and isinstance(m.get("content"), str) else m
-                for m in prompt]
+    messages = prompt
     if system:
         messages = [{"role": "system", "content": system}, *messages]
     return tokenizer.apply_chat_template(messages, chat_format=chat_format)
@@ -97,6 +93,22 @@ def check_prompt(model: Model, ids: Sequence[int], already_cached: int = 0) -> N
     if bad:
         raise GenerationError(f"token id {bad[0]} is outside the vocabulary "
                               f"(size {model.args.vocab_size})")
+
+
+NOT_A_NUMBER = -1  # the token a guarded sampler returns for NaN/inf logits
+BAD_LOGITS = ("the model's output is not a number (NaN or inf logits): its weights are "
+              "probably corrupt; download or convert the model again")
+
+
+def guard_nan(sampler: Callable[[mx.array], mx.array]) -> Callable[[mx.array], mx.array]:
+    """`sampler`, returning NOT_A_NUMBER where the log-probabilities hold NaN (NaN or inf
+    logits). Checked inside the step's graph: a separate check would sync every token."""
+
+    def sample(logprobs: mx.array) -> mx.array:
+        bad = mx.isnan(logprobs).any(axis=-1)
+        return mx.where(bad, NOT_A_NUMBER, sampler(logprobs).astype(mx.int32))
+
+    return sample
 
 
 class StopStrings:
@@ -162,7 +174,7 @@ def stream_generate(
     start = time.perf_counter()
     ttft = 0.0
     steps = generate_step(mx.array(ids), model, max_tokens=max_tokens,
-                          sampler=params.sampler(),
+                          sampler=guard_nan(params.sampler()),
                           logits_processors=params.logits_processors(),
                           prompt_cache=cache, prefill_step_size=prefill_step_size)
     try:
@@ -170,6 +182,8 @@ def stream_generate(
             if n == 0:
                 ttft = time.perf_counter() - start
             token = int(token)
+            if token == NOT_A_NUMBER:
+                raise GenerationError(BAD_LOGITS)
             tokens.append(token)
             if token in tokenizer.eos_ids:
                 finish = "stop"
@@ -247,7 +261,7 @@ def batch_generate(
     for i in range(0, width, prefill_step_size):
         logits = model(x[:, i:i + prefill_step_size], cache=cache, padding=padding)
         mx.eval(logits, [c.state for c in cache])
-    sampler, processors = params.sampler(), params.logits_processors()
+    sampler, processors = guard_nan(params.sampler()), params.logits_processors()
     history = [mx.array(ids) for ids in seqs]
     out: list[list[int]] = [[] for _ in seqs]
     done = [False] * len(seqs)
@@ -260,6 +274,8 @@ def batch_generate(
                 rows = [proc(history[b], rows[b]) for b in range(len(seqs))]
             last = mx.concatenate(rows, axis=0)
         tokens = sampler(last - mx.logsumexp(last, axis=-1, keepdims=True))
+        if NOT_A_NUMBER in tokens.tolist():
+            raise GenerationError(BAD_LOGITS)
         for b, token in enumerate(tokens.tolist()):
             if done[b]:
                 continue

@@ -21,6 +21,7 @@ import numpy as np
 
 from .config import ModelArgs
 from .errors import ConfigError, WeightsError
+from .gguf_check import check_gguf
 from .model import Model
 from .weights import build_model
 
@@ -59,6 +60,13 @@ def _meta(metadata: dict[str, Any], key: str, default: Any = None) -> Any:
     return value
 
 
+def _count(value: Any) -> int:
+    """A metadata count as an int (0 when absent); anything else is refused by ModelArgs."""
+    if value is None:
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
+
+
 def config_from_metadata(metadata: dict[str, Any], path: Path) -> dict[str, Any]:
     """A Hugging Face style config dict from GGUF metadata."""
     arch = _meta(metadata, "general.architecture")
@@ -70,10 +78,10 @@ def config_from_metadata(metadata: dict[str, Any], path: Path) -> dict[str, Any]
         return _meta(metadata, f"llama.{name}", default)
 
     tokens = metadata.get("tokenizer.ggml.tokens")
-    experts = key("expert_count", 0) or 0
+    experts = _count(key("expert_count"))
     config = {
         "model_type": "mixtral" if experts > 1 else "mistral",
-        "vocab_size": key("vocab_size") or (len(tokens) if tokens else None),
+        "vocab_size": key("vocab_size") or (len(tokens) if isinstance(tokens, list) else None),
         "hidden_size": key("embedding_length"),
         "intermediate_size": key("feed_forward_length"),
         "num_hidden_layers": key("block_count"),
@@ -90,6 +98,8 @@ def config_from_metadata(metadata: dict[str, Any], path: Path) -> dict[str, Any]
     missing = [k for k, v in config.items() if v is None and k != "head_dim"]
     if missing:
         raise ConfigError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
+    if experts < 0:
+        raise ConfigError(f"{path}: GGUF metadata llama.expert_count is not a count")
     return config
 
 
@@ -204,9 +214,17 @@ def load_gguf(path: str | Path) -> tuple[Model, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such GGUF file")
+    check_gguf(path)  # MLX's reader would crash on a file whose counts lie
     tensors, metadata = _read_tensors(path)
     config = config_from_metadata(metadata, path)
     config["tie_word_embeddings"] = "output.weight" not in tensors
-    args = ModelArgs.from_dict(config)
-    weights = _rename(tensors, args, path)
-    return build_model(args, weights, _quantization(weights), str(path)), metadata
+    try:
+        args = ModelArgs.from_dict(config)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    try:
+        weights = _rename(tensors, args, path)
+        quantization = _quantization(weights)
+    except (ValueError, KeyError, ZeroDivisionError) as e:  # shapes that contradict metadata
+        raise WeightsError(f"{path}: tensor shapes disagree with the metadata ({e})") from None
+    return build_model(args, weights, quantization, str(path)), metadata

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from .config import ModelArgs, preset
+from .config import ModelArgs, load_config, preset
 from .errors import WeightsError
+from .memory import USABLE_SHARE, machine_memory
 from .units import gb, human
 
 # Affine quantization stores a float16 scale and bias per group of 64 weights: +0.5 bit.
 TABLE = [("float16", 16.0), ("8-bit", 8.5), ("6-bit", 6.5), ("4-bit", 4.5), ("3-bit", 3.5)]
-# Metal lets the GPU wire about three quarters of unified memory by default.
-USABLE_SHARE = 0.75
-
-
-def machine_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 def args_of(model: str) -> ModelArgs:
@@ -28,7 +19,7 @@ def args_of(model: str) -> ModelArgs:
 
     path = resolve(model)
     if path.is_dir():
-        return ModelArgs.from_file(path / "config.json")
+        return load_config(path)[0]
     if path.is_file():
         return load_gguf(path)[0].args  # lazy: reads the metadata, not the weights
     raise WeightsError(f"{model}: not a model folder or GGUF file")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import WeightsError
 from .gguf_weights import load_gguf
+from .memory import check_fits
 from .model import Model
 from .tokenizer import Tokenizer, load_folder_tokenizer, load_gguf_tokenizer
 from .weights import PICKLE_SUFFIXES, load_model
@@ -127,10 +128,12 @@ def resolve(path_or_repo: str | Path) -> Path:
                        "like mistralai/Mixtral-8x7B-Instruct-v0.1)")
 
 
-def load(path_or_repo: str | Path, tokenizer: bool = True) -> tuple[Model, Tokenizer | None]:
+def load(path_or_repo: str | Path, tokenizer: bool = True,
+         force: bool = False) -> tuple[Model, Tokenizer | None]:
     """(model, tokenizer) from a GGUF file, a model folder or a Hugging Face repo id.
 
-    Weights stay memory-mapped until first used; `tokenizer=False` skips the tokenizer."""
+    Weights stay memory-mapped until first used; `tokenizer=False` skips the tokenizer.
+    A model larger than the available memory raises `MemoryLimitError` unless `force`."""
     path = resolve(path_or_repo)
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
@@ -138,7 +141,10 @@ def load(path_or_repo: str | Path, tokenizer: bool = True) -> tuple[Model, Token
                                "use the model's safetensors or GGUF files")
         if not is_gguf(path):
             raise WeightsError(f"{path}: not a GGUF file; give a .gguf file or a model folder")
+        check_fits(path, force)
         model, metadata = load_gguf(path)
         return model, (load_gguf_tokenizer(path, metadata) if tokenizer else None)
+    if path.is_dir():
+        check_fits(path, force)
     model = load_model(path)
     return model, (load_folder_tokenizer(path) if tokenizer else None)

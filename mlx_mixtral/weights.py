@@ -14,30 +14,19 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import ModelArgs
-from .errors import ConfigError, WeightsError
+from .config import ModelArgs, load_config
+from .errors import WeightsError
 from .model import Model
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _EXPERT_NAMES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT_KEY = re.compile(r"^(.*\.block_sparse_moe)\.experts\.(\d+)\.(w[123])\.(\w+)$")
 
 
-def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{folder}: no config.json in this folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return config
-
-
-def check_safetensors(path: Path) -> None:
-    """Refuse a safetensors file whose header lies (MLX would only fail, or crash, later)."""
+def check_safetensors(path: Path) -> dict:
+    """The header of a sound safetensors file; refuse one whose header lies (MLX would only
+    fail later, with a message about its internals)."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -63,6 +52,7 @@ def check_safetensors(path: Path) -> None:
                 or not 0 <= offsets[0] <= offsets[1] <= data_size):
             raise WeightsError(f"{path}: tensor {name!r} lies past the end of the file "
                                "(truncated download?); download it again")
+    return header
 
 
 def load_safetensors(folder: Path) -> dict[str, mx.array]:
@@ -142,9 +132,27 @@ def upcast_for_cpu(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return {k: v.astype(mx.float32) if v.dtype in half else v for k, v in weights.items()}
 
 
+def check_shapes(args: ModelArgs, weights: dict[str, mx.array], source: str) -> None:
+    """The config's layer count, width and vocabulary against the tensors, before building a
+    model of the config's size (a lying config could otherwise ask for a huge one)."""
+    layers = {int(m.group(1)) for k in weights if (m := _LAYER_KEY.match(k))}
+    if layers != set(range(args.num_hidden_layers)):
+        raise WeightsError(f"{source}: the config says {args.num_hidden_layers} layers but the "
+                           f"weights hold {len(layers)}; the config and weights do not belong "
+                           "together")
+    for name, dim, want in (("model.norm.weight", -1, args.hidden_size),
+                            ("model.embed_tokens.weight", 0, args.vocab_size)):
+        if name not in weights:
+            raise WeightsError(f"{source}: the weights lack {name}")
+        if weights[name].ndim < 1 or weights[name].shape[dim] != want:
+            raise WeightsError(f"{source}: {name} has the shape {tuple(weights[name].shape)}, "
+                               f"which disagrees with the config ({want})")
+
+
 def build_model(args: ModelArgs, weights: dict[str, mx.array], quantization: dict | None,
                 source: str) -> Model:
     """A `Model` holding `weights` (already in our names), quantized where they are."""
+    check_shapes(args, weights, source)
     model = Model(args)
     if isinstance(quantization, dict) and "bits" in quantization:
         nn.quantize(
@@ -166,8 +174,7 @@ def load_model(folder: str | Path, lazy: bool = True) -> Model:
     folder = Path(folder)
     if not folder.is_dir():
         raise WeightsError(f"{folder}: not a folder")
-    config = read_config(folder)
-    args = ModelArgs.from_dict(config)
+    args, config = load_config(folder)
     weights = sanitize(load_safetensors(folder), args)
     model = build_model(args, weights, config.get("quantization"), str(folder))
     if not lazy:

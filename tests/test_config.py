@@ -7,6 +7,7 @@ import json
 import pytest
 
 from mlx_mixtral import PRESETS, ConfigError, ModelArgs, preset
+from mlx_mixtral.config import load_config
 
 TINY = dict(model_type="mistral", vocab_size=10, hidden_size=8, intermediate_size=16,
             num_hidden_layers=1, num_attention_heads=2)
@@ -61,14 +62,14 @@ def test_bad_values(change, message):
         ModelArgs.from_dict({**TINY, **change})
 
 
-def test_from_file_names_the_file(tmp_path):
+def test_load_config_names_the_file(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "mistral"}))
     with pytest.raises(ConfigError, match=r"config.json: config is missing required key"):
-        ModelArgs.from_file(path)
+        load_config(tmp_path)
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        ModelArgs.from_file(path)
+        load_config(tmp_path)
 
 
 # Published sizes: Mistral 7B 7.24B; Mixtral 8x7B 46.7B total / 12.9B active;

@@ -89,8 +89,9 @@ def quantization_of(model: nn.Module) -> str:
 
 
 class MlxEngine:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, force: bool = False) -> None:
         self.model_name = model_name
+        self.force = force  # load even if the model looks too big for free memory
         self.info = EngineInfo(name=Path(model_name).name or model_name)
         self.session: ChatSession | None = None
         self.traced: TracedModel | None = None
@@ -98,7 +99,7 @@ class MlxEngine:
     def load(self, progress: Callable[[float], None]) -> EngineInfo:
         from ..loader import load
 
-        model, tokenizer = load(self.model_name)
+        model, tokenizer = load(self.model_name, force=self.force)
         layers = model.layers
         for i, layer in enumerate(layers):  # read the weights now, with visible progress
             mx.eval(layer.parameters())

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import MlxMixtralError
+
 MIGRATIONS = [
     # version 1
     """
@@ -43,6 +45,11 @@ MIGRATIONS = [
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _statements(script: str) -> list[str]:
+    """A migration's statements (executescript would commit the open transaction)."""
+    return [s.strip() for s in script.split(";") if s.strip()]
 
 
 def default_path() -> Path:
@@ -73,27 +80,48 @@ class Conversation:
     messages: list[Message] = field(default_factory=list)
 
 
+class StoreError(MlxMixtralError):
+    """The conversation database cannot be opened: not SQLite, or from a newer version."""
+
+
 class Store:
+    """Several app instances may share one file: SQLite serialises their writes (WAL, and a
+    busy timeout so that a writer waits for the other instead of failing)."""
+
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # The generation worker and the UI both write: one connection, serialised by SQLite.
-        self.db = sqlite3.connect(self.path, timeout=10, check_same_thread=False,
-                                  isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # The generation worker and the UI both write: one connection, serialised by
+            # SQLite.
+            self.db = sqlite3.connect(self.path, timeout=30, check_same_thread=False,
+                                      isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except (sqlite3.DatabaseError, OSError) as e:
+            raise StoreError(f"{self.path}: cannot open the conversation database ({e}); "
+                             "move it aside or pass --db with another file") from None
 
     def _migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path} was written by a newer mlx-mixtral "
-                               f"(schema {version}, this one knows {SCHEMA_VERSION})")
-        for number in range(version, SCHEMA_VERSION):
-            # One script, one transaction: a migration applies whole or not at all.
-            self.db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[number]}; "
-                                  f"PRAGMA user_version = {number + 1}; COMMIT;")
+        # Read the version inside the write transaction: two instances starting on a new file
+        # must not both create the tables.
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path} was written by a newer mlx-mixtral (schema "
+                                 f"{version}, this one knows {SCHEMA_VERSION}); upgrade "
+                                 "mlx-mixtral or pass --db with another file")
+            for number in range(version, SCHEMA_VERSION):
+                for statement in _statements(MIGRATIONS[number]):
+                    self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version = {number + 1}")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

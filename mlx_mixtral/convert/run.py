@@ -20,11 +20,11 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
-from ..config import ModelArgs
+from ..config import ModelArgs, load_config
 from ..errors import MlxMixtralError
 from ..loader import resolve
 from ..units import human
-from ..weights import load_safetensors, read_config, sanitize
+from ..weights import load_safetensors, sanitize
 from .plan import DTYPES, Plan
 
 # Files copied as they are: tokenizers, chat templates, generation defaults.
@@ -171,8 +171,7 @@ def convert(
         raise ConvertError(f"{out} already exists; pass --force to replace it")
     if quantize and dequantize:
         raise ConvertError("-q and --dequantize exclude each other")
-    config = read_config(src)
-    args = ModelArgs.from_dict(config)
+    args, config = load_config(src)
     weights = sanitize(load_safetensors(src), args)
     source_quant = config.get("quantization")
     if dequantize:

@@ -1,0 +1,175 @@
+"""Checking a GGUF file's structure before MLX reads it.
+
+MLX's GGUF reader trusts the counts and lengths in the file: an absurd tensor count, metadata
+count or string length crashes the interpreter. This walks the header with bounds checks
+(metadata, tensor infos, and that every tensor's data lies inside the file), reading only the
+header, and raises `WeightsError` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import WeightsError
+
+MAGIC = b"GGUF"
+MAX_DIMS = 4  # GGML_MAX_DIMS
+DEFAULT_ALIGNMENT = 32
+# Value types: fixed sizes by type id; 8 is a string, 9 an array.
+_FIXED = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+          12: "d"}
+_STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # GGUF order: the fastest-varying dimension first
+    type: int  # a GGMLQuantizationType value
+    nbytes: int
+
+
+class _Corrupt(Exception):
+    """Internal: the header is malformed; the message says how."""
+
+
+class _Reader:
+    def __init__(self, buf: mmap.mmap | bytes) -> None:
+        self.buf, self.pos = buf, 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise _Corrupt("the header runs past the end of the file")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str) -> int | float | bool:
+        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def count(self, what: str, min_item_bytes: int) -> int:
+        """A count read from the file, refused if its items cannot fit in what is left."""
+        n = int(self.unpack("Q"))
+        if n * min_item_bytes > len(self.buf) - self.pos:
+            raise _Corrupt(f"it claims {n} {what}, more than the file can hold")
+        return n
+
+    def string(self) -> str:
+        raw = self.take(self.count("bytes of a string", 1))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Corrupt("a metadata string is not UTF-8") from None
+
+    def skip_string(self) -> None:
+        self.take(self.count("bytes of a string", 1))
+
+    def skip_strings(self, n: int) -> None:
+        pos, end, length_at = self.pos, len(self.buf), _U64.unpack_from
+        for _ in range(n):
+            if pos + 8 > end:
+                raise _Corrupt("the header runs past the end of the file")
+            pos += 8 + length_at(self.buf, pos)[0]
+        if pos > end:
+            raise _Corrupt("the header runs past the end of the file")
+        self.pos = pos
+
+    def value(self, kind: int, keep: bool) -> object:
+        if kind in _FIXED:
+            return self.unpack(_FIXED[kind])
+        if kind == _STRING:
+            if keep:
+                return self.string()
+            self.skip_string()
+            return None
+        if kind == _ARRAY:
+            item = int(self.unpack("I"))
+            if item not in _FIXED and item not in (_STRING, _ARRAY):
+                raise _Corrupt(f"unknown metadata array type {item}")
+            size = struct.calcsize(_FIXED[item]) if item in _FIXED else 8
+            n = self.count("array items", size)
+            if item in _FIXED:  # fixed-size items: skip them in one step
+                self.take(n * size)
+            elif item == _STRING:  # vocabularies: 100k+ strings, so a tight loop
+                self.skip_strings(n)
+            else:
+                for _ in range(n):
+                    self.value(item, keep=False)
+            return n
+        raise _Corrupt(f"unknown metadata type {kind}")
+
+
+def _tensor_bytes(shape: tuple[int, ...], kind: int) -> int:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+    except (ValueError, KeyError):
+        raise _Corrupt(f"unknown tensor type {kind}") from None
+    if shape[0] % block:
+        raise _Corrupt(f"a row of {shape[0]} is not a whole number of {block}-blocks")
+    n = 1
+    for d in shape:
+        n *= d
+    return n // block * size
+
+
+def _parse(buf: mmap.mmap | bytes) -> list[TensorInfo]:
+    r = _Reader(buf)
+    if r.take(4) != MAGIC:
+        raise _Corrupt("not a GGUF file (bad magic bytes)")
+    version = r.unpack("I")
+    if version not in (2, 3):
+        raise _Corrupt(f"GGUF version {version} is not supported (2 and 3 are)")
+    n_tensors = r.count("tensors", 24)
+    n_kv = r.count("metadata entries", 12)
+    alignment = DEFAULT_ALIGNMENT
+    for _ in range(n_kv):
+        key = r.string()
+        kind = int(r.unpack("I"))
+        value = r.value(kind, keep=False)
+        if key == "general.alignment":
+            if not isinstance(value, int) or value <= 0 or value & (value - 1):
+                raise _Corrupt(f"general.alignment {value!r} is not a power of two")
+            alignment = value
+    infos = []
+    for _ in range(n_tensors):
+        name = r.string()
+        n_dims = int(r.unpack("I"))
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise _Corrupt(f"tensor {name!r} has {n_dims} dimensions")
+        shape = tuple(int(r.unpack("Q")) for _ in range(n_dims))
+        if not all(0 < d < 2**40 for d in shape):
+            raise _Corrupt(f"tensor {name!r} has the shape {shape}")
+        kind = int(r.unpack("I"))
+        offset = int(r.unpack("Q"))
+        infos.append((name, shape, kind, offset))
+    data_start = -(-r.pos // alignment) * alignment
+    data_size = len(buf) - data_start
+    tensors = []
+    for name, shape, kind, offset in infos:
+        nbytes = _tensor_bytes(shape, kind)
+        if offset % alignment or offset + nbytes > data_size:
+            raise _Corrupt(f"tensor {name!r} lies past the end of the file (truncated "
+                           "download?)")
+        tensors.append(TensorInfo(name, shape, kind, nbytes))
+    return tensors
+
+
+def check_gguf(path: str | Path) -> list[TensorInfo]:
+    """The tensors of a structurally sound GGUF file; `WeightsError` otherwise."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            if path.stat().st_size == 0:
+                raise _Corrupt("the file is empty")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return _parse(buf)
+    except _Corrupt as e:
+        raise WeightsError(f"{path}: corrupt GGUF file: {e}; download it again") from None
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read ({e.strerror or e})") from None
