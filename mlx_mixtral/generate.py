@@ -174,7 +174,7 @@ def stream_generate(
     start = time.perf_counter()
     ttft = 0.0
     steps = generate_step(mx.array(ids), model, max_tokens=max_tokens,
-                          sampler=guard_nan(params.sampler()),
+                          sampler=guard_nan(params.sampler(model.args.vocab_size)),
                           logits_processors=params.logits_processors(),
                           prompt_cache=cache, prefill_step_size=prefill_step_size)
     try:
@@ -261,7 +261,7 @@ def batch_generate(
     for i in range(0, width, prefill_step_size):
         logits = model(x[:, i:i + prefill_step_size], cache=cache, padding=padding)
         mx.eval(logits, [c.state for c in cache])
-    sampler, processors = guard_nan(params.sampler()), params.logits_processors()
+    sampler, processors = guard_nan(params.sampler(model.args.vocab_size)), params.logits_processors()
     history = [mx.array(ids) for ids in seqs]
     out: list[list[int]] = [[] for _ in seqs]
     done = [False] * len(seqs)

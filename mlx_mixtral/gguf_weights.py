@@ -118,7 +118,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     return _read_with_gguf_package(path)
 
 
-def _mlx_bits(qtype: Any) -> int:
+def mlx_bits(qtype: Any) -> int:
     """The MLX affine width that holds a GGUF type without losing precision to it."""
     from gguf.constants import GGML_QUANT_SIZES
 
@@ -155,12 +155,16 @@ def _read_with_gguf_package(path: Path) -> tuple[dict[str, mx.array], dict[str, 
         if t.tensor_type in float_types or value.ndim < 2 or shape[-1] % GGUF_GROUP_SIZE:
             tensors[t.name] = value
             continue
-        q, scales, biases = mx.quantize(value, GGUF_GROUP_SIZE, _mlx_bits(t.tensor_type))
+        q, scales, biases = mx.quantize(value, GGUF_GROUP_SIZE, mlx_bits(t.tensor_type))
         mx.eval(q, scales, biases)
         tensors.update({t.name: q, f"{stem}.scales": scales, f"{stem}.biases": biases})
     metadata: dict[str, Any] = {}
     for name, field in reader.fields.items():
-        value = field.contents()
+        try:
+            value = field.contents()
+        except (ValueError, IndexError):  # UnicodeDecodeError is a ValueError
+            raise WeightsError(f"{path}: GGUF metadata {name!r} is unreadable (corrupt file?); "
+                               "download it again") from None
         metadata[name] = mx.array(value) if isinstance(value, (int, float, bool)) else value
     return tensors, metadata
 

@@ -6,6 +6,7 @@ unusable, or the process is killed. So `load` refuses it up front unless forced.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ USABLE_SHARE = 0.75
 _HALF = ("F16", "BF16")
 _GGUF_HALF = (1, 30)  # GGML types F16, BF16
 _GGUF_FLOAT = (0, *_GGUF_HALF)
+_NATIVE_BITS = {2: 4, 3: 4, 8: 8}  # Q4_0, Q4_1, Q8_0: MLX reads them as they are
 
 
 class MemoryLimitError(MlxMixtralError):
@@ -71,7 +73,10 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def _gguf_bytes(path: Path) -> int:
+    from gguf.constants import GGMLQuantizationType
+
     from .gguf_check import check_gguf
+    from .gguf_weights import mlx_bits
 
     total = 0
     for t in check_gguf(path):
@@ -79,11 +84,10 @@ def _gguf_bytes(path: Path) -> int:
             total += 2 * t.nbytes
         elif t.type in _GGUF_FLOAT:
             total += t.nbytes
-        else:  # quantized: MLX adds a float scale and bias per group of 32 (float32 on CPU)
-            n = 1
-            for d in t.shape:
-                n *= d
-            total += t.nbytes + n // 32 * (8 if _cpu() else 4)
+        else:  # quantized: MLX's affine bits, and a scale and bias per group of 32
+            n = math.prod(t.shape)
+            bits = _NATIVE_BITS.get(t.type) or mlx_bits(GGMLQuantizationType(t.type))
+            total += n * bits // 8 + n // 32 * (8 if _cpu() else 4)
     return total
 
 

@@ -78,10 +78,12 @@ class SamplingParams:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def sampler(self) -> Callable[[mx.array], mx.array]:
-        # top_p = 1 and min_p = 0 are "off"; mlx-lm spells off as 0 for top_p.
+    def sampler(self, vocab_size: int) -> Callable[[mx.array], mx.array]:
+        # top_p = 1 and min_p = 0 are "off"; mlx-lm spells off as 0 for top_p. A top_k that
+        # keeps the whole vocabulary is off too (mlx-lm refuses it mid-generation).
+        top_k = self.top_k if self.top_k < vocab_size else 0
         return make_sampler(self.temperature, top_p=0.0 if self.top_p >= 1 else self.top_p,
-                            min_p=self.min_p, top_k=self.top_k)
+                            min_p=self.min_p, top_k=top_k)
 
     def logits_processors(self) -> list:
         if self.repetition_penalty == 1.0:

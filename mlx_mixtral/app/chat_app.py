@@ -395,3 +395,9 @@ class ChatApp(App):
         self.worker.shutdown(wait=True, cancel_futures=True)
         await self._drain()
         self.exit()
+
+    def on_unmount(self) -> None:
+        # However the app ends: stop the generation thread before the interpreter exits, or
+        # MLX aborts the process on its way out ("terminate called ...").
+        self._stop.set()
+        self.worker.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,47 @@
+"""Drive the real chat app (headless) on a model and database: send messages one after another
+and wait for each reply. Prints "ready" once the model is loaded. Used by the fault tests,
+which run it in processes of their own and kill them.
+
+    python chat_driver.py MODEL DB TAG ROUNDS MAX_TOKENS
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+from mlx_mixtral.app.chat_app import ChatApp
+from mlx_mixtral.app.engine import MlxEngine
+from mlx_mixtral.app.store import Store
+from mlx_mixtral.app.widgets import PromptInput
+from mlx_mixtral.sampling import SamplingParams
+
+
+async def until(pilot, predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the app did not get there")
+        await pilot.pause(0.02)
+
+
+async def drive(model: str, db: str, tag: str, rounds: int, max_tokens: int) -> None:
+    settings = SamplingParams(temperature=1.0, max_tokens=max_tokens)
+    app = ChatApp(MlxEngine(model), model, Store(db), settings=settings)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: app.info is not None)
+        print("ready", flush=True)
+        for i in range(rounds):
+            done = app.replies_done
+            prompt = app.query_one(PromptInput)
+            prompt.focus()
+            prompt.text = f"{tag} message {i}"
+            await pilot.press("enter")
+            await until(pilot, lambda done=done: app.replies_done > done)
+            print(f"replied {i}", flush=True)
+
+
+if __name__ == "__main__":
+    model, db, tag, rounds, max_tokens = sys.argv[1:6]
+    asyncio.run(drive(model, db, tag, int(rounds), int(max_tokens)))
