@@ -261,7 +261,8 @@ def batch_generate(
     for i in range(0, width, prefill_step_size):
         logits = model(x[:, i:i + prefill_step_size], cache=cache, padding=padding)
         mx.eval(logits, [c.state for c in cache])
-    sampler, processors = guard_nan(params.sampler(model.args.vocab_size)), params.logits_processors()
+    sampler = guard_nan(params.sampler(model.args.vocab_size))
+    processors = params.logits_processors()
     history = [mx.array(ids) for ids in seqs]
     out: list[list[int]] = [[] for _ in seqs]
     done = [False] * len(seqs)

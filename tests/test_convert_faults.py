@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -83,34 +82,45 @@ def test_bad_input_one_line_exit_2(good, tmp_path, damage, words):
     assert not out.exists()
 
 
-def test_sigkill_leaves_no_out_then_rerun_succeeds(tmp_path):
+def convert_proc(src: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlx_mixtral.cli", "convert", "--hf-path", str(src),
+         "--mlx-path", str(out), "-q", "--shard-size-gb", "0.01"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_sigkill_at_10_random_moments_leaves_no_partial_out(tmp_path):
+    """Kill moments are drawn over a whole run's length, from the process start (imports,
+    reading, quantizing, writing shards, the final rename). OUT is either absent or the
+    complete, loadable conversion; a later run succeeds and removes stale partials."""
+    from mlx_mixtral import load_model
+
     big = dict(TINY, hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
-               num_local_experts=8)  # ~300 MB of float32: long enough to be killed mid-way
+               num_local_experts=8)  # ~300 MB of float32: seconds to convert
     src = tmp_path / "src"
     write_hf_checkpoint(src, ModelArgs.from_dict(big), dtype=mx.float32, shard_bytes=50 * 10**6)
     out = tmp_path / "out"
+    start = time.monotonic()
+    assert convert_proc(src, out).wait() == 0
+    full_run = time.monotonic() - start
+    shutil.rmtree(out)
     rng = random.Random(0)
-    killed_mid_run = 0
-    for _ in range(3):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_mixtral.cli", "convert", "--hf-path", str(src),
-             "--mlx-path", str(out), "-q", "--shard-size-gb", "0.01"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while not list(tmp_path.glob(".out.partial-*")) and proc.poll() is None:
-            assert time.time() < deadline
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.3))
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed_mid_run += 1
+    killed_while_writing = 0
+    for _ in range(10):
+        proc = convert_proc(src, out)
+        time.sleep(rng.uniform(0, full_run))
+        writing = bool(list(tmp_path.glob(".out.partial-*")))
+        proc.send_signal(signal.SIGKILL)
         proc.wait()
-        if out.exists():  # finished before the kill: start over
+        if out.exists():  # the kill came after the final rename: OUT must be whole
+            assert proc.returncode == 0 or (out / "config.json").exists()
+            load_model(out, lazy=False)
             shutil.rmtree(out)
-            continue
-        assert not out.exists()
-    assert killed_mid_run >= 1
+        else:
+            killed_while_writing += writing
+    assert killed_while_writing >= 3
     result = convert_cli(src, out, "-q")
     assert result.returncode == 0, result.stderr
-    assert (out / "config.json").exists()
+    load_model(out, lazy=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # stale partials gone
+    print(f"\nfull run {full_run:.1f} s; {killed_while_writing} of 10 kills mid-write")
