@@ -5,9 +5,21 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import Mask
+from .cache import Mask, WindowBand
 from .config import ModelArgs
 from .fusion import fuse_linears
+
+
+def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
+    """Scaled dot-product attention; a `WindowBand` runs block by block over the keys each
+    block of queries can see. The kernel broadcasts the KV heads over their query groups: no
+    repeated K/V in memory."""
+    if not isinstance(mask, WindowBand):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    return mx.concatenate([
+        mx.fast.scaled_dot_product_attention(q[:, :, qs], k[:, :, ks], v[:, :, ks],
+                                             scale=scale, mask=m)
+        for qs, ks, m in mask.blocks(q.shape[2])], axis=2)
 
 
 class Attention(nn.Module):
@@ -53,6 +65,5 @@ class Attention(nn.Module):
         q, k = self._rope(q, offset), self._rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        # The kernel broadcasts the KV heads over their query groups: no repeated K/V in memory.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = attend(q, k, v, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))

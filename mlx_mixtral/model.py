@@ -12,7 +12,7 @@ import mlx.nn as nn
 from mlx_lm.models.activations import swiglu  # silu(gate) * up as one compiled kernel
 
 from .attention import Attention
-from .cache import KVCache, RotatingKVCache, window_mask
+from .cache import KVCache, RotatingKVCache, windowed_mask
 from .config import ModelArgs
 from .moe import SparseMoE
 from .routing import RouterTrace
@@ -120,7 +120,7 @@ class Model(nn.Module):
         window = self.args.sliding_window
         if cache is None:
             cache = [None] * len(self.layers)
-            mask = window_mask(0, length, 0, length, window)
+            mask = windowed_mask(0, length, 0, length, window)
         else:
             mask = cache[0].make_mask(length, window)
         if padding is not None:

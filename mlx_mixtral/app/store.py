@@ -96,13 +96,25 @@ class Store:
             # SQLite.
             self.db = sqlite3.connect(self.path, timeout=30, check_same_thread=False,
                                       isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
+            self._enable_wal()
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
         except (sqlite3.DatabaseError, OSError) as e:
             raise StoreError(f"{self.path}: cannot open the conversation database ({e}); "
                              "move it aside or pass --db with another file") from None
+
+    def _enable_wal(self) -> None:
+        """WAL mode (it persists in the file). Switching to it takes a lock that SQLite's busy
+        timeout does not wait for, so instances starting together on a new file retry."""
+        for attempt in range(100):
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or attempt == 99:
+                    raise
+                time.sleep(0.05)
 
     def _migrate(self) -> None:
         # Read the version inside the write transaction: two instances starting on a new file
