@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
+
+from app_helpers import wait_until
 
 from mlx_mixtral.app.chat_app import ChatApp
 from mlx_mixtral.app.engine import MlxEngine
@@ -18,19 +19,11 @@ from mlx_mixtral.app.widgets import PromptInput
 from mlx_mixtral.sampling import SamplingParams
 
 
-async def until(pilot, predicate, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the app did not get there")
-        await pilot.pause(0.02)
-
-
 async def drive(model: str, db: str, tag: str, rounds: int, max_tokens: int) -> None:
     settings = SamplingParams(temperature=1.0, max_tokens=max_tokens)
     app = ChatApp(MlxEngine(model), model, Store(db), settings=settings)
     async with app.run_test(size=(100, 30)) as pilot:
-        await until(pilot, lambda: app.info is not None)
+        await wait_until(pilot, lambda: app.info is not None, timeout=120)
         print("ready", flush=True)
         for i in range(rounds):
             done = app.replies_done
@@ -38,7 +31,7 @@ async def drive(model: str, db: str, tag: str, rounds: int, max_tokens: int) -> 
             prompt.focus()
             prompt.text = f"{tag} message {i}"
             await pilot.press("enter")
-            await until(pilot, lambda done=done: app.replies_done > done)
+            await wait_until(pilot, lambda done=done: app.replies_done > done, timeout=120)
             print(f"replied {i}", flush=True)
 
 
