@@ -78,7 +78,7 @@ def test_sigkill_at_10_random_moments_of_a_streaming_chat(model_folder, tmp_path
     db = tmp_path / "killed.db"
     rng = random.Random(8)
     seen: dict[int, tuple[str, str]] = {}
-    mid_reply = 0
+    mid_reply = interrupted = 0
     for kill in range(10):
         proc = driver(model_folder, db, f"run{kill}", 10_000, 60)
         wait_ready(proc)
@@ -95,10 +95,11 @@ def test_sigkill_at_10_random_moments_of_a_streaming_chat(model_folder, tmp_path
         after = complete_messages(db)
         lost = {i: m for i, m in seen.items() if after.get(i) != m}
         assert not lost, f"kill {kill} lost completed messages: {lost}"
-        with sqlite3.connect(db) as c:
-            mid_reply += c.execute("SELECT count(*) FROM messages WHERE status = 'streaming' "
-                                   "AND role = 'assistant'").fetchone()[0] > 0
-            c.execute("UPDATE messages SET status = 'stopped' WHERE status = 'streaming'")
+        with sqlite3.connect(db) as c:  # a reply cut off by this kill stays 'streaming'
+            streaming = c.execute("SELECT count(*) FROM messages WHERE status = 'streaming'"
+                                  ).fetchone()[0]
+        mid_reply += streaming > interrupted
+        interrupted = streaming
     assert len(seen) >= 10  # replies did complete between the kills
     assert mid_reply >= 3  # and kills did land in the middle of replies
     print(f"\n10 kills: {len(seen)} completed messages kept, {mid_reply} kills mid-reply")
