@@ -147,7 +147,8 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     """The JSON object in a folder's config.json."""
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise ConfigError(f"{folder}: no config.json in this folder")
+        raise ConfigError(f"{folder}: no config.json in this folder; pass the folder that holds "
+                          "the model's config.json and weights")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .errors import MlxMixtralError
-from .units import gb
+from .units import size
 
 # Metal lets the GPU wire about three quarters of unified memory by default.
 USABLE_SHARE = 0.75
@@ -104,6 +104,6 @@ def check_fits(path: str | Path, force: bool = False) -> None:
     need, have = load_bytes(path), available_memory()
     if have and need > have:
         raise MemoryLimitError(
-            f"{Path(path).name}: the model needs about {gb(need)} of memory and "
-            f"{gb(have)} is available; close other programs, use a smaller quantization "
+            f"{Path(path).name}: the model needs about {size(need)} of memory and "
+            f"{size(have)} is available; close other programs, use a smaller quantization "
             "(mlx-mixtral convert -q --q-bits 4), or pass --force to load it anyway")

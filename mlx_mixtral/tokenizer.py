@@ -172,9 +172,11 @@ def load_folder_tokenizer(folder: Path) -> Tokenizer:
         try:
             tok = RustTokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as e:  # noqa: BLE001 - the library raises plain Exceptions
-            raise TokenizerError(f"{folder / 'tokenizer.json'}: unreadable ({e})") from None
+            raise TokenizerError(f"{folder / 'tokenizer.json'}: unreadable ({e}); download it "
+                                 "again") from None
         return HFTokenizer(tok, config)
-    raise TokenizerError(f"{folder}: no tokenizer.model or tokenizer.json in the folder")
+    raise TokenizerError(f"{folder}: no tokenizer.model or tokenizer.json in the folder; copy "
+                         "the model's tokenizer files into it")
 
 
 def _plain(value: Any) -> Any:

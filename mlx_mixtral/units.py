@@ -13,3 +13,8 @@ def human(n: float, giga: str = "G") -> str:
 
 def gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
+
+
+def size(n: float) -> str:
+    """Bytes in GB, or in MB below one GB (so that small sizes do not read 0.0 GB)."""
+    return gb(n) if n >= 1e9 else f"{n / 1e6:.1f} MB"

@@ -31,7 +31,7 @@ def check_safetensors(path: Path) -> dict:
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise WeightsError(f"{path}: truncated safetensors file (no header)")
+            raise WeightsError(f"{path}: truncated safetensors file (no header); download it again")
         header_len = int.from_bytes(head, "little")
         if header_len <= 0 or 8 + header_len > size:
             raise WeightsError(f"{path}: truncated or corrupt safetensors file (header length "
@@ -39,9 +39,10 @@ def check_safetensors(path: Path) -> dict:
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise WeightsError(f"{path}: corrupt safetensors header (not JSON)") from None
+            raise WeightsError(f"{path}: corrupt safetensors header (not JSON); download it "
+                               "again") from None
     if not isinstance(header, dict):
-        raise WeightsError(f"{path}: corrupt safetensors header")
+        raise WeightsError(f"{path}: corrupt safetensors header; download it again")
     data_size = size - 8 - header_len
     for name, info in header.items():
         if name == "__metadata__":
@@ -74,7 +75,8 @@ def load_safetensors(folder: Path) -> dict[str, mx.array]:
         try:
             weights.update(mx.load(str(path)))
         except Exception as e:  # mx.load raises RuntimeError/ValueError on corrupt files
-            raise WeightsError(f"{path}: cannot read safetensors ({e})") from None
+            raise WeightsError(f"{path}: cannot read safetensors ({e}); download it "
+                               "again") from None
     return weights
 
 
@@ -146,7 +148,8 @@ def check_shapes(args: ModelArgs, weights: dict[str, mx.array], source: str) -> 
             raise WeightsError(f"{source}: the weights lack {name}")
         if weights[name].ndim < 1 or weights[name].shape[dim] != want:
             raise WeightsError(f"{source}: {name} has the shape {tuple(weights[name].shape)}, "
-                               f"which disagrees with the config ({want})")
+                               f"which disagrees with the config ({want}); the config and "
+                               "weights do not belong together")
 
 
 def build_model(args: ModelArgs, weights: dict[str, mx.array], quantization: dict | None,
@@ -165,7 +168,8 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], quantization: dic
     try:
         model.load_weights(list(upcast_for_cpu(weights).items()), strict=True)
     except ValueError as e:
-        raise WeightsError(f"{source}: weights do not match the config ({e})") from None
+        raise WeightsError(f"{source}: weights do not match the config ({e}); the config and "
+                           "weights do not belong together") from None
     return model.fuse()
 
 
