@@ -62,9 +62,8 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[Any], system: str | 
     if isinstance(prompt, str):
         if not prompt.strip():
             raise GenerationError("the prompt is empty")
-        prompt = clean_text(prompt)
-        if raw:
-            return tokenizer.encode(prompt, add_bos=tokenizer.add_bos)
+        if raw:  # (the chat formats clean message text themselves)
+            return tokenizer.encode(clean_text(prompt), add_bos=tokenizer.add_bos)
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt})
         return tokenizer.apply_chat_template(messages, chat_format=chat_format)
@@ -275,9 +274,10 @@ def batch_generate(
                 rows = [proc(history[b], rows[b]) for b in range(len(seqs))]
             last = mx.concatenate(rows, axis=0)
         tokens = sampler(last - mx.logsumexp(last, axis=-1, keepdims=True))
-        if NOT_A_NUMBER in tokens.tolist():
+        sampled = tokens.tolist()
+        if NOT_A_NUMBER in sampled:
             raise GenerationError(BAD_LOGITS)
-        for b, token in enumerate(tokens.tolist()):
+        for b, token in enumerate(sampled):
             if done[b]:
                 continue
             out[b].append(token)
