@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from mlx_mixtral import ModelArgs
-from mlx_mixtral.synthetic import write_hf_checkpoint
+from mlx_mixtral.convert.synthetic import write_hf_checkpoint
 
 SHAPE = dict(model_type="mixtral", vocab_size=32000, hidden_size=1024, intermediate_size=3584,
              num_hidden_layers=17, num_attention_heads=16, num_key_value_heads=4,

@@ -1,4 +1,8 @@
-"""The exceptions mlx-mixtral raises for bad input. The CLI turns them into one line and exit 2."""
+"""Every exception mlx-mixtral raises for bad input. The CLI turns them into one line, exit 2.
+
+They all derive from `MlxMixtralError`; the ones about values also from `ValueError`, so code
+that catches `ValueError` keeps working.
+"""
 
 
 class MlxMixtralError(Exception):
@@ -19,3 +23,23 @@ class TokenizerError(MlxMixtralError, ValueError):
 
 class ChatFormatError(MlxMixtralError, ValueError):
     """A message list that cannot be formatted (unknown role, no user message ...)."""
+
+
+class SamplingError(MlxMixtralError, ValueError):
+    """A sampling setting out of its range."""
+
+
+class GenerationError(MlxMixtralError, ValueError):
+    """A prompt that cannot be generated from (empty, longer than the context ...)."""
+
+
+class MemoryLimitError(MlxMixtralError):
+    """The model needs more memory than is available (pass force=True / --force to try)."""
+
+
+class ConvertError(MlxMixtralError):
+    """The output folder cannot be written as asked."""
+
+
+class StoreError(MlxMixtralError):
+    """The conversation database is unreadable, or from a newer version of mlx-mixtral."""

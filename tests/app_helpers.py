@@ -12,8 +12,8 @@ from test_chat_format import VERSIONS
 
 from mlx_mixtral import ModelArgs
 from mlx_mixtral.app.engine import EngineInfo, ReplyEvent
-from mlx_mixtral.generate import Stats
-from mlx_mixtral.synthetic import write_hf_checkpoint
+from mlx_mixtral.convert.synthetic import write_hf_checkpoint
+from mlx_mixtral.generation.stats import Stats
 
 TINY_MIXTRAL = dict(model_type="mixtral", vocab_size=32000, hidden_size=64,
                     intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -16,7 +16,7 @@ from mlx_mixtral.app.chat_app import ChatApp
 from mlx_mixtral.app.engine import MlxEngine
 from mlx_mixtral.app.store import Store
 from mlx_mixtral.app.widgets import PromptInput
-from mlx_mixtral.sampling import SamplingParams
+from mlx_mixtral.generation.sampling import SamplingParams
 
 
 async def drive(model: str, db: str, tag: str, rounds: int, max_tokens: int) -> None:

@@ -11,7 +11,7 @@ from mlx_mixtral.app.chat_app import ChatApp
 from mlx_mixtral.app.engine import MlxEngine
 from mlx_mixtral.app.store import Store
 from mlx_mixtral.app.widgets import AssistantMessage, PromptInput, UserMessage
-from mlx_mixtral.sampling import SamplingParams
+from mlx_mixtral.generation.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 

@@ -15,7 +15,7 @@ import pytest
 from app_helpers import tiny_model_folder
 
 from mlx_mixtral import load
-from mlx_mixtral.chat_session import ChatSession
+from mlx_mixtral.generation.session import ChatSession
 
 EXE = shutil.which("mlx-mixtral")
 pytestmark = pytest.mark.skipif(not shutil.which("tmux") or not EXE,

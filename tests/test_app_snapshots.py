@@ -12,7 +12,7 @@ from mlx_mixtral.app.chat_app import ChatApp
 from mlx_mixtral.app.screens import HelpScreen, SettingsScreen
 from mlx_mixtral.app.store import Store
 from mlx_mixtral.app.widgets import PromptInput
-from mlx_mixtral.sampling import SamplingParams
+from mlx_mixtral.generation.sampling import SamplingParams
 
 SIZE = (110, 34)
 

@@ -32,9 +32,7 @@ from mlx_mixtral import (
 )
 from mlx_mixtral.app.store import Store, StoreError
 from mlx_mixtral.cli import build_parser, main, sampling_from
-from mlx_mixtral.errors import MlxMixtralError
-from mlx_mixtral.generate import GenerationError
-from mlx_mixtral.sampling import SamplingError
+from mlx_mixtral.errors import GenerationError, MlxMixtralError, SamplingError
 
 CONTEXT = 64  # the tiny model's context, so that a long prompt is easy to write
 
@@ -129,7 +127,7 @@ def future_db(env: Env) -> list[str]:
 
 
 def too_big(env: Env) -> list[str]:
-    env.monkeypatch.setattr("mlx_mixtral.memory.available_memory", lambda: 10_000)
+    env.monkeypatch.setattr("mlx_mixtral.loading.memory.available_memory", lambda: 10_000)
     return gen(env.folder)
 
 
@@ -283,7 +281,7 @@ CASES = [
     Case("conversation database from a newer version", future_db,
          ("chats.db", "newer mlx-mixtral", "schema 99"), StoreError),
     Case("user config file is not JSON", bad_user_config,
-         ("config.json", "not a JSON object"), WeightsError),
+         ("config.json", "not valid JSON"), WeightsError),
     Case("ollama model not pulled",
          lambda e: gen("ollama:nothing-here") if e.monkeypatch.setenv(
              "OLLAMA_MODELS", str(e.tmp)) is None else [],
@@ -325,7 +323,7 @@ def run_api(argv: list[str]) -> None:
         Store(args.db).close()
         return
     sampling = sampling_from(args)
-    model, tokenizer = mlx_mixtral.load(args.model or mlx_mixtral.loader.default_model())
+    model, tokenizer = mlx_mixtral.load(args.model)
     mlx_mixtral.generate(model, tokenizer, args.prompt, sampling=sampling, raw=args.raw,
                          chat_format=args.chat_format)
 

@@ -8,7 +8,7 @@ import pytest
 from mlx.utils import tree_map
 
 from mlx_mixtral import KVCache, Model, ModelArgs, RotatingKVCache
-from mlx_mixtral.cache import window_mask
+from mlx_mixtral.model.masks import window_mask
 
 W = 16
 ARGS = dict(model_type="mistral", vocab_size=64, hidden_size=32, intermediate_size=48,

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlx_mixtral import RotatingKVCache
-from mlx_mixtral.attention import attend
+from mlx_mixtral.model.attention import attend
 
 D = 4
 

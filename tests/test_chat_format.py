@@ -16,8 +16,8 @@ from mistral_common.protocol.instruct.messages import (
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mlx_mixtral.chat_format import ChatFormatError
-from mlx_mixtral.tokenizer import SentencePieceTokenizer
+from mlx_mixtral.errors import ChatFormatError
+from mlx_mixtral.text.tokenizer import SentencePieceTokenizer
 
 DATA = Path(mistral_common.__file__).parent / "data"
 VERSIONS = {

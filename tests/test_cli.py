@@ -13,7 +13,7 @@ import pytest
 from conftest import build_hf, tiny_tokenizer
 
 import mlx_mixtral
-from mlx_mixtral.loader import default_model, resolve
+from mlx_mixtral.loading import default_model, resolve
 
 
 def cli(*args: str, env: dict | None = None, cwd: Path | None = None):

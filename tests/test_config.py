@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mlx_mixtral import PRESETS, ConfigError, ModelArgs, preset
-from mlx_mixtral.config import load_config
+from mlx_mixtral.loading.source import load_config
 
 TINY = dict(model_type="mistral", vocab_size=10, hidden_size=8, intermediate_size=16,
             num_hidden_layers=1, num_attention_heads=2)

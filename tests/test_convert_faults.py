@@ -15,7 +15,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_mixtral import ModelArgs
-from mlx_mixtral.synthetic import write_hf_checkpoint
+from mlx_mixtral.convert.synthetic import write_hf_checkpoint
 
 TINY = dict(model_type="mixtral", vocab_size=256, hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

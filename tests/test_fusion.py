@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mlx_mixtral import Model, ModelArgs
-from mlx_mixtral.fusion import fuse_linears
+from mlx_mixtral.model.fusion import fuse_linears
 
 ARGS = dict(model_type="mixtral", vocab_size=128, hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

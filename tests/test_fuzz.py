@@ -15,11 +15,13 @@ from hypothesis import strategies as st
 
 import mlx_mixtral
 from mlx_mixtral import ChatFormatError, ConfigError, MlxMixtralError, ModelArgs
-from mlx_mixtral.chat_format import FORMATS, apply_chat_template
-from mlx_mixtral.config import SUPPORTED_MODEL_TYPES, load_config
-from mlx_mixtral.gguf_weights import config_from_metadata
-from mlx_mixtral.sampling import SamplingError, SamplingParams
-from mlx_mixtral.tokenizer import SentencePieceTokenizer
+from mlx_mixtral.errors import SamplingError
+from mlx_mixtral.generation.sampling import SamplingParams
+from mlx_mixtral.loading.gguf_weights import config_from_metadata
+from mlx_mixtral.loading.source import load_config
+from mlx_mixtral.model.config import SUPPORTED_MODEL_TYPES
+from mlx_mixtral.text.chat_format import FORMATS, apply_chat_template
+from mlx_mixtral.text.tokenizer import SentencePieceTokenizer
 
 FUZZ = settings(max_examples=500, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow,

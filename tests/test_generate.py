@@ -9,17 +9,9 @@ from mlx.utils import tree_map
 from test_chat_format import OURS
 
 from mlx_mixtral import Model, ModelArgs
-from mlx_mixtral.chat_session import ChatSession
-from mlx_mixtral.errors import ChatFormatError
-from mlx_mixtral.generate import (
-    Chunk,
-    GenerationError,
-    Stats,
-    batch_generate,
-    generate,
-    stream_generate,
-)
-from mlx_mixtral.sampling import SamplingError
+from mlx_mixtral.errors import ChatFormatError, GenerationError, SamplingError
+from mlx_mixtral.generation import Chunk, Stats, batch_generate, generate, stream_generate
+from mlx_mixtral.generation.session import ChatSession
 
 V1, V3 = OURS["mistral-v1"], OURS["mistral-v3"]
 

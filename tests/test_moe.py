@@ -6,9 +6,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from mlx_mixtral import moe
-from mlx_mixtral.routing import route
+from mlx_mixtral.model import moe
+from mlx_mixtral.model.routing import route
 
 
 def numpy_moe(x: np.ndarray, gate: np.ndarray, w_gate, w_up, w_down, top_k: int) -> np.ndarray:
@@ -29,7 +30,7 @@ def numpy_moe(x: np.ndarray, gate: np.ndarray, w_gate, w_up, w_down, top_k: int)
 
 def weights_of(layer: moe.SparseMoE) -> list[np.ndarray]:
     mlp = layer.switch_mlp
-    if isinstance(mlp.gate_proj, moe.QuantizedExpertLinear):
+    if isinstance(mlp.gate_proj, QuantizedSwitchLinear):
         def dense(q):
             return np.array(mx.dequantize(q.weight, q.scales, q.biases, q.group_size, q.bits))
     else:
@@ -65,8 +66,8 @@ def test_quantized_experts_use_gather_qmm(bits, tokens):
     mx.random.seed(bits)
     layer = moe.SparseMoE(64, 128, 8, 2)
     nn.quantize(layer, group_size=32, bits=bits,
-                class_predicate=lambda p, m: isinstance(m, moe.ExpertLinear))
-    assert isinstance(layer.switch_mlp.up_proj, moe.QuantizedExpertLinear)
+                class_predicate=lambda p, m: isinstance(m, SwitchLinear))
+    assert isinstance(layer.switch_mlp.up_proj, QuantizedSwitchLinear)
     x = mx.random.normal((1, tokens, 64))
     expected = numpy_moe(np.array(x), *weights_of(layer), 2)
     assert np.abs(np.array(layer(x)) - expected).max() < 1e-3

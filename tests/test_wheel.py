@@ -30,7 +30,10 @@ def test_wheel_layout_and_metadata(wheel):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"mlx_mixtral"}
     for module in ("mlx_mixtral/app/__init__.py", "mlx_mixtral/convert/__init__.py",
-                   "mlx_mixtral/model.py", "mlx_mixtral/cache.py", "mlx_mixtral/moe.py"):
+                   "mlx_mixtral/model/decoder.py", "mlx_mixtral/model/cache.py",
+                   "mlx_mixtral/model/moe.py", "mlx_mixtral/loading/load.py",
+                   "mlx_mixtral/text/chat_format.py", "mlx_mixtral/generation/stream.py",
+                   "mlx_mixtral/cli/main.py"):
         assert module in names
     (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
     text = zipfile.ZipFile(wheel).read(meta).decode()

@@ -22,7 +22,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Header, ListItem, ListView, ProgressBar, Static
 
 from ..errors import MlxMixtralError
-from ..sampling import SamplingParams
+from ..generation.sampling import SamplingParams
 from .engine import Engine, EngineInfo, ReplyEvent
 from .export import export
 from .screens import HelpScreen, SettingsScreen, SystemPromptScreen

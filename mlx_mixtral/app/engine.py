@@ -15,10 +15,10 @@ from typing import Any, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..chat_session import ChatSession
-from ..generate import Stats
-from ..routing import RouterTrace
-from ..sampling import SamplingParams
+from ..generation.sampling import SamplingParams
+from ..generation.session import ChatSession
+from ..generation.stats import Stats
+from ..model.routing import RouterTrace
 from ..units import gb, human
 
 
@@ -89,17 +89,18 @@ def quantization_of(model: nn.Module) -> str:
 
 
 class MlxEngine:
-    def __init__(self, model_name: str, force: bool = False) -> None:
+    def __init__(self, model_name: str, force: bool = False, dtype: str | None = None) -> None:
         self.model_name = model_name
         self.force = force  # load even if the model looks too big for free memory
+        self.dtype = dtype
         self.info = EngineInfo(name=Path(model_name).name or model_name)
         self.session: ChatSession | None = None
         self.traced: TracedModel | None = None
 
     def load(self, progress: Callable[[float], None]) -> EngineInfo:
-        from ..loader import load
+        from ..loading import load
 
-        model, tokenizer = load(self.model_name, force=self.force)
+        model, tokenizer = load(self.model_name, force=self.force, dtype=self.dtype)
         layers = model.layers
         for i, layer in enumerate(layers):  # read the weights now, with visible progress
             mx.eval(layer.parameters())

@@ -9,7 +9,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static, TextArea
 
 from ..errors import MlxMixtralError
-from ..sampling import SamplingParams
+from ..generation.sampling import SamplingParams
 
 FIELDS = [  # (SamplingParams field, label, type)
     ("temperature", "Temperature (0 = greedy)", float),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import MlxMixtralError
+from ..errors import StoreError
 
 MIGRATIONS = [
     # version 1
@@ -78,10 +78,6 @@ class Conversation:
     settings: dict[str, Any]
     updated: float
     messages: list[Message] = field(default_factory=list)
-
-
-class StoreError(MlxMixtralError):
-    """The conversation database cannot be opened: not SQLite, or from a newer version."""
 
 
 class Store:

@@ -1,6 +1,7 @@
 """The converter behind `mlx-mixtral convert`: Hugging Face weights -> (quantized) MLX folder."""
 
+from ..errors import ConvertError
 from .plan import Plan
-from .run import ConvertError, Summary, convert
+from .run import Summary, convert
 
 __all__ = ["ConvertError", "Plan", "Summary", "convert"]

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 Q_BITS = (2, 3, 4, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
 HEAD_MIN_BITS = 6

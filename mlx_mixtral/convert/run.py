@@ -20,12 +20,15 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
-from ..config import ModelArgs, load_config
-from ..errors import MlxMixtralError
-from ..loader import resolve
+from ..errors import ConvertError
+from ..loading.checkpoint import sanitize
+from ..loading.resolve import resolve
+from ..loading.safetensors_file import read_safetensors
+from ..loading.source import describe
+from ..model.config import ModelArgs
+from ..model.precision import DTYPES
 from ..units import human
-from ..weights import load_safetensors, sanitize
-from .plan import DTYPES, Plan
+from .plan import Plan
 
 # Files copied as they are: tokenizers, chat templates, generation defaults.
 SIDE_FILES = (
@@ -39,10 +42,6 @@ SIDE_FILES = (
     "tekken.json",
 )
 DEFAULT_SHARD_BYTES = 5 * 10**9
-
-
-class ConvertError(MlxMixtralError):
-    """The output folder cannot be written as asked."""
 
 
 @dataclass
@@ -171,8 +170,9 @@ def convert(
         raise ConvertError(f"{out} already exists; pass --force to replace it")
     if quantize and dequantize:
         raise ConvertError("-q and --dequantize exclude each other")
-    args, config = load_config(src)
-    weights = sanitize(load_safetensors(src), args)
+    source = describe(src)
+    args, config = source.args, source.config
+    weights = sanitize(read_safetensors(source.files), args)
     source_quant = config.get("quantization")
     if dequantize:
         if not isinstance(source_quant, dict):

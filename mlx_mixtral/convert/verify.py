@@ -8,8 +8,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..routing import RouterTrace
-from ..weights import load_model
+from ..loading import load_model
+from ..model.routing import RouterTrace
 
 FIXED_TEXT = (
     "The mixture of experts routes every token to two of its eight feed-forward networks. "

@@ -1,9 +1,10 @@
-"""Checking a GGUF file's structure before MLX reads it.
+"""A GGUF file's header, read once with bounds checks before MLX reads the file.
 
 MLX's GGUF reader trusts the counts and lengths in the file: an absurd tensor count, metadata
-count or string length crashes the interpreter. This walks the header with bounds checks
-(metadata, tensor infos, and that every tensor's data lies inside the file), reading only the
-header, and raises `WeightsError` naming what is wrong.
+count or string length crashes the interpreter. This walks the header (metadata, tensor infos,
+and that every tensor's data lies inside the file), reading only the header, and returns what
+it holds: the metadata's scalars and strings (arrays as their length) and the tensor list. A
+malformed file raises `WeightsError` naming what is wrong.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import WeightsError
+from ..errors import WeightsError
 
 MAGIC = b"GGUF"
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -31,6 +32,12 @@ class TensorInfo:
     shape: tuple[int, ...]  # GGUF order: the fastest-varying dimension first
     type: int  # a GGMLQuantizationType value
     nbytes: int
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    metadata: dict[str, object]  # scalars and strings; arrays as their item count
+    tensors: list[TensorInfo]
 
 
 class _Corrupt(Exception):
@@ -118,7 +125,7 @@ def _tensor_bytes(shape: tuple[int, ...], kind: int) -> int:
     return n // block * size
 
 
-def _parse(buf: mmap.mmap | bytes) -> list[TensorInfo]:
+def _parse(buf: mmap.mmap | bytes) -> GGUFHeader:
     r = _Reader(buf)
     if r.take(4) != MAGIC:
         raise _Corrupt("not a GGUF file (bad magic bytes)")
@@ -128,10 +135,11 @@ def _parse(buf: mmap.mmap | bytes) -> list[TensorInfo]:
     n_tensors = r.count("tensors", 24)
     n_kv = r.count("metadata entries", 12)
     alignment = DEFAULT_ALIGNMENT
+    metadata: dict[str, object] = {}
     for _ in range(n_kv):
         key = r.string()
         kind = int(r.unpack("I"))
-        value = r.value(kind, keep=False)
+        value = metadata[key] = r.value(kind, keep=True)
         if key == "general.alignment":
             if not isinstance(value, int) or value <= 0 or value & (value - 1):
                 raise _Corrupt(f"general.alignment {value!r} is not a power of two")
@@ -157,11 +165,11 @@ def _parse(buf: mmap.mmap | bytes) -> list[TensorInfo]:
             raise _Corrupt(f"tensor {name!r} lies past the end of the file (truncated "
                            "download?)")
         tensors.append(TensorInfo(name, shape, kind, nbytes))
-    return tensors
+    return GGUFHeader(metadata, tensors)
 
 
-def check_gguf(path: str | Path) -> list[TensorInfo]:
-    """The tensors of a structurally sound GGUF file; `WeightsError` otherwise."""
+def read_gguf_header(path: str | Path) -> GGUFHeader:
+    """The header of a structurally sound GGUF file; `WeightsError` otherwise."""
     path = Path(path)
     try:
         with path.open("rb") as f:

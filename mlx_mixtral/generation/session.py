@@ -16,17 +16,16 @@ Policies:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import mlx.core as mx
-
-from .chat_format import clean_text, format_segments
-from .generate import Chunk, GenerationError, Stats, context_length, stream_generate
-from .model import Model
+from ..errors import GenerationError
+from ..model.decoder import Model
+from ..text.chat_format import clean_text, format_segments
+from ..text.tokenizer import Tokenizer
 from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from .stats import Clock, Stats
+from .stream import Chunk, context_length, stream_generate
 
 
 class ChatSession:
@@ -108,11 +107,11 @@ class ChatSession:
         tokens: list[int] = []
         text = ""
         stats = None
-        start, first = time.perf_counter(), None
+        clock = Clock()
         try:
             for item in stream_generate(self.model, self.tokenizer, new, sampling=params,
                                         cache=self.cache):
-                first = first or time.perf_counter()
+                clock.first_token()
                 if isinstance(item, Stats):
                     stats = item
                     tokens, text = item.tokens, item.text
@@ -122,15 +121,9 @@ class ChatSession:
                     text += item.text
                 yield item
         finally:
-            if first is not None:
+            if clock.first is not None:
                 if stats is None:  # stopped by the caller: the numbers so far
-                    now = time.perf_counter()
-                    stats = Stats(
-                        prompt_tokens=len(new), prompt_tps=len(new) / max(first - start, 1e-9),
-                        generation_tokens=len(tokens),
-                        generation_tps=max(len(tokens) - 1, 0) / max(now - first, 1e-9),
-                        ttft=first - start, peak_memory=mx.get_peak_memory(),
-                        finish_reason="stopped", tokens=tokens, text=text)
+                    stats = clock.stats(len(new), tokens, text, "stopped")
                 self._record(ids, tokens, text, stats)
 
     def _record(self, ids: list[int], tokens: list[int], text: str, stats: Stats) -> None:
@@ -165,8 +158,3 @@ class ChatSession:
             raise GenerationError("there is no user message to edit")
         self.messages[-1] = {"role": "user", "content": clean_text(text)}
         return self._reply(**settings)
-
-    def set_reply_text(self, text: str) -> None:
-        """Keep a reply that was stopped early as the text shown (it is re-tokenized)."""
-        self.messages[-1]["content"] = text
-        self.reply_ids[-1] = self.tokenizer.encode(text) + [self.tokenizer.eos_id]

@@ -7,25 +7,20 @@ breaks a character, stop strings, and the numbers a user wants after a reply.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
 
-from .chat_format import clean_text
-from .errors import MlxMixtralError
-from .model import Model
+from ..errors import GenerationError
+from ..model.decoder import Model
+from ..text.chat_format import clean_text
+from ..text.tokenizer import Tokenizer
 from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from .stats import Clock, Stats
 
 DEFAULT_PREFILL_STEP = 512
-
-
-class GenerationError(MlxMixtralError, ValueError):
-    """A prompt that cannot be generated from (empty, longer than the context ...)."""
 
 
 @dataclass
@@ -36,24 +31,6 @@ class Chunk:
     text: str
     token: int | None
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
-
-
-@dataclass
-class Stats:
-    prompt_tokens: int
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    ttft: float  # seconds to the first token
-    peak_memory: int  # bytes
-    finish_reason: str | None = None
-    tokens: list[int] = field(default_factory=list, repr=False)
-    text: str = field(default="", repr=False)
-
-    def __str__(self) -> str:
-        return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
-                f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
-                f"first token {self.ttft:.2f} s | peak memory {self.peak_memory / 1e9:.2f} GB")
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[Any], system: str | None = None,
@@ -165,21 +142,21 @@ def stream_generate(
     cache = cache if cache is not None else model.make_cache()
     max_tokens = min(params.max_tokens, context_length(model) - cache[0].offset - len(ids))
 
+    from mlx_lm.generate import generate_step  # (imports transformers: not at import time)
+
     detok = tokenizer.detokenizer()
     stops = StopStrings(stop)
     tokens: list[int] = []
     text, finish, hit = "", None, False
     mx.reset_peak_memory()
-    start = time.perf_counter()
-    ttft = 0.0
+    clock = Clock()
     steps = generate_step(mx.array(ids), model, max_tokens=max_tokens,
                           sampler=guard_nan(params.sampler(model.args.vocab_size)),
                           logits_processors=params.logits_processors(),
                           prompt_cache=cache, prefill_step_size=prefill_step_size)
     try:
-        for n, (token, _) in enumerate(steps):
-            if n == 0:
-                ttft = time.perf_counter() - start
+        for token, _ in steps:
+            clock.first_token()
             token = int(token)
             if token == NOT_A_NUMBER:
                 raise GenerationError(BAD_LOGITS)
@@ -204,20 +181,7 @@ def stream_generate(
     text += rest
     finish = finish or ("stop" if hit else "length")
     yield Chunk(rest, None, finish)
-    elapsed = time.perf_counter() - start
-    generated = len(tokens)
-    decode_time = max(elapsed - ttft, 1e-9)
-    yield Stats(
-        prompt_tokens=len(ids),
-        prompt_tps=len(ids) / max(ttft, 1e-9),
-        generation_tokens=generated,
-        generation_tps=(generated - 1) / decode_time if generated > 1 else 0.0,
-        ttft=ttft,
-        peak_memory=mx.get_peak_memory(),
-        finish_reason=finish,
-        tokens=tokens,
-        text=text,
-    )
+    yield clock.stats(len(ids), tokens, text, finish)
 
 
 def generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[Any],
@@ -227,68 +191,3 @@ def generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[Any],
         if isinstance(item, Stats):
             return item.text
     return ""
-
-
-def batch_generate(
-    model: Model,
-    tokenizer: Tokenizer,
-    prompts: Sequence[str | Sequence[Any]],
-    *,
-    sampling: SamplingParams | None = None,
-    stop: Sequence[str] = (),
-    system: str | None = None,
-    raw: bool = False,
-    chat_format: str | None = None,
-    prefill_step_size: int = DEFAULT_PREFILL_STEP,
-    **settings: Any,
-) -> list[str]:
-    """Replies to many prompts, computed together (left-padded to one length)."""
-    params = SamplingParams.from_kwargs(sampling, **settings)
-    seqs = [prompt_ids(tokenizer, p, system=system, raw=raw, chat_format=chat_format)
-            for p in prompts]
-    if not seqs:
-        return []
-    for ids in seqs:
-        check_prompt(model, ids)
-    if params.seed is not None:
-        mx.random.seed(params.seed)
-    width = max(map(len, seqs))
-    pad = [width - len(ids) for ids in seqs]
-    padding = mx.array(pad)
-    x = mx.array([[tokenizer.eos_id] * p + ids for p, ids in zip(pad, seqs, strict=True)])
-    cache = model.make_cache()
-    for i in range(0, width, prefill_step_size):
-        logits = model(x[:, i:i + prefill_step_size], cache=cache, padding=padding)
-        mx.eval(logits, [c.state for c in cache])
-    sampler = guard_nan(params.sampler(model.args.vocab_size))
-    processors = params.logits_processors()
-    history = [mx.array(ids) for ids in seqs]
-    out: list[list[int]] = [[] for _ in seqs]
-    done = [False] * len(seqs)
-    max_tokens = min(params.max_tokens, context_length(model) - width)
-    for _ in range(max_tokens):
-        last = logits[:, -1, :]
-        if processors:  # penalties look at each row's own tokens
-            rows = [last[b:b + 1] for b in range(len(seqs))]
-            for proc in processors:
-                rows = [proc(history[b], rows[b]) for b in range(len(seqs))]
-            last = mx.concatenate(rows, axis=0)
-        tokens = sampler(last - mx.logsumexp(last, axis=-1, keepdims=True))
-        sampled = tokens.tolist()
-        if NOT_A_NUMBER in sampled:
-            raise GenerationError(BAD_LOGITS)
-        for b, token in enumerate(sampled):
-            if done[b]:
-                continue
-            out[b].append(token)
-            history[b] = mx.concatenate([history[b], mx.array([token])])
-            done[b] = token in tokenizer.eos_ids
-        if all(done):
-            break
-        logits = model(tokens[:, None], cache=cache, padding=padding)
-    texts = []
-    for ids in out:
-        text = tokenizer.decode([t for t in ids if t not in tokenizer.eos_ids])
-        cuts = [text.find(s) for s in stop if s and s in text]
-        texts.append(text[: min(cuts)] if cuts else text)
-    return texts

@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .config import ModelArgs
+from ..model.config import ModelArgs
 
 PRESETS: dict[str, dict[str, Any]] = {
     "mixtral-tiny": dict(model_type="mixtral", vocab_size=32000, hidden_size=1024,
@@ -40,8 +40,8 @@ def preset_folder(name: str) -> Path:
     cached). On the CPU backend scales are float32, which both engines need to run fast."""
     from platformdirs import user_cache_dir
 
-    from .convert import convert
-    from .synthetic import write_hf_checkpoint
+    from ..convert import convert
+    from ..convert.synthetic import write_hf_checkpoint
 
     dtype = "float32" if mx.default_device() == mx.cpu else "float16"
     folder = Path(user_cache_dir("mlx-mixtral")) / "bench" / f"{name}-q4g64-{dtype}"
@@ -74,19 +74,23 @@ class Engine:
         return statistics.median(getattr(r, key) for r in self.runs)
 
 
-def load_ours(folder: Path) -> Engine:
-    from .weights import load_model
+def load_ours(folder: Path, dtype: str | None = None) -> Engine:
+    from ..loading import load_model
 
     start = time.perf_counter()
-    model = load_model(folder, lazy=False)
+    model = load_model(folder, lazy=False, dtype=dtype)
     return Engine("mlx-mixtral", model, time.perf_counter() - start)
 
 
-def load_mlx_lm(folder: Path) -> Engine:
+def load_mlx_lm(folder: Path, dtype: str | None = None) -> Engine:
     from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    from ..model.precision import DTYPES
 
     start = time.perf_counter()
     model, _ = mlx_lm_load_model(folder)
+    if dtype is not None:  # the same dtype as ours, for a like-for-like run
+        model.set_dtype(DTYPES[dtype])
     mx.eval(model.parameters())
     return Engine("mlx-lm", model, time.perf_counter() - start)
 
@@ -184,12 +188,12 @@ METRICS = [  # (key, label, higher is better)
 
 
 def run_bench(folder: Path, prompt_tokens: int = 256, gen_tokens: int = 64, runs: int = 3,
-              compare: bool = False, extras: bool = True,
+              compare: bool = False, extras: bool = True, dtype: str | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
-    ours = load_ours(folder)
+    ours = load_ours(folder, dtype)
     engines = [ours]
     if compare:
-        engines.append(load_mlx_lm(folder))
+        engines.append(load_mlx_lm(folder, dtype))
     vocab = ours.model.args.vocab_size
     prompt = mx.array(np.random.RandomState(0).randint(3, vocab, prompt_tokens))
     for engine in engines:  # warm up: first-call allocations and kernel setup
@@ -255,17 +259,17 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 def bench_main(model: str | None, preset: str | None, prompt_tokens: int, gen_tokens: int,
-               runs: int, compare: bool, as_json: bool, force: bool = False) -> str:
-    from .loader import resolve
-    from .memory import check_fits
+               runs: int, compare: bool, as_json: bool, force: bool = False,
+               dtype: str | None = None) -> str:
+    from ..errors import WeightsError
+    from ..loading import describe, resolve
+    from ..loading.memory import check_fits
 
     folder = preset_folder(preset) if preset else resolve(model)
     if not Path(folder).is_dir():
-        from .errors import WeightsError
-
         raise WeightsError(f"{folder}: bench needs an MLX or Hugging Face folder (mlx-lm "
                            "cannot run GGUF files); convert it first")
-    check_fits(folder, force)
-    result = run_bench(Path(folder), prompt_tokens, gen_tokens, runs, compare,
+    check_fits(describe(Path(folder)), force, dtype)
+    result = run_bench(Path(folder), prompt_tokens, gen_tokens, runs, compare, dtype=dtype,
                        log=lambda m: None if as_json else print(m, flush=True))
     return json.dumps(result, indent=2) if as_json else format_result(result)

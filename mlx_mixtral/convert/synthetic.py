@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .config import ModelArgs
+from ..model.config import ModelArgs
 
 
 def hf_tensor_shapes(args: ModelArgs) -> Iterator[tuple[str, tuple[int, ...]]]:

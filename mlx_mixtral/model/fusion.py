@@ -30,7 +30,7 @@ def fuse_linears(layers: list[nn.Module], axis: int = 0) -> nn.Module | None:
             fused[key] = mx.concatenate([layer[key] for layer in layers], axis=axis)
         else:
             fused[key] = value
-    for name in ("bits", "group_size", "mode"):  # plain attributes, not parameters
+    for name in ("bits", "group_size", "mode", "global_scale"):  # plain attributes
         if hasattr(first, name):
             setattr(fused, name, getattr(first, name))
     if not first.trainable_parameters():

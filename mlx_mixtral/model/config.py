@@ -1,17 +1,16 @@
 """Model configuration: one `ModelArgs` for Mistral (dense) and Mixtral (sparse MoE).
 
-Built from a Hugging Face `config.json`; unknown keys are ignored, missing required keys are
-reported by name. Named presets describe the released models, for `info` and for sizing.
+Built from a Hugging Face config dict (the loaders read the files); unknown keys are ignored,
+missing required keys are reported by name. Named presets describe the released models, for
+`info` and for sizing.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("mistral", "mixtral")
 REQUIRED_KEYS = (
@@ -141,30 +140,6 @@ class ModelArgs:
         total = shared + self.num_hidden_layers * experts_total
         active = shared + self.num_hidden_layers * experts_active
         return total, active
-
-
-def read_config(folder: str | Path) -> dict[str, Any]:
-    """The JSON object in a folder's config.json."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{folder}: no config.json in this folder; pass the folder that holds "
-                          "the model's config.json and weights")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return config
-
-
-def load_config(folder: str | Path) -> tuple[ModelArgs, dict[str, Any]]:
-    """A folder's `ModelArgs`, and its raw config (for `quantization` and the like)."""
-    config = read_config(folder)
-    try:
-        return ModelArgs.from_dict(config), config
-    except ConfigError as e:
-        raise ConfigError(f"{Path(folder) / 'config.json'}: {e}") from None
 
 
 _MISTRAL_7B = dict(

@@ -1,4 +1,4 @@
-"""`load(path_or_repo)`: a model and its tokenizer from whatever form the user has.
+"""From what the user named to a local file or folder:
 
 - a `.gguf` file (llama architecture: Mistral, Mixtral, SmolLM2 ...);
 - a folder: Hugging Face safetensors, our converted MLX folders, mlx-community folders;
@@ -15,12 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from .errors import WeightsError
-from .gguf_weights import load_gguf
-from .memory import check_fits
-from .model import Model
-from .tokenizer import Tokenizer, load_folder_tokenizer, load_gguf_tokenizer
-from .weights import PICKLE_SUFFIXES, load_model
+from ..errors import WeightsError
+from ..jsonfile import read_json_object
 
 # What a download needs: no pickles, no original consolidated.* duplicates.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.tiktoken"]
@@ -97,22 +93,14 @@ def default_model() -> str:
         return os.environ["MLX_MIXTRAL_MODEL"]
     path = config_file()
     if path.is_file():
-        try:
-            model = json.loads(path.read_text(encoding="utf-8")).get("model")
-        except (ValueError, AttributeError):
-            raise WeightsError(f"{path}: not a JSON object like {{\"model\": \"...\"}}") from None
+        model = read_json_object(path, WeightsError,
+                                 'write it as a JSON object like {"model": "..."}').get("model")
         if isinstance(model, str) and model:
             return model
     demo = demo_model_path()
     if demo is None:
         raise WeightsError(f"no model given, none configured, and no demo model: {GET_MIXTRAL}")
     return str(demo)
-
-
-def is_gguf(path: Path) -> bool:
-    """By the magic bytes: Ollama's blobs have no .gguf suffix."""
-    with path.open("rb") as f:
-        return f.read(4) == b"GGUF"
 
 
 def resolve(path_or_repo: str | Path) -> Path:
@@ -126,25 +114,3 @@ def resolve(path_or_repo: str | Path) -> Path:
         return download(str(path_or_repo))
     raise WeightsError(f"{path_or_repo}: no such file or folder (nor a Hugging Face repo id "
                        "like mistralai/Mixtral-8x7B-Instruct-v0.1)")
-
-
-def load(path_or_repo: str | Path, tokenizer: bool = True,
-         force: bool = False) -> tuple[Model, Tokenizer | None]:
-    """(model, tokenizer) from a GGUF file, a model folder or a Hugging Face repo id.
-
-    Weights stay memory-mapped until first used; `tokenizer=False` skips the tokenizer.
-    A model larger than the available memory raises `MemoryLimitError` unless `force`."""
-    path = resolve(path_or_repo)
-    if path.is_file():
-        if path.suffix in PICKLE_SUFFIXES:
-            raise WeightsError(f"{path}: pickled weights are refused (unpickling can run code); "
-                               "use the model's safetensors or GGUF files")
-        if not is_gguf(path):
-            raise WeightsError(f"{path}: not a GGUF file; give a .gguf file or a model folder")
-        check_fits(path, force)
-        model, metadata = load_gguf(path)
-        return model, (load_gguf_tokenizer(path, metadata) if tokenizer else None)
-    if path.is_dir():
-        check_fits(path, force)
-    model = load_model(path)
-    return model, (load_folder_tokenizer(path) if tokenizer else None)

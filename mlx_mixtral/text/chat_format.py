@@ -5,7 +5,8 @@
 - mistral-v3 (Mistral 7B v0.3, Mixtral 8x22B): `[INST]`/`[/INST]` are control tokens; the system
   prompt goes into the last user message; assistant text loses trailing spaces.
 - template: the model's own Jinja chat template (`chat_template` in tokenizer_config.json or
-  `tokenizer.chat_template` in a GGUF), rendered in a sandbox.
+  `tokenizer.chat_template` in a GGUF), rendered as transformers renders it, in a sandbox
+  (template.py).
 
 Assistant turns end with EOS. A conversation is built as per-message token segments, which is
 how mistral-common builds it too; `ChatSession` relies on that to reuse its KV cache.
@@ -14,12 +15,10 @@ how mistral-common builds it too; `ChatSession` relies on that to reuse its KV c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from .errors import ChatFormatError
-
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+from ..errors import ChatFormatError
+from .protocol import Codec
+from .template import render_template
 
 FORMATS = ("mistral-v1", "mistral-v3", "template", "plain")
 ROLES = ("system", "user", "assistant")
@@ -33,17 +32,15 @@ class Segment:
     text: str = field(default="", repr=False)
 
 
-def detect_chat_format(tokenizer: Tokenizer) -> str:
+def detect_chat_format(tokenizer: Codec) -> str:
     """mistral-v3 when [INST] is a control token; the model's template when it has one that is
     not Mistral's; mistral-v1 for a sentencepiece Mistral vocabulary; else plain."""
-    from .tokenizer import SentencePieceTokenizer
-
     if tokenizer.token_id("[INST]") is not None:
         return "mistral-v3"
     template = tokenizer.chat_template
     if template and "[INST]" not in template:
         return "template"
-    if template or isinstance(tokenizer, SentencePieceTokenizer):
+    if template or tokenizer.sentencepiece:
         return "mistral-v1"
     return "plain"
 
@@ -79,7 +76,7 @@ def normalize(messages: list[dict[str, str]]) -> tuple[str | None, list[dict[str
     return (JOIN.join(system) if system else None), turns
 
 
-def mistral_segments(tokenizer: Tokenizer, messages: list[dict[str, str]],
+def mistral_segments(tokenizer: Codec, messages: list[dict[str, str]],
                      version: str) -> list[Segment]:
     system, turns = normalize(messages)
     user_positions = [i for i, t in enumerate(turns) if t["role"] == "user"]
@@ -106,27 +103,13 @@ def mistral_segments(tokenizer: Tokenizer, messages: list[dict[str, str]],
     return segments
 
 
-def render_template(tokenizer: Tokenizer, messages: list[dict[str, str]],
-                    add_generation_prompt: bool) -> str:
-    """The model's Jinja template, in a sandbox: templates come with untrusted model files."""
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise ChatFormatError(f"the model's chat template refused the messages: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
+def _render(tokenizer: Codec, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
     bos = tokenizer.decode_piece(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
-    try:
-        return env.from_string(tokenizer.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=bos, eos_token=tokenizer.decode_piece(tokenizer.eos_id))
-    except TemplateError as e:
-        raise ChatFormatError(f"the model's chat template failed: {e}") from None
+    return render_template(tokenizer.chat_template, messages, add_generation_prompt,
+                           bos_token=bos, eos_token=tokenizer.decode_piece(tokenizer.eos_id))
 
 
-def format_segments(tokenizer: Tokenizer, messages: list[dict[str, str]],
+def format_segments(tokenizer: Codec, messages: list[dict[str, str]],
                     add_generation_prompt: bool = True,
                     chat_format: str | None = None) -> list[Segment]:
     fmt = chat_format or tokenizer.chat_format
@@ -142,7 +125,7 @@ def format_segments(tokenizer: Tokenizer, messages: list[dict[str, str]],
             raise ChatFormatError("the model has no chat template")
         normalize(messages)  # the same validation as the other formats
         messages = [{**m, "content": clean_text(m["content"])} for m in messages]
-        text = render_template(tokenizer, messages, add_generation_prompt)
+        text = _render(tokenizer, messages, add_generation_prompt)
         return [Segment("prompt", tokenizer.encode(text), text)]
     system, turns = normalize(messages)
     text = "".join(f"{t['role'].title()}: {t['content']}\n" for t in turns)
@@ -151,7 +134,7 @@ def format_segments(tokenizer: Tokenizer, messages: list[dict[str, str]],
     return [Segment("prompt", tokenizer.encode(text, add_bos=tokenizer.add_bos), text)]
 
 
-def apply_chat_template(tokenizer: Tokenizer, messages: list[dict[str, str]],
+def apply_chat_template(tokenizer: Codec, messages: list[dict[str, str]],
                         add_generation_prompt: bool = True, tokenize: bool = True,
                         chat_format: str | None = None) -> list[int] | str:
     segments = format_segments(tokenizer, messages, add_generation_prompt, chat_format)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import Mask, WindowBand
 from .config import ModelArgs
 from .fusion import fuse_linears
+from .masks import Mask, WindowBand
 
 
 def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:

@@ -7,21 +7,18 @@ boundary, and emits only what the window adds beyond what it had, once it does n
 incomplete character. The pieces joined are the full decode.
 
 (mlx-lm's detokenizers take a Hugging Face tokenizer's vocabulary and decoder; this one works
-on any `Tokenizer.decode`, so sentencepiece models, tokenizer.json and GGUF vocabularies share it.)
+on any `Codec.decode`, so sentencepiece models, tokenizer.json and GGUF vocabularies share it.)
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+from .protocol import Codec
 
 REPLACEMENT = "\ufffd"
 
 
 class StreamingDetokenizer:
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Codec) -> None:
         self.tokenizer = tokenizer
         self.reset()
 
@@ -29,7 +26,6 @@ class StreamingDetokenizer:
         self.tokens: list[int] = []
         self.start = 0  # window start: the token after the last emitted boundary
         self.emitted = 0  # characters of the window's decode already emitted
-        self.text = ""
 
     def add_token(self, token: int) -> str:
         """Add a token; return the new text it completes (maybe "")."""
@@ -46,13 +42,11 @@ class StreamingDetokenizer:
             self.emitted = len(last)
         else:
             self.emitted = len(window)
-        self.text += piece
         return piece
 
     def finalize(self) -> str:
         """The rest of the text (an incomplete character, if the stream ended in one)."""
         window = self.tokenizer.decode(self.tokens[self.start:])
         piece = window[self.emitted:]
-        self.text += piece
         self.start, self.emitted = len(self.tokens), 0
         return piece

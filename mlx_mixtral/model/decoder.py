@@ -2,7 +2,8 @@
 
 `Model(inputs, cache=...)` returns logits `(batch, length, vocab)`; `model.layers` and
 `model.make_cache()` let mlx-lm's generation tools drive it. Parameter names follow the
-Hugging Face / mlx-lm layout so weights load without renaming (experts aside, see weights.py).
+Hugging Face / mlx-lm layout so weights load without renaming (experts aside: the loaders
+stack them).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import mlx.nn as nn
 from mlx_lm.models.activations import swiglu  # silu(gate) * up as one compiled kernel
 
 from .attention import Attention
-from .cache import KVCache, RotatingKVCache, windowed_mask
+from .cache import KVCache, RotatingKVCache
 from .config import ModelArgs
+from .masks import windowed_mask
 from .moe import SparseMoE
 from .routing import RouterTrace
 

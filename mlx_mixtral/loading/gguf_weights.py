@@ -14,16 +14,18 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 
-from .config import ModelArgs
-from .errors import ConfigError, WeightsError
-from .gguf_check import check_gguf
-from .model import Model
-from .weights import build_model
+from ..errors import ConfigError, WeightsError
+from ..model.config import ModelArgs
+from ..model.decoder import Model
+from .checkpoint import build_model, stack_experts
+
+if TYPE_CHECKING:
+    from .source import ModelSource
 
 GGUF_GROUP_SIZE = 32
 
@@ -81,7 +83,9 @@ def config_from_metadata(metadata: dict[str, Any], path: Path) -> dict[str, Any]
     experts = _count(key("expert_count"))
     config = {
         "model_type": "mixtral" if experts > 1 else "mistral",
-        "vocab_size": key("vocab_size") or (len(tokens) if isinstance(tokens, list) else None),
+        # (the header walk gives the token list as its length; MLX's reader as the list)
+        "vocab_size": key("vocab_size") or (len(tokens) if isinstance(tokens, list) else tokens
+                                            if isinstance(tokens, int) else None),
         "hidden_size": key("embedding_length"),
         "intermediate_size": key("feed_forward_length"),
         "num_hidden_layers": key("block_count"),
@@ -127,6 +131,22 @@ def mlx_bits(qtype: Any) -> int:
     return next(b for b in (2, 3, 4, 5, 6, 8) if b >= min(per_weight, 8))
 
 
+def unreadable(path: Path, tensor: str, type_name: str) -> WeightsError:
+    return WeightsError(
+        f"{path}: tensor {tensor} has type {type_name}, which neither MLX nor the gguf package "
+        "can read; use a file with another quantization (Q4_K_M, Q8_0, F16 ...)")
+
+
+def check_readable(path: Path, tensors: list[tuple[str, str]]) -> None:
+    """Refuse, by name, a (tensor, GGML type) that neither MLX nor the gguf package reads."""
+    import gguf.quants
+
+    readable = {"F32", "F16", *(t.name for t in getattr(gguf.quants, "_type_traits", {}))}
+    for name, kind in tensors:
+        if kind not in readable:
+            raise unreadable(path, name, kind)
+
+
 def _read_with_gguf_package(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     """Read a GGUF whose tensor types MLX cannot load: the `gguf` package dequantizes each
     tensor, which is then re-quantized in MLX (group 32, enough bits to hold the type), so
@@ -144,11 +164,7 @@ def _read_with_gguf_package(path: Path) -> tuple[dict[str, mx.array], dict[str, 
         try:
             data = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
-            raise WeightsError(
-                f"{path}: tensor {t.name} has type {t.tensor_type.name}, which neither MLX nor "
-                "the gguf package can read; use a file with another quantization (Q4_K_M, "
-                "Q8_0, F16 ...)"
-            ) from None
+            raise unreadable(path, t.name, t.tensor_type.name) from None
         shape = tuple(int(d) for d in reversed(t.shape))
         value = mx.array(np.asarray(data, dtype=np.float32).reshape(shape))
         stem = t.name.rpartition(".")[0]
@@ -193,9 +209,7 @@ def _rename(tensors: dict[str, mx.array], args: ModelArgs, path: Path) -> dict[s
         elif kind == "attn_k":
             value = _unpermute_rows(value, args.num_key_value_heads)
         weights[f"model.layers.{layer}.{_BLOCK[kind]}.{param}"] = value
-    for target, experts in per_expert.items():
-        weights[target] = mx.stack([experts[e] for e in sorted(experts)])
-    return weights
+    return {**weights, **stack_experts(per_expert, args.num_local_experts)}
 
 
 def _quantization(weights: dict[str, mx.array]) -> dict[str, Any] | None:
@@ -213,22 +227,16 @@ def _quantization(weights: dict[str, mx.array]) -> dict[str, Any] | None:
     return {"group_size": GGUF_GROUP_SIZE, "bits": 4, **layers}
 
 
-def load_gguf(path: str | Path) -> tuple[Model, dict[str, Any]]:
-    """Build a `Model` from a GGUF file; returns it with the file's metadata."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such GGUF file")
-    check_gguf(path)  # MLX's reader would crash on a file whose counts lie
+def load_gguf(source: ModelSource, dtype: str | mx.Dtype | None = None
+              ) -> tuple[Model, dict[str, Any]]:
+    """Build a `Model` from a described GGUF file; returns it with the file's metadata (MLX's
+    reading of it, vocabulary arrays included)."""
+    path = source.path
+    args = source.args
     tensors, metadata = _read_tensors(path)
-    config = config_from_metadata(metadata, path)
-    config["tie_word_embeddings"] = "output.weight" not in tensors
-    try:
-        args = ModelArgs.from_dict(config)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
     try:
         weights = _rename(tensors, args, path)
         quantization = _quantization(weights)
     except (ValueError, KeyError, ZeroDivisionError) as e:  # shapes that contradict metadata
         raise WeightsError(f"{path}: tensor shapes disagree with the metadata ({e})") from None
-    return build_model(args, weights, quantization, str(path)), metadata
+    return build_model(args, weights, quantization, str(path), dtype), metadata

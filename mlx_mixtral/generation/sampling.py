@@ -1,20 +1,19 @@
-"""Sampling settings, validated once, turned into mlx-lm's samplers and logits processors."""
+"""Sampling settings, validated once, turned into mlx-lm's samplers and logits processors.
+
+(mlx-lm is imported only when a sampler is made: the CLI reads the defaults for its --help.)
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlx.core as mx
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from ..errors import SamplingError
 
-from .errors import MlxMixtralError
-
-
-class SamplingError(MlxMixtralError, ValueError):
-    """A sampling setting out of its range."""
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 
 @dataclass(frozen=True)
@@ -79,6 +78,8 @@ class SamplingParams:
         return asdict(self)
 
     def sampler(self, vocab_size: int) -> Callable[[mx.array], mx.array]:
+        from mlx_lm.sample_utils import make_sampler
+
         # top_p = 1 and min_p = 0 are "off"; mlx-lm spells off as 0 for top_p. A top_k that
         # keeps the whole vocabulary is off too (mlx-lm refuses it mid-generation).
         top_k = self.top_k if self.top_k < vocab_size else 0
@@ -88,5 +89,7 @@ class SamplingParams:
     def logits_processors(self) -> list:
         if self.repetition_penalty == 1.0:
             return []
+        from mlx_lm.sample_utils import make_logits_processors
+
         return make_logits_processors(repetition_penalty=self.repetition_penalty,
                                       repetition_context_size=self.repetition_context)

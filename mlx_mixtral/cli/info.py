@@ -4,25 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ModelArgs, load_config, preset
-from .errors import WeightsError
-from .memory import USABLE_SHARE, machine_memory
-from .units import gb, human
+from ..loading.memory import USABLE_SHARE, machine_memory
+from ..model.config import ModelArgs, preset
+from ..units import gb, human
 
 # Affine quantization stores a float16 scale and bias per group of 64 weights: +0.5 bit.
 TABLE = [("float16", 16.0), ("8-bit", 8.5), ("6-bit", 6.5), ("4-bit", 4.5), ("3-bit", 3.5)]
 
 
 def args_of(model: str) -> ModelArgs:
-    from .gguf_weights import load_gguf
-    from .loader import resolve
+    """The model's shape from its headers alone: no tensor is read or dequantized."""
+    from ..loading import describe, resolve
 
-    path = resolve(model)
-    if path.is_dir():
-        return load_config(path)[0]
-    if path.is_file():
-        return load_gguf(path)[0].args  # lazy: reads the metadata, not the weights
-    raise WeightsError(f"{model}: not a model folder or GGUF file")
+    return describe(resolve(model)).args
 
 
 def describe(args: ModelArgs, name: str) -> str:
@@ -61,7 +55,7 @@ def describe(args: ModelArgs, name: str) -> str:
 def info(model: str | None = None, preset_name: str | None = None) -> str:
     if preset_name:
         return describe(preset(preset_name), preset_name)
-    from .loader import default_model
+    from ..loading import default_model
 
     model = model or default_model()
     return describe(args_of(model), Path(model).name or model)

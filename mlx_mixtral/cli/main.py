@@ -6,14 +6,14 @@ import argparse
 import os
 import sys
 
-from . import __version__
-from .errors import MlxMixtralError
+from .. import __version__
+from ..errors import MlxMixtralError
 
 EXIT_BAD_INPUT = 2
 
 
 def _convert_parser(sub: argparse._SubParsersAction) -> None:
-    from .convert.plan import DTYPES, Q_BITS, Q_GROUP_SIZES
+    from ..convert.plan import Q_BITS, Q_GROUP_SIZES
 
     p = sub.add_parser(
         "convert",
@@ -29,7 +29,7 @@ def _convert_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--q-bits", type=int, choices=Q_BITS, default=4, help="bits per weight")
     p.add_argument("--q-group-size", type=int, choices=Q_GROUP_SIZES, default=64,
                    help="weights per quantization group")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="dtype of unquantized tensors and scales (default: the source's)")
     p.add_argument("--dequantize", action="store_true",
                    help="turn a quantized MLX folder back into floats")
@@ -41,7 +41,7 @@ def _convert_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from ..convert import convert
 
     summary = convert(
         args.hf_path, args.mlx_path, quantize=args.quantize, q_bits=args.q_bits,
@@ -50,7 +50,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     )
     print(summary)
     if args.verify:
-        from .convert.verify import verify
+        from ..convert.verify import verify
 
         print(verify(args.hf_path, args.mlx_path))
     return 0
@@ -62,7 +62,7 @@ MODEL_HELP = ("a model folder, a .gguf file, a Hugging Face repo id, or ollama:N
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    from .sampling import SamplingParams
+    from ..generation.sampling import SamplingParams
 
     d = SamplingParams()
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="longest reply")
@@ -80,7 +80,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_from(args: argparse.Namespace):
-    from .sampling import SamplingParams
+    from ..generation.sampling import SamplingParams
 
     return SamplingParams(
         temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
@@ -89,15 +89,24 @@ def sampling_from(args: argparse.Namespace):
 
 
 FORCE_HELP = "load the model even if it looks too big for the available memory"
+DTYPE_CHOICES = ["float32", "float16", "bfloat16"]
+DTYPE_HELP = ("compute in this dtype (default: float32 on the CPU backend, the checkpoint's own "
+              "on Metal)")
 
 
-def load_model_for_cli(name: str | None, force: bool = False):
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--force and --dtype, for every command that loads a model."""
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help=DTYPE_HELP)
+
+
+def load_model_for_cli(name: str | None, force: bool = False, dtype: str | None = None):
     """Load the named (or default) model, saying what is happening on stderr."""
-    from .loader import default_model, load
+    from ..loading import default_model, load
 
     name = name or default_model()
     print(f"Loading {name} ...", file=sys.stderr, flush=True)
-    return load(name, force=force)
+    return load(name, force=force, dtype=dtype)
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -113,7 +122,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat-format", default=None,
                    choices=["mistral-v1", "mistral-v3", "template", "plain"],
                    help="override the chat format detected from the tokenizer")
-    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    add_model_flags(p)
     add_sampling_flags(p)
     p.set_defaults(run=_run_generate)
 
@@ -131,11 +140,11 @@ def read_prompt(arg: str) -> str:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from .generate import Stats, stream_generate
+    from ..generation import Stats, stream_generate
 
     sampling = sampling_from(args)  # validate before the slow load
     prompt = read_prompt(args.prompt)
-    model, tokenizer = load_model_for_cli(args.model, args.force)
+    model, tokenizer = load_model_for_cli(args.model, args.force, args.dtype)
     for item in stream_generate(model, tokenizer, prompt, sampling=sampling,
                                 system=args.system, raw=args.raw, chat_format=args.chat_format):
         if isinstance(item, Stats):
@@ -156,26 +165,26 @@ def _chat_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--system", default=None, help="a system prompt for new chats")
     p.add_argument("--db", default=None, help="conversation database (default: user data dir)")
-    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    add_model_flags(p)
     add_sampling_flags(p)
     p.set_defaults(run=_run_chat)
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    from .app.chat_app import ChatApp
-    from .app.engine import MlxEngine
-    from .app.store import Store
-    from .loader import default_model, resolve
-    from .memory import check_fits
+    from ..app.chat_app import ChatApp
+    from ..app.engine import MlxEngine
+    from ..app.store import Store
+    from ..loading import default_model, describe, resolve
+    from ..loading.memory import check_fits
 
     sampling = sampling_from(args)
     name = args.model or default_model()
     # A missing file, an unknown repo or a model too big: one line now, not an app that
     # cannot load.
-    check_fits(resolve(name), args.force)
+    check_fits(describe(resolve(name)), args.force, args.dtype)
     store = Store(args.db)
     try:
-        ChatApp(MlxEngine(name, force=True), name, store, system=args.system,
+        ChatApp(MlxEngine(name, force=True, dtype=args.dtype), name, store, system=args.system,
                 settings=sampling).run()
     finally:
         store.close()
@@ -183,7 +192,7 @@ def _run_chat(args: argparse.Namespace) -> int:
 
 
 def _info_parser(sub: argparse._SubParsersAction) -> None:
-    from .config import PRESETS
+    from ..model.config import PRESETS
 
     p = sub.add_parser(
         "info", help="architecture, size and memory needs of a model or preset",
@@ -224,20 +233,19 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=int, default=3, help="runs per engine (medians reported)")
     p.add_argument("--compare", choices=["mlx-lm"], default=None, help="run a peer too")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    add_model_flags(p)
     p.set_defaults(run=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     from .bench import bench_main
-    from .errors import MlxMixtralError
 
     if args.prompt_tokens < 1 or args.gen_tokens < 2 or args.runs < 1:
         raise MlxMixtralError("--prompt-tokens and --runs must be >= 1, --gen-tokens >= 2")
     if not args.model and not args.preset:
         args.preset = "mixtral-tiny"
     print(bench_main(args.model, args.preset, args.prompt_tokens, args.gen_tokens, args.runs,
-                     args.compare == "mlx-lm", args.json, args.force))
+                     args.compare == "mlx-lm", args.json, args.force, args.dtype))
     return 0
 
 

@@ -1,0 +1,59 @@
+"""The numbers after a reply, computed in one place for generation, chat and `bench`.
+
+Time to first token covers the prefill (and the first sampled token); decode speed counts the
+tokens after the first over the time after it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    ttft: float  # seconds to the first token
+    peak_memory: int  # bytes
+    finish_reason: str | None = None
+    tokens: list[int] = field(default_factory=list, repr=False)
+    text: str = field(default="", repr=False)
+
+    def __str__(self) -> str:
+        return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
+                f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
+                f"first token {self.ttft:.2f} s | peak memory {self.peak_memory / 1e9:.2f} GB")
+
+
+class Clock:
+    """Started when the prompt is handed over; told when the first token arrives."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+
+    def first_token(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    @property
+    def ttft(self) -> float:
+        return (self.first or time.perf_counter()) - self.start
+
+    def stats(self, prompt_tokens: int, tokens: list[int], text: str = "",
+              finish_reason: str | None = None) -> Stats:
+        import mlx.core as mx
+
+        ttft = self.ttft
+        decode_time = max(time.perf_counter() - self.start - ttft, 1e-9)
+        generated = len(tokens)
+        return Stats(
+            prompt_tokens=prompt_tokens,
+            prompt_tps=prompt_tokens / max(ttft, 1e-9),
+            generation_tokens=generated,
+            generation_tps=(generated - 1) / decode_time if generated > 1 else 0.0,
+            ttft=ttft, peak_memory=mx.get_peak_memory(), finish_reason=finish_reason,
+            tokens=tokens, text=text)

@@ -1,0 +1,115 @@
+"""From a checkpoint's tensors to a `Model`: our names, stacked experts, shape checks,
+quantized layers, the backend's dtypes.
+
+Everything stays lazy: `mx.load` maps the files without reading them, and stacking experts and
+casting are lazy graphs, so only one copy of the weights is ever materialised.
+"""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import WeightsError
+from ..model.config import ModelArgs
+from ..model.decoder import Model
+from ..model.precision import cast_weights
+
+_EXPERT_NAMES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT_KEY = re.compile(r"^(.*\.block_sparse_moe)\.experts\.(\d+)\.(w[123])\.(\w+)$")
+
+
+def stack_experts(groups: dict[str, dict[int, mx.array]],
+                  num_experts: int) -> dict[str, mx.array]:
+    """Per-expert tensors {target name: {expert: tensor}} stacked as `[experts, ...]`; every
+    expert 0..num_experts-1 must be there."""
+    out = {}
+    for target, experts in groups.items():
+        if sorted(experts) != list(range(num_experts)):
+            raise WeightsError(
+                f"{target}: expected experts 0..{num_experts - 1}, found {sorted(experts)}"
+            )
+        out[target] = mx.stack([experts[e] for e in range(num_experts)])
+    return out
+
+
+def _stack_hf_experts(weights: dict[str, mx.array], num_experts: int) -> dict[str, mx.array]:
+    """Hugging Face `experts.E.w1/w2/w3` -> stacked `switch_mlp.{gate,down,up}_proj`."""
+    groups: dict[str, dict[int, mx.array]] = {}
+    out = {}
+    for key, value in weights.items():
+        m = _EXPERT_KEY.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        prefix, expert, name, param = m.groups()
+        target = f"{prefix}.switch_mlp.{_EXPERT_NAMES[name]}.{param}"
+        groups.setdefault(target, {})[int(expert)] = value
+    return {**out, **stack_experts(groups, num_experts)}
+
+
+def sanitize(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+    """Map a checkpoint's tensors onto our parameter names."""
+    weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+    if args.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    if args.is_moe:
+        weights = _stack_hf_experts(weights, args.num_local_experts)
+    return weights
+
+
+def _quantization_predicate(quantization: dict, weights: dict[str, mx.array]):
+    """Quantize exactly the layers the checkpoint stores quantized (mlx-lm's config format:
+    defaults at the top level, per-layer overrides keyed by module path)."""
+
+    def predicate(path: str, module: nn.Module):
+        if f"{path}.scales" not in weights:
+            return False
+        if isinstance(quantization.get(path), dict):
+            return quantization[path]
+        return True
+
+    return predicate
+
+
+def check_shapes(args: ModelArgs, weights: dict[str, mx.array], source: str) -> None:
+    """The config's layer count, width and vocabulary against the tensors, before building a
+    model of the config's size (a lying config could otherwise ask for a huge one)."""
+    layers = {int(m.group(1)) for k in weights if (m := _LAYER_KEY.match(k))}
+    if layers != set(range(args.num_hidden_layers)):
+        raise WeightsError(f"{source}: the config says {args.num_hidden_layers} layers but the "
+                           f"weights hold {len(layers)}; the config and weights do not belong "
+                           "together")
+    for name, dim, want in (("model.norm.weight", -1, args.hidden_size),
+                            ("model.embed_tokens.weight", 0, args.vocab_size)):
+        if name not in weights:
+            raise WeightsError(f"{source}: the weights lack {name}")
+        if weights[name].ndim < 1 or weights[name].shape[dim] != want:
+            raise WeightsError(f"{source}: {name} has the shape {tuple(weights[name].shape)}, "
+                               f"which disagrees with the config ({want}); the config and "
+                               "weights do not belong together")
+
+
+def build_model(args: ModelArgs, weights: dict[str, mx.array], quantization: dict | None,
+                source: str, dtype: str | mx.Dtype | None = None) -> Model:
+    """A `Model` holding `weights` (already in our names), quantized where they are, in the
+    dtypes this backend computes in (`dtype` overrides; see model/precision.py)."""
+    check_shapes(args, weights, source)
+    model = Model(args)
+    if isinstance(quantization, dict) and "bits" in quantization:
+        nn.quantize(
+            model,
+            group_size=quantization.get("group_size", 64),
+            bits=quantization["bits"],
+            mode=quantization.get("mode", "affine"),
+            class_predicate=_quantization_predicate(quantization, weights),
+        )
+    try:
+        model.load_weights(list(cast_weights(weights, dtype).items()), strict=True)
+    except ValueError as e:
+        raise WeightsError(f"{source}: weights do not match the config ({e}); the config and "
+                           "weights do not belong together") from None
+    return model.fuse()

@@ -1,0 +1,107 @@
+"""Will a model fit? Its size once loaded, read from the file headers, against free memory.
+
+Loading a model larger than memory does not fail cleanly: the machine swaps until it is
+unusable, or the process is killed. So `load` refuses it up front unless forced.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+
+from ..errors import MemoryLimitError
+from ..model.precision import loaded_dtype, target_dtype
+from ..units import size
+
+if TYPE_CHECKING:
+    from .source import ModelSource
+
+# Metal lets the GPU wire about three quarters of unified memory by default.
+USABLE_SHARE = 0.75
+
+
+def machine_memory() -> int:
+    """Physical memory in bytes (0 if unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def available_memory() -> int:
+    """Bytes a model may use now: Linux's MemAvailable; on a Mac, Metal's recommended working
+    set (unified memory: free memory there is a poor guide, the OS reclaims caches)."""
+    if sys.platform == "linux":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    if mx.metal.is_available():
+        size = mx.device_info().get("max_recommended_working_set_size")
+        if isinstance(size, int) and size > 0:
+            return size
+    return int(machine_memory() * USABLE_SHARE)
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+_NATIVE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # MLX reads these GGUF types as they are
+
+
+def _folder_bytes(source: ModelSource, target: mx.Dtype | None) -> int:
+    quantized = {t.name.rpartition(".")[0] for t in source.tensors if t.name.endswith(".scales")}
+    total = 0
+    for t in source.tensors:
+        size = _ITEMSIZE.get(t.dtype)
+        if size is None:  # integers: packed quantized weights, ids
+            total += t.nbytes
+            continue
+        module = t.name.rpartition(".")[0]
+        dtype = {"F16": mx.float16, "BF16": mx.bfloat16}.get(t.dtype, mx.float32)
+        dtype = loaded_dtype(t.name, dtype, module in quantized, target)
+        total += t.count * dtype.size
+    return total
+
+
+def _gguf_bytes(source: ModelSource, target: mx.Dtype | None) -> int:
+    from gguf.constants import GGMLQuantizationType
+
+    from .gguf_weights import GGUF_GROUP_SIZE, mlx_bits
+
+    float_size = (target or mx.float16).size
+    total = 0
+    for t in source.tensors:
+        if t.dtype in _ITEMSIZE:  # float tensors: norms, and whatever the file keeps in float
+            size = target.size if target is not None else _ITEMSIZE[t.dtype]
+            total += t.count * size
+            continue
+        # quantized: MLX's affine bits, and a scale and bias per group of 32
+        bits = _NATIVE_BITS.get(t.dtype) or mlx_bits(GGMLQuantizationType[t.dtype])
+        total += t.count * bits // 8 + t.count // GGUF_GROUP_SIZE * 2 * float_size
+    return total
+
+
+def load_bytes(source: ModelSource, dtype: str | mx.Dtype | None = None) -> int:
+    """Memory the weights take once loaded, from the file headers alone."""
+    target = target_dtype(dtype)
+    if source.format == "gguf":
+        return _gguf_bytes(source, target)
+    return _folder_bytes(source, target)
+
+
+def check_fits(source: ModelSource, force: bool = False,
+               dtype: str | mx.Dtype | None = None) -> None:
+    """Refuse (MemoryLimitError) a model that needs more memory than is available."""
+    if force:
+        return
+    need, have = load_bytes(source, dtype), available_memory()
+    if have and need > have:
+        raise MemoryLimitError(
+            f"{source.path.name}: the model needs about {size(need)} of memory and "
+            f"{size(have)} is available; close other programs, use a smaller quantization "
+            "(mlx-mixtral convert -q --q-bits 4), or pass --force to load it anyway")

@@ -1,0 +1,131 @@
+"""What a model file or folder holds, read once from its headers: the one description that
+the memory check, `info` and the model builder share.
+
+Reading it opens no tensor data: safetensors headers, `config.json`, or the GGUF header walk.
+Pickled weights are refused here, before anything else looks at them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, WeightsError
+from ..jsonfile import read_json_object
+from ..model.config import ModelArgs
+from .gguf_file import read_gguf_header
+from .safetensors_file import PICKLE_SUFFIXES, check_safetensors, safetensors_files
+
+GGUF_MAGIC = b"GGUF"
+# GGML type ids of float tensors (F32, F16, BF16); every other type is quantized.
+GGUF_FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str  # as stored in the file
+    dtype: str  # safetensors dtype ("BF16", "U32" ...) or GGML type name ("Q4_K" ...)
+    nbytes: int  # bytes in the file
+    count: int  # elements (for a packed quantized weight: its packed words)
+
+
+@dataclass
+class ModelSource:
+    path: Path
+    format: str  # "safetensors" or "gguf"
+    config: dict[str, Any]  # Hugging Face style
+    tensors: list[TensorSpec]
+    vocabulary: str  # "tokenizer.model", "tokenizer.json", "gguf:llama", "gguf:gpt2" or "none"
+    files: list[Path] = field(default_factory=list)  # the safetensors shards
+    metadata: dict[str, Any] = field(default_factory=dict)  # GGUF scalars and strings
+
+    @property
+    def args(self) -> ModelArgs:
+        try:
+            return ModelArgs.from_dict(self.config)
+        except ConfigError as e:
+            where = self.path / "config.json" if self.format == "safetensors" else self.path
+            raise ConfigError(f"{where}: {e}") from None
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        q = self.config.get("quantization")
+        return q if isinstance(q, dict) else None
+
+
+def is_gguf(path: Path) -> bool:
+    """By the magic bytes: Ollama's blobs have no .gguf suffix."""
+    with path.open("rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """The JSON object in a folder's config.json."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no config.json in this folder; pass the folder that holds "
+                          "the model's config.json and weights")
+    return read_json_object(path, ConfigError)
+
+
+def load_config(folder: str | Path) -> tuple[ModelArgs, dict[str, Any]]:
+    """A folder's `ModelArgs`, and its raw config (for `quantization` and the like)."""
+    config = read_config(Path(folder))
+    try:
+        return ModelArgs.from_dict(config), config
+    except ConfigError as e:
+        raise ConfigError(f"{Path(folder) / 'config.json'}: {e}") from None
+
+
+def _describe_folder(folder: Path) -> ModelSource:
+    config = read_config(folder)
+    files = safetensors_files(folder)
+    tensors = []
+    for path in files:
+        for name, info in check_safetensors(path).items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            count = 1
+            for d in info.get("shape") or []:
+                count *= int(d)
+            tensors.append(TensorSpec(name, str(info.get("dtype")), end - start, count))
+    vocabulary = next((n for n in ("tokenizer.model", "tokenizer.json")
+                       if (folder / n).is_file()), "none")
+    return ModelSource(folder, "safetensors", config, tensors, vocabulary, files)
+
+
+def _describe_gguf(path: Path) -> ModelSource:
+    from gguf.constants import GGMLQuantizationType
+
+    from .gguf_weights import check_readable, config_from_metadata
+
+    header = read_gguf_header(path)
+    check_readable(path, [(t.name, GGMLQuantizationType(t.type).name) for t in header.tensors])
+    names = {t.name for t in header.tensors}
+    config = config_from_metadata(header.metadata, path)
+    config["tie_word_embeddings"] = "output.weight" not in names
+    tensors = []
+    for t in header.tensors:
+        count = 1
+        for d in t.shape:
+            count *= d
+        kind = GGUF_FLOAT_TYPES.get(t.type) or GGMLQuantizationType(t.type).name
+        tensors.append(TensorSpec(t.name, kind, t.nbytes, count))
+    vocabulary = f"gguf:{header.metadata.get('tokenizer.ggml.model')}"
+    return ModelSource(path, "gguf", config, tensors, vocabulary, metadata=header.metadata)
+
+
+def describe(path: Path) -> ModelSource:
+    """The description of a model folder or GGUF file (see the module doc)."""
+    if path.is_dir():
+        return _describe_folder(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file or folder")
+    if path.suffix in PICKLE_SUFFIXES:
+        raise WeightsError(f"{path}: pickled weights are refused (unpickling can run code); "
+                           "use the model's safetensors or GGUF files")
+    if not is_gguf(path):
+        raise WeightsError(f"{path}: not a GGUF file; give a .gguf file or a model folder")
+    return _describe_gguf(path)
