@@ -1,8 +1,8 @@
 """Benchmark: peak memory of `mlx-mixtral convert -q` on a synthetic >= 3 GB bf16 Mixtral.
 
 Usage: python benchmarks/convert_memory.py [--workdir DIR] [--keep]
-Prints the checkpoint size, the converter's peak RSS (its own process) and their ratio;
-the target is a peak at or below 40% of the checkpoint.
+Prints the checkpoint size, the converter's peak RSS (its own process) and their ratio, and
+exits with status 1 when the peak is above the target (40% of the checkpoint, --target).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
+    parser.add_argument("--target", type=float, default=0.40,
+                        help="the highest peak RSS allowed, as a share of the checkpoint")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="convert-memory-"))
     src, out = work / "hf", work / "mlx-q4"
@@ -42,10 +44,12 @@ def main() -> None:
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit
         print(f"checkpoint: {size / 1e9:.2f} GB bf16 in {shards} shards")
         print(f"converted to 4 bits in {seconds:.1f} s; peak RSS {peak / 1e9:.2f} GB "
-              f"= {peak / size:.1%} of the checkpoint (target <= 40%)")
+              f"= {peak / size:.1%} of the checkpoint (target <= {args.target:.0%})")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    if peak > args.target * size:
+        sys.exit(f"peak RSS is above the target of {args.target:.0%}")
 
 
 if __name__ == "__main__":

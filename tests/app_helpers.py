@@ -36,6 +36,12 @@ async def wait_until(pilot, predicate, timeout: float = 30.0) -> None:
         await pilot.pause(0.05)
 
 
+async def settle(pilot) -> None:
+    """Until the app has nothing left to do: animations done, message queues empty."""
+    await pilot.wait_for_scheduled_animations()
+    await pilot.pause()
+
+
 class FakeEngine:
     """Deterministic replies and numbers, for screenshots."""
 

@@ -6,24 +6,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch  # the reference implementation: a test dependency, never skipped
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rms_norm_eps=1e-5, rope_theta=10000.0,
+            # A wide init gives O(1) logits and peaked attention, so small errors show up.
+            initializer_range=0.15, attn_implementation="eager")
 
-BASE = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    # A wide init gives O(1) logits and peaked attention, so small errors show up.
-    initializer_range=0.15,
-    attn_implementation="eager",
-)
+
+@pytest.fixture(scope="session", autouse=True)
+def private_user_folders(tmp_path_factory):
+    """Tests and the commands they start never touch the user's own data and cache folders."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("MLX_MIXTRAL_CACHE_DIR", "MLX_MIXTRAL_DATA_DIR")}
+    os.environ["MLX_MIXTRAL_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["MLX_MIXTRAL_DATA_DIR"] = str(tmp_path_factory.mktemp("data"))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def build_hf(folder: Path, model_type: str, seed: int = 0, **overrides):

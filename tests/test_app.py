@@ -108,8 +108,8 @@ async def test_regenerate_edit_and_new_chat(model_folder, tmp_path):
         assert len(stored) == 2
 
         await pilot.press("ctrl+n")
-        await pilot.pause(0.1)
-        assert not app.query(UserMessage) and app.conversation_id is None
+        await wait_until(pilot, lambda: not app.query(UserMessage))
+        assert app.conversation_id is None
 
 
 async def test_settings_change_applies_to_the_next_reply(model_folder, tmp_path):
@@ -120,12 +120,11 @@ async def test_settings_change_applies_to_the_next_reply(model_folder, tmp_path)
         await send(app, pilot, "One")
         first = db_messages(db)[-1].stats["generation_tokens"]
         await pilot.press("f3")
-        await pilot.pause(0.2)
+        await wait_until(pilot, lambda: app.screen.query("#set-max_tokens"))
         field = app.screen.query_one("#set-max_tokens")
         field.value = "3"
         await pilot.click("#save")
-        await pilot.pause(0.2)
-        assert app.settings.max_tokens == 3
+        await wait_until(pilot, lambda: app.settings.max_tokens == 3)
         await send(app, pilot, "Two")
     stored = db_messages(db)
     assert first > 3 and stored[-1].stats["generation_tokens"] <= 3
@@ -165,8 +164,8 @@ async def test_export_markdown_and_json(model_folder, tmp_path):
         await loaded(app, pilot)
         await send(app, pilot, "Export me")
         await pilot.press("f5")
-        await pilot.pause(0.1)
         cid = app.conversation_id
+        await wait_until(pilot, lambda: (tmp_path / "out" / f"chat-{cid}.json").is_file())
     md = (tmp_path / "out" / f"chat-{cid}.md").read_text()
     data = json.loads((tmp_path / "out" / f"chat-{cid}.json").read_text())
     stored = db_messages(db)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app_helpers import FakeEngine, wait_until
+from app_helpers import FakeEngine, settle, wait_until
 from textual.widgets import Input
 
 from mlx_mixtral.app.chat_app import ChatApp
@@ -26,7 +26,7 @@ async def ready(pilot) -> None:
     await wait_until(pilot, lambda: pilot.app.info is not None)
     pilot.app.query_one(PromptInput).cursor_blink = False  # a blinking cursor is a coin toss
     pilot.app.clear_notifications()
-    await pilot.pause(0.1)
+    await settle(pilot)
 
 
 async def chat_once(pilot) -> None:
@@ -37,9 +37,8 @@ async def chat_once(pilot) -> None:
     done = app.replies_done
     await pilot.press("enter")
     await wait_until(pilot, lambda: app.replies_done > done)
-    await pilot.wait_for_scheduled_animations()
     app.clear_notifications()
-    await pilot.pause(0.5)
+    await settle(pilot)
 
 
 def test_main_screen(snap_compare, tmp_path):
@@ -59,7 +58,7 @@ def open_screen(key: str, kind: type):
         await wait_until(pilot, lambda: isinstance(pilot.app.screen, kind))
         for field in pilot.app.screen.query(Input):
             field.cursor_blink = False
-        await pilot.pause(0.5)
+        await settle(pilot)
 
     return run
 

@@ -96,6 +96,23 @@ def test_ollama_store_resolves_to_the_gguf_blob(tmp_path, monkeypatch, tokens):
         resolve("ollama:nothing")
 
 
+def assert_defaults_shown(command: str, text: str) -> None:
+    """Every flag of `command` with a default shows it in its own help entry."""
+    import argparse
+    import re
+
+    from mlx_mixtral.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    entries = re.split(r"\n  (?=-)", text)  # one entry per option
+    for action in sub.choices[command]._actions:
+        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+            continue
+        flag = action.option_strings[-1]
+        (entry,) = [e for e in entries if re.match(rf"(-\w, )?{flag}\b", e)]
+        assert f"(default: {action.default})" in " ".join(entry.split()), (command, flag)
+
+
 def test_help_lists_every_flag_with_defaults():
     top = cli("--help")
     assert top.returncode == 0 and "generate" in top.stdout and "convert" in top.stdout
@@ -103,7 +120,10 @@ def test_help_lists_every_flag_with_defaults():
     for flag in ("--model", "--prompt", "--system", "--max-tokens", "--temp", "--top-p",
                  "--top-k", "--min-p", "--repetition-penalty", "--seed", "--raw"):
         assert flag in gen
-    assert "(default: 0.7)" in gen.replace("\n", " ").replace("  ", " ") or "0.7" in gen
+    for command in ("chat", "generate", "convert", "info", "bench"):
+        assert_defaults_shown(command, cli(command, "--help").stdout)
+    for command in ("chat", "generate", "bench"):
+        assert "--dtype {float32,float16,bfloat16}" in cli(command, "--help").stdout
     version = cli("--version")
     assert version.returncode == 0 and mlx_mixtral.__version__ in version.stdout
 

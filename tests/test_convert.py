@@ -153,15 +153,44 @@ def test_existing_out_refused_then_forced(source, tmp_path):
 
 
 def test_verify_reports_agreement(source, tmp_path):
-    folder, _ = source
+    """The figures --verify prints, recomputed from transformers' logits and router choices."""
+    import re
+
+    import torch
+
+    from mlx_mixtral.convert.verify import fixed_tokens
+    from mlx_mixtral.model.routing import RouterTrace
+
+    folder, ref = source
     out = tmp_path / "q8"
     result = cli("convert", "--hf-path", str(folder), "--mlx-path", str(out), "-q",
                  "--q-bits", "8", "--verify")
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip().splitlines()[-1]
-    assert "top-1 agreement" in line and "mean KL" in line
+    numbers = dict(re.findall(r"(top-1 agreement|mean KL|same experts chosen) ([\d.e+-]+)", line))
+    ids = np.array([fixed_tokens(folder, ref.config.vocab_size)])
+    with torch.no_grad():
+        hf = ref(torch.tensor(ids), output_router_logits="mixtral" in folder.name)
+    want = hf.logits.float().numpy()[0].astype(np.float64)
+    trace = RouterTrace()
+    got = np.array(load_model(out)(mx.array(ids), router_trace=trace))[0].astype(np.float64)
+    log_p = want - np.log(np.exp(want - want.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - want.max(-1, keepdims=True)
+    log_q = got - np.log(np.exp(got - got.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - got.max(-1, keepdims=True)
+    kl = float((np.exp(log_p) * (log_p - log_q)).sum(-1).mean())
+    top1 = float((want.argmax(-1) == got.argmax(-1)).mean())
+    assert float(numbers["top-1 agreement"].rstrip("%")) / 100 == pytest.approx(top1, abs=1e-3)
+    assert float(numbers["mean KL"]) == pytest.approx(kl, rel=0.05, abs=1e-6)
+    assert top1 >= 0.9 and kl < 0.01  # 8 bits barely moves the model
     if "mixtral" in folder.name:
-        assert "same experts chosen" in line
+        theirs = [np.sort(np.argsort(-r.float().numpy(), -1)[:, :2], -1) for r in hf.router_logits]
+        same = np.mean([(np.sort(np.array(t.indices)[0], -1) == h).all(-1)
+                        for t, h in zip(trace, theirs, strict=True)])
+        assert float(numbers["same experts chosen"].rstrip("%")) / 100 == pytest.approx(
+            same, abs=1e-3)
+    else:
+        assert "same experts chosen" not in numbers
 
 
 def test_dequantize_round_trip(mixtral, tmp_path, tokens):

@@ -81,6 +81,7 @@ def test_smollm2_kept_quantized(smollm2):
     assert smollm2.args.tie_word_embeddings and smollm2.args.num_hidden_layers == 30
 
 
+@pytest.mark.slow
 def test_smollm2_matches_float64_numpy(smollm2):
     ids = [1, 504, 3575, 282, 4649, 314, 28, 339, 253]
     expected = numpy_llama(SMOLLM2, ids)

@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_mixtral"
-LEAVES = {"errors", "units", "jsonfile"}  # shared by every folder, import nothing of ours
+LEAVES = {"errors", "units", "jsonfile", "lazy"}  # shared by every folder, import nothing of ours
 # What each folder may import from the package (besides itself and the leaves).
 ALLOWED = {
     "model": set(),
     "text": set(),
     "loading": {"model", "text"},
     "generation": {"model", "text"},
-    "convert": {"model", "loading"},
+    "convert": {"model", "text", "loading"},
     "app": {"model", "text", "loading", "generation"},
     "cli": {"__init__", "model", "text", "loading", "generation", "convert", "app"},
 }

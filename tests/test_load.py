@@ -71,6 +71,7 @@ print(after_load - base, rss() - base)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads peak RSS from /proc")
+@pytest.mark.slow
 def test_load_is_lazy_and_holds_one_copy(tmp_path):
     from mlx_mixtral import ModelArgs
     from mlx_mixtral.convert.synthetic import write_hf_checkpoint

@@ -34,15 +34,24 @@ def test_readme_has_the_commands():
     assert len(commands()) >= 4
 
 
-@pytest.mark.parametrize("command", commands())
+SLOW = ("bench", "benchmarks/")
+
+
+@pytest.mark.parametrize("command", [
+    pytest.param(c, marks=pytest.mark.slow) if any(s in c for s in SLOW) else c
+    for c in commands()])
 def test_readme_command_runs(command, tmp_path):
     result = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     if "capital of France" in command:
         assert "Paris" in result.stdout
+    if "convert_memory" in command:  # the benchmark's own target, read back
+        share = float(re.search(r"= ([\d.]+)% of the checkpoint", result.stdout).group(1))
+        assert share <= 40, result.stdout
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs():
     (code,) = blocks("python")
     code = code.replace('"mixtral-8x7b-4bit"', repr(str(demo_model_path())))

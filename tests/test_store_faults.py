@@ -49,6 +49,7 @@ def complete_messages(db: Path) -> dict[int, tuple[str, str]]:
         return {i: (role, content) for i, role, content in rows}
 
 
+@pytest.mark.slow
 def test_two_app_instances_share_one_database(model_folder, tmp_path):
     db = tmp_path / "shared.db"
     rounds = 5
@@ -74,6 +75,7 @@ def test_two_app_instances_share_one_database(model_folder, tmp_path):
         store.close()
 
 
+@pytest.mark.slow
 def test_sigkill_at_10_random_moments_of_a_streaming_chat(model_folder, tmp_path):
     db = tmp_path / "killed.db"
     rng = random.Random(8)
@@ -100,9 +102,10 @@ def test_sigkill_at_10_random_moments_of_a_streaming_chat(model_folder, tmp_path
                                   ).fetchone()[0]
         mid_reply += streaming > interrupted
         interrupted = streaming
-    assert len(seen) >= 10  # replies did complete between the kills
+    replies = sum(role == "assistant" for role, _ in seen.values())
+    assert replies >= 8  # replies did complete between the kills (user messages not counted)
     assert mid_reply >= 3  # and kills did land in the middle of replies
-    print(f"\n10 kills: {len(seen)} completed messages kept, {mid_reply} kills mid-reply")
+    print(f"\n10 kills: {replies} completed replies kept, {mid_reply} kills mid-reply")
 
 
 # ---- migrations --------------------------------------------------------------------------

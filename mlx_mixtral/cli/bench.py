@@ -8,7 +8,9 @@ and mlx-lm's over ours for times and memory (higher is better too).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -32,25 +34,36 @@ PRESETS: dict[str, dict[str, Any]] = {
                          num_key_value_heads=2, sliding_window=256,
                          max_position_embeddings=32768, rope_theta=1e4),
 }
-PRESET_BITS, PRESET_GROUP = 4, 64
+PRESET_BITS, PRESET_GROUP, PRESET_SEED = 4, 64, 0
+
+
+def cache_dir() -> Path:
+    """$MLX_MIXTRAL_CACHE_DIR, else the platform's user cache folder."""
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("MLX_MIXTRAL_CACHE_DIR") or user_cache_dir("mlx-mixtral"))
 
 
 def preset_folder(name: str) -> Path:
-    """The preset as a 4-bit MLX folder (built once from a seeded synthetic checkpoint and
-    cached). On the CPU backend scales are float32, which both engines need to run fast."""
-    from platformdirs import user_cache_dir
-
+    """The preset as a 4-bit MLX folder, built once from a seeded synthetic checkpoint and
+    cached under a name that hashes everything it is built from (a changed preset is rebuilt,
+    never mistaken for the old one). On the CPU backend scales are float32, which both
+    engines need to run fast."""
     from ..convert import convert
     from ..convert.synthetic import write_hf_checkpoint
 
     dtype = "float32" if mx.default_device() == mx.cpu else "float16"
-    folder = Path(user_cache_dir("mlx-mixtral")) / "bench" / f"{name}-q4g64-{dtype}"
+    recipe = json.dumps([PRESETS[name], PRESET_BITS, PRESET_GROUP, dtype, PRESET_SEED],
+                        sort_keys=True)
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    folder = cache_dir() / "bench" / f"{name}-{digest}"
     if (folder / "config.json").is_file():
         return folder
     with tempfile.TemporaryDirectory() as tmp:
-        write_hf_checkpoint(tmp, ModelArgs.from_dict(PRESETS[name]), dtype=mx.bfloat16, seed=0)
+        write_hf_checkpoint(tmp, ModelArgs.from_dict(PRESETS[name]), dtype=mx.bfloat16,
+                            seed=PRESET_SEED)
         convert(tmp, folder, quantize=True, q_bits=PRESET_BITS, q_group_size=PRESET_GROUP,
-                dtype=dtype, progress=False)
+                dtype=dtype, progress=False, force=True)  # atomic: all or nothing
     return folder
 
 

@@ -12,17 +12,50 @@ from ..errors import MlxMixtralError
 EXIT_BAD_INPUT = 2
 
 
+# Each command's one-line help (in `mlx-mixtral --help`) and its description.
+COMMANDS = {
+    "chat": (
+        "chat in the terminal (the default command)",
+        "Chat with a model in the terminal. Replies stream as Markdown; "
+        "conversations are kept in SQLite in your user data folder ($MLX_MIXTRAL_DATA_DIR "
+        "overrides it). Press F1 in the app for every key."),
+    "generate": (
+        "generate a reply to one prompt (streams to stdout)",
+        "Generate a reply to one prompt. The reply streams to stdout; loading "
+        "messages and statistics go to stderr. The model's chat format is applied unless "
+        "--raw is given."),
+    "convert": (
+        "convert Hugging Face weights into an MLX folder (optionally quantized)",
+        "Convert a Hugging Face checkpoint (safetensors) into an MLX folder, "
+        "streamed shard by shard and written atomically. With -q: experts and attention at "
+        "--q-bits, embeddings and output head at >= 6 bits, router gate and norms unquantized."),
+    "info": (
+        "architecture, size and memory needs of a model or preset",
+        "Print a model's architecture, parameters (total and active per token), "
+        "layers, experts, window, context, vocabulary, and a memory table for float16 and "
+        "8/6/4/3 bits with whether each fits this machine."),
+    "bench": (
+        "measure speed and memory, side by side with mlx-lm",
+        "Measure prefill and decode tokens/s, time to first token, peak memory and "
+        "load time (medians over --runs). With --compare mlx-lm the same weights also run "
+        "through mlx-lm, alternating with ours, and each figure gets a ratio (>1: we are "
+        "better). Presets are synthetic 4-bit models of fixed shape and seed."),
+}
+
+
+def _command(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows every default; it runs `_run_<name>`."""
+    summary, description = COMMANDS[name]
+    p = sub.add_parser(name, help=summary, description=description,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.set_defaults(run=globals()[f"_run_{name}"])
+    return p
+
+
 def _convert_parser(sub: argparse._SubParsersAction) -> None:
     from ..convert.plan import Q_BITS, Q_GROUP_SIZES
 
-    p = sub.add_parser(
-        "convert",
-        help="convert Hugging Face weights into an MLX folder (optionally quantized)",
-        description="Convert a Hugging Face checkpoint (safetensors) into an MLX folder, "
-        "streamed shard by shard and written atomically. With -q: experts and attention at "
-        "--q-bits, embeddings and output head at >= 6 bits, router gate and norms unquantized.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = _command(sub, "convert")
     p.add_argument("--hf-path", required=True, help="source folder (config.json + safetensors)")
     p.add_argument("--mlx-path", required=True, help="output folder (must not exist)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
@@ -37,7 +70,6 @@ def _convert_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
     p.add_argument("--verify", action="store_true",
                    help="afterwards, compare source and output on a fixed text (loads both)")
-    p.set_defaults(run=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -94,10 +126,16 @@ DTYPE_HELP = ("compute in this dtype (default: float32 on the CPU backend, the c
               "on Metal)")
 
 
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    """--force and --dtype, for every command that loads a model."""
+def add_model_flags(p: argparse.ArgumentParser, model: bool = True,
+                    sampling: bool = True) -> None:
+    """--model, --force and --dtype, and the sampling flags, for the commands that load a
+    model."""
+    if model:
+        p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help=DTYPE_HELP)
+    if sampling:
+        add_sampling_flags(p)
 
 
 def load_model_for_cli(name: str | None, force: bool = False, dtype: str | None = None):
@@ -110,21 +148,14 @@ def load_model_for_cli(name: str | None, force: bool = False, dtype: str | None 
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "generate", help="generate a reply to one prompt (streams to stdout)",
-        description="Generate a reply to one prompt. The reply streams to stdout; loading "
-        "messages and statistics go to stderr. The model's chat format is applied unless "
-        "--raw is given.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p = _command(sub, "generate")
+    add_model_flags(p)
     p.add_argument("--prompt", required=True, help="the prompt (use - to read stdin)")
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, no chat format")
     p.add_argument("--chat-format", default=None,
                    choices=["mistral-v1", "mistral-v3", "template", "plain"],
                    help="override the chat format detected from the tokenizer")
-    add_model_flags(p)
-    add_sampling_flags(p)
-    p.set_defaults(run=_run_generate)
 
 
 def read_prompt(arg: str) -> str:
@@ -156,18 +187,10 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _chat_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "chat", help="chat in the terminal (the default command)",
-        description="Chat with a model in the terminal. Replies stream as Markdown; "
-        "conversations are kept in SQLite in your user data folder ($MLX_MIXTRAL_DATA_DIR "
-        "overrides it). Press F1 in the app for every key.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p = _command(sub, "chat")
+    add_model_flags(p)
     p.add_argument("--system", default=None, help="a system prompt for new chats")
     p.add_argument("--db", default=None, help="conversation database (default: user data dir)")
-    add_model_flags(p)
-    add_sampling_flags(p)
-    p.set_defaults(run=_run_chat)
 
 
 def _run_chat(args: argparse.Namespace) -> int:
@@ -191,20 +214,18 @@ def _run_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_or_preset(p: argparse.ArgumentParser, model_help: str, presets: dict,
+                     preset_help: str) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--model", default=None, help=model_help)
+    group.add_argument("--preset", choices=sorted(presets), default=None, help=preset_help)
+
+
 def _info_parser(sub: argparse._SubParsersAction) -> None:
     from ..model.config import PRESETS
 
-    p = sub.add_parser(
-        "info", help="architecture, size and memory needs of a model or preset",
-        description="Print a model's architecture, parameters (total and active per token), "
-        "layers, experts, window, context, vocabulary, and a memory table for float16 and "
-        "8/6/4/3 bits with whether each fits this machine.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--model", default=None, help=MODEL_HELP)
-    group.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                       help="a released model's shape, no weights needed")
-    p.set_defaults(run=_run_info)
+    p = _command(sub, "info")
+    _model_or_preset(p, MODEL_HELP, PRESETS, "a released model's shape, no weights needed")
 
 
 def _run_info(args: argparse.Namespace) -> int:
@@ -217,24 +238,15 @@ def _run_info(args: argparse.Namespace) -> int:
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
     from .bench import PRESETS as BENCH_PRESETS
 
-    p = sub.add_parser(
-        "bench", help="measure speed and memory, side by side with mlx-lm",
-        description="Measure prefill and decode tokens/s, time to first token, peak memory and "
-        "load time (medians over --runs). With --compare mlx-lm the same weights also run "
-        "through mlx-lm, alternating with ours, and each figure gets a ratio (>1: we are "
-        "better). Presets are synthetic 4-bit models of fixed shape and seed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--model", default=None, help="an MLX or Hugging Face model folder")
-    group.add_argument("--preset", choices=sorted(BENCH_PRESETS), default=None,
-                       help="a synthetic model (built and cached on first use)")
+    p = _command(sub, "bench")
+    _model_or_preset(p, "an MLX or Hugging Face model folder", BENCH_PRESETS,
+                     "a synthetic model (built and cached on first use)")
     p.add_argument("--prompt-tokens", type=int, default=256, help="prompt length")
     p.add_argument("--gen-tokens", type=int, default=64, help="tokens generated per run")
     p.add_argument("--runs", type=int, default=3, help="runs per engine (medians reported)")
     p.add_argument("--compare", choices=["mlx-lm"], default=None, help="run a peer too")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    add_model_flags(p)
-    p.set_defaults(run=_run_bench)
+    add_model_flags(p, model=False, sampling=False)
 
 
 def _run_bench(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..errors import ConvertError
 from ..loading.checkpoint import sanitize
-from ..loading.resolve import resolve
+from ..loading.locate import resolve
 from ..loading.safetensors_file import read_safetensors
 from ..loading.source import describe
 from ..model.config import ModelArgs

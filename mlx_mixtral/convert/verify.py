@@ -35,13 +35,15 @@ class Verification:
 
 def fixed_tokens(folder: Path, vocab_size: int) -> list[int]:
     """The fixed text through the model's tokenizer, or fixed ids if it has none."""
-    try:
-        from transformers import AutoTokenizer
+    from ..errors import TokenizerError
+    from ..text.tokenizer import load_folder_tokenizer
 
-        ids = AutoTokenizer.from_pretrained(str(folder)).encode(FIXED_TEXT)
+    try:
+        tokenizer = load_folder_tokenizer(folder)
+        ids = tokenizer.encode(FIXED_TEXT, add_bos=tokenizer.add_bos)
         if ids and max(ids) < vocab_size:
             return ids[:FIXED_LENGTH]
-    except Exception:  # noqa: BLE001 - no usable tokenizer: fall back to fixed ids
+    except TokenizerError:  # no usable tokenizer: fall back to fixed ids
         pass
     return np.random.RandomState(0).randint(0, vocab_size, FIXED_LENGTH).tolist()
 

@@ -1,10 +1,29 @@
 """The model: configuration, attention and its window masks, KV caches, the MoE layer and its
 router, and the decoder. Depends only on mlx and mlx-lm's model pieces."""
 
-from .cache import KVCache, RotatingKVCache
-from .config import PRESETS, ModelArgs, preset
-from .decoder import Model
-from .routing import RouterTrace, load_balancing_loss
+from __future__ import annotations
 
-__all__ = ["PRESETS", "KVCache", "Model", "ModelArgs", "RotatingKVCache", "RouterTrace",
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
+
+_EXPORTS = {
+    "KVCache": "cache",
+    "RotatingKVCache": "cache",
+    "PRESETS": "config",
+    "ModelArgs": "config",
+    "preset": "config",
+    "Model": "decoder",
+    "RouterTrace": "routing",
+    "load_balancing_loss": "routing",
+}
+__all__ = ["KVCache", "Model", "ModelArgs", "PRESETS", "RotatingKVCache", "RouterTrace",
            "load_balancing_loss", "preset"]
+
+if TYPE_CHECKING:
+    from .cache import KVCache, RotatingKVCache
+    from .config import PRESETS, ModelArgs, preset
+    from .decoder import Model
+    from .routing import RouterTrace, load_balancing_loss
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

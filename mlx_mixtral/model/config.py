@@ -142,33 +142,18 @@ class ModelArgs:
         return total, active
 
 
-_MISTRAL_7B = dict(
-    model_type="mistral",
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=32768,
-)
+_MISTRAL_7B = dict(model_type="mistral", vocab_size=32000, hidden_size=4096,
+                   intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=8, max_position_embeddings=32768)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "mistral-7b-v0.1": {**_MISTRAL_7B, "rope_theta": 1e4, "sliding_window": 4096},
     "mistral-7b-v0.2": {**_MISTRAL_7B, "rope_theta": 1e6, "sliding_window": None},
     "mistral-7b-v0.3": {**_MISTRAL_7B, "rope_theta": 1e6, "vocab_size": 32768},
     "mixtral-8x7b": {**_MISTRAL_7B, "model_type": "mixtral", "rope_theta": 1e6},
-    "mixtral-8x22b": dict(
-        model_type="mixtral",
-        vocab_size=32768,
-        hidden_size=6144,
-        intermediate_size=16384,
-        num_hidden_layers=56,
-        num_attention_heads=48,
-        num_key_value_heads=8,
-        max_position_embeddings=65536,
-        rope_theta=1e6,
-    ),
+    "mixtral-8x22b": dict(model_type="mixtral", vocab_size=32768, hidden_size=6144,
+                          intermediate_size=16384, num_hidden_layers=56, num_attention_heads=48,
+                          num_key_value_heads=8, max_position_embeddings=65536, rope_theta=1e6),
 }
 
 

@@ -16,7 +16,7 @@ from ..model.decoder import Model
 from ..text.tokenizer import Tokenizer, load_folder_tokenizer
 from .checkpoint import build_model, sanitize
 from .memory import check_fits
-from .resolve import default_model, resolve
+from .locate import default_model, resolve
 from .safetensors_file import read_safetensors
 from .source import ModelSource, describe
 
