@@ -13,9 +13,10 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 from tqdm import tqdm
@@ -212,6 +213,37 @@ def convert(
                    len(set(weight_map.values())), time.perf_counter() - start)
 
 
+_SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16",
+                       mx.uint32: "U32", mx.int32: "I32", mx.uint8: "U8", mx.int8: "I8",
+                       mx.uint16: "U16", mx.int16: "I16", mx.int64: "I64", mx.uint64: "U64",
+                       mx.bool_: "BOOL"}
+
+
+def _stream_safetensors(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str],
+                        written: Callable[[str], None]) -> int:
+    """Write `tensors` (lazy) as one safetensors file, computing and writing one tensor at a
+    time: the header is known from shapes alone, so a shard is never whole in memory.
+    Each tensor is released once written. Returns the data bytes written."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, value in tensors.items():
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[value.dtype], "shape": list(value.shape),
+                        "data_offsets": [offset, offset + value.nbytes]}
+        offset += value.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with path.open("wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in list(tensors):
+            value = tensors.pop(name)
+            mx.eval(value)
+            f.write(memoryview(value))
+            del value
+            written(name)
+    return offset
+
+
 def _write_shards(shards: list[dict[str, mx.array]], work: Path,
                   progress: bool) -> tuple[dict[str, str], int]:
     weight_map: dict[str, str] = {}
@@ -220,15 +252,13 @@ def _write_shards(shards: list[dict[str, mx.array]], work: Path,
     with tqdm(total=sum(len(s) for s in shards), unit="tensor", disable=not progress,
               desc="Converting") as bar:
         for i in range(count):
-            shard = shards[i]
             name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            for key, value in shard.items():  # evaluate tensor by tensor for the bar
-                mx.eval(value)
-                bar.update(1)
+
+            def written(key: str, name: str = name) -> None:
                 weight_map[key] = name
-            mx.save_safetensors(str(work / name), shard, metadata={"format": "mlx"})
-            total += sum(v.nbytes for v in shard.values())
-            shards[i] = {}  # free this shard before the next one is computed
+                bar.update(1)
+
+            total += _stream_safetensors(work / name, shards[i], {"format": "mlx"}, written)
     return weight_map, total
 
 

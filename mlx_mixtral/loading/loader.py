@@ -15,8 +15,8 @@ from ..errors import TokenizerError
 from ..model.decoder import Model
 from ..text.tokenizer import Tokenizer, load_folder_tokenizer
 from .checkpoint import build_model, sanitize
-from .memory import check_fits
 from .locate import default_model, resolve
+from .memory import check_fits
 from .safetensors_file import read_safetensors
 from .source import ModelSource, describe
 
