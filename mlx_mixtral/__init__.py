@@ -18,21 +18,25 @@ _EXPORTS = {
     "GenerationError": "errors", "MemoryLimitError": "errors", "MlxMixtralError": "errors",
     "SamplingError": "errors", "StoreError": "errors", "TokenizerError": "errors",
     "WeightsError": "errors",
-    "PRESETS": "model", "KVCache": "model", "Model": "model", "ModelArgs": "model",
-    "RotatingKVCache": "model", "RouterTrace": "model", "load_balancing_loss": "model",
+    "PRESETS": "model", "FullKVCache": "model", "Model": "model", "ModelArgs": "model",
+    "RollingKVCache": "model", "RouterTrace": "model", "load_balancing_loss": "model",
     "preset": "model",
     "Tokenizer": "text",
     "load": "loading", "load_model": "loading",
     "ChatSession": "generation", "Chunk": "generation", "SamplingParams": "generation",
     "Stats": "generation", "batch_generate": "generation", "generate": "generation",
     "stream_generate": "generation",
+    "KVSettings": "generation.kv", "LookupDrafter": "generation.speculative",
+    "ModelDrafter": "generation.speculative", "PromptCacheError": "errors",
+    "save_prompt_cache": "loading.prompt_cache", "load_prompt_cache": "loading.prompt_cache",
 }
 __all__ = ["ChatFormatError", "ChatSession", "Chunk", "ConfigError", "ConvertError",
-           "GenerationError", "KVCache", "MemoryLimitError", "MlxMixtralError", "Model",
-           "ModelArgs", "PRESETS", "RotatingKVCache", "RouterTrace", "SamplingError",
-           "SamplingParams", "Stats", "StoreError", "Tokenizer", "TokenizerError", "WeightsError",
-           "batch_generate", "generate", "load", "load_balancing_loss", "load_model", "preset",
-           "stream_generate"]
+           "FullKVCache", "GenerationError", "KVSettings", "LookupDrafter", "MemoryLimitError",
+           "MlxMixtralError", "Model", "ModelArgs", "ModelDrafter", "PRESETS", "PromptCacheError",
+           "RollingKVCache", "RouterTrace", "SamplingError", "SamplingParams", "Stats",
+           "StoreError", "Tokenizer", "TokenizerError", "WeightsError", "batch_generate",
+           "generate", "load", "load_balancing_loss", "load_model", "load_prompt_cache", "preset",
+           "save_prompt_cache", "stream_generate"]
 
 if TYPE_CHECKING:
     from .errors import (
@@ -42,6 +46,7 @@ if TYPE_CHECKING:
         GenerationError,
         MemoryLimitError,
         MlxMixtralError,
+        PromptCacheError,
         SamplingError,
         StoreError,
         TokenizerError,
@@ -56,13 +61,16 @@ if TYPE_CHECKING:
         generate,
         stream_generate,
     )
+    from .generation.kv import KVSettings
+    from .generation.speculative import LookupDrafter, ModelDrafter
     from .loading import load, load_model
+    from .loading.prompt_cache import load_prompt_cache, save_prompt_cache
     from .model import (
         PRESETS,
-        KVCache,
+        FullKVCache,
         Model,
         ModelArgs,
-        RotatingKVCache,
+        RollingKVCache,
         RouterTrace,
         load_balancing_loss,
         preset,

@@ -43,3 +43,7 @@ class ConvertError(MlxMixtralError):
 
 class StoreError(MlxMixtralError):
     """The conversation database is unreadable, or from a newer version of mlx-mixtral."""
+
+
+class PromptCacheError(MlxMixtralError, ValueError):
+    """A saved prompt cache that is corrupt, truncated, or from another model."""

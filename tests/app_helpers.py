@@ -60,8 +60,11 @@ class FakeEngine:
         progress(1.0)
         return self.info
 
-    def set_conversation(self, system, messages):
+    def set_conversation(self, system, messages, key=None):
         self.history = list(messages)
+
+    def set_conversation_key(self, key):
+        pass
 
     def reply(self, action, text, settings, emit, should_stop):
         words = self.reply_text.split(" ")

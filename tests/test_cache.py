@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from mlx_mixtral import KVCache, Model, ModelArgs, RotatingKVCache
+from mlx_mixtral import FullKVCache, Model, ModelArgs, RollingKVCache
 from mlx_mixtral.model.masks import window_mask
 
 W = 16
@@ -80,7 +80,7 @@ def test_memory_stops_at_the_window(model):
 
 
 def test_full_cache_grows(model):
-    cache = [KVCache() for _ in model.layers]
+    cache = [FullKVCache() for _ in model.layers]
     model(ids(300), cache=cache)
     assert cache[0].offset == 300 and cache[0].keys.shape[2] >= 300
 
@@ -115,7 +115,7 @@ def test_trim_after_wrap_attends_only_to_what_is_left():
 
 
 def test_complete_again_after_a_window():
-    cache = RotatingKVCache(4)
+    cache = RollingKVCache(4)
     k = mx.zeros((1, 1, 10, 2))
     cache.update_and_fetch(k, k)
     cache.trim(2)

@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_mixtral import RotatingKVCache
+from mlx_mixtral import RollingKVCache
 from mlx_mixtral.model.attention import attend
 
 D = 4
@@ -26,7 +26,7 @@ operations = st.lists(
 @given(window=st.integers(1, 9), ops=operations, seed=st.integers(0, 2**16))
 def test_rolling_cache_equals_brute_force(window, ops, seed):
     rng = np.random.RandomState(seed)
-    cache = RotatingKVCache(window)
+    cache = RollingKVCache(window)
     alive: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # position -> (key, value)
     offset = 0
     for op, n in ops:

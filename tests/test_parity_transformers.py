@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import build_hf, hf_logits
 
-from mlx_mixtral import RotatingKVCache, load_model
+from mlx_mixtral import RollingKVCache, load_model
 
 TOL = 1e-4
 WINDOW = 8
@@ -54,7 +54,7 @@ def test_token_by_token_to_three_windows(pair, tokens):
     expected = hf_logits(ref, ids)
     cache = ours.make_cache()
     if ours.args.sliding_window:
-        assert all(isinstance(c, RotatingKVCache) for c in cache)
+        assert all(isinstance(c, RollingKVCache) for c in cache)
     got = np.concatenate(
         [np.array(ours(mx.array(ids[:, i:i + 1]), cache=cache)) for i in range(ids.shape[1])],
         axis=1,

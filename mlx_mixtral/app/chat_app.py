@@ -185,7 +185,7 @@ class ChatApp(App):
             else:
                 await messages.mount(AssistantMessage(m.content, m.id, m.status))
         history = [{"role": m.role, "content": m.content} for m in c.messages]
-        self.worker.submit(self.engine.set_conversation, self.system, history)
+        self.worker.submit(self.engine.set_conversation, self.system, history, str(c.id))
         if Path(c.model).name != Path(self.model_name).name:
             self.notify(f"This chat was held with {c.model}; continuing with "
                         f"{self.model_name}.", severity="warning")
@@ -196,6 +196,7 @@ class ChatApp(App):
             title = " ".join(first_message.split())[:40] or "New chat"
             self.conversation_id = self.store.create(self.model_name, self.system,
                                                      self.settings.to_dict(), title)
+            self.worker.submit(self.engine.set_conversation_key, str(self.conversation_id))
             self.refresh_sidebar()
         return self.conversation_id
 
@@ -329,7 +330,8 @@ class ChatApp(App):
                         "content": w.text}
                        for w in self.query_one("#messages").children
                        if isinstance(w, (UserMessage, AssistantMessage))]
-            self.worker.submit(self.engine.set_conversation, self.system, history)
+            key = None if self.conversation_id is None else str(self.conversation_id)
+            self.worker.submit(self.engine.set_conversation, self.system, history, key)
             self._status(note="system prompt set")
 
         self.push_screen(SystemPromptScreen(self.system), apply)

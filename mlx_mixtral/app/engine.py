@@ -7,6 +7,7 @@ with the same methods (a fake backend, or a tiny real model).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,17 @@ from typing import Any, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..errors import MlxMixtralError
+from ..generation.kv import KVSettings
 from ..generation.sampling import SamplingParams
 from ..generation.session import ChatSession
+from ..generation.speculative import Drafter
 from ..generation.stats import Stats
+from ..model.decoder import Model
 from ..model.routing import RouterTrace
+from ..text.tokenizer import Tokenizer
 from ..units import gb, human
+from .prompt_caches import PromptCaches
 
 
 @dataclass
@@ -63,7 +70,10 @@ class Engine(Protocol):
 
     def load(self, progress: Callable[[float], None]) -> EngineInfo: ...
 
-    def set_conversation(self, system: str | None, messages: list[dict[str, str]]) -> None: ...
+    def set_conversation(self, system: str | None, messages: list[dict[str, str]],
+                         key: str | None = None) -> None: ...
+
+    def set_conversation_key(self, key: str | None) -> None: ...
 
     def reply(self, action: str, text: str | None, settings: SamplingParams,
               emit: Callable[[ReplyEvent], None], should_stop: Callable[[], bool]) -> None: ...
@@ -76,8 +86,8 @@ class TracedModel:
         self.model, self.trace = model, RouterTrace()
         self.args, self.layers = model.args, model.layers
 
-    def make_cache(self) -> list:
-        return self.model.make_cache()
+    def make_cache(self, slack: int = 0) -> list:
+        return self.model.make_cache(slack)
 
     def __call__(self, inputs: mx.array, cache: list | None = None, **kwargs: Any) -> mx.array:
         return self.model(inputs, cache=cache, router_trace=self.trace, **kwargs)
@@ -89,10 +99,14 @@ def quantization_of(model: nn.Module) -> str:
 
 
 class MlxEngine:
-    def __init__(self, model_name: str, force: bool = False, dtype: str | None = None) -> None:
+    def __init__(self, model_name: str, force: bool = False, dtype: str | None = None,
+                 kv: KVSettings | None = None, caches: PromptCaches | None = None,
+                 drafting: Callable[[Model, Tokenizer], Drafter] | None = None
+                 ) -> None:
         self.model_name = model_name
         self.force = force  # load even if the model looks too big for free memory
-        self.dtype = dtype
+        self.dtype, self.kv, self.caches, self.drafting = dtype, kv, caches, drafting
+        self.key: str | None = None  # the conversation whose cache is saved
         self.info = EngineInfo(name=Path(model_name).name or model_name)
         self.session: ChatSession | None = None
         self.traced: TracedModel | None = None
@@ -110,7 +124,9 @@ class MlxEngine:
         args = model.args
         total, active = args.parameter_counts()
         self.traced = TracedModel(model) if args.is_moe else None
-        self.session = ChatSession(self.traced or model, tokenizer)
+        draft = self.drafting(model, tokenizer) if self.drafting else None
+        self.session = ChatSession(self.traced or model, tokenizer, kv=self.kv, draft=draft)
+        self.model = model
         self.info = EngineInfo(
             name=self.info.name, parameters=total, active_parameters=active,
             quantization=quantization_of(model), memory_bytes=mx.get_active_memory(),
@@ -121,8 +137,39 @@ class MlxEngine:
             chat_format=self.session.chat_format)
         return self.info
 
-    def set_conversation(self, system: str | None, messages: list[dict[str, str]]) -> None:
+    def set_conversation(self, system: str | None, messages: list[dict[str, str]],
+                         key: str | None = None) -> None:
         self.session.load_messages(messages, system)
+        self.key = key
+        if key is not None and self.caches is not None and self.caches.path(key).is_file():
+            self._restore(key)
+
+    def set_conversation_key(self, key: str | None) -> None:
+        self.key = key
+
+    def _restore(self, key: str) -> None:
+        from ..loading.prompt_cache import load_prompt_cache
+
+        try:
+            cache, meta = load_prompt_cache(self.caches.path(key), return_metadata=True,
+                                            model=self.model)
+            self.session.adopt_cache(cache, meta["tokens"], json.loads(meta.get("replies",
+                                                                                  "[]")))
+        except (MlxMixtralError, ValueError, TypeError) as e:
+            self.caches.discard(key, str(e))
+            return
+        self.caches.used(key)
+
+    def _save(self) -> None:
+        from ..loading.prompt_cache import save_prompt_cache
+
+        if self.key is None or self.caches is None or not self.session.cached:
+            return
+        session = self.session
+        save_prompt_cache(self.caches.path(self.key), session.cache,
+                          {"replies": json.dumps(session.replies_state())}, model=self.model,
+                          tokens=session.cached)
+        self.caches.evict()
 
     def reply(self, action: str, text: str | None, settings: SamplingParams,
               emit: Callable[[ReplyEvent], None], should_stop: Callable[[], bool]) -> None:
@@ -149,6 +196,7 @@ class MlxEngine:
         finally:
             stream.close()
         share, balance = self._experts()
+        self._save()
         emit(ReplyEvent(done=True, finish_reason=finish, stats=stats or session.last_stats,
                         context_used=len(session.cached), expert_share=share, balance=balance))
 

@@ -166,13 +166,54 @@ def chat_turns_ttft(model: Any, turns: int = 10, message: int = 16, reply: int =
     return times
 
 
-def kv_bytes(model: Any, positions: int) -> int:
+def kv_bytes(model: Any, positions: int, bits: int | None = None, group_size: int = 64) -> int:
+    """Bytes of the KV cache after `positions` tokens (quantized to `bits` from the start)."""
     cache = make_cache(model)
+    if bits is not None:
+        cache = [c.to_quantized(group_size=group_size, bits=bits) for c in cache]
     step = 256
     for start in range(0, positions, step):
         model(mx.zeros((1, min(step, positions - start)), mx.int32), cache=cache)
         mx.eval([c.state for c in cache])
     return sum(c.nbytes for c in cache)
+
+
+def kv_bytes_per_token(model: Any, kv_group_size: int = 64) -> dict[str, dict[str, float]]:
+    """KV bytes per token at each --kv-bits, and as a share of a float16 cache."""
+    args = model.args
+    positions = min(256, args.sliding_window or 256)
+    float16 = 2 * 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim
+    out = {}
+    for bits in (None, 8, 4):
+        per_token = kv_bytes(model, positions, bits, kv_group_size) / positions
+        out["none" if bits is None else str(bits)] = {
+            "bytes_per_token": per_token, "vs_float16": per_token / float16}
+    return out
+
+
+def drafted_run(model: Any, prompt: mx.array, gen_tokens: int, drafter: Any) -> dict[str, float]:
+    """Greedy generation with `drafter`: acceptance and the model's passes per token."""
+    from ..generation import Stats, stream_generate
+    from ..generation.sampling import SamplingParams
+
+    class Silent:  # token ids in, nothing to show: bench reads only the numbers
+        eos_ids: set[int] = set()
+
+        def detokenizer(self) -> Any:
+            return self
+
+        def add_token(self, token: int) -> str:
+            return ""
+
+        def finalize(self) -> str:
+            return ""
+
+    greedy = SamplingParams(temperature=0, min_p=0, max_tokens=gen_tokens)
+    stats = next(s for s in stream_generate(model, Silent(), prompt.tolist(), sampling=greedy,
+                                            draft=drafter) if isinstance(s, Stats))
+    return {"acceptance": stats.draft_accepted / max(stats.draft_proposed, 1),
+            "passes_per_token": stats.forward_passes / max(stats.generation_tokens, 1),
+            "decode_tps": stats.generation_tps}
 
 
 def batch_throughput(model: Any, batch: int, prompt: int = 16, gen: int = 8) -> float:
@@ -202,7 +243,8 @@ METRICS = [  # (key, label, higher is better)
 
 def run_bench(folder: Path, prompt_tokens: int = 256, gen_tokens: int = 64, runs: int = 3,
               compare: bool = False, extras: bool = True, dtype: str | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print, drafting: Callable | None = None,
+              kv_group_size: int = 64) -> dict[str, Any]:
     ours = load_ours(folder, dtype)
     engines = [ours]
     if compare:
@@ -235,6 +277,11 @@ def run_bench(folder: Path, prompt_tokens: int = 256, gen_tokens: int = 64, runs
             result["kv_bytes"] = {"1x_window": kv_bytes(model, window),
                                   "4x_window": kv_bytes(model, 4 * window)}
         result["batch_tps"] = {str(b): batch_throughput(model, b) for b in (1, 4, 8)}
+        if model.args.head_dim % kv_group_size == 0:
+            result["kv_per_token"] = kv_bytes_per_token(model, kv_group_size)
+    if drafting is not None:
+        result["drafted"] = drafted_run(ours.model, prompt, gen_tokens,
+                                        drafting(ours.model, None))
     return result
 
 
@@ -265,6 +312,15 @@ def format_result(result: dict[str, Any]) -> str:
         kv = result["kv_bytes"]
         lines.append(f"KV cache bytes: {kv['1x_window']} at 1x the window, "
                      f"{kv['4x_window']} at 4x")
+    if "kv_per_token" in result:
+        lines.append("KV bytes per token: " + ", ".join(
+            f"{'float' if b == 'none' else b + '-bit'} {v['bytes_per_token']:.0f} "
+            f"({v['vs_float16']:.2f}x float16)" for b, v in result["kv_per_token"].items()))
+    if "drafted" in result:
+        d = result["drafted"]
+        lines.append(f"drafted decoding: {d['acceptance']:.0%} of drafts accepted, "
+                     f"{d['passes_per_token']:.2f} model passes per generated token, "
+                     f"{d['decode_tps']:.1f} tok/s")
     if "batch_tps" in result:
         lines.append("batch decode tok/s: " + ", ".join(
             f"{b} prompts {t:.1f}" for b, t in result["batch_tps"].items()))
@@ -273,7 +329,8 @@ def format_result(result: dict[str, Any]) -> str:
 
 def bench_main(model: str | None, preset: str | None, prompt_tokens: int, gen_tokens: int,
                runs: int, compare: bool, as_json: bool, force: bool = False,
-               dtype: str | None = None) -> str:
+               dtype: str | None = None, drafting: Callable | None = None,
+               kv_group_size: int = 64) -> str:
     from ..errors import WeightsError
     from ..loading import describe, resolve
     from ..loading.memory import check_fits
@@ -284,5 +341,6 @@ def bench_main(model: str | None, preset: str | None, prompt_tokens: int, gen_to
                            "cannot run GGUF files); convert it first")
     check_fits(describe(Path(folder)), force, dtype)
     result = run_bench(Path(folder), prompt_tokens, gen_tokens, runs, compare, dtype=dtype,
-                       log=lambda m: None if as_json else print(m, flush=True))
+                       log=lambda m: None if as_json else print(m, flush=True),
+                       drafting=drafting, kv_group_size=kv_group_size)
     return json.dumps(result, indent=2) if as_json else format_result(result)

@@ -8,6 +8,7 @@ import sys
 
 from .. import __version__
 from ..errors import MlxMixtralError
+from .drafting import add_draft_flags, add_kv_flags, drafting_from, kv_from
 
 EXIT_BAD_INPUT = 2
 
@@ -156,6 +157,12 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat-format", default=None,
                    choices=["mistral-v1", "mistral-v3", "template", "plain"],
                    help="override the chat format detected from the tokenizer")
+    p.add_argument("--prompt-cache", default=None, metavar="FILE",
+                   help="reuse the KV cache in FILE where it matches the prompt's beginning "
+                   "(a long system prompt or document is then prefilled once), and save it "
+                   "there afterwards")
+    add_kv_flags(p)
+    add_draft_flags(p)
 
 
 def read_prompt(arg: str) -> str:
@@ -172,18 +179,57 @@ def read_prompt(arg: str) -> str:
 
 def _run_generate(args: argparse.Namespace) -> int:
     from ..generation import Stats, stream_generate
+    from ..generation.stream import prompt_ids
 
-    sampling = sampling_from(args)  # validate before the slow load
+    sampling, kv = sampling_from(args), kv_from(args)  # validate before the slow load
+    drafting = drafting_from(args, args.force, args.dtype)
     prompt = read_prompt(args.prompt)
+    if not prompt.strip():
+        from ..errors import GenerationError
+
+        raise GenerationError("the prompt is empty")
     model, tokenizer = load_model_for_cli(args.model, args.force, args.dtype)
-    for item in stream_generate(model, tokenizer, prompt, sampling=sampling,
-                                system=args.system, raw=args.raw, chat_format=args.chat_format):
+    draft = drafting(model, tokenizer) if drafting else None
+    ids = prompt_ids(tokenizer, prompt, system=args.system, raw=args.raw,
+                     chat_format=args.chat_format)
+    cache, done = _reused_cache(args.prompt_cache, model, ids, draft.k if draft else 0)
+    stats = None
+    for item in stream_generate(model, tokenizer, ids[done:], sampling=sampling, cache=cache,
+                                kv=kv, draft=draft):
         if isinstance(item, Stats):
+            stats = item
             print(file=sys.stdout, flush=True)
             print(item, file=sys.stderr)
         else:
             print(item.text, end="", flush=True)
+    if args.prompt_cache and stats is not None:
+        from ..loading.prompt_cache import save_prompt_cache
+
+        held = (ids + stats.tokens)[:cache[0].offset]
+        save_prompt_cache(args.prompt_cache, cache, model=model, tokens=held)
     return 0
+
+
+def _reused_cache(path: str | None, model, ids: list[int], slack: int) -> tuple[list, int]:
+    """(cache, n): the saved cache in `path` trimmed to the n first prompt tokens it shares
+    with `ids`, or a new cache and 0."""
+    from pathlib import Path
+
+    from ..generation.prefix import reuse_prefix
+
+    def fresh() -> list:
+        return model.make_cache(slack=slack)
+
+    if not path or not Path(path).is_file():
+        return fresh(), 0
+    from ..loading.prompt_cache import load_prompt_cache
+
+    cache, meta = load_prompt_cache(path, return_metadata=True, model=model)
+    if any(getattr(c, "slack", slack) < slack for c in cache):
+        return fresh(), 0  # too little room for rejected drafts: start over
+    cache, done = reuse_prefix(cache, meta["tokens"], ids, fresh)
+    print(f"Prompt cache: {done} of {len(ids)} prompt tokens reused", file=sys.stderr)
+    return cache, done
 
 
 def _chat_parser(sub: argparse._SubParsersAction) -> None:
@@ -191,24 +237,34 @@ def _chat_parser(sub: argparse._SubParsersAction) -> None:
     add_model_flags(p)
     p.add_argument("--system", default=None, help="a system prompt for new chats")
     p.add_argument("--db", default=None, help="conversation database (default: user data dir)")
+    p.add_argument("--prompt-cache-gb", type=float, default=2.0,
+                   help="disk budget for the saved KV caches of conversations (0 = none)")
+    add_kv_flags(p)
+    add_draft_flags(p)
 
 
 def _run_chat(args: argparse.Namespace) -> int:
     from ..app.chat_app import ChatApp
     from ..app.engine import MlxEngine
+    from ..app.prompt_caches import PromptCaches
     from ..app.store import Store
     from ..loading import default_model, describe, resolve
     from ..loading.memory import check_fits
 
-    sampling = sampling_from(args)
+    sampling, kv = sampling_from(args), kv_from(args)
+    drafting = drafting_from(args, args.force, args.dtype)
     name = args.model or default_model()
     # A missing file, an unknown repo or a model too big: one line now, not an app that
     # cannot load.
     check_fits(describe(resolve(name)), args.force, args.dtype)
     store = Store(args.db)
+    caches = None
+    if args.prompt_cache_gb > 0:
+        caches = PromptCaches(store.path.parent / "prompt-caches", int(args.prompt_cache_gb * 1e9))
+    engine = MlxEngine(name, force=True, dtype=args.dtype, kv=kv, caches=caches,
+                       drafting=drafting)
     try:
-        ChatApp(MlxEngine(name, force=True, dtype=args.dtype), name, store, system=args.system,
-                settings=sampling).run()
+        ChatApp(engine, name, store, system=args.system, settings=sampling).run()
     finally:
         store.close()
     return 0
@@ -247,6 +303,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", choices=["mlx-lm"], default=None, help="run a peer too")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     add_model_flags(p, model=False, sampling=False)
+    p.add_argument("--kv-group-size", type=int, default=64,
+                   help="group size of the quantized KV caches measured")
+    add_draft_flags(p)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -256,8 +315,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         raise MlxMixtralError("--prompt-tokens and --runs must be >= 1, --gen-tokens >= 2")
     if not args.model and not args.preset:
         args.preset = "mixtral-tiny"
+    drafting = drafting_from(args, args.force, args.dtype)
     print(bench_main(args.model, args.preset, args.prompt_tokens, args.gen_tokens, args.runs,
-                     args.compare == "mlx-lm", args.json, args.force, args.dtype))
+                     args.compare == "mlx-lm", args.json, args.force, args.dtype, drafting,
+                     args.kv_group_size))
     return 0
 
 

@@ -86,6 +86,23 @@ class SamplingParams:
         return make_sampler(self.temperature, top_p=0.0 if self.top_p >= 1 else self.top_p,
                             min_p=self.min_p, top_k=top_k)
 
+    def distribution(self, logprobs: mx.array) -> mx.array:
+        """The probabilities this sampler draws the next token from, given one row of
+        log-probabilities (the same filters, in the same order, as `sampler`)."""
+        import mlx.core as mx
+        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+        if self.temperature == 0:
+            return mx.softmax(logprobs, axis=-1)
+        x = logprobs[None]
+        if 0 < self.top_p < 1:
+            x = apply_top_p(x, self.top_p)
+        if self.min_p:
+            x = apply_min_p(x, self.min_p)
+        if 0 < self.top_k < x.shape[-1]:
+            x = apply_top_k(x, self.top_k)
+        return mx.softmax(x[0] * (1 / self.temperature), axis=-1)
+
     def logits_processors(self) -> list:
         if self.repetition_penalty == 1.0:
             return []

@@ -23,7 +23,10 @@ from ..errors import GenerationError
 from ..model.decoder import Model
 from ..text.chat_format import clean_text, format_segments
 from ..text.tokenizer import Tokenizer
+from .kv import KVSettings
+from .prefix import reuse_prefix
 from .sampling import SamplingParams
+from .speculative import Drafter, check_cache_slack
 from .stats import Clock, Stats
 from .stream import Chunk, context_length, stream_generate
 
@@ -31,6 +34,7 @@ from .stream import Chunk, context_length, stream_generate
 class ChatSession:
     def __init__(self, model: Model, tokenizer: Tokenizer, system: str | None = None,
                  chat_format: str | None = None, sampling: SamplingParams | None = None,
+                 kv: KVSettings | None = None, draft: Drafter | None = None,
                  **settings: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.system = system
@@ -39,7 +43,8 @@ class ChatSession:
         self.messages: list[dict[str, str]] = []  # user / assistant turns
         # Each assistant turn's tokens as generated (None: not generated here, so re-encoded).
         self.reply_ids: list[list[int] | None] = []
-        self.cache = model.make_cache()
+        self.kv, self.draft = kv, draft
+        self.cache = self._fresh_cache()
         self.cached: list[int] = []  # the token ids whose keys/values are in the cache
         self.last_stats: Stats | None = None
 
@@ -49,7 +54,7 @@ class ChatSession:
         self.messages = [{"role": m["role"], "content": clean_text(m["content"])}
                          for m in messages if m["role"] in ("user", "assistant")]
         self.reply_ids = [None for m in self.messages if m["role"] == "assistant"]
-        self.cache, self.cached = self.model.make_cache(), []
+        self.cache, self.cached = self._fresh_cache(), []
 
     # ---- the conversation as tokens -------------------------------------------------------
 
@@ -83,19 +88,35 @@ class ChatSession:
 
     def _sync_cache(self, ids: list[int]) -> list[int]:
         """Trim the cache to the common prefix with `ids`; return the ids still to prefill."""
-        common = 0
-        for a, b in zip(self.cached, ids, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)  # always feed at least one token to get logits
-        if common < len(self.cached):
-            for c in self.cache:
-                c.trim(len(self.cached) - common)
-            if not all(getattr(c, "complete", True) for c in self.cache):
-                self.cache, common = self.model.make_cache(), 0  # lost to the window: rebuild
-            self.cached = self.cached[:common]
+        self.cache, common = reuse_prefix(self.cache, self.cached, ids, self._fresh_cache)
+        self.cached = self.cached[:common]
         return ids[common:]
+
+    def _fresh_cache(self) -> list:
+        return self.model.make_cache(slack=self.draft.k if self.draft else 0)
+
+    def replies_state(self) -> list[list]:
+        """Each reply's text with the tokens it was generated as, for `adopt_cache`."""
+        replies = [m["content"] for m in self.messages if m["role"] == "assistant"]
+        return [[text, ids] for text, ids in zip(replies, self.reply_ids, strict=True)
+                if ids is not None]
+
+    def adopt_cache(self, cache: list, tokens: list[int],
+                    replies: list[list] | None = None) -> None:
+        """Continue from a saved cache holding `tokens` (after `load_messages`): the next turn
+        prefills only what follows the longest prefix it shares with the conversation.
+        `replies` ([text, token ids] from `replies_state`) restore the tokens the replies were
+        generated as (re-encoding their text could tokenize differently)."""
+        if not cache or cache[0].offset != len(tokens):
+            raise GenerationError("the cache and its tokens disagree")
+        if self.draft is not None:
+            check_cache_slack(cache, self.draft.k)
+        known = {text: ids for text, ids in replies or [] if isinstance(text, str)
+                 and isinstance(ids, list) and all(isinstance(i, int) for i in ids)}
+        texts = [m["content"] for m in self.messages if m["role"] == "assistant"]
+        self.reply_ids = [known.get(text, ids) for text, ids in
+                          zip(texts, self.reply_ids, strict=True)]
+        self.cache, self.cached = cache, list(tokens)
 
     # ---- turns ----------------------------------------------------------------------------
 
@@ -110,7 +131,7 @@ class ChatSession:
         clock = Clock()
         try:
             for item in stream_generate(self.model, self.tokenizer, new, sampling=params,
-                                        cache=self.cache):
+                                        cache=self.cache, kv=self.kv, draft=self.draft):
                 clock.first_token()
                 if isinstance(item, Stats):
                     stats = item
@@ -129,7 +150,7 @@ class ChatSession:
     def _record(self, ids: list[int], tokens: list[int], text: str, stats: Stats) -> None:
         """Book a reply, also one the caller stopped early: the cache then holds the prompt and
         every token streamed so far."""
-        self.cached = ids + tokens
+        self.cached = (ids + tokens)[:self.cache[0].offset]
         reply = tokens if tokens[-1:] and tokens[-1] in self.tokenizer.eos_ids else (
             tokens + [self.tokenizer.eos_id])  # the format ends a reply with EOS
         self.messages.append({"role": "assistant", "content": text})

@@ -19,13 +19,21 @@ class Stats:
     ttft: float  # seconds to the first token
     peak_memory: int  # bytes
     finish_reason: str | None = None
+    forward_passes: int = 0  # the model's passes while generating (drafted decoding: fewer)
+    draft_proposed: int = 0
+    draft_accepted: int = 0
     tokens: list[int] = field(default_factory=list, repr=False)
     text: str = field(default="", repr=False)
 
     def __str__(self) -> str:
-        return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
+        line = (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
                 f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
                 f"first token {self.ttft:.2f} s | peak memory {self.peak_memory / 1e9:.2f} GB")
+        if self.draft_proposed:
+            line += (f" | drafts accepted {self.draft_accepted}/{self.draft_proposed}, "
+                     f"{self.forward_passes / max(self.generation_tokens, 1):.2f} passes "
+                     "per token")
+        return line
 
 
 class Clock:

@@ -17,7 +17,9 @@ from ..errors import GenerationError
 from ..model.decoder import Model
 from ..text.chat_format import clean_text
 from ..text.tokenizer import Tokenizer
+from .kv import KVSettings
 from .sampling import SamplingParams
+from .speculative import DraftCounts, Drafter, speculative_steps
 from .stats import Clock, Stats
 
 DEFAULT_PREFILL_STEP = 512
@@ -125,6 +127,8 @@ def stream_generate(
     chat_format: str | None = None,
     cache: list | None = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    kv: KVSettings | None = None,
+    draft: Drafter | None = None,
     **settings: Any,
 ) -> Iterator[Chunk | Stats]:
     """Yield `Chunk`s as the reply streams, then one `Stats`.
@@ -133,16 +137,17 @@ def stream_generate(
     {"role", "content"} messages, or token ids. Sampling: a `SamplingParams` and/or its fields
     as keywords (temperature, top_p, top_k, min_p, repetition_penalty, repetition_context,
     max_tokens, seed). `cache`: a KV cache holding earlier tokens, which are not prefilled again.
-    """
+    `kv`: quantized keys and values (`KVSettings`). `draft`: a `Drafter` (a draft model or
+    prompt lookup) for drafted decoding."""
     params = SamplingParams.from_kwargs(sampling, **settings)
     ids = prompt_ids(tokenizer, prompt, system=system, raw=raw, chat_format=chat_format)
     check_prompt(model, ids, cache[0].offset if cache else 0)
+    kv = kv or KVSettings()
+    kv.check(model.args.head_dim)
     if params.seed is not None:
         mx.random.seed(params.seed)
-    cache = cache if cache is not None else model.make_cache()
+    cache = cache if cache is not None else model.make_cache(slack=draft.k if draft else 0)
     max_tokens = min(params.max_tokens, context_length(model) - cache[0].offset - len(ids))
-
-    from mlx_lm.generate import generate_step  # (imports transformers: not at import time)
 
     detok = tokenizer.detokenizer()
     stops = StopStrings(stop)
@@ -150,16 +155,15 @@ def stream_generate(
     text, finish, hit = "", None, False
     mx.reset_peak_memory()
     clock = Clock()
-    steps = generate_step(mx.array(ids), model, max_tokens=max_tokens,
-                          sampler=guard_nan(params.sampler(model.args.vocab_size)),
-                          logits_processors=params.logits_processors(),
-                          prompt_cache=cache, prefill_step_size=prefill_step_size)
+    counts = DraftCounts()
+    if draft is None:
+        steps = _plain_steps(model, ids, cache, params, max_tokens, kv, prefill_step_size)
+    else:
+        steps = speculative_steps(model, ids, cache, draft, params, max_tokens, kv, counts,
+                                  prefill_step_size)
     try:
-        for token, _ in steps:
+        for token in steps:
             clock.first_token()
-            token = int(token)
-            if token == NOT_A_NUMBER:
-                raise GenerationError(BAD_LOGITS)
             tokens.append(token)
             if token in tokenizer.eos_ids:
                 finish = "stop"
@@ -181,7 +185,29 @@ def stream_generate(
     text += rest
     finish = finish or ("stop" if hit else "length")
     yield Chunk(rest, None, finish)
-    yield clock.stats(len(ids), tokens, text, finish)
+    stats = clock.stats(len(ids), tokens, text, finish)
+    stats.forward_passes = counts.forward_passes if draft else len(tokens)
+    stats.draft_proposed, stats.draft_accepted = counts.proposed, counts.accepted
+    yield stats
+
+
+def _plain_steps(model: Model, ids: list[int], cache: list, params: SamplingParams,
+                 max_tokens: int, kv: KVSettings, prefill_step_size: int) -> Iterator[int]:
+    """mlx-lm's token loop (chunked prefill, pipelined decoding, its KV quantization)."""
+    from mlx_lm.generate import generate_step  # (imports transformers: not at import time)
+
+    steps = generate_step(mx.array(ids), model, max_tokens=max_tokens,
+                          sampler=guard_nan(params.sampler(model.args.vocab_size)),
+                          logits_processors=params.logits_processors(),
+                          prompt_cache=cache, prefill_step_size=prefill_step_size,
+                          **kv.step_kwargs())
+    try:
+        for token, _ in steps:
+            if int(token) == NOT_A_NUMBER:
+                raise GenerationError(BAD_LOGITS)
+            yield int(token)
+    finally:
+        steps.close()
 
 
 def generate(model: Model, tokenizer: Tokenizer, prompt: str | Sequence[Any],

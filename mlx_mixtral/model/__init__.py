@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 from ..lazy import lazy_exports
 
 _EXPORTS = {
-    "KVCache": "cache",
-    "RotatingKVCache": "cache",
+    "FullKVCache": "cache",
+    "RollingKVCache": "cache",
     "PRESETS": "config",
     "ModelArgs": "config",
     "preset": "config",
@@ -17,11 +17,11 @@ _EXPORTS = {
     "RouterTrace": "routing",
     "load_balancing_loss": "routing",
 }
-__all__ = ["KVCache", "Model", "ModelArgs", "PRESETS", "RotatingKVCache", "RouterTrace",
+__all__ = ["FullKVCache", "Model", "ModelArgs", "PRESETS", "RollingKVCache", "RouterTrace",
            "load_balancing_loss", "preset"]
 
 if TYPE_CHECKING:
-    from .cache import KVCache, RotatingKVCache
+    from .cache import FullKVCache, RollingKVCache
     from .config import PRESETS, ModelArgs, preset
     from .decoder import Model
     from .routing import RouterTrace, load_balancing_loss

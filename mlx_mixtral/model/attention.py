@@ -4,21 +4,31 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
+from .cache import Buffer, over
 from .config import ModelArgs
 from .fusion import fuse_linears
 from .masks import Mask, WindowBand
 
 
-def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
+def _sdpa(q: mx.array, k: Buffer, v: Buffer, scale: float, mask: Mask, cache: object) -> mx.array:
+    if isinstance(k, tuple):  # quantized keys and values, read as they are
+        return quantized_scaled_dot_product_attention(
+            q, k, v, scale=scale, mask=mask, group_size=cache.group_size, bits=cache.bits)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def attend(q: mx.array, k: Buffer, v: Buffer, scale: float, mask: Mask,
+           cache: object = None) -> mx.array:
     """Scaled dot-product attention; a `WindowBand` runs block by block over the keys each
     block of queries can see. The kernel broadcasts the KV heads over their query groups: no
     repeated K/V in memory."""
     if not isinstance(mask, WindowBand):
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return _sdpa(q, k, v, scale, mask, cache)
     return mx.concatenate([
-        mx.fast.scaled_dot_product_attention(q[:, :, qs], k[:, :, ks], v[:, :, ks],
-                                             scale=scale, mask=m)
+        _sdpa(q[:, :, qs], over(k, lambda x, ks=ks: x[:, :, ks]),
+              over(v, lambda x, ks=ks: x[:, :, ks]), scale, m, cache)
         for qs, ks, m in mask.blocks(q.shape[2])], axis=2)
 
 
@@ -65,5 +75,5 @@ class Attention(nn.Module):
         q, k = self._rope(q, offset), self._rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = attend(q, k, v, self.scale, mask)
+        out = attend(q, k, v, self.scale, mask, cache)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))

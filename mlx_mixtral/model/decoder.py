@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx_lm.models.activations import swiglu  # silu(gate) * up as one compiled kernel
 
 from .attention import Attention
-from .cache import KVCache, RotatingKVCache
+from .cache import FullKVCache, RollingKVCache
 from .config import ModelArgs
 from .masks import windowed_mask
 from .moe import SparseMoE
@@ -97,12 +97,14 @@ class Model(nn.Module):
         # A padding query sees itself, so that its (unused) row never softmaxes over nothing.
         return ((visible[None] & real) | (k == q)[None])[:, None]
 
-    def make_cache(self) -> list[KVCache | RotatingKVCache]:
-        """One cache per layer: rolling at the sliding window, or full when there is none."""
+    def make_cache(self, slack: int = 0) -> list[FullKVCache | RollingKVCache]:
+        """One cache per layer: rolling at the sliding window, or full when there is none.
+        `slack`: positions a rolling cache keeps beyond the window, so that trimming that many
+        (rejected draft tokens) is exact."""
         window = self.args.sliding_window
         if window is None:
-            return [KVCache() for _ in self.layers]
-        return [RotatingKVCache(window) for _ in self.layers]
+            return [FullKVCache() for _ in self.layers]
+        return [RollingKVCache(window, slack) for _ in self.layers]
 
     def __call__(
         self,
@@ -124,7 +126,7 @@ class Model(nn.Module):
             cache = [None] * len(self.layers)
             mask = windowed_mask(0, length, 0, length, window)
         else:
-            mask = cache[0].make_mask(length, window)
+            mask = cache[0].make_mask(length, window_size=window)
         if padding is not None:
             mask = self._padding_mask(cache[0], length, padding)
         for layer, c in zip(self.layers, cache, strict=True):
