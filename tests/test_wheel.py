@@ -34,7 +34,7 @@ def test_wheel_layout_and_metadata(wheel):
     assert tops == {"mlx_mixtral"}
     for module in ("mlx_mixtral/app/__init__.py", "mlx_mixtral/convert/__init__.py",
                    "mlx_mixtral/model/decoder.py", "mlx_mixtral/model/cache.py",
-                   "mlx_mixtral/model/moe.py", "mlx_mixtral/loading/load.py",
+                   "mlx_mixtral/model/moe.py", "mlx_mixtral/loading/loader.py",
                    "mlx_mixtral/text/chat_format.py", "mlx_mixtral/generation/stream.py",
                    "mlx_mixtral/cli/main.py"):
         assert module in names
