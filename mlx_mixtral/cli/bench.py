@@ -22,6 +22,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ..generation.kv import KVSettings
 from ..model.config import ModelArgs
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -114,25 +115,24 @@ def make_cache(model: Any) -> list:
     return make_prompt_cache(model)
 
 
-def measure(engine: Engine, prompt: mx.array, gen_tokens: int,
-            prefill_step: int = 512) -> Run:
+def measure(engine: Engine, prompt: mx.array, gen_tokens: int, prefill_step: int = 512,
+            kv: KVSettings | None = None) -> Run:
     from mlx_lm.generate import generate_step
+
+    from ..generation.stats import Clock
 
     mx.synchronize()
     mx.reset_peak_memory()
     cache = make_cache(engine.model)
-    start = time.perf_counter()
-    first = None
-    n = 0
-    for _ in generate_step(prompt, engine.model, max_tokens=gen_tokens, prompt_cache=cache,
-                           prefill_step_size=prefill_step):
-        n += 1
-        if first is None:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    ttft = first - start
-    return Run(load_s=engine.load_s, ttft_s=ttft, prefill_tps=len(prompt) / ttft,
-               decode_tps=(n - 1) / max(end - first, 1e-9), peak_memory=mx.get_peak_memory())
+    clock, tokens = Clock(), []
+    for token, _ in generate_step(prompt, engine.model, max_tokens=gen_tokens,
+                                  prompt_cache=cache, prefill_step_size=prefill_step,
+                                  **(kv or KVSettings()).step_kwargs()):
+        clock.first_token()
+        tokens.append(token)
+    stats = clock.stats(len(prompt), tokens)
+    return Run(load_s=engine.load_s, ttft_s=stats.ttft, prefill_tps=stats.prompt_tps,
+               decode_tps=stats.generation_tps, peak_memory=stats.peak_memory)
 
 
 def decode_graph_nodes(model: Any, context: int = 16) -> int:
@@ -244,7 +244,7 @@ METRICS = [  # (key, label, higher is better)
 def run_bench(folder: Path, prompt_tokens: int = 256, gen_tokens: int = 64, runs: int = 3,
               compare: bool = False, extras: bool = True, dtype: str | None = None,
               log: Callable[[str], None] = print, drafting: Callable | None = None,
-              kv_group_size: int = 64) -> dict[str, Any]:
+              kv: KVSettings | None = None) -> dict[str, Any]:
     ours = load_ours(folder, dtype)
     engines = [ours]
     if compare:
@@ -256,7 +256,7 @@ def run_bench(folder: Path, prompt_tokens: int = 256, gen_tokens: int = 64, runs
     for r in range(runs):
         order = engines if r % 2 == 0 else engines[::-1]  # alternate who goes first
         for engine in order:
-            engine.runs.append(measure(engine, prompt, gen_tokens))
+            engine.runs.append(measure(engine, prompt, gen_tokens, kv=kv))
         log(f"run {r + 1}/{runs} done")
     result: dict[str, Any] = {
         "model": str(folder), "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
@@ -277,8 +277,9 @@ def run_bench(folder: Path, prompt_tokens: int = 256, gen_tokens: int = 64, runs
             result["kv_bytes"] = {"1x_window": kv_bytes(model, window),
                                   "4x_window": kv_bytes(model, 4 * window)}
         result["batch_tps"] = {str(b): batch_throughput(model, b) for b in (1, 4, 8)}
-        if model.args.head_dim % kv_group_size == 0:
-            result["kv_per_token"] = kv_bytes_per_token(model, kv_group_size)
+        group = (kv or KVSettings()).group_size
+        if model.args.head_dim % group == 0:
+            result["kv_per_token"] = kv_bytes_per_token(model, group)
     if drafting is not None:
         result["drafted"] = drafted_run(ours.model, prompt, gen_tokens,
                                         drafting(ours.model, None))
@@ -330,7 +331,7 @@ def format_result(result: dict[str, Any]) -> str:
 def bench_main(model: str | None, preset: str | None, prompt_tokens: int, gen_tokens: int,
                runs: int, compare: bool, as_json: bool, force: bool = False,
                dtype: str | None = None, drafting: Callable | None = None,
-               kv_group_size: int = 64) -> str:
+               kv: KVSettings | None = None) -> str:
     from ..errors import WeightsError
     from ..loading import describe, resolve
     from ..loading.memory import check_fits
@@ -342,5 +343,5 @@ def bench_main(model: str | None, preset: str | None, prompt_tokens: int, gen_to
     check_fits(describe(Path(folder)), force, dtype)
     result = run_bench(Path(folder), prompt_tokens, gen_tokens, runs, compare, dtype=dtype,
                        log=lambda m: None if as_json else print(m, flush=True),
-                       drafting=drafting, kv_group_size=kv_group_size)
+                       drafting=drafting, kv=kv)
     return json.dumps(result, indent=2) if as_json else format_result(result)

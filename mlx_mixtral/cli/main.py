@@ -303,8 +303,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", choices=["mlx-lm"], default=None, help="run a peer too")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     add_model_flags(p, model=False, sampling=False)
-    p.add_argument("--kv-group-size", type=int, default=64,
-                   help="group size of the quantized KV caches measured")
+    add_kv_flags(p)
     add_draft_flags(p)
 
 
@@ -315,10 +314,13 @@ def _run_bench(args: argparse.Namespace) -> int:
         raise MlxMixtralError("--prompt-tokens and --runs must be >= 1, --gen-tokens >= 2")
     if not args.model and not args.preset:
         args.preset = "mixtral-tiny"
-    drafting = drafting_from(args, args.force, args.dtype)
+    drafting, kv = drafting_from(args, args.force, args.dtype), kv_from(args)
+    if kv.bits is not None and args.compare:
+        raise MlxMixtralError("--kv-bits with --compare mlx-lm: mlx-lm cannot quantize a "
+                              "rolling cache; compare without --kv-bits")
     print(bench_main(args.model, args.preset, args.prompt_tokens, args.gen_tokens, args.runs,
                      args.compare == "mlx-lm", args.json, args.force, args.dtype, drafting,
-                     args.kv_group_size))
+                     kv))
     return 0
 
 
