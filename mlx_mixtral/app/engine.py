@@ -196,9 +196,9 @@ class MlxEngine:
         finally:
             stream.close()
         share, balance = self._experts()
-        self._save()
         emit(ReplyEvent(done=True, finish_reason=finish, stats=stats or session.last_stats,
                         context_used=len(session.cached), expert_share=share, balance=balance))
+        self._save()  # after the reply is shown; the worker does it before the next job
 
     def _experts(self) -> tuple[list[list[float]] | None, float | None]:
         """Which experts each layer chose for the reply's tokens (decode steps only)."""
