@@ -108,7 +108,7 @@ def assert_defaults_shown(command: str, text: str) -> None:
     for action in sub.choices[command]._actions:
         if not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
             continue
-        flag = action.option_strings[-1]
+        flag = action.option_strings[0]
         (entry,) = [e for e in entries if re.match(rf"(-\w, )?{flag}\b", e)]
         assert f"(default: {action.default})" in " ".join(entry.split()), (command, flag)
 
@@ -144,3 +144,28 @@ def test_info_of_a_model_folder(folder):
     result = cli("info", "--model", str(folder))
     assert result.returncode == 0, result.stderr
     assert "Mistral (dense)" in result.stdout and "window         8" in result.stdout
+
+
+def test_prompt_as_argument_or_from_a_pipe(folder):
+    by_argument = cli("generate", "--model", str(folder), "t5 t6 t7", "--temperature", "0",
+                      "--max-tokens", "4")
+    assert by_argument.returncode == 0, by_argument.stderr
+    piped = subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", "generate", "--model",
+                            str(folder), "--temp", "0", "--max-tokens", "4"], input="t5 t6 t7",
+                           capture_output=True, text=True)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == by_argument.stdout
+    twice = cli("generate", "--model", str(folder), "a", "--prompt", "b")
+    assert twice.returncode == 2 and "once" in twice.stderr
+
+
+def test_chat_without_a_terminal_says_so_and_exits(folder, tmp_path):
+    import time
+
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", "--model", str(folder),
+                             "--db", str(tmp_path / "c.db")], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "needs a terminal" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - start < 15

@@ -99,7 +99,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
     d = SamplingParams()
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="longest reply")
-    p.add_argument("--temp", type=float, default=d.temperature,
+    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=d.temperature,
                    help="sampling temperature; 0 is greedy")
     p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling (1 = off)")
     p.add_argument("--top-k", type=int, default=d.top_k, help="keep the k likeliest (0 = off)")
@@ -151,7 +151,10 @@ def load_model_for_cli(name: str | None, force: bool = False, dtype: str | None 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "generate")
     add_model_flags(p)
-    p.add_argument("--prompt", required=True, help="the prompt (use - to read stdin)")
+    p.add_argument("text", nargs="?", default=None, metavar="PROMPT",
+                   help="the prompt (or --prompt; read from stdin when neither is given and "
+                   "stdin is not a terminal)")
+    p.add_argument("--prompt", default=None, help="the prompt (use - to read stdin)")
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, no chat format")
     p.add_argument("--chat-format", default=None,
@@ -183,7 +186,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     sampling, kv = sampling_from(args), kv_from(args)  # validate before the slow load
     drafting = drafting_from(args, args.force, args.dtype)
-    prompt = read_prompt(args.prompt)
+    prompt = read_prompt(_prompt_argument(args))
     if not prompt.strip():
         from ..errors import GenerationError
 
@@ -208,6 +211,19 @@ def _run_generate(args: argparse.Namespace) -> int:
         held = (ids + stats.tokens)[:cache[0].offset]
         save_prompt_cache(args.prompt_cache, cache, model=model, tokens=held)
     return 0
+
+
+def _prompt_argument(args: argparse.Namespace) -> str:
+    """The prompt as given: positional, --prompt, or "-" (stdin) when piped."""
+    if args.text is not None and args.prompt is not None:
+        raise MlxMixtralError("give the prompt once: as an argument or with --prompt")
+    given = args.text if args.text is not None else args.prompt
+    if given is not None:
+        return given
+    if not sys.stdin.isatty():
+        return "-"
+    raise MlxMixtralError('no prompt: mlx-mixtral generate "your prompt" (or --prompt, or '
+                          "pipe it in)")
 
 
 def _reused_cache(path: str | None, model, ids: list[int], slack: int) -> tuple[list, int]:
@@ -258,6 +274,10 @@ def _run_chat(args: argparse.Namespace) -> int:
     # cannot load.
     check_fits(describe(resolve(name)), args.force, args.dtype)
     store = Store(args.db)
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        store.close()
+        raise MlxMixtralError("the chat app needs a terminal; in scripts use mlx-mixtral "
+                              'generate "your prompt" (or pipe the prompt into it)')
     caches = None
     if args.prompt_cache_gb > 0:
         caches = PromptCaches(store.path.parent / "prompt-caches", int(args.prompt_cache_gb * 1e9))
@@ -342,9 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
+        argv = ["chat", *argv]  # no command: chat, the main job (`mlx-mixtral --model M`)
     args = parser.parse_args(argv)
-    if not getattr(args, "run", None):  # no command: chat, the main job
-        args = parser.parse_args(["chat", *(argv if argv is not None else sys.argv[1:])])
     try:
         return args.run(args)
     except MlxMixtralError as e:
