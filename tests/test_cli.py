@@ -143,7 +143,7 @@ def test_info_preset_mixtral_8x7b():
 def test_info_of_a_model_folder(folder):
     result = cli("info", "--model", str(folder))
     assert result.returncode == 0, result.stderr
-    assert "Mistral (dense)" in result.stdout and "window         8" in result.stdout
+    assert "dense decoder" in result.stdout and "window         8" in result.stdout
 
 
 def test_prompt_as_argument_or_from_a_pipe(folder):

@@ -53,3 +53,22 @@ def test_trace_does_not_change_the_default_path(pair, tokens):
     plain = ours(ids)
     traced = ours(ids, router_trace=RouterTrace())
     assert np.array_equal(np.array(plain), np.array(traced))
+
+
+def test_even_routing_scores_top_k_as_the_panel_says():
+    """Perfectly even top-2 routing gives a load-balancing loss of 2.00, which is what the
+    experts panel calls even."""
+    import mlx.core as mx
+
+    from mlx_mixtral.app.widgets import ExpertsPanel
+    from mlx_mixtral.model.routing import load_balancing_loss
+
+    experts, top_k = 8, 2
+    logits = mx.zeros((64, experts))  # every expert equally likely: the even case
+    loss = load_balancing_loss([logits], experts, top_k).item()
+    assert abs(loss - top_k) < 1e-5
+    panel = ExpertsPanel()
+    shown = []
+    panel.update = lambda text: shown.append(str(text))
+    panel.show([[0.25] * experts], loss, top_k)
+    assert "load balance 2.00 (2.00 = even)" in shown[-1]

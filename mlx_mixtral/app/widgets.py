@@ -136,5 +136,5 @@ class ExpertsPanel(Static):
                 text.append(" " + SHADES[level], style=style if level else "dim")
             text.append("\n")
         if balance is not None:
-            text.append(f"\nload balance {balance:.2f} (1.00 = even)")
+            text.append(f"\nload balance {balance:.2f} ({top_k:.2f} = even)")
         self.update(text)

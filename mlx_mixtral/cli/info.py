@@ -21,7 +21,8 @@ def args_of(model: str) -> ModelArgs:
 
 def describe(args: ModelArgs, name: str) -> str:
     total, active = args.parameter_counts()
-    kind = "Mixtral (sparse mixture of experts)" if args.is_moe else "Mistral (dense)"
+    kind = ("sparse mixture of experts (Mixtral-style)" if args.is_moe
+            else "dense decoder (Mistral-style)")
     kv_per_token = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * 2
     kv_tokens = args.sliding_window or args.max_position_embeddings
     memory = machine_memory()
