@@ -182,15 +182,12 @@ def read_prompt(arg: str) -> str:
 
 def _run_generate(args: argparse.Namespace) -> int:
     from ..generation import Stats, stream_generate
-    from ..generation.stream import prompt_ids
+    from ..generation.stream import prompt_ids, require_text
 
     sampling, kv = sampling_from(args), kv_from(args)  # validate before the slow load
     drafting = drafting_from(args, args.force, args.dtype)
     prompt = read_prompt(_prompt_argument(args))
-    if not prompt.strip():
-        from ..errors import GenerationError
-
-        raise GenerationError("the prompt is empty")
+    require_text(prompt)  # before the slow load
     model, tokenizer = load_model_for_cli(args.model, args.force, args.dtype)
     draft = drafting(model, tokenizer) if drafting else None
     ids = prompt_ids(tokenizer, prompt, system=args.system, raw=args.raw,

@@ -35,12 +35,17 @@ class Chunk:
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
 
 
+def require_text(prompt: str) -> None:
+    """Refuse an empty prompt (checked before a model loads, where the caller can)."""
+    if not prompt.strip():
+        raise GenerationError("the prompt is empty")
+
+
 def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[Any], system: str | None = None,
                raw: bool = False, chat_format: str | None = None) -> list[int]:
     """Token ids for a plain string (chat-formatted unless `raw`), a message list, or ids."""
     if isinstance(prompt, str):
-        if not prompt.strip():
-            raise GenerationError("the prompt is empty")
+        require_text(prompt)
         if raw:  # (the chat formats clean message text themselves)
             return tokenizer.encode(clean_text(prompt), add_bos=tokenizer.add_bos)
         messages = [{"role": "system", "content": system}] if system else []
