@@ -66,6 +66,12 @@ class FakeEngine:
     def set_conversation_key(self, key):
         pass
 
+    def prefill(self, progress, should_stop):
+        return 0
+
+    def select(self, name):
+        self.info.name = name
+
     def reply(self, action, text, settings, emit, should_stop):
         words = self.reply_text.split(" ")
         sent = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from app_helpers import tiny_model_folder, wait_until
@@ -190,3 +191,78 @@ async def test_load_error_is_shown_in_the_app(tmp_path):
         await wait_until(pilot, lambda: "Could not load" in str(loading.render()))
         assert "truncated safetensors file" in str(loading.render())
         assert app.info is None
+
+
+def _long_chat(db, model_folder, turns: int = 6) -> int:
+    store = Store(db)
+    cid = store.create(str(model_folder), None, GREEDY.to_dict(), "a long chat")
+    for i in range(turns):
+        store.add_message(cid, "user", f"Question {i}: " + "tell me about rivers " * 30)
+        store.add_message(cid, "assistant", f"Answer {i}: " + "rivers flow to the sea " * 30)
+    store.close()
+    return cid
+
+
+class Slow:
+    """A model that takes its time (sleeping, so the UI thread keeps running)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        time.sleep(0.05)
+        return self.model(*args, **kwargs)
+
+
+def _rising(seen: list[tuple[int, int]]) -> bool:
+    done = [d for d, _ in seen]
+    return done == sorted(done) and len(set(done)) == len(done)
+
+
+async def test_opening_a_chat_prefills_its_history_with_progress(model_folder, tmp_path):
+    db = tmp_path / "chats.db"
+    cid = _long_chat(db, model_folder)
+    app = make_app(model_folder, db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(app, pilot)
+        await app.open_conversation(cid)
+        await wait_until(pilot, lambda: app.prefill_seen
+                         and app.prefill_seen[-1][0] == app.prefill_seen[-1][1])
+        history = list(app.prefill_seen)
+        total = history[-1][1]
+        assert total > 1000 and len(history) >= 4 and _rising(history)
+        assert "chat ready" in str(app.query_one("#status").render())
+        # The next reply reads only the new message: the history is in the cache already.
+        app.prefill_seen.clear()
+        await send(app, pilot, "And lakes?")
+        assert app.prefill_seen and app.prefill_seen[-1][1] < 40
+
+
+async def test_a_long_prompt_shows_its_count_and_esc_stops_it(model_folder, tmp_path):
+    from mlx_mixtral.app.engine import PREFILL_STEP
+
+    app = make_app(model_folder, tmp_path / "chats.db")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await loaded(app, pilot)
+        await send(app, pilot, "Summarise: " + "the quick brown fox jumps " * 200)
+        seen = list(app.prefill_seen)
+        assert seen[-1][1] > 4 * PREFILL_STEP and len(seen) >= 4 and _rising(seen)
+        # Esc while the prompt is being read ends the turn at the next chunk.
+        app.prefill_seen.clear()
+        app.engine.session.prefill_step = 16
+        app.engine.session.model = Slow(app.engine.session.model)  # slow enough to stop
+        prompt = app.query_one(PromptInput)
+        prompt.text = "Again: " + "over the lazy dog " * 200
+        prompt.focus()
+        done = app.replies_done
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.prefill_seen)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.replies_done > done)
+        assert app.prefill_seen[-1][0] < app.prefill_seen[-1][1]
+        assert db_messages(tmp_path / "chats.db")[-1].status == "stopped"
+        await send(app, pilot, "Still there?")  # the chat goes on: turns still alternate
+        assert db_messages(tmp_path / "chats.db")[-1].status == "complete"

@@ -87,6 +87,9 @@ class ChatApp(App):
         self._last_save = 0.0
         self._last_stats: dict[str, Any] = {}
         self.replies_done = 0  # finished replies, for whoever waits on the app (tests)
+        self.prefill_seen: list[tuple[int, int]] = []  # (done, total) as heard, for tests
+        self._prefill_epoch = 0  # bumped to stop a background prefill that lost its chat
+        self._prefill_t0 = time.monotonic()
         self._sidebar_toggled = False
 
     # ---- layout ---------------------------------------------------------------------------
@@ -185,7 +188,10 @@ class ChatApp(App):
             else:
                 await messages.mount(AssistantMessage(m.content, m.id, m.status))
         history = [{"role": m.role, "content": m.content} for m in c.messages]
+        self._prefill_epoch += 1
         self.worker.submit(self.engine.set_conversation, self.system, history, str(c.id))
+        if history:
+            self._prefill_history()
         if Path(c.model).name != Path(self.model_name).name:
             self.notify(f"This chat was held with {c.model}; continuing with "
                         f"{self.model_name}.", severity="warning")
@@ -199,6 +205,34 @@ class ChatApp(App):
             self.worker.submit(self.engine.set_conversation_key, str(self.conversation_id))
             self.refresh_sidebar()
         return self.conversation_id
+
+    def _prefill_history(self) -> None:
+        """Read the opened chat into the KV cache on the worker now, while the user reads and
+        types, so the next reply does not wait for it."""
+        epoch = self._prefill_epoch
+        self._prefill_t0 = time.monotonic()
+
+        def run() -> None:
+            try:
+                self.engine.prefill(lambda done, total: self._emit(
+                    ReplyEvent(prefill=(done, total))), lambda: self._prefill_epoch != epoch)
+            except Exception:  # noqa: BLE001 - the next reply prefills whatever is missing
+                pass
+
+        self.worker.submit(run)
+
+    def _show_prefill(self, done: int, total: int) -> None:
+        what = "reading the prompt" if self._reply is not None else "reading this chat"
+        if done >= total:
+            note = "generating ... (Esc stops)" if self._reply is not None else (
+                f"chat ready ({total} tokens read)")
+        else:
+            elapsed = time.monotonic() - self._prefill_t0
+            left = elapsed / max(done, 1) * (total - done)
+            note = f"{what}: {done}/{total} tokens, about {left:.0f} s left"
+            if self._reply is not None:
+                note += " (Esc stops)"
+        self._status(note=note)
 
     # ---- sending and streaming ------------------------------------------------------------
 
@@ -227,7 +261,7 @@ class ChatApp(App):
         self.query_one("#messages").anchor()
         self._reply, self.generating = reply, True
         self._stop.clear()
-        self._last_save = time.monotonic()
+        self._last_save = self._prefill_t0 = time.monotonic()
         settings = self.settings
         self.worker.submit(self._generate, action, text, settings)
         self._status(note="generating ... (Esc stops)")
@@ -245,6 +279,13 @@ class ChatApp(App):
     async def _drain(self) -> None:
         with self._lock:
             events, self._pending = self._pending, []
+        if not events:
+            return
+        progress = [e.prefill for e in events if e.prefill is not None]
+        self.prefill_seen += progress
+        if progress:
+            self._show_prefill(*progress[-1])
+        events = [e for e in events if e.prefill is None]
         if not events or self._reply is None:
             return
         reply = self._reply
@@ -315,6 +356,7 @@ class ChatApp(App):
         if self.generating:
             return
         self.conversation_id, self.editing = None, False
+        self._prefill_epoch += 1
         await self.query_one("#messages").remove_children()
         self.worker.submit(self.engine.set_conversation, self.system, [])
         self._status(note="new chat")

@@ -21,12 +21,16 @@ from ..generation.kv import KVSettings
 from ..generation.sampling import SamplingParams
 from ..generation.session import ChatSession
 from ..generation.speculative import Drafter
-from ..generation.stats import Stats
+from ..generation.stats import PrefillStopped, Stats
 from ..model.decoder import Model
 from ..model.routing import RouterTrace
 from ..text.tokenizer import Tokenizer
 from ..units import gb, human
 from .prompt_caches import PromptCaches
+
+# Prompt tokens per prefill chunk: small enough that progress moves every few seconds on a
+# slow machine, large enough that Metal stays busy.
+PREFILL_STEP = 256
 
 
 @dataclass
@@ -63,6 +67,7 @@ class ReplyEvent:
     expert_share: list[list[float]] | None = None  # layers x experts, share of reply tokens
     balance: float | None = None  # load-balancing loss over the reply (1.0 = even)
     error: str | None = None
+    prefill: tuple[int, int] | None = None  # (done, total) tokens of the prompt read so far
 
 
 class Engine(Protocol):
@@ -74,6 +79,11 @@ class Engine(Protocol):
                          key: str | None = None) -> None: ...
 
     def set_conversation_key(self, key: str | None) -> None: ...
+
+    def prefill(self, progress: Callable[[int, int], None],
+                should_stop: Callable[[], bool]) -> int: ...
+
+    def select(self, name: str) -> None: ...
 
     def reply(self, action: str, text: str | None, settings: SamplingParams,
               emit: Callable[[ReplyEvent], None], should_stop: Callable[[], bool]) -> None: ...
@@ -110,6 +120,16 @@ class MlxEngine:
         self.info = EngineInfo(name=Path(model_name).name or model_name)
         self.session: ChatSession | None = None
         self.traced: TracedModel | None = None
+        self.model: nn.Module | None = None
+
+    def select(self, name: str) -> None:
+        """Drop the loaded model (its memory is free before the next `load`), and name the next
+        one."""
+        self.session = self.traced = self.model = None
+        self.key = None
+        mx.clear_cache()
+        self.model_name = name
+        self.info = EngineInfo(name=Path(name).name or name)
 
     def load(self, progress: Callable[[float], None]) -> EngineInfo:
         from ..loading import load
@@ -126,6 +146,7 @@ class MlxEngine:
         self.traced = TracedModel(model) if args.is_moe else None
         draft = self.drafting(model, tokenizer) if self.drafting else None
         self.session = ChatSession(self.traced or model, tokenizer, kv=self.kv, draft=draft)
+        self.session.prefill_step = PREFILL_STEP
         self.model = model
         self.info = EngineInfo(
             name=self.info.name, parameters=total, active_parameters=active,
@@ -146,6 +167,14 @@ class MlxEngine:
 
     def set_conversation_key(self, key: str | None) -> None:
         self.key = key
+
+    def prefill(self, progress: Callable[[int, int], None],
+                should_stop: Callable[[], bool]) -> int:
+        """Read the opened conversation into the cache now, so its next reply starts at once."""
+        done = self.session.prefill(progress, should_stop)
+        if done:
+            self._save()
+        return done
 
     def _restore(self, key: str) -> None:
         from ..loading.prompt_cache import load_prompt_cache
@@ -176,9 +205,15 @@ class MlxEngine:
         session = self.session
         if self.traced is not None:
             self.traced.trace = RouterTrace()
-        start = {"send": lambda: session.send(text, sampling=settings),
-                 "regenerate": lambda: session.regenerate(sampling=settings),
-                 "edit": lambda: session.edit_last(text, sampling=settings)}[action]
+        def prefilled(done: int, total: int) -> None:
+            emit(ReplyEvent(prefill=(done, total)))
+            if should_stop():
+                raise PrefillStopped  # Esc during a long prompt: stop between chunks
+
+        kw = dict(sampling=settings, progress=prefilled)
+        start = {"send": lambda: session.send(text, **kw),
+                 "regenerate": lambda: session.regenerate(**kw),
+                 "edit": lambda: session.edit_last(text, **kw)}[action]
         finish, stats = None, None
         stream = start()
         try:

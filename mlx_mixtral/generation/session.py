@@ -16,8 +16,10 @@ Policies:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import mlx.core as mx
 
 from ..errors import GenerationError
 from ..model.decoder import Model
@@ -27,8 +29,8 @@ from .kv import KVSettings
 from .prefix import reuse_prefix
 from .sampling import SamplingParams
 from .speculative import Drafter, check_cache_slack
-from .stats import Clock, Stats
-from .stream import Chunk, context_length, stream_generate
+from .stats import Clock, PrefillStopped, Progress, Stats
+from .stream import DEFAULT_PREFILL_STEP, Chunk, context_length, stream_generate
 
 
 class ChatSession:
@@ -47,6 +49,7 @@ class ChatSession:
         self.cache = self._fresh_cache()
         self.cached: list[int] = []  # the token ids whose keys/values are in the cache
         self.last_stats: Stats | None = None
+        self.prefill_step = DEFAULT_PREFILL_STEP  # prompt tokens per forward pass
 
     def load_messages(self, messages: list[dict[str, str]], system: str | None = None) -> None:
         """Continue a stored conversation: its replies are re-encoded, the cache starts empty."""
@@ -120,7 +123,27 @@ class ChatSession:
 
     # ---- turns ----------------------------------------------------------------------------
 
-    def _reply(self, sampling: SamplingParams | None = None,
+    def prefill(self, progress: Progress | None = None,
+                should_stop: Callable[[], bool] | None = None) -> int:
+        """Read the conversation so far into the cache, chunk by chunk, before the next
+        message is typed; return how many tokens were read. Stopping between chunks keeps
+        what was read (the cache always holds a prefix of the conversation)."""
+        ids = self._fit_context(reserve=64)
+        new = self._sync_cache(ids)
+        done = 0
+        for start in range(0, len(new), self.prefill_step):
+            if should_stop is not None and should_stop():
+                break
+            chunk = new[start:start + self.prefill_step]
+            self.model(mx.array([chunk]), cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+            done += len(chunk)
+            self.cached = ids[:len(self.cached) + len(chunk)]
+            if progress is not None:
+                progress(done, len(new))
+        return done
+
+    def _reply(self, sampling: SamplingParams | None = None, progress: Progress | None = None,
                **settings: Any) -> Iterator[Chunk | Stats]:
         params = SamplingParams.from_kwargs(sampling or self.sampling, **settings)
         ids = self._fit_context(reserve=min(params.max_tokens, 64))
@@ -131,7 +154,9 @@ class ChatSession:
         clock = Clock()
         try:
             for item in stream_generate(self.model, self.tokenizer, new, sampling=params,
-                                        cache=self.cache, kv=self.kv, draft=self.draft):
+                                        cache=self.cache, kv=self.kv, draft=self.draft,
+                                        progress=progress,
+                                        prefill_step_size=self.prefill_step):
                 clock.first_token()
                 if isinstance(item, Stats):
                     stats = item
@@ -141,6 +166,10 @@ class ChatSession:
                         tokens.append(item.token)
                     text += item.text
                 yield item
+        except PrefillStopped:
+            clock.first_token()  # the turn ends here, empty: the cache keeps what was read
+            stats = clock.stats(len(new), [], "", "stopped")
+            yield Chunk("", None, "stopped")
         finally:
             if clock.first is not None:
                 if stats is None:  # stopped by the caller: the numbers so far

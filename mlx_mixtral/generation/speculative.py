@@ -28,6 +28,7 @@ from ..model.decoder import Model
 from .kv import KVSettings
 from .prefix import reuse_prefix
 from .sampling import SamplingParams
+from .stats import Progress
 
 
 @dataclass
@@ -150,7 +151,8 @@ def check_cache_slack(cache: list, k: int) -> None:
 
 def speculative_steps(model: Model, prompt: list[int], cache: list, drafter: Drafter,
                       sampling: SamplingParams, max_tokens: int, kv: KVSettings,
-                      counts: DraftCounts, prefill_step_size: int) -> Iterator[int]:
+                      counts: DraftCounts, prefill_step_size: int,
+                      progress: Progress | None = None) -> Iterator[int]:
     """Tokens as they are accepted (the first after the prompt's prefill)."""
     from mlx_lm.generate import maybe_quantize_kv_cache
 
@@ -162,6 +164,8 @@ def speculative_steps(model: Model, prompt: list[int], cache: list, drafter: Dra
         model(mx.array([prompt[start:min(start + prefill_step_size, len(prompt) - 1)]]),
               cache=cache)
         mx.eval([c.state for c in cache])
+        if progress is not None:
+            progress(min(start + prefill_step_size, len(prompt) - 1), len(prompt))
     history = list(prompt)
     last = prompt[-1]  # accepted, not yet run through the model
     produced = 0

@@ -7,7 +7,16 @@ tokens after the first over the time after it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+# How far a prompt's prefill has come: called with (tokens done, tokens in all).
+Progress = Callable[[int, int], None]
+
+
+class PrefillStopped(Exception):  # noqa: N818 - a signal, not a failure
+    """Raised by a `Progress` callback to stop a long prefill between chunks (the user gave
+    up waiting): the chat session ends the turn with an empty, stopped reply."""
 
 
 @dataclass

@@ -20,7 +20,7 @@ from ..text.tokenizer import Tokenizer
 from .kv import KVSettings
 from .sampling import SamplingParams
 from .speculative import DraftCounts, Drafter, speculative_steps
-from .stats import Clock, Stats
+from .stats import Clock, Progress, Stats
 
 DEFAULT_PREFILL_STEP = 512
 
@@ -134,6 +134,7 @@ def stream_generate(
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     kv: KVSettings | None = None,
     draft: Drafter | None = None,
+    progress: Progress | None = None,
     **settings: Any,
 ) -> Iterator[Chunk | Stats]:
     """Yield `Chunk`s as the reply streams, then one `Stats`.
@@ -143,7 +144,8 @@ def stream_generate(
     as keywords (temperature, top_p, top_k, min_p, repetition_penalty, repetition_context,
     max_tokens, seed). `cache`: a KV cache holding earlier tokens, which are not prefilled again.
     `kv`: quantized keys and values (`KVSettings`). `draft`: a `Drafter` (a draft model or
-    prompt lookup) for drafted decoding."""
+    prompt lookup) for drafted decoding. `progress(done, total)` hears how far the prompt's
+    prefill has come, after each chunk."""
     params = SamplingParams.from_kwargs(sampling, **settings)
     ids = prompt_ids(tokenizer, prompt, system=system, raw=raw, chat_format=chat_format)
     check_prompt(model, ids, cache[0].offset if cache else 0)
@@ -162,10 +164,11 @@ def stream_generate(
     clock = Clock()
     counts = DraftCounts()
     if draft is None:
-        steps = _plain_steps(model, ids, cache, params, max_tokens, kv, prefill_step_size)
+        steps = _plain_steps(model, ids, cache, params, max_tokens, kv, prefill_step_size,
+                             progress)
     else:
         steps = speculative_steps(model, ids, cache, draft, params, max_tokens, kv, counts,
-                                  prefill_step_size)
+                                  prefill_step_size, progress)
     try:
         for token in steps:
             clock.first_token()
@@ -197,7 +200,8 @@ def stream_generate(
 
 
 def _plain_steps(model: Model, ids: list[int], cache: list, params: SamplingParams,
-                 max_tokens: int, kv: KVSettings, prefill_step_size: int) -> Iterator[int]:
+                 max_tokens: int, kv: KVSettings, prefill_step_size: int,
+                 progress: Progress | None = None) -> Iterator[int]:
     """mlx-lm's token loop (chunked prefill, pipelined decoding, its KV quantization)."""
     from mlx_lm.generate import generate_step  # (imports transformers: not at import time)
 
@@ -205,7 +209,7 @@ def _plain_steps(model: Model, ids: list[int], cache: list, params: SamplingPara
                           sampler=guard_nan(params.sampler(model.args.vocab_size)),
                           logits_processors=params.logits_processors(),
                           prompt_cache=cache, prefill_step_size=prefill_step_size,
-                          **kv.step_kwargs())
+                          prompt_progress_callback=progress, **kv.step_kwargs())
     try:
         for token, _ in steps:
             if int(token) == NOT_A_NUMBER:
