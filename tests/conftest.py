@@ -21,9 +21,11 @@ def private_user_folders(tmp_path_factory):
     """Tests and the commands they start never touch the user's own data and cache folders."""
     import os
 
-    saved = {k: os.environ.get(k) for k in ("MLX_MIXTRAL_CACHE_DIR", "MLX_MIXTRAL_DATA_DIR")}
+    names = ("MLX_MIXTRAL_CACHE_DIR", "MLX_MIXTRAL_DATA_DIR", "MLX_MIXTRAL_CONFIG_DIR")
+    saved = {k: os.environ.get(k) for k in names}
     os.environ["MLX_MIXTRAL_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     os.environ["MLX_MIXTRAL_DATA_DIR"] = str(tmp_path_factory.mktemp("data"))
+    os.environ["MLX_MIXTRAL_CONFIG_DIR"] = str(tmp_path_factory.mktemp("config"))
     yield
     for key, value in saved.items():
         if value is None:

@@ -98,9 +98,10 @@ async def test_regenerate_edit_and_new_chat(model_folder, tmp_path):
         assert len(app.query(AssistantMessage)) == 1
         assert [m.role for m in db_messages(db)] == ["user", "assistant"]
 
-        await pilot.press("ctrl+e")
+        await pilot.press("ctrl+l")
         prompt = app.query_one(PromptInput)
         assert prompt.text == "First question"
+        assert prompt.cursor_location == (0, len("First question"))  # typing goes at the end
         prompt.text = "Edited question"
         await reply_to(app, pilot, "enter")
         assert [w.text for w in app.query(UserMessage)] == ["Edited question"]
@@ -111,6 +112,7 @@ async def test_regenerate_edit_and_new_chat(model_folder, tmp_path):
         await pilot.press("ctrl+n")
         await wait_until(pilot, lambda: not app.query(UserMessage))
         assert app.conversation_id is None
+        assert app.focused is prompt  # typing goes straight into the new chat
 
 
 async def test_settings_change_applies_to_the_next_reply(model_folder, tmp_path):
@@ -160,20 +162,29 @@ async def test_reopen_lists_and_restores(model_folder, tmp_path):
 
 async def test_export_markdown_and_json(model_folder, tmp_path):
     db = tmp_path / "chats.db"
-    app = make_app(model_folder, db, export_dir=tmp_path / "out")
+    out = tmp_path / "out"
+    app = make_app(model_folder, db, export_dir=out)
     async with app.run_test(size=(120, 40)) as pilot:
         await loaded(app, pilot)
         await send(app, pilot, "Export me")
+        app.system = None
+        app.store.update(app.conversation_id, system="Be brief.")  # set after the first reply
         await pilot.press("f5")
-        cid = app.conversation_id
-        await wait_until(pilot, lambda: (tmp_path / "out" / f"chat-{cid}.json").is_file())
-    md = (tmp_path / "out" / f"chat-{cid}.md").read_text()
-    data = json.loads((tmp_path / "out" / f"chat-{cid}.json").read_text())
+        await wait_until(pilot, lambda: len(list(out.glob("*.json"))) == 1)
+        await pilot.press("f5")  # a second export never overwrites the first
+        await wait_until(pilot, lambda: len(list(out.glob("*.json"))) == 2)
+    first = sorted(out.glob("*.json"))[0]
+    md = first.with_suffix(".md").read_text()
+    data = json.loads(first.read_text())
     stored = db_messages(db)
-    assert data["messages"] == [{"role": m.role, "content": m.content, "status": m.status}
-                                for m in stored]
+    assert [(m["role"], m["content"], m["status"]) for m in data["messages"]] == [
+        (m.role, m.content, m.status) for m in stored]
+    assert all(m["created"] for m in data["messages"]) and data["created"]
+    assert data["messages"][1]["stats"]["generation_tokens"] > 0
     assert data["settings"]["max_tokens"] == 12
+    assert data["system"] == "Be brief." and data["system_applies_from_message"] == 2
     assert "**You:**\n\nExport me" in md and stored[1].content in md
+    assert md.index(stored[1].content) < md.index("**System prompt (set after 2 messages")
 
 
 async def test_load_error_is_shown_in_the_app(tmp_path):

@@ -9,17 +9,28 @@ from app_helpers import FakeEngine, settle, wait_until
 from textual.widgets import Input
 
 from mlx_mixtral.app.chat_app import ChatApp
-from mlx_mixtral.app.screens import HelpScreen, SettingsScreen
+from mlx_mixtral.app.screens import HelpScreen, ModelPickerScreen, SettingsScreen
 from mlx_mixtral.app.store import Store
 from mlx_mixtral.app.widgets import PromptInput
 from mlx_mixtral.generation.sampling import SamplingParams
+from mlx_mixtral.loading.catalog import LocalModel
 
 SIZE = (110, 34)
+SMALL, LARGE = (80, 24), (120, 40)
+MODELS = [
+    LocalModel("/home/me/models/Mixtral-8x7B-Instruct-v0.1-mixed-3-4-with-a-long-name",
+               "local", 20_400_000_000, 20_500_000_000),
+    LocalModel("mlx-community/Mistral-7B-Instruct-v0.3-4bit", "hugging face", 4_080_000_000,
+               4_100_000_000),
+    LocalModel("ollama:mixtral:8x7b", "ollama", 26_400_000_000, 29_000_000_000),
+    LocalModel("demo", "demo", 98_400_000, 115_200_000),
+]
 
 
 def make_app(tmp_path: Path, moe: bool = True) -> ChatApp:
     return ChatApp(FakeEngine(moe=moe), "fake-mixtral", Store(tmp_path / "chats.db"),
-                   settings=SamplingParams(temperature=0.7, max_tokens=256, seed=42))
+                   settings=SamplingParams(temperature=0.7, max_tokens=256, seed=42),
+                   catalog=lambda: MODELS)
 
 
 async def ready(pilot) -> None:
@@ -71,3 +82,34 @@ def test_settings_screen(snap_compare, tmp_path):
 def test_help_screen(snap_compare, tmp_path):
     assert snap_compare(make_app(tmp_path), terminal_size=SIZE,
                         run_before=open_screen("f1", HelpScreen))
+
+
+def test_main_screen_small(snap_compare, tmp_path):
+    assert snap_compare(make_app(tmp_path, moe=False), terminal_size=SMALL,
+                        run_before=chat_once)
+
+
+def test_settings_screen_small(snap_compare, tmp_path):
+    assert snap_compare(make_app(tmp_path), terminal_size=SMALL,
+                        run_before=open_screen("f3", SettingsScreen))
+
+
+def test_help_screen_small(snap_compare, tmp_path):
+    assert snap_compare(make_app(tmp_path), terminal_size=SMALL,
+                        run_before=open_screen("f1", HelpScreen))
+
+
+def _available(monkeypatch) -> None:
+    monkeypatch.setattr("mlx_mixtral.loading.memory.available_memory", lambda: 24_000_000_000)
+
+
+def test_model_picker_small(snap_compare, tmp_path, monkeypatch):
+    _available(monkeypatch)
+    assert snap_compare(make_app(tmp_path), terminal_size=SMALL,
+                        run_before=open_screen("ctrl+o", ModelPickerScreen))
+
+
+def test_model_picker_large(snap_compare, tmp_path, monkeypatch):
+    _available(monkeypatch)
+    assert snap_compare(make_app(tmp_path), terminal_size=LARGE,
+                        run_before=open_screen("ctrl+o", ModelPickerScreen))

@@ -132,10 +132,10 @@ def too_big(env: Env) -> list[str]:
 
 
 def bad_user_config(env: Env) -> list[str]:
-    config = env.tmp / "xdg" / "mlx-mixtral" / "config.json"
+    config = env.tmp / "config" / "config.json"
     config.parent.mkdir(parents=True)
     config.write_text("[1, 2")
-    env.monkeypatch.setenv("XDG_CONFIG_HOME", str(env.tmp / "xdg"))
+    env.monkeypatch.setenv("MLX_MIXTRAL_CONFIG_DIR", str(config.parent))
     env.monkeypatch.delenv("MLX_MIXTRAL_MODEL", raising=False)
     return ["generate", "--prompt", "hi"]
 
@@ -281,7 +281,7 @@ CASES = [
     Case("conversation database from a newer version", future_db,
          ("chats.db", "newer mlx-mixtral", "schema 99"), StoreError),
     Case("user config file is not JSON", bad_user_config,
-         ("config.json", "not valid JSON"), WeightsError),
+         ("config.json", "not valid JSON"), ConfigError),
     Case("ollama model not pulled",
          lambda e: gen("ollama:nothing-here") if e.monkeypatch.setenv(
              "OLLAMA_MODELS", str(e.tmp)) is None else [],

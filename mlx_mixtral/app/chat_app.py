@@ -11,11 +11,13 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -23,35 +25,34 @@ from textual.widgets import Footer, Header, ListItem, ListView, ProgressBar, Sta
 
 from ..errors import MlxMixtralError
 from ..generation.sampling import SamplingParams
+from ..loading.catalog import LocalModel, local_models
+from .commands import ChatCommands
 from .engine import Engine, EngineInfo, ReplyEvent
 from .export import export
-from .screens import HelpScreen, SettingsScreen, SystemPromptScreen
+from .keys import FOOTER_KEYS, KEYS, key_label
+from .screens import (
+    ConfirmScreen,
+    HelpScreen,
+    ModelPickerScreen,
+    SettingsScreen,
+    SystemPromptScreen,
+    TextPromptScreen,
+)
 from .store import Store
 from .widgets import AssistantMessage, ExpertsPanel, PromptInput, StatusBar, UserMessage
 
 UI_INTERVAL = 0.05  # seconds between UI updates while streaming (about 20 a second)
 SAVE_INTERVAL = 1.0  # seconds between saves of the reply being streamed
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+SHORT_NAMES = {"temperature": "temp", "top_p": "top-p", "top_k": "top-k", "min_p": "min-p",
+               "max_tokens": "max", "repetition_penalty": "penalty", "seed": "seed"}
 
-KEYS = [  # (key, action, footer label, help text): the help screen lists them all
-    ("enter", None, "", "send the message"),
-    ("ctrl+j", None, "", "new line in the message (also Shift+Enter where the terminal has it)"),
-    ("escape", "stop", "stop", "stop the reply (it is kept, marked as stopped)"),
-    ("ctrl+r", "regenerate", "regenerate", "regenerate the last reply"),
-    ("ctrl+e", "edit_last", "edit last", "edit the last message and send it again"),
-    ("ctrl+n", "new_chat", "new chat", "start a new chat"),
-    ("f2", "system_prompt", "system", "edit the system prompt"),
-    ("f3", "settings", "settings", "temperature, top-p, top-k, min-p, max tokens, penalty, seed"),
-    ("ctrl+y", "copy_reply", "copy", "copy the last reply (OSC 52)"),
-    ("ctrl+k", "copy_code", "copy code", "copy the last code block of the last reply (OSC 52)"),
-    ("f5", "export", "export", "export this chat to Markdown and JSON (current folder)"),
-    ("ctrl+d", "delete_chat", "delete", "delete this chat"),
-    ("ctrl+b", "toggle_sidebar", "chats", "show / hide the list of chats"),
-    ("f4", "toggle_experts", "experts", "show / hide the experts panel (Mixtral)"),
-    ("f1", "help", "help", "this help"),
-    ("ctrl+q", "quit", "quit", "quit"),
-]
-FOOTER_KEYS = ("escape", "ctrl+r", "ctrl+e", "ctrl+n", "f2", "f3", "f1", "ctrl+q")
+
+def changed_settings(settings: SamplingParams) -> str:
+    """The settings that differ from the defaults, shortly: "temp 0.2, max 256"."""
+    default = SamplingParams()
+    return ", ".join(f"{short} {getattr(settings, name)}" for name, short in SHORT_NAMES.items()
+                     if getattr(settings, name) != getattr(default, name))
 
 
 class ChatApp(App):
@@ -63,17 +64,22 @@ class ChatApp(App):
     #messages { height: 1fr; padding: 0 1; }
     PromptInput { height: 5; border: round $accent; }
     #loading { height: auto; padding: 1 2; }
-    #loading.hidden { display: none; }
+    #loading.hidden, #progress.hidden { display: none; }
+    #sidebar ListItem.current { background: $boost; text-style: bold; }
     """
     BINDINGS = [Binding(key, action, label, priority=True, show=key in FOOTER_KEYS)
                 for key, action, label, _ in KEYS if action]
+    COMMANDS = App.COMMANDS | {ChatCommands}
 
     def __init__(self, engine: Engine, model_name: str, store: Store, system: str | None = None,
-                 settings: SamplingParams | None = None, export_dir: Path | None = None) -> None:
+                 settings: SamplingParams | None = None, export_dir: Path | None = None,
+                 catalog: Callable[[], list[LocalModel]] = local_models) -> None:
         super().__init__()
         self.engine, self.model_name, self.store = engine, model_name, store
-        self.system = system
-        self.settings = settings or SamplingParams()
+        # What a new chat starts with (Ctrl+N); an opened chat brings its own.
+        self.default_system, self.default_settings = system, settings or SamplingParams()
+        self.system, self.settings = self.default_system, self.default_settings
+        self.catalog = catalog
         self.export_dir = export_dir or Path.cwd()
         self.info: EngineInfo | None = None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
@@ -120,6 +126,9 @@ class ChatApp(App):
         self.refresh_sidebar()
         self.worker.submit(self._load)
 
+    def _focus_prompt(self) -> None:
+        self.query_one("#prompt", PromptInput).focus()
+
     def _load(self) -> None:
         def progress(fraction: float) -> None:
             self.call_from_thread(self.query_one("#progress", ProgressBar).update,
@@ -136,50 +145,66 @@ class ChatApp(App):
 
     def _loaded(self, info: EngineInfo) -> None:
         self.info = info
-        self.sub_title = info.describe()
+        self.sub_title = info.describe()  # in the header: no toast over the message box
         self.query_one("#loading").add_class("hidden")
         self.query_one("#experts", ExpertsPanel).set_class(not info.is_moe, "hidden")
         if info.is_moe:
             self.query_one("#experts", ExpertsPanel).show(None, None, info.top_k)
-        self._status()
-        self.notify(info.describe(), title="Model loaded")
-        self.query_one("#prompt").focus()
+        self._status(note="model loaded")
+        self._focus_prompt()
+        if self.conversation_id is not None:  # a switched model continues the open chat
+            self.store.update(self.conversation_id, model=self.model_name)
+            self._set_conversation(self._history())
 
     def _load_failed(self, message: str) -> None:
         self.query_one("#loading-text", Static).update(
-            f"[b red]Could not load {self.model_name}[/]\n{message}")
+            f"[b red]Could not load {self.model_name}[/]\n{message}\n"
+            f"Press {key_label('ctrl+o')} to choose another model.")
         self.query_one("#progress").add_class("hidden")
-        self.query_one(StatusBar).show(None, note=f"load failed: {message}")
+        self.query_one(StatusBar).show(None, note="load failed")
 
     def _status(self, note: str = "") -> None:
         s = self._last_stats
+        flags = ", ".join(x for x in ("system prompt" if self.system else "",
+                                      changed_settings(self.settings)) if x)
         self.query_one(StatusBar).show(self.info, s.get("generation_tps"), s.get("ttft"),
-                                       s.get("context_used", 0), s.get("peak_memory"), note)
+                                       s.get("context_used", 0), s.get("peak_memory"), note,
+                                       flags)
 
     # ---- conversations --------------------------------------------------------------------
 
     def refresh_sidebar(self) -> None:
         sidebar = self.query_one("#sidebar", ListView)
         sidebar.clear()
-        for c in self.store.list():
-            item = ListItem(Static(f"{c.title}\n[dim]{Path(c.model).name}[/]"))
+        for i, c in enumerate(self.store.list()):
+            # One line each for the title and the model, cut with an ellipsis, never wrapped.
+            label = Text(no_wrap=True, overflow="ellipsis")
+            label.append(c.title + "\n")
+            label.append(Path(c.model).name or c.model, style="dim")
+            item = ListItem(Static(label), classes="current" if c.id == self.conversation_id
+                            else "")
             item.conversation_id = c.id
             sidebar.append(item)
+            if c.id == self.conversation_id:
+                sidebar.index = i
 
     async def on_list_view_selected(self, event: ListView.Selected) -> None:
         conversation_id = getattr(event.item, "conversation_id", None)
         if conversation_id is not None and not self.generating:
             await self.open_conversation(conversation_id)
+            self._focus_prompt()
 
     async def open_conversation(self, conversation_id: int) -> None:
         c = self.store.load(conversation_id)
         if c is None:
             return
-        self.conversation_id, self.system = c.id, c.system
+        self.conversation_id, self.system, self.editing = c.id, c.system, False
         try:
             self.settings = SamplingParams.from_kwargs(None, **c.settings)
         except MlxMixtralError:
-            self.settings = SamplingParams()
+            self.settings = self.default_settings
+        # This chat's own numbers: its last reply's, not the previous chat's.
+        self._last_stats = next((m.stats for m in reversed(c.messages) if m.stats), None) or {}
         messages = self.query_one("#messages")
         await messages.remove_children()
         for m in c.messages:
@@ -187,15 +212,33 @@ class ChatApp(App):
                 await messages.mount(UserMessage(m.content, m.id))
             else:
                 await messages.mount(AssistantMessage(m.content, m.id, m.status))
-        history = [{"role": m.role, "content": m.content} for m in c.messages]
-        self._prefill_epoch += 1
-        self.worker.submit(self.engine.set_conversation, self.system, history, str(c.id))
-        if history:
-            self._prefill_history()
+        self._set_conversation([{"role": m.role, "content": m.content} for m in c.messages])
         if Path(c.model).name != Path(self.model_name).name:
             self.notify(f"This chat was held with {c.model}; continuing with "
                         f"{self.model_name}.", severity="warning")
+        self.refresh_sidebar()
         self._status(note=f"opened “{c.title}”")
+
+    async def open_from_palette(self, conversation_id: int) -> None:
+        if not self.generating:
+            await self.open_conversation(conversation_id)
+            self._focus_prompt()
+
+    def _history(self) -> list[dict[str, str]]:
+        return [{"role": "user" if isinstance(w, UserMessage) else "assistant",
+                 "content": w.text}
+                for w in self.query_one("#messages").children
+                if isinstance(w, (UserMessage, AssistantMessage))]
+
+    def _set_conversation(self, history: list[dict[str, str]]) -> None:
+        """Hand the open chat to the engine, and read it into the cache in the background."""
+        self._prefill_epoch += 1
+        if self.info is None:
+            return  # the model is loading: `_loaded` hands the chat over
+        key = None if self.conversation_id is None else str(self.conversation_id)
+        self.worker.submit(self.engine.set_conversation, self.system, history, key)
+        if history:
+            self._prefill_history()
 
     def _ensure_conversation(self, first_message: str) -> int:
         if self.conversation_id is None:
@@ -214,18 +257,19 @@ class ChatApp(App):
 
         def run() -> None:
             try:
-                self.engine.prefill(lambda done, total: self._emit(
+                context = self.engine.prefill(lambda done, total: self._emit(
                     ReplyEvent(prefill=(done, total))), lambda: self._prefill_epoch != epoch)
             except Exception:  # noqa: BLE001 - the next reply prefills whatever is missing
-                pass
+                return
+            if self._prefill_epoch == epoch:
+                self._emit(ReplyEvent(prefill=(1, 1), context_used=context))
 
         self.worker.submit(run)
 
     def _show_prefill(self, done: int, total: int) -> None:
         what = "reading the prompt" if self._reply is not None else "reading this chat"
         if done >= total:
-            note = "generating ... (Esc stops)" if self._reply is not None else (
-                f"chat ready ({total} tokens read)")
+            note = "generating ... (Esc stops)" if self._reply is not None else "chat ready"
         else:
             elapsed = time.monotonic() - self._prefill_t0
             left = elapsed / max(done, 1) * (total - done)
@@ -281,10 +325,17 @@ class ChatApp(App):
             events, self._pending = self._pending, []
         if not events:
             return
-        progress = [e.prefill for e in events if e.prefill is not None]
-        self.prefill_seen += progress
+        progress = [e for e in events if e.prefill is not None]
+        self.prefill_seen += [e.prefill for e in progress if e.context_used == 0]
+        for e in progress:
+            if e.context_used:
+                self._last_stats["context_used"] = e.context_used
         if progress:
-            self._show_prefill(*progress[-1])
+            last = progress[-1]
+            if last.context_used:
+                self._status(note="chat ready")
+            else:
+                self._show_prefill(*last.prefill)
         events = [e for e in events if e.prefill is None]
         if not events or self._reply is None:
             return
@@ -348,6 +399,7 @@ class ChatApp(App):
             return
         prompt = self.query_one("#prompt", PromptInput)
         prompt.text = users[-1].text
+        prompt.move_cursor(prompt.document.end)
         prompt.focus()
         self.editing = True
         self._status(note="editing the last message: Enter resends it")
@@ -356,30 +408,30 @@ class ChatApp(App):
         if self.generating:
             return
         self.conversation_id, self.editing = None, False
-        self._prefill_epoch += 1
+        self.system, self.settings = self.default_system, self.default_settings
+        self._last_stats = {}
         await self.query_one("#messages").remove_children()
-        self.worker.submit(self.engine.set_conversation, self.system, [])
+        self._set_conversation([])
+        self.refresh_sidebar()
+        self._focus_prompt()
         self._status(note="new chat")
 
     def action_system_prompt(self) -> None:
         def apply(text: str | None) -> None:
-            if text is None:
+            self._focus_prompt()
+            if text is None or (text.strip() or None) == self.system:
                 return
             self.system = text.strip() or None
             if self.conversation_id is not None:
                 self.store.update(self.conversation_id, system=self.system)
-            history = [{"role": "user" if isinstance(w, UserMessage) else "assistant",
-                        "content": w.text}
-                       for w in self.query_one("#messages").children
-                       if isinstance(w, (UserMessage, AssistantMessage))]
-            key = None if self.conversation_id is None else str(self.conversation_id)
-            self.worker.submit(self.engine.set_conversation, self.system, history, key)
-            self._status(note="system prompt set")
+            self._set_conversation(self._history())
+            self._status(note="system prompt set" if self.system else "no system prompt")
 
         self.push_screen(SystemPromptScreen(self.system), apply)
 
     def action_settings(self) -> None:
         def apply(settings: SamplingParams | None) -> None:
+            self._focus_prompt()
             if settings is None:
                 return
             self.settings = settings
@@ -414,13 +466,60 @@ class ChatApp(App):
         md, js = export(self.store.load(self.conversation_id), self.export_dir)
         self.notify(f"Exported to {md} and {js}")
 
-    async def action_delete_chat(self) -> None:
+    def action_delete_chat(self) -> None:
         if self.generating or self.conversation_id is None:
             return
-        self.store.delete(self.conversation_id)
-        await self.action_new_chat()
-        self.refresh_sidebar()
-        self.notify("Chat deleted")
+        cid = self.conversation_id
+        title = self.store.load(cid).title
+
+        async def answer(yes: bool | None) -> None:
+            self._focus_prompt()
+            if not yes or self.conversation_id != cid:
+                return
+            self.store.delete(cid)
+            await self.action_new_chat()
+            self.notify(f"Deleted “{title}”")
+
+        self.push_screen(ConfirmScreen(f"Delete the chat “{title}”?\nThis cannot be undone.",
+                                       "Delete"), answer)
+
+    def action_rename_chat(self) -> None:
+        if self.conversation_id is None:
+            self.notify("Nothing to rename yet: send a message first", severity="warning")
+            return
+        cid = self.conversation_id
+
+        def apply(title: str | None) -> None:
+            self._focus_prompt()
+            if title and title.strip():
+                self.store.update(cid, title=" ".join(title.split())[:80])
+                self.refresh_sidebar()
+
+        self.push_screen(TextPromptScreen("Rename this chat", self.store.load(cid).title),
+                         apply)
+
+    def action_models(self) -> None:
+        if self.generating:
+            self.notify("Stop the reply first (Esc)", severity="warning")
+            return
+        from ..loading.memory import available_memory
+
+        self.push_screen(ModelPickerScreen(self.catalog(), self.model_name, available_memory()),
+                         self._switch_model)
+
+    def _switch_model(self, name: str | None) -> None:
+        self._focus_prompt()
+        if not name or (name == self.model_name and self.info is not None):
+            return
+        self.model_name, self.info = name, None
+        self._prefill_epoch += 1
+        self.query_one("#loading-text", Static).update(f"Loading {name} ...")
+        self.query_one("#progress", ProgressBar).update(progress=0)
+        self.query_one("#progress").remove_class("hidden")
+        self.query_one("#loading").remove_class("hidden")
+        self.query_one(StatusBar).show(None, note=f"loading {name} ...")
+        self.worker.submit(self.engine.select, name)
+        self.worker.submit(self._load)
 
     def action_toggle_sidebar(self) -> None:
         self._sidebar_toggled = not self._sidebar_toggled
@@ -431,8 +530,8 @@ class ChatApp(App):
             self.query_one("#experts").toggle_class("hidden")
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen([(key.replace("ctrl+", "Ctrl+").title(), text)
-                                     for key, _, _, text in KEYS]))
+        self.push_screen(HelpScreen([(key_label(key), text) for key, _, _, text in KEYS]),
+                         lambda _: self._focus_prompt())
 
     async def action_quit(self) -> None:
         self._stop.set()

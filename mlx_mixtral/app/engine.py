@@ -81,7 +81,7 @@ class Engine(Protocol):
     def set_conversation_key(self, key: str | None) -> None: ...
 
     def prefill(self, progress: Callable[[int, int], None],
-                should_stop: Callable[[], bool]) -> int: ...
+                should_stop: Callable[[], bool]) -> int: ...  # tokens then in the cache
 
     def select(self, name: str) -> None: ...
 
@@ -135,6 +135,10 @@ class MlxEngine:
         from ..loading import load
 
         model, tokenizer = load(self.model_name, force=self.force, dtype=self.dtype)
+        if Path(self.model_name).expanduser().exists():
+            from ..loading.catalog import remember
+
+            remember(self.model_name)  # the model picker offers it again
         layers = model.layers
         for i, layer in enumerate(layers):  # read the weights now, with visible progress
             mx.eval(layer.parameters())
@@ -170,11 +174,11 @@ class MlxEngine:
 
     def prefill(self, progress: Callable[[int, int], None],
                 should_stop: Callable[[], bool]) -> int:
-        """Read the opened conversation into the cache now, so its next reply starts at once."""
-        done = self.session.prefill(progress, should_stop)
-        if done:
+        """Read the opened conversation into the cache now, so its next reply starts at once;
+        return how many tokens the cache then holds."""
+        if self.session.prefill(progress, should_stop):
             self._save()
-        return done
+        return len(self.session.cached)
 
     def _restore(self, key: str) -> None:
         from ..loading.prompt_cache import load_prompt_cache

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Horizontal, Vertical
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Static, TextArea
+from textual.widgets import Button, Input, Label, OptionList, Static, TextArea
+from textual.widgets.option_list import Option
 
 from ..errors import MlxMixtralError
 from ..generation.sampling import SamplingParams
+from ..loading.catalog import LocalModel
+from ..units import size
 
 FIELDS = [  # (SamplingParams field, label, type)
     ("temperature", "Temperature (0 = greedy)", float),
@@ -22,11 +25,12 @@ FIELDS = [  # (SamplingParams field, label, type)
 ]
 
 MODAL_CSS = """
-SettingsScreen, SystemPromptScreen, HelpScreen { align: center middle; }
-#dialog { width: 70; height: auto; max-height: 90%; border: thick $primary; background: $surface;
-          padding: 1 2; }
-#fields { grid-size: 2; grid-columns: 32 1fr; grid-rows: 3; height: auto; }
-#fields Label { padding: 1 0; }
+SettingsScreen, SystemPromptScreen, HelpScreen, ModelPickerScreen, ConfirmScreen {
+    align: center middle;
+}
+#dialog { width: 70; max-width: 100%; height: auto; max-height: 100%; border: thick $primary;
+          background: $surface; padding: 1 2; }
+#fields { grid-size: 2; grid-columns: 30 1fr; grid-rows: 1; height: auto; }
 #buttons { height: 3; margin-top: 1; }
 #buttons Button { margin-right: 2; }
 #error { color: $error; height: auto; }
@@ -50,7 +54,8 @@ class SettingsScreen(ModalScreen[SamplingParams | None]):
                 for name, label, _ in FIELDS:
                     value = getattr(self.settings, name)
                     yield Label(label)
-                    yield Input("" if value is None else str(value), id=f"set-{name}")
+                    yield Input("" if value is None else str(value), id=f"set-{name}",
+                                compact=True)
             yield Static("", id="error")
             with Horizontal(id="buttons"):
                 yield Button("Save", variant="primary", id="save")
@@ -112,7 +117,13 @@ class SystemPromptScreen(ModalScreen[str | None]):
 
 
 class HelpScreen(ModalScreen[None]):
-    CSS = MODAL_CSS + "HelpScreen #dialog { width: 96; }"
+    CSS = MODAL_CSS + """
+    HelpScreen #dialog { width: 100%; max-width: 90; height: 90%; padding: 0 1; }
+    #keys { height: 1fr; }
+    #keys Horizontal { height: auto; }
+    #keys .key { width: 9; text-style: bold; }
+    #keys .what { width: 1fr; }
+    """
     BINDINGS = [Binding("escape,f1,q", "close", "Close")]
 
     def __init__(self, keys: list[tuple[str, str]]) -> None:
@@ -120,9 +131,102 @@ class HelpScreen(ModalScreen[None]):
         self.keys = keys
 
     def compose(self) -> ComposeResult:
-        lines = "\n".join(f"  [b]{key:<14}[/b] {what}" for key, what in self.keys)
         with Vertical(id="dialog"):
-            yield Static(f"[b]Keys[/b]\n\n{lines}\n\n(Esc closes)")
+            yield Static("[b]Keys[/b] (Esc closes; the list scrolls)")
+            with VerticalScroll(id="keys"):
+                for key, what in self.keys:
+                    with Horizontal():
+                        yield Static(key, classes="key")
+                        yield Static(what, classes="what")
 
     def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class ModelPickerScreen(ModalScreen[str | None]):
+    """The models this machine has; Enter loads the highlighted one."""
+
+    CSS = MODAL_CSS + """
+    ModelPickerScreen #dialog { width: 100%; max-width: 100; }
+    #models { height: auto; max-height: 16; }
+    """
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, models: list[LocalModel], current: str, available: int) -> None:
+        super().__init__()
+        self.models, self.current, self.available = models, current, available
+
+    def _row(self, m: LocalModel) -> str:
+        fits = "fits" if not self.available or m.memory_bytes <= self.available else "too big"
+        mark = "●" if m.name == self.current else " "
+        label = m.label if len(m.label) <= 34 else m.label[:33] + "…"
+        return f"{mark} {label:<34} {m.origin:<12} {size(m.memory_bytes):>9}  {fits}"
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Static("[b]Models on this machine[/b] (Enter loads, Esc closes)")
+            yield OptionList(*[Option(self._row(m), id=str(i)) for i, m in
+                               enumerate(self.models)], id="models")
+            yield Static(f"[dim]In memory once loaded; {size(self.available)} is available. "
+                         "`mlx-mixtral list` prints this list.[/dim]", id="note")
+
+    def on_mount(self) -> None:
+        names = [m.name for m in self.models]
+        options = self.query_one("#models", OptionList)
+        options.highlighted = names.index(self.current) if self.current in names else 0
+        options.focus()
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(self.models[int(event.option.id)].name)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """A yes/no question; Enter or y confirms, Esc or n declines."""
+
+    CSS = MODAL_CSS + "ConfirmScreen #dialog { width: 60; }"
+    BINDINGS = [Binding("escape,n", "answer(False)", "No"), Binding("y", "answer(True)", "Yes")]
+
+    def __init__(self, question: str, yes: str = "Yes") -> None:
+        super().__init__()
+        self.question, self.yes = question, yes
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Static(self.question)
+            with Horizontal(id="buttons"):
+                yield Button(self.yes, variant="error", id="yes")
+                yield Button("Cancel", id="no")
+
+    def on_mount(self) -> None:
+        self.query_one("#no", Button).focus()  # the safe answer is the default
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
+
+
+class TextPromptScreen(ModalScreen[str | None]):
+    """One line of text (a chat's title); Enter saves, Esc cancels."""
+
+    CSS = MODAL_CSS + "TextPromptScreen { align: center middle; }"
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, title: str, value: str) -> None:
+        super().__init__()
+        self.title_text, self.value = title, value
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Static(f"[b]{self.title_text}[/b] (Enter saves, Esc cancels)")
+            yield Input(self.value, id="text")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value)
+
+    def action_cancel(self) -> None:
         self.dismiss(None)

@@ -8,7 +8,6 @@ versioned with `PRAGMA user_version`, and `MIGRATIONS` bring an older file up to
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -43,6 +42,10 @@ MIGRATIONS = [
     );
     CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
     """,
+    # version 2: when the system prompt was last set (NULL: with the chat's first message)
+    """
+    ALTER TABLE conversations ADD COLUMN system_set REAL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -53,11 +56,10 @@ def _statements(script: str) -> list[str]:
 
 
 def default_path() -> Path:
-    """$MLX_MIXTRAL_DATA_DIR, else the platform's user data folder."""
-    from platformdirs import user_data_dir
+    """conversations.db in the user data folder ($MLX_MIXTRAL_DATA_DIR moves it)."""
+    from ..loading.user_files import data_dir
 
-    folder = os.environ.get("MLX_MIXTRAL_DATA_DIR") or user_data_dir("mlx-mixtral")
-    return Path(folder) / "conversations.db"
+    return data_dir() / "conversations.db"
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Message:
     content: str
     status: str = "complete"
     stats: dict[str, Any] | None = None
+    created: float = 0.0
 
 
 @dataclass
@@ -78,6 +81,8 @@ class Conversation:
     settings: dict[str, Any]
     updated: float
     messages: list[Message] = field(default_factory=list)
+    created: float = 0.0
+    system_set: float | None = None  # set after the chat began: replies before it lacked it
 
 
 class Store:
@@ -158,6 +163,8 @@ class Store:
         allowed = {"title", "model", "system", "settings"}
         values = {k: json.dumps(v) if k == "settings" else v for k, v in fields.items()
                   if k in allowed}
+        if "system" in values:
+            values["system_set"] = time.time()
         if not values:
             return
         assignments = ", ".join(f"{k} = ?" for k in values)
@@ -167,23 +174,39 @@ class Store:
     def delete(self, conversation_id: int) -> None:
         self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
 
+    _COLUMNS = "id, title, model, system, settings, updated, created, system_set"
+
+    @staticmethod
+    def _conversation(r: tuple) -> Conversation:
+        return Conversation(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], created=r[6],
+                            system_set=r[7])
+
     def list(self) -> list[Conversation]:
+        rows = self.db.execute(f"SELECT {self._COLUMNS} FROM conversations "
+                               "ORDER BY updated DESC, id DESC").fetchall()
+        return [self._conversation(r) for r in rows]
+
+    def search(self, text: str) -> list[Conversation]:
+        """Chats whose title or messages contain `text` (any case), newest first."""
+        escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{escaped}%"
         rows = self.db.execute(
-            "SELECT id, title, model, system, settings, updated FROM conversations "
-            "ORDER BY updated DESC, id DESC").fetchall()
-        return [Conversation(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]
+            f"SELECT {self._COLUMNS} FROM conversations c WHERE title LIKE ?1 ESCAPE '\\' "
+            "OR EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id "
+            "AND m.content LIKE ?1 ESCAPE '\\') ORDER BY updated DESC, id DESC",
+            (pattern,)).fetchall()
+        return [self._conversation(r) for r in rows]
 
     def load(self, conversation_id: int) -> Conversation | None:
-        row = self.db.execute(
-            "SELECT id, title, model, system, settings, updated FROM conversations "
-            "WHERE id = ?", (conversation_id,)).fetchone()
+        row = self.db.execute(f"SELECT {self._COLUMNS} FROM conversations WHERE id = ?",
+                              (conversation_id,)).fetchone()
         if row is None:
             return None
-        conversation = Conversation(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
+        conversation = self._conversation(row)
         conversation.messages = [
-            Message(m[0], m[1], m[2], m[3], json.loads(m[4]) if m[4] else None)
+            Message(m[0], m[1], m[2], m[3], json.loads(m[4]) if m[4] else None, m[5])
             for m in self.db.execute(
-                "SELECT id, role, content, status, stats FROM messages "
+                "SELECT id, role, content, status, stats, created FROM messages "
                 "WHERE conversation_id = ? ORDER BY id", (conversation_id,))
         ]
         return conversation

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 from rich.text import Text
 from textual.message import Message as TextualMessage
 from textual.widgets import Markdown, Static, TextArea
 
 from .engine import EngineInfo
+
+FENCE = re.compile(r"^ {0,3}(```|~~~)", re.M)  # a line that opens or closes a code block
 
 
 class UserMessage(Static):
@@ -35,18 +39,24 @@ class AssistantMessage(Markdown):
     }
     AssistantMessage.stopped { border-left: thick $warning; }
     AssistantMessage.interrupted { border-left: thick $error; }
+    /* no blank line under the last paragraph; a scrollbar under code wider than the box */
+    AssistantMessage > MarkdownBlock:last-child { margin-bottom: 0; }
+    AssistantMessage MarkdownFence { scrollbar-size-horizontal: 1; }
     """
 
     def __init__(self, text: str = "", message_id: int | None = None,
                  status: str = "complete") -> None:
-        super().__init__(text + self._marker(status))
+        super().__init__(text + self._marker(status, text))
         self.text, self.message_id = text, message_id
         self.set_status(status)
 
     @staticmethod
-    def _marker(status: str) -> str:
-        return {"stopped": "\n\n*[stopped]*", "streaming": "\n\n*[interrupted]*"}.get(status,
-                                                                                       "")
+    def _marker(status: str, text: str = "") -> str:
+        marker = {"stopped": "\n\n*[stopped]*", "streaming": "\n\n*[interrupted]*"}.get(status,
+                                                                                         "")
+        if marker and len(FENCE.findall(text)) % 2:  # cut inside a code block: close it first
+            marker = "\n```" + marker
+        return marker
 
     def set_status(self, status: str) -> None:
         self.set_class(status == "stopped", "stopped")
@@ -59,7 +69,7 @@ class AssistantMessage(Markdown):
     async def finish(self, status: str) -> None:
         self.set_status(status)
         if status == "stopped":
-            await self.append(self._marker(status))
+            await self.append(self._marker(status, self.text))
 
 
 class PromptInput(TextArea):
@@ -90,22 +100,30 @@ class StatusBar(Static):
     """
 
     def show(self, info: EngineInfo | None, tps: float | None = None, ttft: float | None = None,
-             context_used: int = 0, peak_memory: int | None = None, note: str = "") -> None:
+             context_used: int = 0, peak_memory: int | None = None, note: str = "",
+             flags: str = "") -> None:
+        """One line; when it is too wide, the least useful parts go first, the note last."""
         if info is None:
             self.update(note)
             return
         limit = info.window or info.context
         kind = "window" if info.window else "context"
-        parts = [
-            info.name,
-            f"{tps:.1f} tok/s" if tps is not None else "- tok/s",
-            f"TTFT {ttft:.2f} s" if ttft is not None else "TTFT -",
-            f"{kind} {min(context_used, limit)}/{limit}",
-            f"peak {peak_memory / 1e9:.2f} GB" if peak_memory is not None else "peak -",
+        parts = [  # (priority: lower stays longer, text)
+            (0, note),
+            (1, f"{kind} {min(context_used, limit)}/{limit}"),
+            (2, flags),
+            (3, f"{tps:.1f} tok/s" if tps is not None else "- tok/s"),
+            (4, info.name),
+            (5, f"TTFT {ttft:.2f} s" if ttft is not None else "TTFT -"),
+            (6, f"peak {peak_memory / 1e9:.2f} GB" if peak_memory is not None else "peak -"),
         ]
-        if note:
-            parts.append(note)
-        self.update(" │ ".join(parts))
+        order = [4, 3, 5, 1, 6, 2, 0]  # how they read, left to right
+        shown = [p for p in parts if p[1]]
+        width = (self.size.width or 200) - 2
+        while len(shown) > 1 and len(" │ ".join(t for _, t in shown)) > width:
+            shown.remove(max(shown))
+        shown.sort(key=lambda p: order.index(p[0]))
+        self.update(" │ ".join(t for _, t in shown))
 
 
 SHADES = " ░▒▓█"

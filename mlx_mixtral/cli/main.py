@@ -35,6 +35,12 @@ COMMANDS = {
         "Print a model's architecture, parameters (total and active per token), "
         "layers, experts, window, context, vocabulary, and a memory table for float16 and "
         "8/6/4/3 bits with whether each fits this machine."),
+    "list": (
+        "the models this machine has, with their sizes",
+        "List the models this machine has: Hugging Face cache folders, models pulled with "
+        "Ollama, converted folders and models you have opened, and the offline demo; each "
+        "with its size on disk, its size once loaded, and whether it fits in the memory "
+        "available now. Pass a NAME to --model."),
     "bench": (
         "measure speed and memory, side by side with mlx-lm",
         "Measure prefill and decode tokens/s, time to first token, peak memory and "
@@ -82,6 +88,9 @@ def _run_convert(args: argparse.Namespace) -> int:
         force=args.force, shard_bytes=int(args.shard_size_gb * 1e9),
     )
     print(summary)
+    from ..loading.catalog import remember
+
+    remember(args.mlx_path)  # offered again by `list` and the app's model picker
     if args.verify:
         from ..convert.verify import verify
 
@@ -308,6 +317,17 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list_parser(sub: argparse._SubParsersAction) -> None:
+    _command(sub, "list")
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    from .listing import list_main
+
+    print(list_main())
+    return 0
+
+
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
     from .bench import PRESETS as BENCH_PRESETS
 
@@ -353,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     _convert_parser(sub)
     _info_parser(sub)
+    _list_parser(sub)
     _bench_parser(sub)
     return parser
 

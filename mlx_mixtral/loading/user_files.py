@@ -1,0 +1,49 @@
+"""The user's own files: the config (`{"model": ...}` and the first-run choice) and the data
+folder (conversations, saved KV caches, the models seen). $MLX_MIXTRAL_CONFIG_DIR and
+$MLX_MIXTRAL_DATA_DIR move them; tests use both so that they never touch the user's."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..jsonfile import read_json_object
+
+CONFIG_REMEDY = 'write it as a JSON object like {"model": "..."}'
+
+
+def config_file() -> Path:
+    from platformdirs import user_config_dir
+
+    folder = os.environ.get("MLX_MIXTRAL_CONFIG_DIR") or user_config_dir("mlx-mixtral")
+    return Path(folder) / "config.json"
+
+
+def data_dir() -> Path:
+    from platformdirs import user_data_dir
+
+    return Path(os.environ.get("MLX_MIXTRAL_DATA_DIR") or user_data_dir("mlx-mixtral"))
+
+
+def user_config() -> dict[str, Any]:
+    """The config file's settings ({} when there is none)."""
+    path = config_file()
+    return read_json_object(path, ConfigError, CONFIG_REMEDY) if path.is_file() else {}
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write `data` as JSON atomically: a crash leaves the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+def update_user_config(**values: Any) -> Path:
+    """Set these keys in the config file, keeping the others; return its path."""
+    path = config_file()
+    write_json(path, {**user_config(), **values})
+    return path
