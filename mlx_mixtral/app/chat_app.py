@@ -21,6 +21,7 @@ from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
 from textual.widgets import Footer, Header, ListItem, ListView, ProgressBar, Static
 
 from ..errors import MlxMixtralError
@@ -44,6 +45,7 @@ from .widgets import AssistantMessage, ExpertsPanel, PromptInput, StatusBar, Use
 UI_INTERVAL = 0.05  # seconds between UI updates while streaming (about 20 a second)
 SAVE_INTERVAL = 1.0  # seconds between saves of the reply being streamed
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+ACTIONS = {action for _, action, _, _ in KEYS if action}
 SHORT_NAMES = {"temperature": "temp", "top_p": "top-p", "top_k": "top-k", "min_p": "min-p",
                "max_tokens": "max", "repetition_penalty": "penalty", "seed": "seed"}
 
@@ -67,7 +69,8 @@ class ChatApp(App):
     #loading.hidden, #progress.hidden { display: none; }
     #sidebar ListItem.current { background: $boost; text-style: bold; }
     """
-    BINDINGS = [Binding(key, action, label, priority=True, show=key in FOOTER_KEYS)
+    # Not priority bindings: the message box keeps its own editing keys, and a dialog its Esc.
+    BINDINGS = [Binding(key, action, label, show=key in FOOTER_KEYS)
                 for key, action, label, _ in KEYS if action]
     COMMANDS = App.COMMANDS | {ChatCommands}
 
@@ -113,6 +116,12 @@ class ChatApp(App):
             yield ExpertsPanel(classes="hidden", id="experts")
         yield StatusBar(id="status")
         yield Footer()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """While a dialog is open, its keys are its own (quitting still works)."""
+        if isinstance(self.screen, ModalScreen) and action in ACTIONS and action != "quit":
+            return False
+        return True
 
     def on_resize(self, event) -> None:
         # A narrow terminal gives the conversation the room; Ctrl+B still shows the chats.

@@ -1,0 +1,179 @@
+"""The app's behaviour a newcomer relies on (issue 17's findings), on the fake engine."""
+
+from __future__ import annotations
+
+from app_helpers import FakeEngine, wait_until
+
+from mlx_mixtral.app.chat_app import ChatApp
+from mlx_mixtral.app.commands import ChatCommands
+from mlx_mixtral.app.screens import ConfirmScreen, TextPromptScreen
+from mlx_mixtral.app.store import Store
+from mlx_mixtral.app.widgets import AssistantMessage, PromptInput
+from mlx_mixtral.generation.sampling import SamplingParams
+
+SIZE = (120, 40)
+
+
+def make_app(tmp_path, **kwargs) -> ChatApp:
+    engine = kwargs.pop("engine", None) or FakeEngine()
+    return ChatApp(engine, "fake-mixtral", Store(tmp_path / "chats.db"), **kwargs)
+
+
+async def ready(pilot) -> None:
+    await wait_until(pilot, lambda: pilot.app.info is not None)
+
+
+async def send(pilot, text: str) -> None:
+    app = pilot.app
+    prompt = app.query_one(PromptInput)
+    prompt.focus()
+    prompt.text = text
+    done = app.replies_done
+    await pilot.press("enter")
+    await wait_until(pilot, lambda: app.replies_done > done)
+
+
+async def test_delete_asks_first_and_ctrl_d_is_the_text_boxs(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "keep me")
+        prompt = app.query_one(PromptInput)
+        prompt.text = "abc"
+        prompt.move_cursor((0, 0))
+        await pilot.press("ctrl+d")  # the text box's delete-right, nothing else
+        assert prompt.text == "bc" and len(app.store.list()) == 1
+        await pilot.press("f12")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("escape")  # no
+        await wait_until(pilot, lambda: not isinstance(app.screen, ConfirmScreen))
+        assert len(app.store.list()) == 1 and app.focused is prompt
+        await pilot.press("f12")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_until(pilot, lambda: not app.store.list())
+        assert app.conversation_id is None
+
+
+async def test_text_box_keys_are_not_shadowed(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        prompt = app.query_one(PromptInput)
+        prompt.focus()
+        prompt.text = "hello world"
+        prompt.move_cursor((0, 0))
+        await pilot.press("ctrl+e")  # end of line
+        assert prompt.cursor_location == (0, 11)
+        prompt.move_cursor((0, 5))
+        await pilot.press("ctrl+k")  # kill to the end of the line
+        assert prompt.text == "hello"
+
+
+async def test_opening_a_chat_focuses_the_prompt_and_marks_the_chat(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "first chat")
+        first = app.conversation_id
+        await pilot.press("ctrl+n")
+        await send(pilot, "second chat")
+        sidebar = app.query_one("#sidebar")
+        sidebar.focus()
+        index = [item.conversation_id for item in sidebar.children].index(first)
+        sidebar.index = index
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.conversation_id == first)
+        assert app.focused is app.query_one(PromptInput)
+        current = [item for item in sidebar.children if item.has_class("current")]
+        assert [item.conversation_id for item in current] == [first]
+        await pilot.press("x")  # keystrokes land in the message box
+        assert app.query_one(PromptInput).text == "x"
+
+
+async def test_new_chats_start_from_the_defaults_and_the_status_says_what_is_set(tmp_path):
+    app = make_app(tmp_path, system=None, settings=SamplingParams())
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "hello")
+        app.system = "Talk like a pirate."
+        app.settings = SamplingParams(temperature=0.2)
+        app._status()
+        status = str(app.query_one("#status").render())
+        assert "system prompt" in status and "temp 0.2" in status
+        await pilot.press("ctrl+n")
+        await wait_until(pilot, lambda: app.conversation_id is None)
+        assert app.system is None and app.settings == SamplingParams()
+        status = str(app.query_one("#status").render())
+        assert "system prompt" not in status and "temp" not in status
+
+
+async def test_a_reopened_chat_shows_its_own_numbers(tmp_path):
+    engine = FakeEngine()
+    app = make_app(tmp_path, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "hello")
+        chat = app.conversation_id
+        stored = app.store.load(chat).messages[-1]
+        app.store.update_message(stored.id, stored.content, "complete",
+                                 {**stored.stats, "context_used": 569, "ttft": 9.87})
+        await pilot.press("ctrl+n")
+        await send(pilot, "another")  # its numbers: TTFT 0.25, context 40
+        await app.open_conversation(chat)
+        status = str(app.query_one("#status").render())
+        assert "TTFT 9.87 s" in status and "context 569/" in status
+
+
+async def test_stopping_inside_a_code_block_closes_it_first(tmp_path):
+    engine = FakeEngine(reply="Here:\n\n```python\n" + "x = 1\n" * 200)
+    engine.delay = 0.01
+    app = make_app(tmp_path, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        prompt = app.query_one(PromptInput)
+        prompt.text = "code please"
+        done = app.replies_done
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app._reply is not None and "x = 1" in app._reply.text)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.replies_done > done)
+        reply = list(app.query(AssistantMessage))[-1]
+        source = reply.source
+        assert source.rstrip().endswith("```\n\n*[stopped]*".rstrip())
+        assert source.count("```") == 2
+
+
+async def test_no_toast_covers_the_prompt_at_start(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.pause(0.2)
+        assert not list(app._notifications)
+        assert "model loaded" in str(app.query_one("#status").render())
+
+
+async def test_palette_offers_actions_chats_by_their_words_and_rename(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "tell me about the Danube")
+        danube = app.conversation_id
+        await pilot.press("ctrl+n")
+        await send(pilot, "something else")
+        provider = ChatCommands(app.screen)
+        hits = [hit async for hit in provider.search("danube")]
+        assert any(str(h.match_display).startswith("Open chat: tell me about the Danube")
+                   for h in hits)
+        actions = [str(h.match_display) async for h in provider.search("rename")]
+        assert "Rename this chat" in actions
+        found = [h for h in hits if "Danube" in str(h.match_display)][0]
+        await found.command()
+        assert app.conversation_id == danube
+
+        await pilot.press("ctrl+t")
+        await wait_until(pilot, lambda: isinstance(app.screen, TextPromptScreen))
+        field = app.screen.query_one("#text")
+        field.value = "Rivers of Europe"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.store.load(danube).title == "Rivers of Europe")
