@@ -38,8 +38,8 @@ def test_generate_streams_reply_and_stats(folder):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--max-tokens", "0"], "max_tokens"),
-    (["--top-p", "2"], "top_p"),
+    (["--max-tokens", "0"], "--max-tokens"),
+    (["--top-p", "2"], "--top-p"),
     (["--model", "/nonexistent/model"], "no such file or folder"),
 ])
 def test_generate_bad_input_one_line(folder, flags, words):
@@ -53,10 +53,10 @@ def test_generate_bad_input_one_line(folder, flags, words):
 
 
 def test_default_model_order(tmp_path, monkeypatch, folder):
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("MLX_MIXTRAL_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.delenv("MLX_MIXTRAL_MODEL", raising=False)
     assert default_model().endswith("SmolLM2-135M-Instruct.Q4_1.gguf")  # the demo
-    config = tmp_path / "config" / "mlx-mixtral" / "config.json"
+    config = tmp_path / "config" / "config.json"
     config.parent.mkdir(parents=True)
     config.write_text(json.dumps({"model": str(folder)}))
     assert default_model() == str(folder)
@@ -169,3 +169,48 @@ def test_chat_without_a_terminal_says_so_and_exits(folder, tmp_path):
     assert result.returncode == 2 and "needs a terminal" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert time.monotonic() - start < 15
+
+
+def test_chat_with_an_empty_folder_fails_in_one_line_before_the_app(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = cli("chat", "--model", str(tmp_path / "empty"), "--db", str(tmp_path / "c.db"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"mlx-mixtral: error: {tmp_path / 'empty'}: no config.json in this folder; pass the "
+        "folder that holds the model's config.json and weights"]
+
+
+def test_errors_name_the_flags_not_the_fields(capsys):
+    from mlx_mixtral.cli.main import main
+
+    for argv, flag, field in ((["--top-p", "2"], "--top-p", "top_p"),
+                              (["--max-tokens", "0"], "--max-tokens", "max_tokens"),
+                              (["--repetition-penalty", "0"], "--repetition-penalty",
+                               "repetition_penalty")):
+        assert main(["generate", "hi", *argv]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and field not in err
+
+
+def test_ctrl_c_mid_reply_ends_the_line_first(monkeypatch, capsys, folder):
+    from mlx_mixtral import generation
+    from mlx_mixtral.cli.main import main
+    from mlx_mixtral.generation.stream import Chunk
+
+    def interrupted(*args, **kwargs):
+        yield Chunk("Half a rep", 1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generation, "stream_generate", interrupted)
+    assert main(["generate", "--model", str(folder), "hi"]) == 130
+    out, err = capsys.readouterr()
+    assert out == "Half a rep\n"
+    assert err.splitlines()[-1] == "mlx-mixtral: interrupted"
+
+
+def test_list_command(tmp_path):
+    result = cli("list", env={**os.environ, "OLLAMA_MODELS": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].split() == ["NAME", "FROM", "ON", "DISK", "IN",
+                                                     "MEMORY", "FITS"]
+    assert "demo" in result.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from .. import __version__
@@ -121,13 +122,28 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
 
 
+# A setting's name in the API -> its flag, so that errors speak the user's language.
+FLAGS = {"temperature": "--temp", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
+         "repetition_penalty": "--repetition-penalty",
+         "repetition_context": "--repetition-context", "max_tokens": "--max-tokens",
+         "seed": "--seed"}
+
+
 def sampling_from(args: argparse.Namespace):
+    from ..errors import SamplingError
     from ..generation.sampling import SamplingParams
 
-    return SamplingParams(
-        temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, repetition_context=args.repetition_context,
-        max_tokens=args.max_tokens, seed=args.seed)
+    try:
+        return SamplingParams(
+            temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            repetition_context=args.repetition_context, max_tokens=args.max_tokens,
+            seed=args.seed)
+    except SamplingError as e:
+        message = str(e)
+        for name, flag in FLAGS.items():
+            message = re.sub(rf"\b{name}\b", flag, message)
+        raise SamplingError(message) from None
 
 
 FORCE_HELP = "load the model even if it looks too big for the available memory"
@@ -202,15 +218,21 @@ def _run_generate(args: argparse.Namespace) -> int:
     ids = prompt_ids(tokenizer, prompt, system=args.system, raw=args.raw,
                      chat_format=args.chat_format)
     cache, done = _reused_cache(args.prompt_cache, model, ids, draft.k if draft else 0)
-    stats = None
-    for item in stream_generate(model, tokenizer, ids[done:], sampling=sampling, cache=cache,
-                                kv=kv, draft=draft):
-        if isinstance(item, Stats):
-            stats = item
-            print(file=sys.stdout, flush=True)
-            print(item, file=sys.stderr)
-        else:
-            print(item.text, end="", flush=True)
+    stats, printed = None, ""
+    try:
+        for item in stream_generate(model, tokenizer, ids[done:], sampling=sampling,
+                                    cache=cache, kv=kv, draft=draft):
+            if isinstance(item, Stats):
+                stats = item
+                print(file=sys.stdout, flush=True)
+                print(item, file=sys.stderr)
+            else:
+                print(item.text, end="", flush=True)
+                printed = (printed + item.text)[-1:]
+    except KeyboardInterrupt:
+        if printed and printed != "\n":
+            print(flush=True)  # end the reply's line: "interrupted" goes on its own
+        raise
     if args.prompt_cache and stats is not None:
         from ..loading.prompt_cache import save_prompt_cache
 
