@@ -142,3 +142,17 @@ def test_sigkill_while_streaming_keeps_the_database(model_folder, tmp_path):
         again.wait_for(lambda s: loaded(s) and "first message" in s)
     finally:
         again.kill()
+
+
+def test_first_start_offline_opens_the_demo_quickly(tmp_path):
+    """No model named or configured, no network: the demo model's chat is up within 15 s."""
+    start = time.time()
+    app = Tmux([EXE, "chat"], {"TERM": "xterm-256color", "MLX_MIXTRAL_MODEL": "",
+                               "MLX_MIXTRAL_CONFIG_DIR": str(tmp_path / "config"),
+                               "MLX_MIXTRAL_DATA_DIR": str(tmp_path / "data"),
+                               "HF_HUB_OFFLINE": "1"})
+    try:
+        screen = app.wait_for(lambda s: loaded(s) and "SmolLM2" in s, timeout=15)
+        assert time.time() - start < 15, screen
+    finally:
+        app.kill()

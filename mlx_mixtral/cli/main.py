@@ -297,19 +297,25 @@ def _run_chat(args: argparse.Namespace) -> int:
 
     sampling, kv = sampling_from(args), kv_from(args)
     drafting = drafting_from(args, args.force, args.dtype)
-    name = args.model or default_model()
+    terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    name = args.model
+    if name is None and terminal:
+        from .first_run import needs_offer, offer_model
+
+        name = offer_model() if needs_offer() else None
+    name = name or default_model()
     # A missing file, an unknown repo or a model too big: one line now, not an app that
     # cannot load.
     check_fits(describe(resolve(name)), args.force, args.dtype)
     store = Store(args.db)
-    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+    if not terminal:
         store.close()
         raise MlxMixtralError("the chat app needs a terminal; in scripts use mlx-mixtral "
                               'generate "your prompt" (or pipe the prompt into it)')
     caches = None
     if args.prompt_cache_gb > 0:
         caches = PromptCaches(store.path.parent / "prompt-caches", int(args.prompt_cache_gb * 1e9))
-    engine = MlxEngine(name, force=True, dtype=args.dtype, kv=kv, caches=caches,
+    engine = MlxEngine(name, force=args.force, dtype=args.dtype, kv=kv, caches=caches,
                        drafting=drafting)
     try:
         ChatApp(engine, name, store, system=args.system, settings=sampling).run()

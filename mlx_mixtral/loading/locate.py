@@ -46,6 +46,23 @@ def download(repo_id: str) -> Path:
 
 
 DEMO_NAME = "demo"  # --model demo: the offline demo model
+def hub_download_size(repo_id: str, timeout: float = 5.0) -> int | None:
+    """Bytes a `download` of `repo_id` would fetch, or None when the hub cannot be reached
+    (offline, HF_HUB_OFFLINE, unknown repo)."""
+    from fnmatch import fnmatch
+
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        info = HfApi().model_info(repo_id, files_metadata=True, timeout=timeout)
+    except Exception:  # noqa: BLE001 - no network, DNS, HTTP errors: all mean "not now"
+        return None
+    return sum(f.size or 0 for f in info.siblings or []
+               if any(fnmatch(f.rfilename, p) for p in HUB_PATTERNS))
+
+
 OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
 GET_MIXTRAL = ("convert Mixtral with `mlx-mixtral convert --hf-path "
                "mistralai/Mixtral-8x7B-Instruct-v0.1 --mlx-path mixtral-4bit -q` and pass "
