@@ -143,7 +143,18 @@ def test_info_preset_mixtral_8x7b():
 def test_info_of_a_model_folder(folder):
     result = cli("info", "--model", str(folder))
     assert result.returncode == 0, result.stderr
-    assert "dense decoder" in result.stdout and "window         8" in result.stdout
+    assert "dense decoder (mistral architecture)" in result.stdout
+    assert "window         8" in result.stdout
+    assert "stored as      float32" in result.stdout and "once loaded" in result.stdout
+    assert "chat format" in result.stdout
+
+
+def test_info_of_the_demo_names_what_it_is():
+    out = cli("info", "--model", "demo").stdout
+    assert "dense decoder (llama architecture)" in out and "Mistral" not in out
+    assert "stored as      GGUF Q4_1 (mostly), 96.6 MB on disk" in out
+    assert "chat format    the model's own chat template (Jinja)" in out
+    assert "0.0 GB" not in out and "KB" not in out  # one way of writing sizes
 
 
 def test_prompt_as_argument_or_from_a_pipe(folder):

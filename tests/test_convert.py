@@ -166,7 +166,8 @@ def test_verify_reports_agreement(source, tmp_path):
     result = cli("convert", "--hf-path", str(folder), "--mlx-path", str(out), "-q",
                  "--q-bits", "8", "--verify")
     assert result.returncode == 0, result.stderr
-    line = result.stdout.strip().splitlines()[-1]
+    line, verdict = result.stdout.strip().splitlines()[-2:]
+    assert verdict.startswith("Verdict: as expected (mean KL <= 0.01 and top-1 >= 90%")
     numbers = dict(re.findall(r"(top-1 agreement|mean KL|same experts chosen) ([\d.e+-]+)", line))
     ids = np.array([fixed_tokens(folder, ref.config.vocab_size)])
     with torch.no_grad():
@@ -191,6 +192,16 @@ def test_verify_reports_agreement(source, tmp_path):
             same, abs=1e-3)
     else:
         assert "same experts chosen" not in numbers
+
+
+def test_verify_verdict_says_when_a_result_is_off():
+    from mlx_mixtral.convert.verify import Verification
+
+    good = Verification(64, 0.95, 0.004, None, bits=8)
+    bad = Verification(64, 0.55, 0.9, None, bits=4)
+    assert good.expected() and "as expected" in str(good)
+    assert not bad.expected() and "worse than expected" in str(bad) and "--q-bits" in str(bad)
+    assert "float conversion" in Verification(64, 1.0, 0.0, None).verdict()
 
 
 def test_dequantize_round_trip(mixtral, tmp_path, tokens):

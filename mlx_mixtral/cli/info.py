@@ -2,27 +2,72 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..loading.memory import USABLE_SHARE, machine_memory
+from ..loading.memory import USABLE_SHARE, load_bytes, machine_memory
 from ..model.config import ModelArgs, preset
-from ..units import gb, human
+from ..units import human, size
+
+if TYPE_CHECKING:
+    from ..loading.source import ModelSource
 
 # Affine quantization stores a float16 scale and bias per group of 64 weights: +0.5 bit.
 TABLE = [("float16", 16.0), ("8-bit", 8.5), ("6-bit", 6.5), ("4-bit", 4.5), ("3-bit", 3.5)]
 
 
-def args_of(model: str) -> ModelArgs:
-    """The model's shape from its headers alone: no tensor is read or dequantized."""
+FORMATS = {"mistral-v3": "mistral-v3 ([INST] as control tokens; tool calls)",
+           "mistral-v1": "mistral-v1 ([INST] as text)",
+           "template": "the model's own chat template (Jinja)",
+           "plain": "plain text (no chat format)"}
+
+
+def source_of(model: str) -> ModelSource:
+    """The model's description from its headers alone: no tensor is read or dequantized."""
     from ..loading import describe, resolve
 
-    return describe(resolve(model)).args
+    return describe(resolve(model))
 
 
-def describe(args: ModelArgs, name: str) -> str:
+def stored_as(source: ModelSource) -> str:
+    """How the file stores its weights: "4-bit (group 64)", "GGUF Q4_1 (mostly)", "bfloat16"."""
+    counts = Counter(t.dtype for t in source.tensors if not t.name.endswith((".scales",
+                                                                             ".biases")))
+    if source.format == "gguf":
+        quantized = Counter({k: v for k, v in counts.items() if k not in ("F32", "F16", "BF16")})
+        kind = (quantized or counts).most_common(1)[0][0]
+        return f"GGUF {kind}" + (" (mostly)" if len(counts) > 1 else "")
+    q = source.quantization
+    if q:
+        bits = {q.get("bits")} | {v.get("bits") for v in q.values() if isinstance(v, dict)}
+        bits.discard(None)
+        label = "/".join(str(b) for b in sorted(bits)) + "-bit"
+        return f"{label} (group {q.get('group_size', 64)}), MLX"
+    return {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(
+        counts.most_common(1)[0][0], counts.most_common(1)[0][0]) if counts else "unknown"
+
+
+def chat_format_of(source: ModelSource) -> str:
+    from ..errors import MlxMixtralError
+    from ..loading.gguf_file import read_gguf_vocabulary
+    from ..loading.loader import load_tokenizer
+
+    try:
+        metadata = read_gguf_vocabulary(source.path) if source.format == "gguf" else {}
+        return load_tokenizer(source, metadata).chat_format
+    except MlxMixtralError:
+        return "none (no usable tokenizer)"
+
+
+def describe(args: ModelArgs, name: str, source: ModelSource | None = None) -> str:
     total, active = args.parameter_counts()
-    kind = ("sparse mixture of experts (Mixtral-style)" if args.is_moe
-            else "dense decoder (Mistral-style)")
+    kind = "sparse mixture of experts" if args.is_moe else "dense decoder"
+    family = None
+    if source is not None:
+        family = source.metadata.get("general.architecture") or source.config.get("model_type")
+    kind += f" ({family} architecture)" if family else (
+        " (Mixtral-style)" if args.is_moe else " (Mistral-style)")
     kv_per_token = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * 2
     kv_tokens = args.sliding_window or args.max_position_embeddings
     memory = machine_memory()
@@ -37,19 +82,27 @@ def describe(args: ModelArgs, name: str) -> str:
     ]
     if args.is_moe:
         lines.append(f"  experts        {args.num_local_experts}, top-{args.num_experts_per_tok}")
+    if source is not None:
+        on_disk = sum(t.nbytes for t in source.tensors)
+        lines += [
+            f"  stored as      {stored_as(source)}, {size(on_disk)} on disk, "
+            f"{size(load_bytes(source))} once loaded",
+            f"  chat format    {FORMATS.get(fmt := chat_format_of(source), fmt)}",
+        ]
     lines += [
         f"  window         {args.sliding_window or 'none (full attention)'}",
         f"  context        {args.max_position_embeddings} tokens",
         f"  vocabulary     {args.vocab_size}",
         "",
-        f"  memory for the weights (this machine: {gb(memory)}, about {gb(usable)} usable):",
+        f"  memory for the weights (this machine: {size(memory)}, about {size(usable)} usable):",
         f"    {'precision':<10} {'weights':>10}  fits",
     ]
     for label, bits in TABLE:
-        size = total * bits / 8
-        lines.append(f"    {label:<10} {gb(size):>10}  {'yes' if size <= usable else 'no'}")
-    lines.append(f"  KV cache (float16): {kv_per_token / 1e3:.0f} KB per token, "
-                 f"{gb(kv_per_token * kv_tokens)} at {kv_tokens} tokens")
+        weights = total * bits / 8
+        lines.append(f"    {label:<10} {size(weights):>10}  "
+                     f"{'yes' if weights <= usable else 'no'}")
+    lines.append(f"  KV cache (float16): {size(kv_per_token)} per token, "
+                 f"{size(kv_per_token * kv_tokens)} at {kv_tokens} tokens")
     return "\n".join(lines)
 
 
@@ -59,4 +112,5 @@ def info(model: str | None = None, preset_name: str | None = None) -> str:
     from ..loading import default_model
 
     model = model or default_model()
-    return describe(args_of(model), Path(model).name or model)
+    source = source_of(model)
+    return describe(source.args, Path(model).name or model, source)

@@ -18,19 +18,39 @@ FIXED_TEXT = (
 FIXED_LENGTH = 64
 
 
+# The usual cost of conversion on natural text, by bits per weight (None: float): the
+# highest mean KL (nats) and the lowest top-1 agreement. Beyond them, something went wrong.
+EXPECTED = {None: (0.001, 0.99), 8: (0.01, 0.90), 6: (0.03, 0.85), 5: (0.06, 0.80),
+            4: (0.15, 0.75), 3: (0.5, 0.60), 2: (2.0, 0.40)}
+
+
 @dataclass
 class Verification:
     tokens: int
     top1_agreement: float
     mean_kl: float
     router_agreement: float | None  # share of (token, layer) with the same expert set
+    bits: int | None = None  # of the converted weights (None: not quantized)
+
+    def expected(self) -> bool:
+        max_kl, min_top1 = EXPECTED.get(self.bits, EXPECTED[2])
+        return self.mean_kl <= max_kl and self.top1_agreement >= min_top1
+
+    def verdict(self) -> str:
+        max_kl, min_top1 = EXPECTED.get(self.bits, EXPECTED[2])
+        what = f"{self.bits}-bit" if self.bits else "a float conversion"
+        usual = f"mean KL <= {max_kl:g} and top-1 >= {min_top1:.0%} are usual for {what}"
+        if self.expected():
+            return f"Verdict: as expected ({usual})."
+        return (f"Verdict: worse than expected ({usual}); check the source folder, or convert "
+                "with more bits (--q-bits)")
 
     def __str__(self) -> str:
         line = (f"Verify on {self.tokens} tokens: top-1 agreement {self.top1_agreement:.1%}, "
                 f"mean KL {self.mean_kl:.4g} nats")
         if self.router_agreement is not None:
             line += f", same experts chosen {self.router_agreement:.1%}"
-        return line
+        return f"{line}\n{self.verdict()}"
 
 
 def fixed_tokens(folder: Path, vocab_size: int) -> list[int]:
@@ -64,4 +84,12 @@ def verify(source: str | Path, converted: str | Path) -> Verification:
         rows = [(np.sort(np.array(ra.indices), -1) == np.sort(np.array(rb.indices), -1)).all(-1)
                 for ra, rb in zip(trace_a, trace_b, strict=True)]
         router = float(np.mean(np.concatenate([r.reshape(-1) for r in rows])))
-    return Verification(ids.shape[1], top1, kl, router)
+    return Verification(ids.shape[1], top1, kl, router, bits_of(Path(converted)))
+
+
+def bits_of(folder: Path) -> int | None:
+    """The converted folder's main bits per weight (the experts' where they differ)."""
+    from ..loading.source import read_config
+
+    q = read_config(folder).get("quantization")
+    return q.get("bits") if isinstance(q, dict) else None

@@ -181,3 +181,16 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
         raise WeightsError(f"{path}: corrupt GGUF file: {e}; download it again") from None
     except OSError as e:
         raise WeightsError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_gguf_vocabulary(path: str | Path) -> dict[str, object]:
+    """The file's `tokenizer.*` metadata in full (arrays included), memory-mapped: enough to
+    rebuild its tokenizer without reading a tensor."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        return {name: field.contents() for name, field in reader.fields.items()
+                if name.startswith("tokenizer.")}
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise WeightsError(f"{path}: cannot read the GGUF vocabulary ({e})") from None
