@@ -59,3 +59,11 @@ def test_readme_python_example_runs():
                             timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Paris" in result.stdout
+
+
+def test_readme_key_table_is_the_apps():
+    """The README's key table says what the app's key table says, row for row."""
+    from mlx_mixtral.app.keys import KEYS, key_label
+
+    for key, _, _, what in KEYS:
+        assert f"| {key_label(key)} | {what} |" in README, key
