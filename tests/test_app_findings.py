@@ -177,3 +177,32 @@ async def test_palette_offers_actions_chats_by_their_words_and_rename(tmp_path):
         field.value = "Rivers of Europe"
         await pilot.press("enter")
         await wait_until(pilot, lambda: app.store.load(danube).title == "Rivers of Europe")
+
+
+async def test_status_bar_keeps_the_note_on_a_narrow_terminal(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot)
+        await send(pilot, "hello")
+        note = "reading this chat: 256/517 tokens, about 12 s left"
+        app._status(note=note)
+        await pilot.pause()
+        line = str(app.query_one("#status").render())
+        assert note in line and len(line) <= 78
+
+
+async def test_long_code_lines_scroll_and_long_model_names_do_not_wrap(tmp_path):
+    from textual.widgets._markdown import MarkdownFence
+
+    engine = FakeEngine(reply="```python\nprint('" + "x" * 300 + "')\n```")
+    app = make_app(tmp_path, engine=engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        app.store.create("/models/Mixtral-8x7B-Instruct-v0.1-mixed-3-4-with-a-very-long-name",
+                         None, {}, "a chat with a long title that goes on and on")
+        await send(pilot, "code")
+        fence = app.query(MarkdownFence).last()
+        assert fence.styles.scrollbar_size_horizontal == 1  # a visible bar, not clipped text
+        assert fence.max_scroll_x > 0
+        for item in app.query_one("#sidebar").children:
+            assert item.outer_size.height == 2  # title and model, one line each

@@ -68,6 +68,7 @@ class ChatApp(App):
     #loading { height: auto; padding: 1 2; }
     #loading.hidden, #progress.hidden { display: none; }
     #sidebar ListItem.current { background: $boost; text-style: bold; }
+    #sidebar Static { text-wrap: nowrap; text-overflow: ellipsis; }
     """
     # Not priority bindings: the message box keeps its own editing keys, and a dialog its Esc.
     BINDINGS = [Binding(key, action, label, show=key in FOOTER_KEYS)
@@ -187,8 +188,7 @@ class ChatApp(App):
         sidebar.clear()
         for i, c in enumerate(self.store.list()):
             # One line each for the title and the model, cut with an ellipsis, never wrapped.
-            label = Text(no_wrap=True, overflow="ellipsis")
-            label.append(c.title + "\n")
+            label = Text(c.title + "\n")
             label.append(Path(c.model).name or c.model, style="dim")
             item = ListItem(Static(label), classes="current" if c.id == self.conversation_id
                             else "")
