@@ -174,6 +174,8 @@ class ChatApp(App):
         self.query_one(StatusBar).show(None, note="load failed")
 
     def _status(self, note: str = "") -> None:
+        if not self.query(StatusBar):  # the app is closing: a late timer tick has no bar
+            return
         s = self._last_stats
         flags = ", ".join(x for x in ("system prompt" if self.system else "",
                                       changed_settings(self.settings)) if x)

@@ -6,9 +6,11 @@ import argparse
 import os
 import re
 import sys
+from dataclasses import replace
 
 from .. import __version__
 from ..errors import MlxMixtralError
+from .distributed import add_distributed_flags, launched
 from .drafting import add_draft_flags, add_kv_flags, drafting_from, kv_from
 
 EXIT_BAD_INPUT = 2
@@ -164,13 +166,18 @@ def add_model_flags(p: argparse.ArgumentParser, model: bool = True,
         add_sampling_flags(p)
 
 
-def load_model_for_cli(name: str | None, force: bool = False, dtype: str | None = None):
-    """Load the named (or default) model, saying what is happening on stderr."""
+def load_model_for_cli(name: str | None, force: bool = False, dtype: str | None = None,
+                       group=None, pipeline: bool = False):
+    """Load the named (or default) model, saying what is happening on stderr (split over the
+    ranks of `group` under mlx.launch; rank 0 speaks for all)."""
     from ..loading import default_model, load
 
     name = name or default_model()
-    print(f"Loading {name} ...", file=sys.stderr, flush=True)
-    return load(name, force=force, dtype=dtype)
+    if group is None or group.rank() == 0:
+        split = "" if group is None else (
+            f" over {group.size()} ranks ({'pipeline' if pipeline else 'tensor parallel'})")
+        print(f"Loading {name}{split} ...", file=sys.stderr, flush=True)
+    return load(name, force=force, dtype=dtype, group=group, pipeline=pipeline)
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -191,6 +198,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                    "there afterwards")
     add_kv_flags(p)
     add_draft_flags(p)
+    add_distributed_flags(p)
 
 
 def read_prompt(arg: str) -> str:
@@ -211,21 +219,47 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     sampling, kv = sampling_from(args), kv_from(args)  # validate before the slow load
     drafting = drafting_from(args, args.force, args.dtype)
-    prompt = read_prompt(_prompt_argument(args))
+    given = _prompt_argument(args)  # the same argv on every rank: the same answer
+    group = dog = None
+    if launched():
+        if drafting or args.prompt_cache:
+            raise MlxMixtralError("drafted decoding and --prompt-cache do not run under "
+                                  "mlx.launch; leave them out")
+        from .distributed import join, quiet_unless_first, share_seed, share_text
+
+        group, dog = join(args.dist_timeout)
+        dog.beat()
+        first = group.rank() == 0
+        prompt = share_text(read_prompt(given) if first else None, group)
+        sampling = replace(sampling, seed=share_seed(sampling.seed, group))
+        dog.stop()
+        quiet_unless_first(group)
+    else:
+        prompt = read_prompt(given)
     require_text(prompt)  # before the slow load
-    model, tokenizer = load_model_for_cli(args.model, args.force, args.dtype)
+    model, tokenizer = load_model_for_cli(args.model, args.force, args.dtype, group,
+                                          args.pipeline)
     draft = drafting(model, tokenizer) if drafting else None
+    if dog is not None:
+        import mlx.core as mx
+
+        mx.eval(model.parameters())  # every rank reads its part before the clock starts
+        dog.beat()
     ids = prompt_ids(tokenizer, prompt, system=args.system, raw=args.raw,
                      chat_format=args.chat_format)
     cache, done = _reused_cache(args.prompt_cache, model, ids, draft.k if draft else 0)
     stats, printed = None, ""
+    beat = (lambda *_: dog.beat()) if dog is not None else None
     try:
         for item in stream_generate(model, tokenizer, ids[done:], sampling=sampling,
-                                    cache=cache, kv=kv, draft=draft):
+                                    cache=cache, kv=kv, draft=draft, progress=beat):
+            if beat is not None:
+                beat()
             if isinstance(item, Stats):
                 stats = item
                 print(file=sys.stdout, flush=True)
-                print(item, file=sys.stderr)
+                if group is None or group.rank() == 0:
+                    print(item, file=sys.stderr)
             else:
                 print(item.text, end="", flush=True)
                 printed = (printed + item.text)[-1:]

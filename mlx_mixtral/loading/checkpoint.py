@@ -94,7 +94,7 @@ def check_shapes(args: ModelArgs, weights: dict[str, mx.array], source: str) -> 
 
 
 def build_model(args: ModelArgs, weights: dict[str, mx.array], quantization: dict | None,
-                source: str, dtype: str | mx.Dtype | None = None) -> Model:
+                source: str, dtype: str | mx.Dtype | None = None, fuse: bool = True) -> Model:
     """A `Model` holding `weights` (already in our names), quantized where they are, in the
     dtypes this backend computes in (`dtype` overrides; see model/precision.py)."""
     check_shapes(args, weights, source)
@@ -112,4 +112,4 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], quantization: dic
     except ValueError as e:
         raise WeightsError(f"{source}: weights do not match the config ({e}); the config and "
                            "weights do not belong together") from None
-    return model.fuse()
+    return model.fuse() if fuse else model

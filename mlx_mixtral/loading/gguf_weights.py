@@ -227,7 +227,7 @@ def _quantization(weights: dict[str, mx.array]) -> dict[str, Any] | None:
     return {"group_size": GGUF_GROUP_SIZE, "bits": 4, **layers}
 
 
-def load_gguf(source: ModelSource, dtype: str | mx.Dtype | None = None
+def load_gguf(source: ModelSource, dtype: str | mx.Dtype | None = None, fuse: bool = True
               ) -> tuple[Model, dict[str, Any]]:
     """Build a `Model` from a described GGUF file; returns it with the file's metadata (MLX's
     reading of it, vocabulary arrays included)."""
@@ -239,4 +239,4 @@ def load_gguf(source: ModelSource, dtype: str | mx.Dtype | None = None
         quantization = _quantization(weights)
     except (ValueError, KeyError, ZeroDivisionError) as e:  # shapes that contradict metadata
         raise WeightsError(f"{path}: tensor shapes disagree with the metadata ({e})") from None
-    return build_model(args, weights, quantization, str(path), dtype), metadata
+    return build_model(args, weights, quantization, str(path), dtype, fuse), metadata

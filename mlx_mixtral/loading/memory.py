@@ -95,13 +95,15 @@ def load_bytes(source: ModelSource, dtype: str | mx.Dtype | None = None) -> int:
 
 
 def check_fits(source: ModelSource, force: bool = False,
-               dtype: str | mx.Dtype | None = None) -> None:
-    """Refuse (MemoryLimitError) a model that needs more memory than is available."""
+               dtype: str | mx.Dtype | None = None, ranks: int = 1) -> None:
+    """Refuse (MemoryLimitError) a model that needs more memory than is available. Split over
+    `ranks` machines, each needs about its share."""
     if force:
         return
-    need, have = load_bytes(source, dtype), available_memory()
+    need, have = load_bytes(source, dtype) // ranks, available_memory()
     if have and need > have:
+        per = " per rank" if ranks > 1 else ""
         raise MemoryLimitError(
-            f"{source.path.name}: the model needs about {size(need)} of memory and "
+            f"{source.path.name}: the model needs about {size(need)} of memory{per} and "
             f"{size(have)} is available; close other programs, use a smaller quantization "
             "(mlx-mixtral convert -q --q-bits 4), or pass --force to load it anyway")

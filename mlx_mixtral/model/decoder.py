@@ -18,6 +18,7 @@ from .config import ModelArgs
 from .masks import windowed_mask
 from .moe import SparseMoE
 from .routing import RouterTrace
+from .sharding import run_pipeline, shard_layers, shard_tensors
 
 
 class MLP(nn.Module):
@@ -56,9 +57,14 @@ class TransformerBlock(nn.Module):
 class DecoderStack(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
+        self.pipeline_group: mx.distributed.Group | None = None  # set by `pipeline`
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def pipeline(self, group: mx.distributed.Group) -> None:
+        """Keep only this rank's run of layers (mlx-lm's pipeline protocol; sharding.py)."""
+        shard_layers(self, group)
 
 
 class Model(nn.Module):
@@ -78,6 +84,11 @@ class Model(nn.Module):
             if layer.is_moe:
                 layer.block_sparse_moe.switch_mlp.fuse()
         return self
+
+    def shard(self, group: mx.distributed.Group | None = None) -> None:
+        """Split every layer over the group's ranks (mlx-lm's tensor-parallel protocol;
+        sharding.py)."""
+        shard_tensors(self, group or mx.distributed.init())
 
     @property
     def layers(self) -> list[TransformerBlock]:
@@ -129,8 +140,11 @@ class Model(nn.Module):
             mask = cache[0].make_mask(length, window_size=window)
         if padding is not None:
             mask = self._padding_mask(cache[0], length, padding)
-        for layer, c in zip(self.layers, cache, strict=True):
-            h = layer(h, mask, c, router_trace)
+        if self.model.pipeline_group is not None:
+            h = run_pipeline(self.layers, h, mask, cache, router_trace, self.model.pipeline_group)
+        else:
+            for layer, c in zip(self.layers, cache, strict=True):
+                h = layer(h, mask, c, router_trace)
         h = self.model.norm(h)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)

@@ -30,9 +30,8 @@ def fuse_linears(layers: list[nn.Module], axis: int = 0) -> nn.Module | None:
             fused[key] = mx.concatenate([layer[key] for layer in layers], axis=axis)
         else:
             fused[key] = value
-    for name in ("bits", "group_size", "mode", "global_scale"):  # plain attributes
-        if hasattr(first, name):
-            setattr(fused, name, getattr(first, name))
+    for name, value in vars(first).items():  # plain attributes: bits, a sharded one's group
+        setattr(fused, name, value)
     if not first.trainable_parameters():
         fused.freeze()
     return fused

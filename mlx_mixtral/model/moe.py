@@ -62,6 +62,7 @@ class SparseMoE(nn.Module):
         self.top_k = top_k
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.switch_mlp = ExpertsGLU(hidden, intermediate, num_experts)
+        self.group: mx.distributed.Group | None = None  # tensor parallel: experts hold 1/N
 
     def __call__(self, x: mx.array, trace: list | None = None) -> mx.array:
         gate_logits = self.gate(x)
@@ -72,4 +73,7 @@ class SparseMoE(nn.Module):
         # nothing else); the input follows them, and the output returns to the model's dtype.
         expert_dtype = self.switch_mlp.compute_dtype
         y = self.switch_mlp(x if expert_dtype is None else x.astype(expert_dtype), indices)
-        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2).astype(x.dtype)
+        y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        if self.group is not None:  # each rank computed its slice of every expert
+            y = mx.distributed.all_sum(y, group=self.group)
+        return y.astype(x.dtype)
