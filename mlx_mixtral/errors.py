@@ -47,3 +47,8 @@ class StoreError(MlxMixtralError):
 
 class PromptCacheError(MlxMixtralError, ValueError):
     """A saved prompt cache that is corrupt, truncated, or from another model."""
+
+
+class DistributedError(MlxMixtralError):
+    """Under mlx.launch: a rank was lost (it stopped, or the network failed). Not the user's
+    input: the command exits with status 1."""

@@ -8,6 +8,7 @@ prints. A watchdog ends a rank that hears nothing from the others for `--dist-ti
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import sys
@@ -15,11 +16,42 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from ..errors import DistributedError
+
 if TYPE_CHECKING:  # MLX is imported when a group is joined, not for --help
     import mlx.core as mx
 
 EXIT_LOST = 1
 DEFAULT_TIMEOUT = 60.0
+
+
+def filter_ring_noise() -> int:
+    """Route this process's stderr (fd 2, where MLX's C++ writes too) through a thread that
+    drops the ring backend's own socket chatter, so a lost rank ends in our one line. Returns a
+    descriptor of the real stderr."""
+    real = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+
+    def pump() -> None:
+        with os.fdopen(read, "rb") as pipe:
+            for line in pipe:
+                if not line.startswith(b"[ring]"):
+                    os.write(real, line)
+
+    thread = threading.Thread(target=pump, daemon=True, name="stderr-filter")
+    thread.start()
+
+    def drain() -> None:  # at exit: the last line (our error) must get through
+        sys.stderr.flush()
+        os.close(2)  # the pipe's only writer: the pump sees its end
+        thread.join(timeout=2)
+
+    atexit.register(drain)
+    # Python's own writes skip the filter: they reach the terminal in order, at once.
+    sys.stderr = os.fdopen(os.dup(real), "w", buffering=1)
+    return real
 
 
 def launched() -> bool:
@@ -30,8 +62,8 @@ def launched() -> bool:
 class Watchdog:
     """Ends the process when `beat()` has not been called for `timeout` seconds while armed."""
 
-    def __init__(self, timeout: float, what: str) -> None:
-        self.timeout, self.what = timeout, what
+    def __init__(self, timeout: float, what: str, stderr: int = 2) -> None:
+        self.timeout, self.what, self.stderr = timeout, what, stderr
         self.deadline: float | None = None
         self.rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
         threading.Thread(target=self._watch, daemon=True, name="watchdog").start()
@@ -49,7 +81,7 @@ class Watchdog:
                 message = (f"mlx-mixtral: error: rank {self.rank}: nothing from the other ranks "
                            f"for {self.timeout:g} s while {self.what} (a rank stopped, or the "
                            "network failed); stopping (--dist-timeout sets the wait)\n")
-                os.write(2, message.encode())
+                os.write(self.stderr, message.encode())
                 os._exit(EXIT_LOST)
 
 
@@ -57,7 +89,7 @@ def join(timeout: float) -> tuple[mx.distributed.Group, Watchdog]:
     """The group of all ranks, once every rank has answered (or one line within `timeout`)."""
     import mlx.core as mx
 
-    dog = Watchdog(timeout, "forming the group")
+    dog = Watchdog(timeout, "forming the group", filter_ring_noise())
     dog.beat()
     group = mx.distributed.init(strict=True)
     mx.eval(mx.distributed.all_sum(mx.array(1), group=group))  # every rank is here
@@ -105,3 +137,10 @@ def add_distributed_flags(p) -> None:
     p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT,
                    help="under mlx.launch: seconds without word from the other ranks before a "
                    "rank gives up with an error")
+
+
+def lost(error: RuntimeError, group: mx.distributed.Group) -> DistributedError:
+    """The one-line error for a collective that failed because a peer went away."""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return DistributedError(f"rank {group.rank()}: lost the other ranks ({reason}); a rank "
+                            "stopped or the network failed")

@@ -9,11 +9,12 @@ import sys
 from dataclasses import replace
 
 from .. import __version__
-from ..errors import MlxMixtralError
+from ..errors import DistributedError, MlxMixtralError
 from .distributed import add_distributed_flags, launched
 from .drafting import add_draft_flags, add_kv_flags, drafting_from, kv_from
 
 EXIT_BAD_INPUT = 2
+EXIT_LOST_RANK = 1  # under mlx.launch: another rank stopped
 
 
 # Each command's one-line help (in `mlx-mixtral --help`) and its description.
@@ -173,6 +174,11 @@ def load_model_for_cli(name: str | None, force: bool = False, dtype: str | None 
     from ..loading import default_model, load
 
     name = name or default_model()
+    if group is not None:  # a world the model cannot be split into: one line, nothing read
+        from ..loading import describe, resolve
+        from ..model.sharding import check_world
+
+        check_world(describe(resolve(name)).args, group.size(), pipeline)
     if group is None or group.rank() == 0:
         split = "" if group is None else (
             f" over {group.size()} ranks ({'pipeline' if pipeline else 'tensor parallel'})")
@@ -267,6 +273,12 @@ def _run_generate(args: argparse.Namespace) -> int:
         if printed and printed != "\n":
             print(flush=True)  # end the reply's line: "interrupted" goes on its own
         raise
+    except RuntimeError as e:
+        if group is None:
+            raise
+        from .distributed import lost
+
+        raise lost(e, group) from None
     if args.prompt_cache and stats is not None:
         from ..loading.prompt_cache import save_prompt_cache
 
@@ -329,6 +341,10 @@ def _run_chat(args: argparse.Namespace) -> int:
     from ..loading import default_model, describe, resolve
     from ..loading.memory import check_fits
 
+    if launched():
+        raise MlxMixtralError("the chat app does not run under mlx.launch; run `mlx.launch ... "
+                              "mlx-mixtral generate` there (or bench), on a model split over "
+                              "the ranks")
     sampling, kv = sampling_from(args), kv_from(args)
     drafting = drafting_from(args, args.force, args.dtype)
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
@@ -450,8 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except MlxMixtralError as e:
         message = " ".join(str(e).split("\n"))  # one line, whatever a library put in it
-        print(f"mlx-mixtral: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        print(f"mlx-mixtral: error: {message}", file=sys.stderr, flush=True)
+        return EXIT_LOST_RANK if isinstance(e, DistributedError) else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("mlx-mixtral: interrupted", file=sys.stderr)
         return 130
