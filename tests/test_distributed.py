@@ -1,0 +1,151 @@
+"""One model over two ranks with `mlx.launch -n 2 --backend ring` on this machine: the same
+tokens as one process (tensor and pipeline modes), logits within 1e-4 in float32, about half
+the memory per rank, and a lost rank or an impossible world size ending in one line.
+
+mlx.launch can exit 0 when a rank failed, so every rank's exit code and stderr are kept by
+`rank_wrap.sh`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import tiny_tokenizer
+
+from mlx_mixtral import ModelArgs
+from mlx_mixtral.convert import convert
+from mlx_mixtral.convert.synthetic import write_hf_checkpoint
+
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).parent
+EXE = shutil.which("mlx-mixtral")
+LAUNCH = shutil.which("mlx.launch")
+MODES = [[], ["--pipeline"]]
+
+
+def tiny(folder: Path, **shape) -> Path:
+    """A random model with the word-level test tokenizer (tokens t1 .. t127)."""
+    base = dict(vocab_size=128, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096)
+    hf = folder.with_name(folder.name + "-hf")
+    write_hf_checkpoint(hf, ModelArgs.from_dict({**base, **shape}), dtype=mx.float32, seed=5)
+    tiny_tokenizer().save_pretrained(hf)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    mixtral = tiny(root / "mixtral", model_type="mixtral", num_local_experts=8,
+                   num_experts_per_tok=2)
+    convert(mixtral, root / "mixtral-4bit", quantize=True, dtype="float32", progress=False)
+    convert(mixtral, root / "mixtral-f32", progress=False)
+    mistral = tiny(root / "mistral", model_type="mistral", sliding_window=16)
+    return {"mixtral-4bit": root / "mixtral-4bit", "mixtral-f32": root / "mixtral-f32",
+            "mistral-window": mistral}
+
+
+def launch(tmp: Path, n: int, *command: str, timeout: float = 240) -> list[dict]:
+    """Run `command` on n ranks; each rank's exit code, stdout and stderr."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    subprocess.run([LAUNCH, "-n", str(n), "--backend", "ring", str(HERE / "rank_wrap.sh"),
+                    str(tmp), *command], capture_output=True, timeout=timeout,
+                   stdin=subprocess.DEVNULL)
+    return [ranks(tmp, r) for r in range(n)]
+
+
+def ranks(tmp: Path, r: int) -> dict:
+    read = (lambda name: (tmp / f"{name}.{r}").read_text()
+            if (tmp / f"{name}.{r}").exists() else "")
+    return {"rc": int(read("rc") or -1), "out": read("out"), "err": read("err")}
+
+
+GENERATE = ["generate", "--temp", "0", "--max-tokens", "40", "--raw", "t5 t9 t13 t2"]
+
+
+@pytest.mark.parametrize("name", ["mixtral-4bit", "mixtral-f32", "mistral-window"])
+def test_two_ranks_generate_the_same_tokens(models, name, tmp_path):
+    alone = subprocess.run([EXE, *GENERATE, "--model", str(models[name])],
+                           capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 0, alone.stderr
+    assert len(alone.stdout.split()) >= 30  # longer than the window (16) for the Mistral
+    for mode in MODES:
+        results = launch(tmp_path / (mode[0][2:] if mode else "tensor"), 2, EXE, *GENERATE,
+                         "--model", str(models[name]), *mode)
+        assert [r["rc"] for r in results] == [0, 0], results
+        assert results[0]["out"] == alone.stdout, mode  # rank 0 prints ...
+        assert results[1]["out"] == ""  # ... and only rank 0
+        assert "over 2 ranks" in results[0]["err"]
+
+
+def probe(tmp: Path, mode: str, folder: Path) -> dict:
+    command = [sys.executable, str(HERE / "dist_probe.py"), mode, str(folder), str(tmp / mode)]
+    if mode == "single":
+        subprocess.run(command, check=True, timeout=120)
+    else:
+        results = launch(tmp / f"{mode}-ranks", 2, *command)
+        assert [r["rc"] for r in results] == [0, 0], results
+    found = {"logits": np.load(tmp / f"{mode}.npy")}
+    for r in range(1 if mode == "single" else 2):
+        found[r] = json.loads((tmp / f"{mode}.{r}.json").read_text())
+    return found
+
+
+def test_float32_logits_agree_and_each_rank_holds_half(models, tmp_path):
+    single = probe(tmp_path, "single", models["mixtral-f32"])
+    for mode in ("tensor", "pipeline"):
+        split = probe(tmp_path, mode, models["mixtral-f32"])
+        assert np.abs(split["logits"] - single["logits"]).max() < 1e-4, mode
+        assert split[0]["tokens"] == split[1]["tokens"] == single[0]["tokens"]
+        for r in (0, 1):  # the weights dominate this model's memory
+            assert split[r]["peak"] <= 0.6 * single[0]["peak"], (mode, r, split[r]["peak"],
+                                                                 single[0]["peak"])
+
+
+def test_a_killed_rank_ends_the_other_in_one_line(models, tmp_path):
+    command = [LAUNCH, "-n", "2", "--backend", "ring", str(HERE / "rank_wrap.sh"),
+               str(tmp_path), EXE, "generate", "--model", str(models["mixtral-4bit"]),
+               "--temp", "0", "--max-tokens", "3000", "--raw", "--dist-timeout", "20", "t5"]
+    launcher = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        out = tmp_path / "out.0"
+        while not (out.exists() and len(out.read_text().split()) >= 5):
+            assert time.monotonic() < deadline, "rank 0 never started generating"
+            time.sleep(0.2)
+        os.kill(int((tmp_path / "pid.1").read_text()), signal.SIGKILL)
+        killed = time.monotonic()
+        while not (tmp_path / "rc.0").exists():
+            assert time.monotonic() - killed < 30, "rank 0 did not stop within the timeout"
+            time.sleep(0.2)
+    finally:
+        launcher.kill()
+    rank0 = ranks(tmp_path, 0)
+    assert rank0["rc"] == 1
+    errors = [line for line in rank0["err"].splitlines() if not line.startswith("Loading ")]
+    assert len(errors) == 1 and errors[0].startswith("mlx-mixtral: error: rank 0: lost"), errors
+
+
+def test_three_ranks_for_four_kv_heads_is_refused_on_every_rank(models, tmp_path):
+    results = launch(tmp_path, 3, EXE, *GENERATE, "--model", str(models["mixtral-4bit"]))
+    for r in results:
+        assert r["rc"] == 2, results
+        assert r["err"].strip().splitlines() == [
+            "mlx-mixtral: error: 3 ranks cannot split 8 attention heads, 4 KV heads, 1024 MLP "
+            "width evenly in tensor mode; use 2 or 4 ranks, or --pipeline"], r["err"]
+
+
+def test_chat_under_mlx_launch_points_elsewhere(tmp_path):
+    results = launch(tmp_path, 2, EXE, "chat")
+    for r in results:
+        assert r["rc"] == 2 and "does not run under mlx.launch" in r["err"], results
