@@ -64,8 +64,10 @@ def launch(tmp: Path, n: int, *command: str, timeout: float = 240) -> list[dict]
 
 
 def ranks(tmp: Path, r: int) -> dict:
-    read = (lambda name: (tmp / f"{name}.{r}").read_text()
-            if (tmp / f"{name}.{r}").exists() else "")
+    def read(name: str) -> str:
+        path = tmp / f"{name}.{r}"
+        return path.read_text() if path.exists() else ""
+
     return {"rc": int(read("rc") or -1), "out": read("out"), "err": read("err")}
 
 
