@@ -225,3 +225,9 @@ def test_list_command(tmp_path):
     assert result.stdout.splitlines()[0].split() == ["NAME", "FROM", "ON", "DISK", "IN",
                                                      "MEMORY", "FITS"]
     assert "demo" in result.stdout
+
+
+def test_info_counts_memory_per_rank():
+    out = cli("info", "--preset", "mixtral-8x22b", "--ranks", "2").stdout
+    assert "per rank of 2 (tensor parallel)" in out
+    assert "4-bit         79.1 GB  no      39.7 GB  no" in out

@@ -151,3 +151,26 @@ def test_chat_under_mlx_launch_points_elsewhere(tmp_path):
     results = launch(tmp_path, 2, EXE, "chat")
     for r in results:
         assert r["rc"] == 2 and "does not run under mlx.launch" in r["err"], results
+
+
+def test_bench_under_mlx_launch_reports_each_rank(models, tmp_path):
+    results = launch(tmp_path, 2, EXE, "bench", "--model", str(models["mixtral-4bit"]),
+                     "--runs", "1", "--gen-tokens", "8", "--prompt-tokens", "16")
+    assert [r["rc"] for r in results] == [0, 0], results
+    report = results[0]["out"]
+    assert "over 2 ranks (tensor parallel)" in report and "decode tok/s" in report
+    assert "peak memory, rank 0" in report and "peak memory, rank 1" in report
+    assert results[1]["out"] == ""
+
+
+def test_a_group_that_never_forms_ends_in_one_line(tmp_path):
+    """Rank 1 never joins: rank 0 gives up after --dist-timeout with one line."""
+    script = ('if [ "$MLX_RANK" = 1 ]; then sleep 60; else exec "$@"; fi')
+    start = time.monotonic()
+    results = launch(tmp_path, 2, "sh", "-c", script, "sh", EXE, *GENERATE, "--model", "demo",
+                     "--dist-timeout", "5", timeout=90)
+    assert results[0]["rc"] == 1
+    assert results[0]["err"].strip().splitlines() == [
+        "mlx-mixtral: error: rank 0: nothing from the other ranks for 5 s while forming the "
+        "group (a rank stopped, or the network failed); stopping (--dist-timeout sets the wait)"]
+    assert time.monotonic() - start < 80

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..generation.kv import KVSettings
 from ..model.config import ModelArgs
+from ..units import size
 
 PRESETS: dict[str, dict[str, Any]] = {
     "mixtral-tiny": dict(model_type="mixtral", vocab_size=32000, hidden_size=1024,
@@ -345,3 +346,36 @@ def bench_main(model: str | None, preset: str | None, prompt_tokens: int, gen_to
                        log=lambda m: None if as_json else print(m, flush=True),
                        drafting=drafting, kv=kv)
     return json.dumps(result, indent=2) if as_json else format_result(result)
+
+
+def bench_distributed(folder: Path, group: mx.distributed.Group, pipeline: bool,
+                      prompt_tokens: int, gen_tokens: int, runs: int, dtype: str | None,
+                      beat: Callable[[], None]) -> str | None:
+    """Under mlx.launch: our engine with the model split over the ranks; tok/s (medians) and
+    each rank's peak memory. The text is rank 0's to print (None on the other ranks)."""
+    from ..loading import load
+
+    start = time.perf_counter()
+    model, _ = load(folder, tokenizer=False, dtype=dtype, group=group, pipeline=pipeline)
+    mx.eval(model.parameters())
+    mode = "pipeline" if pipeline else "tensor parallel"
+    engine = Engine(f"mlx-mixtral over {group.size()} ranks ({mode})", model,
+                    time.perf_counter() - start)
+    beat()
+    prompt = mx.array(np.random.RandomState(0).randint(3, model.args.vocab_size, prompt_tokens))
+    measure(engine, prompt[:32], 4)  # warm up
+    for _ in range(runs):
+        engine.runs.append(measure(engine, prompt, gen_tokens))
+        beat()
+    peaks = mx.distributed.all_gather(mx.array([engine.median("peak_memory") / 1e6]),
+                                      group=group)
+    peaks = [p * 1e6 for p in peaks.tolist()]
+    if group.rank() != 0:
+        return None
+    lines = [f"{engine.name}: {folder}", f"  prompt {prompt_tokens} tokens, generate "
+             f"{gen_tokens}, medians of {runs} runs"]
+    for key, label, _ in METRICS:
+        if key != "peak_memory":
+            lines.append(f"  {label:<22} {engine.median(key):10.3f}")
+    lines += [f"  peak memory, rank {r}:   {size(p)}" for r, p in enumerate(peaks)]
+    return "\n".join(lines)

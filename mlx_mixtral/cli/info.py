@@ -60,7 +60,8 @@ def chat_format_of(source: ModelSource) -> str:
         return "none (no usable tokenizer)"
 
 
-def describe(args: ModelArgs, name: str, source: ModelSource | None = None) -> str:
+def describe(args: ModelArgs, name: str, source: ModelSource | None = None,
+             ranks: int = 1) -> str:
     total, active = args.parameter_counts()
     kind = "sparse mixture of experts" if args.is_moe else "dense decoder"
     family = None
@@ -95,22 +96,28 @@ def describe(args: ModelArgs, name: str, source: ModelSource | None = None) -> s
         f"  vocabulary     {args.vocab_size}",
         "",
         f"  memory for the weights (this machine: {size(memory)}, about {size(usable)} usable):",
-        f"    {'precision':<10} {'weights':>10}  fits",
+        f"    {'precision':<10} {'weights':>10}  fits" + (
+            f"   per rank of {ranks} (tensor parallel)" if ranks > 1 else ""),
     ]
+    # Split over ranks, each holds 1/N of every layer and the whole embeddings and head.
+    whole = args.vocab_size * args.hidden_size * (1 if args.tie_word_embeddings else 2)
     for label, bits in TABLE:
         weights = total * bits / 8
-        lines.append(f"    {label:<10} {size(weights):>10}  "
-                     f"{'yes' if weights <= usable else 'no'}")
+        mine = (whole + (total - whole) / ranks) * bits / 8
+        row = f"    {label:<10} {size(weights):>10}  {'yes' if weights <= usable else 'no ':<3}"
+        if ranks > 1:
+            row += f"   {size(mine):>9}  {'yes' if mine <= usable else 'no'}"
+        lines.append(row)
     lines.append(f"  KV cache (float16): {size(kv_per_token)} per token, "
                  f"{size(kv_per_token * kv_tokens)} at {kv_tokens} tokens")
     return "\n".join(lines)
 
 
-def info(model: str | None = None, preset_name: str | None = None) -> str:
+def info(model: str | None = None, preset_name: str | None = None, ranks: int = 1) -> str:
     if preset_name:
-        return describe(preset(preset_name), preset_name)
+        return describe(preset(preset_name), preset_name, ranks=ranks)
     from ..loading import default_model
 
     model = model or default_model()
     source = source_of(model)
-    return describe(source.args, Path(model).name or model, source)
+    return describe(source.args, Path(model).name or model, source, ranks)

@@ -386,12 +386,16 @@ def _info_parser(sub: argparse._SubParsersAction) -> None:
 
     p = _command(sub, "info")
     _model_or_preset(p, MODEL_HELP, PRESETS, "a released model's shape, no weights needed")
+    p.add_argument("--ranks", type=int, default=1,
+                   help="also show the memory each of this many ranks needs (mlx.launch)")
 
 
 def _run_info(args: argparse.Namespace) -> int:
     from .info import info
 
-    print(info(args.model, args.preset))
+    if args.ranks < 1:
+        raise MlxMixtralError("--ranks must be >= 1")
+    print(info(args.model, args.preset, args.ranks))
     return 0
 
 
@@ -420,6 +424,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     add_model_flags(p, model=False, sampling=False)
     add_kv_flags(p)
     add_draft_flags(p)
+    add_distributed_flags(p)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -430,12 +435,40 @@ def _run_bench(args: argparse.Namespace) -> int:
     if not args.model and not args.preset:
         args.preset = "mixtral-tiny"
     drafting, kv = drafting_from(args, args.force, args.dtype), kv_from(args)
+    if launched():
+        return _bench_launched(args, drafting, kv)
     if kv.bits is not None and args.compare:
         raise MlxMixtralError("--kv-bits with --compare mlx-lm: mlx-lm cannot quantize a "
                               "rolling cache; compare without --kv-bits")
     print(bench_main(args.model, args.preset, args.prompt_tokens, args.gen_tokens, args.runs,
                      args.compare == "mlx-lm", args.json, args.force, args.dtype, drafting,
                      kv))
+    return 0
+
+
+def _bench_launched(args: argparse.Namespace, drafting, kv) -> int:
+    """bench under mlx.launch: the model split over the ranks, rank 0 reports."""
+    import mlx.core as mx
+
+    from ..loading import describe, resolve
+    from ..model.sharding import check_world
+    from .bench import bench_distributed, preset_folder
+    from .distributed import join
+
+    if args.compare or drafting or kv.bits is not None:
+        raise MlxMixtralError("under mlx.launch, bench runs our engine alone: leave out "
+                              "--compare, drafting and --kv-bits")
+    group, dog = join(args.dist_timeout)
+    if args.preset and group.rank() == 0:
+        preset_folder(args.preset)  # built once, by rank 0, before the others look
+    mx.eval(mx.distributed.all_sum(mx.array(1), group=group))
+    folder = preset_folder(args.preset) if args.preset else resolve(args.model)
+    check_world(describe(folder).args, group.size(), args.pipeline)
+    text = bench_distributed(folder, group, args.pipeline, args.prompt_tokens, args.gen_tokens,
+                             args.runs, args.dtype, dog.beat)
+    dog.stop()
+    if text is not None:
+        print(text)
     return 0
 
 
