@@ -165,12 +165,12 @@ def test_bench_under_mlx_launch_reports_each_rank(models, tmp_path):
 
 def test_a_group_that_never_forms_ends_in_one_line(tmp_path):
     """Rank 1 never joins: rank 0 gives up after --dist-timeout with one line."""
-    script = ('if [ "$MLX_RANK" = 1 ]; then sleep 60; else exec "$@"; fi')
+    script = ('if [ "$MLX_RANK" = 1 ]; then sleep 15; else exec "$@"; fi')
     start = time.monotonic()
     results = launch(tmp_path, 2, "sh", "-c", script, "sh", EXE, *GENERATE, "--model", "demo",
-                     "--dist-timeout", "5", timeout=90)
-    assert results[0]["rc"] == 1
+                     "--dist-timeout", "5", timeout=60)
+    assert results[0]["rc"] != 0  # killed by its watchdog: MLX was blocked, holding the GIL
     assert results[0]["err"].strip().splitlines() == [
         "mlx-mixtral: error: rank 0: nothing from the other ranks for 5 s while forming the "
         "group (a rank stopped, or the network failed); stopping (--dist-timeout sets the wait)"]
-    assert time.monotonic() - start < 80
+    assert time.monotonic() - start < 50

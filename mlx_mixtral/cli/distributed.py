@@ -13,7 +13,6 @@ import os
 import secrets
 import sys
 import threading
-import time
 from typing import TYPE_CHECKING
 
 from ..errors import DistributedError
@@ -21,7 +20,6 @@ from ..errors import DistributedError
 if TYPE_CHECKING:  # MLX is imported when a group is joined, not for --help
     import mlx.core as mx
 
-EXIT_LOST = 1
 DEFAULT_TIMEOUT = 60.0
 
 
@@ -59,42 +57,72 @@ def launched() -> bool:
     return "MLX_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
 
 
-class Watchdog:
-    """Ends the process when `beat()` has not been called for `timeout` seconds while armed."""
+# The watchdog runs in its own small process: MLX may block in C++ while holding the GIL
+# (forming the ring group does), where no Python thread of ours would ever run again.
+WATCHER = """
+import os, select, signal, sys
+parent, timeout, rank = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+what, armed = "forming the group", False
+while True:
+    ready, _, _ = select.select([0], [], [], timeout if armed else None)
+    if not ready:
+        os.write(2, (f"mlx-mixtral: error: rank {rank}: nothing from the other ranks for "
+                     f"{timeout:g} s while {what} (a rank stopped, or the network failed); "
+                     "stopping (--dist-timeout sets the wait)\\n").encode())
+        os.kill(parent, signal.SIGKILL)
+        sys.exit(0)
+    data = os.read(0, 4096)
+    if not data:
+        sys.exit(0)  # the command ended
+    for byte in data:
+        if byte == ord("b"):
+            armed = True
+        elif byte == ord("s"):
+            armed = False
+        elif byte == ord("g"):
+            what = "generating"
+"""
 
-    def __init__(self, timeout: float, what: str, stderr: int = 2) -> None:
-        self.timeout, self.what, self.stderr = timeout, what, stderr
-        self.deadline: float | None = None
-        self.rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
-        threading.Thread(target=self._watch, daemon=True, name="watchdog").start()
+
+class Watchdog:
+    """Ends this process when `beat()` has not been called for `timeout` seconds while armed,
+    after one line on stderr. The line is the watcher's; the process is killed."""
+
+    def __init__(self, timeout: float, stderr: int = 2) -> None:
+        import subprocess
+
+        self.timeout = timeout
+        rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
+        self.watcher = subprocess.Popen(
+            [sys.executable, "-c", WATCHER, str(os.getpid()), str(timeout), rank],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr)
+
+    def _say(self, byte: bytes) -> None:
+        try:
+            os.write(self.watcher.stdin.fileno(), byte)
+        except OSError:
+            pass  # the watcher is gone: nothing to watch with
 
     def beat(self) -> None:
-        self.deadline = time.monotonic() + self.timeout
+        self._say(b"b")
 
     def stop(self) -> None:
-        self.deadline = None
+        self._say(b"s")
 
-    def _watch(self) -> None:
-        while True:
-            time.sleep(min(1.0, self.timeout / 10))
-            if self.deadline is not None and time.monotonic() > self.deadline:
-                message = (f"mlx-mixtral: error: rank {self.rank}: nothing from the other ranks "
-                           f"for {self.timeout:g} s while {self.what} (a rank stopped, or the "
-                           "network failed); stopping (--dist-timeout sets the wait)\n")
-                os.write(self.stderr, message.encode())
-                os._exit(EXIT_LOST)
+    def generating(self) -> None:
+        self._say(b"g")
 
 
 def join(timeout: float) -> tuple[mx.distributed.Group, Watchdog]:
     """The group of all ranks, once every rank has answered (or one line within `timeout`)."""
     import mlx.core as mx
 
-    dog = Watchdog(timeout, "forming the group", filter_ring_noise())
+    dog = Watchdog(timeout, filter_ring_noise())
     dog.beat()
     group = mx.distributed.init(strict=True)
     mx.eval(mx.distributed.all_sum(mx.array(1), group=group))  # every rank is here
     dog.stop()
-    dog.what = "generating"
+    dog.generating()
     return group, dog
 
 
