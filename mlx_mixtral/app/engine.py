@@ -234,6 +234,9 @@ class MlxEngine:
                     break
         finally:
             stream.close()
+            # mlx-lm queues the next token's work before yielding this one: let it finish
+            # here, or a process that ends now may find MLX's own thread still busy (abort).
+            mx.synchronize()
         share, balance = self._experts()
         emit(ReplyEvent(done=True, finish_reason=finish, stats=stats or session.last_stats,
                         context_used=len(session.cached), expert_share=share, balance=balance))
