@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -97,7 +98,8 @@ class ChatApp(App):
         self._last_save = 0.0
         self._last_stats: dict[str, Any] = {}
         self.replies_done = 0  # finished replies, for whoever waits on the app (tests)
-        self.prefill_seen: list[tuple[int, int]] = []  # (done, total) as heard, for tests
+        # (done, total) as heard, the latest few, for tests and whoever watches the app
+        self.prefill_seen: deque[tuple[int, int]] = deque(maxlen=10_000)
         self._prefill_epoch = 0  # bumped to stop a background prefill that lost its chat
         self._prefill_t0 = time.monotonic()
         self._sidebar_toggled = False

@@ -7,10 +7,6 @@ from ..loading.memory import available_memory
 from ..units import size
 
 
-def fits(model: LocalModel, have: int) -> str:
-    return "yes" if not have or model.memory_bytes <= have else "no"
-
-
 def model_table(models: list[LocalModel], have: int) -> str:
     if not models:
         return ("No models found. Get one with `mlx-mixtral chat --model "
@@ -19,7 +15,7 @@ def model_table(models: list[LocalModel], have: int) -> str:
     width = max(len(m.name) for m in models)
     rows = [f"{'NAME':<{width}}  {'FROM':<12}  {'ON DISK':>9}  {'IN MEMORY':>9}  FITS"]
     rows += [f"{m.name:<{width}}  {m.origin:<12}  {size(m.disk_bytes):>9}  "
-             f"{size(m.memory_bytes):>9}  {fits(m, have)}" for m in models]
+             f"{size(m.memory_bytes):>9}  {'yes' if m.fits(have) else 'no'}" for m in models]
     rows.append(f"\n{size(have)} of memory is available now. Use a NAME with --model.")
     return "\n".join(rows)
 

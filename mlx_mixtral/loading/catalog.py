@@ -29,6 +29,10 @@ class LocalModel:
     disk_bytes: int
     memory_bytes: int  # once loaded, from the headers
 
+    def fits(self, available: int) -> bool:
+        """Whether it fits in `available` bytes (0: unknown, so yes)."""
+        return not available or self.memory_bytes <= available
+
     @property
     def label(self) -> str:
         """A short name for lists: a repo id or tag as is, a path by its last part."""

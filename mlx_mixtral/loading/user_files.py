@@ -37,9 +37,13 @@ def user_config() -> dict[str, Any]:
 def write_json(path: Path, data: Any) -> None:
     """Write `data` as JSON atomically: a crash leaves the old file or the new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")  # one per writer
+    try:
+        partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
+                           encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def update_user_config(**values: Any) -> Path:
