@@ -18,3 +18,23 @@ def gb(n: float) -> str:
 def size(n: float) -> str:
     """Bytes in GB, or in MB below one GB (so that small sizes do not read 0.0 GB)."""
     return gb(n) if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+               "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+               "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'16GB', '12.5G', '800 MB', '24GiB' -> bytes (decimal units unless ...iB); ValueError
+    for anything else, or for a size that is not positive."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size; write it like 16GB, 12.5GB or 800MB")
+    value = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"{text!r}: a size must be more than 0")
+    return value

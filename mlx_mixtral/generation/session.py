@@ -131,10 +131,11 @@ class ChatSession:
         ids = self._fit_context(reserve=64)
         new = self._sync_cache(ids)
         done = 0
-        for start in range(0, len(new), self.prefill_step):
+        step = self.model.prefill_chunk(self.prefill_step)
+        for start in range(0, len(new), step):
             if should_stop is not None and should_stop():
                 break
-            chunk = new[start:start + self.prefill_step]
+            chunk = new[start:start + step]
             self.model(mx.array([chunk]), cache=self.cache)
             mx.eval([c.state for c in self.cache])
             done += len(chunk)

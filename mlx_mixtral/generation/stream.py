@@ -151,6 +151,7 @@ def stream_generate(
     check_prompt(model, ids, cache[0].offset if cache else 0)
     kv = kv or KVSettings()
     kv.check(model.args.head_dim)
+    prefill_step_size = model.prefill_chunk(prefill_step_size)
     if params.seed is not None:
         mx.random.seed(params.seed)
     cache = cache if cache is not None else model.make_cache(slack=draft.k if draft else 0)

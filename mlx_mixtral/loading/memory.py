@@ -53,19 +53,24 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 _NATIVE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # MLX reads these GGUF types as they are
 
 
-def _folder_bytes(source: ModelSource, target: mx.Dtype | None) -> int:
+def folder_tensor_bytes(source: ModelSource, target: mx.Dtype | None) -> list[int]:
+    """Each tensor's bytes once loaded (in `source.tensors` order)."""
     quantized = {t.name.rpartition(".")[0] for t in source.tensors if t.name.endswith(".scales")}
-    total = 0
+    out = []
     for t in source.tensors:
         size = _ITEMSIZE.get(t.dtype)
         if size is None:  # integers: packed quantized weights, ids
-            total += t.nbytes
+            out.append(t.nbytes)
             continue
         module = t.name.rpartition(".")[0]
         dtype = {"F16": mx.float16, "BF16": mx.bfloat16}.get(t.dtype, mx.float32)
         dtype = loaded_dtype(t.name, dtype, module in quantized, target)
-        total += t.count * dtype.size
-    return total
+        out.append(t.count * dtype.size)
+    return out
+
+
+def _folder_bytes(source: ModelSource, target: mx.Dtype | None) -> int:
+    return sum(folder_tensor_bytes(source, target))
 
 
 def _gguf_bytes(source: ModelSource, target: mx.Dtype | None) -> int:

@@ -68,6 +68,11 @@ class DecoderStack(nn.Module):
 
 
 class Model(nn.Module):
+    # Set by loading/streaming.py when experts stream within a memory budget.
+    max_prefill_step: int | None = None  # longer prefill chunks would overrun the budget
+    expert_streamer = None  # the experts' slots and their loader (model/expert_cache.py)
+    memory_plan = None  # the budget's plan (loading/memory_plan.py), when one was given
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
@@ -89,6 +94,10 @@ class Model(nn.Module):
         """Split every layer over the group's ranks (mlx-lm's tensor-parallel protocol;
         sharding.py)."""
         shard_tensors(self, group or mx.distributed.init())
+
+    def prefill_chunk(self, wanted: int) -> int:
+        """The prefill chunk to use for a wanted size (smaller within a memory budget)."""
+        return min(wanted, self.max_prefill_step or wanted)
 
     @property
     def layers(self) -> list[TransformerBlock]:

@@ -1,0 +1,136 @@
+"""How a model runs within a memory budget (`--max-memory`): fully resident, or with its experts
+streamed from disk into N slots per layer.
+
+The budget holds, in MLX's own accounting (`mx.get_peak_memory`):
+- every weight that is not an expert (attention, embeddings, head, norms, routers);
+- `slots` experts per layer, fixed arrays reused in place;
+- the KV cache for at least `context` tokens;
+- working memory for a prefill chunk, which sets the chunk size (at most a tenth of the budget).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+
+from ..errors import MemoryLimitError
+from ..model.precision import target_dtype
+from ..units import size
+from .expert_files import is_expert_tensor
+from .memory import folder_tensor_bytes, load_bytes
+
+if TYPE_CHECKING:
+    from ..model.config import ModelArgs
+    from .source import ModelSource
+
+MIN_CONTEXT = 2048  # tokens the KV cache must hold at least
+PREFILL_STEPS = (512, 256, 128, 64, 32, 16)
+WORKSPACE_SHARE = 0.1
+
+
+def kv_bytes_per_token(args: ModelArgs, dtype: mx.Dtype | None) -> int:
+    return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * (
+        dtype or mx.float16).size
+
+
+def workspace_bytes(args: ModelArgs, step: int, context: int) -> int:
+    """Activations of one prefill chunk of `step` tokens (float32, generous): hidden states,
+    attention scores over `context` keys, the experts' intermediates, one row of logits."""
+    f = 4
+    hidden = 8 * step * args.hidden_size * f
+    attention = 3 * step * args.num_attention_heads * context * f
+    pairs = step * (args.num_experts_per_tok if args.is_moe else 1)
+    ffn = 2 * pairs * (2 * args.hidden_size + 3 * args.intermediate_size) * f
+    return hidden + attention + ffn + 3 * args.vocab_size * f
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int
+    resident: int  # every weight but the experts
+    expert: int  # one expert of one layer, once loaded
+    layers: int
+    experts: int  # per layer (0: a dense model)
+    top_k: int
+    kv_per_token: int
+    context: int  # the KV cache holds at least this many tokens
+    prefill_step: int
+    workspace: int
+    slots: int  # experts in memory per layer
+
+    @property
+    def streaming(self) -> bool:
+        return self.slots < self.experts
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.slots * self.layers * self.expert
+
+    @property
+    def kv_room(self) -> int:
+        return self.budget - self.resident - self.slot_bytes - self.workspace
+
+    def minimum(self) -> int:
+        """The smallest budget that runs: top-k slots per layer, the minimal KV cache."""
+        slots = self.top_k if self.experts else 0
+        return (self.resident + slots * self.layers * self.expert + self.workspace
+                + self.kv_per_token * self.context)
+
+    def __str__(self) -> str:
+        tokens = self.kv_room // max(self.kv_per_token, 1)
+        kv = f"{size(self.kv_room)} for the KV cache and activations (about {tokens:,} tokens)"
+        if not self.streaming:
+            return (f"Memory plan for {size(self.budget)}: the whole model is resident "
+                    f"({size(self.resident + self.slot_bytes)}), {kv}")
+        return (f"Memory plan for {size(self.budget)}: {size(self.resident)} resident weights, "
+                f"{self.slots} of {self.experts} experts per layer in memory "
+                f"({size(self.slot_bytes)}; the others are read from disk when chosen), {kv}, "
+                f"prefill in chunks of {self.prefill_step}")
+
+
+def plan_memory(source: ModelSource, budget: int, dtype: str | mx.Dtype | None = None,
+                context: int | None = None) -> MemoryPlan:
+    """The plan for `budget` bytes; MemoryLimitError (with the minimum) if none runs."""
+    args = source.args
+    target = target_dtype(dtype)
+    if source.format == "safetensors":
+        sizes = folder_tensor_bytes(source, target)
+        experts_total = sum(b for t, b in zip(source.tensors, sizes, strict=True)
+                            if is_expert_tensor(t.name))
+        total = sum(sizes)
+    else:  # GGUF: no streaming; the plan only says whether it fits
+        experts_total, total = 0, load_bytes(source, dtype)
+    kv = kv_bytes_per_token(args, target)
+    context = min(context or MIN_CONTEXT, args.sliding_window or args.max_position_embeddings,
+                  args.max_position_embeddings)
+    step = next((s for s in PREFILL_STEPS
+                 if workspace_bytes(args, s, context) <= budget * WORKSPACE_SHARE),
+                PREFILL_STEPS[-1])
+    n_experts = args.num_local_experts if experts_total else 0
+    expert = experts_total // max(args.num_hidden_layers * n_experts, 1)
+    workspace = workspace_bytes(args, step, context)
+    plan = MemoryPlan(budget, total - experts_total, expert, args.num_hidden_layers, n_experts,
+                      args.num_experts_per_tok, kv, context, step, workspace, n_experts)
+    room = budget - plan.resident - workspace - kv * context
+    if n_experts:
+        slots = min(n_experts, room // (args.num_hidden_layers * expert))
+        plan = MemoryPlan(**{**vars(plan), "slots": max(int(slots), 0)})
+    if room < plan.slot_bytes or (plan.streaming and plan.slots < plan.top_k):
+        raise MemoryLimitError(_too_small(source, plan))
+    return plan
+
+
+def _too_small(source: ModelSource, plan: MemoryPlan) -> str:
+    what = (f"{plan.top_k} experts per layer, " if plan.experts else "")
+    need = plan.minimum()
+    if not plan.experts and source.args.is_moe:
+        why = ("expert streaming reads safetensors folders (MLX or Hugging Face), not GGUF; "
+               "use an MLX folder of the model, or ")
+        return (f"--max-memory {size(plan.budget)} is too small for {source.path.name} "
+                f"({size(need)} with a {plan.context}-token KV cache); {why}raise the budget")
+    return (f"--max-memory {size(plan.budget)} is too small for {source.path.name}: it needs "
+            f"at least {size(need)} ({size(plan.resident)} of weights besides the experts, "
+            f"{what}a {plan.context}-token KV cache and working memory); give "
+            f"--max-memory {need / 1e9:.2f}GB or more, or convert with fewer bits")

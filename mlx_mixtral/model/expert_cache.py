@@ -1,0 +1,255 @@
+"""Experts streamed into a few slots per layer, for a model larger than its memory budget.
+
+Each MoE layer keeps `slots` experts in fixed arrays (an `ExpertsGLU` of `slots` experts,
+allocated once). Its router runs, the layer syncs once to learn which experts its tokens chose,
+experts that are not in a slot are read into the least recently used slots that this pass does
+not need, and the slot arrays are then computed on exactly as the full table would be (the
+expert ids are mapped to slot ids). The reading itself is a loader's job (`ExpertLoader`, in
+loading/expert_files.py): it writes straight into the slot arrays, so a miss allocates nothing.
+
+- Prefetch: while a layer's sync waits for MLX, the next layer's router is applied to this
+  layer's input (mixtral-offloading's guess; the residual stream changes little between
+  layers), and the guessed experts are read on a background thread so that reading overlaps
+  computing. The next layer waits for that read before it looks at its slots.
+- Prefill: a chunk may need more experts than a layer has slots. They are then taken in
+  groups of `slots`, the ones already resident first; each group's (token, expert) pairs are
+  computed and added up before the next group overwrites the slots. Every needed expert is
+  read once per layer per chunk.
+- A slot's arrays are written only after MLX has finished every computation reading them: the
+  layer's sync evaluates everything before it, including this layer in the previous pass.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .moe import ExpertsGLU
+from .routing import RouterRecord, route
+
+POLICIES = ("lru", "lfu")
+
+
+class ExpertLoader(Protocol):
+    def load(self, layer: int, expert: int, slot: int) -> int:
+        """Read one expert's weights into slot `slot` of layer `layer`; the bytes read."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class ExpertSlots:
+    """Which expert sits in which slot of one layer. Eviction takes the least recently used
+    expert ("lru") or the least used one so far ("lfu", recency breaking ties)."""
+
+    def __init__(self, num_experts: int, num_slots: int, policy: str = "lru") -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown expert cache policy {policy!r}; choose one of "
+                             f"{', '.join(POLICIES)}")
+        self.policy = policy
+        self.num_slots = num_slots
+        self.free = list(range(num_slots - 1, -1, -1))
+        self.where: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recent first
+        self.uses: Counter[int] = Counter()
+        self.table = np.zeros(num_experts, np.int32)  # expert -> slot (valid where resident)
+
+    def resident(self, expert: int) -> bool:
+        return expert in self.where
+
+    def _victim(self, keep: set[int]) -> int:
+        candidates = [e for e in self.where if e not in keep]
+        if self.policy == "lfu":  # ties: the least recently used (earlier in `where`)
+            return min(candidates, key=lambda e: self.uses[e])
+        return candidates[0]
+
+    def place(self, experts: Iterable[int], keep: set[int] | None = None
+              ) -> list[tuple[int, int]]:
+        """Give every expert of `experts` a slot, evicting none of `experts` or `keep`; the
+        (expert, slot) pairs that must now be read."""
+        experts = list(experts)
+        keep = set(experts) | (keep or set())
+        reads = []
+        for e in experts:
+            if e not in self.where:
+                slot = self.free.pop() if self.free else self.where.pop(self._victim(keep))
+                self.where[e] = slot
+                self.table[e] = slot
+                reads.append((e, slot))
+        return reads
+
+    def touch(self, experts: Iterable[int]) -> None:
+        for e in experts:
+            self.where.move_to_end(e)
+            self.uses[e] += 1
+
+
+@dataclass
+class LayerStats:
+    needed: int = 0  # experts needed, counted once per layer per forward pass
+    hits: int = 0  # of those, already in a slot (prefetched ones included)
+    prefetch_hits: int = 0  # in a slot because the prefetch read it
+    reads: int = 0  # experts read (misses and prefetches)
+    bytes_read: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.needed if self.needed else 1.0
+
+
+@dataclass
+class StreamStats:
+    layers: list[LayerStats] = field(default_factory=list)
+
+    def total(self) -> LayerStats:
+        out = LayerStats()
+        for s in self.layers:
+            for name in vars(out):
+                setattr(out, name, getattr(out, name) + getattr(s, name))
+        return out
+
+
+class ExpertStreamer:
+    """The slots of every MoE layer, the loader that fills them, and the prefetch thread."""
+
+    def __init__(self, num_experts: int, num_slots: int, gates: Sequence[nn.Module],
+                 top_k: int, loader: ExpertLoader, policy: str = "lru",
+                 prefetch: bool = True) -> None:
+        self.num_experts, self.num_slots, self.top_k = num_experts, num_slots, top_k
+        self.gates = list(gates)  # each layer's router, for the next layer's guess
+        self.loader = loader
+        self.slots = [ExpertSlots(num_experts, num_slots, policy) for _ in self.gates]
+        self.prefetch = prefetch
+        self.stats = StreamStats([LayerStats() for _ in self.gates])
+        self._pending: list[Future | None] = [None] * len(self.gates)
+        self._prefetched: list[set[int]] = [set() for _ in self.gates]
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch")
+
+    def reset_stats(self) -> None:
+        self.wait()
+        self.stats = StreamStats([LayerStats() for _ in self.gates])
+
+    def set_policy(self, policy: str, prefetch: bool) -> None:
+        """Start over with empty slots under another policy (for measuring policies)."""
+        self.wait()
+        self.slots = [ExpertSlots(self.num_experts, self.num_slots, policy) for _ in self.gates]
+        self._prefetched = [set() for _ in self.gates]
+        self.prefetch = prefetch
+
+    def wait(self, layer: int | None = None) -> None:
+        """Let the prefetch of `layer` (or of every layer) finish."""
+        for i in range(len(self._pending)) if layer is None else (layer,):
+            pending, self._pending[i] = self._pending[i], None
+            if pending is not None:
+                reads, nbytes = pending.result()
+                self.stats.layers[i].reads += reads
+                self.stats.layers[i].bytes_read += nbytes
+
+    def close(self) -> None:
+        self.wait()
+        self._pool.shutdown()
+        self.loader.close()
+
+    def guess(self, layer: int, x: mx.array) -> mx.array | None:
+        """The next layer's likely experts for input `x` of this one (lazy), or None."""
+        if not self.prefetch or layer + 1 >= len(self.gates):
+            return None
+        logits = self.gates[layer + 1](x).reshape(-1, self.num_experts)
+        return mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+
+    def start_prefetch(self, layer: int, guessed: np.ndarray) -> None:
+        """Read the guessed experts of `layer` in the background (at most a slot's worth)."""
+        counts = Counter(guessed.reshape(-1).tolist())
+        experts = [e for e, _ in counts.most_common(self.num_slots)]
+        reads = self.slots[layer].place(experts)
+        if not reads:
+            return
+        self._prefetched[layer].update(e for e, _ in reads)
+        load = self.loader.load
+
+        def run() -> tuple[int, int]:
+            return len(reads), sum(load(layer, e, s) for e, s in reads)
+
+        self._pending[layer] = self._pool.submit(run)
+
+    def fill(self, layer: int, experts: list[int]) -> np.ndarray:
+        """Make `experts` (at most one slot each) resident in `layer`; its expert -> slot
+        table."""
+        slots, stats = self.slots[layer], self.stats.layers[layer]
+        prefetched = self._prefetched[layer]
+        stats.needed += len(experts)
+        hits = [e for e in experts if slots.resident(e)]
+        stats.hits += len(hits)
+        stats.prefetch_hits += sum(1 for e in hits if e in prefetched)
+        prefetched.difference_update(experts)
+        for e, s in slots.place(experts):
+            prefetched.discard(e)
+            stats.reads += 1
+            stats.bytes_read += self.loader.load(layer, e, s)
+        slots.touch(experts)
+        return slots.table
+
+
+class StreamingMoE(nn.Module):
+    """A `SparseMoE` whose experts live in `streamer`'s slots (same router, same output)."""
+
+    def __init__(self, gate: nn.Linear, switch_mlp: ExpertsGLU, top_k: int, layer: int,
+                 streamer: ExpertStreamer) -> None:
+        super().__init__()
+        self.gate = gate
+        self.switch_mlp = switch_mlp  # `num_slots` experts
+        self.top_k = top_k
+        self.layer = layer
+        self.streamer = streamer
+
+    def __call__(self, x: mx.array, trace: list | None = None) -> mx.array:
+        streamer, layer = self.streamer, self.layer
+        gate_logits = self.gate(x)
+        indices, weights = route(gate_logits, self.top_k)
+        if trace is not None:
+            trace.append(RouterRecord(gate_logits.astype(mx.float32), indices, weights))
+        guess = streamer.guess(layer, x)
+        mx.eval(indices if guess is None else [indices, guess])  # this layer's one sync
+        chosen = np.array(indices)
+        streamer.wait(layer)  # the slots of this layer are complete
+        if guess is not None:
+            streamer.start_prefetch(layer + 1, np.array(guess))
+        dtype = self.switch_mlp.compute_dtype
+        xe = x if dtype is None else x.astype(dtype)
+        needed = np.unique(chosen).tolist()
+        if len(needed) <= streamer.num_slots:
+            table = streamer.fill(layer, needed)
+            y = self.switch_mlp(xe, mx.array(table[chosen]))
+            y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+        else:
+            y = self._in_groups(xe, chosen, weights, needed)
+        return y.astype(x.dtype)
+
+    def _in_groups(self, x: mx.array, chosen: np.ndarray, weights: mx.array,
+                   needed: list[int]) -> mx.array:
+        """More experts than slots (prefill): groups of `num_slots` experts, each computed on
+        its own (token, expert) pairs and added up; the resident ones go first."""
+        streamer, slots = self.streamer, self.streamer.slots[self.layer]
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        chosen = chosen.reshape(-1, self.top_k)
+        weights = weights.reshape(-1, self.top_k)
+        order = sorted(needed, key=lambda e: not slots.resident(e))
+        out = None
+        for i in range(0, len(order), streamer.num_slots):
+            group = order[i:i + streamer.num_slots]
+            table = streamer.fill(self.layer, group)
+            rows, cols = np.nonzero(np.isin(chosen, group))
+            at = mx.array(rows)
+            y = self.switch_mlp(x[at], mx.array(table[chosen[rows, cols]])[:, None])[:, 0]
+            part = y * weights[at, mx.array(cols)][:, None].astype(y.dtype)
+            out = (mx.zeros((x.shape[0], y.shape[-1]), y.dtype) if out is None else out)
+            out = out.at[at].add(part)
+            mx.eval(out)  # done with these slots before the next group overwrites them
+        return out.reshape(*shape[:-1], -1)
