@@ -22,6 +22,7 @@ from ..generation.sampling import SamplingParams
 from ..generation.session import ChatSession
 from ..generation.speculative import Drafter
 from ..generation.stats import PrefillStopped, Stats
+from ..generation.stream import prefill_chunk
 from ..model.decoder import Model
 from ..model.routing import RouterTrace
 from ..text.tokenizer import Tokenizer
@@ -40,6 +41,7 @@ class EngineInfo:
     active_parameters: int = 0
     quantization: str = "float"
     memory_bytes: int = 0
+    streaming: str | None = None  # "4/8 experts per layer in memory" within --max-memory
     is_moe: bool = False
     layers: int = 0
     experts: int = 0
@@ -52,7 +54,8 @@ class EngineInfo:
         moe = (f", {self.experts} experts (top-{self.top_k}), "
                f"{human(self.active_parameters, 'B')} active" if self.is_moe else "")
         return (f"{self.name}: {human(self.parameters, 'B')} parameters{moe}, "
-                f"{self.quantization}, {gb(self.memory_bytes)} in memory")
+                f"{self.quantization}, {gb(self.memory_bytes)} in memory"
+                + (f" ({self.streaming})" if self.streaming else ""))
 
 
 @dataclass
@@ -99,6 +102,9 @@ class TracedModel:
     def make_cache(self, slack: int = 0) -> list:
         return self.model.make_cache(slack)
 
+    def prefill_chunk(self, wanted: int) -> int:
+        return prefill_chunk(self.model, wanted)
+
     def __call__(self, inputs: mx.array, cache: list | None = None, **kwargs: Any) -> mx.array:
         return self.model(inputs, cache=cache, router_trace=self.trace, **kwargs)
 
@@ -108,12 +114,20 @@ def quantization_of(model: nn.Module) -> str:
     return "float" if not bits else "/".join(str(b) for b in bits) + "-bit"
 
 
+def streaming_label(model: Model) -> str | None:
+    plan = model.memory_plan
+    if plan is None or not plan.streaming:
+        return None
+    return f"{plan.slots}/{plan.experts} experts per layer in memory"
+
+
 class MlxEngine:
     def __init__(self, model_name: str, force: bool = False, dtype: str | None = None,
                  kv: KVSettings | None = None, caches: PromptCaches | None = None,
-                 drafting: Callable[[Model, Tokenizer], Drafter] | None = None
-                 ) -> None:
+                 drafting: Callable[[Model, Tokenizer], Drafter] | None = None,
+                 max_memory: int | None = None) -> None:
         self.model_name = model_name
+        self.max_memory = max_memory  # bytes: experts stream when the model is larger
         self.force = force  # load even if the model looks too big for free memory
         self.dtype, self.kv, self.caches, self.drafting = dtype, kv, caches, drafting
         self.key: str | None = None  # the conversation whose cache is saved
@@ -134,7 +148,8 @@ class MlxEngine:
     def load(self, progress: Callable[[float], None]) -> EngineInfo:
         from ..loading import load
 
-        model, tokenizer = load(self.model_name, force=self.force, dtype=self.dtype)
+        model, tokenizer = load(self.model_name, force=self.force, dtype=self.dtype,
+                                max_memory=self.max_memory)
         if Path(self.model_name).expanduser().exists():
             from ..loading.catalog import remember
 
@@ -159,7 +174,7 @@ class MlxEngine:
             experts=args.num_local_experts if args.is_moe else 0,
             top_k=args.num_experts_per_tok if args.is_moe else 0,
             context=args.max_position_embeddings, window=args.sliding_window,
-            chat_format=self.session.chat_format)
+            chat_format=self.session.chat_format, streaming=streaming_label(model))
         return self.info
 
     def set_conversation(self, system: str | None, messages: list[dict[str, str]],

@@ -50,7 +50,10 @@ COMMANDS = {
         "Measure prefill and decode tokens/s, time to first token, peak memory and "
         "load time (medians over --runs). With --compare mlx-lm the same weights also run "
         "through mlx-lm, alternating with ours, and each figure gets a ratio (>1: we are "
-        "better). Presets are synthetic 4-bit models of fixed shape and seed."),
+        "better). Presets are synthetic 4-bit models of fixed shape and seed. With "
+        "--max-memory (sizes, or shares of the model's size: 25%%,50%%,75%%) it runs expert "
+        "streaming within each budget next to the fully resident model: tok/s, hit rates per "
+        "layer with and without prefetch, and bytes read per token."),
 }
 
 
@@ -155,20 +158,42 @@ DTYPE_HELP = ("compute in this dtype (default: float32 on the CPU backend, the c
               "on Metal)")
 
 
+MAX_MEMORY_HELP = ("run within this much memory, e.g. 12GB: a Mixtral larger than that keeps "
+                   "some experts per layer in memory and reads the others from disk when "
+                   "chosen (MLX or Hugging Face safetensors folders); one line at load states "
+                   "the plan (default: no budget, the whole model loads)")
+
+
 def add_model_flags(p: argparse.ArgumentParser, model: bool = True,
                     sampling: bool = True) -> None:
-    """--model, --force and --dtype, and the sampling flags, for the commands that load a
-    model."""
+    """--model, --force, --dtype and --max-memory, and the sampling flags, for the commands
+    that load a model."""
     if model:
         p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help=DTYPE_HELP)
+    p.add_argument("--max-memory", default=None, metavar="SIZE", help=MAX_MEMORY_HELP)
     if sampling:
         add_sampling_flags(p)
 
 
+def check_budget(name: str, max_memory: str | None, force: bool, dtype: str | None):
+    """The model's memory plan within --max-memory (or the plain fits check without one):
+    a budget too small ends in one line before anything loads."""
+    from ..loading import describe, resolve
+    from ..loading.loader import budget_bytes
+    from ..loading.memory import check_fits
+    from ..loading.memory_plan import plan_memory
+
+    source = describe(resolve(name))
+    if max_memory is None:
+        check_fits(source, force, dtype)
+        return None
+    return plan_memory(source, budget_bytes(max_memory), dtype)
+
+
 def load_model_for_cli(name: str | None, force: bool = False, dtype: str | None = None,
-                       group=None, pipeline: bool = False):
+                       group=None, pipeline: bool = False, max_memory: str | None = None):
     """Load the named (or default) model, saying what is happening on stderr (split over the
     ranks of `group` under mlx.launch; rank 0 speaks for all)."""
     from ..loading import default_model, load
@@ -183,7 +208,11 @@ def load_model_for_cli(name: str | None, force: bool = False, dtype: str | None 
         split = "" if group is None else (
             f" over {group.size()} ranks ({'pipeline' if pipeline else 'tensor parallel'})")
         print(f"Loading {name}{split} ...", file=sys.stderr, flush=True)
-    return load(name, force=force, dtype=dtype, group=group, pipeline=pipeline)
+    model, tokenizer = load(name, force=force, dtype=dtype, group=group, pipeline=pipeline,
+                            max_memory=max_memory)
+    if model.memory_plan is not None:
+        print(model.memory_plan, file=sys.stderr, flush=True)
+    return model, tokenizer
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -244,7 +273,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         prompt = read_prompt(given)
     require_text(prompt)  # before the slow load
     model, tokenizer = load_model_for_cli(args.model, args.force, args.dtype, group,
-                                          args.pipeline)
+                                          args.pipeline, args.max_memory)
     draft = drafting(model, tokenizer) if drafting else None
     if dog is not None:
         import mlx.core as mx
@@ -338,8 +367,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     from ..app.engine import MlxEngine
     from ..app.prompt_caches import PromptCaches
     from ..app.store import Store
-    from ..loading import default_model, describe, resolve
-    from ..loading.memory import check_fits
+    from ..loading import default_model
 
     if launched():
         raise MlxMixtralError("the chat app does not run under mlx.launch; run `mlx.launch ... "
@@ -354,9 +382,9 @@ def _run_chat(args: argparse.Namespace) -> int:
 
         name = offer_model() if needs_offer() else None
     name = name or default_model()
-    # A missing file, an unknown repo or a model too big: one line now, not an app that
-    # cannot load.
-    check_fits(describe(resolve(name)), args.force, args.dtype)
+    # A missing file, an unknown repo, a model too big or a budget too small: one line now,
+    # not an app that cannot load.
+    plan = check_budget(name, args.max_memory, args.force, args.dtype)
     store = Store(args.db)
     if not terminal:
         store.close()
@@ -366,7 +394,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     if args.prompt_cache_gb > 0:
         caches = PromptCaches(store.path.parent / "prompt-caches", int(args.prompt_cache_gb * 1e9))
     engine = MlxEngine(name, force=args.force, dtype=args.dtype, kv=kv, caches=caches,
-                       drafting=drafting)
+                       drafting=drafting, max_memory=plan and plan.budget)
     try:
         ChatApp(engine, name, store, system=args.system, settings=sampling).run()
     finally:
@@ -437,6 +465,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     drafting, kv = drafting_from(args, args.force, args.dtype), kv_from(args)
     if launched():
         return _bench_launched(args, drafting, kv)
+    if args.max_memory:
+        return _bench_streaming(args, drafting, kv)
     if kv.bits is not None and args.compare:
         raise MlxMixtralError("--kv-bits with --compare mlx-lm: mlx-lm cannot quantize a "
                               "rolling cache; compare without --kv-bits")
@@ -444,6 +474,32 @@ def _run_bench(args: argparse.Namespace) -> int:
                      args.compare == "mlx-lm", args.json, args.force, args.dtype, drafting,
                      kv))
     return 0
+
+
+def _bench_streaming(args: argparse.Namespace, drafting, kv) -> int:
+    from .bench import preset_folder
+    from .bench_streaming import bench_streaming
+
+    if args.compare or drafting or kv.bits is not None:
+        raise MlxMixtralError("bench --max-memory compares streaming with our own resident "
+                              "run: leave out --compare, drafting and --kv-bits")
+    folder = preset_folder(args.preset) if args.preset else _bench_folder(args.model)
+    print(bench_streaming(folder, args.max_memory, args.prompt_tokens, args.gen_tokens,
+                          args.runs, args.dtype, args.json))
+    return 0
+
+
+def _bench_folder(name: str):
+    from pathlib import Path
+
+    from ..errors import WeightsError
+    from ..loading import resolve
+
+    folder = resolve(name)
+    if not Path(folder).is_dir():
+        raise WeightsError(f"{folder}: bench needs an MLX or Hugging Face folder; convert "
+                           "it first")
+    return folder
 
 
 def _bench_launched(args: argparse.Namespace, drafting, kv) -> int:

@@ -22,6 +22,7 @@ from .stream import (
     check_prompt,
     context_length,
     guard_nan,
+    prefill_chunk,
     prompt_ids,
 )
 
@@ -54,7 +55,7 @@ def batch_generate(
     padding = mx.array(pad)
     x = mx.array([[tokenizer.eos_id] * p + ids for p, ids in zip(pad, seqs, strict=True)])
     cache = model.make_cache()
-    prefill_step_size = model.prefill_chunk(prefill_step_size)
+    prefill_step_size = prefill_chunk(model, prefill_step_size)
     for i in range(0, width, prefill_step_size):
         logits = model(x[:, i:i + prefill_step_size], cache=cache, padding=padding)
         mx.eval(logits, [c.state for c in cache])

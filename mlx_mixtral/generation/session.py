@@ -30,7 +30,13 @@ from .prefix import reuse_prefix
 from .sampling import SamplingParams
 from .speculative import Drafter, check_cache_slack
 from .stats import Clock, PrefillStopped, Progress, Stats
-from .stream import DEFAULT_PREFILL_STEP, Chunk, context_length, stream_generate
+from .stream import (
+    DEFAULT_PREFILL_STEP,
+    Chunk,
+    context_length,
+    prefill_chunk,
+    stream_generate,
+)
 
 
 class ChatSession:
@@ -131,7 +137,7 @@ class ChatSession:
         ids = self._fit_context(reserve=64)
         new = self._sync_cache(ids)
         done = 0
-        step = self.model.prefill_chunk(self.prefill_step)
+        step = prefill_chunk(self.model, self.prefill_step)
         for start in range(0, len(new), step):
             if should_stop is not None and should_stop():
                 break

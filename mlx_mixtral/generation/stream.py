@@ -64,6 +64,13 @@ def context_length(model: Model) -> int:
     return model.args.max_position_embeddings
 
 
+def prefill_chunk(model: Any, wanted: int) -> int:
+    """The prefill chunk for `model`: smaller than `wanted` when a memory budget says so
+    (any mlx-lm model works too)."""
+    limit = getattr(model, "prefill_chunk", None)
+    return limit(wanted) if limit is not None else wanted
+
+
 def check_prompt(model: Model, ids: Sequence[int], already_cached: int = 0) -> None:
     if not ids:
         raise GenerationError("the prompt is empty")
@@ -151,7 +158,7 @@ def stream_generate(
     check_prompt(model, ids, cache[0].offset if cache else 0)
     kv = kv or KVSettings()
     kv.check(model.args.head_dim)
-    prefill_step_size = model.prefill_chunk(prefill_step_size)
+    prefill_step_size = prefill_chunk(model, prefill_step_size)
     if params.seed is not None:
         mx.random.seed(params.seed)
     cache = cache if cache is not None else model.make_cache(slack=draft.k if draft else 0)

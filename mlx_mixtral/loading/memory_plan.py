@@ -10,6 +10,7 @@ The budget holds, in MLX's own accounting (`mx.get_peak_memory`):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -133,4 +134,11 @@ def _too_small(source: ModelSource, plan: MemoryPlan) -> str:
     return (f"--max-memory {size(plan.budget)} is too small for {source.path.name}: it needs "
             f"at least {size(need)} ({size(plan.resident)} of weights besides the experts, "
             f"{what}a {plan.context}-token KV cache and working memory); give "
-            f"--max-memory {need / 1e9:.2f}GB or more, or convert with fewer bits")
+            f"--max-memory {flag_size(need)} or more, or convert with fewer bits")
+
+
+def flag_size(n: int) -> str:
+    """Bytes as a --max-memory value, rounded up (so that it is enough)."""
+    if n >= 1e9:
+        return f"{math.ceil(n / 1e7) / 100:.2f}GB"
+    return f"{math.ceil(n / 1e5) / 10:.1f}MB"

@@ -1,0 +1,200 @@
+"""`mlx-mixtral bench --max-memory`: expert streaming against the fully resident model.
+
+For each budget the same prompt runs fully resident and streamed, with a warm page cache (a
+warm-up run reads every expert once first). Reported: prefill and decode tokens/s and their
+ratio to resident, peak memory against the budget, the expert-cache hit rate per layer while
+decoding (LRU with prefetch, LRU without, LFU with), and the bytes read per generated token.
+The measured hit rates are kept in the data folder, where `info --memory` finds them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import MlxMixtralError
+from ..model.expert_cache import StreamStats
+from ..units import size
+
+VARIANTS = (("lru", True), ("lru", False), ("lfu", True))  # the first is the default
+HIT_RATES_FILE = "expert-hit-rates.json"
+
+
+@dataclass
+class StreamRun:
+    prefill_tps: float
+    decode_tps: float
+    peak_memory: int
+    decode_hit_rates: list[float]  # per layer
+    decode_hit_rate: float
+    prefetch_share: float  # of decode hits, the share the prefetch provided
+    bytes_per_token: float  # read from disk per generated token
+
+
+def parse_budgets(text: str, model_bytes: int) -> list[int]:
+    """"25%,50%,75%" (of the model's size once loaded) or sizes ("8GB,12GB") -> bytes."""
+    from ..loading.loader import budget_bytes
+
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if part.endswith("%"):
+            try:
+                share = float(part[:-1]) / 100
+            except ValueError:
+                share = -1
+            if not 0 < share <= 1:
+                raise MlxMixtralError(f"--max-memory: {part!r} is not a share between 0% and "
+                                      "100% of the model")
+            out.append(int(model_bytes * share))
+        else:
+            out.append(budget_bytes(part))
+    return out
+
+
+def _decode_stats(total: StreamStats, prefill: StreamStats) -> StreamStats:
+    out = copy.deepcopy(total)
+    for layer, before in zip(out.layers, prefill.layers, strict=True):
+        for name in vars(layer):
+            setattr(layer, name, getattr(layer, name) - getattr(before, name))
+    return out
+
+
+def measure_streamed(model: Any, prompt: mx.array, gen_tokens: int) -> StreamRun:
+    """One greedy run of a streaming model; its speed and what its expert cache did."""
+    from mlx_lm.generate import generate_step
+
+    from ..generation.stats import Clock
+    from ..generation.stream import prefill_chunk
+
+    streamer = model.expert_streamer
+    streamer.reset_stats()
+    mx.synchronize()
+    mx.reset_peak_memory()
+    cache = model.make_cache()
+    clock, tokens, at_first = Clock(), [], None
+    for token, _ in generate_step(prompt, model, max_tokens=gen_tokens, prompt_cache=cache,
+                                  prefill_step_size=prefill_chunk(model, 512)):
+        clock.first_token()
+        if at_first is None:
+            streamer.wait()
+            at_first = copy.deepcopy(streamer.stats)
+        tokens.append(token)
+    streamer.wait()
+    stats = clock.stats(len(prompt), tokens)
+    decode = _decode_stats(streamer.stats, at_first)
+    total = decode.total()
+    return StreamRun(stats.prompt_tps, stats.generation_tps, stats.peak_memory,
+                     [s.hit_rate for s in decode.layers], total.hit_rate,
+                     total.prefetch_hits / max(total.hits, 1),
+                     total.bytes_read / max(len(tokens) - 1, 1))
+
+
+def bench_streaming(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens: int,
+                    runs: int, dtype: str | None, as_json: bool) -> str:
+    from ..loading import describe, load
+    from ..loading.memory import load_bytes
+    from .bench import load_ours, measure
+
+    model_bytes = load_bytes(describe(folder), dtype)
+    budgets = parse_budgets(budgets_text, model_bytes)
+    log = (lambda m: None) if as_json else (lambda m: print(m, flush=True))
+    resident = load_ours(folder, dtype)
+    vocab = resident.model.args.vocab_size
+    prompt = mx.array(np.random.RandomState(0).randint(3, vocab, prompt_tokens))
+    measure(resident, prompt[:32], 4)  # warm up
+    resident.runs = [measure(resident, prompt, gen_tokens) for _ in range(runs)]
+    result: dict[str, Any] = {
+        "model": str(folder), "model_bytes": model_bytes, "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens, "runs": runs, "device": str(mx.default_device()),
+        "resident": {k: resident.median(k) for k in ("prefill_tps", "decode_tps",
+                                                     "peak_memory")},
+        "budgets": []}
+    log(f"resident: decode {resident.median('decode_tps'):.2f} tok/s")
+    del resident
+    mx.clear_cache()
+    for budget in budgets:
+        start = time.perf_counter()
+        model, _ = load(folder, tokenizer=False, dtype=dtype, max_memory=budget)
+        load_s = time.perf_counter() - start
+        plan = model.memory_plan
+        log(str(plan))
+        entry: dict[str, Any] = {"budget": budget, "share": budget / model_bytes,
+                                 "slots": plan.slots, "experts": plan.experts,
+                                 "load_s": load_s, "variants": {}}
+        if not plan.streaming:
+            entry["note"] = "the whole model fits: nothing streams"
+            result["budgets"].append(entry)
+            continue
+        streamer = model.expert_streamer
+        for i, (policy, prefetch) in enumerate(VARIANTS):
+            streamer.set_policy(policy, prefetch)
+            measure_streamed(model, prompt[:64], 8)  # warm: every expert read once
+            n = runs if i == 0 else 1
+            done = [measure_streamed(model, prompt, gen_tokens) for _ in range(n)]
+            key = f"{policy}{'+prefetch' if prefetch else ''}"
+            entry["variants"][key] = {
+                name: statistics.median(getattr(r, name) for r in done)
+                if name != "decode_hit_rates" else done[len(done) // 2].decode_hit_rates
+                for name in asdict(done[0])}
+            log(f"  {key}: decode {entry['variants'][key]['decode_tps']:.2f} tok/s, hit rate "
+                f"{entry['variants'][key]['decode_hit_rate']:.0%}")
+        result["budgets"].append(entry)
+        streamer.close()
+        del model, streamer
+        mx.clear_cache()
+    save_hit_rates(result)
+    return json.dumps(result, indent=2) if as_json else format_streaming(result)
+
+
+def format_streaming(result: dict[str, Any]) -> str:
+    res = result["resident"]
+    lines = [f"{result['model']}  ({size(result['model_bytes'])} once loaded; "
+             f"{result['prompt_tokens']} prompt tokens, {result['gen_tokens']} generated, "
+             f"median of {result['runs']} runs, {result['device']}, warm page cache)",
+             f"  fully resident: prefill {res['prefill_tps']:.1f} tok/s, decode "
+             f"{res['decode_tps']:.2f} tok/s, peak {size(res['peak_memory'])}"]
+    for entry in result["budgets"]:
+        head = (f"  budget {size(entry['budget'])} ({entry['share']:.0%}): {entry['slots']} of "
+                f"{entry['experts']} experts per layer in memory")
+        if "note" in entry:
+            lines.append(f"{head}; {entry['note']}")
+            continue
+        lines.append(head)
+        for key, v in entry["variants"].items():
+            lines.append(
+                f"    {key:<13} decode {v['decode_tps']:6.2f} tok/s "
+                f"({v['decode_tps'] / res['decode_tps']:.2f}x resident), prefill "
+                f"{v['prefill_tps']:6.1f} tok/s ({v['prefill_tps'] / res['prefill_tps']:.2f}x)"
+                f", hit rate {v['decode_hit_rate']:.0%}"
+                + (f" ({v['prefetch_share']:.0%} of hits prefetched)" if "prefetch" in key
+                   else "")
+                + f", {size(v['bytes_per_token'])} read per token, peak "
+                f"{size(v['peak_memory'])}")
+            lines.append("      hit rate per layer: "
+                         + " ".join(f"{h:.0%}" for h in v["decode_hit_rates"]))
+    return "\n".join(lines)
+
+
+def hit_rates_path() -> Path:
+    from ..loading.user_files import data_dir
+
+    return data_dir() / HIT_RATES_FILE
+
+
+def save_hit_rates(result: dict[str, Any]) -> None:
+    """Keep the default variant's decode hit rate by share of experts in memory."""
+    from ..loading.user_files import write_json
+
+    rates = {f"{e['slots']}/{e['experts']}": e["variants"][VARIANTS[0][0] + "+prefetch"][
+        "decode_hit_rate"] for e in result["budgets"] if e.get("variants")}
+    if rates:
+        write_json(hit_rates_path(), {"model": result["model"], "hit_rates": rates})
