@@ -67,13 +67,22 @@ def _command(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
 
 
 def _convert_parser(sub: argparse._SubParsersAction) -> None:
-    from ..convert.plan import Q_BITS, Q_GROUP_SIZES
+    from ..convert.plan import Q_BITS, Q_GROUP_SIZES, RECIPES
 
     p = _command(sub, "convert")
     p.add_argument("--hf-path", required=True, help="source folder (config.json + safetensors)")
     p.add_argument("--mlx-path", required=True, help="output folder (must not exist)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
-    p.add_argument("--q-bits", type=int, choices=Q_BITS, default=4, help="bits per weight")
+    p.add_argument("--q-bits", type=int, choices=Q_BITS, default=4,
+                   help="bits per weight (attention; the experts too unless --expert-bits)")
+    p.add_argument("--expert-bits", type=int, choices=Q_BITS, default=None,
+                   help="bits per weight of the experts (of the MLP in a dense model); "
+                   "implies -q")
+    recipes = "; ".join(f"{k}: experts {e}-bit, attention {a}-bit"
+                        for k, (e, a) in RECIPES.items())
+    p.add_argument("--recipe", default=None,
+                   help=f"named mixed precision, implies -q ({recipes}). Embeddings and head "
+                   "stay at >= 6 bits, the router unquantized")
     p.add_argument("--q-group-size", type=int, choices=Q_GROUP_SIZES, default=64,
                    help="weights per quantization group")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
@@ -91,7 +100,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     summary = convert(
         args.hf_path, args.mlx_path, quantize=args.quantize, q_bits=args.q_bits,
-        q_group_size=args.q_group_size, dtype=args.dtype, dequantize=args.dequantize,
+        q_group_size=args.q_group_size, expert_bits=args.expert_bits, recipe=args.recipe,
+        dtype=args.dtype, dequantize=args.dequantize,
         force=args.force, shard_bytes=int(args.shard_size_gb * 1e9),
     )
     print(summary)

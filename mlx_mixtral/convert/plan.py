@@ -1,6 +1,10 @@
 """Which precision each tensor gets when a checkpoint is converted.
 
-- Expert and attention projections: the chosen bits (default 4, group 64, affine).
+- Attention projections: the chosen bits (default 4, group 64, affine).
+- Experts: their own bits when given (`--expert-bits`, or a recipe such as `mixed-3-4`), else
+  the same. They are 97% of Mixtral's weights, and each sees only its share of the tokens, so
+  they are where bits are saved first; attention sees every token and is 2% of the size. In
+  a dense model the MLP stands in for the experts.
 - Embeddings and the output head: at least 6 bits; they see every token and, unlike a single
   expert, their errors are never averaged away (llama.cpp's Q4_K_M keeps the output at 6 bits).
 - The router gate: never quantized. It is tiny (experts x hidden) and routing is sensitive:
@@ -10,13 +14,37 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-Q_BITS = (2, 3, 4, 6, 8)
+if TYPE_CHECKING:
+    from ..model.config import ModelArgs
+
+Q_BITS = (2, 3, 4, 5, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
 HEAD_MIN_BITS = 6
+# name -> (expert bits, attention bits)
+RECIPES = {"mixed-4-6": (4, 6), "mixed-3-4": (3, 4), "mixed-2-4": (2, 4), "mixed-2-3": (2, 3)}
+FFN_MARKS = (".switch_mlp.", ".block_sparse_moe.experts.", ".mlp.")
+
+
+def is_ffn(module: str) -> bool:
+    """An expert (stacked or per-expert), or a dense model's MLP."""
+    return any(mark in module + "." for mark in FFN_MARKS)
+
+
+def recipe_bits(name: str) -> tuple[int, int]:
+    """(expert bits, attention bits) of a named recipe; ConvertError lists them otherwise."""
+    from ..errors import ConvertError
+
+    if name not in RECIPES:
+        raise ConvertError(f"unknown recipe {name!r}; the recipes are "
+                           + ", ".join(f"{k} (experts {e}-bit, attention {a}-bit)"
+                                       for k, (e, a) in RECIPES.items()))
+    return RECIPES[name]
 
 
 @dataclass(frozen=True)
@@ -25,16 +53,34 @@ class Plan:
     bits: int | None = None  # None: no quantization
     group_size: int = 64
     mode: str = "affine"
+    expert_bits: int | None = None  # None: the same as `bits`
 
-    def bits_for(self, module: str, weight: mx.array) -> int | None:
-        """Bits for the `module` whose `weight` this is, or None to keep it in float."""
-        if self.bits is None or weight.ndim < 2 or module.endswith("block_sparse_moe.gate"):
+    def bits_for(self, module: str, shape: tuple[int, ...]) -> int | None:
+        """Bits for the `module` whose weight has this shape, or None to keep it in float."""
+        if self.bits is None or len(shape) < 2 or module.endswith("block_sparse_moe.gate"):
             return None
-        if weight.shape[-1] % self.group_size:
+        if shape[-1] % self.group_size:
             return None  # cannot be grouped: keep float
         if module in ("model.embed_tokens", "lm_head"):
             return max(self.bits, HEAD_MIN_BITS)
+        if self.expert_bits is not None and is_ffn(module):
+            return self.expert_bits
         return self.bits
+
+    def estimate_bytes(self, args: ModelArgs) -> int:
+        """The converted weights' size by formula: each quantized weight's bits, plus a scale
+        and a bias (in `dtype`) per group; float tensors at `dtype`."""
+        from .synthetic import hf_tensor_shapes
+
+        total = 0
+        for name, shape in hf_tensor_shapes(args):
+            count = math.prod(shape)
+            bits = self.bits_for(name.rpartition(".")[0], shape)
+            if bits is None:
+                total += count * self.dtype.size
+            else:
+                total += count * bits // 8 + count // self.group_size * 2 * self.dtype.size
+        return total
 
     def config_entry(self, layers: dict[str, int | None]) -> dict | None:
         """mlx-lm's `quantization` config: defaults, then each layer that differs."""

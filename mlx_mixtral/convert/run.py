@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from ..loading.source import describe
 from ..model.config import ModelArgs
 from ..model.precision import DTYPES
 from ..units import human
-from .plan import Plan
+from .plan import Q_BITS, Q_GROUP_SIZES, Plan, recipe_bits
 
 # Files copied as they are: tokenizers, chat templates, generation defaults.
 SIDE_FILES = (
@@ -117,7 +117,7 @@ def _output_tensors(weights: dict[str, mx.array], plan: Plan,
             continue
         value = value.astype(plan.dtype)
         module, _, param = name.rpartition(".")
-        bits = plan.bits_for(module, value) if param == "weight" else None
+        bits = plan.bits_for(module, value.shape) if param == "weight" else None
         if param == "weight" and value.ndim >= 2:
             layers[module] = bits
         if bits is None:
@@ -144,6 +144,24 @@ def _shards(tensors: dict[str, mx.array], max_bytes: int) -> Iterator[dict[str, 
         yield shard
 
 
+def make_plan(dtype: mx.Dtype, quantize: bool, q_bits: int, group_size: int,
+              expert_bits: int | None, recipe: str | None) -> Plan:
+    """The precision plan for convert's options; a recipe or expert bits imply quantizing."""
+    if recipe is not None:
+        if expert_bits is not None:
+            raise ConvertError("--recipe sets the expert bits itself; leave out --expert-bits")
+        expert_bits, q_bits = recipe_bits(recipe)
+    for name, bits in (("--q-bits", q_bits), ("--expert-bits", expert_bits)):
+        if bits is not None and bits not in Q_BITS:
+            raise ConvertError(f"{name} {bits} is not one of {', '.join(map(str, Q_BITS))}")
+    if group_size not in Q_GROUP_SIZES:
+        raise ConvertError(f"--q-group-size {group_size} is not one of "
+                           f"{', '.join(map(str, Q_GROUP_SIZES))}")
+    quantize = quantize or expert_bits is not None
+    return Plan(dtype=dtype, bits=q_bits if quantize else None, group_size=group_size,
+                expert_bits=expert_bits if quantize else None)
+
+
 def _count_parameters(weights: dict[str, mx.array]) -> int:
     return sum(v.size for k, v in weights.items() if not k.endswith((".scales", ".biases")))
 
@@ -154,6 +172,8 @@ def convert(
     quantize: bool = False,
     q_bits: int = 4,
     q_group_size: int = 64,
+    expert_bits: int | None = None,
+    recipe: str | None = None,
     dtype: str | None = None,
     dequantize: bool = False,
     force: bool = False,
@@ -169,8 +189,10 @@ def convert(
         raise ConvertError(f"{src}: not a folder (give the folder holding config.json)")
     if out.exists() and not force:
         raise ConvertError(f"{out} already exists; pass --force to replace it")
-    if quantize and dequantize:
-        raise ConvertError("-q and --dequantize exclude each other")
+    plan = make_plan(DTYPES[dtype] if dtype else mx.float16, quantize, q_bits, q_group_size,
+                     expert_bits, recipe)  # checked before anything is read
+    if plan.bits is not None and dequantize:
+        raise ConvertError("-q (or --recipe, --expert-bits) and --dequantize exclude each other")
     source = describe(src)
     args, config = source.args, source.config
     weights = sanitize(read_safetensors(source.files), args)
@@ -182,8 +204,8 @@ def convert(
     elif isinstance(source_quant, dict):
         raise ConvertError(f"{src} is already quantized; pass --dequantize to turn it back "
                            "into floats (or use it as it is)")
-    plan = Plan(dtype=DTYPES[dtype] if dtype else _source_dtype(config),
-                bits=q_bits if quantize else None, group_size=q_group_size)
+    if dtype is None:
+        plan = replace(plan, dtype=_source_dtype(config))
 
     layers: dict[str, int | None] = {}
     parameters = _count_parameters(weights)

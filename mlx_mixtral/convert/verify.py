@@ -90,6 +90,10 @@ def verify(source: str | Path, converted: str | Path) -> Verification:
 def bits_of(folder: Path) -> int | None:
     """The converted folder's main bits per weight (the experts' where they differ)."""
     from ..loading.source import read_config
+    from .plan import is_ffn
 
     q = read_config(folder).get("quantization")
-    return q.get("bits") if isinstance(q, dict) else None
+    if not isinstance(q, dict):
+        return None
+    ffn = [v.get("bits") for k, v in q.items() if isinstance(v, dict) and is_ffn(k)]
+    return min(ffn) if ffn else q.get("bits")
