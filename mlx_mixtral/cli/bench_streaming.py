@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..errors import MlxMixtralError
+from ..errors import MemoryLimitError, MlxMixtralError
 from ..model.expert_cache import StreamStats
 from ..units import size
 
@@ -39,14 +39,17 @@ class StreamRun:
     bytes_per_token: float  # read from disk per generated token
 
 
-def parse_budgets(text: str, model_bytes: int) -> list[int]:
-    """"25%,50%,75%" (of the model's size once loaded) or sizes ("8GB,12GB") -> bytes."""
+def parse_budgets(text: str, model_bytes: int, minimum: int) -> list[int]:
+    """"min,50%,75%" (the smallest that runs; shares of the model's size once loaded) or sizes
+    ("8GB,12GB") -> bytes."""
     from ..loading.loader import budget_bytes
 
     out = []
     for part in text.split(","):
         part = part.strip()
-        if part.endswith("%"):
+        if part == "min":
+            out.append(minimum)
+        elif part.endswith("%"):
             try:
                 share = float(part[:-1]) / 100
             except ValueError:
@@ -102,10 +105,12 @@ def bench_streaming(folder: Path, budgets_text: str, prompt_tokens: int, gen_tok
                     runs: int, dtype: str | None, as_json: bool) -> str:
     from ..loading import describe, load
     from ..loading.memory import load_bytes
+    from ..loading.memory_plan import minimum_budget
     from .bench import load_ours, measure
 
-    model_bytes = load_bytes(describe(folder), dtype)
-    budgets = parse_budgets(budgets_text, model_bytes)
+    source = describe(folder)
+    model_bytes = load_bytes(source, dtype)
+    budgets = parse_budgets(budgets_text, model_bytes, minimum_budget(source, dtype))
     log = (lambda m: None) if as_json else (lambda m: print(m, flush=True))
     resident = load_ours(folder, dtype)
     vocab = resident.model.args.vocab_size
@@ -123,7 +128,13 @@ def bench_streaming(folder: Path, budgets_text: str, prompt_tokens: int, gen_tok
     mx.clear_cache()
     for budget in budgets:
         start = time.perf_counter()
-        model, _ = load(folder, tokenizer=False, dtype=dtype, max_memory=budget)
+        try:
+            model, _ = load(folder, tokenizer=False, dtype=dtype, max_memory=budget)
+        except MemoryLimitError as e:  # the other budgets still run
+            log(str(e))
+            result["budgets"].append({"budget": budget, "share": budget / model_bytes,
+                                      "note": str(e)})
+            continue
         load_s = time.perf_counter() - start
         plan = model.memory_plan
         log(str(plan))
@@ -163,11 +174,11 @@ def format_streaming(result: dict[str, Any]) -> str:
              f"  fully resident: prefill {res['prefill_tps']:.1f} tok/s, decode "
              f"{res['decode_tps']:.2f} tok/s, peak {size(res['peak_memory'])}"]
     for entry in result["budgets"]:
-        head = (f"  budget {size(entry['budget'])} ({entry['share']:.0%}): {entry['slots']} of "
-                f"{entry['experts']} experts per layer in memory")
+        head = f"  budget {size(entry['budget'])} ({entry['share']:.0%})"
         if "note" in entry:
-            lines.append(f"{head}; {entry['note']}")
+            lines.append(f"{head}: {entry['note']}")
             continue
+        head += f": {entry['slots']} of {entry['experts']} experts per layer in memory"
         lines.append(head)
         for key, v in entry["variants"].items():
             lines.append(
@@ -198,3 +209,28 @@ def save_hit_rates(result: dict[str, Any]) -> None:
         "decode_hit_rate"] for e in result["budgets"] if e.get("variants")}
     if rates:
         write_json(hit_rates_path(), {"model": result["model"], "hit_rates": rates})
+
+
+# Decode hit rates by share of experts in memory, measured by `bench --max-memory` on this
+# project's machine (preset mixtral-tiny, synthetic routing; LRU with prefetch). A user's own
+# bench run replaces them.
+DEFAULT_HIT_RATES = {0.25: 0.57, 0.5: 0.88}
+
+
+def expected_hit_rate(share: float) -> float:
+    """The decode hit rate with `share` of each layer's experts in memory: interpolated from
+    the last bench run here, else from DEFAULT_HIT_RATES."""
+    from ..jsonfile import read_json_object
+
+    points = dict(DEFAULT_HIT_RATES)
+    path = hit_rates_path()
+    if path.is_file():
+        try:
+            saved = read_json_object(path, MlxMixtralError).get("hit_rates", {})
+            points = {int(k.split("/")[0]) / int(k.split("/")[1]): float(v)
+                      for k, v in saved.items()} or points
+        except (MlxMixtralError, ValueError, ZeroDivisionError, AttributeError):
+            pass  # a damaged file: the defaults
+    points = {0.0: 0.0, **points, 1.0: 1.0}
+    xs = sorted(points)
+    return float(np.interp(share, xs, [points[x] for x in xs]))

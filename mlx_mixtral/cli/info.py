@@ -113,11 +113,52 @@ def describe(args: ModelArgs, name: str, source: ModelSource | None = None,
     return "\n".join(lines)
 
 
-def info(model: str | None = None, preset_name: str | None = None, ranks: int = 1) -> str:
-    if preset_name:
-        return describe(preset(preset_name), preset_name, ranks=ranks)
-    from ..loading import default_model
+# Options `plans` weighs: (label, expert bits, attention bits); None is float16.
+PLAN_OPTIONS = [("float16", None, None), ("8-bit", 8, 8), ("6-bit", 6, 6), ("4-bit", 4, 4),
+                ("mixed-3-4", 3, 4), ("3-bit", 3, 3), ("mixed-2-4", 2, 4)]
 
-    model = model or default_model()
-    source = source_of(model)
-    return describe(source.args, Path(model).name or model, source, ranks)
+
+def plans(args: ModelArgs, budget: int, machine: bool) -> str:
+    """For each precision: fully resident, streaming with N expert slots per layer (and the
+    bytes read per token at the measured hit rate), or not at all; sizes as on a Mac
+    (float16 scales)."""
+    import mlx.core as mx
+
+    from ..convert.plan import Plan
+    from ..loading.memory_plan import plan_for
+    from .bench_streaming import expected_hit_rate
+
+    where = "this machine's usable memory" if machine else "--memory"
+    lines = [f"  plans for {size(budget)} ({where}), with a KV cache of at least 2048 tokens:",
+             f"    {'precision':<10} {'weights':>10}  runs"]
+    for label, expert_bits, bits in PLAN_OPTIONS:
+        plan = Plan(mx.float16, bits, 64, expert_bits=expert_bits if bits else None)
+        experts, other = plan.estimate_parts(args)
+        p = plan_for(args, budget, other, experts, mx.float16)
+        if not p.fits:
+            how = "no (too big" + (", even streaming)" if args.is_moe else ")")
+        elif not p.streaming:
+            how = "fully resident"
+        else:
+            hit = expected_hit_rate(p.slots / p.experts)
+            per_token = p.layers * p.top_k * (1 - hit) * p.expert
+            how = (f"streaming: {p.slots} of {p.experts} experts per layer in memory, about "
+                   f"{size(per_token)} read per token (hit rate {hit:.0%})")
+        lines.append(f"    {label:<10} {size(experts + other):>10}  {how}")
+    return "\n".join(lines)
+
+
+def info(model: str | None = None, preset_name: str | None = None, ranks: int = 1,
+         memory: int | None = None) -> str:
+    if preset_name:
+        args, text = preset(preset_name), describe(preset(preset_name), preset_name,
+                                                   ranks=ranks)
+    else:
+        from ..loading import default_model
+
+        model = model or default_model()
+        source = source_of(model)
+        args, text = source.args, describe(source.args, Path(model).name or model, source,
+                                           ranks)
+    budget = memory or int(machine_memory() * USABLE_SHARE)
+    return f"{text}\n{plans(args, budget, memory is None)}"

@@ -51,7 +51,7 @@ COMMANDS = {
         "load time (medians over --runs). With --compare mlx-lm the same weights also run "
         "through mlx-lm, alternating with ours, and each figure gets a ratio (>1: we are "
         "better). Presets are synthetic 4-bit models of fixed shape and seed. With "
-        "--max-memory (sizes, or shares of the model's size: 25%%,50%%,75%%) it runs expert "
+        "--max-memory (sizes, shares of the model's size, or min: min,50%%,75%%) it runs expert "
         "streaming within each budget next to the fully resident model: tok/s, hit rates per "
         "layer with and without prefetch, and bytes read per token."),
 }
@@ -426,6 +426,10 @@ def _info_parser(sub: argparse._SubParsersAction) -> None:
     _model_or_preset(p, MODEL_HELP, PRESETS, "a released model's shape, no weights needed")
     p.add_argument("--ranks", type=int, default=1,
                    help="also show the memory each of this many ranks needs (mlx.launch)")
+    p.add_argument("--memory", default=None, metavar="SIZE",
+                   help="plan for this much memory, e.g. 16GB: for each precision, whether "
+                   "the model is resident, streams its experts (how many per layer stay in "
+                   "memory, bytes read per token) or does not fit (default: this machine)")
 
 
 def _run_info(args: argparse.Namespace) -> int:
@@ -433,7 +437,12 @@ def _run_info(args: argparse.Namespace) -> int:
 
     if args.ranks < 1:
         raise MlxMixtralError("--ranks must be >= 1")
-    print(info(args.model, args.preset, args.ranks))
+    memory = None
+    if args.memory is not None:
+        from ..loading.loader import budget_bytes
+
+        memory = budget_bytes(args.memory)
+    print(info(args.model, args.preset, args.ranks, memory))
     return 0
 
 

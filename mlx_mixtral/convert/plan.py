@@ -70,17 +70,23 @@ class Plan:
     def estimate_bytes(self, args: ModelArgs) -> int:
         """The converted weights' size by formula: each quantized weight's bits, plus a scale
         and a bias (in `dtype`) per group; float tensors at `dtype`."""
+        return sum(self.estimate_parts(args))
+
+    def estimate_parts(self, args: ModelArgs) -> tuple[int, int]:
+        """`estimate_bytes` split into (the experts, everything else)."""
+        from ..loading.expert_files import is_expert_tensor
         from .synthetic import hf_tensor_shapes
 
-        total = 0
+        parts = [0, 0]
         for name, shape in hf_tensor_shapes(args):
             count = math.prod(shape)
             bits = self.bits_for(name.rpartition(".")[0], shape)
             if bits is None:
-                total += count * self.dtype.size
+                nbytes = count * self.dtype.size
             else:
-                total += count * bits // 8 + count // self.group_size * 2 * self.dtype.size
-        return total
+                nbytes = count * bits // 8 + count // self.group_size * 2 * self.dtype.size
+            parts[0 if is_expert_tensor(name) else 1] += nbytes
+        return parts[0], parts[1]
 
     def config_entry(self, layers: dict[str, int | None]) -> dict | None:
         """mlx-lm's `quantization` config: defaults, then each layer that differs."""

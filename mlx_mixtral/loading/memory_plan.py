@@ -70,18 +70,18 @@ class MemoryPlan:
         return self.slots * self.layers * self.expert
 
     @property
+    def fits(self) -> bool:
+        """Enough for the minimal KV cache, and (streaming) for top-k slots per layer."""
+        return self.kv_room >= self.kv_per_token * self.context and (
+            not self.streaming or self.slots >= self.top_k)
+
+    @property
     def kv_room(self) -> int:
         return self.budget - self.resident - self.slot_bytes - self.workspace
 
-    def minimum(self) -> int:
-        """The smallest budget that runs: top-k slots per layer, the minimal KV cache."""
-        slots = self.top_k if self.experts else 0
-        return (self.resident + slots * self.layers * self.expert + self.workspace
-                + self.kv_per_token * self.context)
-
     def __str__(self) -> str:
         tokens = self.kv_room // max(self.kv_per_token, 1)
-        kv = f"{size(self.kv_room)} for the KV cache and activations (about {tokens:,} tokens)"
+        kv = f"{size(self.kv_room)} left for the KV cache (about {tokens:,} tokens)"
         if not self.streaming:
             return (f"Memory plan for {size(self.budget)}: the whole model is resident "
                     f"({size(self.resident + self.slot_bytes)}), {kv}")
@@ -91,18 +91,46 @@ class MemoryPlan:
                 f"prefill in chunks of {self.prefill_step}")
 
 
+def model_sizes(source: ModelSource, dtype: str | mx.Dtype | None = None) -> tuple[int, int]:
+    """(every weight but the experts, the experts) once loaded; GGUF experts count as the
+    rest, since they cannot stream."""
+    if source.format != "safetensors":
+        return load_bytes(source, dtype), 0
+    sizes = folder_tensor_bytes(source, target_dtype(dtype))
+    experts = sum(b for t, b in zip(source.tensors, sizes, strict=True)
+                  if is_expert_tensor(t.name))
+    return sum(sizes) - experts, experts
+
+
 def plan_memory(source: ModelSource, budget: int, dtype: str | mx.Dtype | None = None,
                 context: int | None = None) -> MemoryPlan:
     """The plan for `budget` bytes; MemoryLimitError (with the minimum) if none runs."""
-    args = source.args
+    resident, experts = model_sizes(source, dtype)
+    plan = plan_for(source.args, budget, resident, experts, target_dtype(dtype), context)
+    if not plan.fits:
+        raise MemoryLimitError(_too_small(source, plan, minimum_budget(source, dtype, context)))
+    return plan
+
+
+def minimum_budget(source: ModelSource, dtype: str | mx.Dtype | None = None,
+                   context: int | None = None) -> int:
+    """The smallest budget with a plan that runs (found by bisection: the prefill chunk, and
+    so the working memory, depends on the budget)."""
+    resident, experts = model_sizes(source, dtype)
     target = target_dtype(dtype)
-    if source.format == "safetensors":
-        sizes = folder_tensor_bytes(source, target)
-        experts_total = sum(b for t, b in zip(source.tensors, sizes, strict=True)
-                            if is_expert_tensor(t.name))
-        total = sum(sizes)
-    else:  # GGUF: no streaming; the plan only says whether it fits
-        experts_total, total = 0, load_bytes(source, dtype)
+    low, high = 1, 2 * (resident + experts) + 2**30
+    while high - low > max(high // 1000, 1):
+        mid = (low + high) // 2
+        if plan_for(source.args, mid, resident, experts, target, context).fits:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def plan_for(args: ModelArgs, budget: int, resident: int, experts_total: int,
+             target: mx.Dtype | None, context: int | None = None) -> MemoryPlan:
+    """The plan from sizes alone (`experts_total` 0: nothing can stream); check `.fits`."""
     kv = kv_bytes_per_token(args, target)
     context = min(context or MIN_CONTEXT, args.sliding_window or args.max_position_embeddings,
                   args.max_position_embeddings)
@@ -112,20 +140,14 @@ def plan_memory(source: ModelSource, budget: int, dtype: str | mx.Dtype | None =
     n_experts = args.num_local_experts if experts_total else 0
     expert = experts_total // max(args.num_hidden_layers * n_experts, 1)
     workspace = workspace_bytes(args, step, context)
-    plan = MemoryPlan(budget, total - experts_total, expert, args.num_hidden_layers, n_experts,
-                      args.num_experts_per_tok, kv, context, step, workspace, n_experts)
-    room = budget - plan.resident - workspace - kv * context
-    if n_experts:
-        slots = min(n_experts, room // (args.num_hidden_layers * expert))
-        plan = MemoryPlan(**{**vars(plan), "slots": max(int(slots), 0)})
-    if room < plan.slot_bytes or (plan.streaming and plan.slots < plan.top_k):
-        raise MemoryLimitError(_too_small(source, plan))
-    return plan
+    room = budget - resident - workspace - kv * context
+    slots = min(n_experts, max(room // max(args.num_hidden_layers * expert, 1), 0))
+    return MemoryPlan(budget, resident, expert, args.num_hidden_layers, n_experts,
+                      args.num_experts_per_tok, kv, context, step, workspace, int(slots))
 
 
-def _too_small(source: ModelSource, plan: MemoryPlan) -> str:
+def _too_small(source: ModelSource, plan: MemoryPlan, need: int) -> str:
     what = (f"{plan.top_k} experts per layer, " if plan.experts else "")
-    need = plan.minimum()
     if not plan.experts and source.args.is_moe:
         why = ("expert streaming reads safetensors folders (MLX or Hugging Face), not GGUF; "
                "use an MLX folder of the model, or ")

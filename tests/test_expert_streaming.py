@@ -1,0 +1,206 @@
+"""Expert streaming within --max-memory, against the fully resident model as the oracle."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+
+from mlx_mixtral.convert import convert
+from mlx_mixtral.convert.synthetic import write_hf_checkpoint
+from mlx_mixtral.loading import describe, load
+from mlx_mixtral.loading.memory import folder_tensor_bytes, load_bytes
+from mlx_mixtral.model.config import ModelArgs
+from mlx_mixtral.model.expert_cache import ExpertSlots, StreamingMoE
+from mlx_mixtral.model.moe import SparseMoE
+
+# Experts are over 85% of the bytes, as in Mixtral (97%): wide experts, one KV head.
+WIDE = dict(model_type="mixtral", vocab_size=512, hidden_size=256, intermediate_size=2048,
+            num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=1,
+            num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
+            rope_theta=1e4)
+CONTEXT = 1024  # the KV reserve for 512 + 256 tokens
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("streaming")
+    write_hf_checkpoint(root / "hf", ModelArgs.from_dict(WIDE), dtype=mx.bfloat16)
+    convert(root / "hf", root / "q4", quantize=True, q_bits=4, progress=False)
+    return root
+
+
+def model_bytes(path) -> int:
+    return load_bytes(describe(path))
+
+
+def greedy(model, prompt: list[int], n: int) -> list[int]:
+    from mlx_mixtral.generation.stream import prefill_chunk
+
+    steps = generate_step(mx.array(prompt), model, max_tokens=n,
+                          prefill_step_size=prefill_chunk(model, 512))
+    return [int(t) for t, _ in steps]
+
+
+def test_experts_are_most_of_the_model(folder):
+    source = describe(folder / "q4")
+    sizes = folder_tensor_bytes(source, None)
+    experts = sum(b for t, b in zip(source.tensors, sizes) if ".switch_mlp." in t.name)
+    assert experts / sum(sizes) >= 0.85
+
+
+def test_40_percent_budget_same_tokens_within_budget(folder):
+    """512-token prefill and 256 greedy tokens: the resident model's tokens, and MLX's peak
+    memory (loading included) within the budget + 5%."""
+    prompt = np.random.RandomState(0).randint(0, WIDE["vocab_size"], 512).tolist()
+    resident, _ = load(folder / "q4", tokenizer=False)
+    want = greedy(resident, prompt, 256)
+    del resident
+    mx.clear_cache()
+    budget = int(0.4 * model_bytes(folder / "q4"))
+    mx.synchronize()
+    mx.reset_peak_memory()
+    model, _ = load(folder / "q4", tokenizer=False, max_memory=budget, context=CONTEXT)
+    plan = model.memory_plan
+    assert plan.streaming and plan.top_k <= plan.slots < 8
+    assert mx.get_peak_memory() < plan.resident + plan.slot_bytes + plan.expert, \
+        "loading materialised more than the slots: the stacked expert table was read"
+    got = greedy(model, prompt, 256)
+    peak = mx.get_peak_memory()
+    stats = model.expert_streamer.stats.total()
+    model.expert_streamer.close()
+    assert got == want
+    assert peak <= 1.05 * budget, f"peak {peak / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB"
+    assert stats.reads > 0 and stats.hits < stats.needed  # it did stream
+
+
+def test_logits_match_resident(folder):
+    ids = np.random.RandomState(1).randint(0, WIDE["vocab_size"], 96).tolist()
+    resident, _ = load(folder / "q4", tokenizer=False)
+    budget = int(0.4 * model_bytes(folder / "q4"))
+    model, _ = load(folder / "q4", tokenizer=False, max_memory=budget, context=CONTEXT)
+    caches = resident.make_cache(), model.make_cache()
+    for start in range(0, len(ids), 32):  # prefill chunks (more experts than slots) ...
+        chunk = mx.array([ids[start:start + 32]])
+        want, got = resident(chunk, cache=caches[0]), model(chunk, cache=caches[1])
+        np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, rtol=0)
+    for token in ids[:8]:  # ... and decode steps (fewer)
+        step = mx.array([[token]])
+        want, got = resident(step, cache=caches[0]), model(step, cache=caches[1])
+        np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, rtol=0)
+    model.expert_streamer.close()
+
+
+def test_one_sync_per_layer_and_each_expert_read_once_per_chunk(folder, monkeypatch):
+    budget = int(0.4 * model_bytes(folder / "q4"))
+    model, _ = load(folder / "q4", tokenizer=False, max_memory=budget, context=CONTEXT,
+                    prefetch=False)
+    streamer = model.expert_streamer
+    cache = model.make_cache()
+    chunk = mx.array([np.random.RandomState(2).randint(0, 512, 48).tolist()])
+    mx.eval(model(chunk, cache=cache))
+    for layer, stats in enumerate(streamer.stats.layers):
+        # every expert needed by the chunk was read once: no more reads than experts needed
+        assert stats.reads == stats.needed - stats.hits <= 8, layer
+    evals = []
+    real_eval = mx.eval
+    monkeypatch.setattr(mx, "eval", lambda *a: (evals.append(1), real_eval(*a)))
+    logits = model(mx.array([[7]]), cache=cache)
+    assert len(evals) == WIDE["num_hidden_layers"]  # one sync per MoE layer
+    monkeypatch.undo()
+    mx.eval(logits)
+    streamer.close()
+
+
+def test_whole_model_within_budget_changes_nothing(folder):
+    model, _ = load(folder / "q4", tokenizer=False, max_memory="24GB")
+    assert not model.memory_plan.streaming
+    assert model.expert_streamer is None
+    assert all(type(layer.block_sparse_moe) is SparseMoE for layer in model.layers)
+    assert not any(isinstance(m, StreamingMoE) for _, m in model.named_modules())
+
+
+def test_float_checkpoint_streams_its_per_expert_tensors(tmp_path):
+    """A Hugging Face folder: bfloat16 `experts.E.wN` tensors read into float32 slots."""
+    args = ModelArgs.from_dict({**WIDE, "hidden_size": 64, "intermediate_size": 256,
+                                "num_hidden_layers": 3, "vocab_size": 128})
+    write_hf_checkpoint(tmp_path / "hf", args, dtype=mx.bfloat16, seed=3)
+    resident, _ = load(tmp_path / "hf", tokenizer=False)
+    budget = int(0.6 * model_bytes(tmp_path / "hf"))
+    model, _ = load(tmp_path / "hf", tokenizer=False, max_memory=budget, context=64)
+    assert model.memory_plan.streaming
+    ids = mx.array([list(range(1, 40))])
+    np.testing.assert_allclose(np.array(model(ids)), np.array(resident(ids)), atol=1e-5,
+                               rtol=0)
+    model.expert_streamer.close()
+
+
+def test_slots_evict_least_recently_or_least_often_used():
+    lru = ExpertSlots(8, 3, "lru")
+    assert lru.place([0, 1, 2]) == [(0, 0), (1, 1), (2, 2)]
+    lru.touch([0, 1, 2])
+    lru.touch([0])
+    assert lru.place([5]) == [(5, 1)]  # 1 was used longest ago
+    lfu = ExpertSlots(8, 2, "lfu")
+    lfu.place([3, 4])
+    lfu.touch([3, 4, 3, 3])
+    lfu.touch([4])
+    assert lfu.place([6]) == [(6, 1)]  # 4 was used least often, though most recently
+    assert lfu.place([7], keep={6}) == [(7, 0)]
+    with pytest.raises(ValueError, match="lru, lfu"):
+        ExpertSlots(8, 2, "fifo")
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", *argv], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_budget_too_small_says_the_minimum_and_it_works(folder):
+    r = run_cli("generate", "--model", str(folder / "q4"), "--max-memory", "2MB", "--raw",
+                "--max-tokens", "2", "t1 t2")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert "too small" in r.stderr
+    minimum = r.stderr.split("give --max-memory ")[1].split()[0]
+    model, _ = load(folder / "q4", tokenizer=False, max_memory=minimum)
+    assert model.memory_plan.slots == 2  # top-k experts per layer: the least that runs
+    model.expert_streamer.close()
+
+
+@pytest.mark.parametrize("value", ["lots", "0GB", "-3GB", "12 parsecs"])
+def test_a_budget_that_is_not_a_size_is_one_line(folder, value):
+    r = run_cli("generate", "--model", str(folder / "q4"), "--max-memory", value, "hi")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--max-memory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_info_plans_for_a_smaller_mac():
+    from mlx_mixtral.cli.info import info
+
+    text = info(preset_name="mixtral-8x7b", memory=16 * 10**9)
+    rows = {line.split()[0]: line for line in text.split("plans for 16.0 GB")[1].splitlines()[2:]}
+    assert "no" in rows["float16"]
+    assert "streaming" in rows["4-bit"] and "read per token" in rows["4-bit"]
+    assert "fully resident" in rows["mixed-2-4"] or "streaming" in rows["mixed-2-4"]
+    r = run_cli("info", "--preset", "mixtral-8x7b", "--memory", "sixteen")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+
+
+def test_bench_reports_streaming_next_to_resident(folder):
+    r = run_cli("bench", "--model", str(folder / "q4"), "--max-memory", "40%", "--runs", "1",
+                "--prompt-tokens", "24", "--gen-tokens", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    entry = result["budgets"][0]
+    assert entry["slots"] < 8
+    assert set(entry["variants"]) == {"lru+prefetch", "lru", "lfu+prefetch"}
+    for v in entry["variants"].values():
+        assert len(v["decode_hit_rates"]) == WIDE["num_hidden_layers"]
+        assert v["decode_tps"] > 0 and v["bytes_per_token"] >= 0
+        assert v["peak_memory"] <= 1.05 * entry["budget"]
