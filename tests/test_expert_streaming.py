@@ -50,7 +50,8 @@ def greedy(model, prompt: list[int], n: int) -> list[int]:
 def test_experts_are_most_of_the_model(folder):
     source = describe(folder / "q4")
     sizes = folder_tensor_bytes(source, None)
-    experts = sum(b for t, b in zip(source.tensors, sizes) if ".switch_mlp." in t.name)
+    experts = sum(b for t, b in zip(source.tensors, sizes, strict=True)
+                  if ".switch_mlp." in t.name)
     assert experts / sum(sizes) >= 0.85
 
 
