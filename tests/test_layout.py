@@ -17,7 +17,8 @@ ALLOWED = {
     "generation": {"model", "text"},
     "convert": {"model", "text", "loading"},
     "app": {"model", "text", "loading", "generation"},
-    "cli": {"__init__", "model", "text", "loading", "generation", "convert", "app"},
+    "server": {"__init__", "model", "text", "loading", "generation"},
+    "cli": {"__init__", "model", "text", "loading", "generation", "convert", "app", "server"},
 }
 
 

@@ -49,8 +49,11 @@ class EngineInfo:
     context: int = 0
     window: int | None = None
     chat_format: str = ""
+    server: str | None = None  # chat --server: the model runs there
 
     def describe(self) -> str:
+        if self.server:
+            return f"{self.name} at {self.server}"
         moe = (f", {self.experts} experts (top-{self.top_k}), "
                f"{human(self.active_parameters, 'B')} active" if self.is_moe else "")
         return (f"{self.name}: {human(self.parameters, 'B')} parameters{moe}, "

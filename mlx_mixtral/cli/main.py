@@ -54,6 +54,14 @@ COMMANDS = {
         "--max-memory (sizes, shares of the model's size, or min: min,50%%,75%%) it runs expert "
         "streaming within each budget next to the fully resident model: tok/s, hit rates per "
         "layer with and without prefetch, and bytes read per token."),
+    "serve": (
+        "serve the model over HTTP: OpenAI's and Ollama's APIs",
+        "Serve the model over HTTP on loopback: OpenAI's API under /v1 (chat/completions, "
+        "completions, models) and Ollama's under /api (chat, generate, tags, show, version), "
+        "with /health. Requests queue and run one at a time; each conversation's KV cache is "
+        "kept (within --prompt-cache-bytes) so its next turn prefills only what is new. "
+        "response_format and Ollama's format are enforced while decoding; Mistral v3 models "
+        "call tools. The sampling flags are the defaults for requests that leave them out."),
 }
 
 
@@ -214,6 +222,8 @@ def load_model_for_cli(name: str | None, force: bool = False, dtype: str | None 
         from ..model.sharding import check_world
 
         check_world(describe(resolve(name)).args, group.size(), pipeline)
+    elif max_memory is not None:  # a budget that is not a size, or too small: one line
+        check_budget(name, max_memory, force, dtype)
     if group is None or group.rank() == 0:
         split = "" if group is None else (
             f" over {group.size()} ranks ({'pipeline' if pipeline else 'tensor parallel'})")
@@ -370,6 +380,13 @@ def _chat_parser(sub: argparse._SubParsersAction) -> None:
                    help="disk budget for the saved KV caches of conversations (0 = none)")
     add_kv_flags(p)
     add_draft_flags(p)
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="chat with a model served over HTTP by any OpenAI-compatible server "
+                   "(mlx-mixtral serve, mlx_lm.server, Ollama, llama.cpp), e.g. "
+                   "http://127.0.0.1:8080; --model then names the served model (default: its "
+                   "first)")
+    p.add_argument("--api-key", default=None,
+                   help="the server's API key (or set $MLX_MIXTRAL_API_KEY)")
 
 
 def _run_chat(args: argparse.Namespace) -> int:
@@ -384,6 +401,8 @@ def _run_chat(args: argparse.Namespace) -> int:
                               "mlx-mixtral generate` there (or bench), on a model split over "
                               "the ranks")
     sampling, kv = sampling_from(args), kv_from(args)
+    if args.server:
+        return _chat_with_server(args, sampling)
     drafting = drafting_from(args, args.force, args.dtype)
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
     name = args.model
@@ -407,6 +426,25 @@ def _run_chat(args: argparse.Namespace) -> int:
                        drafting=drafting, max_memory=plan and plan.budget)
     try:
         ChatApp(engine, name, store, system=args.system, settings=sampling).run()
+    finally:
+        store.close()
+    return 0
+
+
+def _chat_with_server(args: argparse.Namespace, sampling) -> int:
+    """The app against a server: nothing loads here, the model runs there."""
+    from ..app.chat_app import ChatApp
+    from ..app.http_engine import HttpEngine, api_base
+    from ..app.store import Store
+
+    url = api_base(args.server)
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise MlxMixtralError("the chat app needs a terminal; in scripts, call the server's "
+                              "API directly")
+    engine = HttpEngine(url, args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY"), args.model)
+    store = Store(args.db)
+    try:
+        ChatApp(engine, args.model or url, store, system=args.system, settings=sampling).run()
     finally:
         store.close()
     return 0
@@ -547,6 +585,29 @@ def _bench_launched(args: argparse.Namespace, drafting, kv) -> int:
     return 0
 
 
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    from .serve import add_serve_flags
+
+    p = _command(sub, "serve")
+    add_model_flags(p)
+    add_kv_flags(p)
+    add_serve_flags(p)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    if launched():
+        raise MlxMixtralError("serve does not run under mlx.launch yet; serve a model that "
+                              "fits one machine")
+    sampling, kv = sampling_from(args), kv_from(args)  # validate before the slow load
+
+    def load(name: str) -> tuple:
+        return load_model_for_cli(name, args.force, args.dtype, max_memory=args.max_memory)
+
+    return serve(args, load, sampling, kv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlx-mixtral",
@@ -561,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     _info_parser(sub)
     _list_parser(sub)
     _bench_parser(sub)
+    _serve_parser(sub)
     return parser
 
 

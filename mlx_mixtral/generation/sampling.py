@@ -26,6 +26,8 @@ class SamplingParams:
     min_p 0.05          drop tokens below this share of the top token's probability (0 = off)
     repetition_penalty 1.0   >1 discourages tokens seen in the last `repetition_context` (1 = off)
     repetition_context 64
+    presence_penalty 0.0     OpenAI's: subtracted from tokens seen in the last `repetition_context`
+    frequency_penalty 0.0    OpenAI's: subtracted once per time each such token was seen
     max_tokens 512      the longest reply
     seed None           a number makes sampling reproducible
     """
@@ -36,6 +38,8 @@ class SamplingParams:
     min_p: float = 0.05
     repetition_penalty: float = 1.0
     repetition_context: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     max_tokens: int = 512
     seed: int | None = None
 
@@ -56,6 +60,8 @@ class SamplingParams:
         number("top_p", 0.0, 1.0)
         number("min_p", 0.0, 1.0)
         number("repetition_penalty", 0.0, 100.0)
+        number("presence_penalty", -2.0, 2.0)
+        number("frequency_penalty", -2.0, 2.0)
         if self.repetition_penalty == 0:
             raise SamplingError("repetition_penalty must be above 0 (1 turns it off)")
         integer("top_k", 0)
@@ -104,9 +110,16 @@ class SamplingParams:
         return mx.softmax(x[0] * (1 / self.temperature), axis=-1)
 
     def logits_processors(self) -> list:
-        if self.repetition_penalty == 1.0:
+        def on(value: float, off: float) -> float | None:
+            return None if value == off else value
+
+        wanted = dict(repetition_penalty=on(self.repetition_penalty, 1.0),
+                      presence_penalty=on(self.presence_penalty, 0.0),
+                      frequency_penalty=on(self.frequency_penalty, 0.0))
+        if all(v is None for v in wanted.values()):
             return []
         from mlx_lm.sample_utils import make_logits_processors
 
-        return make_logits_processors(repetition_penalty=self.repetition_penalty,
-                                      repetition_context_size=self.repetition_context)
+        n = self.repetition_context
+        return make_logits_processors(**wanted, repetition_context_size=n,
+                                      presence_context_size=n, frequency_context_size=n)

@@ -33,6 +33,8 @@ class Chunk:
     text: str
     token: int | None
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    logprob: float | None = None  # with `logprobs`: the token's log-probability
+    top_logprobs: list[tuple[int, float]] | None = None  # the most likely tokens there
 
 
 def require_text(prompt: str) -> None:
@@ -142,6 +144,8 @@ def stream_generate(
     kv: KVSettings | None = None,
     draft: Drafter | None = None,
     progress: Progress | None = None,
+    processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = (),
+    logprobs: int | None = None,
     **settings: Any,
 ) -> Iterator[Chunk | Stats]:
     """Yield `Chunk`s as the reply streams, then one `Stats`.
@@ -152,7 +156,9 @@ def stream_generate(
     max_tokens, seed). `cache`: a KV cache holding earlier tokens, which are not prefilled again.
     `kv`: quantized keys and values (`KVSettings`). `draft`: a `Drafter` (a draft model or
     prompt lookup) for drafted decoding. `progress(done, total)` hears how far the prompt's
-    prefill has come, after each chunk."""
+    prefill has come, after each chunk. `processors`: more logits processors (mlx-lm's
+    signature), after the sampling ones: a grammar's mask, say. `logprobs`: give each chunk its
+    token's log-probability and this many most likely alternatives."""
     params = SamplingParams.from_kwargs(sampling, **settings)
     ids = prompt_ids(tokenizer, prompt, system=system, raw=raw, chat_format=chat_format)
     check_prompt(model, ids, cache[0].offset if cache else 0)
@@ -173,12 +179,15 @@ def stream_generate(
     counts = DraftCounts()
     if draft is None:
         steps = _plain_steps(model, ids, cache, params, max_tokens, kv, prefill_step_size,
-                             progress)
+                             progress, processors)
     else:
-        steps = speculative_steps(model, ids, cache, draft, params, max_tokens, kv, counts,
-                                  prefill_step_size, progress)
+        if processors or logprobs is not None:
+            raise GenerationError("drafted decoding takes no logits processors or logprobs")
+        steps = _without_logprobs(speculative_steps(
+            model, ids, cache, draft, params, max_tokens, kv, counts, prefill_step_size,
+            progress))
     try:
-        for token in steps:
+        for token, row in steps:
             clock.first_token()
             tokens.append(token)
             if token in tokenizer.eos_ids:
@@ -186,7 +195,7 @@ def stream_generate(
                 break
             shown, hit = stops.feed(detok.add_token(token))
             text += shown
-            yield Chunk(shown, token)
+            yield Chunk(shown, token, None, *_logprobs_of(row, token, logprobs))
             if hit:
                 finish = "stop"
                 break
@@ -207,22 +216,42 @@ def stream_generate(
     yield stats
 
 
+def _without_logprobs(tokens: Iterator[int]) -> Iterator[tuple[int, None]]:
+    try:
+        for token in tokens:
+            yield token, None
+    finally:
+        tokens.close()
+
+
+def _logprobs_of(row: mx.array | None, token: int,
+                 top: int | None) -> tuple[float | None, list[tuple[int, float]] | None]:
+    if row is None or top is None:
+        return None, None
+    best = mx.argsort(-row)[:top].tolist() if top else []
+    values = row.tolist() if len(best) > 8 else None  # one transfer instead of many
+    at = (lambda i: values[i]) if values is not None else (lambda i: row[i].item())
+    return at(token), [(i, at(i)) for i in best]
+
+
 def _plain_steps(model: Model, ids: list[int], cache: list, params: SamplingParams,
                  max_tokens: int, kv: KVSettings, prefill_step_size: int,
-                 progress: Progress | None = None) -> Iterator[int]:
-    """mlx-lm's token loop (chunked prefill, pipelined decoding, its KV quantization)."""
+                 progress: Progress | None = None,
+                 processors: Sequence[Callable] = ()) -> Iterator[tuple[int, mx.array]]:
+    """mlx-lm's token loop (chunked prefill, pipelined decoding, its KV quantization):
+    (token, its row of log-probabilities)."""
     from mlx_lm.generate import generate_step  # (imports transformers: not at import time)
 
     steps = generate_step(mx.array(ids), model, max_tokens=max_tokens,
                           sampler=guard_nan(params.sampler(model.args.vocab_size)),
-                          logits_processors=params.logits_processors(),
+                          logits_processors=params.logits_processors() + list(processors),
                           prompt_cache=cache, prefill_step_size=prefill_step_size,
                           prompt_progress_callback=progress, **kv.step_kwargs())
     try:
-        for token, _ in steps:
+        for token, row in steps:
             if int(token) == NOT_A_NUMBER:
                 raise GenerationError(BAD_LOGITS)
-            yield int(token)
+            yield int(token), row
     finally:
         steps.close()
 

@@ -1,0 +1,167 @@
+"""The chat app's engine over HTTP: any OpenAI-compatible server (ours, mlx-lm's, Ollama's,
+llama.cpp's) behind the same narrow interface as `MlxEngine`.
+
+The conversation is kept here and sent whole with each request; a server that keeps caches
+between requests (ours does) prefills only what is new. Replies stream as server-sent events;
+Esc closes the stream, which stops the generation on our server.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import MlxMixtralError
+from ..generation.sampling import SamplingParams
+from ..generation.stats import Stats
+from .engine import EngineInfo, ReplyEvent
+
+TIMEOUT = 600.0  # seconds without a byte before giving up (a long prompt on a slow machine)
+
+
+def api_base(url: str) -> str:
+    """http://host:port, http://host:port/ or http://host:port/v1 -> http://host:port/v1"""
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise MlxMixtralError(f"--server wants a URL like http://127.0.0.1:8080, got {url!r}")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+def _error_text(body: bytes, status: int) -> str:
+    try:
+        error = json.loads(body).get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        message = None
+    return f"the server answered {status}: {message or body[:200].decode('utf-8', 'replace')}"
+
+
+class HttpEngine:
+    def __init__(self, url: str, api_key: str | None = None, model: str | None = None) -> None:
+        import httpx
+
+        self.base = api_base(url)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(TIMEOUT, connect=10))
+        self.model = model
+        self.info = EngineInfo(name=model or self.base, server=self.base)
+        self.system: str | None = None
+        self.messages: list[dict[str, str]] = []
+
+    def _get(self, path: str) -> Any:
+        import httpx
+
+        try:
+            r = self.http.get(self.base + path)
+        except httpx.HTTPError as e:
+            raise MlxMixtralError(f"cannot reach {self.base}: {e}") from None
+        if r.status_code != 200:
+            raise MlxMixtralError(_error_text(r.content, r.status_code))
+        return r.json()
+
+    def load(self, progress: Callable[[float], None]) -> EngineInfo:
+        served = [m.get("id") for m in self._get("/models").get("data", [])
+                  if isinstance(m, dict)]
+        if not served:
+            raise MlxMixtralError(f"{self.base} serves no model")
+        if self.model is None:
+            self.model = served[0]
+        elif self.model not in served:
+            raise MlxMixtralError(f"{self.base} does not serve {self.model!r}; it serves "
+                                  f"{', '.join(map(str, served))}")
+        progress(1.0)
+        self.info = EngineInfo(name=self.model, server=self.base)
+        return self.info
+
+    def select(self, name: str) -> None:
+        self.model = name  # the next load() checks that the server has it
+
+    def set_conversation(self, system: str | None, messages: list[dict[str, str]],
+                         key: str | None = None) -> None:
+        self.system = system
+        self.messages = [{"role": m["role"], "content": m["content"]} for m in messages
+                         if m["role"] in ("user", "assistant")]
+
+    def set_conversation_key(self, key: str | None) -> None:
+        pass
+
+    def prefill(self, progress: Callable[[int, int], None],
+                should_stop: Callable[[], bool]) -> int:
+        return 0  # the server reads the prompt when the next message comes
+
+    def _turn(self, action: str, text: str | None) -> None:
+        if action in ("regenerate", "edit") and self.messages and \
+                self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+        if action == "edit" and self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
+        if action in ("send", "edit"):
+            self.messages.append({"role": "user", "content": text or ""})
+
+    def request(self, settings: SamplingParams) -> dict[str, Any]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        body: dict[str, Any] = {
+            "model": self.model, "messages": system + self.messages, "stream": True,
+            "stream_options": {"include_usage": True}, "temperature": settings.temperature,
+            "top_p": settings.top_p, "max_tokens": settings.max_tokens}
+        if settings.seed is not None:
+            body["seed"] = settings.seed
+        # Beyond OpenAI's names: sent only when set (llama.cpp and ours read them).
+        defaults = SamplingParams()
+        for name in ("top_k", "min_p", "repetition_penalty"):
+            if getattr(settings, name) != getattr(defaults, name):
+                body[name] = getattr(settings, name)
+        return body
+
+    def reply(self, action: str, text: str | None, settings: SamplingParams,
+              emit: Callable[[ReplyEvent], None], should_stop: Callable[[], bool]) -> None:
+        import httpx
+
+        self._turn(action, text)
+        start, first, reply, finish, usage, pieces = time.perf_counter(), None, "", None, {}, 0
+        try:
+            with self.http.stream("POST", self.base + "/chat/completions",
+                                  json=self.request(settings)) as r:
+                if r.status_code != 200:
+                    raise MlxMixtralError(_error_text(r.read(), r.status_code))
+                for line in r.iter_lines():
+                    if should_stop():
+                        finish = "stopped"
+                        break  # closing the stream stops the server's generation
+                    if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                        continue
+                    data = json.loads(line[5:])
+                    if "error" in data:
+                        raise MlxMixtralError(_error_text(line[5:].encode(), 200))
+                    usage = data.get("usage") or usage
+                    for choice in data.get("choices") or []:
+                        piece = (choice.get("delta") or {}).get("content") or ""
+                        if piece:
+                            first = first or time.perf_counter()
+                            pieces += 1
+                            reply += piece
+                            emit(ReplyEvent(text=piece))
+                        finish = choice.get("finish_reason") or finish
+        except httpx.HTTPError as e:
+            raise MlxMixtralError(f"lost {self.base}: {e}") from None
+        finally:
+            if reply:  # (a failed request leaves the user's message to be answered)
+                self.messages.append({"role": "assistant", "content": reply})
+        emit(ReplyEvent(done=True, finish_reason=finish,
+                        stats=self._stats(start, first, usage, pieces, reply, finish),
+                        context_used=usage.get("total_tokens", 0)))
+
+    @staticmethod
+    def _stats(start: float, first: float | None, usage: dict, pieces: int, text: str,
+               finish: str | None) -> Stats:
+        end = time.perf_counter()
+        ttft = (first or end) - start
+        generated = usage.get("completion_tokens", pieces)
+        return Stats(prompt_tokens=usage.get("prompt_tokens", 0),
+                     prompt_tps=usage.get("prompt_tokens", 0) / max(ttft, 1e-9),
+                     generation_tokens=generated,
+                     generation_tps=(generated - 1) / max(end - (first or end), 1e-9)
+                     if generated > 1 else 0.0,
+                     ttft=ttft, peak_memory=0, finish_reason=finish, text=text)

@@ -1,0 +1,117 @@
+"""`mlx-mixtral serve`: the model behind OpenAI's and Ollama's HTTP APIs (uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import MlxMixtralError
+
+DEFAULT_PORT = 8080
+DEFAULT_MAX_QUEUE = 32
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    from ..server.cache_pool import DEFAULT_BUDGET
+    from ..server.http_app import DEFAULT_MAX_BODY
+
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 opens it to your network: set "
+                   "--api-key then)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every request but /health "
+                   "(or set $MLX_MIXTRAL_API_KEY)")
+    p.add_argument("--model-id", default=None,
+                   help="the model's name in the API (default: the folder or file name)")
+    p.add_argument("--prompt-cache-bytes", default=str(DEFAULT_BUDGET), metavar="SIZE",
+                   help="KV caches kept between requests, so a conversation's next turn "
+                   "prefills only what is new; least recently used go first (e.g. 2GB)")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="requests waiting or running at most; more get 503")
+    p.add_argument("--max-body", default=str(DEFAULT_MAX_BODY), metavar="SIZE",
+                   help="largest request body accepted; larger get 413")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (repeat for more; default: none)")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"],
+                   help="what the server logs to stderr")
+
+
+def _size(text: str, flag: str) -> int:
+    from ..units import parse_size
+
+    try:
+        return int(text) if text.isdigit() else parse_size(text)
+    except ValueError as e:
+        raise MlxMixtralError(f"{flag}: {e}") from None
+
+
+def model_name(given: str | None, name: str) -> str:
+    """The model's id in the API: what the user typed if it is a name (a repo id, "demo",
+    ollama:...), else the folder's or file's name ("demo" for the offline demo)."""
+    from ..loading.demo import demo_model_path
+
+    if given is None and name == str(demo_model_path()):
+        return "demo"
+    if given and not Path(given).expanduser().exists():
+        return given
+    path = Path(name)
+    return path.stem if path.suffix == ".gguf" else path.name or name
+
+
+def details(model: Any, name: str) -> dict[str, Any]:
+    """What /api/tags and /api/show say about the model."""
+    import mlx.core as mx
+
+    from ..app.engine import quantization_of
+    from ..units import human
+
+    total, _ = model.args.parameter_counts()
+    path = Path(name).expanduser()
+    size = (sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.is_dir()
+            else path.stat().st_size if path.is_file() else mx.get_active_memory())
+    return {"parameters": total, "parameter_size": human(total, "B"),
+            "quantization_level": quantization_of(model), "size": size,
+            "family": "mixtral" if model.args.is_moe else "mistral",
+            "format": "gguf" if path.suffix == ".gguf" else "safetensors"}
+
+
+def serve(args: argparse.Namespace, load_model, sampling, kv) -> int:
+    import os
+
+    import uvicorn
+
+    from ..loading import default_model
+    from ..server.cache_pool import CachePool
+    from ..server.http_app import Guards, create_app
+    from ..server.service import Service
+    from ..server.worker import Worker
+    from ..text.tools import can_call_tools
+
+    pool_budget = _size(args.prompt_cache_bytes, "--prompt-cache-bytes")
+    max_body = _size(args.max_body, "--max-body")
+    if args.max_queue < 1:
+        raise MlxMixtralError("--max-queue must be at least 1")
+    if not 0 < args.port < 65536:
+        raise MlxMixtralError(f"--port must be between 1 and 65535, got {args.port}")
+    api_key = args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY") or None
+    name = args.model or default_model()
+    worker = Worker(lambda: load_model(name), CachePool(pool_budget), args.max_queue, kv)
+    model, tokenizer = worker.ready()
+    model_id = args.model_id or model_name(args.model, name)
+    info = details(model, name)
+    info["tools"] = tokenizer.chat_format == "mistral-v3" and can_call_tools(tokenizer)
+    service = Service(model, tokenizer, model_id, worker, sampling, details=info)
+    app = create_app(service, Guards(api_key, max_body, tuple(args.cors_origin)))
+    where = f"http://{args.host}:{args.port}"
+    print(f"Serving {model_id} at {where}/v1 (OpenAI) and {where}/api (Ollama)"
+          + (", API key required" if api_key else ""), file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=5)
+    finally:
+        worker.stop()
+    return 0

@@ -1,0 +1,124 @@
+"""Structured output: a JSON schema (or any JSON) enforced while decoding, with llguidance.
+
+llguidance compiles the schema into a matcher over our vocabulary; before each token the matcher
+gives the set of tokens that keep the output valid, and the logits of every other token become
+-inf. So the output always parses and validates (unless `max_tokens` cuts it short, which the
+finish reason "length" says).
+
+The vocabulary is handed over once per tokenizer (about a second for 32k tokens) and kept.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import GenerationError
+from ..text.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
+
+_lock = threading.Lock()
+MARKER = "\u263a"  # a character no real text starts with
+_vocabularies: dict[tuple[int, int], Any] = {}  # (id(tokenizer), vocab size) -> LLTokenizer
+
+
+class _SentencePieceVocabulary:
+    """What llguidance's `TokenizerWrapper` reads: each token's bytes, EOS/BOS, an encoder."""
+
+    def __init__(self, tokenizer: SentencePieceTokenizer, vocab_size: int) -> None:
+        sp = tokenizer.sp
+        self.eos_token_id, self.bos_token_id = tokenizer.eos_id, tokenizer.bos_id
+        self.tokens: list[bytes] = []
+        self.special_token_ids: list[int] = []
+        for i in range(vocab_size):
+            if i >= sp.vocab_size() or sp.is_control(i) or sp.is_unknown(i):
+                self.tokens.append(b"")
+                self.special_token_ids.append(i)
+            elif sp.is_byte(i):
+                self.tokens.append(bytes([int(sp.id_to_piece(i)[3:5], 16)]))
+            else:
+                self.tokens.append(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        self._sp = sp
+
+    def __call__(self, text: str) -> list[int]:
+        # Without sentencepiece's dummy-prefix space: text is encoded after a marker that is
+        # then cut off (as mistral-common encodes infill text).
+        marker = self._sp.encode(MARKER)
+        ids = self._sp.encode(MARKER + text)
+        return ids[len(marker):] if ids[:len(marker)] == marker else self._sp.encode(text)
+
+
+def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> Any:
+    """llguidance's view of `tokenizer`, made once."""
+    import llguidance
+
+    key = (id(tokenizer), vocab_size)
+    with _lock:
+        if key not in _vocabularies:
+            eos = sorted(tokenizer.eos_ids)
+            if isinstance(tokenizer, HFTokenizer):
+                made = llguidance.LLTokenizer(tokenizer.tok.to_str(), n_vocab=vocab_size,
+                                              eos_token=eos)
+            elif isinstance(tokenizer, SentencePieceTokenizer):
+                from llguidance._tokenizer import TokenizerWrapper
+
+                made = llguidance.LLTokenizer(
+                    TokenizerWrapper(_SentencePieceVocabulary(tokenizer, vocab_size)),
+                    n_vocab=vocab_size, eos_token=eos)
+            else:
+                raise GenerationError("structured output needs a sentencepiece or "
+                                      "tokenizer.json vocabulary")
+            _vocabularies[key] = made
+        return _vocabularies[key]
+
+
+def json_grammar(schema: dict[str, Any] | None) -> str:
+    """The llguidance grammar for JSON that validates against `schema` (None: any object).
+    An invalid schema raises GenerationError with llguidance's reason."""
+    import llguidance
+
+    wanted = schema if schema is not None else {"type": "object"}
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            wanted, defaults={"whitespace_flexible": False})
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise GenerationError(f"the JSON schema cannot be used: {e}") from None
+    return grammar
+
+
+class GrammarMask:
+    """An mlx-lm logits processor that allows only the tokens the grammar accepts next.
+
+    mlx-lm calls it with every token of this generation so far (the `prompt_length` prompt
+    tokens it was given, then the sampled ones) and the logits of the next token."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, grammar: str,
+                 prompt_length: int) -> None:
+        import llguidance
+        from llguidance.numpy import allocate_token_bitmask
+
+        self.matcher = llguidance.LLMatcher(vocabulary(tokenizer, vocab_size), grammar)
+        if self.matcher.is_error():
+            raise GenerationError(f"the JSON schema cannot be used: "
+                                  f"{self.matcher.get_error()}")
+        self.vocab_size = vocab_size
+        self.prompt_length = prompt_length
+        self.consumed = 0
+        self.bitmask = allocate_token_bitmask(1, vocab_size)
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        from llguidance.numpy import fill_next_token_bitmask
+
+        new = tokens[self.prompt_length + self.consumed:].tolist()
+        for token in new:
+            if not self.matcher.consume_token(token):
+                raise GenerationError(f"the grammar refused token {token}: "
+                                      f"{self.matcher.get_error()}")
+        self.consumed += len(new)
+        fill_next_token_bitmask(self.matcher, self.bitmask, 0)
+        allowed = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")
+        allowed = mx.array(allowed[: logits.shape[-1]].astype(np.bool_))
+        return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
+

@@ -1,0 +1,74 @@
+"""KV caches kept between requests, so the next turn of a conversation prefills only what is new.
+
+Each entry is a cache and the token ids it holds. A request takes the entry with the longest
+common prefix out of the pool (nobody else can touch it while it generates), trims it to that
+prefix, and gives it back afterwards holding prompt + reply. Entries are evicted least recently
+used first until the pool's bytes fit its budget, so the server's memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..generation.prefix import common_prefix, reuse_prefix
+
+DEFAULT_BUDGET = 2 * 10**9  # bytes of KV cache kept between requests
+
+
+def cache_bytes(cache: list) -> int:
+    return sum(c.nbytes for c in cache)
+
+
+@dataclass
+class Entry:
+    tokens: list[int]
+    cache: list
+    nbytes: int
+
+
+class CachePool:
+    def __init__(self, budget: int = DEFAULT_BUDGET) -> None:
+        self.budget = budget
+        self.entries: OrderedDict[int, Entry] = OrderedDict()  # least recently used first
+        self.lock = threading.Lock()
+        self._next = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def take(self, ids: Sequence[int], fresh: Callable[[], list]) -> tuple[list, int]:
+        """(cache, n): the pool's best cache for `ids`, now owned by the caller and trimmed to
+        its first n tokens, which equal ids[:n] (n < len(ids)); or a fresh cache and 0."""
+        with self.lock:
+            best, length = None, 0
+            for key, entry in self.entries.items():
+                n = common_prefix(entry.tokens, ids)
+                if n > length:
+                    best, length = key, n
+            if best is None:
+                return fresh(), 0
+            entry = self.entries.pop(best)
+        return reuse_prefix(entry.cache, entry.tokens, ids, fresh)
+
+    def give(self, tokens: Sequence[int], cache: list) -> None:
+        """Keep `cache` (holding `tokens`); evict the least recently used beyond the budget.
+        An entry that another one extends is dropped: the longer one serves both."""
+        nbytes = cache_bytes(cache)
+        if not tokens or nbytes > self.budget:
+            return
+        with self.lock:
+            for key in [k for k, e in self.entries.items()
+                        if common_prefix(e.tokens, tokens) == len(e.tokens)]:
+                del self.entries[key]
+            self.entries[self._next] = Entry(list(tokens), cache, nbytes)
+            self._next += 1
+            while self.nbytes > self.budget:
+                self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()

@@ -1,0 +1,194 @@
+"""The ASGI application: both APIs, /health, and what guards them.
+
+- Bodies over `max_body` bytes get a 413 before they are read whole.
+- With an API key, every path but /health needs `Authorization: Bearer KEY`.
+- CORS is off unless origins are given.
+- Every error is an OpenAI error object under /v1 (Ollama's {"error": ...} under /api), with a
+  4xx status for the client's mistakes. Nothing answers with a traceback: an unexpected failure
+  is a 500 with one line, and the log has the rest.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import resource
+import sys
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .. import __version__
+from . import ollama_api, openai_api
+from .service import APIError, Service
+
+log = logging.getLogger("mlx_mixtral.server")
+DEFAULT_MAX_BODY = 4 * 2**20  # bytes: a long conversation fits, a flood does not
+
+
+@dataclass
+class Guards:
+    api_key: str | None = None
+    max_body: int = DEFAULT_MAX_BODY
+    cors_origins: tuple[str, ...] = ()
+
+
+def error_body(path: str, status: int, message: str, kind: str, param: str | None = None,
+               code: str | None = None) -> dict:
+    if path.startswith("/api/"):
+        return {"error": message}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _send_error(path: str, error: APIError,
+                headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(path, error.status, error.message, error.type, error.param,
+                                   error.code), status_code=error.status, headers=headers)
+
+
+def _field(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if p != "body")
+
+
+class BodyLimit:
+    """413 for a body over the limit: by its Content-Length, or while it streams in."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_big = APIError(413, f"the request body is over {self.limit} bytes")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await _send_error(scope["path"], too_big)(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooBig
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooBig:
+            await _send_error(scope["path"], too_big)(scope, receive, send)
+
+
+class _TooBig(Exception):  # noqa: N818 - a signal inside BodyLimit
+    pass
+
+
+class JsonBodies:
+    """Ollama's clients (and curl -d) may send JSON without saying so: under /api/ a POST body
+    is read as JSON whatever its content type."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/api/"):
+            headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+class ApiKey:
+    """`Authorization: Bearer KEY` on every path but /health (compared in constant time)."""
+
+    OPEN = {"/health"}
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+            error = APIError(401, "a valid API key is needed: send Authorization: Bearer KEY",
+                             code="invalid_api_key")
+            return await _send_error(scope["path"], error)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux), else its peak."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def create_app(service: Service, guards: Guards | None = None) -> FastAPI:
+    guards = guards or Guards()
+    app = FastAPI(title="mlx-mixtral", version=__version__,
+                  description="OpenAI- and Ollama-compatible API for a local Mistral model")
+    app.state.service = service
+    app.include_router(openai_api.router)
+    app.include_router(ollama_api.router)
+
+    @app.get("/health")
+    async def health() -> dict:
+        import mlx.core as mx
+
+        worker = service.worker
+        return {"status": "ok", "model": service.model_id,
+                "queue": {"running": int(worker.busy), "waiting": worker.waiting,
+                          "max": worker.max_queue, "served": worker.served},
+                "memory": {"mlx_active": mx.get_active_memory(),
+                           "mlx_cache": mx.get_cache_memory(),
+                           "prompt_cache": service.worker.pool.nbytes,
+                           "prompt_cache_budget": service.worker.pool.budget,
+                           "resident": resident_bytes()}}
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        return _send_error(request.url.path, error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        where = _field(tuple(first.get("loc", ())))
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+        else:
+            message = f"{where}: {first.get('msg', 'invalid')}" if where else \
+                first.get("msg", "invalid request")
+        return _send_error(request.url.path, APIError(400, message, param=where or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _send_error(request.url.path, APIError(error.status_code, str(error.detail)),
+                           error.headers)  # 405 keeps its Allow header
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return _send_error(request.url.path, APIError(500, f"internal error: "
+                                                      f"{type(error).__name__}"))
+
+    app.add_middleware(JsonBodies)
+    app.add_middleware(BodyLimit, limit=guards.max_body)
+    if guards.api_key:
+        app.add_middleware(ApiKey, key=guards.api_key)
+    if guards.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(guards.cors_origins),
+                           allow_methods=["*"], allow_headers=["*"])
+    return app
+

@@ -1,0 +1,279 @@
+"""OpenAI's API: /v1/chat/completions, /v1/completions and /v1/models.
+
+Streamed replies are server-sent events of `chat.completion.chunk` objects ending in
+`data: [DONE]`; with `stream_options.include_usage` a last chunk carries the usage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from sse_starlette.sse import EventSourceResponse
+
+from ..generation.stream import Chunk
+from ..text.tools import parse_tool_calls
+from .schemas import (
+    STREAMS,
+    ChatRequest,
+    CompletionRequest,
+    OpenAIError,
+    Sampling,
+    error_responses,
+)
+from .service import APIError, Service
+from .worker import Done
+
+router = APIRouter(prefix="/v1", responses=error_responses(OpenAIError))
+
+
+def service_of(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _common(service: Service, body: Sampling, max_tokens: int | None) -> dict[str, Any]:
+    """Sampling settings from a request (what it leaves out: the server's defaults)."""
+    service.check_model(body.model)
+    if body.n != 1:
+        raise APIError(400, "n must be 1: this server generates one choice per request",
+                       param="n")
+    try:
+        stops = body.stops()
+    except ValueError as e:
+        raise APIError(400, str(e), param="stop") from None
+    params = service.sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                              min_p=body.min_p, max_tokens=max_tokens, seed=body.seed,
+                              presence_penalty=body.presence_penalty,
+                              frequency_penalty=body.frequency_penalty,
+                              repetition_penalty=body.repetition_penalty)
+    return {"params": params, "stop": stops}
+
+
+def _usage(prompt: int, done: Done) -> dict[str, Any]:
+    completion = done.stats.generation_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
+
+
+def _token_text(service: Service, token: int) -> str:
+    return service.tokenizer.decode([token])
+
+
+def _chat_logprob(service: Service, chunk: Chunk) -> dict[str, Any]:
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(service, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {**entry(chunk.token, chunk.logprob),
+            "top_logprobs": [entry(t, lp) for t, lp in chunk.top_logprobs or []]}
+
+
+def _grammar(service: Service, body: ChatRequest) -> str | None:
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return service.grammar(None)
+    if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+        raise APIError(400, "response_format json_schema needs json_schema.schema",
+                       param="response_format")
+    return service.grammar(fmt.json_schema.json_schema)
+
+
+def _finish(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+@router.post("/chat/completions", responses={200: {"content": STREAMS}})
+async def chat_completions(body: ChatRequest, request: Request):
+    service = service_of(request)
+    settings = _common(service, body, body.max_completion_tokens or body.max_tokens)
+    tools = [t.model_dump() for t in body.tools or []] if body.tool_choice != "none" else None
+    messages = [m.model_dump(exclude_none=True) | {"content": m.text()} for m in body.messages]
+    ids = service.chat_ids(messages, tools)
+    grammar = _grammar(service, body)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    events = service.run(ids, is_disconnected=request.is_disconnected, grammar=grammar,
+                         logprobs=logprobs, **settings)
+    reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": reply_id, "created": created, "model": service.model_id}
+    calls_token = service.tokenizer.token_id("[TOOL_CALLS]") if tools else None
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        first = await _first_event(events)  # errors before streaming starts: a plain status
+        return EventSourceResponse(_chat_stream(service, first, events, head, len(ids),
+                                                include_usage, calls_token),
+                                   ping=15, send_timeout=30)
+    text, tokens, content_logprobs, done = "", [], [], None
+    async for event in events:
+        if isinstance(event, Done):
+            done = event
+        else:
+            text += event.text
+            if event.token is not None:
+                tokens.append(event.token)
+                if logprobs is not None:
+                    content_logprobs.append(_chat_logprob(service, event))
+    if done is None:  # the client left
+        return None
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    finish = _finish(done.stats.finish_reason)
+    calls = parse_tool_calls(text) if calls_token is not None and tokens[:1] == [
+        calls_token] else None
+    if calls:
+        message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, \
+            "tool_calls"
+    return {**head, "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                         "logprobs": {"content": content_logprobs}
+                         if logprobs is not None else None}],
+            "usage": _usage(len(ids), done)}
+
+
+async def _first_event(events: AsyncIterator) -> Any:
+    """The job's first event, waited for before a stream's headers go out, so that a failure
+    to start (a full queue) is still an HTTP status."""
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _chat_stream(service: Service, first: Any, events: AsyncIterator, head: dict,
+                       prompt: int, include_usage: bool,
+                       calls_token: int | None) -> AsyncIterator[dict[str, str]]:
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, str]:
+        data = {**head, "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **extra}]}
+        if include_usage:
+            data["usage"] = None
+        return {"data": json.dumps(data)}
+
+    yield chunk({"role": "assistant", "content": ""})
+    held: list[str] | None = None  # a tool call's text, held back until it is whole
+    done = None
+    try:
+        event = first
+        while event is not None:
+            if isinstance(event, Done):
+                done = event
+                break
+            if event.token is not None and event.token == calls_token and held is None:
+                held = []
+            if held is not None:
+                held.append(event.text)
+            elif event.text or event.logprob is not None:
+                extra = ({"logprobs": {"content": [_chat_logprob(service, event)]}}
+                         if event.logprob is not None else {})
+                yield chunk({"content": event.text}, **extra)
+            event = await anext(events, None)
+    except APIError as e:  # after the headers: the error goes into the stream
+        yield {"data": json.dumps({"error": {"message": e.message, "type": e.type}})}
+        return
+    finally:
+        await events.aclose()  # a client that left cancels the job now
+    if done is None:
+        return
+    finish = _finish(done.stats.finish_reason)
+    calls = parse_tool_calls("".join(held)) if held is not None else None
+    if calls:
+        yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+        finish = "tool_calls"
+    elif held:
+        yield chunk({"content": "".join(held)})
+    yield chunk({}, finish)
+    if include_usage:
+        data = {**head, "object": "chat.completion.chunk", "choices": [],
+                "usage": _usage(prompt, done)}
+        yield {"data": json.dumps(data)}
+    yield {"data": "[DONE]"}
+
+
+def _completion_logprobs(service: Service, chunks: list[Chunk], start: int) -> dict[str, Any]:
+    tokens, offsets, at = [], [], start
+    for c in chunks:
+        tokens.append(_token_text(service, c.token))
+        offsets.append(at)
+        at += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": [c.logprob for c in chunks],
+            "top_logprobs": [{_token_text(service, t): lp for t, lp in c.top_logprobs or []}
+                             for c in chunks],
+            "text_offset": offsets}
+
+
+@router.post("/completions", responses={200: {"content": STREAMS}})
+async def completions(body: CompletionRequest, request: Request):
+    service = service_of(request)
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise APIError(400, "prompt: one prompt per request", param="prompt")
+        prompt = prompt[0]
+    settings = _common(service, body, body.max_tokens or 16)  # OpenAI's default length
+    ids = service.text_ids(prompt)
+    events = service.run(ids, is_disconnected=request.is_disconnected,
+                         logprobs=body.logprobs, **settings)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": service.model_id, "object": "text_completion"}
+    echo = (prompt if isinstance(prompt, str) else service.tokenizer.decode(ids)) \
+        if body.echo else ""
+    if body.stream:
+        first = await _first_event(events)
+        return EventSourceResponse(_completion_stream(first, events, head, echo, len(ids),
+                                                      body),
+                                   ping=15, send_timeout=30)
+    text, chunks, done = echo, [], None
+    async for event in events:
+        if isinstance(event, Done):
+            done = event
+        else:
+            text += event.text
+            if event.token is not None:
+                chunks.append(event)
+    if done is None:
+        return None
+    logprobs = (_completion_logprobs(service, chunks, len(echo))
+                if body.logprobs is not None else None)
+    return {**head, "choices": [{"index": 0, "text": text, "logprobs": logprobs,
+                                 "finish_reason": _finish(done.stats.finish_reason)}],
+            "usage": _usage(len(ids), done)}
+
+
+async def _completion_stream(first: Any, events: AsyncIterator, head: dict, echo: str,
+                             prompt: int, body: CompletionRequest
+                             ) -> AsyncIterator[dict[str, str]]:
+    def piece(text: str, finish: str | None = None) -> dict[str, str]:
+        return {"data": json.dumps({**head, "choices": [
+            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})}
+
+    if echo:
+        yield piece(echo)
+    event = first
+    try:
+        while event is not None and not isinstance(event, Done):
+            if event.text:
+                yield piece(event.text)
+            event = await anext(events, None)
+    except APIError as e:
+        yield {"data": json.dumps({"error": {"message": e.message, "type": e.type}})}
+        return
+    finally:
+        await events.aclose()
+    if event is None:
+        return
+    yield piece("", _finish(event.stats.finish_reason))
+    if body.stream_options and body.stream_options.include_usage:
+        yield {"data": json.dumps({**head, "choices": [], "usage": _usage(prompt, event)})}
+    yield {"data": "[DONE]"}
+
+
+@router.get("/models")
+async def models(request: Request):
+    service = service_of(request)
+    return {"object": "list", "data": [{"id": service.model_id, "object": "model",
+                                        "created": service.created, "owned_by": "mlx-mixtral"}]}

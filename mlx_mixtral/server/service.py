@@ -1,0 +1,153 @@
+"""What both APIs need from the loaded model: prompts from requests, sampling settings, and a
+job on the worker seen as an async stream of events.
+
+Errors are `APIError`s, which carry their HTTP status; each API renders them its own way
+(OpenAI's error object, or Ollama's {"error": ...}).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import MlxMixtralError
+from ..generation.sampling import SamplingParams
+from ..generation.stream import Chunk
+from ..text.tools import can_call_tools, mistral_v3_tool_ids
+from .worker import Done, Failed, Job, QueueFull, Worker
+
+POLL_SECONDS = 0.5  # how often a waiting request checks that its client is still there
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    @property
+    def type(self) -> str:
+        return {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+                429: "rate_limit_error", 503: "server_overloaded"}.get(
+                    self.status, "invalid_request_error" if self.status < 500 else "server_error")
+
+
+@dataclass
+class Service:
+    model: Any
+    tokenizer: Any
+    model_id: str
+    worker: Worker
+    defaults: SamplingParams
+    created: int = field(default_factory=lambda: int(time.time()))
+    details: dict[str, Any] = field(default_factory=dict)  # for /api/show and /api/tags
+
+    # ---- requests into prompts ------------------------------------------------------------
+
+    def check_model(self, name: str) -> None:
+        """Requests name the served model (Ollama clients add a ":latest" tag)."""
+        if name not in (self.model_id, f"{self.model_id}:latest"):
+            raise APIError(404, f"the model {name!r} does not exist; this server has "
+                           f"{self.model_id!r}", param="model", code="model_not_found")
+
+    @property
+    def context(self) -> int:
+        return self.model.args.max_position_embeddings
+
+    def check_length(self, ids: list[int]) -> None:
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="messages")
+        if len(ids) >= self.context:
+            raise APIError(400, f"the prompt is {len(ids)} tokens, and the model's context is "
+                           f"{self.context} tokens; shorten it", param="messages",
+                           code="context_length_exceeded")
+        bad = [t for t in ids if not 0 <= t < self.model.args.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (size "
+                           f"{self.model.args.vocab_size})", param="prompt")
+
+    def chat_ids(self, messages: list[dict[str, Any]],
+                 tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The prompt for a chat. Tools, tool calls and tool results need the Mistral v3
+        format (or a chat template that takes tools)."""
+        uses_tools = bool(tools) or any(m.get("role") == "tool" or m.get("tool_calls")
+                                        for m in messages)
+        messages = [{**m, "role": "system"} if m.get("role") == "developer" else m
+                    for m in messages]
+        try:
+            if uses_tools:
+                if self.tokenizer.chat_format == "mistral-v3" and can_call_tools(self.tokenizer):
+                    ids = mistral_v3_tool_ids(self.tokenizer, messages, tools)
+                else:
+                    raise APIError(400, f"the model {self.model_id!r} cannot call tools: its "
+                                   "chat format has no tool tokens", param="tools")
+            else:
+                plain = [{"role": m["role"], "content": m.get("content") or ""}
+                         for m in messages]
+                ids = self.tokenizer.apply_chat_template(plain)
+        except MlxMixtralError as e:
+            raise APIError(400, str(e), param="messages") from None
+        self.check_length(ids)
+        return ids
+
+    def text_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            ids = list(prompt)
+        else:
+            ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos)
+        self.check_length(ids)
+        return ids
+
+    def sampling(self, **wanted: Any) -> SamplingParams:
+        try:
+            return SamplingParams.from_kwargs(self.defaults, **wanted)
+        except MlxMixtralError as e:
+            raise APIError(400, str(e)) from None
+
+    # ---- running ------------------------------------------------------------------------
+
+    async def run(self, ids: list[int], params: SamplingParams,
+                  is_disconnected: Callable[[], Awaitable[bool]], stop: list[str] | None = None,
+                  logprobs: int | None = None,
+                  grammar: str | None = None) -> AsyncIterator[Chunk | Done]:
+        """The job's chunks, then its `Done`. A client that goes away cancels it; a failure
+        becomes an APIError (500 without a traceback: the log has it)."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = Job(ids, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+                  stop=stop or [], logprobs=logprobs, grammar=grammar)
+        try:
+            self.worker.submit(job)
+        except QueueFull:
+            raise APIError(503, f"the server is busy: {self.worker.max_queue} requests are "
+                           "queued; try again shortly") from None
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    if await is_disconnected():
+                        return
+                    continue
+                if isinstance(event, Failed):
+                    raise APIError(500, event.message)
+                yield event
+                if isinstance(event, Done):
+                    return
+        finally:
+            job.cancelled.set()  # stops the job if it is still queued or running
+
+    def grammar(self, schema: dict[str, Any] | None) -> str:
+        from ..generation.grammar import GrammarMask, json_grammar
+
+        try:
+            grammar = json_grammar(schema)
+            # Compile it now: a schema llguidance refuses is the client's 400, not the
+            # worker's failure.
+            GrammarMask(self.tokenizer, self.model.args.vocab_size, grammar, 0)
+        except MlxMixtralError as e:
+            raise APIError(400, str(e), param="response_format") from None
+        return grammar

@@ -1,0 +1,165 @@
+"""The one thread that runs the model, and the queue in front of it.
+
+MLX work for one model runs on one thread: requests wait in a bounded queue and are generated
+one after another, each with a KV cache of its own taken from the `CachePool` (so no two
+requests ever share a cache). A request whose client went away is cancelled: it is dropped if it
+has not started, and stops at its next token if it has. The HTTP side hears back through each
+job's `emit` callback.
+
+(On Metal, batching several requests per forward pass would raise throughput; on this CPU
+backend a batch costs as much as its requests one by one, so the queue runs them in turn.)
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from ..errors import MlxMixtralError
+from ..generation.kv import KVSettings
+from ..generation.sampling import SamplingParams
+from ..generation.stats import Stats
+from ..generation.stream import Chunk, stream_generate
+from .cache_pool import CachePool
+
+log = logging.getLogger("mlx_mixtral.server")
+
+
+class QueueFull(Exception):  # noqa: N818 - the HTTP side answers 503
+    pass
+
+
+@dataclass
+class Done:
+    """The end of a job: its statistics, and how many prompt tokens came from the pool."""
+
+    stats: Stats
+    cached_tokens: int
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+@dataclass
+class Job:
+    ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Chunk | Done | Failed], None]
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None
+    grammar: str | None = None  # an llguidance grammar the output must follow
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Worker:
+    """`load()` runs on the worker's thread too: MLX arrays belong to the thread whose stream
+    made them. `ready()` waits for it (and raises what it raised)."""
+
+    def __init__(self, load: Callable[[], tuple[Any, Any]], pool: CachePool, max_queue: int,
+                 kv: KVSettings | None = None) -> None:
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.pool, self.kv, self.max_queue = pool, kv, max_queue
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.busy = False
+        self.served = 0
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(load,), name="mlx-worker",
+                                       daemon=True)
+        self.thread.start()
+
+    def ready(self) -> tuple[Any, Any]:
+        self._loaded.wait()
+        if self._load_error is not None:
+            raise self._load_error
+        return self.model, self.tokenizer
+
+    @property
+    def waiting(self) -> int:
+        return self.jobs.qsize()
+
+    def submit(self, job: Job) -> None:
+        if self.waiting + self.busy >= self.max_queue:
+            raise QueueFull
+        self.jobs.put(job)
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=30)
+
+    def _run(self, load: Callable[[], tuple[Any, Any]]) -> None:
+        try:
+            self.model, self.tokenizer = load()
+            mx.eval(self.model.parameters())
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread by ready()
+            self._load_error = e
+            return
+        finally:
+            self._loaded.set()
+        while (job := self.jobs.get()) is not None:
+            if job.cancelled.is_set():
+                continue
+            self.busy = True
+            try:
+                self._generate(job)
+            except MlxMixtralError as e:
+                job.emit(Failed(str(e)))
+            except Exception as e:  # noqa: BLE001 - the server lives on; the client hears why
+                log.exception("generation failed")
+                job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
+            finally:
+                self.busy = False
+                self.served += 1
+
+    def _generate(self, job: Job) -> None:
+        from ..generation.grammar import GrammarMask
+
+        cache, common = self.pool.take(job.ids, self.model.make_cache)
+        new = job.ids[common:]
+        processors = [GrammarMask(self.tokenizer, self.model.args.vocab_size, job.grammar,
+                                  len(new))] if job.grammar else []
+        tokens: list[int] = []
+        complete = False
+        steps = stream_generate(self.model, self.tokenizer, new, sampling=job.params,
+                                stop=job.stop, cache=cache, kv=self.kv,
+                                processors=processors, logprobs=job.logprobs)
+        try:
+            for item in steps:
+                if isinstance(item, Stats):
+                    tokens = item.tokens  # with the EOS that ended it
+                    job.emit(Done(item, common))
+                    complete = True
+                    break
+                if item.token is not None:
+                    tokens.append(item.token)
+                job.emit(item)
+                if job.cancelled.is_set():
+                    break
+        finally:
+            steps.close()
+            mx.synchronize()  # mlx-lm's next step may still be queued: the cache settles first
+            # A cache is kept only in a known state: whole, or stopped between tokens.
+            if complete or job.cancelled.is_set():
+                self._keep(job.ids + tokens, cache)
+
+    def _keep(self, held: list[int], cache: list) -> None:
+        """Give the cache back to the pool, holding a prefix of `held`. (mlx-lm may have run
+        one token further than was read from it: that one is trimmed off.)"""
+        extra = cache[0].offset - len(held)
+        if extra > 0:
+            if not all(c.is_trimmable() for c in cache):
+                return
+            for c in cache:
+                c.trim(extra)
+            if not all(getattr(c, "complete", True) for c in cache):
+                return
+        self.pool.give(held[:cache[0].offset], cache)

@@ -1,0 +1,75 @@
+"""A real `mlx-mixtral serve` process on a free loopback port, for the server tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import mistral_common
+from conftest import build_hf
+
+V3_TOKENIZER = Path(mistral_common.__file__).parent / "data" / \
+    "mistral_instruct_tokenizer_240323.model.v3"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *flags: str, model: str | None = None, startup: float = 180) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "mlx_mixtral.cli", "serve", "--port", str(self.port),
+                "--log-level", "warning", *flags]
+        if model is not None:
+            argv += ["--model", model]
+        self.log = open(os.devnull, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + startup
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited {self.proc.returncode}: "
+                                   f"{self.proc.stderr.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("serve did not answer /health in time")
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+    def stop(self) -> str:
+        """Stop the server (as Ctrl-C would); its stderr."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        err = self.proc.stderr.read()
+        self.log.close()
+        return err
+
+
+def tiny_v3_mixtral(folder: Path) -> Path:
+    """A random tiny Mixtral with the real Mistral v3 tokenizer (control tokens for [INST] and
+    tools): garbage text, real formats."""
+    build_hf(folder, "mixtral", vocab_size=32768, num_local_experts=4, num_experts_per_tok=2,
+             max_position_embeddings=1024)
+    shutil.copy(V3_TOKENIZER, folder / "tokenizer.model")
+    return folder
