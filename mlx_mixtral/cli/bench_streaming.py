@@ -214,7 +214,7 @@ def save_hit_rates(result: dict[str, Any]) -> None:
 # Decode hit rates by share of experts in memory, measured by `bench --max-memory` on this
 # project's machine (preset mixtral-tiny, synthetic routing; LRU with prefetch). A user's own
 # bench run replaces them.
-DEFAULT_HIT_RATES = {0.25: 0.57, 0.5: 0.88}
+DEFAULT_HIT_RATES = {0.25: 0.63, 0.5: 0.86}  # 2026-11-30: 2 and 4 slots of 8
 
 
 def expected_hit_rate(share: float) -> float:

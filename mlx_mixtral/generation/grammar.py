@@ -74,9 +74,11 @@ def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> Any:
         return _vocabularies[key]
 
 
-def json_grammar(schema: dict[str, Any] | None) -> str:
+def json_grammar(schema: dict[str, Any] | None, tokenizer: Tokenizer | None = None,
+                 vocab_size: int = 0) -> str:
     """The llguidance grammar for JSON that validates against `schema` (None: any object).
-    An invalid schema raises GenerationError with llguidance's reason."""
+    A schema llguidance refuses raises GenerationError with its reason (checked against the
+    vocabulary too when `tokenizer` is given)."""
     import llguidance
 
     wanted = schema if schema is not None else {"type": "object"}
@@ -85,6 +87,10 @@ def json_grammar(schema: dict[str, Any] | None) -> str:
             wanted, defaults={"whitespace_flexible": False})
     except (ValueError, TypeError, RuntimeError) as e:
         raise GenerationError(f"the JSON schema cannot be used: {e}") from None
+    words = vocabulary(tokenizer, vocab_size) if tokenizer is not None else None
+    problem = llguidance.LLMatcher.validate_grammar(grammar, words)
+    if problem and not problem.startswith("WARNING"):
+        raise GenerationError(f"the JSON schema cannot be used: {problem}")
     return grammar
 
 

@@ -1,9 +1,12 @@
 """KV caches kept between requests, so the next turn of a conversation prefills only what is new.
 
-Each entry is a cache and the token ids it holds. A request takes the entry with the longest
-common prefix out of the pool (nobody else can touch it while it generates), trims it to that
-prefix, and gives it back afterwards holding prompt + reply. Entries are evicted least recently
-used first until the pool's bytes fit its budget, so the server's memory stays bounded.
+Each entry is a cache and the token ids it holds. A request that continues an entry (it starts
+with all of the entry's tokens: the next turn of that conversation) takes the entry out of the
+pool, so nobody else touches it while it generates. A request that shares only part of an entry
+(another conversation with the same system prompt) gets a copy of that part and leaves the
+entry for its own conversation. Afterwards the cache comes back holding prompt + reply. Entries
+are evicted least recently used first until the pool's bytes fit its budget, so the server's
+memory stays bounded.
 """
 
 from __future__ import annotations
@@ -16,6 +19,12 @@ from dataclasses import dataclass
 from ..generation.prefix import common_prefix, reuse_prefix
 
 DEFAULT_BUDGET = 2 * 10**9  # bytes of KV cache kept between requests
+
+
+def copy_cache(cache: list) -> list:
+    """A cache of one's own holding the same tokens (MLX arrays are values: writing into the
+    copy never changes the original)."""
+    return [type(c).from_state(c.state, c.meta_state) for c in cache]
 
 
 def cache_bytes(cache: list) -> int:
@@ -51,8 +60,14 @@ class CachePool:
                     best, length = key, n
             if best is None:
                 return fresh(), 0
-            entry = self.entries.pop(best)
-        return reuse_prefix(entry.cache, entry.tokens, ids, fresh)
+            entry = self.entries[best]
+            if length == len(entry.tokens):
+                del self.entries[best]
+                cache = entry.cache
+            else:
+                self.entries.move_to_end(best)  # just used
+                cache = copy_cache(entry.cache)
+        return reuse_prefix(cache, entry.tokens, ids, fresh)
 
     def give(self, tokens: Sequence[int], cache: list) -> None:
         """Keep `cache` (holding `tokens`); evict the least recently used beyond the budget.

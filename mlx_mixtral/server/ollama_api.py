@@ -123,7 +123,9 @@ async def chat(body: OllamaChatRequest, request: Request):
                 "done": False}
 
     def finish(text: str, done: Done, started: float, streamed: bool = False) -> dict:
-        calls = parse_tool_calls(text) if tools else None
+        calls_token = service.tokenizer.token_id("[TOOL_CALLS]")
+        calls = parse_tool_calls(text) if tools and calls_token is not None and \
+            done.stats.tokens[:1] == [calls_token] else None
         reply = message("" if streamed else text)
         if calls:
             reply = {"role": "assistant", "content": "",

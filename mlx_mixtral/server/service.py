@@ -141,13 +141,9 @@ class Service:
             job.cancelled.set()  # stops the job if it is still queued or running
 
     def grammar(self, schema: dict[str, Any] | None) -> str:
-        from ..generation.grammar import GrammarMask, json_grammar
+        from ..generation.grammar import json_grammar
 
-        try:
-            grammar = json_grammar(schema)
-            # Compile it now: a schema llguidance refuses is the client's 400, not the
-            # worker's failure.
-            GrammarMask(self.tokenizer, self.model.args.vocab_size, grammar, 0)
+        try:  # a schema llguidance refuses is the client's 400, not the worker's failure
+            return json_grammar(schema, self.tokenizer, self.model.args.vocab_size)
         except MlxMixtralError as e:
             raise APIError(400, str(e), param="response_format") from None
-        return grammar
