@@ -24,8 +24,8 @@ def commands() -> list[str]:
     lines = [line.strip() for block in blocks("bash") for line in block.splitlines()]
     runnable = [line for line in lines if line.startswith(("mlx-mixtral ", "python "))]
     return [line for line in runnable
-            if not line.startswith("mlx-mixtral chat") and "mistralai/" not in line
-            and "pytest" not in line]
+            if not line.startswith(("mlx-mixtral chat", "mlx-mixtral serve"))
+            and "mistralai/" not in line and "pytest" not in line]
 
 
 def test_readme_has_the_commands():
@@ -52,8 +52,35 @@ def test_readme_command_runs(command, tmp_path):
 
 
 @pytest.mark.slow
+def python_block(marker: str) -> str:
+    (code,) = [b for b in blocks("python") if marker in b]
+    return code
+
+
+def test_readme_serve_example_runs():
+    """The serving section's commands, against `serve` on the demo model named as in the
+    README: the curl line and the OpenAI SDK example."""
+    from server_helpers import Server
+
+    (block,) = [b for b in blocks("bash") if "mlx-mixtral serve" in b]
+    serve_line, curl = block.split("\n", 1)
+    assert serve_line.startswith("mlx-mixtral serve --model mixtral-8x7b-4bit")
+    server = Server("--api-key", "sesame", "--model-id", "mixtral-8x7b-4bit", "--max-tokens",
+                    "8")
+    try:
+        curl = curl.replace("http://127.0.0.1:8080", server.url)
+        r = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and '"chat.completion"' in r.stdout, r.stdout + r.stderr
+        code = python_block("OpenAI(").replace("http://127.0.0.1:8080", server.url)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0 and r.stdout.strip(), r.stderr[-2000:]
+    finally:
+        server.stop()
+
+
 def test_readme_python_example_runs():
-    (code,) = blocks("python")
+    code = python_block("mlx_mixtral")
     code = code.replace('"mixtral-8x7b-4bit"', repr(str(demo_model_path())))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=600)

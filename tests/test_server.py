@@ -184,13 +184,13 @@ def test_ollama_chat_streams_and_lists(demo):
 SCHEMAS = {
     "nested": {"type": "object", "additionalProperties": False,
                "required": ["name", "address"],
-               "properties": {"name": {"type": "string", "maxLength": 12},
+               "properties": {"name": {"type": "string", "maxLength": 8},
                               "address": {"type": "object", "additionalProperties": False,
                                           "required": ["city", "zip"],
                                           "properties": {
-                                              "city": {"type": "string", "maxLength": 12},
+                                              "city": {"type": "string", "maxLength": 8},
                                               "zip": {"type": "integer", "minimum": 0,
-                                                      "maximum": 99999}}}}},
+                                                      "maximum": 999}}}}},
     "enum": {"type": "object", "additionalProperties": False, "required": ["mood", "ok"],
              "properties": {"mood": {"enum": ["happy", "sad", "calm"]},
                             "ok": {"type": "boolean"}}},
