@@ -24,7 +24,9 @@ DEFAULT_BUDGET = 2 * 10**9  # bytes of KV cache kept between requests
 def copy_cache(cache: list) -> list:
     """A cache of one's own holding the same tokens (MLX arrays are values: writing into the
     copy never changes the original)."""
-    return [type(c).from_state(c.state, c.meta_state) for c in cache]
+    # Ours keep positions in meta_state; mlx-lm's caches keep everything in state.
+    return [type(c).from_state(c.state, c.meta_state) if hasattr(c, "meta_state")
+            else type(c).from_state(c.state) for c in cache]
 
 
 def cache_bytes(cache: list) -> int:
