@@ -23,14 +23,10 @@ from .schemas import (
     OllamaShowRequest,
     error_responses,
 )
-from .service import APIError, Service
+from .service import APIError, Service, collect, service_of
 from .worker import Done
 
 router = APIRouter(prefix="/api", responses=error_responses(OllamaError))
-
-
-def service_of(request: Request) -> Service:
-    return request.app.state.service
 
 
 def _now() -> str:
@@ -72,12 +68,7 @@ async def _respond(service: Service, events: AsyncIterator, stream: bool, piece,
     shape them."""
     started = time.perf_counter()
     if not stream:
-        text, done = "", None
-        async for event in events:
-            if isinstance(event, Done):
-                done = event
-            else:
-                text += event.text
+        text, _, done = await collect(events)
         return None if done is None else finish(text, done, started)
     first = await anext(events, None)
 

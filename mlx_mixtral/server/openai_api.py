@@ -25,14 +25,10 @@ from .schemas import (
     Sampling,
     error_responses,
 )
-from .service import APIError, Service
+from .service import APIError, Service, collect, service_of
 from .worker import Done
 
 router = APIRouter(prefix="/v1", responses=error_responses(OpenAIError))
-
-
-def service_of(request: Request) -> Service:
-    return request.app.state.service
 
 
 def _common(service: Service, body: Sampling, max_tokens: int | None) -> dict[str, Any]:
@@ -109,18 +105,12 @@ async def chat_completions(body: ChatRequest, request: Request):
         return EventSourceResponse(_chat_stream(service, first, events, head, len(ids),
                                                 include_usage, calls_token),
                                    ping=15, send_timeout=30)
-    text, tokens, content_logprobs, done = "", [], [], None
-    async for event in events:
-        if isinstance(event, Done):
-            done = event
-        else:
-            text += event.text
-            if event.token is not None:
-                tokens.append(event.token)
-                if logprobs is not None:
-                    content_logprobs.append(_chat_logprob(service, event))
+    text, chunks, done = await collect(events)
     if done is None:  # the client left
         return None
+    tokens = [c.token for c in chunks]
+    content_logprobs = [_chat_logprob(service, c) for c in chunks] if logprobs is not None \
+        else []
     message: dict[str, Any] = {"role": "assistant", "content": text}
     finish = _finish(done.stats.finish_reason)
     calls = parse_tool_calls(text) if calls_token is not None and tokens[:1] == [
@@ -227,16 +217,10 @@ async def completions(body: CompletionRequest, request: Request):
         return EventSourceResponse(_completion_stream(first, events, head, echo, len(ids),
                                                       body),
                                    ping=15, send_timeout=30)
-    text, chunks, done = echo, [], None
-    async for event in events:
-        if isinstance(event, Done):
-            done = event
-        else:
-            text += event.text
-            if event.token is not None:
-                chunks.append(event)
+    text, chunks, done = await collect(events)
     if done is None:
         return None
+    text = echo + text
     logprobs = (_completion_logprobs(service, chunks, len(echo))
                 if body.logprobs is not None else None)
     return {**head, "choices": [{"index": 0, "text": text, "logprobs": logprobs,

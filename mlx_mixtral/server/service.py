@@ -22,6 +22,24 @@ from .worker import Done, Failed, Job, QueueFull, Worker
 POLL_SECONDS = 0.5  # how often a waiting request checks that its client is still there
 
 
+def service_of(request: Any) -> Service:
+    """The service an API route serves (kept on the app's state)."""
+    return request.app.state.service
+
+
+async def collect(events: AsyncIterator[Chunk | Done]) -> tuple[str, list[Chunk], Done | None]:
+    """A whole reply: its text, its token chunks, and its end (None: the client left)."""
+    text, chunks, done = "", [], None
+    async for event in events:
+        if isinstance(event, Done):
+            done = event
+        else:
+            text += event.text
+            if event.token is not None:
+                chunks.append(event)
+    return text, chunks, done
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
                  code: str | None = None) -> None:
