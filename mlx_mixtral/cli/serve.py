@@ -26,15 +26,16 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    "(or set $MLX_MIXTRAL_API_KEY)")
     p.add_argument("--model-id", default=None,
                    help="the model's name in the API (default: the folder or file name)")
-    p.add_argument("--prompt-cache-bytes", default=str(DEFAULT_BUDGET), metavar="SIZE",
+    p.add_argument("--prompt-cache-bytes", default=f"{DEFAULT_BUDGET / 1e9:g}GB", metavar="SIZE",
                    help="KV caches kept between requests, so a conversation's next turn "
-                   "prefills only what is new; least recently used go first (e.g. 2GB)")
+                   "prefills only what is new; least recently used go first")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="requests waiting or running at most; more get 503")
-    p.add_argument("--max-body", default=str(DEFAULT_MAX_BODY), metavar="SIZE",
+    p.add_argument("--max-body", default=f"{DEFAULT_MAX_BODY // 2**20}MiB", metavar="SIZE",
                    help="largest request body accepted; larger get 413")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="allow browser pages from ORIGIN (repeat for more; default: none)")
+                   help="allow browser pages from ORIGIN (repeat for more); CORS is off "
+                   "without it")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"],
                    help="what the server logs to stderr")
