@@ -76,16 +76,16 @@ class Service:
         return self.model.args.max_position_embeddings
 
     def check_length(self, ids: list[int]) -> None:
-        if not ids:
-            raise APIError(400, "the prompt is empty", param="messages")
-        if len(ids) >= self.context:
-            raise APIError(400, f"the prompt is {len(ids)} tokens, and the model's context is "
-                           f"{self.context} tokens; shorten it", param="messages",
-                           code="context_length_exceeded")
-        bad = [t for t in ids if not 0 <= t < self.model.args.vocab_size]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (size "
-                           f"{self.model.args.vocab_size})", param="prompt")
+        """The generation's own prompt check (empty, over the context, outside the
+        vocabulary), answered as a 400 before the request queues."""
+        from ..generation.stream import check_prompt
+
+        try:
+            check_prompt(self.model, ids)
+        except MlxMixtralError as e:
+            long = len(ids) >= self.context
+            raise APIError(400, str(e), param="messages",
+                           code="context_length_exceeded" if long else None) from None
 
     def chat_ids(self, messages: list[dict[str, Any]],
                  tools: list[dict[str, Any]] | None = None) -> list[int]:
