@@ -22,7 +22,7 @@ from ..generation.sampling import SamplingParams
 from ..generation.session import ChatSession
 from ..generation.speculative import Drafter
 from ..generation.stats import PrefillStopped, Stats
-from ..generation.stream import prefill_chunk
+from ..generation.stream import prefill_chunk, settle
 from ..model.decoder import Model
 from ..model.routing import RouterTrace
 from ..text.tokenizer import Tokenizer
@@ -254,7 +254,7 @@ class MlxEngine:
             stream.close()
             # mlx-lm queues the next token's work before yielding this one: let it finish
             # here, or a process that ends now may find MLX's own thread still busy (abort).
-            mx.synchronize()
+            settle()
         share, balance = self._experts()
         emit(ReplyEvent(done=True, finish_reason=finish, stats=stats or session.last_stats,
                         context_used=len(session.cached), expert_share=share, balance=balance))

@@ -121,8 +121,9 @@ def measure(engine: Engine, prompt: mx.array, gen_tokens: int, prefill_step: int
     from mlx_lm.generate import generate_step
 
     from ..generation.stats import Clock
+    from ..generation.stream import settle
 
-    mx.synchronize()
+    settle()
     mx.reset_peak_memory()
     cache = make_cache(engine.model)
     clock, tokens = Clock(), []

@@ -76,11 +76,11 @@ def measure_streamed(model: Any, prompt: mx.array, gen_tokens: int) -> StreamRun
     from mlx_lm.generate import generate_step
 
     from ..generation.stats import Clock
-    from ..generation.stream import prefill_chunk
+    from ..generation.stream import prefill_chunk, settle
 
     streamer = model.expert_streamer
     streamer.reset_stats()
-    mx.synchronize()
+    settle()
     mx.reset_peak_memory()
     cache = model.make_cache()
     clock, tokens, at_first = Clock(), [], None

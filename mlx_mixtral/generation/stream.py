@@ -37,6 +37,16 @@ class Chunk:
     top_logprobs: list[tuple[int, float]] | None = None  # the most likely tokens there
 
 
+def settle() -> None:
+    """Wait for all queued MLX work of this thread: the default stream and mlx-lm's (thread
+    local) generation stream, where its pipelined next step may still run. A process that
+    ends, or a cache that is kept, while that work is in flight can abort or go stale."""
+    from mlx_lm.generate import generation_stream
+
+    mx.synchronize(generation_stream)
+    mx.synchronize()
+
+
 def require_text(prompt: str) -> None:
     """Refuse an empty prompt (checked before a model loads, where the caller can)."""
     if not prompt.strip():

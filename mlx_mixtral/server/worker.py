@@ -25,7 +25,7 @@ from ..errors import MlxMixtralError
 from ..generation.kv import KVSettings
 from ..generation.sampling import SamplingParams
 from ..generation.stats import Stats
-from ..generation.stream import Chunk, stream_generate
+from ..generation.stream import Chunk, settle, stream_generate
 from .cache_pool import CachePool
 
 log = logging.getLogger("mlx_mixtral.server")
@@ -146,7 +146,7 @@ class Worker:
                     break
         finally:
             steps.close()
-            mx.synchronize()  # mlx-lm's next step may still be queued: the cache settles first
+            settle()  # mlx-lm's next step may still be queued: the cache settles first
             # A cache is kept only in a known state: whole, or stopped between tokens.
             if complete or job.cancelled.is_set():
                 self._keep(job.ids + tokens, cache)
