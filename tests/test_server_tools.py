@@ -1,5 +1,5 @@
 """Tool calls: prompts token-exact with mistral-common (v3), and a model's `[TOOL_CALLS]` output
-returned as OpenAI `tool_calls`, read by the official openai client."""
+returned as OpenAI `tool_calls` and Ollama `tool_calls`, read by the official clients."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from types import SimpleNamespace
 
 import mlx.core as mx
+import ollama
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -121,6 +122,14 @@ def scripted_client():
     worker.stop()
 
 
+@pytest.fixture
+def scripted_ollama(scripted_client):
+    model, c = scripted_client
+    client = ollama.Client(host="http://testserver")
+    client._client = c._client  # the official client's calls, over the in-process app
+    return model, client
+
+
 def test_tool_calls_output_comes_back_as_tool_calls(scripted_client):
     model, c = scripted_client
     messages = [{"role": "user", "content": "Weather in Paris?"}]
@@ -140,3 +149,17 @@ def test_tool_calls_output_comes_back_as_tool_calls(scripted_client):
     assert streamed[0].function.name == "get_weather"
     assert json.loads(streamed[0].function.arguments) == {"city": "Paris"}
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
+
+
+def test_ollama_tool_calls_stream_as_calls_not_text(scripted_ollama):
+    model, c = scripted_ollama
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    tools = [{"type": "function", "function": WEATHER}]
+    model.prompt_length = len(mistral_v3_tool_ids(OURS, messages, tools))
+    whole = c.chat(model="scripted", messages=messages, tools=tools)
+    (call,) = whole.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments == {"city": "Paris"}
+    parts = list(c.chat(model="scripted", messages=messages, tools=tools, stream=True))
+    assert "".join(p.message.content or "" for p in parts) == ""  # no call JSON as text
+    (streamed,) = parts[-1].message.tool_calls
+    assert streamed.function.arguments == {"city": "Paris"} and parts[-1].done

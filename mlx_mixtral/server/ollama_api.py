@@ -63,9 +63,10 @@ def _final(service: Service, done: Done, started: float) -> dict[str, Any]:
 
 
 async def _respond(service: Service, events: AsyncIterator, stream: bool, piece,
-                   finish) -> Any:
+                   finish, hold_from: int | None = None) -> Any:
     """NDJSON lines while streaming, else one object; `piece(text)` and `finish(text, done)`
-    shape them."""
+    shape them. A reply that starts with the token `hold_from` (a tool call) is not streamed:
+    the final line carries it, parsed."""
     started = time.perf_counter()
     if not stream:
         text, _, done = await collect(events)
@@ -74,13 +75,14 @@ async def _respond(service: Service, events: AsyncIterator, stream: bool, piece,
 
     async def lines() -> AsyncIterator[str]:
         text, event = "", first
+        held = hold_from is not None and getattr(first, "token", None) == hold_from
         try:
             while event is not None:
                 if isinstance(event, Done):
                     yield json.dumps(finish(text, event, started, streamed=True)) + "\n"
                     return
                 text += event.text
-                if event.text:
+                if event.text and not held:
                     yield json.dumps(piece(event.text)) + "\n"
                 event = await anext(events, None)
         except APIError as e:
@@ -113,11 +115,12 @@ async def chat(body: OllamaChatRequest, request: Request):
         return {"model": service.model_id, "created_at": _now(), "message": message(text),
                 "done": False}
 
+    calls_token = service.tokenizer.token_id("[TOOL_CALLS]") if tools else None
+
     def finish(text: str, done: Done, started: float, streamed: bool = False) -> dict:
-        calls_token = service.tokenizer.token_id("[TOOL_CALLS]")
-        calls = parse_tool_calls(text) if tools and calls_token is not None and \
-            done.stats.tokens[:1] == [calls_token] else None
-        reply = message("" if streamed else text)
+        called = calls_token is not None and done.stats.tokens[:1] == [calls_token]
+        calls = parse_tool_calls(text) if called else None
+        reply = message("" if streamed and not called else text)  # held text is not lost
         if calls:
             reply = {"role": "assistant", "content": "",
                      "tool_calls": [{"function": {"name": c["function"]["name"],
@@ -126,7 +129,7 @@ async def chat(body: OllamaChatRequest, request: Request):
                                     for c in calls]}
         return {**_final(service, done, started), "message": reply}
 
-    return await _respond(service, events, body.stream, piece, finish)
+    return await _respond(service, events, body.stream, piece, finish, hold_from=calls_token)
 
 
 @router.post("/generate", responses={200: {"content": NDJSON}})
