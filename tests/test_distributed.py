@@ -174,3 +174,75 @@ def test_a_group_that_never_forms_ends_in_one_line(tmp_path):
         "mlx-mixtral: error: rank 0: nothing from the other ranks for 5 s while forming the "
         "group (a rank stopped, or the network failed); stopping (--dist-timeout sets the wait)"]
     assert time.monotonic() - start < 50
+
+
+def greedy(max_tokens: int) -> dict:
+    from mlx_mixtral.generation.sampling import SamplingParams
+
+    return {"sampling": SamplingParams(temperature=0, max_tokens=max_tokens)}
+
+
+def wait_file(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.2)
+
+
+def test_serve_under_two_ranks_answers_the_openai_client_like_one_process(models, tmp_path):
+    """Rank 0 serves HTTP, rank 1 follows its jobs: the official client's answers equal one
+    process's, through a client that hangs up mid-stream and a second turn from the cache;
+    stopping rank 0 stops both ranks cleanly."""
+    import openai
+    from server_helpers import free_port
+
+    from mlx_mixtral import load
+    from mlx_mixtral.generation.stream import generate
+
+    folder = models["mixtral-4bit"]
+    model, tokenizer = load(folder)
+    prompt = "t5 t9 t13 t2"
+    turn1 = [{"role": "user", "content": "t5 t9"}]
+    want = {"raw": generate(model, tokenizer, prompt, raw=True, **greedy(40)),
+            "chat": generate(model, tokenizer, turn1, **greedy(12))}
+    port = free_port()
+    launcher = subprocess.Popen(
+        [LAUNCH, "-n", "2", "--backend", "ring", str(HERE / "rank_wrap.sh"), str(tmp_path),
+         EXE, "serve", "--model", str(folder), "--port", str(port), "--temp", "0",
+         "--dist-timeout", "30"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                               max_retries=0, timeout=120)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, ranks(tmp_path, 0)["err"]
+                time.sleep(0.5)
+        stream = client.completions.create(model="mixtral-4bit", prompt=prompt, max_tokens=200,
+                                           stream=True)
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+        stream.close()  # rank 0 stops; rank 1 must stop after the same token
+        whole = client.completions.create(model="mixtral-4bit", prompt=prompt, max_tokens=40)
+        assert whole.choices[0].text == want["raw"]
+        first = client.chat.completions.create(model="mixtral-4bit", messages=turn1, max_tokens=12)
+        assert first.choices[0].message.content == want["chat"]
+        turn2 = [*turn1, {"role": "assistant", "content": want["chat"]},
+                 {"role": "user", "content": "t7"}]
+        second = client.chat.completions.create(model="mixtral-4bit", messages=turn2, max_tokens=12)
+        assert second.usage.prompt_tokens_details.cached_tokens > 0  # both ranks' pools agree
+        assert second.choices[0].message.content == generate(model, tokenizer, turn2,
+                                                             **greedy(12))
+        os.kill(int((tmp_path / "pid.0").read_text()), signal.SIGINT)
+        wait_file(tmp_path / "rc.0", 60)
+        wait_file(tmp_path / "rc.1", 60)
+    finally:
+        launcher.kill()
+    results = [ranks(tmp_path, r) for r in (0, 1)]
+    assert [r["rc"] for r in results] == [0, 0], results
+    assert "Traceback" not in results[0]["err"] + results[1]["err"]

@@ -3,14 +3,14 @@
 Every rank runs the same command. They join MLX's group, agree on what only rank 0 knows (a
 prompt piped into it, a random seed), split the model, and compute the same tokens; rank 0 alone
 prints. A watchdog ends a rank that hears nothing from the others for `--dist-timeout` seconds
-(a rank died, the network went away) with one line, instead of a hang.
+(a rank died, the network went away) with one line, instead of a hang. Under `serve`, rank 0
+alone serves HTTP and announces each request to the others (generation/lockstep.py).
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-import secrets
 import sys
 import threading
 from typing import TYPE_CHECKING
@@ -124,31 +124,6 @@ def join(timeout: float) -> tuple[mx.distributed.Group, Watchdog]:
     dog.stop()
     dog.generating()
     return group, dog
-
-
-def share_text(text: str | None, group: mx.distributed.Group) -> str:
-    """Rank 0's text on every rank (other ranks pass None)."""
-    import mlx.core as mx
-    import numpy as np
-
-    data = np.frombuffer((text or "").encode("utf-8"), dtype=np.uint8) if group.rank() == 0 \
-        else np.zeros(0, dtype=np.uint8)
-    n = int(mx.distributed.all_sum(mx.array(len(data)), group=group).item())
-    buffer = np.zeros(n, dtype=np.int32)
-    buffer[:len(data)] = data
-    shared = mx.distributed.all_sum(mx.array(buffer), group=group)
-    return bytes(np.array(shared).astype(np.uint8)).decode("utf-8", "replace")
-
-
-def share_seed(seed: int | None, group: mx.distributed.Group) -> int:
-    """The seed every rank samples with: the one given, else a random one from rank 0. Ranks
-    that sampled with different seeds would choose different tokens and part ways."""
-    import mlx.core as mx
-
-    if seed is not None:
-        return seed
-    mine = secrets.randbelow(2**31) if group.rank() == 0 else 0
-    return int(mx.distributed.all_sum(mx.array(mine), group=group).item())
 
 
 def quiet_unless_first(group: mx.distributed.Group) -> None:

@@ -280,7 +280,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         if drafting or args.prompt_cache:
             raise MlxMixtralError("drafted decoding and --prompt-cache do not run under "
                                   "mlx.launch; leave them out")
-        from .distributed import join, quiet_unless_first, share_seed, share_text
+        from ..generation.lockstep import share_seed, share_text
+        from .distributed import join, quiet_unless_first
 
         group, dog = join(args.dist_timeout)
         dog.beat()
@@ -398,8 +399,8 @@ def _run_chat(args: argparse.Namespace) -> int:
 
     if launched():
         raise MlxMixtralError("the chat app does not run under mlx.launch; run `mlx.launch ... "
-                              "mlx-mixtral generate` there (or bench), on a model split over "
-                              "the ranks")
+                              "mlx-mixtral serve` there, on a model split over the ranks, and "
+                              "`mlx-mixtral chat --server URL` here")
     sampling, kv = sampling_from(args), kv_from(args)
     if args.server:
         return _chat_with_server(args, sampling)
@@ -592,20 +593,36 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     add_model_flags(p)
     add_kv_flags(p)
     add_serve_flags(p)
+    add_distributed_flags(p)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
-    if launched():
-        raise MlxMixtralError("serve does not run under mlx.launch yet; serve a model that "
-                              "fits one machine")
     sampling, kv = sampling_from(args), kv_from(args)  # validate before the slow load
+    group = lockstep = None
+    if launched():  # rank 0 serves HTTP, the other ranks follow its jobs
+        from ..generation.lockstep import Lockstep
+        from .distributed import join
+
+        group, dog = join(args.dist_timeout)
+        dog.stop()  # loading takes what it takes; the jobs arm it again
+        lockstep = Lockstep(group, busy=dog.beat, idle=dog.stop)
 
     def load(name: str) -> tuple:
-        return load_model_for_cli(name, args.force, args.dtype, max_memory=args.max_memory)
+        return load_model_for_cli(name, args.force, args.dtype, group, args.pipeline,
+                                  args.max_memory)
 
-    return serve(args, load, sampling, kv)
+    try:
+        return serve(args, load, sampling, kv, lockstep)
+    except MlxMixtralError:
+        raise
+    except Exception as e:
+        if group is None:
+            raise
+        from .distributed import lost
+
+        raise lost(e, group) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -80,13 +80,16 @@ def details(model: Any, name: str) -> dict[str, Any]:
             "format": "gguf" if path.suffix == ".gguf" else "safetensors"}
 
 
-def serve(args: argparse.Namespace, load_model, sampling, kv) -> int:
+def serve(args: argparse.Namespace, load_model, sampling, kv, lockstep=None) -> int:
+    """Serve until stopped. With a `lockstep` (the model split over ranks by mlx.launch), rank 0
+    serves HTTP and the other ranks run its jobs alongside; a lost rank stops them all."""
     import os
+    import signal
 
     import uvicorn
 
     from ..loading import default_model
-    from ..server.cache_pool import CachePool
+    from ..server.cache_pool import CachePool, cache_bytes
     from ..server.http_app import Guards, create_app
     from ..server.service import Service
     from ..server.worker import Worker
@@ -100,8 +103,14 @@ def serve(args: argparse.Namespace, load_model, sampling, kv) -> int:
         raise MlxMixtralError(f"--port must be between 1 and 65535, got {args.port}")
     api_key = args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY") or None
     name = args.model or default_model()
-    worker = Worker(lambda: load_model(name), CachePool(pool_budget), args.max_queue, kv)
+    pool = CachePool(pool_budget) if lockstep is None else \
+        CachePool(pool_budget, lambda cache: lockstep.largest(cache_bytes(cache)))
+    worker = Worker(lambda: load_model(name), pool, args.max_queue, kv, lockstep,
+                    on_lost=lambda: os.kill(os.getpid(), signal.SIGINT))  # uvicorn stops
     model, tokenizer = worker.ready()
+    if lockstep is not None and not lockstep.leader:
+        worker.thread.join()  # runs rank 0's jobs until rank 0 stops
+        return _ended(worker)
     model_id = args.model_id or model_name(args.model, name)
     info = details(model, name)
     info["tools"] = tokenizer.chat_format == "mistral-v3" and can_call_tools(tokenizer)
@@ -114,5 +123,12 @@ def serve(args: argparse.Namespace, load_model, sampling, kv) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                     timeout_graceful_shutdown=5)
     finally:
-        worker.stop()
+        if worker.lost is None:
+            worker.stop()  # (the other ranks hear that there is no more work)
+    return _ended(worker)
+
+
+def _ended(worker) -> int:
+    if worker.lost is not None:
+        raise worker.lost  # the command turns it into one line
     return 0

@@ -41,8 +41,12 @@ class Entry:
 
 
 class CachePool:
-    def __init__(self, budget: int = DEFAULT_BUDGET) -> None:
-        self.budget = budget
+    """`measure(cache)` gives a cache's bytes. Ranks that run in lockstep measure alike (their
+    largest), so that they keep and evict the same entries."""
+
+    def __init__(self, budget: int = DEFAULT_BUDGET,
+                 measure: Callable[[list], int] = cache_bytes) -> None:
+        self.budget, self.measure = budget, measure
         self.entries: OrderedDict[int, Entry] = OrderedDict()  # least recently used first
         self.lock = threading.Lock()
         self._next = 0
@@ -74,7 +78,7 @@ class CachePool:
     def give(self, tokens: Sequence[int], cache: list) -> None:
         """Keep `cache` (holding `tokens`); evict the least recently used beyond the budget.
         An entry that another one extends is dropped: the longer one serves both."""
-        nbytes = cache_bytes(cache)
+        nbytes = self.measure(cache)
         if not tokens or nbytes > self.budget:
             return
         with self.lock:

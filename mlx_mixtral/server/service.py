@@ -151,7 +151,7 @@ class Service:
                         return
                     continue
                 if isinstance(event, Failed):
-                    raise APIError(500, event.message)
+                    raise APIError(event.status, event.message)
                 yield event
                 if isinstance(event, Done):
                     return

@@ -8,21 +8,27 @@ job's `emit` callback.
 
 (On Metal, batching several requests per forward pass would raise throughput; on this CPU
 backend a batch costs as much as its requests one by one, so the queue runs them in turn.)
+
+With a model split over ranks (`mlx.launch`), rank 0's worker announces each job to the other
+ranks' workers (`Lockstep`), which run it alongside and emit nothing; a cancellation reaches
+them at the next token, and their caches come and go from their pools in the same order.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
 
 from ..errors import MlxMixtralError
 from ..generation.kv import KVSettings
+from ..generation.lockstep import Lockstep
 from ..generation.sampling import SamplingParams
 from ..generation.stats import Stats
 from ..generation.stream import Chunk, settle, stream_generate
@@ -46,6 +52,10 @@ class Done:
 @dataclass
 class Failed:
     message: str
+    status: int = 500
+
+
+LOST = "the model's ranks lost each other; the server is stopping"
 
 
 @dataclass
@@ -64,13 +74,18 @@ class Worker:
     made them. `ready()` waits for it (and raises what it raised)."""
 
     def __init__(self, load: Callable[[], tuple[Any, Any]], pool: CachePool, max_queue: int,
-                 kv: KVSettings | None = None) -> None:
+                 kv: KVSettings | None = None, lockstep: Lockstep | None = None,
+                 on_lost: Callable[[], None] | None = None) -> None:
         self.model: Any = None
         self.tokenizer: Any = None
-        self.pool, self.kv, self.max_queue = pool, kv, max_queue
+        self.pool, self.kv, self.max_queue, self.lockstep = pool, kv, max_queue, lockstep
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.busy = False
         self.served = 0
+        # Under a lockstep: what broke it (a rank went away); the worker then stops, and calls
+        # `on_lost` from its thread.
+        self.lost: BaseException | None = None
+        self.on_lost = on_lost
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(load,), name="mlx-worker",
@@ -88,6 +103,9 @@ class Worker:
         return self.jobs.qsize()
 
     def submit(self, job: Job) -> None:
+        if self.lost is not None:
+            job.emit(Failed(LOST, 503))
+            return
         if self.waiting + self.busy >= self.max_queue:
             raise QueueFull
         self.jobs.put(job)
@@ -105,20 +123,54 @@ class Worker:
             return
         finally:
             self._loaded.set()
-        while (job := self.jobs.get()) is not None:
-            if job.cancelled.is_set():
-                continue
+        try:
+            self._serve()
+        except Exception as e:  # noqa: BLE001 - only a lockstep lets one through
+            self.lost = e
+            while not self.jobs.empty():  # nobody will run them
+                if (job := self.jobs.get()) is not None:
+                    job.emit(Failed(LOST, 503))
+            if self.on_lost is not None:
+                self.on_lost()
+
+    def _serve(self) -> None:
+        while (job := self._next_job()) is not None:
             self.busy = True
             try:
                 self._generate(job)
             except MlxMixtralError as e:
                 job.emit(Failed(str(e)))
             except Exception as e:  # noqa: BLE001 - the server lives on; the client hears why
+                if self.lockstep is not None:  # the ranks may no longer be in step
+                    job.emit(Failed(LOST, 503))
+                    raise
                 log.exception("generation failed")
                 job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
             finally:
                 self.busy = False
                 self.served += 1
+                if self.lockstep is not None:
+                    self.lockstep.idle()
+
+    def _next_job(self) -> Job | None:
+        """The next job to run (None: stop). Under a lockstep, rank 0 announces it and the
+        other ranks receive it."""
+        step = self.lockstep
+        if step is not None and not step.leader:
+            message = step.announce(None)
+            return None if message is None else _job_from(message)
+        while (job := self.jobs.get()) is not None and job.cancelled.is_set():
+            pass  # its client went away while it waited
+        if step is not None:
+            if job is not None and job.params.seed is None:  # every rank samples alike
+                job.params = replace(job.params, seed=secrets.randbelow(2**31))
+            try:
+                step.announce(None if job is None else _describe(job))
+            except Exception:
+                if job is not None:
+                    job.emit(Failed(LOST, 503))
+                raise
+        return job
 
     def _generate(self, job: Job) -> None:
         from ..generation.grammar import GrammarMask
@@ -128,10 +180,12 @@ class Worker:
         processors = [GrammarMask(self.tokenizer, self.model.args.vocab_size, job.grammar,
                                   len(new))] if job.grammar else []
         tokens: list[int] = []
-        complete = False
+        complete = stopped = False
+        step = self.lockstep
         steps = stream_generate(self.model, self.tokenizer, new, sampling=job.params,
                                 stop=job.stop, cache=cache, kv=self.kv,
-                                processors=processors, logprobs=job.logprobs)
+                                processors=processors, logprobs=job.logprobs,
+                                progress=None if step is None else lambda *_: step.busy())
         try:
             for item in steps:
                 if isinstance(item, Stats):
@@ -142,13 +196,16 @@ class Worker:
                 if item.token is not None:
                     tokens.append(item.token)
                 job.emit(item)
-                if job.cancelled.is_set():
+                stopped = job.cancelled.is_set()
+                if step is not None:
+                    stopped = step.should_stop(stopped)
+                if stopped:
                     break
         finally:
             steps.close()
             settle()  # mlx-lm's next step may still be queued: the cache settles first
             # A cache is kept only in a known state: whole, or stopped between tokens.
-            if complete or job.cancelled.is_set():
+            if complete or stopped:
                 self._keep(job.ids + tokens, cache)
 
     def _keep(self, held: list[int], cache: list) -> None:
@@ -163,3 +220,14 @@ class Worker:
             if not all(getattr(c, "complete", True) for c in cache):
                 return
         self.pool.give(held[:cache[0].offset], cache)
+
+
+def _describe(job: Job) -> dict[str, Any]:
+    return {"ids": job.ids, "params": job.params.to_dict(), "stop": job.stop,
+            "logprobs": job.logprobs, "grammar": job.grammar}
+
+
+def _job_from(message: dict[str, Any]) -> Job:
+    """A job announced by rank 0, run here for the collectives only: it emits nothing."""
+    return Job(message["ids"], SamplingParams(**message["params"]), lambda _: None,
+               stop=message["stop"], logprobs=message["logprobs"], grammar=message["grammar"])
