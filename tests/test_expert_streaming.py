@@ -97,6 +97,49 @@ def test_logits_match_resident(folder):
     model.expert_streamer.close()
 
 
+class Numbers:
+    """Token ids as text, for a model without a tokenizer."""
+
+    eos_ids: frozenset[int] = frozenset()
+
+    def detokenizer(self):
+        return self
+
+    def add_token(self, token: int) -> str:
+        return f" {token}"
+
+    def finalize(self) -> str:
+        return ""
+
+
+def test_the_budget_caps_the_context_and_a_reply_stops_there(folder):
+    """Past the reserved tokens the KV cache would outgrow the budget: the context is capped
+    where it still fits, a longer prompt is refused in one line, and a reply that
+    reaches the cap stops there within the budget."""
+    from mlx_mixtral.errors import GenerationError
+    from mlx_mixtral.generation.sampling import SamplingParams
+    from mlx_mixtral.generation.stream import check_prompt, context_length, stream_generate
+    from mlx_mixtral.loading.memory_plan import minimum_budget
+
+    # The least budget that reserves 256 tokens (a short prompt reaches the cap quickly).
+    budget = minimum_budget(describe(folder / "q4"), context=256)
+    model, _ = load(folder / "q4", tokenizer=False, max_memory=budget, context=256)
+    limit = context_length(model)
+    assert 256 <= limit == model.memory_plan.context_limit < WIDE["max_position_embeddings"]
+    assert f"a context of {limit:,} tokens" in str(model.memory_plan)
+    with pytest.raises(GenerationError, match="fits the memory budget is"):
+        check_prompt(model, [1] * limit)
+    prompt = np.random.RandomState(2).randint(0, WIDE["vocab_size"], limit - 8).tolist()
+    mx.synchronize()
+    mx.reset_peak_memory()
+    *_, stats = stream_generate(model, Numbers(), prompt, max_tokens=64,
+                                sampling=SamplingParams(temperature=0))
+    peak = mx.get_peak_memory()
+    model.expert_streamer.close()
+    assert stats.finish_reason == "length" and len(stats.tokens) == 8
+    assert peak <= 1.05 * budget, f"peak {peak / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB"
+
+
 def test_one_sync_per_layer_and_each_expert_read_once_per_chunk(folder, monkeypatch):
     budget = int(0.4 * model_bytes(folder / "q4"))
     model, _ = load(folder / "q4", tokenizer=False, max_memory=budget, context=CONTEXT,

@@ -22,7 +22,7 @@ from ..generation.sampling import SamplingParams
 from ..generation.session import ChatSession
 from ..generation.speculative import Drafter
 from ..generation.stats import PrefillStopped, Stats
-from ..generation.stream import prefill_chunk, settle
+from ..generation.stream import context_length, prefill_chunk, settle
 from ..model.decoder import Model
 from ..model.routing import RouterTrace
 from ..text.tokenizer import Tokenizer
@@ -101,6 +101,7 @@ class TracedModel:
     def __init__(self, model: nn.Module) -> None:
         self.model, self.trace = model, RouterTrace()
         self.args, self.layers = model.args, model.layers
+        self.max_context = getattr(model, "max_context", None)
 
     def make_cache(self, slack: int = 0) -> list:
         return self.model.make_cache(slack)
@@ -176,7 +177,7 @@ class MlxEngine:
             is_moe=args.is_moe, layers=args.num_hidden_layers,
             experts=args.num_local_experts if args.is_moe else 0,
             top_k=args.num_experts_per_tok if args.is_moe else 0,
-            context=args.max_position_embeddings, window=args.sliding_window,
+            context=context_length(model), window=args.sliding_window,
             chat_format=self.session.chat_format, streaming=streaming_label(model))
         return self.info
 

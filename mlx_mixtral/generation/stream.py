@@ -73,7 +73,10 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[Any], system: str | 
 
 
 def context_length(model: Model) -> int:
-    return model.args.max_position_embeddings
+    """The longest a prompt and its reply may be: the model's context, or less when a memory
+    budget caps its KV cache (any mlx-lm model works too)."""
+    cap = getattr(model, "max_context", None)
+    return min(model.args.max_position_embeddings, cap or model.args.max_position_embeddings)
 
 
 def prefill_chunk(model: Any, wanted: int) -> int:
@@ -86,11 +89,11 @@ def prefill_chunk(model: Any, wanted: int) -> int:
 def check_prompt(model: Model, ids: Sequence[int], already_cached: int = 0) -> None:
     if not ids:
         raise GenerationError("the prompt is empty")
-    total = already_cached + len(ids)
-    if total >= context_length(model):
-        raise GenerationError(
-            f"the prompt is {total} tokens, and the model's context is "
-            f"{context_length(model)}; shorten it")
+    total, limit = already_cached + len(ids), context_length(model)
+    if total >= limit:
+        what = "the model's context" if limit == model.args.max_position_embeddings else \
+            "the context that fits the memory budget"
+        raise GenerationError(f"the prompt is {total} tokens, and {what} is {limit}; shorten it")
     bad = [t for t in ids if not 0 <= t < model.args.vocab_size]
     if bad:
         raise GenerationError(f"token id {bad[0]} is outside the vocabulary "

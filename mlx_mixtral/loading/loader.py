@@ -87,6 +87,7 @@ def load(path_or_repo: str | Path | None = None, tokenizer: bool = True, force: 
         else:
             model, metadata = build(source, dtype)
         model.memory_plan = plan
+        model.max_context = plan.context_limit
     if ranks > 1:  # still lazy: the split decides what is read
         model.model.pipeline(group) if pipeline else model.shard(group)
         model.fuse()  # after the split: fusing first would read whole tensors to cut them

@@ -6,6 +6,9 @@ The budget holds, in MLX's own accounting (`mx.get_peak_memory`):
 - `slots` experts per layer, fixed arrays reused in place;
 - the KV cache for at least `context` tokens;
 - working memory for a prefill chunk, which sets the chunk size (at most a tenth of the budget).
+
+What is left bounds the context: a conversation may grow only as long as its KV cache and the
+prefill's attention over it still fit (`context_limit`).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class MemoryPlan:
     prefill_step: int
     workspace: int
     slots: int  # experts in memory per layer
+    context_limit: int  # the longest context the budget holds (<= the model's own)
 
     @property
     def streaming(self) -> bool:
@@ -80,8 +84,8 @@ class MemoryPlan:
         return self.budget - self.resident - self.slot_bytes - self.workspace
 
     def __str__(self) -> str:
-        tokens = self.kv_room // max(self.kv_per_token, 1)
-        kv = f"{size(self.kv_room)} left for the KV cache (about {tokens:,} tokens)"
+        kv = (f"{size(self.kv_room)} left for the KV cache (a context of "
+              f"{self.context_limit:,} tokens)")
         if not self.streaming:
             return (f"Memory plan for {size(self.budget)}: the whole model is resident "
                     f"({size(self.resident + self.slot_bytes)}), {kv}")
@@ -141,9 +145,24 @@ def plan_for(args: ModelArgs, budget: int, resident: int, experts_total: int,
     expert = experts_total // max(args.num_hidden_layers * n_experts, 1)
     workspace = workspace_bytes(args, step, context)
     room = budget - resident - workspace - kv * context
-    slots = min(n_experts, max(room // max(args.num_hidden_layers * expert, 1), 0))
+    slots = int(min(n_experts, max(room // max(args.num_hidden_layers * expert, 1), 0)))
+    limit = _context_limit(args, budget - resident - slots * args.num_hidden_layers * expert,
+                           kv, step)
     return MemoryPlan(budget, resident, expert, args.num_hidden_layers, n_experts,
-                      args.num_experts_per_tok, kv, context, step, workspace, int(slots))
+                      args.num_experts_per_tok, kv, context, step, workspace, slots, limit)
+
+
+def _context_limit(args: ModelArgs, room: int, kv: int, step: int) -> int:
+    """The most tokens whose KV cache and prefill working memory fit in `room` bytes (the
+    working memory grows with the keys a chunk attends to). A sliding window that fits bounds
+    the cache by itself: then the model's whole context runs."""
+    fixed = workspace_bytes(args, step, 0)
+    per_token = kv + workspace_bytes(args, step, 1) - fixed
+    tokens = max((room - fixed) // per_token, 0)
+    window = args.sliding_window
+    if window is not None and window + step <= tokens:
+        return args.max_position_embeddings
+    return int(min(tokens, args.max_position_embeddings))
 
 
 def _too_small(source: ModelSource, plan: MemoryPlan, need: int) -> str:

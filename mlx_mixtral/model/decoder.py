@@ -72,6 +72,7 @@ class Model(nn.Module):
     max_prefill_step: int | None = None  # longer prefill chunks would overrun the budget
     expert_streamer = None  # the experts' slots and their loader (model/expert_cache.py)
     memory_plan = None  # the budget's plan (loading/memory_plan.py), when one was given
+    max_context: int | None = None  # a budget's cap on the context (the KV cache must fit)
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()

@@ -183,7 +183,7 @@ async def show(body: OllamaShowRequest, request: Request):
             "details": _details(service),
             "model_info": {"general.architecture": service.details.get("family", "mistral"),
                            "general.parameter_count": service.details.get("parameters", 0),
-                           "llama.context_length": args.max_position_embeddings,
+                           "llama.context_length": service.context,
                            "llama.block_count": args.num_hidden_layers,
                            "llama.expert_count": getattr(args, "num_local_experts", 0) or 0},
             "capabilities": ["completion"] + (["tools"] if service.details.get("tools")

@@ -73,7 +73,9 @@ class Service:
 
     @property
     def context(self) -> int:
-        return self.model.args.max_position_embeddings
+        from ..generation.stream import context_length
+
+        return context_length(self.model)
 
     def check_length(self, ids: list[int]) -> None:
         """The generation's own prompt check (empty, over the context, outside the
