@@ -126,6 +126,16 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
+def test_help_imports_no_model_or_server_stack():
+    """Every command builds the whole parser first: it must not import mlx-lm, transformers or
+    the web stack (that once made `--help` take 7 s)."""
+    code = ("import sys; from mlx_mixtral.cli.main import build_parser; build_parser(); "
+            "print(sorted(m for m in ('mlx_lm', 'transformers', 'fastapi', 'uvicorn') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_public_api_still_importable():
     import mlx_mixtral
 

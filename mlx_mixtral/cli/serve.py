@@ -14,8 +14,7 @@ DEFAULT_MAX_QUEUE = 32
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
-    from ..server.cache_pool import DEFAULT_BUDGET
-    from ..server.http_app import DEFAULT_MAX_BODY
+    from ..server import DEFAULT_MAX_BODY, DEFAULT_POOL_BUDGET
 
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0 opens it to your network: set "
@@ -26,7 +25,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    "(or set $MLX_MIXTRAL_API_KEY)")
     p.add_argument("--model-id", default=None,
                    help="the model's name in the API (default: the folder or file name)")
-    p.add_argument("--prompt-cache-bytes", default=f"{DEFAULT_BUDGET / 1e9:g}GB", metavar="SIZE",
+    p.add_argument("--prompt-cache-bytes", default=f"{DEFAULT_POOL_BUDGET / 1e9:g}GB",
+                   metavar="SIZE",
                    help="KV caches kept between requests, so a conversation's next turn "
                    "prefills only what is new; least recently used go first")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,

@@ -17,8 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..generation.prefix import common_prefix, reuse_prefix
-
-DEFAULT_BUDGET = 2 * 10**9  # bytes of KV cache kept between requests
+from . import DEFAULT_POOL_BUDGET
 
 
 def copy_cache(cache: list) -> list:
@@ -44,7 +43,7 @@ class CachePool:
     """`measure(cache)` gives a cache's bytes. Ranks that run in lockstep measure alike (their
     largest), so that they keep and evict the same entries."""
 
-    def __init__(self, budget: int = DEFAULT_BUDGET,
+    def __init__(self, budget: int = DEFAULT_POOL_BUDGET,
                  measure: Callable[[list], int] = cache_bytes) -> None:
         self.budget, self.measure = budget, measure
         self.entries: OrderedDict[int, Entry] = OrderedDict()  # least recently used first

@@ -23,11 +23,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
-from . import ollama_api, openai_api
+from . import DEFAULT_MAX_BODY, ollama_api, openai_api
 from .service import APIError, Service
 
 log = logging.getLogger("mlx_mixtral.server")
-DEFAULT_MAX_BODY = 4 * 2**20  # bytes: a long conversation fits, a flood does not
 
 
 @dataclass
