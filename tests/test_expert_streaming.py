@@ -248,3 +248,28 @@ def test_bench_reports_streaming_next_to_resident(folder):
         assert len(v["decode_hit_rates"]) == WIDE["num_hidden_layers"]
         assert v["decode_tps"] > 0 and v["bytes_per_token"] >= 0
         assert v["peak_memory"] <= 1.05 * entry["budget"]
+
+
+def test_a_mixtral_too_big_for_the_memory_streams_by_itself(folder, monkeypatch, capsys):
+    """No --max-memory, less memory available than the model needs: the CLI plans within the
+    available memory, says so, and `list` says "streams"; with less than streaming needs, the
+    one-line error names that minimum."""
+    from mlx_mixtral.cli.listing import fit_word
+    from mlx_mixtral.cli.main import load_model_for_cli
+    from mlx_mixtral.errors import MemoryLimitError
+    from mlx_mixtral.loading.catalog import _described
+
+    path = folder / "q4"
+    half = int(0.5 * model_bytes(path))
+    monkeypatch.setattr("mlx_mixtral.loading.memory.available_memory", lambda: half)
+    monkeypatch.setattr("mlx_mixtral.loading.loader.load_tokenizer", lambda *_: None)  # none
+    model, _ = load_model_for_cli(str(path))
+    model.expert_streamer.close()
+    assert model.memory_plan.streaming and model.memory_plan.budget == half
+    assert "experts will be read from disk" in capsys.readouterr().err
+    listed = _described(str(path), path, "local")
+    assert fit_word(listed, half) == "streams" and fit_word(listed, 2 * half + 10**6) == "yes"
+    monkeypatch.setattr("mlx_mixtral.loading.memory.available_memory", lambda: 10**6)
+    with pytest.raises(MemoryLimitError, match="stream its experts from disk .that needs at "):
+        load_model_for_cli(str(path))
+    assert fit_word(listed, 10**6) == "no"

@@ -152,8 +152,14 @@ class MlxEngine:
     def load(self, progress: Callable[[float], None]) -> EngineInfo:
         from ..loading import load
 
+        budget = self.max_memory
+        if budget is None:  # a model picked in the app that is too big streams its experts
+            from ..loading import describe, resolve
+            from ..loading.memory_plan import automatic_budget
+
+            budget = automatic_budget(describe(resolve(self.model_name)), self.force, self.dtype)
         model, tokenizer = load(self.model_name, force=self.force, dtype=self.dtype,
-                                max_memory=self.max_memory)
+                                max_memory=budget)
         if Path(self.model_name).expanduser().exists():
             from ..loading.catalog import remember
 

@@ -157,7 +157,8 @@ class ModelPickerScreen(ModalScreen[str | None]):
         self.models, self.current, self.available = models, current, available
 
     def _row(self, m: LocalModel) -> str:
-        fits = "fits" if m.fits(self.available) else "too big"
+        fits = "fits" if m.fits(self.available) else \
+            "streams" if m.streams(self.available) else "too big"
         mark = "●" if m.name == self.current else " "
         label = m.label if len(m.label) <= 34 else m.label[:33] + "…"
         return f"{mark} {label:<34} {m.origin:<12} {size(m.memory_bytes):>9}  {fits}"

@@ -15,9 +15,15 @@ def model_table(models: list[LocalModel], have: int) -> str:
     width = max(len(m.name) for m in models)
     rows = [f"{'NAME':<{width}}  {'FROM':<12}  {'ON DISK':>9}  {'IN MEMORY':>9}  FITS"]
     rows += [f"{m.name:<{width}}  {m.origin:<12}  {size(m.disk_bytes):>9}  "
-             f"{size(m.memory_bytes):>9}  {'yes' if m.fits(have) else 'no'}" for m in models]
+             f"{size(m.memory_bytes):>9}  {fit_word(m, have)}" for m in models]
     rows.append(f"\n{size(have)} of memory is available now. Use a NAME with --model.")
+    if any(m.streams(have) for m in models):
+        rows.append("'streams': it runs with its experts read from disk as chosen (slower).")
     return "\n".join(rows)
+
+
+def fit_word(model: LocalModel, have: int) -> str:
+    return "yes" if model.fits(have) else "streams" if model.streams(have) else "no"
 
 
 def list_main() -> str:

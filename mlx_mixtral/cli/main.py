@@ -196,17 +196,23 @@ def add_model_flags(p: argparse.ArgumentParser, model: bool = True,
 
 
 def check_budget(name: str, max_memory: str | None, force: bool, dtype: str | None):
-    """The model's memory plan within --max-memory (or the plain fits check without one):
-    a budget too small ends in one line before anything loads."""
+    """The model's memory plan within --max-memory, or None when it loads whole: a budget too
+    small, or a model too big even to stream, ends in one line before anything loads. Without
+    --max-memory, a Mixtral larger than the available memory streams its experts within it."""
     from ..loading import describe, resolve
     from ..loading.loader import budget_bytes
-    from ..loading.memory import check_fits
-    from ..loading.memory_plan import plan_memory
+    from ..loading.memory_plan import automatic_budget, plan_memory
+    from ..units import size
 
     source = describe(resolve(name))
     if max_memory is None:
-        check_fits(source, force, dtype)
-        return None
+        budget = automatic_budget(source, force, dtype)
+        if budget is None:
+            return None
+        print(f"{source.path.name} is larger than the {size(budget)} of memory available: its "
+              "experts will be read from disk as chosen (--max-memory sets the budget, --force "
+              "loads it whole)", file=sys.stderr, flush=True)
+        return plan_memory(source, budget, dtype)
     return plan_memory(source, budget_bytes(max_memory), dtype)
 
 
@@ -222,8 +228,9 @@ def load_model_for_cli(name: str | None, force: bool = False, dtype: str | None 
         from ..model.sharding import check_world
 
         check_world(describe(resolve(name)).args, group.size(), pipeline)
-    elif max_memory is not None:  # a budget that is not a size, or too small: one line
-        check_budget(name, max_memory, force, dtype)
+    else:  # a budget that is not a size or too small, a model too big: one line
+        plan = check_budget(name, max_memory, force, dtype)
+        max_memory = plan and plan.budget
     if group is None or group.rank() == 0:
         split = "" if group is None else (
             f" over {group.size()} ranks ({'pipeline' if pipeline else 'tensor parallel'})")

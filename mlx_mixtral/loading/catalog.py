@@ -28,10 +28,16 @@ class LocalModel:
     origin: str  # "demo", "hugging face", "ollama", "local"
     disk_bytes: int
     memory_bytes: int  # once loaded, from the headers
+    stream_bytes: int | None = None  # the least memory it runs in, its experts streamed
 
     def fits(self, available: int) -> bool:
         """Whether it fits in `available` bytes (0: unknown, so yes)."""
         return not available or self.memory_bytes <= available
+
+    def streams(self, available: int) -> bool:
+        """Whether it runs in `available` bytes only with its experts read from disk."""
+        return not self.fits(available) and self.stream_bytes is not None and \
+            self.stream_bytes <= available
 
     @property
     def label(self) -> str:
@@ -43,15 +49,17 @@ class LocalModel:
 
 def _described(name: str, path: Path, origin: str) -> LocalModel | None:
     from .memory import load_bytes
+    from .memory_plan import minimum_budget, streamable
     from .source import describe
 
     try:
         source = describe(path)
         memory = load_bytes(source)
+        least = minimum_budget(source) if streamable(source) else None
     except (MlxMixtralError, OSError, ValueError):
         return None
     files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()]
-    return LocalModel(name, origin, sum(f.stat().st_size for f in files), memory)
+    return LocalModel(name, origin, sum(f.stat().st_size for f in files), memory, least)
 
 
 def hub_cache_models(cache_dir: Path | None = None) -> list[LocalModel]:

@@ -22,8 +22,9 @@ import mlx.core as mx
 from ..errors import MemoryLimitError
 from ..model.precision import target_dtype
 from ..units import size
+from . import memory
 from .expert_files import is_expert_tensor
-from .memory import folder_tensor_bytes, load_bytes
+from .memory import check_fits, folder_tensor_bytes, load_bytes
 
 if TYPE_CHECKING:
     from ..model.config import ModelArgs
@@ -114,6 +115,42 @@ def plan_memory(source: ModelSource, budget: int, dtype: str | mx.Dtype | None =
     if not plan.fits:
         raise MemoryLimitError(_too_small(source, plan, minimum_budget(source, dtype, context)))
     return plan
+
+
+def automatic_budget(source: ModelSource, force: bool = False,
+                     dtype: str | mx.Dtype | None = None) -> int | None:
+    """The budget for a model given none, as Ollama offloads what the GPU cannot hold: None when
+    the model fits the available memory (or `force` loads it whole); the available memory when
+    it does not but streaming its experts runs within that. Otherwise MemoryLimitError."""
+    try:
+        check_fits(source, force, dtype)
+        return None
+    except MemoryLimitError as e:
+        have = memory.available_memory()
+        if streamable(source) and plan_for_budget(source, have, dtype) is not None:
+            return have
+        raise MemoryLimitError(str(e).replace("or pass --force", _stream_hint(source, dtype) +
+                                              "or pass --force")) from None
+
+
+def streamable(source: ModelSource) -> bool:
+    """Whether the experts can be read from disk as needed (a Mixtral in safetensors)."""
+    return source.args.is_moe and source.format == "safetensors"
+
+
+def plan_for_budget(source: ModelSource, budget: int,
+                    dtype: str | mx.Dtype | None = None) -> MemoryPlan | None:
+    try:
+        return plan_memory(source, budget, dtype)
+    except MemoryLimitError:
+        return None
+
+
+def _stream_hint(source: ModelSource, dtype: str | mx.Dtype | None) -> str:
+    if not streamable(source):
+        return ""
+    least = size(minimum_budget(source, dtype))
+    return f"stream its experts from disk (that needs at least {least}), "
 
 
 def minimum_budget(source: ModelSource, dtype: str | mx.Dtype | None = None,
