@@ -37,6 +37,9 @@ def share_seed(seed: int | None, group: mx.distributed.Group) -> int:
     return int(mx.distributed.all_sum(mx.array(mine), group=group).item())
 
 
+STOP_EVERY = 8  # tokens between the ranks' agreements on stopping
+
+
 def _quiet() -> None:
     pass
 
@@ -53,6 +56,7 @@ class Lockstep:
         self.group, self.busy, self.idle = group, busy, idle
         self.leader = group.rank() == 0
         self._pending: mx.array | None = None
+        self._tokens = 0
 
     def announce(self, message: dict[str, Any] | None) -> dict[str, Any] | None:
         """Rank 0's `message` (None: no more work) on every rank; the others pass None and
@@ -63,16 +67,22 @@ class Lockstep:
         text = share_text(json.dumps(message) if self.leader and message is not None else None,
                           self.group)
         self.busy()
-        self._pending = None
+        self._pending, self._tokens = None, 0
         return json.loads(text) if text else None
 
     def should_stop(self, stop: bool) -> bool:
         """Called after every token on every rank with rank 0's wish to stop (the others'
-        `stop` is ignored). The answer lags one token, so that reading it never waits for
-        the next step mlx-lm has already queued: every rank stops after the same token."""
+        `stop` is ignored); every rank gets the same answer after the same token. The ranks
+        compare notes every STOP_EVERY tokens (a collective per token would cost a network
+        round trip each), and an answer is read one round later, so that reading it never
+        waits for the step mlx-lm has already queued. A hang-up thus stops all ranks within
+        2 x STOP_EVERY tokens."""
         from mlx_lm.generate import generation_stream
 
         self.busy()
+        self._tokens += 1
+        if self._tokens % STOP_EVERY:
+            return False
         agreed = self._pending is not None and self._pending.item() > 0
         with mx.stream(generation_stream):  # after the queued step, on every rank alike
             self._pending = mx.distributed.all_sum(mx.array(int(stop and self.leader)),
