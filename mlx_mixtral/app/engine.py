@@ -155,9 +155,10 @@ class MlxEngine:
         budget = self.max_memory
         if budget is None:  # a model picked in the app that is too big streams its experts
             from ..loading import describe, resolve
-            from ..loading.memory_plan import automatic_budget
+            from ..loading.memory_plan import automatic_plan
 
-            budget = automatic_budget(describe(resolve(self.model_name)), self.force, self.dtype)
+            plan = automatic_plan(describe(resolve(self.model_name)), self.force, self.dtype)
+            budget = plan and plan.budget
         model, tokenizer = load(self.model_name, force=self.force, dtype=self.dtype,
                                 max_memory=budget)
         if Path(self.model_name).expanduser().exists():

@@ -201,19 +201,18 @@ def check_budget(name: str, max_memory: str | None, force: bool, dtype: str | No
     --max-memory, a Mixtral larger than the available memory streams its experts within it."""
     from ..loading import describe, resolve
     from ..loading.loader import budget_bytes
-    from ..loading.memory_plan import automatic_budget, plan_memory
+    from ..loading.memory_plan import automatic_plan, plan_memory
     from ..units import size
 
     source = describe(resolve(name))
-    if max_memory is None:
-        budget = automatic_budget(source, force, dtype)
-        if budget is None:
-            return None
-        print(f"{source.path.name} is larger than the {size(budget)} of memory available: its "
-              "experts will be read from disk as chosen (--max-memory sets the budget, --force "
-              "loads it whole)", file=sys.stderr, flush=True)
-        return plan_memory(source, budget, dtype)
-    return plan_memory(source, budget_bytes(max_memory), dtype)
+    if max_memory is not None:
+        return plan_memory(source, budget_bytes(max_memory), dtype)
+    plan = automatic_plan(source, force, dtype)
+    if plan is not None:
+        print(f"{source.path.name} is larger than the {size(plan.budget)} of memory available: "
+              "its experts will be read from disk as chosen (--max-memory sets the budget, "
+              "--force loads it whole)", file=sys.stderr, flush=True)
+    return plan
 
 
 def load_model_for_cli(name: str | None, force: bool = False, dtype: str | None = None,

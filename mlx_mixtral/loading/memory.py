@@ -100,9 +100,10 @@ def load_bytes(source: ModelSource, dtype: str | mx.Dtype | None = None) -> int:
 
 
 def check_fits(source: ModelSource, force: bool = False,
-               dtype: str | mx.Dtype | None = None, ranks: int = 1) -> None:
+               dtype: str | mx.Dtype | None = None, ranks: int = 1,
+               other_way: str = "") -> None:
     """Refuse (MemoryLimitError) a model that needs more memory than is available. Split over
-    `ranks` machines, each needs about its share."""
+    `ranks` machines, each needs about its share. `other_way`: one more remedy to name."""
     if force:
         return
     need, have = load_bytes(source, dtype) // ranks, available_memory()
@@ -111,4 +112,5 @@ def check_fits(source: ModelSource, force: bool = False,
         raise MemoryLimitError(
             f"{source.path.name}: the model needs about {size(need)} of memory{per} and "
             f"{size(have)} is available; close other programs, use a smaller quantization "
-            "(mlx-mixtral convert -q --q-bits 4), or pass --force to load it anyway")
+            f"(mlx-mixtral convert -q --q-bits 4), {other_way}or pass --force to load it "
+            "anyway")

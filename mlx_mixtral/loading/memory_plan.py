@@ -117,40 +117,29 @@ def plan_memory(source: ModelSource, budget: int, dtype: str | mx.Dtype | None =
     return plan
 
 
-def automatic_budget(source: ModelSource, force: bool = False,
-                     dtype: str | mx.Dtype | None = None) -> int | None:
-    """The budget for a model given none, as Ollama offloads what the GPU cannot hold: None when
-    the model fits the available memory (or `force` loads it whole); the available memory when
-    it does not but streaming its experts runs within that. Otherwise MemoryLimitError."""
+def automatic_plan(source: ModelSource, force: bool = False,
+                   dtype: str | mx.Dtype | None = None) -> MemoryPlan | None:
+    """The plan for a model given no budget, as Ollama offloads what the GPU cannot hold: None
+    when the model fits the available memory (or `force` loads it whole); a plan within the
+    available memory when it does not but streaming its experts runs there. Otherwise
+    MemoryLimitError, naming streaming's minimum where streaming could run it elsewhere."""
     try:
         check_fits(source, force, dtype)
         return None
-    except MemoryLimitError as e:
-        have = memory.available_memory()
-        if streamable(source) and plan_for_budget(source, have, dtype) is not None:
-            return have
-        raise MemoryLimitError(str(e).replace("or pass --force", _stream_hint(source, dtype) +
-                                              "or pass --force")) from None
+    except MemoryLimitError:
+        if not streamable(source):
+            raise
+    have, least = memory.available_memory(), minimum_budget(source, dtype)
+    if least <= have:
+        return plan_memory(source, have, dtype)
+    check_fits(source, dtype=dtype,  # the same refusal, with one more way out
+               other_way=f"stream its experts from disk (that needs at least {size(least)}), ")
+    return None  # memory was freed meanwhile: it fits after all
 
 
 def streamable(source: ModelSource) -> bool:
     """Whether the experts can be read from disk as needed (a Mixtral in safetensors)."""
     return source.args.is_moe and source.format == "safetensors"
-
-
-def plan_for_budget(source: ModelSource, budget: int,
-                    dtype: str | mx.Dtype | None = None) -> MemoryPlan | None:
-    try:
-        return plan_memory(source, budget, dtype)
-    except MemoryLimitError:
-        return None
-
-
-def _stream_hint(source: ModelSource, dtype: str | mx.Dtype | None) -> str:
-    if not streamable(source):
-        return ""
-    least = size(minimum_budget(source, dtype))
-    return f"stream its experts from disk (that needs at least {least}), "
 
 
 def minimum_budget(source: ModelSource, dtype: str | mx.Dtype | None = None,

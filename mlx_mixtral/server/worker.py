@@ -11,7 +11,7 @@ backend a batch costs as much as its requests one by one, so the queue runs them
 
 With a model split over ranks (`mlx.launch`), rank 0's worker announces each job to the other
 ranks' workers (`Lockstep`), which run it alongside and emit nothing; a cancellation reaches
-them at the next token, and their caches come and go from their pools in the same order.
+them within a few tokens, and their caches come and go from their pools in the same order.
 """
 
 from __future__ import annotations
