@@ -6,7 +6,15 @@ that catches `ValueError` keeps working.
 
 
 class MlxMixtralError(Exception):
-    """Base class: a problem with the user's input (a file, a setting, a prompt)."""
+    """Base class: a problem with the user's input (a file, a setting, a prompt).
+
+    `params`: the API parameters the message names, as written there (`max_memory=`,
+    `force=True`); the command line puts its flags in their place.
+    """
+
+    def __init__(self, *args: object, params: tuple[str, ...] = ()) -> None:
+        super().__init__(*args)
+        self.params = params
 
 
 class ConfigError(MlxMixtralError, ValueError):

@@ -152,7 +152,7 @@ def test_info_of_a_model_folder(folder):
 def test_info_of_the_demo_names_what_it_is():
     out = cli("info", "--model", "demo").stdout
     assert "dense decoder (llama architecture)" in out and "Mistral" not in out
-    assert "stored as      GGUF Q4_1 (mostly), 96.6 MB on disk" in out
+    assert "stored as      GGUF Q4_1 (mostly), 98.4 MB on disk" in out  # as `list` says
     assert "chat format    the model's own chat template (Jinja)" in out
     assert "0.0 GB" not in out and "KB" not in out  # one way of writing sizes
 
@@ -197,10 +197,79 @@ def test_errors_name_the_flags_not_the_fields(capsys):
     for argv, flag, field in ((["--top-p", "2"], "--top-p", "top_p"),
                               (["--max-tokens", "0"], "--max-tokens", "max_tokens"),
                               (["--repetition-penalty", "0"], "--repetition-penalty",
-                               "repetition_penalty")):
+                               "repetition_penalty"),
+                              (["--kv-bits", "5"], "--kv-bits", "kv_bits"),
+                              (["--prompt-lookup", "-1"], "--prompt-lookup", "prompt_lookup"),
+                              (["--model", "demo", "--max-memory", "lots"], "--max-memory",
+                               "max_memory")):
         assert main(["generate", "hi", *argv]) == 2
         err = capsys.readouterr().err
-        assert flag in err and field not in err
+        assert flag in err and field not in err, err
+
+
+def test_every_parameter_a_library_error_names_has_a_flag():
+    """A library error lists the parameters it names (`params=`); the CLI finds each one's
+    flag by its dest, so each must be some flag's dest."""
+    import ast
+
+    from mlx_mixtral.cli import build_parser
+    from mlx_mixtral.cli.flags import flag_names
+    from mlx_mixtral.generation.sampling import SETTINGS
+
+    named = {s.name for s in SETTINGS}
+    for path in Path(mlx_mixtral.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.keyword) and node.arg == "params" and \
+                    isinstance(node.value, ast.Tuple):
+                named |= {e.value for e in node.value.elts if isinstance(e, ast.Constant)}
+    assert {"max_memory", "force", "kv_bits", "pipeline"} <= named
+    assert not named - set(flag_names(build_parser()))
+
+
+# A sampling setting added to the table alone (as `typical_p` would be, besides its sampler):
+# the CLI, both APIs, the settings screen, the HTTP engine and the errors all offer it.
+NEW_SETTING = """
+import pathlib, sys, types
+import mlx_mixtral.generation as generation
+
+path = pathlib.Path(generation.__file__).parent / "sampling.py"
+source = path.read_text().replace("\\ndef _params_class", (
+    "\\nSETTINGS = (*SETTINGS, Setting('typical_p', float, 1.0, 0.0, 1.0, 'typical (1 = off)', "
+    "wire=(('ollama', 'typical'),), label='Typical-p', short='typical'))\\n"
+    "\\ndef _params_class"), 1)
+module = types.ModuleType("mlx_mixtral.generation.sampling")
+module.__file__, module.__package__ = str(path), "mlx_mixtral.generation"
+sys.modules[module.__name__] = generation.sampling = module
+exec(compile(source, str(path), "exec"), module.__dict__)
+
+from mlx_mixtral.app.chat_app import changed_settings
+from mlx_mixtral.app.http_engine import HttpEngine
+from mlx_mixtral.app.screens import FIELDS
+from mlx_mixtral.cli.flags import sampling_from, with_flags
+from mlx_mixtral.cli.main import build_parser
+from mlx_mixtral.errors import SamplingError
+from mlx_mixtral.server.schemas import ChatRequest, OllamaOptions
+
+parser = build_parser()
+params = sampling_from(parser.parse_args(["generate", "hi", "--typical-p", "0.5"]))
+body = ChatRequest(model="m", messages=[{"role": "user", "content": "x"}], typical_p=0.25)
+try:
+    module.SamplingParams(typical_p=2.0)
+except SamplingError as e:
+    error = with_flags(e, parser)
+print(params.typical_p, module.requested("openai", body)["typical_p"],
+      module.requested("ollama", OllamaOptions(typical=0.75))["typical_p"],
+      [f.name for f in FIELDS][-1], HttpEngine("http://x").request(params)["typical_p"],
+      changed_settings(params), error, sep="|")
+"""
+
+
+def test_a_sampling_setting_is_declared_once():
+    out = subprocess.run([sys.executable, "-c", NEW_SETTING], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().split("|") == [
+        "0.5", "0.25", "0.75", "typical_p", "0.5", "typical 0.5",
+        "--typical-p must be a number between 0.0 and 1.0, got 2.0"]
 
 
 def test_ctrl_c_mid_reply_ends_the_line_first(monkeypatch, capsys, folder):

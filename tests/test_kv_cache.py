@@ -191,9 +191,9 @@ def test_bench_reports_kv_bytes_per_token_in_float16(tmp_path):
 
 
 def test_bad_kv_settings():
-    with pytest.raises(GenerationError, match="--kv-bits"):
+    with pytest.raises(GenerationError, match="kv_bits"):  # the parameter (the CLI: its flag)
         KVSettings(5)
-    with pytest.raises(GenerationError, match="--kv-group-size"):
+    with pytest.raises(GenerationError, match="kv_group_size"):
         KVSettings(8, 48)
     with pytest.raises(GenerationError, match="does not divide"):
         KVSettings(8, 64).check(32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,26 @@ def test_public_api_still_importable():
 
     for name in mlx_mixtral.__all__:
         assert getattr(mlx_mixtral, name) is not None, name
+
+
+FLAG = re.compile(r"(?<![\w-])--[a-zA-Z]")
+
+
+def _docstrings(tree: ast.Module) -> set[int]:
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, kinds) and node.body and isinstance(node.body[0], ast.Expr)}
+
+
+def test_generation_and_model_name_parameters_not_flags():
+    """Library messages name the API parameter (`max_memory`, `kv_bits`); the CLI puts its
+    flags in (cli/flags.py `with_flags`). Docstrings and comments may mention flags."""
+    found = []
+    for folder in ("generation", "model"):
+        for path in (PACKAGE / folder).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            docs = _docstrings(tree)
+            found += [f"{path.name}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
+                      if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                      and id(node) not in docs and FLAG.search(node.value)]
+    assert not found, found

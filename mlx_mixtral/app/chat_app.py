@@ -26,7 +26,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Header, ListItem, ListView, ProgressBar, Static
 
 from ..errors import MlxMixtralError
-from ..generation.sampling import SamplingParams
+from ..generation.sampling import SETTINGS, SamplingParams
 from ..loading.catalog import LocalModel, local_models
 from .commands import ChatCommands
 from .engine import Engine, EngineInfo, ReplyEvent
@@ -47,15 +47,12 @@ UI_INTERVAL = 0.05  # seconds between UI updates while streaming (about 20 a sec
 SAVE_INTERVAL = 1.0  # seconds between saves of the reply being streamed
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 ACTIONS = {action for _, action, _, _ in KEYS if action}
-SHORT_NAMES = {"temperature": "temp", "top_p": "top-p", "top_k": "top-k", "min_p": "min-p",
-               "max_tokens": "max", "repetition_penalty": "penalty", "seed": "seed"}
 
 
 def changed_settings(settings: SamplingParams) -> str:
     """The settings that differ from the defaults, shortly: "temp 0.2, max 256"."""
-    default = SamplingParams()
-    return ", ".join(f"{short} {getattr(settings, name)}" for name, short in SHORT_NAMES.items()
-                     if getattr(settings, name) != getattr(default, name))
+    return ", ".join(f"{s.short or s.name} {getattr(settings, s.name)}" for s in SETTINGS
+                     if getattr(settings, s.name) != s.default)
 
 
 class ChatApp(App):

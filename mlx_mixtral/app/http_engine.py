@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import MlxMixtralError
-from ..generation.sampling import SamplingParams
+from ..generation.sampling import SETTINGS, SamplingParams
 from ..generation.stats import Stats
 from .engine import EngineInfo, ReplyEvent
 
@@ -104,15 +104,12 @@ class HttpEngine:
         system = [{"role": "system", "content": self.system}] if self.system else []
         body: dict[str, Any] = {
             "model": self.model, "messages": system + self.messages, "stream": True,
-            "stream_options": {"include_usage": True}, "temperature": settings.temperature,
-            "top_p": settings.top_p, "max_tokens": settings.max_tokens}
-        if settings.seed is not None:
-            body["seed"] = settings.seed
-        # Beyond OpenAI's names: sent only when set (llama.cpp and ours read them).
-        defaults = SamplingParams()
-        for name in ("top_k", "min_p", "repetition_penalty"):
-            if getattr(settings, name) != getattr(defaults, name):
-                body[name] = getattr(settings, name)
+            "stream_options": {"include_usage": True}}
+        for s in SETTINGS:
+            value, wire = getattr(settings, s.name), s.wire_name("openai")
+            # Beyond OpenAI's names: sent only when changed (llama.cpp and ours read them).
+            if wire and value is not None and (not s.extension or value != s.default):
+                body[wire] = value
         return body
 
     def reply(self, action: str, text: str | None, settings: SamplingParams,

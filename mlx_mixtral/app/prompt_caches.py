@@ -10,12 +10,13 @@ import logging
 import os
 from pathlib import Path
 
-DEFAULT_BUDGET = 2 * 10**9
+from ..generation.kv import PROMPT_CACHE_BYTES
+
 log = logging.getLogger("mlx_mixtral.app")
 
 
 class PromptCaches:
-    def __init__(self, folder: Path, budget: int = DEFAULT_BUDGET) -> None:
+    def __init__(self, folder: Path, budget: int = PROMPT_CACHE_BYTES) -> None:
         self.folder, self.budget = folder, budget
 
     def path(self, key: str) -> Path:

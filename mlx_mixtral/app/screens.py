@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
@@ -10,19 +12,12 @@ from textual.widgets import Button, Input, Label, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
 from ..errors import MlxMixtralError
-from ..generation.sampling import SamplingParams
+from ..generation.sampling import SETTINGS, SamplingParams
 from ..loading.catalog import LocalModel
 from ..units import size
 
-FIELDS = [  # (SamplingParams field, label, type)
-    ("temperature", "Temperature (0 = greedy)", float),
-    ("top_p", "Top-p (1 = off)", float),
-    ("top_k", "Top-k (0 = off)", int),
-    ("min_p", "Min-p (0 = off)", float),
-    ("max_tokens", "Max tokens", int),
-    ("repetition_penalty", "Repetition penalty (1 = off)", float),
-    ("seed", "Seed (empty = random)", int),
-]
+# The settings the screen shows: those `SETTINGS` gives a label.
+FIELDS = [s for s in SETTINGS if s.label is not None]
 
 MODAL_CSS = """
 SettingsScreen, SystemPromptScreen, HelpScreen, ModelPickerScreen, ConfirmScreen {
@@ -51,10 +46,10 @@ class SettingsScreen(ModalScreen[SamplingParams | None]):
         with Vertical(id="dialog"):
             yield Static("[b]Settings[/b] (apply to the next reply)")
             with Grid(id="fields"):
-                for name, label, _ in FIELDS:
-                    value = getattr(self.settings, name)
-                    yield Label(label)
-                    yield Input("" if value is None else str(value), id=f"set-{name}",
+                for field in FIELDS:
+                    value = getattr(self.settings, field.name)
+                    yield Label(field.label)
+                    yield Input("" if value is None else str(value), id=f"set-{field.name}",
                                 compact=True)
             yield Static("", id="error")
             with Horizontal(id="buttons"):
@@ -73,16 +68,16 @@ class SettingsScreen(ModalScreen[SamplingParams | None]):
     def action_save(self) -> None:
         values = {}
         try:
-            for name, label, kind in FIELDS:
-                raw = self.query_one(f"#set-{name}", Input).value.strip()
-                if name == "seed" and not raw:
-                    values[name] = None
+            for field in FIELDS:
+                raw = self.query_one(f"#set-{field.name}", Input).value.strip()
+                if field.default is None and not raw:  # (the seed) empty means none
+                    values[field.name] = None
                     continue
                 try:
-                    values[name] = kind(raw)
+                    values[field.name] = field.kind(raw)
                 except ValueError:
-                    raise MlxMixtralError(f"{label}: {raw!r} is not a number") from None
-            self.dismiss(SamplingParams(**values))
+                    raise MlxMixtralError(f"{field.label}: {raw!r} is not a number") from None
+            self.dismiss(replace(self.settings, **values))  # the settings not shown stay
         except MlxMixtralError as e:
             self.query_one("#error", Static).update(str(e))
 
@@ -157,8 +152,7 @@ class ModelPickerScreen(ModalScreen[str | None]):
         self.models, self.current, self.available = models, current, available
 
     def _row(self, m: LocalModel) -> str:
-        fits = "fits" if m.fits(self.available) else \
-            "streams" if m.streams(self.available) else "too big"
+        fits = m.fit(self.available)
         mark = "●" if m.name == self.current else " "
         label = m.label if len(m.label) <= 34 else m.label[:33] + "…"
         return f"{mark} {label:<34} {m.origin:<12} {size(m.memory_bytes):>9}  {fits}"

@@ -1,5 +1,6 @@
 """The command line: `mlx-mixtral chat | generate | convert | info | bench`."""
 
-from .main import build_parser, main, sampling_from
+from .flags import sampling_from
+from .main import build_parser, main
 
 __all__ = ["build_parser", "main", "sampling_from"]

@@ -184,7 +184,7 @@ def kv_bytes_per_token(model: Any, kv_group_size: int = 64) -> dict[str, dict[st
     """KV bytes per token at each --kv-bits, and as a share of a float16 cache."""
     args = model.args
     positions = min(256, args.sliding_window or 256)
-    float16 = 2 * 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim
+    float16 = args.kv_bytes_per_token()
     out = {}
     for bits in (None, 8, 4):
         per_token = kv_bytes(model, positions, bits, kv_group_size) / positions

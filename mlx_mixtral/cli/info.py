@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..loading.memory import USABLE_SHARE, load_bytes, machine_memory
+from ..loading.memory import USABLE_SHARE, machine_memory
+from ..loading.summary import summarize
 from ..model.config import ModelArgs, preset
 from ..units import human, size
 
@@ -30,24 +30,6 @@ def source_of(model: str) -> ModelSource:
     return describe(resolve(model))
 
 
-def stored_as(source: ModelSource) -> str:
-    """How the file stores its weights: "4-bit (group 64)", "GGUF Q4_1 (mostly)", "bfloat16"."""
-    counts = Counter(t.dtype for t in source.tensors if not t.name.endswith((".scales",
-                                                                             ".biases")))
-    if source.format == "gguf":
-        quantized = Counter({k: v for k, v in counts.items() if k not in ("F32", "F16", "BF16")})
-        kind = (quantized or counts).most_common(1)[0][0]
-        return f"GGUF {kind}" + (" (mostly)" if len(counts) > 1 else "")
-    q = source.quantization
-    if q:
-        bits = {q.get("bits")} | {v.get("bits") for v in q.values() if isinstance(v, dict)}
-        bits.discard(None)
-        label = "/".join(str(b) for b in sorted(bits)) + "-bit"
-        return f"{label} (group {q.get('group_size', 64)}), MLX"
-    return {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(
-        counts.most_common(1)[0][0], counts.most_common(1)[0][0]) if counts else "unknown"
-
-
 def chat_format_of(source: ModelSource) -> str:
     from ..errors import MlxMixtralError
     from ..loading.gguf_file import read_gguf_vocabulary
@@ -64,12 +46,10 @@ def describe(args: ModelArgs, name: str, source: ModelSource | None = None,
              ranks: int = 1) -> str:
     total, active = args.parameter_counts()
     kind = "sparse mixture of experts" if args.is_moe else "dense decoder"
-    family = None
-    if source is not None:
-        family = source.metadata.get("general.architecture") or source.config.get("model_type")
-    kind += f" ({family} architecture)" if family else (
+    summary = summarize(source) if source is not None else None
+    kind += f" ({summary.family} architecture)" if summary else (
         " (Mixtral-style)" if args.is_moe else " (Mistral-style)")
-    kv_per_token = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * 2
+    kv_per_token = args.kv_bytes_per_token()  # float16
     kv_tokens = args.sliding_window or args.max_position_embeddings
     memory = machine_memory()
     usable = memory * USABLE_SHARE
@@ -83,11 +63,10 @@ def describe(args: ModelArgs, name: str, source: ModelSource | None = None,
     ]
     if args.is_moe:
         lines.append(f"  experts        {args.num_local_experts}, top-{args.num_experts_per_tok}")
-    if source is not None:
-        on_disk = sum(t.nbytes for t in source.tensors)
+    if summary is not None:
         lines += [
-            f"  stored as      {stored_as(source)}, {size(on_disk)} on disk, "
-            f"{size(load_bytes(source))} once loaded",
+            f"  stored as      {summary.stored_as}, {size(summary.disk_bytes)} on disk, "
+            f"{size(summary.memory_bytes)} once loaded",
             f"  chat format    {FORMATS.get(fmt := chat_format_of(source), fmt)}",
         ]
     lines += [

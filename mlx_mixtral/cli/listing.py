@@ -17,13 +17,14 @@ def model_table(models: list[LocalModel], have: int) -> str:
     rows += [f"{m.name:<{width}}  {m.origin:<12}  {size(m.disk_bytes):>9}  "
              f"{size(m.memory_bytes):>9}  {fit_word(m, have)}" for m in models]
     rows.append(f"\n{size(have)} of memory is available now. Use a NAME with --model.")
-    if any(m.streams(have) for m in models):
+    if any(m.fit(have) == "streams" for m in models):
         rows.append("'streams': it runs with its experts read from disk as chosen (slower).")
     return "\n".join(rows)
 
 
 def fit_word(model: LocalModel, have: int) -> str:
-    return "yes" if model.fits(have) else "streams" if model.streams(have) else "no"
+    """The FITS column: yes, streams or no."""
+    return {"fits": "yes", "too big": "no"}.get(model.fit(have), "streams")
 
 
 def list_main() -> str:

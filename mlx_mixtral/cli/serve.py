@@ -5,16 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from ..errors import MlxMixtralError
+from .commands import add_command
+from .distributed import add_distributed_flags, launched
+from .drafting import add_kv_flags, kv_from
+from .flags import add_model_flags, sampling_from
+from .load_model import load_model_for_cli
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_QUEUE = 32
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
-    from ..server import DEFAULT_MAX_BODY, DEFAULT_POOL_BUDGET
+    from ..generation.kv import PROMPT_CACHE_BYTES
+    from ..server import DEFAULT_MAX_BODY
 
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0 opens it to your network: set "
@@ -25,7 +30,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    "(or set $MLX_MIXTRAL_API_KEY)")
     p.add_argument("--model-id", default=None,
                    help="the model's name in the API (default: the folder or file name)")
-    p.add_argument("--prompt-cache-bytes", default=f"{DEFAULT_POOL_BUDGET / 1e9:g}GB",
+    p.add_argument("--prompt-cache-bytes", default=f"{PROMPT_CACHE_BYTES / 1e9:g}GB",
                    metavar="SIZE",
                    help="KV caches kept between requests, so a conversation's next turn "
                    "prefills only what is new; least recently used go first")
@@ -63,23 +68,6 @@ def model_name(given: str | None, name: str) -> str:
     return path.stem if path.suffix == ".gguf" else path.name or name
 
 
-def details(model: Any, name: str) -> dict[str, Any]:
-    """What /api/tags and /api/show say about the model."""
-    import mlx.core as mx
-
-    from ..app.engine import quantization_of
-    from ..units import human
-
-    total, _ = model.args.parameter_counts()
-    path = Path(name).expanduser()
-    size = (sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.is_dir()
-            else path.stat().st_size if path.is_file() else mx.get_active_memory())
-    return {"parameters": total, "parameter_size": human(total, "B"),
-            "quantization_level": quantization_of(model), "size": size,
-            "family": "mixtral" if model.args.is_moe else "mistral",
-            "format": "gguf" if path.suffix == ".gguf" else "safetensors"}
-
-
 def serve(args: argparse.Namespace, load_model, sampling, kv, lockstep=None) -> int:
     """Serve until stopped. With a `lockstep` (the model split over ranks by mlx.launch), rank 0
     serves HTTP and the other ranks run its jobs alongside; a lost rank stops them all."""
@@ -88,12 +76,12 @@ def serve(args: argparse.Namespace, load_model, sampling, kv, lockstep=None) -> 
 
     import uvicorn
 
-    from ..loading import default_model
+    from ..loading import default_model, describe, resolve
+    from ..loading.summary import summarize
     from ..server.cache_pool import CachePool, cache_bytes
     from ..server.http_app import Guards, create_app
     from ..server.service import Service
     from ..server.worker import Worker
-    from ..text.tools import can_call_tools
 
     pool_budget = _size(args.prompt_cache_bytes, "--prompt-cache-bytes")
     max_body = _size(args.max_body, "--max-body")
@@ -112,9 +100,8 @@ def serve(args: argparse.Namespace, load_model, sampling, kv, lockstep=None) -> 
         worker.thread.join()  # runs rank 0's jobs until rank 0 stops
         return _ended(worker)
     model_id = args.model_id or model_name(args.model, name)
-    info = details(model, name)
-    info["tools"] = tokenizer.chat_format == "mistral-v3" and can_call_tools(tokenizer)
-    service = Service(model, tokenizer, model_id, worker, sampling, details=info)
+    summary = summarize(describe(resolve(name)))  # what Ollama's model list says
+    service = Service(model, tokenizer, model_id, worker, sampling, summary=summary)
     app = create_app(service, Guards(api_key, max_body, tuple(args.cors_origin)))
     where = f"http://{args.host}:{args.port}"
     print(f"Serving {model_id} at {where}/v1 (OpenAI) and {where}/api (Ollama)"
@@ -132,3 +119,38 @@ def _ended(worker) -> int:
     if worker.lost is not None:
         raise worker.lost  # the command turns it into one line
     return 0
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "serve", run_serve)
+    add_model_flags(p)
+    add_kv_flags(p)
+    add_serve_flags(p)
+    add_distributed_flags(p)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    sampling, kv = sampling_from(args), kv_from(args)  # validate before the slow load
+    group = lockstep = None
+    if launched():  # rank 0 serves HTTP, the other ranks follow its jobs
+        from ..generation.lockstep import Lockstep
+        from .distributed import join
+
+        group, dog = join(args.dist_timeout)
+        dog.stop()  # loading takes what it takes; the jobs arm it again
+        lockstep = Lockstep(group, busy=dog.beat, idle=dog.stop)
+
+    def load(name: str) -> tuple:
+        return load_model_for_cli(name, args.force, args.dtype, group, args.pipeline,
+                                  args.max_memory)
+
+    try:
+        return serve(args, load, sampling, kv, lockstep)
+    except MlxMixtralError:
+        raise
+    except Exception as e:
+        if group is None:
+            raise
+        from .distributed import lost
+
+        raise lost(e, group) from None

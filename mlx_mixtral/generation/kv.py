@@ -11,6 +11,9 @@ from typing import Any
 
 from ..errors import GenerationError
 
+# Bytes of KV caches kept for later by default: the server's between requests, the app's
+# saved conversations.
+PROMPT_CACHE_BYTES = 2 * 10**9
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)
 
@@ -23,18 +26,21 @@ class KVSettings:
 
     def __post_init__(self) -> None:
         if self.bits is not None and self.bits not in KV_BITS:
-            raise GenerationError(f"--kv-bits must be one of {', '.join(map(str, KV_BITS))}, "
-                                  f"got {self.bits}")
+            raise GenerationError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))}, "
+                                  f"got {self.bits}", params=("kv_bits",))
         if self.group_size not in KV_GROUP_SIZES:
-            raise GenerationError("--kv-group-size must be one of "
-                                  f"{', '.join(map(str, KV_GROUP_SIZES))}, got {self.group_size}")
+            raise GenerationError("kv_group_size must be one of "
+                                  f"{', '.join(map(str, KV_GROUP_SIZES))}, got {self.group_size}",
+                                  params=("kv_group_size",))
         if not isinstance(self.start, int) or self.start < 0:
-            raise GenerationError(f"--quantized-kv-start must be >= 0, got {self.start}")
+            raise GenerationError(f"quantized_kv_start must be >= 0, got {self.start}",
+                                  params=("quantized_kv_start",))
 
     def check(self, head_dim: int) -> None:
         if self.bits is not None and head_dim % self.group_size:
-            raise GenerationError(f"--kv-group-size {self.group_size} does not divide the "
-                                  f"model's head dimension ({head_dim}); use a divisor of it")
+            raise GenerationError(f"kv_group_size={self.group_size} does not divide the "
+                                  f"model's head dimension ({head_dim}); use a divisor of it",
+                                  params=("kv_group_size",))
 
     def step_kwargs(self) -> dict[str, Any]:
         """mlx-lm's `generate_step` arguments."""

@@ -1,13 +1,13 @@
 """Sampling settings, validated once, turned into mlx-lm's samplers and logits processors.
 
-(mlx-lm is imported only when a sampler is made: the CLI reads the defaults for its --help.)
+(mlx-lm is imported only when a sampler is made: the CLI reads the defaults for its help.)
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, make_dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SamplingError
@@ -17,58 +17,107 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """What a reply is sampled with. The defaults suit chat with an instruct model.
+class Setting:
+    """One sampling setting, declared once: `SamplingParams`' field and its check, the CLI
+    flag, the server's request fields, the app's settings screen and the error messages are all
+    read from `SETTINGS`."""
 
-    temperature 0.7     0 means greedy (always the most likely token)
-    top_p 0.95          nucleus: keep the smallest set of tokens holding this probability (1 = off)
-    top_k 0             keep only the k most likely tokens (0 = off)
-    min_p 0.05          drop tokens below this share of the top token's probability (0 = off)
-    repetition_penalty 1.0   >1 discourages tokens seen in the last `repetition_context` (1 = off)
-    repetition_context 64
-    presence_penalty 0.0     OpenAI's: subtracted from tokens seen in the last `repetition_context`
-    frequency_penalty 0.0    OpenAI's: subtracted once per time each such token was seen
-    max_tokens 512      the longest reply
-    seed None           a number makes sampling reproducible
-    """
+    name: str  # the field, and the parameter's name in the Python API and OpenAI's API
+    kind: type  # int or float
+    default: float | int | None
+    lo: float
+    hi: float = math.inf
+    help: str = ""  # for --help
+    above_lo: bool = False  # lo itself is refused
+    flags: tuple[str, ...] = ()  # the CLI's spellings (default: the name, dashed)
+    wire: tuple[tuple[str, str | None], ...] = ()  # per API, another name (None: not offered)
+    api_hi: float | None = None  # the APIs' upper bound, where theirs is narrower (OpenAI's)
+    extension: bool = True  # not in OpenAI's API (sent to a server only when changed)
+    label: str | None = None  # on the app's settings screen (None: not shown there)
+    short: str = ""  # in the app's status line when changed
 
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 0
-    min_p: float = 0.05
-    repetition_penalty: float = 1.0
-    repetition_context: int = 64
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    max_tokens: int = 512
-    seed: int | None = None
+    @property
+    def cli_flags(self) -> tuple[str, ...]:
+        return tuple("--" + f.replace("_", "-") for f in self.flags or (self.name,))
+
+    def wire_name(self, api: str) -> str | None:
+        """The setting's field in a request to `api` ("openai" or "ollama")."""
+        return dict(self.wire).get(api, self.name)
+
+    def check(self, value: Any) -> None:
+        """SamplingError naming the setting unless `value` is in range (None: only seed)."""
+        if value is None and self.default is None:
+            return
+        ok = isinstance(value, (int, float) if self.kind is float else int) and \
+            not isinstance(value, bool) and not (isinstance(value, float) and math.isnan(value))
+        ok = ok and self.lo <= value <= self.hi and not (self.above_lo and value == self.lo)
+        if ok:
+            return
+        raise SamplingError(f"{self.name} must be {self.range_text()}, got {value!r}",
+                            params=(self.name,))
+
+    def range_text(self) -> str:
+        """E.g. "a number between 0.0 and 1.0", "an integer >= 1"."""
+        lo, hi = self.lo, self.hi
+        if self.kind is int:
+            return f"an integer >= {lo}" if hi == math.inf else \
+                f"an integer between {lo} and {hi}"
+        if self.above_lo:
+            return f"a number above {lo}" + ("" if hi == math.inf else f" and at most {hi}")
+        return f"a number at least {lo}" if hi == math.inf else f"a number between {lo} and {hi}"
+
+
+# The defaults suit chat with an instruct model.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("temperature", float, 0.7, 0.0, 100.0, "sampling temperature; 0 is greedy",
+            flags=("temp", "temperature"), api_hi=2.0, extension=False,
+            label="Temperature (0 = greedy)", short="temp"),
+    Setting("top_p", float, 0.95, 0.0, 1.0,
+            "nucleus sampling: keep the fewest tokens holding this probability (1 = off)",
+            extension=False, label="Top-p (1 = off)", short="top-p"),
+    Setting("top_k", int, 0, 0, help="keep the k likeliest (0 = off)", label="Top-k (0 = off)",
+            short="top-k"),
+    Setting("min_p", float, 0.05, 0.0, 1.0,
+            "drop tokens below this share of the top one (0 = off)", label="Min-p (0 = off)",
+            short="min-p"),
+    Setting("max_tokens", int, 512, 1, help="longest reply", wire=(("ollama", "num_predict"),),
+            extension=False, label="Max tokens", short="max"),
+    Setting("repetition_penalty", float, 1.0, 0.0, 100.0,
+            "> 1 discourages the tokens of the last repetition_context (1 = off)",
+            above_lo=True, wire=(("ollama", "repeat_penalty"),),
+            label="Repetition penalty (1 = off)", short="penalty"),
+    Setting("repetition_context", int, 64, 1, help="how many recent tokens the penalties look at",
+            wire=(("openai", None), ("ollama", "repeat_last_n"))),
+    Setting("presence_penalty", float, 0.0, -2.0, 2.0,
+            "OpenAI's: subtracted from the tokens of the last repetition_context (0 = off)",
+            extension=False),
+    Setting("frequency_penalty", float, 0.0, -2.0, 2.0,
+            "OpenAI's: subtracted once per time such a token was seen (0 = off)",
+            extension=False),
+    Setting("seed", int, None, 0, help="make sampling reproducible", api_hi=2**63 - 1,
+            extension=False, label="Seed (empty = random)", short="seed"),
+)
+
+
+def requested(api: str, body: Any) -> dict[str, Any]:
+    """The settings a request to `api` carries, by our names (None: not given)."""
+    return {s.name: getattr(body, wire, None) for s in SETTINGS if (wire := s.wire_name(api))}
+
+
+def _params_class() -> type:
+    """`SamplingParams`' fields, from `SETTINGS`."""
+    return make_dataclass("_SamplingFields", [
+        (s.name, s.kind if s.default is not None else (s.kind | None), s.default)
+        for s in SETTINGS], frozen=True)
+
+
+@dataclass(frozen=True)
+class SamplingParams(_params_class()):
+    """What a reply is sampled with: one field per entry of `SETTINGS` (see there)."""
 
     def __post_init__(self) -> None:
-        def number(name: str, lo: float, hi: float = math.inf) -> None:
-            value = getattr(self, name)
-            if (not isinstance(value, (int, float)) or isinstance(value, bool)
-                    or not lo <= value <= hi or math.isnan(value)):
-                bound = f"between {lo} and {hi}" if hi != math.inf else f"at least {lo}"
-                raise SamplingError(f"{name} must be a number {bound}, got {value!r}")
-
-        def integer(name: str, lo: int) -> None:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-                raise SamplingError(f"{name} must be an integer >= {lo}, got {value!r}")
-
-        number("temperature", 0.0, 100.0)
-        number("top_p", 0.0, 1.0)
-        number("min_p", 0.0, 1.0)
-        number("repetition_penalty", 0.0, 100.0)
-        number("presence_penalty", -2.0, 2.0)
-        number("frequency_penalty", -2.0, 2.0)
-        if self.repetition_penalty == 0:
-            raise SamplingError("repetition_penalty must be above 0 (1 turns it off)")
-        integer("top_k", 0)
-        integer("repetition_context", 1)
-        integer("max_tokens", 1)
-        if self.seed is not None:
-            integer("seed", 0)
+        for s in SETTINGS:
+            s.check(getattr(self, s.name))
 
     @classmethod
     def from_kwargs(cls, base: SamplingParams | None = None, **kwargs: Any) -> SamplingParams:

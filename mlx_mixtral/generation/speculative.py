@@ -57,7 +57,8 @@ class LookupDrafter(Drafter):
 
     def __init__(self, k: int, max_ngram: int = 3) -> None:
         if k < 1:
-            raise GenerationError(f"--prompt-lookup must be at least 1, got {k}")
+            raise GenerationError(f"prompt_lookup must be at least 1, got {k}",
+                                  params=("prompt_lookup",))
         self.k, self.max_ngram = k, max_ngram
 
     def propose(self, history: Sequence[int]) -> tuple[list[int], mx.array | None]:
@@ -77,7 +78,8 @@ class ModelDrafter(Drafter):
 
     def __init__(self, model: Model, k: int, sampling: SamplingParams | None = None) -> None:
         if k < 1:
-            raise GenerationError(f"--num-draft-tokens must be at least 1, got {k}")
+            raise GenerationError(f"num_draft_tokens must be at least 1, got {k}",
+                                  params=("num_draft_tokens",))
         # Proposals follow the model's own sampling settings (set for each reply).
         self.model, self.k = model, k
         self.sampling = sampling or SamplingParams(temperature=0)

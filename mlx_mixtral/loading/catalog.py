@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MlxMixtralError
+from .summary import fit, summarize
 from .user_files import data_dir, write_json
 
 SEEN_FILE = "models-seen.json"
@@ -24,20 +25,17 @@ MAX_SEEN = 50
 
 @dataclass(frozen=True)
 class LocalModel:
-    name: str  # what --model takes
+    """A model in the list: its name and origin, and the sizes of its `ModelSummary`."""
+
+    name: str  # what the model parameter takes
     origin: str  # "demo", "hugging face", "ollama", "local"
     disk_bytes: int
     memory_bytes: int  # once loaded, from the headers
     stream_bytes: int | None = None  # the least memory it runs in, its experts streamed
 
-    def fits(self, available: int) -> bool:
-        """Whether it fits in `available` bytes (0: unknown, so yes)."""
-        return not available or self.memory_bytes <= available
-
-    def streams(self, available: int) -> bool:
-        """Whether it runs in `available` bytes only with its experts read from disk."""
-        return not self.fits(available) and self.stream_bytes is not None and \
-            self.stream_bytes <= available
+    def fit(self, available: int) -> str:
+        """One of "fits", "streams", "too big" in `available` bytes (see `summary.fit`)."""
+        return fit(self.memory_bytes, self.stream_bytes, available)
 
     @property
     def label(self) -> str:
@@ -48,18 +46,13 @@ class LocalModel:
 
 
 def _described(name: str, path: Path, origin: str) -> LocalModel | None:
-    from .memory import load_bytes
-    from .memory_plan import minimum_budget, streamable
     from .source import describe
 
     try:
-        source = describe(path)
-        memory = load_bytes(source)
-        least = minimum_budget(source) if streamable(source) else None
+        s = summarize(describe(path))
     except (MlxMixtralError, OSError, ValueError):
         return None
-    files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()]
-    return LocalModel(name, origin, sum(f.stat().st_size for f in files), memory, least)
+    return LocalModel(name, origin, s.disk_bytes, s.memory_bytes, s.stream_bytes)
 
 
 def hub_cache_models(cache_dir: Path | None = None) -> list[LocalModel]:

@@ -77,8 +77,9 @@ def load(path_or_repo: str | Path | None = None, tokenizer: bool = True, force: 
         model, metadata = build(source, dtype, fuse=ranks == 1)
     else:
         if ranks > 1:
-            raise MemoryLimitError("--max-memory does not combine with mlx.launch yet; split "
-                                   "the model over the ranks, or stream it on one machine")
+            raise MemoryLimitError("max_memory does not combine with mlx.launch yet; split "
+                                   "the model over the ranks, or stream it on one machine",
+                                   params=("max_memory",))
         plan = plan_memory(source, budget_bytes(max_memory), dtype, context)
         if plan.streaming:
             from .streaming import build_streaming
@@ -98,12 +99,13 @@ def budget_bytes(max_memory: int | str) -> int:
     """A budget in bytes from an int or a size like "12GB"."""
     if isinstance(max_memory, int) and not isinstance(max_memory, bool):
         if max_memory <= 0:
-            raise MemoryLimitError(f"max_memory must be more than 0, got {max_memory}")
+            raise MemoryLimitError(f"max_memory must be more than 0, got {max_memory}",
+                                   params=("max_memory",))
         return max_memory
     try:
         return parse_size(str(max_memory))
     except ValueError as e:
-        raise MemoryLimitError(f"--max-memory: {e}") from None
+        raise MemoryLimitError(f"max_memory: {e}", params=("max_memory",)) from None
 
 
 def load_model(folder: str | Path, lazy: bool = True,

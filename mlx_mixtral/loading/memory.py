@@ -112,5 +112,5 @@ def check_fits(source: ModelSource, force: bool = False,
         raise MemoryLimitError(
             f"{source.path.name}: the model needs about {size(need)} of memory{per} and "
             f"{size(have)} is available; close other programs, use a smaller quantization "
-            f"(mlx-mixtral convert -q --q-bits 4), {other_way}or pass --force to load it "
-            "anyway")
+            f"(mlx-mixtral convert -q --q-bits 4), {other_way}or pass force=True to load it "
+            "anyway", params=("force",))

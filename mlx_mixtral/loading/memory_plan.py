@@ -35,11 +35,6 @@ PREFILL_STEPS = (512, 256, 128, 64, 32, 16)
 WORKSPACE_SHARE = 0.1
 
 
-def kv_bytes_per_token(args: ModelArgs, dtype: mx.Dtype | None) -> int:
-    return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * (
-        dtype or mx.float16).size
-
-
 def workspace_bytes(args: ModelArgs, step: int, context: int) -> int:
     """Activations of one prefill chunk of `step` tokens (float32, generous): hidden states,
     attention scores over `context` keys, the experts' intermediates, one row of logits."""
@@ -113,7 +108,8 @@ def plan_memory(source: ModelSource, budget: int, dtype: str | mx.Dtype | None =
     resident, experts = model_sizes(source, dtype)
     plan = plan_for(source.args, budget, resident, experts, target_dtype(dtype), context)
     if not plan.fits:
-        raise MemoryLimitError(_too_small(source, plan, minimum_budget(source, dtype, context)))
+        raise MemoryLimitError(_too_small(source, plan, minimum_budget(source, dtype, context)),
+                               params=("max_memory",))
     return plan
 
 
@@ -161,7 +157,7 @@ def minimum_budget(source: ModelSource, dtype: str | mx.Dtype | None = None,
 def plan_for(args: ModelArgs, budget: int, resident: int, experts_total: int,
              target: mx.Dtype | None, context: int | None = None) -> MemoryPlan:
     """The plan from sizes alone (`experts_total` 0: nothing can stream); check `.fits`."""
-    kv = kv_bytes_per_token(args, target)
+    kv = args.kv_bytes_per_token((target or mx.float16).size)
     context = min(context or MIN_CONTEXT, args.sliding_window or args.max_position_embeddings,
                   args.max_position_embeddings)
     step = next((s for s in PREFILL_STEPS
@@ -196,12 +192,12 @@ def _too_small(source: ModelSource, plan: MemoryPlan, need: int) -> str:
     if not plan.experts and source.args.is_moe:
         why = ("expert streaming reads safetensors folders (MLX or Hugging Face), not GGUF; "
                "use an MLX folder of the model, or ")
-        return (f"--max-memory {size(plan.budget)} is too small for {source.path.name} "
+        return (f"max_memory={size(plan.budget)} is too small for {source.path.name} "
                 f"({size(need)} with a {plan.context}-token KV cache); {why}raise the budget")
-    return (f"--max-memory {size(plan.budget)} is too small for {source.path.name}: it needs "
+    return (f"max_memory={size(plan.budget)} is too small for {source.path.name}: it needs "
             f"at least {size(need)} ({size(plan.resident)} of weights besides the experts, "
             f"{what}a {plan.context}-token KV cache and working memory); give "
-            f"--max-memory {flag_size(need)} or more, or convert with fewer bits")
+            f"max_memory={flag_size(need)} or more, or convert with fewer bits")
 
 
 def flag_size(n: int) -> str:

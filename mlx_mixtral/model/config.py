@@ -141,6 +141,11 @@ class ModelArgs:
         active = shared + self.num_hidden_layers * experts_active
         return total, active
 
+    def kv_bytes_per_token(self, itemsize: int = 2) -> int:
+        """Bytes the KV cache grows by per token: keys and values of every layer's KV heads,
+        `itemsize` bytes a value (2: float16)."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * itemsize
+
 
 _MISTRAL_7B = dict(model_type="mistral", vocab_size=32000, hidden_size=4096,
                    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

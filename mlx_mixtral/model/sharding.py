@@ -45,7 +45,7 @@ def check_world(args: ModelArgs, size: int, pipeline: bool) -> None:
                  if all(count % n == 0 for count in parts.values())]
         hint = (f"use {' or '.join(map(str, sizes))} ranks" if sizes else "use one rank")
         raise ConfigError(f"{size} ranks cannot split {', '.join(bad)} evenly in tensor mode; "
-                          f"{hint}, or --pipeline")
+                          f"{hint}, or pipeline=True", params=("pipeline",))
 
 
 def shard_tensors(model: Model, group: mx.distributed.Group) -> None:

@@ -3,4 +3,3 @@ thread, and the KV caches kept between requests."""
 
 # The defaults, here so that `mlx-mixtral --help` shows them without importing the server.
 DEFAULT_MAX_BODY = 4 * 2**20  # bytes of a request: a long conversation fits, a flood does not
-DEFAULT_POOL_BUDGET = 2 * 10**9  # bytes of KV cache kept between requests

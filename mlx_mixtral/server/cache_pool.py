@@ -16,8 +16,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..generation.kv import PROMPT_CACHE_BYTES
 from ..generation.prefix import common_prefix, reuse_prefix
-from . import DEFAULT_POOL_BUDGET
 
 
 def copy_cache(cache: list) -> list:
@@ -43,7 +43,7 @@ class CachePool:
     """`measure(cache)` gives a cache's bytes. Ranks that run in lockstep measure alike (their
     largest), so that they keep and evict the same entries."""
 
-    def __init__(self, budget: int = DEFAULT_POOL_BUDGET,
+    def __init__(self, budget: int = PROMPT_CACHE_BYTES,
                  measure: Callable[[list], int] = cache_bytes) -> None:
         self.budget, self.measure = budget, measure
         self.entries: OrderedDict[int, Entry] = OrderedDict()  # least recently used first

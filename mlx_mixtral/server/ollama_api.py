@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -13,7 +13,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from .. import __version__
-from ..text.tools import parse_tool_calls
+from ..generation.sampling import requested
+from ..text.tools import ToolCallReply
 from .schemas import (
     NDJSON,
     OllamaBase,
@@ -39,10 +40,7 @@ def _settings(service: Service, body: OllamaBase) -> dict[str, Any]:
     wanted: dict[str, Any] = {}
     if o is not None:
         length = None if o.num_predict is None or o.num_predict < 0 else max(o.num_predict, 1)
-        wanted = dict(temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, min_p=o.min_p,
-                      max_tokens=length, seed=o.seed, repetition_penalty=o.repeat_penalty,
-                      repetition_context=o.repeat_last_n, presence_penalty=o.presence_penalty,
-                      frequency_penalty=o.frequency_penalty)
+        wanted = {**requested("ollama", o), "max_tokens": length}
     grammar = None
     if body.format is not None:
         grammar = service.grammar(None if body.format == "json" else body.format)
@@ -63,10 +61,10 @@ def _final(service: Service, done: Done, started: float) -> dict[str, Any]:
 
 
 async def _respond(service: Service, events: AsyncIterator, stream: bool, piece,
-                   finish, hold_from: int | None = None) -> Any:
+                   finish, held: Callable[[int | None], bool] = lambda _: False) -> Any:
     """NDJSON lines while streaming, else one object; `piece(text)` and `finish(text, done)`
-    shape them. A reply that starts with the token `hold_from` (a tool call) is not streamed:
-    the final line carries it, parsed."""
+    shape them. A reply whose first token is `held` (a tool call) is not streamed: the final
+    line carries it, parsed."""
     started = time.perf_counter()
     if not stream:
         text, _, done = await collect(events)
@@ -75,14 +73,14 @@ async def _respond(service: Service, events: AsyncIterator, stream: bool, piece,
 
     async def lines() -> AsyncIterator[str]:
         text, event = "", first
-        held = hold_from is not None and getattr(first, "token", None) == hold_from
+        holding = held(getattr(first, "token", None))
         try:
             while event is not None:
                 if isinstance(event, Done):
                     yield json.dumps(finish(text, event, started, streamed=True)) + "\n"
                     return
                 text += event.text
-                if event.text and not held:
+                if event.text and not holding:
                     yield json.dumps(piece(event.text)) + "\n"
                 event = await anext(events, None)
         except APIError as e:
@@ -115,11 +113,11 @@ async def chat(body: OllamaChatRequest, request: Request):
         return {"model": service.model_id, "created_at": _now(), "message": message(text),
                 "done": False}
 
-    calls_token = service.tokenizer.token_id("[TOOL_CALLS]") if tools else None
+    tool_calls = ToolCallReply(service.tokenizer, tools)
 
     def finish(text: str, done: Done, started: float, streamed: bool = False) -> dict:
-        called = calls_token is not None and done.stats.tokens[:1] == [calls_token]
-        calls = parse_tool_calls(text) if called else None
+        first = done.stats.tokens[0] if done.stats.tokens else None
+        called, calls = tool_calls.starts(first), tool_calls.calls(first, text)
         reply = message("" if streamed and not called else text)  # held text is not lost
         if calls:
             reply = {"role": "assistant", "content": "",
@@ -129,7 +127,7 @@ async def chat(body: OllamaChatRequest, request: Request):
                                     for c in calls]}
         return {**_final(service, done, started), "message": reply}
 
-    return await _respond(service, events, body.stream, piece, finish, hold_from=calls_token)
+    return await _respond(service, events, body.stream, piece, finish, held=tool_calls.starts)
 
 
 @router.post("/generate", responses={200: {"content": NDJSON}})
@@ -157,38 +155,36 @@ async def generate(body: OllamaGenerateRequest, request: Request):
 
 
 def _details(service: Service) -> dict[str, Any]:
-    d = service.details
-    return {"parent_model": "", "format": d.get("format", "safetensors"),
-            "family": d.get("family", "mistral"), "families": [d.get("family", "mistral")],
-            "parameter_size": d.get("parameter_size", ""),
-            "quantization_level": d.get("quantization_level", "")}
+    s = service.summary
+    return {"parent_model": "", "format": s.format, "family": s.family, "families": [s.family],
+            "parameter_size": s.parameter_size, "quantization_level": s.stored_as}
+
+
+def _modified(service: Service) -> str:
+    return datetime.fromtimestamp(service.created, timezone.utc).isoformat()
 
 
 @router.get("/tags")
 async def tags(request: Request):
     service = service_of(request)
-    modified = datetime.fromtimestamp(service.created, timezone.utc).isoformat()
     return {"models": [{"name": service.model_id, "model": service.model_id,
-                        "modified_at": modified, "size": service.details.get("size", 0),
-                        "digest": service.details.get("digest", ""),
-                        "details": _details(service)}]}
+                        "modified_at": _modified(service), "size": service.summary.disk_bytes,
+                        "digest": "", "details": _details(service)}]}
 
 
 @router.post("/show")
 async def show(body: OllamaShowRequest, request: Request):
     service = service_of(request)
     service.check_model(body.model or body.name or "")
-    args = service.model.args
+    s = service.summary
     return {"modelfile": "", "parameters": "", "template": "",
             "details": _details(service),
-            "model_info": {"general.architecture": service.details.get("family", "mistral"),
-                           "general.parameter_count": service.details.get("parameters", 0),
+            "model_info": {"general.architecture": s.family,
+                           "general.parameter_count": s.parameters,
                            "llama.context_length": service.context,
-                           "llama.block_count": args.num_hidden_layers,
-                           "llama.expert_count": getattr(args, "num_local_experts", 0) or 0},
-            "capabilities": ["completion"] + (["tools"] if service.details.get("tools")
-                                              else []),
-            "modified_at": datetime.fromtimestamp(service.created, timezone.utc).isoformat()}
+                           "llama.block_count": s.layers, "llama.expert_count": s.experts},
+            "capabilities": ["completion"] + (["tools"] if service.calls_tools else []),
+            "modified_at": _modified(service)}
 
 
 @router.get("/version")

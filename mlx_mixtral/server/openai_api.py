@@ -15,8 +15,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
+from ..generation.sampling import requested
 from ..generation.stream import Chunk
-from ..text.tools import parse_tool_calls
+from ..text.tools import ToolCallReply
 from .schemas import (
     STREAMS,
     ChatRequest,
@@ -41,11 +42,7 @@ def _common(service: Service, body: Sampling, max_tokens: int | None) -> dict[st
         stops = body.stops()
     except ValueError as e:
         raise APIError(400, str(e), param="stop") from None
-    params = service.sampling(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                              min_p=body.min_p, max_tokens=max_tokens, seed=body.seed,
-                              presence_penalty=body.presence_penalty,
-                              frequency_penalty=body.frequency_penalty,
-                              repetition_penalty=body.repetition_penalty)
+    params = service.sampling(**{**requested("openai", body), "max_tokens": max_tokens})
     return {"params": params, "stop": stops}
 
 
@@ -98,12 +95,12 @@ async def chat_completions(body: ChatRequest, request: Request):
                          logprobs=logprobs, **settings)
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": reply_id, "created": created, "model": service.model_id}
-    calls_token = service.tokenizer.token_id("[TOOL_CALLS]") if tools else None
+    tool_calls = ToolCallReply(service.tokenizer, tools)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         first = await _first_event(events)  # errors before streaming starts: a plain status
         return EventSourceResponse(_chat_stream(service, first, events, head, len(ids),
-                                                include_usage, calls_token),
+                                                include_usage, tool_calls),
                                    ping=15, send_timeout=30)
     text, chunks, done = await collect(events)
     if done is None:  # the client left
@@ -113,8 +110,7 @@ async def chat_completions(body: ChatRequest, request: Request):
         else []
     message: dict[str, Any] = {"role": "assistant", "content": text}
     finish = _finish(done.stats.finish_reason)
-    calls = parse_tool_calls(text) if calls_token is not None and tokens[:1] == [
-        calls_token] else None
+    calls = tool_calls.calls(tokens[0] if tokens else None, text)
     if calls:
         message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, \
             "tool_calls"
@@ -136,7 +132,7 @@ async def _first_event(events: AsyncIterator) -> Any:
 
 async def _chat_stream(service: Service, first: Any, events: AsyncIterator, head: dict,
                        prompt: int, include_usage: bool,
-                       calls_token: int | None) -> AsyncIterator[dict[str, str]]:
+                       tool_calls: ToolCallReply) -> AsyncIterator[dict[str, str]]:
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, str]:
         data = {**head, "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **extra}]}
@@ -146,15 +142,16 @@ async def _chat_stream(service: Service, first: Any, events: AsyncIterator, head
 
     yield chunk({"role": "assistant", "content": ""})
     held: list[str] | None = None  # a tool call's text, held back until it is whole
-    done = None
+    first_token, done = None, None
     try:
         event = first
         while event is not None:
             if isinstance(event, Done):
                 done = event
                 break
-            if event.token is not None and event.token == calls_token and held is None:
-                held = []
+            if event.token is not None and first_token is None:
+                first_token = event.token
+                held = [] if tool_calls.starts(first_token) else None
             if held is not None:
                 held.append(event.text)
             elif event.text or event.logprob is not None:
@@ -170,7 +167,7 @@ async def _chat_stream(service: Service, first: Any, events: AsyncIterator, head
     if done is None:
         return
     finish = _finish(done.stats.finish_reason)
-    calls = parse_tool_calls("".join(held)) if held is not None else None
+    calls = tool_calls.calls(first_token, "".join(held or []))
     if calls:
         yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
         finish = "tool_calls"

@@ -6,9 +6,12 @@ types and out-of-range values are refused with a 400 that names the field.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from ..generation.sampling import SETTINGS, Setting
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 MAX_STOPS = 8
@@ -70,26 +73,32 @@ class ResponseFormat(_Body):
     json_schema: JsonSchemaFormat | None = None
 
 
+def _bounds(s: Setting) -> dict[str, float]:
+    bounds = {"gt" if s.above_lo else "ge": s.lo}
+    hi = s.hi if s.api_hi is None else s.api_hi
+    return bounds if hi == math.inf else {**bounds, "le": hi}
+
+
+def _sampling_fields(api: str) -> type[_Body]:
+    """The sampling settings `api` offers, by its names, each optional (left out: the
+    server's default), from `generation.sampling.SETTINGS`."""
+    fields: dict[str, Any] = {
+        wire: (s.kind | None, Field(default=None, **_bounds(s)))
+        for s in SETTINGS if (wire := s.wire_name(api))}
+    return create_model(f"{api.title()}SamplingFields", __base__=_Body, **fields)
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class Sampling(_Body):
+class Sampling(_sampling_fields("openai")):
     """What chat and completion requests share."""
 
     model: str = Field(min_length=1, max_length=512)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=100)
     n: int = Field(default=1, ge=1, le=128)
     user: str | None = None
 
@@ -118,18 +127,9 @@ class CompletionRequest(Sampling):
 
 # ---- Ollama -----------------------------------------------------------------------------------
 
-class OllamaOptions(_Body):
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    num_predict: int | None = None  # -1: as long as the context allows
-    seed: int | None = Field(default=None, ge=0)
+class OllamaOptions(_sampling_fields("ollama")):
+    num_predict: int | None = None  # Ollama's meaning: -1 is as long as the context allows
     stop: list[str] | None = None
-    repeat_penalty: float | None = Field(default=None, gt=0, le=100)
-    repeat_last_n: int | None = Field(default=None, ge=1)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
 
 
 class OllamaMessage(_Body):

@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import MlxMixtralError
 from ..generation.sampling import SamplingParams
 from ..generation.stream import Chunk
+from ..loading.summary import ModelSummary, summarize_args
 from ..text.tools import can_call_tools, mistral_v3_tool_ids
 from .worker import Done, Failed, Job, QueueFull, Worker
 
@@ -61,7 +62,11 @@ class Service:
     worker: Worker
     defaults: SamplingParams
     created: int = field(default_factory=lambda: int(time.time()))
-    details: dict[str, Any] = field(default_factory=dict)  # for /api/show and /api/tags
+    summary: ModelSummary | None = None  # for Ollama's model list (None: from the config)
+
+    def __post_init__(self) -> None:
+        if self.summary is None:
+            self.summary = summarize_args(self.model.args)
 
     # ---- requests into prompts ------------------------------------------------------------
 
@@ -89,6 +94,11 @@ class Service:
             raise APIError(400, str(e), param="messages",
                            code="context_length_exceeded" if long else None) from None
 
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the model can call tools: Mistral v3's format with its tool tokens."""
+        return self.tokenizer.chat_format == "mistral-v3" and can_call_tools(self.tokenizer)
+
     def chat_ids(self, messages: list[dict[str, Any]],
                  tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The prompt for a chat. Tools, tool calls and tool results need the Mistral v3
@@ -99,7 +109,7 @@ class Service:
                     for m in messages]
         try:
             if uses_tools:
-                if self.tokenizer.chat_format == "mistral-v3" and can_call_tools(self.tokenizer):
+                if self.calls_tools:
                     ids = mistral_v3_tool_ids(self.tokenizer, messages, tools)
                 else:
                     raise APIError(400, f"the model {self.model_id!r} cannot call tools: its "
@@ -125,7 +135,7 @@ class Service:
         try:
             return SamplingParams.from_kwargs(self.defaults, **wanted)
         except MlxMixtralError as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param=(e.params or (None,))[0]) from None
 
     # ---- running ------------------------------------------------------------------------
 

@@ -158,3 +158,20 @@ def parse_tool_calls(text: str) -> list[dict[str, Any]] | None:
                                  "arguments": arguments if isinstance(arguments, str)
                                  else json.dumps(arguments, ensure_ascii=False)}})
     return out
+
+
+class ToolCallReply:
+    """How both APIs tell a tool call from text: when the request offered tools, a reply whose
+    first token is `[TOOL_CALLS]` is a call. Its text is held back (not streamed) and parsed
+    whole at the end; text that does not parse is given back as text."""
+
+    def __init__(self, tokenizer: Codec, tools: list[dict[str, Any]] | None) -> None:
+        self.token = tokenizer.token_id("[TOOL_CALLS]") if tools else None
+
+    def starts(self, first_token: int | None) -> bool:
+        """Whether a reply starting with `first_token` is a tool call (hold its text back)."""
+        return self.token is not None and first_token == self.token
+
+    def calls(self, first_token: int | None, text: str) -> list[dict[str, Any]] | None:
+        """OpenAI `tool_calls` of a whole reply, or None when it is text."""
+        return parse_tool_calls(text) if self.starts(first_token) else None

@@ -1,0 +1,101 @@
+"""`mlx-mixtral bench`: speed and memory, against mlx-lm, within budgets, over ranks."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import MlxMixtralError
+from .commands import add_command, model_or_preset
+from .distributed import add_distributed_flags, launched
+from .drafting import add_draft_flags, add_kv_flags, drafting_from, kv_from
+from .flags import add_model_flags
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    from .bench import PRESETS as BENCH_PRESETS
+
+    p = add_command(sub, "bench", run_bench)
+    model_or_preset(p, "an MLX or Hugging Face model folder", BENCH_PRESETS,
+                     "a synthetic model (built and cached on first use)")
+    p.add_argument("--prompt-tokens", type=int, default=256, help="prompt length")
+    p.add_argument("--gen-tokens", type=int, default=64, help="tokens generated per run")
+    p.add_argument("--runs", type=int, default=3, help="runs per engine (medians reported)")
+    p.add_argument("--compare", choices=["mlx-lm"], default=None, help="run a peer too")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_model_flags(p, model=False, sampling=False)
+    add_kv_flags(p)
+    add_draft_flags(p)
+    add_distributed_flags(p)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_main
+
+    if args.prompt_tokens < 1 or args.gen_tokens < 2 or args.runs < 1:
+        raise MlxMixtralError("--prompt-tokens and --runs must be >= 1, --gen-tokens >= 2")
+    if not args.model and not args.preset:
+        args.preset = "mixtral-tiny"
+    drafting, kv = drafting_from(args, args.force, args.dtype), kv_from(args)
+    if launched():
+        return _bench_launched(args, drafting, kv)
+    if args.max_memory:
+        return _bench_streaming(args, drafting, kv)
+    if kv.bits is not None and args.compare:
+        raise MlxMixtralError("--kv-bits with --compare mlx-lm: mlx-lm cannot quantize a "
+                              "rolling cache; compare without --kv-bits")
+    print(bench_main(args.model, args.preset, args.prompt_tokens, args.gen_tokens, args.runs,
+                     args.compare == "mlx-lm", args.json, args.force, args.dtype, drafting,
+                     kv))
+    return 0
+
+
+def _bench_streaming(args: argparse.Namespace, drafting, kv) -> int:
+    from .bench import preset_folder
+    from .bench_streaming import bench_streaming
+
+    if args.compare or drafting or kv.bits is not None:
+        raise MlxMixtralError("bench --max-memory compares streaming with our own resident "
+                              "run: leave out --compare, drafting and --kv-bits")
+    folder = preset_folder(args.preset) if args.preset else _bench_folder(args.model)
+    print(bench_streaming(folder, args.max_memory, args.prompt_tokens, args.gen_tokens,
+                          args.runs, args.dtype, args.json))
+    return 0
+
+
+def _bench_folder(name: str):
+    from pathlib import Path
+
+    from ..errors import WeightsError
+    from ..loading import resolve
+
+    folder = resolve(name)
+    if not Path(folder).is_dir():
+        raise WeightsError(f"{folder}: bench needs an MLX or Hugging Face folder; convert "
+                           "it first")
+    return folder
+
+
+def _bench_launched(args: argparse.Namespace, drafting, kv) -> int:
+    """bench under mlx.launch: the model split over the ranks, rank 0 reports."""
+    import mlx.core as mx
+
+    from ..loading import describe, resolve
+    from ..model.sharding import check_world
+    from .bench import bench_distributed, preset_folder
+    from .distributed import join
+
+    if args.compare or drafting or kv.bits is not None:
+        raise MlxMixtralError("under mlx.launch, bench runs our engine alone: leave out "
+                              "--compare, drafting and --kv-bits")
+    group, dog = join(args.dist_timeout)
+    if args.preset and group.rank() == 0:
+        preset_folder(args.preset)  # built once, by rank 0, before the others look
+    mx.eval(mx.distributed.all_sum(mx.array(1), group=group))
+    folder = preset_folder(args.preset) if args.preset else resolve(args.model)
+    check_world(describe(folder).args, group.size(), args.pipeline)
+    text = bench_distributed(folder, group, args.pipeline, args.prompt_tokens, args.gen_tokens,
+                             args.runs, args.dtype, dog.beat)
+    dog.stop()
+    if text is not None:
+        print(text)
+    return 0

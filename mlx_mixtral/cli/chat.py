@@ -1,0 +1,94 @@
+"""`mlx-mixtral chat`: the chat app, on a model loaded here or served elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import MlxMixtralError
+from ..generation.kv import PROMPT_CACHE_BYTES
+from .commands import add_command
+from .distributed import launched
+from .drafting import add_draft_flags, add_kv_flags, drafting_from, kv_from
+from .flags import add_model_flags, sampling_from
+from .load_model import check_budget
+
+
+def add_chat(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "chat", run_chat)
+    add_model_flags(p)
+    p.add_argument("--system", default=None, help="a system prompt for new chats")
+    p.add_argument("--db", default=None, help="conversation database (default: user data dir)")
+    p.add_argument("--prompt-cache-gb", type=float, default=PROMPT_CACHE_BYTES / 1e9,
+                   help="disk budget for the saved KV caches of conversations (0 = none)")
+    add_kv_flags(p)
+    add_draft_flags(p)
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="chat with a model served over HTTP by any OpenAI-compatible server "
+                   "(mlx-mixtral serve, mlx_lm.server, Ollama, llama.cpp), e.g. "
+                   "http://127.0.0.1:8080; --model then names the served model (default: its "
+                   "first)")
+    p.add_argument("--api-key", default=None,
+                   help="the server's API key (or set $MLX_MIXTRAL_API_KEY)")
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from ..app.chat_app import ChatApp
+    from ..app.engine import MlxEngine
+    from ..app.prompt_caches import PromptCaches
+    from ..app.store import Store
+    from ..loading import default_model
+
+    if launched():
+        raise MlxMixtralError("the chat app does not run under mlx.launch; run `mlx.launch ... "
+                              "mlx-mixtral serve` there, on a model split over the ranks, and "
+                              "`mlx-mixtral chat --server URL` here")
+    sampling, kv = sampling_from(args), kv_from(args)
+    if args.server:
+        return _chat_with_server(args, sampling)
+    drafting = drafting_from(args, args.force, args.dtype)
+    terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    name = args.model
+    if name is None and terminal:
+        from .first_run import needs_offer, offer_model
+
+        name = offer_model() if needs_offer() else None
+    name = name or default_model()
+    # A missing file, an unknown repo, a model too big or a budget too small: one line now,
+    # not an app that cannot load.
+    plan = check_budget(name, args.max_memory, args.force, args.dtype)
+    store = Store(args.db)
+    if not terminal:
+        store.close()
+        raise MlxMixtralError("the chat app needs a terminal; in scripts use mlx-mixtral "
+                              'generate "your prompt" (or pipe the prompt into it)')
+    caches = None
+    if args.prompt_cache_gb > 0:
+        caches = PromptCaches(store.path.parent / "prompt-caches", int(args.prompt_cache_gb * 1e9))
+    engine = MlxEngine(name, force=args.force, dtype=args.dtype, kv=kv, caches=caches,
+                       drafting=drafting, max_memory=plan and plan.budget)
+    try:
+        ChatApp(engine, name, store, system=args.system, settings=sampling).run()
+    finally:
+        store.close()
+    return 0
+
+
+def _chat_with_server(args: argparse.Namespace, sampling) -> int:
+    """The app against a server: nothing loads here, the model runs there."""
+    from ..app.chat_app import ChatApp
+    from ..app.http_engine import HttpEngine, api_base
+    from ..app.store import Store
+
+    url = api_base(args.server)
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise MlxMixtralError("the chat app needs a terminal; in scripts, call the server's "
+                              "API directly")
+    engine = HttpEngine(url, args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY"), args.model)
+    store = Store(args.db)
+    try:
+        ChatApp(engine, args.model or url, store, system=args.system, settings=sampling).run()
+    finally:
+        store.close()
+    return 0

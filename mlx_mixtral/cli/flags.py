@@ -1,0 +1,81 @@
+"""The flags several commands share: the model, its memory, and sampling."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import TYPE_CHECKING
+
+from ..errors import MlxMixtralError
+
+if TYPE_CHECKING:
+    from ..generation.sampling import SamplingParams
+
+MODEL_HELP = ("a model folder, a .gguf file, a Hugging Face repo id, or ollama:NAME[:TAG] "
+              "(default: $MLX_MIXTRAL_MODEL, then \"model\" in the user config file, then the "
+              "offline demo model SmolLM2-135M-Instruct)")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per sampling setting, as `generation.sampling.SETTINGS` declares it."""
+    from ..generation.sampling import SETTINGS
+
+    for s in SETTINGS:
+        p.add_argument(*s.cli_flags, dest=s.name, type=s.kind, default=s.default, help=s.help)
+
+
+def sampling_from(args: argparse.Namespace) -> SamplingParams:
+    from ..generation.sampling import SETTINGS, SamplingParams
+
+    return SamplingParams(**{s.name: getattr(args, s.name) for s in SETTINGS})
+
+
+def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each API parameter's flag, over every command: a flag's dest is the parameter's name
+    (`max_memory` -> --max-memory, `temperature` -> --temp)."""
+    names: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                names = {**flag_names(sub), **names}
+        elif action.option_strings:
+            longs = [o for o in action.option_strings if o.startswith("--")]
+            names.setdefault(action.dest, (longs or action.option_strings)[0])
+    return names
+
+
+def with_flags(error: MlxMixtralError, parser: argparse.ArgumentParser) -> str:
+    """The error's message with the CLI's flags in place of the parameters it names:
+    "max_memory=2GB" -> "--max-memory 2GB", "force=True" -> "--force", "top_p" -> "--top-p"."""
+    message, flags = str(error), flag_names(parser)
+    for param in error.params:
+        flag = flags.get(param)
+        if flag is not None:
+            message = re.sub(rf"\b{param}\b(=True\b|=)?",
+                             lambda m, f=flag: f + (" " if m.group(1) == "=" else ""), message)
+    return message
+
+
+FORCE_HELP = "load the model even if it looks too big for the available memory"
+DTYPE_CHOICES = ["float32", "float16", "bfloat16"]
+DTYPE_HELP = ("compute in this dtype (default: float32 on the CPU backend, the checkpoint's own "
+              "on Metal)")
+
+
+MAX_MEMORY_HELP = ("run within this much memory, e.g. 12GB: a Mixtral larger than that keeps "
+                   "some experts per layer in memory and reads the others from disk when "
+                   "chosen (MLX or Hugging Face safetensors folders); one line at load states "
+                   "the plan (default: no budget, the whole model loads)")
+
+
+def add_model_flags(p: argparse.ArgumentParser, model: bool = True,
+                    sampling: bool = True) -> None:
+    """--model, --force, --dtype and --max-memory, and the sampling flags, for the commands
+    that load a model."""
+    if model:
+        p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help=DTYPE_HELP)
+    p.add_argument("--max-memory", default=None, metavar="SIZE", help=MAX_MEMORY_HELP)
+    if sampling:
+        add_sampling_flags(p)

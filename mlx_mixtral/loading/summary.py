@@ -1,0 +1,103 @@
+"""A model described for people and for model lists, from its file headers alone (no tensor is
+read): what `info`, `list`, the app's model picker and Ollama's /api/tags and /api/show say
+about it, so that they agree."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..units import human
+
+if TYPE_CHECKING:
+    from ..model.config import ModelArgs
+    from .source import ModelSource
+
+FIT_WORDS = ("fits", "streams", "too big")
+
+
+def fit(memory_bytes: int, stream_bytes: int | None, available: int) -> str:
+    """In `available` bytes (0: unknown, so it fits): "fits", "streams" (runs only with its
+    experts read from disk as chosen) or "too big"."""
+    if not available or memory_bytes <= available:
+        return "fits"
+    return "streams" if stream_bytes is not None and stream_bytes <= available else "too big"
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    path: Path
+    family: str  # "mixtral", "mistral", or the architecture a GGUF file or config names
+    format: str  # "safetensors" or "gguf"
+    parameters: int
+    active_parameters: int  # per token (a mixture of experts runs top_k of them)
+    stored_as: str  # "4-bit (group 64), MLX", "GGUF Q4_K (mostly)", "bfloat16"
+    disk_bytes: int
+    memory_bytes: int  # once loaded
+    stream_bytes: int | None  # the least memory it runs in, its experts streamed (None: no)
+    layers: int
+    experts: int  # per layer (0: a dense model)
+    top_k: int
+    context: int
+    window: int | None
+
+    @property
+    def parameter_size(self) -> str:
+        return human(self.parameters, "B")
+
+    def fit(self, available: int) -> str:
+        return fit(self.memory_bytes, self.stream_bytes, available)
+
+
+def stored_as(source: ModelSource) -> str:
+    """How the file stores its weights: "4-bit (group 64), MLX", "GGUF Q4_1 (mostly)",
+    "bfloat16"."""
+    counts = Counter(t.dtype for t in source.tensors if not t.name.endswith((".scales",
+                                                                             ".biases")))
+    if source.format == "gguf":
+        quantized = Counter({k: v for k, v in counts.items() if k not in ("F32", "F16", "BF16")})
+        kind = (quantized or counts).most_common(1)[0][0]
+        return f"GGUF {kind}" + (" (mostly)" if len(counts) > 1 else "")
+    q = source.quantization
+    if q:
+        bits = {q.get("bits")} | {v.get("bits") for v in q.values() if isinstance(v, dict)}
+        bits.discard(None)
+        label = "/".join(str(b) for b in sorted(bits)) + "-bit"
+        return f"{label} (group {q.get('group_size', 64)}), MLX"
+    return {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(
+        counts.most_common(1)[0][0], counts.most_common(1)[0][0]) if counts else "unknown"
+
+
+def family(source: ModelSource) -> str:
+    named = source.metadata.get("general.architecture") or source.config.get("model_type")
+    return named or ("mixtral" if source.args.is_moe else "mistral")
+
+
+def disk_bytes(path: Path) -> int:
+    """The file, or the files of the folder (weights, tokenizer, config)."""
+    files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()]
+    return sum(f.stat().st_size for f in files)
+
+
+def summarize_args(args: ModelArgs, path: Path = Path()) -> ModelSummary:
+    """What the configuration alone says (a model built in memory has no file to read)."""
+    total, active = args.parameter_counts()
+    return ModelSummary(
+        path=path, family="mixtral" if args.is_moe else "mistral", format="safetensors",
+        parameters=total, active_parameters=active, stored_as="", disk_bytes=0, memory_bytes=0,
+        stream_bytes=None, layers=args.num_hidden_layers,
+        experts=args.num_local_experts if args.is_moe else 0,
+        top_k=args.num_experts_per_tok if args.is_moe else 0,
+        context=args.max_position_embeddings, window=args.sliding_window)
+
+
+def summarize(source: ModelSource) -> ModelSummary:
+    from .memory import load_bytes
+    from .memory_plan import minimum_budget, streamable
+
+    return replace(summarize_args(source.args, source.path), family=family(source),
+                   format=source.format, stored_as=stored_as(source),
+                   disk_bytes=disk_bytes(source.path), memory_bytes=load_bytes(source),
+                   stream_bytes=minimum_budget(source) if streamable(source) else None)
