@@ -275,7 +275,7 @@ CASES = [
          ("mistral-v3 needs [INST] control tokens",), ChatFormatError),
     # resources, stores, settings
     Case("model larger than the available memory",
-         too_big, ("needs about", "is available", "--force"), MemoryLimitError),
+         too_big, ("needs about", "--force", "is available"), MemoryLimitError),
     Case("conversation database is garbage", garbage_db,
          ("chats.db", "cannot open the conversation database"), StoreError),
     Case("conversation database from a newer version", future_db,
@@ -350,6 +350,6 @@ def test_non_utf8_prompt_is_replaced_with_a_warning(env, capsysbinary):
 def test_force_loads_a_model_that_looks_too_big(env, capsys):
     argv = too_big(env)
     assert main([*argv, "--force"]) == 0
-    with pytest.raises(MemoryLimitError):
+    with pytest.raises(MemoryLimitError, match="pass force=True"):  # the parameter, not the flag
         mlx_mixtral.load(env.folder)
     mlx_mixtral.load(env.folder, force=True)

@@ -157,6 +157,20 @@ def test_info_of_the_demo_names_what_it_is():
     assert "0.0 GB" not in out and "KB" not in out  # one way of writing sizes
 
 
+def test_info_and_list_describe_a_model_alike():
+    from mlx_mixtral.cli.info import info
+    from mlx_mixtral.loading import describe
+    from mlx_mixtral.loading.catalog import demo_models
+    from mlx_mixtral.loading.summary import summarize
+    from mlx_mixtral.units import size
+
+    (listed,) = demo_models()
+    summary = summarize(describe(resolve("demo")))
+    assert (listed.disk_bytes, listed.memory_bytes) == (summary.disk_bytes, summary.memory_bytes)
+    assert f"{size(summary.disk_bytes)} on disk, {size(summary.memory_bytes)} once loaded" in \
+        info("demo")
+
+
 def test_prompt_as_argument_or_from_a_pipe(folder):
     by_argument = cli("generate", "--model", str(folder), "t5 t6 t7", "--temperature", "0",
                       "--max-tokens", "4")

@@ -173,7 +173,17 @@ def test_ollama_chat_streams_and_lists(demo):
     assert [m.model for m in o.list().models] == ["demo"]
     assert o.generate(model="demo", prompt="What is the capital of France?",
                       options={"num_predict": 20}).response == text
-    assert o.show("demo").details.family
+    # Described as `list` and `info` describe it (loading/summary.py).
+    from mlx_mixtral.loading import describe, resolve
+    from mlx_mixtral.loading.catalog import demo_models
+    from mlx_mixtral.loading.summary import summarize
+
+    summary, (listed,) = summarize(describe(resolve("demo"))), demo_models()
+    (tag,) = o.list().models
+    assert tag.size == listed.disk_bytes == summary.disk_bytes
+    shown = o.show("demo")
+    assert (shown.details.family, shown.details.parameter_size) == ("llama", "135M")
+    assert shown.modelinfo["general.parameter_count"] == summary.parameters
     with pytest.raises(ollama.ResponseError):
         o.chat(model="nope", messages=FRANCE)
 
