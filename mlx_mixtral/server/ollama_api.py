@@ -155,7 +155,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
 
 
 def _details(service: Service) -> dict[str, Any]:
-    s = service.summary
+    s = service.described()
     return {"parent_model": "", "format": s.format, "family": s.family, "families": [s.family],
             "parameter_size": s.parameter_size, "quantization_level": s.stored_as}
 
@@ -168,7 +168,7 @@ def _modified(service: Service) -> str:
 async def tags(request: Request):
     service = service_of(request)
     return {"models": [{"name": service.model_id, "model": service.model_id,
-                        "modified_at": _modified(service), "size": service.summary.disk_bytes,
+                        "modified_at": _modified(service), "size": service.described().disk_bytes,
                         "digest": "", "details": _details(service)}]}
 
 
@@ -176,7 +176,7 @@ async def tags(request: Request):
 async def show(body: OllamaShowRequest, request: Request):
     service = service_of(request)
     service.check_model(body.model or body.name or "")
-    s = service.summary
+    s = service.described()
     return {"modelfile": "", "parameters": "", "template": "",
             "details": _details(service),
             "model_info": {"general.architecture": s.family,

@@ -64,9 +64,9 @@ class Service:
     created: int = field(default_factory=lambda: int(time.time()))
     summary: ModelSummary | None = None  # for Ollama's model list (None: from the config)
 
-    def __post_init__(self) -> None:
-        if self.summary is None:
-            self.summary = summarize_args(self.model.args)
+    def described(self) -> ModelSummary:
+        """The model as Ollama's /api/tags and /api/show describe it."""
+        return self.summary or summarize_args(self.model.args)
 
     # ---- requests into prompts ------------------------------------------------------------
 
