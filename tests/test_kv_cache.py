@@ -16,7 +16,7 @@ from test_chat_format import OURS
 
 from mlx_mixtral import load_model
 from mlx_mixtral.errors import GenerationError, PromptCacheError
-from mlx_mixtral.generation import ChatSession, Stats, stream_generate
+from mlx_mixtral.generation import ChatSession, Chunk, Stats, stream_generate
 from mlx_mixtral.generation.kv import KVSettings
 from mlx_mixtral.generation.sampling import SamplingParams
 from mlx_mixtral.generation.speculative import Drafter, LookupDrafter, ModelDrafter
@@ -527,3 +527,159 @@ def test_cli_bad_drafting_and_kv_flags(tiny_folder):
     one_line_error(cli(*base, "--prompt-lookup", "2", "--draft-model", "x"), "exclude")
     ok = cli(*base, "--prompt-lookup", "3", "--temp", "0")
     assert ok.returncode == 0 and "drafts accepted" in ok.stderr, ok.stderr
+
+
+# ---- mlx-lm's call shapes, and no hidden global state ----------------------------------------
+
+
+@pytest.mark.parametrize("case", ["mistral-before-wrap", "mistral-wrapped", "mixtral"])
+def test_mlx_lm_shaped_save_round_trips(models, tmp_path, case):
+    """save_prompt_cache(path, cache[, metadata]), as mlx-lm calls it, loads back as it was:
+    8 decode steps give exactly the logits of the original (the window wraps during them, or
+    wrapped before)."""
+    model = models[case.split("-")[0]]
+    cache = filled(model, WINDOW - 4 if "before" in case else 3 * WINDOW + 5)
+    save_prompt_cache(tmp_path / "a.safetensors", cache)
+    save_prompt_cache(tmp_path / "b.safetensors", cache, {"note": "hi"})
+    loaded = load_prompt_cache(tmp_path / "a.safetensors")
+    again, meta = load_prompt_cache(tmp_path / "b.safetensors", return_metadata=True)
+    assert meta["note"] == "hi" and meta["tokens"] is None  # which tokens: not recorded
+    assert [c.offset for c in loaded] == [c.offset for c in cache]
+    want = decode_logits(model, cache, steps=8)
+    assert (decode_logits(model, loaded, steps=8) == want).all()
+    assert (decode_logits(model, again, steps=8) == want).all()
+
+
+def test_a_cache_saved_without_tokens_or_model_is_refused_where_they_are_needed(models,
+                                                                             tmp_path):
+    from mlx_mixtral.cli.main import _reused_cache
+
+    model, path = models["mistral"], tmp_path / "c.safetensors"
+    save_prompt_cache(path, filled(model, 8))
+    with pytest.raises(PromptCacheError, match="does not record the model"):
+        load_prompt_cache(path, model=model)
+    save_prompt_cache(path, filled(model, 8), model=model)
+    with pytest.raises(PromptCacheError, match="saved without the tokens"):
+        _reused_cache(str(path), model, tokens(12), 0)
+
+
+@pytest.mark.parametrize("start", [0, 30])
+def test_mlx_lm_kv_keywords_equal_kv_settings(models, start):
+    """kv_bits / kv_group_size / quantized_kv_start, mlx-lm's names, do what KVSettings does:
+    the same tokens, and the caches quantized to those bits."""
+    model, prompt = models["mixtral"], tokens(24)
+    ours = KVSettings(8, 32, start)
+    caches = [model.make_cache(), model.make_cache()]
+    by_name = run(model, prompt, kv_bits=8, kv_group_size=32, quantized_kv_start=start,
+                  cache=caches[0])
+    by_settings = run(model, prompt, kv=ours, cache=caches[1])
+    assert by_name.tokens == by_settings.tokens and len(by_name.tokens) == 64
+    assert all(c.bits == 8 and c.group_size == 32 for cache in caches for c in cache)
+    with pytest.raises(GenerationError, match="not both"):
+        run(model, prompt, kv=ours, kv_bits=8)
+
+
+class TheirQuantizedCache(mlx_lm_cache.QuantizedKVCache):
+    """mlx-lm's quantized cache, spoken to as our model speaks (tuples, our mask call)."""
+
+    def update_and_fetch(self, keys, values):
+        keys, values = super().update_and_fetch(keys, values)
+        return tuple(keys), tuple(values)
+
+    def make_mask(self, n, return_array=False, window_size=None):
+        return mlx_lm_cache.create_attention_mask(n, self.offset, return_array, window_size)
+
+
+class TheirCache(mlx_lm_cache.KVCache):
+    """mlx-lm's float cache, which its `generate_step` quantizes into TheirQuantizedCache."""
+
+    def make_mask(self, n, return_array=False, window_size=None):
+        return mlx_lm_cache.create_attention_mask(n, self.offset, return_array, window_size)
+
+    def to_quantized(self, group_size=64, bits=4):
+        quantized = super().to_quantized(group_size, bits)
+        quantized.__class__ = TheirQuantizedCache
+        return quantized
+
+
+def mlx_lm_greedy(model, prompt: list[int], n: int, **kv) -> list[int]:
+    """Greedy tokens with mlx-lm's own caches and their quantization (the oracle)."""
+    from mlx_lm.generate import generate_step
+
+    cache = [TheirCache() for _ in model.layers]
+    return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n,
+                                             prompt_cache=cache, **kv)]
+
+
+@pytest.mark.parametrize("start", [0, 30])
+def test_4_bit_kv_from_a_start_equals_mlx_lm_quantized_cache(models, start):
+    """4-bit keys and values from token `start` on (`--kv-bits 4 --quantized-kv-start`): the
+    tokens mlx-lm's QuantizedKVCache gives with the same model, not the float cache's."""
+    model, prompt = models["mixtral"], tokens(24)
+    got = run(model, prompt, kv=KVSettings(4, 32, start)).tokens
+    want = mlx_lm_greedy(model, prompt, 64, kv_bits=4, kv_group_size=32,
+                         quantized_kv_start=start)
+    assert got == want
+    other_start = mlx_lm_greedy(model, prompt, 64, kv_bits=4, kv_group_size=32,
+                                quantized_kv_start=30 - start)
+    assert got != other_start and got != run(model, prompt).tokens  # (so start and bits tell)
+
+
+def test_logprobs_are_the_models_log_softmax(models):
+    """Each chunk's logprob and top alternatives: NumPy's log-softmax of the model's logits
+    over the prompt and the tokens before it (one full pass, no cache)."""
+    model, prompt = models["mistral"], tokens(12)
+    replies = stream_generate(model, Ids(), prompt, sampling=GREEDY, max_tokens=20, logprobs=3)
+    chunks = [c for c in replies if isinstance(c, Chunk) and c.token is not None]
+    ids = prompt + [c.token for c in chunks]
+    logits = np.array(model(mx.array([ids]))[0].astype(mx.float32), dtype=np.float64)
+    logits = logits[len(prompt) - 1:-1]  # the rows that predicted each reply token
+    top = logits.max(axis=-1, keepdims=True)
+    expected = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+    assert len(chunks) == 20
+    for chunk, row in zip(chunks, expected, strict=True):
+        assert chunk.logprob == pytest.approx(row[chunk.token], abs=1e-4)
+        best = np.argsort(-row)[:3]
+        assert [t for t, _ in chunk.top_logprobs] == best.tolist()
+        assert [v for _, v in chunk.top_logprobs] == pytest.approx(row[best], abs=1e-4)
+
+
+def test_a_seeded_reply_keeps_to_itself(models):
+    """A seeded reply is the same when another one is generated in between its tokens, and
+    leaves MLX's global random state as it found it."""
+    model, prompt = models["mistral"], tokens(12)
+    sampled = dict(temperature=1.0, top_p=1.0, min_p=0.0, max_tokens=16)
+
+    def reply(seed: int | None):
+        return stream_generate(model, Ids(), prompt, **sampled, seed=seed)
+
+    alone = [c.token for c in reply(1) if isinstance(c, Chunk)]
+    before = np.array(mx.random.state[0])
+    a, b = reply(1), reply(None)  # interleaved: one token of each in turn
+    mixed: list = []
+    for x, _ in zip(a, b, strict=False):
+        if isinstance(x, Chunk):
+            mixed.append(x.token)
+    mixed += [c.token for c in a if isinstance(c, Chunk)]
+    assert mixed == alone and len(set(alone)) > 3  # (sampled: not one repeated token)
+    mx.random.seed(5)
+    state = np.array(mx.random.state[0])
+    list(reply(2))
+    assert (np.array(mx.random.state[0]) == state).all()
+    assert not (before == state).all()
+
+
+def test_generation_leaves_the_peak_memory_counter_alone(models):
+    """MLX's process-wide peak is not reset by a reply; the reply's own figure is its own
+    (exact after a reset, below an earlier peak that it did not reach)."""
+    model, prompt = models["mistral"], tokens(12)
+    big = mx.zeros((64, 1024, 1024))  # 256 MB, far above what the tiny model's reply needs
+    mx.eval(big)
+    del big
+    earlier = mx.get_peak_memory()
+    stats = run(model, prompt, max_tokens=8)
+    assert mx.get_peak_memory() >= earlier
+    assert 0 < stats.peak_memory < earlier
+    mx.reset_peak_memory()
+    stats = run(model, prompt, max_tokens=8)
+    assert stats.peak_memory == mx.get_peak_memory()

@@ -133,6 +133,10 @@ def load_prompt_cache(path: str | Path, return_metadata: bool = False,
     if len(classes) != len(meta_states) or not all(isinstance(t, int) for t in tokens or []):
         raise PromptCacheError(f"{path}: the prompt cache is damaged; delete the file")
     if model is not None:
+        if not meta.get("model"):
+            raise PromptCacheError(f"{path}: this prompt cache does not record the model that "
+                                   "computed it (save_prompt_cache(..., model=model) does); "
+                                   "delete it or pass another --prompt-cache file")
         if len(classes) != len(model.layers) or meta.get("model") != model_fingerprint(model):
             raise PromptCacheError(f"{path}: this prompt cache was computed by another model; "
                                    "delete it or pass another --prompt-cache file")
