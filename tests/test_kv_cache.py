@@ -222,7 +222,8 @@ def test_drafted_decoding_is_token_identical(models, name):
 # sequence of the first DRAFTED tokens under the model's own sampling, compared with how often
 # drafted sampling produced it over RUNS seeds (two drafts are proposed and verified in the
 # first pass, so acceptance, rejection and the residual all shape the result).
-DRAFTED, RUNS = 3, 500
+DRAFTED = 3
+RUNS = {"sharper": 500, "model": 300, "lookup": 300}  # sharper: where a subtle bias shows
 Q_TEMPERATURE, Q_TOP_K = 0.5, 6  # SharperDrafter's q
 SAMPLED = SamplingParams(temperature=2.0, top_k=4, top_p=1.0, min_p=0, max_tokens=DRAFTED)
 
@@ -328,9 +329,10 @@ class SharperDrafter(Drafter):
         return tokens, mx.array(np.stack(rows).astype(np.float32))
 
 
-def drafted_counts(model, prompt: list[int], drafter) -> dict[tuple[int, ...], int]:
+def drafted_counts(model, prompt: list[int], drafter,
+                   runs: int) -> dict[tuple[int, ...], int]:
     counts: dict[tuple[int, ...], int] = {}
-    for seed in range(RUNS):
+    for seed in range(runs):
         stats = run(model, prompt, sampling=SAMPLED, seed=seed, draft=drafter(seed))
         assert stats.draft_proposed >= DRAFTED - 1  # the first pass verified two drafts
         seq = tuple(stats.tokens)
@@ -353,7 +355,7 @@ def test_drafted_sampling_keeps_the_distribution(models, drafter):
             "lookup": lambda seed: LookupDrafter(DRAFTED - 1)}[drafter]
     exact = exact_sequences(model, prompt, DRAFTED)
     assert sum(exact.values()) == pytest.approx(1.0)
-    why = fits(drafted_counts(model, prompt, make), exact)
+    why = fits(drafted_counts(model, prompt, make, RUNS[drafter]), exact)
     assert not why, why
 
 
