@@ -16,10 +16,10 @@ from test_chat_format import OURS
 
 from mlx_mixtral import load_model
 from mlx_mixtral.errors import GenerationError, PromptCacheError
-from mlx_mixtral.generation import ChatSession, Stats, stream_generate
+from mlx_mixtral.generation import ChatSession, Chunk, Stats, stream_generate
 from mlx_mixtral.generation.kv import KVSettings
 from mlx_mixtral.generation.sampling import SamplingParams
-from mlx_mixtral.generation.speculative import LookupDrafter, ModelDrafter
+from mlx_mixtral.generation.speculative import Drafter, LookupDrafter, ModelDrafter
 from mlx_mixtral.loading.prompt_cache import load_prompt_cache, save_prompt_cache
 from mlx_mixtral.model.cache import FullKVCache, RollingKVCache
 
@@ -218,18 +218,145 @@ def test_drafted_decoding_is_token_identical(models, name):
     assert self_draft.forward_passes <= len(plain.tokens) / 3  # all drafts accepted
 
 
-def test_drafted_sampling_keeps_the_distribution(models):
-    """Sampled with drafts, the first token follows the model's own distribution (top-4 at
-    temperature 2: four likely tokens, so a few hundred samples tell)."""
-    model, prompt = models["mistral"], tokens(10)
-    sampling = SamplingParams(temperature=2.0, top_k=4, top_p=1.0, min_p=0, max_tokens=1)
-    logits = model(mx.array([prompt]))[0, -1].astype(mx.float32)
-    exact = np.array(sampling.distribution(logits - mx.logsumexp(logits)))
-    for drafter in (lambda: ModelDrafter(models["draft"], 2), lambda: LookupDrafter(2)):
-        seen = np.zeros_like(exact)
-        for seed in range(400):
-            seen[run(model, prompt, sampling=sampling, seed=seed, draft=drafter()).tokens[0]] += 1
-        assert 0.5 * np.abs(seen / seen.sum() - exact).sum() < 0.1
+# Drafted sampling is checked against the chain rule in NumPy: the exact probability of each
+# sequence of the first DRAFTED tokens under the model's own sampling, compared with how often
+# drafted sampling produced it over RUNS seeds (two drafts are proposed and verified in the
+# first pass, so acceptance, rejection and the residual all shape the result).
+DRAFTED = 3
+RUNS = {"sharper": 500, "model": 300, "lookup": 300}  # sharper: where a subtle bias shows
+Q_TEMPERATURE, Q_TOP_K = 0.5, 6  # SharperDrafter's q
+SAMPLED = SamplingParams(temperature=2.0, top_k=4, top_p=1.0, min_p=0, max_tokens=DRAFTED)
+
+
+def sampled_distribution(logits: np.ndarray, temperature: float, top_k: int) -> np.ndarray:
+    """What sampling draws from (NumPy): the top_k tokens' log-softmax over temperature."""
+    logprobs = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    keep = np.argsort(-logprobs)[:top_k]
+    x = np.full(logits.shape, -np.inf)
+    x[keep] = logprobs[keep] / temperature
+    e = np.exp(x - x[keep].max())
+    return e / e.sum()
+
+
+def next_logits(model, ids: list[int]) -> np.ndarray:
+    return np.array(model(mx.array([ids]))[0, -1].astype(mx.float32), dtype=np.float64)
+
+
+def exact_sequences(model, prompt: list[int], n: int) -> dict[tuple[int, ...], float]:
+    """P(the reply starts with these n tokens), for every sequence sampling can produce."""
+    out: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(n):
+        longer = {}
+        for seq, chance in out.items():
+            dist = sampled_distribution(next_logits(model, prompt + list(seq)),
+                                        SAMPLED.temperature, SAMPLED.top_k)
+            longer.update({(*seq, int(t)): chance * dist[t] for t in np.flatnonzero(dist)})
+        out = longer
+    return out
+
+
+def chi_square_limit(df: int, z: float) -> float:
+    """The chi-square statistic a true fit exceeds with the normal tail probability of z, by
+    Wilson and Hilferty's cube-root approximation (for df >= 3 within 3% of the exact
+    quantile, and above it)."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def heads(d: dict[tuple[int, ...], float], n: int) -> dict[tuple[int, ...], float]:
+    """The same counts or chances for the first n tokens only."""
+    out: dict[tuple[int, ...], float] = {}
+    for seq, value in d.items():
+        out[seq[:n]] = out.get(seq[:n], 0) + value
+    return out
+
+
+def pearson(counts: dict[tuple[int, ...], int], exact: dict[tuple[int, ...], float],
+            z: float) -> str:
+    """"" if the counts fit `exact` by Pearson's test (sequences expected fewer than 5 times
+    pooled into one cell), else the statistic and its limit."""
+    runs = sum(counts.values())
+    cells, pooled_obs, pooled_exp = [], 0, 0.0
+    for seq, p in exact.items():
+        if runs * p >= 5:
+            cells.append((counts.get(seq, 0), runs * p))
+        else:
+            pooled_obs, pooled_exp = pooled_obs + counts.get(seq, 0), pooled_exp + runs * p
+    if pooled_exp > 0:
+        cells.append((pooled_obs, pooled_exp))
+    stat = sum((o - e) ** 2 / e for o, e in cells)
+    limit = chi_square_limit(len(cells) - 1, z)
+    return "" if stat <= limit else f"chi-square {stat:.1f} > {limit:.1f} ({len(cells)} cells)"
+
+
+def fits(counts: dict[tuple[int, ...], int], exact: dict[tuple[int, ...], float]) -> str:
+    """"" if the counts fit `exact`, else why not. The first token, the first two and all
+    three are each tested (a bias in the first token shows best alone), at 1e-3 in all
+    (z = 3.40 each: Bonferroni over three tests)."""
+    runs = sum(counts.values())
+    impossible = {s: c for s, c in counts.items() if s not in exact}
+    if impossible:
+        return (f"{sum(impossible.values())} of {runs} replies began with a sequence the model's "
+                f"sampling never produces, e.g. {sorted(impossible)[:3]}")
+    for n in range(1, DRAFTED + 1):
+        why = pearson(heads(counts, n), heads(exact, n), z=3.40)
+        if why:
+            return f"the first {n} token(s): {why}"
+    return ""
+
+
+class SharperDrafter(Drafter):
+    """Proposes from a sharper, wider version of the model's own distribution (top 6 at
+    temperature 0.5): q overlaps p but exceeds it on the likeliest token and covers tokens p
+    excludes, so acceptance, rejection and the residual max(0, p - q) each matter (sampling
+    the residual from p instead fails). Its sampling is NumPy's, seeded per reply."""
+
+    def __init__(self, model, k: int, seed: int, known: dict) -> None:
+        self.model, self.k, self.rng = model, k, np.random.RandomState(seed)
+        self.known = known  # q by history, shared by the replies (the model is the same)
+
+    def q(self, history: tuple[int, ...]) -> np.ndarray:
+        if history not in self.known:
+            self.known[history] = sampled_distribution(next_logits(self.model, list(history)),
+                                                       Q_TEMPERATURE, Q_TOP_K)
+        return self.known[history]
+
+    def propose(self, history):
+        tokens, rows = [], []
+        for _ in range(self.k):
+            q = self.q((*history, *tokens))
+            tokens.append(int(self.rng.choice(len(q), p=q)))
+            rows.append(q)
+        return tokens, mx.array(np.stack(rows).astype(np.float32))
+
+
+def drafted_counts(model, prompt: list[int], drafter,
+                   runs: int) -> dict[tuple[int, ...], int]:
+    counts: dict[tuple[int, ...], int] = {}
+    for seed in range(runs):
+        stats = run(model, prompt, sampling=SAMPLED, seed=seed, draft=drafter(seed))
+        assert stats.draft_proposed >= DRAFTED - 1  # the first pass verified two drafts
+        seq = tuple(stats.tokens)
+        counts[seq] = counts.get(seq, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("drafter", ["model", "sharper", "lookup"])
+def test_drafted_sampling_keeps_the_distribution(models, drafter):
+    """The first three tokens sampled with drafts follow the model's own distribution, from
+    the chain rule in NumPy (top-4 at temperature 2: 64 sequences), over RUNS seeds. Drafted
+    by the draft model, by SharperDrafter (q overlapping p) and by prompt lookup (no q)."""
+    model = models["mistral"]
+    prompt = tokens(10)
+    prompt += prompt[:3]  # (so prompt lookup proposes: the start repeats)
+    known: dict = {}
+    shared = ModelDrafter(models["draft"], DRAFTED - 1)  # (keeps its cache between replies)
+    make = {"model": lambda seed: shared,
+            "sharper": lambda seed: SharperDrafter(model, DRAFTED - 1, seed, known),
+            "lookup": lambda seed: LookupDrafter(DRAFTED - 1)}[drafter]
+    exact = exact_sequences(model, prompt, DRAFTED)
+    assert sum(exact.values()) == pytest.approx(1.0)
+    why = fits(drafted_counts(model, prompt, make, RUNS[drafter]), exact)
+    assert not why, why
 
 
 @pytest.mark.slow
@@ -402,3 +529,159 @@ def test_cli_bad_drafting_and_kv_flags(tiny_folder):
     one_line_error(cli(*base, "--prompt-lookup", "2", "--draft-model", "x"), "exclude")
     ok = cli(*base, "--prompt-lookup", "3", "--temp", "0")
     assert ok.returncode == 0 and "drafts accepted" in ok.stderr, ok.stderr
+
+
+# ---- mlx-lm's call shapes, and no hidden global state ----------------------------------------
+
+
+@pytest.mark.parametrize("case", ["mistral-before-wrap", "mistral-wrapped", "mixtral"])
+def test_mlx_lm_shaped_save_round_trips(models, tmp_path, case):
+    """save_prompt_cache(path, cache[, metadata]), as mlx-lm calls it, loads back as it was:
+    8 decode steps give exactly the logits of the original (the window wraps during them, or
+    wrapped before)."""
+    model = models[case.split("-")[0]]
+    cache = filled(model, WINDOW - 4 if "before" in case else 3 * WINDOW + 5)
+    save_prompt_cache(tmp_path / "a.safetensors", cache)
+    save_prompt_cache(tmp_path / "b.safetensors", cache, {"note": "hi"})
+    loaded = load_prompt_cache(tmp_path / "a.safetensors")
+    again, meta = load_prompt_cache(tmp_path / "b.safetensors", return_metadata=True)
+    assert meta["note"] == "hi" and meta["tokens"] is None  # which tokens: not recorded
+    assert [c.offset for c in loaded] == [c.offset for c in cache]
+    want = decode_logits(model, cache, steps=8)
+    assert (decode_logits(model, loaded, steps=8) == want).all()
+    assert (decode_logits(model, again, steps=8) == want).all()
+
+
+def test_a_cache_saved_without_tokens_or_model_is_refused_where_they_are_needed(models,
+                                                                             tmp_path):
+    from mlx_mixtral.cli.main import _reused_cache
+
+    model, path = models["mistral"], tmp_path / "c.safetensors"
+    save_prompt_cache(path, filled(model, 8))
+    with pytest.raises(PromptCacheError, match="does not record the model"):
+        load_prompt_cache(path, model=model)
+    save_prompt_cache(path, filled(model, 8), model=model)
+    with pytest.raises(PromptCacheError, match="saved without the tokens"):
+        _reused_cache(str(path), model, tokens(12), 0)
+
+
+@pytest.mark.parametrize("start", [0, 30])
+def test_mlx_lm_kv_keywords_equal_kv_settings(models, start):
+    """kv_bits / kv_group_size / quantized_kv_start, mlx-lm's names, do what KVSettings does:
+    the same tokens, and the caches quantized to those bits."""
+    model, prompt = models["mixtral"], tokens(24)
+    ours = KVSettings(8, 32, start)
+    caches = [model.make_cache(), model.make_cache()]
+    by_name = run(model, prompt, kv_bits=8, kv_group_size=32, quantized_kv_start=start,
+                  cache=caches[0])
+    by_settings = run(model, prompt, kv=ours, cache=caches[1])
+    assert by_name.tokens == by_settings.tokens and len(by_name.tokens) == 64
+    assert all(c.bits == 8 and c.group_size == 32 for cache in caches for c in cache)
+    with pytest.raises(GenerationError, match="not both"):
+        run(model, prompt, kv=ours, kv_bits=8)
+
+
+class TheirQuantizedCache(mlx_lm_cache.QuantizedKVCache):
+    """mlx-lm's quantized cache, spoken to as our model speaks (tuples, our mask call)."""
+
+    def update_and_fetch(self, keys, values):
+        keys, values = super().update_and_fetch(keys, values)
+        return tuple(keys), tuple(values)
+
+    def make_mask(self, n, return_array=False, window_size=None):
+        return mlx_lm_cache.create_attention_mask(n, self.offset, return_array, window_size)
+
+
+class TheirCache(mlx_lm_cache.KVCache):
+    """mlx-lm's float cache, which its `generate_step` quantizes into TheirQuantizedCache."""
+
+    def make_mask(self, n, return_array=False, window_size=None):
+        return mlx_lm_cache.create_attention_mask(n, self.offset, return_array, window_size)
+
+    def to_quantized(self, group_size=64, bits=4):
+        quantized = super().to_quantized(group_size, bits)
+        quantized.__class__ = TheirQuantizedCache
+        return quantized
+
+
+def mlx_lm_greedy(model, prompt: list[int], n: int, **kv) -> list[int]:
+    """Greedy tokens with mlx-lm's own caches and their quantization (the oracle)."""
+    from mlx_lm.generate import generate_step
+
+    cache = [TheirCache() for _ in model.layers]
+    return [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=n,
+                                             prompt_cache=cache, **kv)]
+
+
+@pytest.mark.parametrize("start", [0, 30])
+def test_4_bit_kv_from_a_start_equals_mlx_lm_quantized_cache(models, start):
+    """4-bit keys and values from token `start` on (`--kv-bits 4 --quantized-kv-start`): the
+    tokens mlx-lm's QuantizedKVCache gives with the same model, not the float cache's."""
+    model, prompt = models["mixtral"], tokens(24)
+    got = run(model, prompt, kv=KVSettings(4, 32, start)).tokens
+    want = mlx_lm_greedy(model, prompt, 64, kv_bits=4, kv_group_size=32,
+                         quantized_kv_start=start)
+    assert got == want
+    other_start = mlx_lm_greedy(model, prompt, 64, kv_bits=4, kv_group_size=32,
+                                quantized_kv_start=30 - start)
+    assert got != other_start and got != run(model, prompt).tokens  # (so start and bits tell)
+
+
+def test_logprobs_are_the_models_log_softmax(models):
+    """Each chunk's logprob and top alternatives: NumPy's log-softmax of the model's logits
+    over the prompt and the tokens before it (one full pass, no cache)."""
+    model, prompt = models["mistral"], tokens(12)
+    replies = stream_generate(model, Ids(), prompt, sampling=GREEDY, max_tokens=20, logprobs=3)
+    chunks = [c for c in replies if isinstance(c, Chunk) and c.token is not None]
+    ids = prompt + [c.token for c in chunks]
+    logits = np.array(model(mx.array([ids]))[0].astype(mx.float32), dtype=np.float64)
+    logits = logits[len(prompt) - 1:-1]  # the rows that predicted each reply token
+    top = logits.max(axis=-1, keepdims=True)
+    expected = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+    assert len(chunks) == 20
+    for chunk, row in zip(chunks, expected, strict=True):
+        assert chunk.logprob == pytest.approx(row[chunk.token], abs=1e-4)
+        best = np.argsort(-row)[:3]
+        assert [t for t, _ in chunk.top_logprobs] == best.tolist()
+        assert [v for _, v in chunk.top_logprobs] == pytest.approx(row[best], abs=1e-4)
+
+
+def test_a_seeded_reply_keeps_to_itself(models):
+    """A seeded reply is the same when another one is generated in between its tokens, and
+    leaves MLX's global random state as it found it."""
+    model, prompt = models["mistral"], tokens(12)
+    sampled = dict(temperature=1.0, top_p=1.0, min_p=0.0, max_tokens=16)
+
+    def reply(seed: int | None):
+        return stream_generate(model, Ids(), prompt, **sampled, seed=seed)
+
+    alone = [c.token for c in reply(1) if isinstance(c, Chunk)]
+    before = np.array(mx.random.state[0])
+    a, b = reply(1), reply(None)  # interleaved: one token of each in turn
+    mixed: list = []
+    for x, _ in zip(a, b, strict=False):
+        if isinstance(x, Chunk):
+            mixed.append(x.token)
+    mixed += [c.token for c in a if isinstance(c, Chunk)]
+    assert mixed == alone and len(set(alone)) > 3  # (sampled: not one repeated token)
+    mx.random.seed(5)
+    state = np.array(mx.random.state[0])
+    list(reply(2))
+    assert (np.array(mx.random.state[0]) == state).all()
+    assert not (before == state).all()
+
+
+def test_generation_leaves_the_peak_memory_counter_alone(models):
+    """MLX's process-wide peak is not reset by a reply; the reply's own figure is its own
+    (exact after a reset, below an earlier peak that it did not reach)."""
+    model, prompt = models["mistral"], tokens(12)
+    big = mx.zeros((64, 1024, 1024))  # 256 MB, far above what the tiny model's reply needs
+    mx.eval(big)
+    del big
+    earlier = mx.get_peak_memory()
+    stats = run(model, prompt, max_tokens=8)
+    assert mx.get_peak_memory() >= earlier
+    assert 0 < stats.peak_memory < earlier
+    mx.reset_peak_memory()
+    stats = run(model, prompt, max_tokens=8)
+    assert stats.peak_memory == mx.get_peak_memory()

@@ -51,12 +51,12 @@ def test_readme_command_runs(command, tmp_path):
         assert share <= 40, result.stdout
 
 
-@pytest.mark.slow
 def python_block(marker: str) -> str:
     (code,) = [b for b in blocks("python") if marker in b]
     return code
 
 
+@pytest.mark.slow
 def test_readme_serve_example_runs():
     """The serving section's commands, against `serve` on the demo model named as in the
     README: the curl line and the OpenAI SDK example."""
@@ -79,6 +79,7 @@ def test_readme_serve_example_runs():
         server.stop()
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs():
     code = python_block("mlx_mixtral")
     code = code.replace('"mixtral-8x7b-4bit"', repr(str(demo_model_path())))

@@ -4,7 +4,8 @@ For each budget the same prompt runs fully resident and streamed, with a warm pa
 warm-up run reads every expert once first). Reported: prefill and decode tokens/s and their
 ratio to resident, peak memory against the budget, the expert-cache hit rate per layer while
 decoding (LRU with prefetch, LRU without, LFU with), and the bytes read per generated token.
-The measured hit rates are kept in the data folder, where `info --memory` finds them.
+The measured hit rates are kept in the data folder; `info` shows them, labelled as measured here,
+below its plans (which use the defaults, so the same files give the same plans everywhere).
 """
 
 from __future__ import annotations
@@ -212,25 +213,35 @@ def save_hit_rates(result: dict[str, Any]) -> None:
 
 
 # Decode hit rates by share of experts in memory, measured by `bench --max-memory` on this
-# project's machine (preset mixtral-tiny, synthetic routing; LRU with prefetch). A user's own
-# bench run replaces them.
+# project's machine (preset mixtral-tiny, synthetic routing; LRU with prefetch). `info` plans
+# with these, so that the same files give the same answer on every machine.
 DEFAULT_HIT_RATES = {0.25: 0.63, 0.5: 0.86}  # 2026-11-30: 2 and 4 slots of 8
+DEFAULT_SOURCE = ("hit rates: defaults measured on mixtral-tiny with synthetic routing "
+                  "(LRU with prefetch)")
 
 
 def expected_hit_rate(share: float) -> float:
-    """The decode hit rate with `share` of each layer's experts in memory: interpolated from
-    the last bench run here, else from DEFAULT_HIT_RATES."""
-    from ..jsonfile import read_json_object
-
-    points = dict(DEFAULT_HIT_RATES)
-    path = hit_rates_path()
-    if path.is_file():
-        try:
-            saved = read_json_object(path, MlxMixtralError).get("hit_rates", {})
-            points = {int(k.split("/")[0]) / int(k.split("/")[1]): float(v)
-                      for k, v in saved.items()} or points
-        except (MlxMixtralError, ValueError, ZeroDivisionError, AttributeError):
-            pass  # a damaged file: the defaults
-    points = {0.0: 0.0, **points, 1.0: 1.0}
+    """The decode hit rate with `share` of each layer's experts in memory, interpolated from
+    DEFAULT_HIT_RATES."""
+    points = {0.0: 0.0, **DEFAULT_HIT_RATES, 1.0: 1.0}
     xs = sorted(points)
     return float(np.interp(share, xs, [points[x] for x in xs]))
+
+
+def measured_hit_rates() -> str | None:
+    """One line with the hit rates the last `bench --max-memory` here measured, naming its
+    model and file; None when there are none (or the file is damaged)."""
+    from ..jsonfile import read_json_object
+
+    path = hit_rates_path()
+    if not path.is_file():
+        return None
+    try:
+        saved = read_json_object(path, MlxMixtralError)
+        rates = ", ".join(f"{float(v):.0%} with {k} experts"
+                          for k, v in saved.get("hit_rates", {}).items())
+    except (MlxMixtralError, ValueError, TypeError, AttributeError):
+        return None
+    if not rates:
+        return None
+    return f"measured here by bench --max-memory on {saved.get('model', '?')}: {rates} ({path})"

@@ -142,9 +142,15 @@ def _reused_cache(path: str | None, model, ids: list[int], slack: int) -> tuple[
 
     if not path or not Path(path).is_file():
         return fresh(), 0
+    from ..errors import PromptCacheError
     from ..loading.prompt_cache import load_prompt_cache
 
     cache, meta = load_prompt_cache(path, return_metadata=True, model=model)
+    if meta["tokens"] is None:
+        raise PromptCacheError(f"{path}: this prompt cache was saved without the tokens it "
+                               "holds (save_prompt_cache(path, cache, tokens=...) records them), "
+                               "so no prompt can continue it; delete it or pass another "
+                               "--prompt-cache file")
     if any(getattr(c, "slack", slack) < slack for c in cache):
         return fresh(), 0  # too little room for rejected drafts: start over
     cache, done = reuse_prefix(cache, meta["tokens"], ids, fresh)

@@ -105,7 +105,7 @@ def plans(args: ModelArgs, budget: int, machine: bool) -> str:
 
     from ..convert.plan import Plan
     from ..loading.memory_plan import plan_for
-    from .bench_streaming import expected_hit_rate
+    from .bench_streaming import DEFAULT_SOURCE, expected_hit_rate, measured_hit_rates
 
     where = "this machine's usable memory" if machine else "--memory"
     lines = [f"  plans for {size(budget)} ({where}), with a KV cache of at least 2048 tokens:",
@@ -124,6 +124,8 @@ def plans(args: ModelArgs, budget: int, machine: bool) -> str:
             how = (f"streaming: {p.slots} of {p.experts} experts per layer in memory, about "
                    f"{size(per_token)} read per token (hit rate {hit:.0%})")
         lines.append(f"    {label:<10} {size(experts + other):>10}  {how}")
+    if args.is_moe:  # the plans use the defaults; a measurement here is shown, labelled
+        lines += [f"  {DEFAULT_SOURCE}"] + [f"  {m}" for m in [measured_hit_rates()] if m]
     return "\n".join(lines)
 
 

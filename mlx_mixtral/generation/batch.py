@@ -14,7 +14,7 @@ import mlx.core as mx
 from ..errors import GenerationError
 from ..model.decoder import Model
 from ..text.tokenizer import Tokenizer
-from .sampling import SamplingParams
+from .sampling import Keys, SamplingParams
 from .stream import (
     BAD_LOGITS,
     DEFAULT_PREFILL_STEP,
@@ -48,8 +48,6 @@ def batch_generate(
         return []
     for ids in seqs:
         check_prompt(model, ids)
-    if params.seed is not None:
-        mx.random.seed(params.seed)
     width = max(map(len, seqs))
     pad = [width - len(ids) for ids in seqs]
     padding = mx.array(pad)
@@ -59,7 +57,7 @@ def batch_generate(
     for i in range(0, width, prefill_step_size):
         logits = model(x[:, i:i + prefill_step_size], cache=cache, padding=padding)
         mx.eval(logits, [c.state for c in cache])
-    sampler = guard_nan(params.sampler(model.args.vocab_size))
+    sampler = guard_nan(params.sampler(model.args.vocab_size, Keys(params.seed)))
     processors = params.logits_processors()
     history = [mx.array(ids) for ids in seqs]
     out: list[list[int]] = [[] for _ in seqs]

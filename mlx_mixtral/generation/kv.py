@@ -46,3 +46,16 @@ class KVSettings:
         """mlx-lm's `generate_step` arguments."""
         return {"kv_bits": self.bits, "kv_group_size": self.group_size,
                 "quantized_kv_start": self.start}
+
+
+def kv_settings(kv: KVSettings | None = None, kv_bits: int | None = None,
+                kv_group_size: int | None = None,
+                quantized_kv_start: int | None = None) -> KVSettings:
+    """`kv`, or the same settings given with mlx-lm's keyword names (never both: one of them
+    would be silently ignored)."""
+    given = {name: value for name, value in (("bits", kv_bits), ("group_size", kv_group_size),
+                                             ("start", quantized_kv_start)) if value is not None}
+    if kv is not None and given:
+        raise GenerationError("give the KV settings once: kv=KVSettings(...) or mlx-lm's "
+                              "kv_bits, kv_group_size and quantized_kv_start, not both")
+    return kv if kv is not None else KVSettings(**given)

@@ -132,31 +132,47 @@ class SamplingParams(_params_class()):
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def sampler(self, vocab_size: int) -> Callable[[mx.array], mx.array]:
+    def sampler(self, vocab_size: int,
+                keys: Keys | None = None) -> Callable[[mx.array], mx.array]:
+        """mlx-lm's sampler protocol (log-probabilities in, tokens out). With seeded `keys`
+        each draw takes the next key, so no other caller's draws (nor ours theirs) move it;
+        without, mlx-lm's own sampler, which draws from MLX's global generator."""
         from mlx_lm.sample_utils import make_sampler
 
         # top_p = 1 and min_p = 0 are "off"; mlx-lm spells off as 0 for top_p. A top_k that
         # keeps the whole vocabulary is off too (mlx-lm refuses it mid-generation).
         top_k = self.top_k if self.top_k < vocab_size else 0
-        return make_sampler(self.temperature, top_p=0.0 if self.top_p >= 1 else self.top_p,
-                            min_p=self.min_p, top_k=top_k)
-
-    def distribution(self, logprobs: mx.array) -> mx.array:
-        """The probabilities this sampler draws the next token from, given one row of
-        log-probabilities (the same filters, in the same order, as `sampler`)."""
+        if keys is None or keys.seed is None or self.temperature == 0:
+            return make_sampler(self.temperature, top_p=0.0 if self.top_p >= 1 else self.top_p,
+                                min_p=self.min_p, top_k=top_k)
         import mlx.core as mx
+
+        def sample(logprobs: mx.array) -> mx.array:
+            return mx.random.categorical(self._filtered(logprobs) * (1 / self.temperature),
+                                         key=keys.next())
+
+        return sample
+
+    def _filtered(self, x: mx.array) -> mx.array:
+        """Rows of log-probabilities with top_p, min_p and top_k applied, in mlx-lm's order."""
         from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-        if self.temperature == 0:
-            return mx.softmax(logprobs, axis=-1)
-        x = logprobs[None]
         if 0 < self.top_p < 1:
             x = apply_top_p(x, self.top_p)
         if self.min_p:
             x = apply_min_p(x, self.min_p)
         if 0 < self.top_k < x.shape[-1]:
             x = apply_top_k(x, self.top_k)
-        return mx.softmax(x[0] * (1 / self.temperature), axis=-1)
+        return x
+
+    def distribution(self, logprobs: mx.array) -> mx.array:
+        """The probabilities this sampler draws the next token from, given one row of
+        log-probabilities (the same filters, in the same order, as `sampler`)."""
+        import mlx.core as mx
+
+        if self.temperature == 0:
+            return mx.softmax(logprobs, axis=-1)
+        return mx.softmax(self._filtered(logprobs[None])[0] * (1 / self.temperature), axis=-1)
 
     def logits_processors(self) -> list:
         def on(value: float, off: float) -> float | None:
@@ -172,3 +188,24 @@ class SamplingParams(_params_class()):
         n = self.repetition_context
         return make_logits_processors(**wanted, repetition_context_size=n,
                                       presence_context_size=n, frequency_context_size=n)
+
+
+class Keys:
+    """The random keys of one reply, split one after another from its seed: the reply is
+    reproducible, however other replies or callers use MLX's global generator in between, and
+    it leaves that generator as it found it. Without a seed, `next` is None: draws then come
+    from the global generator, as in mlx-lm."""
+
+    def __init__(self, seed: int | None) -> None:
+        import mlx.core as mx
+
+        self.seed = seed
+        self._key = None if seed is None else mx.random.key(seed)
+
+    def next(self) -> mx.array | None:
+        import mlx.core as mx
+
+        if self._key is None:
+            return None
+        self._key, key = mx.random.split(self._key)
+        return key

@@ -29,7 +29,7 @@ from .kv import KVSettings
 from .prefix import reuse_prefix
 from .sampling import SamplingParams
 from .speculative import Drafter, check_cache_slack
-from .stats import Clock, PrefillStopped, Progress, Stats
+from .stats import Clock, PeakMemory, PrefillStopped, Progress, Stats
 from .stream import (
     DEFAULT_PREFILL_STEP,
     Chunk,
@@ -158,7 +158,7 @@ class ChatSession:
         tokens: list[int] = []
         text = ""
         stats = None
-        clock = Clock()
+        clock, peak = Clock(), PeakMemory()
         try:
             for item in stream_generate(self.model, self.tokenizer, new, sampling=params,
                                         cache=self.cache, kv=self.kv, draft=self.draft,
@@ -175,12 +175,12 @@ class ChatSession:
                 yield item
         except PrefillStopped:
             clock.first_token()  # the turn ends here, empty: the cache keeps what was read
-            stats = clock.stats(len(new), [], "", "stopped")
+            stats = clock.stats(len(new), [], "", "stopped", peak.bytes())
             yield Chunk("", None, "stopped")
         finally:
             if clock.first is not None:
                 if stats is None:  # stopped by the caller: the numbers so far
-                    stats = clock.stats(len(new), tokens, text, "stopped")
+                    stats = clock.stats(len(new), tokens, text, "stopped", peak.bytes())
                 self._record(ids, tokens, text, stats)
 
     def _record(self, ids: list[int], tokens: list[int], text: str, stats: Stats) -> None:

@@ -27,7 +27,7 @@ from ..errors import GenerationError
 from ..model.decoder import Model
 from .kv import KVSettings
 from .prefix import reuse_prefix
-from .sampling import SamplingParams
+from .sampling import Keys, SamplingParams
 from .stats import Progress
 
 
@@ -83,6 +83,7 @@ class ModelDrafter(Drafter):
         # Proposals follow the model's own sampling settings (set for each reply).
         self.model, self.k = model, k
         self.sampling = sampling or SamplingParams(temperature=0)
+        self.keys: Keys | None = None  # the reply's random keys (set with `sampling`)
         self.cache = model.make_cache(slack=k)
         self.seen: list[int] = []  # the tokens in the draft cache
 
@@ -99,7 +100,7 @@ class ModelDrafter(Drafter):
         logits = self._logits
         for i in range(self.k):
             probs = self.sampling.distribution(logits)
-            token = pick(probs, self.sampling)
+            token = pick(probs, self.sampling, self.keys)
             tokens.append(token)
             dists.append(probs)
             if i + 1 < self.k:
@@ -111,15 +112,16 @@ class ModelDrafter(Drafter):
         pass  # the next `propose` trims the draft cache to the common prefix
 
 
-def pick(probs: mx.array, sampling: SamplingParams) -> int:
+def pick(probs: mx.array, sampling: SamplingParams, keys: Keys | None = None) -> int:
     """The token `probs` gives: its argmax when greedy, else a sample."""
     if sampling.temperature == 0:
         return int(mx.argmax(probs).item())
-    return int(mx.random.categorical(mx.log(probs)).item())
+    key = keys.next() if keys is not None else None
+    return int(mx.random.categorical(mx.log(probs), key=key).item())
 
 
 def verify(logits: mx.array, drafts: list[int], q: mx.array | None,
-           sampling: SamplingParams) -> list[int]:
+           sampling: SamplingParams, keys: Keys | None = None) -> list[int]:
     """The tokens the model keeps: the accepted prefix of `drafts`, then one of its own.
     logits[i] is the model's next-token distribution after drafts[:i]."""
     out: list[int] = []
@@ -132,15 +134,17 @@ def verify(logits: mx.array, drafts: list[int], q: mx.array | None,
                 return out
             continue
         q_d = 1.0 if q is None else float(q[i, d].item())
-        if mx.random.uniform().item() < min(1.0, float(p[d].item()) / max(q_d, 1e-30)):
+        key = keys.next() if keys is not None else None
+        if mx.random.uniform(key=key).item() < min(1.0, float(p[d].item()) / max(q_d, 1e-30)):
             out.append(d)
             continue
         guess = q[i] if q is not None else (mx.arange(p.shape[-1]) == d).astype(p.dtype)
         residual = mx.maximum(p - guess, 0)
         total = float(residual.sum().item())
-        out.append(pick(residual / total, sampling) if total > 0 else pick(p, sampling))
+        out.append(pick(residual / total, sampling, keys) if total > 0
+                   else pick(p, sampling, keys))
         return out
-    out.append(pick(sampling.distribution(logits[len(drafts)]), sampling))
+    out.append(pick(sampling.distribution(logits[len(drafts)]), sampling, keys))
     return out
 
 
@@ -152,7 +156,7 @@ def check_cache_slack(cache: list, k: int) -> None:
 
 
 def speculative_steps(model: Model, prompt: list[int], cache: list, drafter: Drafter,
-                      sampling: SamplingParams, max_tokens: int, kv: KVSettings,
+                      sampling: SamplingParams, keys: Keys, max_tokens: int, kv: KVSettings,
                       counts: DraftCounts, prefill_step_size: int,
                       progress: Progress | None = None) -> Iterator[int]:
     """Tokens as they are accepted (the first after the prompt's prefill)."""
@@ -160,7 +164,7 @@ def speculative_steps(model: Model, prompt: list[int], cache: list, drafter: Dra
 
     check_cache_slack(cache, drafter.k)
     if isinstance(drafter, ModelDrafter):
-        drafter.sampling = sampling
+        drafter.sampling, drafter.keys = sampling, keys
     processors = sampling.logits_processors()
     for start in range(0, len(prompt) - 1, prefill_step_size):  # all but the last token
         model(mx.array([prompt[start:min(start + prefill_step_size, len(prompt) - 1)]]),
@@ -191,7 +195,7 @@ def speculative_steps(model: Model, prompt: list[int], cache: list, drafter: Dra
         if mx.isnan(logits).any().item():
             raise GenerationError("the model's output is not a number (NaN or inf logits): "
                                   "its weights are probably corrupt")
-        kept = verify(logits, drafts, q, sampling)
+        kept = verify(logits, drafts, q, sampling, keys)
         accepted = len(kept) - 1
         counts.accepted += accepted
         rejected = len(drafts) - accepted

@@ -26,7 +26,7 @@ class Stats:
     generation_tokens: int
     generation_tps: float
     ttft: float  # seconds to the first token
-    peak_memory: int  # bytes
+    peak_memory: int  # bytes MLX held at most during the reply (see `PeakMemory`)
     finish_reason: str | None = None
     forward_passes: int = 0  # the model's passes while generating (drafted decoding: fewer)
     draft_proposed: int = 0
@@ -61,7 +61,9 @@ class Clock:
         return (self.first or time.perf_counter()) - self.start
 
     def stats(self, prompt_tokens: int, tokens: list[int], text: str = "",
-              finish_reason: str | None = None) -> Stats:
+              finish_reason: str | None = None, peak_memory: int | None = None) -> Stats:
+        """The numbers; `peak_memory` defaults to MLX's process-wide peak (for a caller that
+        reset it before the run: `bench`)."""
         import mlx.core as mx
 
         ttft = self.ttft
@@ -72,5 +74,31 @@ class Clock:
             prompt_tps=prompt_tokens / max(ttft, 1e-9),
             generation_tokens=generated,
             generation_tps=(generated - 1) / decode_time if generated > 1 else 0.0,
-            ttft=ttft, peak_memory=mx.get_peak_memory(), finish_reason=finish_reason,
-            tokens=tokens, text=text)
+            ttft=ttft, finish_reason=finish_reason, tokens=tokens, text=text,
+            peak_memory=mx.get_peak_memory() if peak_memory is None else peak_memory)
+
+
+class PeakMemory:
+    """The most memory MLX held during one reply, without resetting its process-wide peak
+    (other replies, threads and callers read that counter too). When the reply raises the
+    process's peak (always, after a caller's own `mx.reset_peak_memory()`), that new peak is
+    exact; otherwise the reply stayed below an earlier peak, and the figure is the most held
+    between tokens."""
+
+    def __init__(self) -> None:
+        import mlx.core as mx
+
+        self.baseline = mx.get_peak_memory()
+        self.held = mx.get_active_memory()
+
+    def seen(self) -> None:
+        import mlx.core as mx
+
+        self.held = max(self.held, mx.get_active_memory())
+
+    def bytes(self) -> int:
+        import mlx.core as mx
+
+        self.seen()
+        peak = mx.get_peak_memory()
+        return peak if peak > self.baseline else self.held

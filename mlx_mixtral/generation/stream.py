@@ -17,10 +17,10 @@ from ..errors import GenerationError
 from ..model.decoder import Model
 from ..text.chat_format import clean_text
 from ..text.tokenizer import Tokenizer
-from .kv import KVSettings
-from .sampling import SamplingParams
+from .kv import KVSettings, kv_settings
+from .sampling import Keys, SamplingParams
 from .speculative import DraftCounts, Drafter, speculative_steps
-from .stats import Clock, Progress, Stats
+from .stats import Clock, PeakMemory, Progress, Stats
 
 DEFAULT_PREFILL_STEP = 512
 
@@ -155,6 +155,9 @@ def stream_generate(
     cache: list | None = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     kv: KVSettings | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int | None = None,
+    quantized_kv_start: int | None = None,
     draft: Drafter | None = None,
     progress: Progress | None = None,
     processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = (),
@@ -167,7 +170,8 @@ def stream_generate(
     {"role", "content"} messages, or token ids. Sampling: a `SamplingParams` and/or its fields
     as keywords (temperature, top_p, top_k, min_p, repetition_penalty, repetition_context,
     max_tokens, seed). `cache`: a KV cache holding earlier tokens, which are not prefilled again.
-    `kv`: quantized keys and values (`KVSettings`). `draft`: a `Drafter` (a draft model or
+    `kv`: quantized keys and values (`KVSettings`), or mlx-lm's `kv_bits`, `kv_group_size` and
+    `quantized_kv_start` (not both). `draft`: a `Drafter` (a draft model or
     prompt lookup) for drafted decoding. `progress(done, total)` hears how far the prompt's
     prefill has come, after each chunk. `processors`: more logits processors (mlx-lm's
     signature), after the sampling ones: a grammar's mask, say. `logprobs`: give each chunk its
@@ -175,11 +179,10 @@ def stream_generate(
     params = SamplingParams.from_kwargs(sampling, **settings)
     ids = prompt_ids(tokenizer, prompt, system=system, raw=raw, chat_format=chat_format)
     check_prompt(model, ids, cache[0].offset if cache else 0)
-    kv = kv or KVSettings()
+    kv = kv_settings(kv, kv_bits, kv_group_size, quantized_kv_start)
     kv.check(model.args.head_dim)
     prefill_step_size = prefill_chunk(model, prefill_step_size)
-    if params.seed is not None:
-        mx.random.seed(params.seed)
+    keys = Keys(params.seed)
     cache = cache if cache is not None else model.make_cache(slack=draft.k if draft else 0)
     max_tokens = min(params.max_tokens, context_length(model) - cache[0].offset - len(ids))
 
@@ -187,21 +190,22 @@ def stream_generate(
     stops = StopStrings(stop)
     tokens: list[int] = []
     text, finish, hit = "", None, False
-    mx.reset_peak_memory()
+    peak = PeakMemory()
     clock = Clock()
     counts = DraftCounts()
     if draft is None:
-        steps = _plain_steps(model, ids, cache, params, max_tokens, kv, prefill_step_size,
+        steps = _plain_steps(model, ids, cache, params, keys, max_tokens, kv, prefill_step_size,
                              progress, processors)
     else:
         if processors or logprobs is not None:
             raise GenerationError("drafted decoding takes no logits processors or logprobs")
         steps = _without_logprobs(speculative_steps(
-            model, ids, cache, draft, params, max_tokens, kv, counts, prefill_step_size,
+            model, ids, cache, draft, params, keys, max_tokens, kv, counts, prefill_step_size,
             progress))
     try:
         for token, row in steps:
             clock.first_token()
+            peak.seen()
             tokens.append(token)
             if token in tokenizer.eos_ids:
                 finish = "stop"
@@ -223,7 +227,7 @@ def stream_generate(
     text += rest
     finish = finish or ("stop" if hit else "length")
     yield Chunk(rest, None, finish)
-    stats = clock.stats(len(ids), tokens, text, finish)
+    stats = clock.stats(len(ids), tokens, text, finish, peak.bytes())
     stats.forward_passes = counts.forward_passes if draft else len(tokens)
     stats.draft_proposed, stats.draft_accepted = counts.proposed, counts.accepted
     yield stats
@@ -248,7 +252,7 @@ def _logprobs_of(row: mx.array | None, token: int,
 
 
 def _plain_steps(model: Model, ids: list[int], cache: list, params: SamplingParams,
-                 max_tokens: int, kv: KVSettings, prefill_step_size: int,
+                 keys: Keys, max_tokens: int, kv: KVSettings, prefill_step_size: int,
                  progress: Progress | None = None,
                  processors: Sequence[Callable] = ()) -> Iterator[tuple[int, mx.array]]:
     """mlx-lm's token loop (chunked prefill, pipelined decoding, its KV quantization):
@@ -256,7 +260,7 @@ def _plain_steps(model: Model, ids: list[int], cache: list, params: SamplingPara
     from mlx_lm.generate import generate_step  # (imports transformers: not at import time)
 
     steps = generate_step(mx.array(ids), model, max_tokens=max_tokens,
-                          sampler=guard_nan(params.sampler(model.args.vocab_size)),
+                          sampler=guard_nan(params.sampler(model.args.vocab_size, keys)),
                           logits_processors=params.logits_processors() + list(processors),
                           prompt_cache=cache, prefill_step_size=prefill_step_size,
                           prompt_progress_callback=progress, **kv.step_kwargs())

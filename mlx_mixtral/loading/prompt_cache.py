@@ -41,7 +41,11 @@ def model_fingerprint(model: Model) -> str:
 
 def save_prompt_cache(path: str | Path, cache: list, metadata: dict[str, str] | None = None,
                       *, model: Model | None = None, tokens: list[int] | None = None) -> None:
-    """Write `cache` (with the `tokens` it holds and `model`'s fingerprint) to `path`."""
+    """Write `cache` (with the `tokens` it holds and `model`'s fingerprint) to `path`.
+
+    mlx-lm's call shape, `save_prompt_cache(path, cache, metadata)`, works too: each layer's
+    positions are in the file either way, so it loads back as it was; without `tokens` the
+    file cannot tell which prompt it continues (its metadata's "tokens" is then None)."""
     path = Path(path)
     tensors: dict[str, mx.array] = {}
     for i, c in enumerate(cache):
@@ -54,7 +58,7 @@ def save_prompt_cache(path: str | Path, cache: list, metadata: dict[str, str] | 
         "format": FORMAT, "version": VERSION,
         "classes": json.dumps([type(c).__name__ for c in cache]),
         "meta_states": json.dumps([list(c.meta_state) for c in cache]),
-        "tokens": json.dumps(tokens or []),
+        "tokens": json.dumps(None if tokens is None else list(tokens)),
         "model": model_fingerprint(model) if model is not None else "",
         "metadata": json.dumps(metadata or {}),
     }
@@ -108,7 +112,8 @@ def _layer(i: int, name: str, meta_state: list, arrays: dict[str, mx.array],
 def load_prompt_cache(path: str | Path, return_metadata: bool = False,
                       model: Model | None = None) -> Any:
     """The cache saved in `path` (and its metadata, with "tokens" and "model" added, if
-    `return_metadata`). With `model`, a file computed by another model is refused."""
+    `return_metadata`; "tokens" is None for a file saved without them). With `model`, a file
+    computed by another model is refused."""
     path = Path(path)
     try:
         check_safetensors(path)
@@ -123,18 +128,22 @@ def load_prompt_cache(path: str | Path, return_metadata: bool = False,
                                f"{VERSION}); delete the file")
     classes = _json(meta, "classes", list, path)
     meta_states = _json(meta, "meta_states", list, path)
-    tokens = _json(meta, "tokens", list, path)
+    tokens = _json(meta, "tokens", (list, type(None)), path)
     metadata = _json(meta, "metadata", dict, path)
-    if len(classes) != len(meta_states) or not all(isinstance(t, int) for t in tokens):
+    if len(classes) != len(meta_states) or not all(isinstance(t, int) for t in tokens or []):
         raise PromptCacheError(f"{path}: the prompt cache is damaged; delete the file")
     if model is not None:
+        if not meta.get("model"):
+            raise PromptCacheError(f"{path}: this prompt cache does not record the model that "
+                                   "computed it (save_prompt_cache(..., model=model) does); "
+                                   "delete it or pass another --prompt-cache file")
         if len(classes) != len(model.layers) or meta.get("model") != model_fingerprint(model):
             raise PromptCacheError(f"{path}: this prompt cache was computed by another model; "
                                    "delete it or pass another --prompt-cache file")
     cache = [_layer(i, name, list(m), arrays, path)
              for i, (name, m) in enumerate(zip(classes, meta_states, strict=True))]
     if (any(c.offset != cache[0].offset for c in cache)
-            or (cache and len(tokens) != cache[0].offset)):
+            or (cache and tokens is not None and len(tokens) != cache[0].offset)):
         raise PromptCacheError(f"{path}: the prompt cache's layers disagree; delete the file")
     if return_metadata:
         return cache, {**metadata, "tokens": tokens, "model": meta.get("model", "")}
