@@ -554,7 +554,7 @@ def test_mlx_lm_shaped_save_round_trips(models, tmp_path, case):
 
 def test_a_cache_saved_without_tokens_or_model_is_refused_where_they_are_needed(models,
                                                                              tmp_path):
-    from mlx_mixtral.cli.main import _reused_cache
+    from mlx_mixtral.cli.generate import _reused_cache
 
     model, path = models["mistral"], tmp_path / "c.safetensors"
     save_prompt_cache(path, filled(model, 8))
