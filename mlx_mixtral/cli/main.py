@@ -15,6 +15,8 @@ from .drafting import add_draft_flags, add_kv_flags, drafting_from, kv_from
 
 EXIT_BAD_INPUT = 2
 EXIT_LOST_RANK = 1  # under mlx.launch: another rank stopped
+# The library's errors name its parameters; the command line's user knows them as flags.
+API_FLAGS = {"pipeline=True": "--pipeline"}
 
 
 # Each command's one-line help (in `mlx-mixtral --help`) and its description.
@@ -195,23 +197,22 @@ def add_model_flags(p: argparse.ArgumentParser, model: bool = True,
         add_sampling_flags(p)
 
 
-def check_budget(name: str, max_memory: str | None, force: bool, dtype: str | None):
-    """The model's memory plan within --max-memory, or None when it loads whole: a budget too
-    small, or a model too big even to stream, ends in one line before anything loads. Without
-    --max-memory, a Mixtral larger than the available memory streams its experts within it."""
-    from ..loading import describe, resolve
-    from ..loading.loader import budget_bytes
-    from ..loading.memory_plan import automatic_plan, plan_memory
-    from ..units import size
+# What a user of the command line does about the library's choice to stream (after its note).
+STREAMING_REMEDY = "(--max-memory sets the budget, --force loads it whole)"
 
-    source = describe(resolve(name))
-    if max_memory is not None:
-        return plan_memory(source, budget_bytes(max_memory), dtype)
-    plan = automatic_plan(source, force, dtype)
-    if plan is not None:
-        print(f"{source.path.name} is larger than the {size(plan.budget)} of memory available: "
-              "its experts will be read from disk as chosen (--max-memory sets the budget, "
-              "--force loads it whole)", file=sys.stderr, flush=True)
+
+def plan_for_cli(name: str | None, force: bool = False, dtype: str | None = None, group=None,
+                 pipeline: bool = False, max_memory: str | None = None):
+    """The load plan of the named (or default) model: a missing file, a world the model cannot
+    be split into, a budget that is not a size or too small, a model too big even to stream:
+    one line before anything loads. A Mixtral larger than the available memory, with no
+    --max-memory, streams its experts within it: one line says so."""
+    from ..loading import plan_load
+
+    plan = plan_load(name, force=force, dtype=dtype, group=group, pipeline=pipeline,
+                     max_memory=max_memory)
+    if plan.note is not None:
+        print(f"{plan.note} {STREAMING_REMEDY}", file=sys.stderr, flush=True)
     return plan
 
 
@@ -219,25 +220,16 @@ def load_model_for_cli(name: str | None, force: bool = False, dtype: str | None 
                        group=None, pipeline: bool = False, max_memory: str | None = None):
     """Load the named (or default) model, saying what is happening on stderr (split over the
     ranks of `group` under mlx.launch; rank 0 speaks for all)."""
-    from ..loading import default_model, load
+    from ..loading import load_planned
 
-    name = name or default_model()
-    if group is not None:  # a world the model cannot be split into: one line, nothing read
-        from ..loading import describe, resolve
-        from ..model.sharding import check_world
-
-        check_world(describe(resolve(name)).args, group.size(), pipeline)
-    else:  # a budget that is not a size or too small, a model too big: one line
-        plan = check_budget(name, max_memory, force, dtype)
-        max_memory = plan and plan.budget
+    plan = plan_for_cli(name, force, dtype, group, pipeline, max_memory)
     if group is None or group.rank() == 0:
         split = "" if group is None else (
             f" over {group.size()} ranks ({'pipeline' if pipeline else 'tensor parallel'})")
-        print(f"Loading {name}{split} ...", file=sys.stderr, flush=True)
-    model, tokenizer = load(name, force=force, dtype=dtype, group=group, pipeline=pipeline,
-                            max_memory=max_memory)
-    if model.memory_plan is not None:
-        print(model.memory_plan, file=sys.stderr, flush=True)
+        print(f"Loading {plan.name}{split} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_planned(plan)
+    if plan.memory is not None:
+        print(plan.memory, file=sys.stderr, flush=True)
     return model, tokenizer
 
 
@@ -420,7 +412,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     name = name or default_model()
     # A missing file, an unknown repo, a model too big or a budget too small: one line now,
     # not an app that cannot load.
-    plan = check_budget(name, args.max_memory, args.force, args.dtype)
+    plan = plan_for_cli(name, args.force, args.dtype, max_memory=args.max_memory)
     store = Store(args.db)
     if not terminal:
         store.close()
@@ -430,7 +422,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     if args.prompt_cache_gb > 0:
         caches = PromptCaches(store.path.parent / "prompt-caches", int(args.prompt_cache_gb * 1e9))
     engine = MlxEngine(name, force=args.force, dtype=args.dtype, kv=kv, caches=caches,
-                       drafting=drafting, max_memory=plan and plan.budget)
+                       drafting=drafting, max_memory=plan.memory and plan.memory.budget)
     try:
         ChatApp(engine, name, store, system=args.system, settings=sampling).run()
     finally:
@@ -484,7 +476,7 @@ def _run_info(args: argparse.Namespace) -> int:
         raise MlxMixtralError("--ranks must be >= 1")
     memory = None
     if args.memory is not None:
-        from ..loading.loader import budget_bytes
+        from ..loading.memory_plan import budget_bytes
 
         memory = budget_bytes(args.memory)
     print(info(args.model, args.preset, args.ranks, memory))
@@ -570,8 +562,7 @@ def _bench_launched(args: argparse.Namespace, drafting, kv) -> int:
     """bench under mlx.launch: the model split over the ranks, rank 0 reports."""
     import mlx.core as mx
 
-    from ..loading import describe, resolve
-    from ..model.sharding import check_world
+    from ..loading import plan_load
     from .bench import bench_distributed, preset_folder
     from .distributed import join
 
@@ -582,10 +573,9 @@ def _bench_launched(args: argparse.Namespace, drafting, kv) -> int:
     if args.preset and group.rank() == 0:
         preset_folder(args.preset)  # built once, by rank 0, before the others look
     mx.eval(mx.distributed.all_sum(mx.array(1), group=group))
-    folder = preset_folder(args.preset) if args.preset else resolve(args.model)
-    check_world(describe(folder).args, group.size(), args.pipeline)
-    text = bench_distributed(folder, group, args.pipeline, args.prompt_tokens, args.gen_tokens,
-                             args.runs, args.dtype, dog.beat)
+    folder = preset_folder(args.preset) if args.preset else args.model
+    plan = plan_load(folder, dtype=args.dtype, group=group, pipeline=args.pipeline)
+    text = bench_distributed(plan, args.prompt_tokens, args.gen_tokens, args.runs, dog.beat)
     dog.stop()
     if text is not None:
         print(text)
@@ -659,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except MlxMixtralError as e:
         message = " ".join(str(e).split("\n"))  # one line, whatever a library put in it
+        for api, flag in API_FLAGS.items():
+            message = message.replace(api, flag)
         print(f"mlx-mixtral: error: {message}", file=sys.stderr, flush=True)
         return EXIT_LOST_RANK if isinstance(e, DistributedError) else EXIT_BAD_INPUT
     except KeyboardInterrupt:

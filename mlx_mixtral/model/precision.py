@@ -1,7 +1,7 @@
 """The one place that decides which dtype a loaded model computes in, per backend.
 
-- Asked for a dtype (`load(..., dtype=)`, `--dtype`): every float tensor takes it, quantization
-  scales included, and activations and logits follow.
+- Asked for a dtype (`load(..., dtype=)`): every float tensor takes it, quantization scales
+  included, and activations and logits follow.
 - Not asked, on the CPU backend: float32. Half-precision activations make quantized matmuls
   about 8x slower there, and float16 scales about 30x.
 - Not asked, on Metal: the checkpoint's own dtype.
