@@ -266,10 +266,41 @@ def test_a_mixtral_too_big_for_the_memory_streams_by_itself(folder, monkeypatch,
     model, _ = load_model_for_cli(str(path))
     model.limits.expert_streamer.close()
     assert model.limits.memory_plan.streaming and model.limits.memory_plan.budget == half
-    assert "experts will be read from disk" in capsys.readouterr().err
+    from mlx_mixtral.units import size
+
+    assert (f"q4 is larger than the {size(half)} of memory available: its experts will be "
+            "read from disk as chosen (--max-memory sets the budget, --force loads it whole)\n"
+            ) in capsys.readouterr().err
     listed = _described(str(path), path, "local")
     assert fit_word(listed, half) == "streams" and fit_word(listed, 2 * half + 10**6) == "yes"
     monkeypatch.setattr("mlx_mixtral.loading.memory.available_memory", lambda: 10**6)
     with pytest.raises(MemoryLimitError, match="stream its experts from disk .that needs at "):
         load_model_for_cli(str(path))
     assert fit_word(listed, 10**6) == "no"
+
+
+def test_load_streams_a_mixtral_too_big_for_the_memory_by_itself(folder, monkeypatch, capsys):
+    """The library's behaviour, not a front end's: `load` plans within the memory available,
+    says so in one line on stderr, and caps the model's context and prefill chunks to the plan;
+    with `stream_experts=False` it refuses instead."""
+    from mlx_mixtral.errors import MemoryLimitError
+    from mlx_mixtral.generation.stream import context_length, prefill_chunk
+    from mlx_mixtral.units import size
+
+    path = folder / "q4"
+    half = int(0.5 * model_bytes(path))
+    monkeypatch.setattr("mlx_mixtral.loading.memory.available_memory", lambda: half)
+    model, _ = load(path, tokenizer=False)
+    limits = model.limits
+    limits.expert_streamer.close()
+    plan = limits.memory_plan
+    assert plan.streaming and plan.budget == half
+    assert any(isinstance(m, StreamingMoE) for _, m in model.named_modules())
+    assert context_length(model) == plan.context_limit < WIDE["max_position_embeddings"]
+    assert prefill_chunk(model, 4096) == plan.prefill_step
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"q4 is larger than the {size(half)} of memory available: its "
+                          "experts will be read from disk as chosen ("), err
+    with pytest.raises(MemoryLimitError, match="the model needs about"):
+        load(path, tokenizer=False, stream_experts=False)
