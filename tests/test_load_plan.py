@@ -43,6 +43,9 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, module: str, name: str) -> list
 def reads(monkeypatch):
     for module in USERS:
         importlib.import_module(module)
+    # The package's lazy namespace keeps what it hands out: have it hold the original now, so
+    # that it is patched (and restored) with the modules, not cached as one test's counter.
+    assert importlib.import_module("mlx_mixtral.loading").describe is not None
     calls = {"describe": count_calls(monkeypatch, "mlx_mixtral.loading.source", "describe"),
              "header walk": count_calls(monkeypatch, "mlx_mixtral.loading.gguf_file",
                                         "read_gguf_header"),
