@@ -81,9 +81,9 @@ class LoadOnly:
         self.engine.load(lambda share: None)
 
 
-@pytest.mark.xfail(strict=True, reason="the app's MlxEngine.load plans again (describe and "
-                   "check_world twice more) until it builds the plan it is given (issue 22: "
-                   "the integrator wires it, then removes this mark)")
+@pytest.mark.xfail(strict=True, reason="the app's MlxEngine.load decides the memory policy "
+                   "again (3 describes, 2 check_world) until it loads the plan the command "
+                   "line gives it (issue 22: the integrator wires it, then drops this mark)")
 def test_chat_reads_the_headers_once(reads, monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "stdin", Terminal())
     monkeypatch.setattr(sys, "stdout", Terminal())
