@@ -24,6 +24,7 @@ import numpy as np
 
 from ..generation.kv import KVSettings
 from ..model.config import ModelArgs
+from ..model.limits import DEFAULT_PREFILL_STEP
 from ..units import size
 
 if TYPE_CHECKING:
@@ -119,8 +120,8 @@ def make_cache(model: Any) -> list:
     return make_prompt_cache(model)
 
 
-def measure(engine: Engine, prompt: mx.array, gen_tokens: int, prefill_step: int = 512,
-            kv: KVSettings | None = None) -> Run:
+def measure(engine: Engine, prompt: mx.array, gen_tokens: int,
+            prefill_step: int = DEFAULT_PREFILL_STEP, kv: KVSettings | None = None) -> Run:
     from mlx_lm.generate import generate_step
 
     from ..generation.stats import Clock
