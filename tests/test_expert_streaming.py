@@ -67,14 +67,14 @@ def test_40_percent_budget_same_tokens_within_budget(folder):
     mx.synchronize()
     mx.reset_peak_memory()
     model, _ = load(folder / "q4", tokenizer=False, max_memory=budget, context=CONTEXT)
-    plan = model.memory_plan
+    plan = model.limits.memory_plan
     assert plan.streaming and plan.top_k <= plan.slots < 8
     assert mx.get_peak_memory() < plan.resident + plan.slot_bytes + plan.expert, \
         "loading materialised more than the slots: the stacked expert table was read"
     got = greedy(model, prompt, 256)
     peak = mx.get_peak_memory()
-    stats = model.expert_streamer.stats.total()
-    model.expert_streamer.close()
+    stats = model.limits.expert_streamer.stats.total()
+    model.limits.expert_streamer.close()
     assert got == want
     assert peak <= 1.05 * budget, f"peak {peak / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB"
     assert stats.reads > 0 and stats.hits < stats.needed  # it did stream
@@ -94,7 +94,7 @@ def test_logits_match_resident(folder):
         step = mx.array([[token]])
         want, got = resident(step, cache=caches[0]), model(step, cache=caches[1])
         np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, rtol=0)
-    model.expert_streamer.close()
+    model.limits.expert_streamer.close()
 
 
 class Numbers:
@@ -125,8 +125,8 @@ def test_the_budget_caps_the_context_and_a_reply_stops_there(folder):
     budget = minimum_budget(describe(folder / "q4"), context=256)
     model, _ = load(folder / "q4", tokenizer=False, max_memory=budget, context=256)
     limit = context_length(model)
-    assert 256 <= limit == model.memory_plan.context_limit < WIDE["max_position_embeddings"]
-    assert f"a context of {limit:,} tokens" in str(model.memory_plan)
+    assert 256 <= limit == model.limits.memory_plan.context_limit < WIDE["max_position_embeddings"]
+    assert f"a context of {limit:,} tokens" in str(model.limits.memory_plan)
     with pytest.raises(GenerationError, match="fits the memory budget is"):
         check_prompt(model, [1] * limit)
     prompt = np.random.RandomState(2).randint(0, WIDE["vocab_size"], limit - 8).tolist()
@@ -135,7 +135,7 @@ def test_the_budget_caps_the_context_and_a_reply_stops_there(folder):
     *_, stats = stream_generate(model, Numbers(), prompt, max_tokens=64,
                                 sampling=SamplingParams(temperature=0))
     peak = mx.get_peak_memory()
-    model.expert_streamer.close()
+    model.limits.expert_streamer.close()
     assert stats.finish_reason == "length" and len(stats.tokens) == 8
     assert peak <= 1.05 * budget, f"peak {peak / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB"
 
@@ -144,7 +144,7 @@ def test_one_sync_per_layer_and_each_expert_read_once_per_chunk(folder, monkeypa
     budget = int(0.4 * model_bytes(folder / "q4"))
     model, _ = load(folder / "q4", tokenizer=False, max_memory=budget, context=CONTEXT,
                     prefetch=False)
-    streamer = model.expert_streamer
+    streamer = model.limits.expert_streamer
     cache = model.make_cache()
     chunk = mx.array([np.random.RandomState(2).randint(0, 512, 48).tolist()])
     mx.eval(model(chunk, cache=cache))
@@ -163,8 +163,8 @@ def test_one_sync_per_layer_and_each_expert_read_once_per_chunk(folder, monkeypa
 
 def test_whole_model_within_budget_changes_nothing(folder):
     model, _ = load(folder / "q4", tokenizer=False, max_memory="24GB")
-    assert not model.memory_plan.streaming
-    assert model.expert_streamer is None
+    assert not model.limits.memory_plan.streaming
+    assert model.limits.expert_streamer is None
     assert all(type(layer.block_sparse_moe) is SparseMoE for layer in model.layers)
     assert not any(isinstance(m, StreamingMoE) for _, m in model.named_modules())
 
@@ -177,11 +177,11 @@ def test_float_checkpoint_streams_its_per_expert_tensors(tmp_path):
     resident, _ = load(tmp_path / "hf", tokenizer=False)
     budget = int(0.6 * model_bytes(tmp_path / "hf"))
     model, _ = load(tmp_path / "hf", tokenizer=False, max_memory=budget, context=64)
-    assert model.memory_plan.streaming
+    assert model.limits.memory_plan.streaming
     ids = mx.array([list(range(1, 40))])
     np.testing.assert_allclose(np.array(model(ids)), np.array(resident(ids)), atol=1e-5,
                                rtol=0)
-    model.expert_streamer.close()
+    model.limits.expert_streamer.close()
 
 
 def test_slots_evict_least_recently_or_least_often_used():
@@ -220,10 +220,10 @@ def test_budget_too_small_says_the_minimum_and_it_works(folder):
     mx.synchronize()
     mx.reset_peak_memory()
     model, _ = load(folder / "q4", tokenizer=False, max_memory=minimum)
-    assert model.memory_plan.slots == 2  # top-k experts per layer: the least that runs
+    assert model.limits.memory_plan.slots == 2  # top-k experts per layer: the least that runs
     got = greedy(model, prompt, 6)  # it works: the resident model's tokens, within the budget
-    peak, budget = mx.get_peak_memory(), model.memory_plan.budget
-    model.expert_streamer.close()
+    peak, budget = mx.get_peak_memory(), model.limits.memory_plan.budget
+    model.limits.expert_streamer.close()
     assert got == want
     assert peak <= 1.05 * budget, f"peak {peak / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB"
 
@@ -295,12 +295,43 @@ def test_a_mixtral_too_big_for_the_memory_streams_by_itself(folder, monkeypatch,
     monkeypatch.setattr("mlx_mixtral.loading.memory.available_memory", lambda: half)
     monkeypatch.setattr("mlx_mixtral.loading.loader.load_tokenizer", lambda *_: None)  # none
     model, _ = load_model_for_cli(str(path))
-    model.expert_streamer.close()
-    assert model.memory_plan.streaming and model.memory_plan.budget == half
-    assert "experts will be read from disk" in capsys.readouterr().err
+    model.limits.expert_streamer.close()
+    assert model.limits.memory_plan.streaming and model.limits.memory_plan.budget == half
+    from mlx_mixtral.units import size
+
+    assert (f"q4 is larger than the {size(half)} of memory available: its experts will be "
+            "read from disk as chosen (--max-memory sets the budget, --force loads it whole)\n"
+            ) in capsys.readouterr().err
     listed = _described(str(path), path, "local")
     assert fit_word(listed, half) == "streams" and fit_word(listed, 2 * half + 10**6) == "yes"
     monkeypatch.setattr("mlx_mixtral.loading.memory.available_memory", lambda: 10**6)
     with pytest.raises(MemoryLimitError, match="stream its experts from disk .that needs at "):
         load_model_for_cli(str(path))
     assert fit_word(listed, 10**6) == "no"
+
+
+def test_load_streams_a_mixtral_too_big_for_the_memory_by_itself(folder, monkeypatch, capsys):
+    """The library's behaviour, not a front end's: `load` plans within the memory available,
+    says so in one line on stderr, and caps the model's context and prefill chunks to the plan;
+    with `stream_experts=False` it refuses instead."""
+    from mlx_mixtral.errors import MemoryLimitError
+    from mlx_mixtral.generation.stream import context_length, prefill_chunk
+    from mlx_mixtral.units import size
+
+    path = folder / "q4"
+    half = int(0.5 * model_bytes(path))
+    monkeypatch.setattr("mlx_mixtral.loading.memory.available_memory", lambda: half)
+    model, _ = load(path, tokenizer=False)
+    limits = model.limits
+    limits.expert_streamer.close()
+    plan = limits.memory_plan
+    assert plan.streaming and plan.budget == half
+    assert any(isinstance(m, StreamingMoE) for _, m in model.named_modules())
+    assert context_length(model) == plan.context_limit < WIDE["max_position_embeddings"]
+    assert prefill_chunk(model, 4096) == plan.prefill_step
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"q4 is larger than the {size(half)} of memory available: its "
+                          "experts will be read from disk as chosen ("), err
+    with pytest.raises(MemoryLimitError, match="the model needs about"):
+        load(path, tokenizer=False, stream_experts=False)

@@ -17,7 +17,7 @@ import mlx_mixtral
 from mlx_mixtral import ChatFormatError, ConfigError, MlxMixtralError, ModelArgs
 from mlx_mixtral.errors import SamplingError
 from mlx_mixtral.generation.sampling import SamplingParams
-from mlx_mixtral.loading.gguf_weights import config_from_metadata
+from mlx_mixtral.loading.gguf_file import config_from_metadata
 from mlx_mixtral.loading.source import load_config
 from mlx_mixtral.model.config import SUPPORTED_MODEL_TYPES
 from mlx_mixtral.text.chat_format import FORMATS, apply_chat_template

@@ -144,6 +144,15 @@ def test_public_api_still_importable():
         assert getattr(mlx_mixtral, name) is not None, name
 
 
+def test_loading_imports_nothing_from_the_app():
+    """The load policy is the library's: no front end's module decides it (ALLOWED implies
+    this; said here on its own, since the app once held a copy of the policy)."""
+    wrong = [f"{module_name(path)} imports {target}"
+             for path in (PACKAGE / "loading").rglob("*.py")
+             for target in ours(imports_of(path)) if folder_of(target) == "app"]
+    assert not wrong, wrong
+
+
 FLAG = re.compile(r"(?<![\w-])--[a-zA-Z]")
 
 

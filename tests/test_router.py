@@ -72,3 +72,44 @@ def test_even_routing_scores_top_k_as_the_panel_says():
     panel.update = lambda text: shown.append(str(text))
     panel.show([[0.25] * experts], loss, top_k)
     assert "load balance 2.00 (2.00 = even)" in shown[-1]
+
+
+class Numbers:
+    """Token ids as text, for a model without a tokenizer."""
+
+    eos_ids: frozenset[int] = frozenset()
+
+    def detokenizer(self):
+        return self
+
+    def add_token(self, token: int) -> str:
+        return f" {token}"
+
+    def finalize(self) -> str:
+        return ""
+
+
+@pytest.mark.parametrize("drafted", [False, True], ids=["plain", "drafted"])
+def test_a_reply_records_its_routing_through_the_model_call(pair, drafted):
+    """`stream_generate(router_trace=)` hands the trace to the model's own call (no wrapper
+    around the model): every forward pass, prefill and decode, records each layer's routing,
+    and the tokens are those of an untraced reply."""
+    from mlx_mixtral.generation.speculative import LookupDrafter
+    from mlx_mixtral.generation.stream import stream_generate
+
+    _, ours = pair
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8]
+
+    def reply(trace):
+        draft = LookupDrafter(2) if drafted else None
+        *chunks, stats = stream_generate(ours, Numbers(), prompt, max_tokens=6, temperature=0,
+                                         draft=draft, router_trace=trace)
+        return stats.tokens
+
+    trace = RouterTrace()
+    assert reply(trace) == reply(None)
+    layers = ours.args.num_hidden_layers
+    assert len(trace) % layers == 0 and len(trace) >= 2 * layers
+    first_layer = trace[::layers]
+    routed = sum(int(np.prod(r.indices.shape[:-1])) for r in first_layer)
+    assert routed >= len(prompt) + 5  # the prompt, and every token decoded after the first

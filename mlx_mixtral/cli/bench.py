@@ -17,14 +17,18 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 
 from ..generation.kv import KVSettings
 from ..model.config import ModelArgs
+from ..model.limits import DEFAULT_PREFILL_STEP
 from ..units import size
+
+if TYPE_CHECKING:
+    from ..loading.load_plan import LoadPlan
 
 PRESETS: dict[str, dict[str, Any]] = {
     "mixtral-tiny": dict(model_type="mixtral", vocab_size=32000, hidden_size=1024,
@@ -116,8 +120,8 @@ def make_cache(model: Any) -> list:
     return make_prompt_cache(model)
 
 
-def measure(engine: Engine, prompt: mx.array, gen_tokens: int, prefill_step: int = 512,
-            kv: KVSettings | None = None) -> Run:
+def measure(engine: Engine, prompt: mx.array, gen_tokens: int,
+            prefill_step: int = DEFAULT_PREFILL_STEP, kv: KVSettings | None = None) -> Run:
     from mlx_lm.generate import generate_step
 
     from ..generation.stats import Clock
@@ -349,17 +353,18 @@ def bench_main(model: str | None, preset: str | None, prompt_tokens: int, gen_to
     return json.dumps(result, indent=2) if as_json else format_result(result)
 
 
-def bench_distributed(folder: Path, group: mx.distributed.Group, pipeline: bool,
-                      prompt_tokens: int, gen_tokens: int, runs: int, dtype: str | None,
+def bench_distributed(plan: LoadPlan, prompt_tokens: int, gen_tokens: int, runs: int,
                       beat: Callable[[], None]) -> str | None:
-    """Under mlx.launch: our engine with the model split over the ranks; tok/s (medians) and
-    each rank's peak memory. The text is rank 0's to print (None on the other ranks)."""
-    from ..loading import load
+    """Under mlx.launch: our engine with the model split over the ranks as `plan` says; tok/s
+    (medians) and each rank's peak memory. The text is rank 0's to print (None on the other
+    ranks)."""
+    from ..loading import load_planned
 
+    group, folder = plan.group, plan.source.path
     start = time.perf_counter()
-    model, _ = load(folder, tokenizer=False, dtype=dtype, group=group, pipeline=pipeline)
+    model, _ = load_planned(plan, tokenizer=False)
     mx.eval(model.parameters())
-    mode = "pipeline" if pipeline else "tensor parallel"
+    mode = "pipeline" if plan.pipeline else "tensor parallel"
     engine = Engine(f"mlx-mixtral over {group.size()} ranks ({mode})", model,
                     time.perf_counter() - start)
     beat()

@@ -79,8 +79,7 @@ def _bench_launched(args: argparse.Namespace, drafting, kv) -> int:
     """bench under mlx.launch: the model split over the ranks, rank 0 reports."""
     import mlx.core as mx
 
-    from ..loading import describe, resolve
-    from ..model.sharding import check_world
+    from ..loading import plan_load
     from .bench import bench_distributed, preset_folder
     from .distributed import join
 
@@ -91,10 +90,9 @@ def _bench_launched(args: argparse.Namespace, drafting, kv) -> int:
     if args.preset and group.rank() == 0:
         preset_folder(args.preset)  # built once, by rank 0, before the others look
     mx.eval(mx.distributed.all_sum(mx.array(1), group=group))
-    folder = preset_folder(args.preset) if args.preset else resolve(args.model)
-    check_world(describe(folder).args, group.size(), args.pipeline)
-    text = bench_distributed(folder, group, args.pipeline, args.prompt_tokens, args.gen_tokens,
-                             args.runs, args.dtype, dog.beat)
+    folder = preset_folder(args.preset) if args.preset else args.model
+    plan = plan_load(folder, dtype=args.dtype, group=group, pipeline=args.pipeline)
+    text = bench_distributed(plan, args.prompt_tokens, args.gen_tokens, args.runs, dog.beat)
     dog.stop()
     if text is not None:
         print(text)

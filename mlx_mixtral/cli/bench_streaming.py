@@ -43,7 +43,7 @@ class StreamRun:
 def parse_budgets(text: str, model_bytes: int, minimum: int) -> list[int]:
     """"min,50%,75%" (the smallest that runs; shares of the model's size once loaded) or sizes
     ("8GB,12GB") -> bytes."""
-    from ..loading.loader import budget_bytes
+    from ..loading.memory_plan import budget_bytes
 
     out = []
     for part in text.split(","):
@@ -79,14 +79,14 @@ def measure_streamed(model: Any, prompt: mx.array, gen_tokens: int) -> StreamRun
     from ..generation.stats import Clock
     from ..generation.stream import prefill_chunk, settle
 
-    streamer = model.expert_streamer
+    streamer = model.limits.expert_streamer
     streamer.reset_stats()
     settle()
     mx.reset_peak_memory()
     cache = model.make_cache()
     clock, tokens, at_first = Clock(), [], None
     for token, _ in generate_step(prompt, model, max_tokens=gen_tokens, prompt_cache=cache,
-                                  prefill_step_size=prefill_chunk(model, 512)):
+                                  prefill_step_size=prefill_chunk(model)):
         clock.first_token()
         if at_first is None:
             streamer.wait()
@@ -137,7 +137,7 @@ def bench_streaming(folder: Path, budgets_text: str, prompt_tokens: int, gen_tok
                                       "note": str(e)})
             continue
         load_s = time.perf_counter() - start
-        plan = model.memory_plan
+        plan = model.limits.memory_plan
         log(str(plan))
         entry: dict[str, Any] = {"budget": budget, "share": budget / model_bytes,
                                  "slots": plan.slots, "experts": plan.experts,
@@ -146,7 +146,7 @@ def bench_streaming(folder: Path, budgets_text: str, prompt_tokens: int, gen_tok
             entry["note"] = "the whole model fits: nothing streams"
             result["budgets"].append(entry)
             continue
-        streamer = model.expert_streamer
+        streamer = model.limits.expert_streamer
         for i, (policy, prefetch) in enumerate(VARIANTS):
             streamer.set_policy(policy, prefetch)
             measure_streamed(model, prompt[:64], 8)  # warm: every expert read once

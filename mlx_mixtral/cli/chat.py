@@ -12,7 +12,7 @@ from .commands import add_command
 from .distributed import launched
 from .drafting import add_draft_flags, add_kv_flags, drafting_from, kv_from
 from .flags import add_model_flags, sampling_from
-from .load_model import check_budget
+from .load_model import plan_for_cli
 
 
 def add_chat(sub: argparse._SubParsersAction) -> None:
@@ -57,7 +57,7 @@ def run_chat(args: argparse.Namespace) -> int:
     name = name or default_model()
     # A missing file, an unknown repo, a model too big or a budget too small: one line now,
     # not an app that cannot load.
-    plan = check_budget(name, args.max_memory, args.force, args.dtype)
+    plan = plan_for_cli(name, args.force, args.dtype, max_memory=args.max_memory)
     store = Store(args.db)
     if not terminal:
         store.close()
@@ -67,7 +67,7 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.prompt_cache_gb > 0:
         caches = PromptCaches(store.path.parent / "prompt-caches", int(args.prompt_cache_gb * 1e9))
     engine = MlxEngine(name, force=args.force, dtype=args.dtype, kv=kv, caches=caches,
-                       drafting=drafting, max_memory=plan and plan.budget)
+                       drafting=drafting, max_memory=plan.memory and plan.memory.budget)
     try:
         ChatApp(engine, name, store, system=args.system, settings=sampling).run()
     finally:

@@ -78,7 +78,7 @@ def run_info(args: argparse.Namespace) -> int:
         raise MlxMixtralError("--ranks must be >= 1")
     memory = None
     if args.memory is not None:
-        from ..loading.loader import budget_bytes
+        from ..loading.memory_plan import budget_bytes
 
         memory = budget_bytes(args.memory)
     print(info(args.model, args.preset, args.ranks, memory))

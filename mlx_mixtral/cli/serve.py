@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import MlxMixtralError
 from .commands import add_command
 from .distributed import add_distributed_flags, launched
 from .drafting import add_kv_flags, kv_from
 from .flags import add_model_flags, sampling_from
-from .load_model import load_model_for_cli
+from .load_model import load_from_plan, plan_for_cli
+
+if TYPE_CHECKING:
+    from ..loading.load_plan import LoadPlan
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_QUEUE = 32
@@ -68,7 +72,7 @@ def model_name(given: str | None, name: str) -> str:
     return path.stem if path.suffix == ".gguf" else path.name or name
 
 
-def serve(args: argparse.Namespace, load_model, sampling, kv, lockstep=None) -> int:
+def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None) -> int:
     """Serve until stopped. With a `lockstep` (the model split over ranks by mlx.launch), rank 0
     serves HTTP and the other ranks run its jobs alongside; a lost rank stops them all."""
     import os
@@ -76,7 +80,6 @@ def serve(args: argparse.Namespace, load_model, sampling, kv, lockstep=None) -> 
 
     import uvicorn
 
-    from ..loading import default_model, describe, resolve
     from ..loading.summary import summarize
     from ..server.cache_pool import CachePool, cache_bytes
     from ..server.http_app import Guards, create_app
@@ -90,17 +93,17 @@ def serve(args: argparse.Namespace, load_model, sampling, kv, lockstep=None) -> 
     if not 0 < args.port < 65536:
         raise MlxMixtralError(f"--port must be between 1 and 65535, got {args.port}")
     api_key = args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY") or None
-    name = args.model or default_model()
+    name = plan.name
     pool = CachePool(pool_budget) if lockstep is None else \
         CachePool(pool_budget, lambda cache: lockstep.largest(cache_bytes(cache)))
-    worker = Worker(lambda: load_model(name), pool, args.max_queue, kv, lockstep,
+    worker = Worker(lambda: load_from_plan(plan), pool, args.max_queue, kv, lockstep,
                     on_lost=lambda: os.kill(os.getpid(), signal.SIGINT))  # uvicorn stops
     model, tokenizer = worker.ready()
     if lockstep is not None and not lockstep.leader:
         worker.thread.join()  # runs rank 0's jobs until rank 0 stops
         return _ended(worker)
     model_id = args.model_id or model_name(args.model, name)
-    summary = summarize(describe(resolve(name)))  # what Ollama's model list says
+    summary = summarize(plan.source)  # what Ollama's model list says
     service = Service(model, tokenizer, model_id, worker, sampling, summary=summary)
     app = create_app(service, Guards(api_key, max_body, tuple(args.cors_origin)))
     where = f"http://{args.host}:{args.port}"
@@ -140,12 +143,12 @@ def run_serve(args: argparse.Namespace) -> int:
         dog.stop()  # loading takes what it takes; the jobs arm it again
         lockstep = Lockstep(group, busy=dog.beat, idle=dog.stop)
 
-    def load(name: str) -> tuple:
-        return load_model_for_cli(name, args.force, args.dtype, group, args.pipeline,
-                                  args.max_memory)
+    plan = plan_for_cli(args.model, args.force, args.dtype, group, args.pipeline,
+                        args.max_memory)  # one line before anything loads, if it cannot
+
 
     try:
-        return serve(args, load, sampling, kv, lockstep)
+        return serve(args, plan, sampling, kv, lockstep)
     except MlxMixtralError:
         raise
     except Exception as e:

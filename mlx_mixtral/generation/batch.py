@@ -17,7 +17,6 @@ from ..text.tokenizer import Tokenizer
 from .sampling import Keys, SamplingParams
 from .stream import (
     BAD_LOGITS,
-    DEFAULT_PREFILL_STEP,
     NOT_A_NUMBER,
     check_prompt,
     context_length,
@@ -37,7 +36,7 @@ def batch_generate(
     system: str | None = None,
     raw: bool = False,
     chat_format: str | None = None,
-    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    prefill_step_size: int | None = None,
     **settings: Any,
 ) -> list[str]:
     """Replies to many prompts, computed together (left-padded to one length)."""

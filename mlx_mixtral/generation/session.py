@@ -23,6 +23,7 @@ import mlx.core as mx
 
 from ..errors import GenerationError
 from ..model.decoder import Model
+from ..model.routing import RouterTrace
 from ..text.chat_format import clean_text, format_segments
 from ..text.tokenizer import Tokenizer
 from .kv import KVSettings
@@ -30,13 +31,7 @@ from .prefix import reuse_prefix
 from .sampling import SamplingParams
 from .speculative import Drafter, check_cache_slack
 from .stats import Clock, PeakMemory, PrefillStopped, Progress, Stats
-from .stream import (
-    DEFAULT_PREFILL_STEP,
-    Chunk,
-    context_length,
-    prefill_chunk,
-    stream_generate,
-)
+from .stream import Chunk, context_length, prefill_chunk, stream_generate
 
 
 class ChatSession:
@@ -55,7 +50,7 @@ class ChatSession:
         self.cache = self._fresh_cache()
         self.cached: list[int] = []  # the token ids whose keys/values are in the cache
         self.last_stats: Stats | None = None
-        self.prefill_step = DEFAULT_PREFILL_STEP  # prompt tokens per forward pass
+        self.prefill_step: int | None = None  # prompt tokens per forward pass (None: default)
 
     def load_messages(self, messages: list[dict[str, str]], system: str | None = None) -> None:
         """Continue a stored conversation: its replies are re-encoded, the cache starts empty."""
@@ -151,6 +146,7 @@ class ChatSession:
         return done
 
     def _reply(self, sampling: SamplingParams | None = None, progress: Progress | None = None,
+               router_trace: RouterTrace | None = None,
                **settings: Any) -> Iterator[Chunk | Stats]:
         params = SamplingParams.from_kwargs(sampling or self.sampling, **settings)
         ids = self._fit_context(reserve=min(params.max_tokens, 64))
@@ -162,7 +158,7 @@ class ChatSession:
         try:
             for item in stream_generate(self.model, self.tokenizer, new, sampling=params,
                                         cache=self.cache, kv=self.kv, draft=self.draft,
-                                        progress=progress,
+                                        progress=progress, router_trace=router_trace,
                                         prefill_step_size=self.prefill_step):
                 clock.first_token()
                 if isinstance(item, Stats):
@@ -194,7 +190,9 @@ class ChatSession:
         self.last_stats = stats
 
     def send(self, text: str, **settings: Any) -> Iterator[Chunk | Stats]:
-        """Add a user message and stream the reply (`Chunk`s, then `Stats`)."""
+        """Add a user message and stream the reply (`Chunk`s, then `Stats`). `settings`:
+        sampling, `progress` and `router_trace` as `stream_generate` takes them (so for
+        `regenerate` and `edit_last`)."""
         self.messages.append({"role": "user", "content": clean_text(text)})
         return self._reply(**settings)
 

@@ -18,7 +18,7 @@ here the honest figure is the model's forward passes per generated token (`Stats
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -155,11 +155,12 @@ def check_cache_slack(cache: list, k: int) -> None:
                               f"with model.make_cache(slack={k})")
 
 
-def speculative_steps(model: Model, prompt: list[int], cache: list, drafter: Drafter,
-                      sampling: SamplingParams, keys: Keys, max_tokens: int, kv: KVSettings,
-                      counts: DraftCounts, prefill_step_size: int,
+def speculative_steps(model: Callable[..., mx.array], prompt: list[int], cache: list,
+                      drafter: Drafter, sampling: SamplingParams, keys: Keys, max_tokens: int,
+                      kv: KVSettings, counts: DraftCounts, prefill_step_size: int,
                       progress: Progress | None = None) -> Iterator[int]:
-    """Tokens as they are accepted (the first after the prompt's prefill)."""
+    """Tokens as they are accepted (the first after the prompt's prefill); `model`: the
+    model's forward pass."""
     from mlx_lm.generate import maybe_quantize_kv_cache
 
     check_cache_slack(cache, drafter.k)

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
 
 from ..errors import GenerationError
 from ..model.decoder import Model
+from ..model.limits import limits_of
+from ..model.routing import RouterTrace
 from ..text.chat_format import clean_text
 from ..text.tokenizer import Tokenizer
 from .kv import KVSettings, kv_settings
 from .sampling import Keys, SamplingParams
 from .speculative import DraftCounts, Drafter, speculative_steps
 from .stats import Clock, PeakMemory, Progress, Stats
-
-DEFAULT_PREFILL_STEP = 512
 
 
 @dataclass
@@ -75,15 +76,19 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[Any], system: str | 
 def context_length(model: Model) -> int:
     """The longest a prompt and its reply may be: the model's context, or less when a memory
     budget caps its KV cache (any mlx-lm model works too)."""
-    cap = getattr(model, "max_context", None)
-    return min(model.args.max_position_embeddings, cap or model.args.max_position_embeddings)
+    return limits_of(model).context(model.args)
 
 
-def prefill_chunk(model: Any, wanted: int) -> int:
-    """The prefill chunk for `model`: smaller than `wanted` when a memory budget says so
-    (any mlx-lm model works too)."""
-    limit = getattr(model, "prefill_chunk", None)
-    return limit(wanted) if limit is not None else wanted
+def prefill_chunk(model: Any, wanted: int | None = None) -> int:
+    """The prefill chunk for `model`: `wanted` (or the default), smaller when a memory budget
+    says so (model/limits.py decides; any mlx-lm model works too)."""
+    return limits_of(model).prefill_step(wanted)
+
+
+def forward_pass(model: Model, router_trace: RouterTrace | None) -> Callable[..., mx.array]:
+    """The model's forward pass as the token loops call it: recording the MoE routing of
+    every pass in `router_trace`, when one is given."""
+    return model if router_trace is None else partial(model, router_trace=router_trace)
 
 
 def check_prompt(model: Model, ids: Sequence[int], already_cached: int = 0) -> None:
@@ -153,7 +158,7 @@ def stream_generate(
     raw: bool = False,
     chat_format: str | None = None,
     cache: list | None = None,
-    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    prefill_step_size: int | None = None,
     kv: KVSettings | None = None,
     kv_bits: int | None = None,
     kv_group_size: int | None = None,
@@ -162,6 +167,7 @@ def stream_generate(
     progress: Progress | None = None,
     processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = (),
     logprobs: int | None = None,
+    router_trace: RouterTrace | None = None,
     **settings: Any,
 ) -> Iterator[Chunk | Stats]:
     """Yield `Chunk`s as the reply streams, then one `Stats`.
@@ -175,7 +181,9 @@ def stream_generate(
     prompt lookup) for drafted decoding. `progress(done, total)` hears how far the prompt's
     prefill has come, after each chunk. `processors`: more logits processors (mlx-lm's
     signature), after the sampling ones: a grammar's mask, say. `logprobs`: give each chunk its
-    token's log-probability and this many most likely alternatives."""
+    token's log-probability and this many most likely alternatives. `prefill_step_size`:
+    prompt tokens per forward pass (default 512; less within a memory budget).
+    `router_trace`: a `RouterTrace` that records which experts each forward pass chose."""
     params = SamplingParams.from_kwargs(sampling, **settings)
     ids = prompt_ids(tokenizer, prompt, system=system, raw=raw, chat_format=chat_format)
     check_prompt(model, ids, cache[0].offset if cache else 0)
@@ -193,14 +201,15 @@ def stream_generate(
     peak = PeakMemory()
     clock = Clock()
     counts = DraftCounts()
+    forward = forward_pass(model, router_trace)
     if draft is None:
-        steps = _plain_steps(model, ids, cache, params, keys, max_tokens, kv, prefill_step_size,
-                             progress, processors)
+        steps = _plain_steps(model, forward, ids, cache, params, keys, max_tokens, kv,
+                             prefill_step_size, progress, processors)
     else:
         if processors or logprobs is not None:
             raise GenerationError("drafted decoding takes no logits processors or logprobs")
         steps = _without_logprobs(speculative_steps(
-            model, ids, cache, draft, params, keys, max_tokens, kv, counts, prefill_step_size,
+            forward, ids, cache, draft, params, keys, max_tokens, kv, counts, prefill_step_size,
             progress))
     try:
         for token, row in steps:
@@ -251,15 +260,15 @@ def _logprobs_of(row: mx.array | None, token: int,
     return at(token), [(i, at(i)) for i in best]
 
 
-def _plain_steps(model: Model, ids: list[int], cache: list, params: SamplingParams,
-                 keys: Keys, max_tokens: int, kv: KVSettings, prefill_step_size: int,
-                 progress: Progress | None = None,
+def _plain_steps(model: Model, forward: Callable[..., mx.array], ids: list[int], cache: list,
+                 params: SamplingParams, keys: Keys, max_tokens: int, kv: KVSettings,
+                 prefill_step_size: int, progress: Progress | None = None,
                  processors: Sequence[Callable] = ()) -> Iterator[tuple[int, mx.array]]:
-    """mlx-lm's token loop (chunked prefill, pipelined decoding, its KV quantization):
-    (token, its row of log-probabilities)."""
+    """mlx-lm's token loop (chunked prefill, pipelined decoding, its KV quantization) over
+    `forward` (the model's pass): (token, its row of log-probabilities)."""
     from mlx_lm.generate import generate_step  # (imports transformers: not at import time)
 
-    steps = generate_step(mx.array(ids), model, max_tokens=max_tokens,
+    steps = generate_step(mx.array(ids), forward, max_tokens=max_tokens,
                           sampler=guard_nan(params.sampler(model.args.vocab_size, keys)),
                           logits_processors=params.logits_processors() + list(processors),
                           prompt_cache=cache, prefill_step_size=prefill_step_size,

@@ -1,5 +1,6 @@
 """From a checkpoint's tensors to a `Model`: our names, stacked experts, shape checks,
-quantized layers, the backend's dtypes.
+quantized layers, the backend's dtypes; or, for expert streaming, the same model with empty
+expert slots.
 
 Everything stays lazy: `mx.load` maps the files without reading them, and stacking experts and
 casting are lazy graphs, so only one copy of the weights is ever materialised.
@@ -8,13 +9,16 @@ casting are lazy graphs, so only one copy of the weights is ever materialised.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from ..errors import WeightsError
 from ..model.config import ModelArgs
 from ..model.decoder import Model
+from ..model.moe import ExpertsGLU
 from ..model.precision import cast_weights
 
 _EXPERT_NAMES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
@@ -61,12 +65,13 @@ def sanitize(weights: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.arra
     return weights
 
 
-def _quantization_predicate(quantization: dict, weights: dict[str, mx.array]):
-    """Quantize exactly the layers the checkpoint stores quantized (mlx-lm's config format:
-    defaults at the top level, per-layer overrides keyed by module path)."""
+def _quantization_predicate(quantization: dict, stored: Collection[str]):
+    """Quantize exactly the layers the checkpoint stores quantized (`stored`: its tensor names,
+    ours; mlx-lm's config format: defaults at the top level, per-layer overrides keyed by
+    module path)."""
 
     def predicate(path: str, module: nn.Module):
-        if f"{path}.scales" not in weights:
+        if f"{path}.scales" not in stored:
             return False
         if isinstance(quantization.get(path), dict):
             return quantization[path]
@@ -94,22 +99,43 @@ def check_shapes(args: ModelArgs, weights: dict[str, mx.array], source: str) -> 
 
 
 def build_model(args: ModelArgs, weights: dict[str, mx.array], quantization: dict | None,
-                source: str, dtype: str | mx.Dtype | None = None, fuse: bool = True) -> Model:
+                source: str, dtype: str | mx.Dtype | None = None, fuse: bool = True,
+                slots: int | None = None, stored: Collection[str] = ()) -> Model:
     """A `Model` holding `weights` (already in our names), quantized where they are, in the
-    dtypes this backend computes in (`dtype` overrides; see model/precision.py)."""
+    dtypes this backend computes in (`dtype` overrides; see model/precision.py).
+
+    The expert-streaming variant (`slots`): `weights` holds everything but the experts, and
+    each MoE layer gets `slots` expert slots instead of all its experts, left for the caller to
+    fill; `stored` names the experts' tensors, which say how they are quantized."""
     check_shapes(args, weights, source)
     model = Model(args)
+    if slots is not None:
+        for layer in model.layers:
+            layer.block_sparse_moe.switch_mlp = ExpertsGLU(args.hidden_size,
+                                                            args.intermediate_size, slots)
     if isinstance(quantization, dict) and "bits" in quantization:
         nn.quantize(
             model,
             group_size=quantization.get("group_size", 64),
             bits=quantization["bits"],
             mode=quantization.get("mode", "affine"),
-            class_predicate=_quantization_predicate(quantization, weights),
+            class_predicate=_quantization_predicate(quantization, {*weights, *stored}),
         )
+    _load_weights(model, cast_weights(weights, dtype), source, slots is not None)
+    return model.fuse() if fuse else model
+
+
+def _load_weights(model: Model, weights: dict[str, mx.array], source: str,
+                  without_experts: bool) -> None:
+    """Every parameter from `weights` (but the expert slots, when they stream)."""
+    if without_experts:
+        expected = {k for k, _ in tree_flatten(model.parameters()) if ".switch_mlp." not in k}
+        if expected != set(weights):
+            odd = sorted(expected ^ set(weights))[:3]
+            raise WeightsError(f"{source}: weights do not match the config ({', '.join(odd)}); "
+                               "the config and weights do not belong together")
     try:
-        model.load_weights(list(cast_weights(weights, dtype).items()), strict=True)
+        model.load_weights(list(weights.items()), strict=not without_experts)
     except ValueError as e:
         raise WeightsError(f"{source}: weights do not match the config ({e}); the config and "
                            "weights do not belong together") from None
-    return model.fuse() if fuse else model

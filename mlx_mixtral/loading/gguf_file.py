@@ -1,4 +1,5 @@
-"""A GGUF file's header, read once with bounds checks before MLX reads the file.
+"""A GGUF file's header, read once with bounds checks before MLX reads the file, and what it
+says: the model's config, its tensors' types and whether they can be read.
 
 MLX's GGUF reader trusts the counts and lengths in the file: an absurd tensor count, metadata
 count or string length crashes the interpreter. This walks the header (metadata, tensor infos,
@@ -9,12 +10,14 @@ malformed file raises `WeightsError` naming what is wrong.
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..errors import WeightsError
+from ..errors import ConfigError, WeightsError
 
 MAGIC = b"GGUF"
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -23,6 +26,9 @@ DEFAULT_ALIGNMENT = 32
 _FIXED = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
           12: "d"}
 _STRING, _ARRAY = 8, 9
+# GGML type ids of float tensors (F32, F16, BF16); every other type is quantized.
+FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
+GGUF_GROUP_SIZE = 32  # MLX reads GGUF's quantized types as affine weights in groups of 32
 _U64 = struct.Struct("<Q")
 
 
@@ -32,6 +38,20 @@ class TensorInfo:
     shape: tuple[int, ...]  # GGUF order: the fastest-varying dimension first
     type: int  # a GGMLQuantizationType value
     nbytes: int
+
+    @property
+    def count(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def type_name(self) -> str:
+        """"F16", "Q4_K" ...: GGML's name of the tensor's type."""
+        from gguf.constants import GGMLQuantizationType
+
+        return FLOAT_TYPES.get(self.type) or GGMLQuantizationType(self.type).name
 
 
 @dataclass(frozen=True)
@@ -194,3 +214,93 @@ def read_gguf_vocabulary(path: str | Path) -> dict[str, object]:
                 if name.startswith("tokenizer.")}
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
         raise WeightsError(f"{path}: cannot read the GGUF vocabulary ({e})") from None
+
+
+def is_gguf(path: Path) -> bool:
+    """By the magic bytes: Ollama's blobs have no .gguf suffix."""
+    with path.open("rb") as f:
+        return f.read(4) == MAGIC
+
+
+def mlx_bits(qtype: Any) -> int:
+    """The MLX affine width that holds a GGUF type without losing precision to it."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    per_weight = math.ceil(size * 8 / block)
+    return next(b for b in (2, 3, 4, 5, 6, 8) if b >= min(per_weight, 8))
+
+
+def unreadable(path: Path, tensor: str, type_name: str) -> WeightsError:
+    return WeightsError(
+        f"{path}: tensor {tensor} has type {type_name}, which neither MLX nor the gguf package "
+        "can read; use a file with another quantization (Q4_K_M, Q8_0, F16 ...)")
+
+
+def check_readable(path: Path, header: GGUFHeader) -> None:
+    """Refuse, by name, a tensor type that neither MLX nor the gguf package reads."""
+    import gguf.quants
+
+    readable = {"F32", "F16", *(t.name for t in getattr(gguf.quants, "_type_traits", {}))}
+    for t in header.tensors:
+        if t.type_name not in readable:
+            raise unreadable(path, t.name, t.type_name)
+
+
+def _meta(metadata: dict[str, Any], key: str, default: Any = None) -> Any:
+    value = metadata.get(key, default)
+    if hasattr(value, "tolist"):  # an MLX array, from MLX's reading of the file
+        value = value.item() if getattr(value, "size", 0) == 1 else value.tolist()
+    return value
+
+
+def _count(value: Any) -> int:
+    """A metadata count as an int (0 when absent); anything else is refused by ModelArgs."""
+    if value is None:
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
+
+
+def config_from_metadata(metadata: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A Hugging Face style config dict from GGUF metadata."""
+    arch = _meta(metadata, "general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported "
+                          "(only 'llama': Mistral, Mixtral and other llama models)")
+
+    def key(name: str, default: Any = None) -> Any:
+        return _meta(metadata, f"llama.{name}", default)
+
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    experts = _count(key("expert_count"))
+    config = {
+        "model_type": "mixtral" if experts > 1 else "mistral",
+        # (the header walk gives the token list as its length; MLX's reader as the list)
+        "vocab_size": key("vocab_size") or (len(tokens) if isinstance(tokens, list) else tokens
+                                            if isinstance(tokens, int) else None),
+        "hidden_size": key("embedding_length"),
+        "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": key("block_count"),
+        "num_attention_heads": key("attention.head_count"),
+        "num_key_value_heads": key("attention.head_count_kv"),
+        "head_dim": key("attention.key_length"),
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": key("rope.freq_base", 10000.0),
+        "max_position_embeddings": key("context_length", 4096),
+    }
+    if experts > 1:
+        config["num_local_experts"] = experts
+        config["num_experts_per_tok"] = key("expert_used_count", 2)
+    missing = [k for k, v in config.items() if v is None and k != "head_dim"]
+    if missing:
+        raise ConfigError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
+    if experts < 0:
+        raise ConfigError(f"{path}: GGUF metadata llama.expert_count is not a count")
+    return config
+
+
+def header_config(header: GGUFHeader, path: Path) -> dict[str, Any]:
+    """The model's config as the header describes it (no output tensor: a tied head)."""
+    config = config_from_metadata(header.metadata, path)
+    config["tie_word_embeddings"] = all(t.name != "output.weight" for t in header.tensors)
+    return config

@@ -11,7 +11,6 @@ GGUF model runs the same Hugging Face layout as every other format.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,15 +18,14 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 import numpy as np
 
-from ..errors import ConfigError, WeightsError
+from ..errors import WeightsError
 from ..model.config import ModelArgs
 from ..model.decoder import Model
 from .checkpoint import build_model, stack_experts
+from .gguf_file import GGUF_GROUP_SIZE, mlx_bits, unreadable
 
 if TYPE_CHECKING:
     from .source import ModelSource
-
-GGUF_GROUP_SIZE = 32
 
 _TOP_LEVEL = {
     "token_embd": "model.embed_tokens",
@@ -55,58 +53,6 @@ _BLOCK_KEY = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|scales|biases)$")
 _SKIP = ("rope_freqs", "attn_rot_embd")
 
 
-def _meta(metadata: dict[str, Any], key: str, default: Any = None) -> Any:
-    value = metadata.get(key, default)
-    if isinstance(value, mx.array):
-        value = value.item() if value.size == 1 else value.tolist()
-    return value
-
-
-def _count(value: Any) -> int:
-    """A metadata count as an int (0 when absent); anything else is refused by ModelArgs."""
-    if value is None:
-        return 0
-    return value if isinstance(value, int) and not isinstance(value, bool) else -1
-
-
-def config_from_metadata(metadata: dict[str, Any], path: Path) -> dict[str, Any]:
-    """A Hugging Face style config dict from GGUF metadata."""
-    arch = _meta(metadata, "general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported "
-                          "(only 'llama': Mistral, Mixtral and other llama models)")
-
-    def key(name: str, default: Any = None) -> Any:
-        return _meta(metadata, f"llama.{name}", default)
-
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    experts = _count(key("expert_count"))
-    config = {
-        "model_type": "mixtral" if experts > 1 else "mistral",
-        # (the header walk gives the token list as its length; MLX's reader as the list)
-        "vocab_size": key("vocab_size") or (len(tokens) if isinstance(tokens, list) else tokens
-                                            if isinstance(tokens, int) else None),
-        "hidden_size": key("embedding_length"),
-        "intermediate_size": key("feed_forward_length"),
-        "num_hidden_layers": key("block_count"),
-        "num_attention_heads": key("attention.head_count"),
-        "num_key_value_heads": key("attention.head_count_kv"),
-        "head_dim": key("attention.key_length"),
-        "rms_norm_eps": key("attention.layer_norm_rms_epsilon", 1e-5),
-        "rope_theta": key("rope.freq_base", 10000.0),
-        "max_position_embeddings": key("context_length", 4096),
-    }
-    if experts > 1:
-        config["num_local_experts"] = experts
-        config["num_experts_per_tok"] = key("expert_used_count", 2)
-    missing = [k for k, v in config.items() if v is None and k != "head_dim"]
-    if missing:
-        raise ConfigError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
-    if experts < 0:
-        raise ConfigError(f"{path}: GGUF metadata llama.expert_count is not a count")
-    return config
-
-
 def _unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
     """Invert llama.cpp's q/k row permutation (interleaved RoPE -> rotate-half layout)."""
     rows = w.shape[0]
@@ -120,31 +66,6 @@ def _read_tensors(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     except (RuntimeError, ValueError):
         pass  # a tensor type MLX cannot read (K-quants, I-quants, Q5_x ...), or a bad file
     return _read_with_gguf_package(path)
-
-
-def mlx_bits(qtype: Any) -> int:
-    """The MLX affine width that holds a GGUF type without losing precision to it."""
-    from gguf.constants import GGML_QUANT_SIZES
-
-    block, size = GGML_QUANT_SIZES[qtype]
-    per_weight = math.ceil(size * 8 / block)
-    return next(b for b in (2, 3, 4, 5, 6, 8) if b >= min(per_weight, 8))
-
-
-def unreadable(path: Path, tensor: str, type_name: str) -> WeightsError:
-    return WeightsError(
-        f"{path}: tensor {tensor} has type {type_name}, which neither MLX nor the gguf package "
-        "can read; use a file with another quantization (Q4_K_M, Q8_0, F16 ...)")
-
-
-def check_readable(path: Path, tensors: list[tuple[str, str]]) -> None:
-    """Refuse, by name, a (tensor, GGML type) that neither MLX nor the gguf package reads."""
-    import gguf.quants
-
-    readable = {"F32", "F16", *(t.name for t in getattr(gguf.quants, "_type_traits", {}))}
-    for name, kind in tensors:
-        if kind not in readable:
-            raise unreadable(path, name, kind)
 
 
 def _read_with_gguf_package(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:

@@ -76,7 +76,7 @@ def _folder_bytes(source: ModelSource, target: mx.Dtype | None) -> int:
 def _gguf_bytes(source: ModelSource, target: mx.Dtype | None) -> int:
     from gguf.constants import GGMLQuantizationType
 
-    from .gguf_weights import GGUF_GROUP_SIZE, mlx_bits
+    from .gguf_file import GGUF_GROUP_SIZE, mlx_bits
 
     float_size = (target or mx.float16).size
     total = 0

@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from ..errors import MemoryLimitError
 from ..model.precision import target_dtype
-from ..units import size
+from ..units import parse_size, size
 from . import memory
 from .expert_files import is_expert_tensor
 from .memory import check_fits, folder_tensor_bytes, load_bytes
@@ -91,6 +91,19 @@ class MemoryPlan:
                 f"prefill in chunks of {self.prefill_step}")
 
 
+def budget_bytes(max_memory: int | str) -> int:
+    """A budget in bytes from an int or a size like "12GB"."""
+    if isinstance(max_memory, int) and not isinstance(max_memory, bool):
+        if max_memory <= 0:
+            raise MemoryLimitError(f"max_memory must be more than 0, got {max_memory}",
+                                   params=("max_memory",))
+        return max_memory
+    try:
+        return parse_size(str(max_memory))
+    except ValueError as e:
+        raise MemoryLimitError(f"max_memory: {e}", params=("max_memory",)) from None
+
+
 def model_sizes(source: ModelSource, dtype: str | mx.Dtype | None = None) -> tuple[int, int]:
     """(every weight but the experts, the experts) once loaded; GGUF experts count as the
     rest, since they cannot stream."""
@@ -114,7 +127,8 @@ def plan_memory(source: ModelSource, budget: int, dtype: str | mx.Dtype | None =
 
 
 def automatic_plan(source: ModelSource, force: bool = False,
-                   dtype: str | mx.Dtype | None = None) -> MemoryPlan | None:
+                   dtype: str | mx.Dtype | None = None,
+                   context: int | None = None) -> MemoryPlan | None:
     """The plan for a model given no budget, as Ollama offloads what the GPU cannot hold: None
     when the model fits the available memory (or `force` loads it whole); a plan within the
     available memory when it does not but streaming its experts runs there. Otherwise
@@ -125,9 +139,9 @@ def automatic_plan(source: ModelSource, force: bool = False,
     except MemoryLimitError:
         if not streamable(source):
             raise
-    have, least = memory.available_memory(), minimum_budget(source, dtype)
+    have, least = memory.available_memory(), minimum_budget(source, dtype, context)
     if least <= have:
-        return plan_memory(source, have, dtype)
+        return plan_memory(source, have, dtype, context)
     check_fits(source, dtype=dtype,  # the same refusal, with one more way out
                other_way=f"stream its experts from disk (that needs at least {size(least)}), ")
     return None  # memory was freed meanwhile: it fits after all

@@ -14,12 +14,8 @@ from typing import Any
 from ..errors import ConfigError, WeightsError
 from ..jsonfile import read_json_object
 from ..model.config import ModelArgs
-from .gguf_file import read_gguf_header
+from .gguf_file import check_readable, header_config, is_gguf, read_gguf_header
 from .safetensors_file import PICKLE_SUFFIXES, check_safetensors, safetensors_files
-
-GGUF_MAGIC = b"GGUF"
-# GGML type ids of float tensors (F32, F16, BF16); every other type is quantized.
-GGUF_FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
 
 
 @dataclass(frozen=True)
@@ -52,12 +48,6 @@ class ModelSource:
     def quantization(self) -> dict[str, Any] | None:
         q = self.config.get("quantization")
         return q if isinstance(q, dict) else None
-
-
-def is_gguf(path: Path) -> bool:
-    """By the magic bytes: Ollama's blobs have no .gguf suffix."""
-    with path.open("rb") as f:
-        return f.read(4) == GGUF_MAGIC
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -97,24 +87,12 @@ def _describe_folder(folder: Path) -> ModelSource:
 
 
 def _describe_gguf(path: Path) -> ModelSource:
-    from gguf.constants import GGMLQuantizationType
-
-    from .gguf_weights import check_readable, config_from_metadata
-
     header = read_gguf_header(path)
-    check_readable(path, [(t.name, GGMLQuantizationType(t.type).name) for t in header.tensors])
-    names = {t.name for t in header.tensors}
-    config = config_from_metadata(header.metadata, path)
-    config["tie_word_embeddings"] = "output.weight" not in names
-    tensors = []
-    for t in header.tensors:
-        count = 1
-        for d in t.shape:
-            count *= d
-        kind = GGUF_FLOAT_TYPES.get(t.type) or GGMLQuantizationType(t.type).name
-        tensors.append(TensorSpec(t.name, kind, t.nbytes, count))
+    check_readable(path, header)
+    tensors = [TensorSpec(t.name, t.type_name, t.nbytes, t.count) for t in header.tensors]
     vocabulary = f"gguf:{header.metadata.get('tokenizer.ggml.model')}"
-    return ModelSource(path, "gguf", config, tensors, vocabulary, metadata=header.metadata)
+    return ModelSource(path, "gguf", header_config(header, path), tensors, vocabulary,
+                       metadata=header.metadata)
 
 
 def describe(path: Path) -> ModelSource:

@@ -1,22 +1,21 @@
 """Building a Mixtral whose experts stream from its safetensors files (`load(max_memory=)`).
 
-Everything but the experts loads as usual (lazy, then evaluated once). The expert tensors are
-never handed to MLX: each MoE layer gets `plan.slots` empty expert slots, in the dtypes the
-full model would have, and `ExpertFiles` fills them by byte range when the router asks.
+Everything but the experts loads as usual (checkpoint.py's builder, lazy, then evaluated once).
+The expert tensors are never handed to MLX: each MoE layer gets `plan.slots` empty expert
+slots, in the dtypes the full model would have, and `ExpertFiles` fills them by byte range when
+the router asks.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
-from ..errors import WeightsError
 from ..model.decoder import Model
 from ..model.expert_cache import ExpertStreamer, StreamingMoE
-from ..model.moe import ExpertsGLU
-from ..model.precision import cast_weights, loaded_dtype, target_dtype
-from .checkpoint import _quantization_predicate, check_shapes, sanitize
+from ..model.precision import loaded_dtype, target_dtype
+from .checkpoint import build_model, sanitize
 from .expert_files import ExpertFiles, is_expert_tensor
 from .memory_plan import MemoryPlan
 from .safetensors_file import read_safetensors
@@ -44,33 +43,17 @@ def _empty_slots(mlp: nn.Module, float_dtype: mx.Dtype) -> None:
 
 
 def build_streaming(source: ModelSource, plan: MemoryPlan, dtype: str | mx.Dtype | None = None,
-                    policy: str = "lru", prefetch: bool = True) -> Model:
-    """A `Model` holding every weight but the experts, with `plan.slots` slots per layer."""
+                    policy: str = "lru", prefetch: bool = True) -> tuple[Model, ExpertStreamer]:
+    """A `Model` holding every weight but the experts, with `plan.slots` slots per layer, and
+    the streamer that fills them."""
     args = source.args
-    where = str(source.path)
     lazy = read_safetensors(source.files)
     weights = sanitize({k: v for k, v in lazy.items() if not is_expert_tensor(k)}, args)
     del lazy  # the expert tensors were never read: nothing references them now
-    check_shapes(args, weights, where)
-    model = Model(args)
-    for layer in model.layers:
-        layer.block_sparse_moe.switch_mlp = ExpertsGLU(args.hidden_size,
-                                                        args.intermediate_size, plan.slots)
-    quantization = source.quantization
-    if isinstance(quantization, dict) and "bits" in quantization:
-        names = {t.name for t in source.tensors}
-        nn.quantize(model, group_size=quantization.get("group_size", 64),
-                    bits=quantization["bits"], mode=quantization.get("mode", "affine"),
-                    class_predicate=_quantization_predicate(quantization, names))
-    weights = cast_weights(weights, dtype)
-    expected = {k for k, _ in tree_flatten(model.parameters()) if ".switch_mlp." not in k}
-    if expected != set(weights):
-        odd = sorted(expected ^ set(weights))[:3]
-        raise WeightsError(f"{where}: weights do not match the config ({', '.join(odd)}); "
-                           "the config and weights do not belong together")
-    model.load_weights(list(weights.items()), strict=False)
+    experts = {t.name for t in source.tensors if is_expert_tensor(t.name)}
+    model = build_model(args, weights, source.quantization, str(source.path), dtype,
+                        slots=plan.slots, stored=experts)
     del weights
-    model.fuse()
     float_dtype = _slot_float_dtype(source, dtype)
     for layer in model.layers:
         _empty_slots(layer.block_sparse_moe.switch_mlp, float_dtype)
@@ -83,6 +66,4 @@ def build_streaming(source: ModelSource, plan: MemoryPlan, dtype: str | mx.Dtype
     for i, layer in enumerate(model.layers):
         moe = layer.block_sparse_moe
         layer.block_sparse_moe = StreamingMoE(moe.gate, moe.switch_mlp, moe.top_k, i, streamer)
-    model.expert_streamer = streamer
-    model.max_prefill_step = plan.prefill_step
-    return model
+    return model, streamer

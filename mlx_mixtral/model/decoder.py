@@ -8,6 +8,8 @@ stack them).
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu  # silu(gate) * up as one compiled kernel
@@ -15,10 +17,11 @@ from mlx_lm.models.activations import swiglu  # silu(gate) * up as one compiled 
 from .attention import Attention
 from .cache import FullKVCache, RollingKVCache
 from .config import ModelArgs
+from .limits import NO_LIMITS
 from .masks import windowed_mask
 from .moe import SparseMoE
 from .routing import RouterTrace
-from .sharding import run_pipeline, shard_layers, shard_tensors
+from .sharding import check_pipeline, check_world, run_pipeline, shard_layers, shard_tensors
 
 
 class MLP(nn.Module):
@@ -64,19 +67,15 @@ class DecoderStack(nn.Module):
 
     def pipeline(self, group: mx.distributed.Group) -> None:
         """Keep only this rank's run of layers (mlx-lm's pipeline protocol; sharding.py)."""
+        check_pipeline(len(self.layers), group.size())
         shard_layers(self, group)
 
 
 class Model(nn.Module):
-    # Set by loading/streaming.py when experts stream within a memory budget.
-    max_prefill_step: int | None = None  # longer prefill chunks would overrun the budget
-    expert_streamer = None  # the experts' slots and their loader (model/expert_cache.py)
-    memory_plan = None  # the budget's plan (loading/memory_plan.py), when one was given
-    max_context: int | None = None  # a budget's cap on the context (the KV cache must fit)
-
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
+        self.limits = NO_LIMITS  # the loader's, within a memory budget (limits.py)
         self.model_type = args.model_type
         self.model = DecoderStack(args)
         if not args.tie_word_embeddings:
@@ -94,15 +93,19 @@ class Model(nn.Module):
     def shard(self, group: mx.distributed.Group | None = None) -> None:
         """Split every layer over the group's ranks (mlx-lm's tensor-parallel protocol;
         sharding.py)."""
-        shard_tensors(self, group or mx.distributed.init())
-
-    def prefill_chunk(self, wanted: int) -> int:
-        """The prefill chunk to use for a wanted size (smaller within a memory budget)."""
-        return min(wanted, self.max_prefill_step or wanted)
+        group = group or mx.distributed.init()
+        check_world(self.args, group.size(), pipeline=False)
+        shard_tensors(self, group)
 
     @property
     def layers(self) -> list[TransformerBlock]:
         return self.model.layers
+
+    @property
+    def memory_plan(self) -> Any:
+        """The memory budget's plan (loading/memory_plan.py), when the model was loaded within
+        one; None otherwise. (A view of `limits`, named in the README's API.)"""
+        return self.limits.memory_plan
 
     def _padding_mask(self, cache, length: int, padding: mx.array) -> mx.array:
         """(batch, 1, length, keys) mask: causal, windowed, and blind to left padding."""

@@ -1,0 +1,77 @@
+"""The load policy, decided once: from what the user named to the model that will be built.
+
+resolve the name -> describe it (its headers, read once) -> check the distributed world it
+will be split over -> check it fits: resident, with its experts streamed within a budget (the
+one given, or, for a Mixtral larger than the memory available, that memory), or refused with
+`MemoryLimitError` before anything is read. The Python API's `load`, the command line, the chat
+app and the server all build this plan; `loader.load_planned` builds what it says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..errors import MemoryLimitError
+from ..model.sharding import check_world
+from ..units import size
+from .locate import default_model, resolve
+from .memory import check_fits
+from .memory_plan import MemoryPlan, automatic_plan, budget_bytes, plan_memory
+from .source import ModelSource, describe
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    name: str  # as the user named it (or the default model)
+    source: ModelSource  # its description, the only reading of its headers
+    dtype: str | mx.Dtype | None  # None: the backend's choice (model/precision.py)
+    group: mx.distributed.Group | None = None  # ranks to split the model over
+    pipeline: bool = False  # split by layers, not tensor parallel
+    memory: MemoryPlan | None = None  # a budget's plan; None: resident, no budget
+    automatic: bool = False  # the budget is the memory available: the model did not fit
+
+    @property
+    def ranks(self) -> int:
+        return self.group.size() if self.group is not None else 1
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the experts stream from disk into slots."""
+        return self.memory is not None and self.memory.streaming
+
+    @property
+    def note(self) -> str | None:
+        """The one line to tell the user when the library chose to stream; the front end
+        adds how its user changes that (a budget, loading the model whole)."""
+        if not self.automatic or self.memory is None:
+            return None
+        return (f"{self.source.path.name} is larger than the {size(self.memory.budget)} of "
+                "memory available: its experts will be read from disk as chosen")
+
+
+def plan_load(name: str | Path | None = None, *, force: bool = False,
+              dtype: str | mx.Dtype | None = None, group: mx.distributed.Group | None = None,
+              pipeline: bool = False, max_memory: int | str | None = None,
+              context: int | None = None, stream_experts: bool = True) -> LoadPlan:
+    """The plan for loading `name` (see the module doc and `loader.load` for the arguments);
+    anything that cannot load is refused here, before a tensor is read."""
+    name = name or default_model()
+    source = describe(resolve(name))
+    ranks = group.size() if group is not None else 1
+    check_world(source.args, ranks, pipeline)
+    memory, automatic = None, False
+    if max_memory is not None:
+        if ranks > 1:
+            raise MemoryLimitError("max_memory does not combine with mlx.launch yet; split "
+                                   "the model over the ranks, or stream it on one machine",
+                                   params=("max_memory",))
+        memory = plan_memory(source, budget_bytes(max_memory), dtype, context)
+    elif ranks > 1 or not stream_experts:
+        check_fits(source, force, dtype, ranks)
+    else:
+        memory = automatic_plan(source, force, dtype, context)
+        automatic = memory is not None
+    return LoadPlan(str(name), source, dtype, group, pipeline, memory, automatic)

@@ -1,0 +1,47 @@
+"""What a loaded model may do at run time, set once by the loader and read by generation.
+
+A model that runs within a memory budget has a shorter context than its config (the KV cache
+must fit) and shorter prefill chunks (their working memory must fit); a Mixtral whose experts
+stream has the streamer that fills their slots. Without a budget nothing is limited.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import ModelArgs
+    from .expert_cache import ExpertStreamer
+
+# Prompt tokens per forward pass when the caller names none (mlx-lm's default is 2048; 512
+# keeps the prefill's working memory small and its progress visible).
+DEFAULT_PREFILL_STEP = 512
+
+
+@dataclass(frozen=True)
+class RuntimeLimits:
+    max_context: int | None = None  # a budget's cap on prompt + reply (the KV cache must fit)
+    max_prefill_step: int | None = None  # longer prefill chunks would overrun the budget
+    memory_plan: Any = None  # the budget's plan (loading/memory_plan.py's MemoryPlan)
+    expert_streamer: ExpertStreamer | None = None  # the experts' slots and their reader
+
+    def prefill_step(self, wanted: int | None = None) -> int:
+        """The prefill chunk: what the caller wants (or the default), within the budget. The
+        one place the chunk size is decided."""
+        step = wanted or DEFAULT_PREFILL_STEP
+        return min(step, self.max_prefill_step or step)
+
+    def context(self, args: ModelArgs) -> int:
+        """The longest a prompt and its reply may be together."""
+        own = args.max_position_embeddings
+        return min(own, self.max_context or own)
+
+
+NO_LIMITS = RuntimeLimits()
+
+
+def limits_of(model: Any) -> RuntimeLimits:
+    """A model's limits; none for a model that has none (any mlx-lm model works too)."""
+    limits = getattr(model, "limits", None)
+    return limits if isinstance(limits, RuntimeLimits) else NO_LIMITS
