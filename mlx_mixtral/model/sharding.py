@@ -27,14 +27,21 @@ if TYPE_CHECKING:
     from .decoder import DecoderStack, Model
 
 
+def check_pipeline(layers: int, size: int) -> None:
+    """Refuse more pipeline ranks than layers."""
+    if size > layers:
+        raise ConfigError(f"{size} ranks for {layers} layers: pipeline mode needs at least one "
+                          "layer per rank; use fewer ranks")
+
+
 def check_world(args: ModelArgs, size: int, pipeline: bool) -> None:
-    """Refuse a world size the model cannot be split into (before anything is loaded)."""
+    """Refuse a world size the model cannot be split into (before anything is loaded). The
+    splitting functions below trust it: the loader checks once, `Model.shard` and
+    `DecoderStack.pipeline` (mlx-lm's protocol) check for other callers."""
     if size <= 1:
         return
     if pipeline:
-        if size > args.num_hidden_layers:
-            raise ConfigError(f"{size} ranks for {args.num_hidden_layers} layers: pipeline mode "
-                              "needs at least one layer per rank; use fewer ranks")
+        check_pipeline(args.num_hidden_layers, size)
         return
     parts = {"attention heads": args.num_attention_heads,
              "KV heads": args.num_key_value_heads,
@@ -51,7 +58,6 @@ def check_world(args: ModelArgs, size: int, pipeline: bool) -> None:
 def shard_tensors(model: Model, group: mx.distributed.Group) -> None:
     """Tensor parallel, in place (see the module doc)."""
     n = group.size()
-    check_world(model.args, n, pipeline=False)
     for layer in model.layers:
         attn = layer.self_attn
         if "qkv_proj" in attn:  # fused: shard q, k and v each, as segments of one weight
@@ -91,9 +97,6 @@ def layer_range(layers: int, size: int, rank: int) -> range:
 def shard_layers(stack: DecoderStack, group: mx.distributed.Group) -> None:
     """Pipeline parallel, in place: keep this rank's layers, drop the others unread."""
     size, rank = group.size(), group.rank()
-    if size > len(stack.layers):
-        raise ConfigError(f"{size} ranks for {len(stack.layers)} layers: pipeline mode needs "
-                          "at least one layer per rank; use fewer ranks")
     held = layer_range(len(stack.layers), size, rank)
     stack.layers = stack.layers[held.start:held.stop]
     stack.pipeline_group = group
