@@ -10,7 +10,7 @@ import pytest
 from app_helpers import tiny_model_folder, wait_until
 
 from mlx_mixtral.app.chat_app import ChatApp
-from mlx_mixtral.app.engine import MlxEngine
+from mlx_mixtral.app.mlx_engine import MlxEngine
 from mlx_mixtral.app.screens import ModelPickerScreen
 from mlx_mixtral.app.store import Store
 from mlx_mixtral.app.widgets import AssistantMessage, PromptInput
@@ -75,7 +75,7 @@ async def test_the_picker_switches_models_mid_chat(machine, tmp_path):
     converted, hub = machine
     settings = SamplingParams(temperature=0, max_tokens=6)
     app = ChatApp(MlxEngine(str(converted)), str(converted), Store(tmp_path / "chats.db"),
-                  settings=settings, catalog=lambda: local_models(hub))
+                  settings=settings)  # Ctrl+O lists what `local_models` finds (the fakes)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.info is not None)
         prompt = app.query_one(PromptInput)
@@ -101,4 +101,4 @@ async def test_the_picker_switches_models_mid_chat(machine, tmp_path):
         await pilot.press("enter")
         await wait_until(pilot, lambda: app.replies_done > done)
         assert len(app.query(AssistantMessage)) == 2
-        assert app.store.load(app.conversation_id).model == "demo"
+        assert app.store.load(app.conversation.id).model == "demo"

@@ -398,7 +398,7 @@ def _chat_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_chat(args: argparse.Namespace) -> int:
     from ..app.chat_app import ChatApp
-    from ..app.engine import MlxEngine
+    from ..app.mlx_engine import MlxEngine
     from ..app.prompt_caches import PromptCaches
     from ..app.store import Store
     from ..loading import default_model

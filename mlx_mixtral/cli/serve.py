@@ -67,7 +67,7 @@ def details(model: Any, name: str) -> dict[str, Any]:
     """What /api/tags and /api/show say about the model."""
     import mlx.core as mx
 
-    from ..app.engine import quantization_of
+    from ..loading.loaded import quantization_of
     from ..units import human
 
     total, _ = model.args.parameter_counts()

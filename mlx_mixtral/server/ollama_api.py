@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from .. import __version__
+from ..generation.stats import Stats
 from ..text.tools import parse_tool_calls
 from .schemas import (
     NDJSON,
@@ -24,7 +25,6 @@ from .schemas import (
     error_responses,
 )
 from .service import APIError, Service, collect, service_of
-from .worker import Done
 
 router = APIRouter(prefix="/api", responses=error_responses(OllamaError))
 
@@ -50,8 +50,7 @@ def _settings(service: Service, body: OllamaBase) -> dict[str, Any]:
             "stop": [s for s in (o.stop or []) if s] if o else []}
 
 
-def _final(service: Service, done: Done, started: float) -> dict[str, Any]:
-    s = done.stats
+def _final(service: Service, s: Stats, started: float) -> dict[str, Any]:
     ns = 1_000_000_000
     return {"model": service.model_id, "created_at": _now(), "done": True,
             "done_reason": "length" if s.finish_reason == "length" else "stop",
@@ -78,7 +77,7 @@ async def _respond(service: Service, events: AsyncIterator, stream: bool, piece,
         held = hold_from is not None and getattr(first, "token", None) == hold_from
         try:
             while event is not None:
-                if isinstance(event, Done):
+                if isinstance(event, Stats):
                     yield json.dumps(finish(text, event, started, streamed=True)) + "\n"
                     return
                 text += event.text
@@ -117,8 +116,8 @@ async def chat(body: OllamaChatRequest, request: Request):
 
     calls_token = service.tokenizer.token_id("[TOOL_CALLS]") if tools else None
 
-    def finish(text: str, done: Done, started: float, streamed: bool = False) -> dict:
-        called = calls_token is not None and done.stats.tokens[:1] == [calls_token]
+    def finish(text: str, done: Stats, started: float, streamed: bool = False) -> dict:
+        called = calls_token is not None and done.tokens[:1] == [calls_token]
         calls = parse_tool_calls(text) if called else None
         reply = message("" if streamed and not called else text)  # held text is not lost
         if calls:
@@ -150,7 +149,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         return {"model": service.model_id, "created_at": _now(), "response": text,
                 "done": False}
 
-    def finish(text: str, done: Done, started: float, streamed: bool = False) -> dict:
+    def finish(text: str, done: Stats, started: float, streamed: bool = False) -> dict:
         return {**_final(service, done, started), "response": "" if streamed else text}
 
     return await _respond(service, events, body.stream, piece, finish)

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
-from ..generation.stream import Chunk
+from ..generation.stats import Chunk, Stats
 from ..text.tools import parse_tool_calls
 from .schemas import (
     STREAMS,
@@ -26,7 +26,6 @@ from .schemas import (
     error_responses,
 )
 from .service import APIError, Service, collect, service_of
-from .worker import Done
 
 router = APIRouter(prefix="/v1", responses=error_responses(OpenAIError))
 
@@ -49,8 +48,8 @@ def _common(service: Service, body: Sampling, max_tokens: int | None) -> dict[st
     return {"params": params, "stop": stops}
 
 
-def _usage(prompt: int, done: Done) -> dict[str, Any]:
-    completion = done.stats.generation_tokens
+def _usage(prompt: int, done: Stats) -> dict[str, Any]:
+    completion = done.generation_tokens
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
@@ -112,7 +111,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     content_logprobs = [_chat_logprob(service, c) for c in chunks] if logprobs is not None \
         else []
     message: dict[str, Any] = {"role": "assistant", "content": text}
-    finish = _finish(done.stats.finish_reason)
+    finish = _finish(done.finish_reason)
     calls = parse_tool_calls(text) if calls_token is not None and tokens[:1] == [
         calls_token] else None
     if calls:
@@ -150,7 +149,7 @@ async def _chat_stream(service: Service, first: Any, events: AsyncIterator, head
     try:
         event = first
         while event is not None:
-            if isinstance(event, Done):
+            if isinstance(event, Stats):
                 done = event
                 break
             if event.token is not None and event.token == calls_token and held is None:
@@ -169,7 +168,7 @@ async def _chat_stream(service: Service, first: Any, events: AsyncIterator, head
         await events.aclose()  # a client that left cancels the job now
     if done is None:
         return
-    finish = _finish(done.stats.finish_reason)
+    finish = _finish(done.finish_reason)
     calls = parse_tool_calls("".join(held)) if held is not None else None
     if calls:
         yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
@@ -224,7 +223,7 @@ async def completions(body: CompletionRequest, request: Request):
     logprobs = (_completion_logprobs(service, chunks, len(echo))
                 if body.logprobs is not None else None)
     return {**head, "choices": [{"index": 0, "text": text, "logprobs": logprobs,
-                                 "finish_reason": _finish(done.stats.finish_reason)}],
+                                 "finish_reason": _finish(done.finish_reason)}],
             "usage": _usage(len(ids), done)}
 
 
@@ -239,7 +238,7 @@ async def _completion_stream(first: Any, events: AsyncIterator, head: dict, echo
         yield piece(echo)
     event = first
     try:
-        while event is not None and not isinstance(event, Done):
+        while event is not None and not isinstance(event, Stats):
             if event.text:
                 yield piece(event.text)
             event = await anext(events, None)
@@ -250,7 +249,7 @@ async def _completion_stream(first: Any, events: AsyncIterator, head: dict, echo
         await events.aclose()
     if event is None:
         return
-    yield piece("", _finish(event.stats.finish_reason))
+    yield piece("", _finish(event.finish_reason))
     if body.stream_options and body.stream_options.include_usage:
         yield {"data": json.dumps({**head, "choices": [], "usage": _usage(prompt, event)})}
     yield {"data": "[DONE]"}
