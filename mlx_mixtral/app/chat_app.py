@@ -8,7 +8,6 @@ the widgets. All database writes happen on the UI thread.
 
 from __future__ import annotations
 
-import re
 import time
 from collections import deque
 from pathlib import Path
@@ -19,22 +18,13 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Header, ListView
 
-from ..errors import MlxMixtralError
 from ..generation.sampling import SamplingParams
-from ..generation.stats import Chunk, Stats
+from ..generation.stats import Stats
+from .chat_actions import ChatActions
 from .commands import ChatCommands
 from .conversation import Conversation, Turn
-from .engine import Engine, EngineInfo, ModelList, Prefill, Ready
-from .export import export
+from .engine import Engine, EngineInfo, Prefill
 from .keys import FOOTER_KEYS, KEYS, key_label
-from .screens import (
-    ConfirmScreen,
-    HelpScreen,
-    ModelPickerScreen,
-    SettingsScreen,
-    SystemPromptScreen,
-    TextPromptScreen,
-)
 from .store import Store
 from .widgets import (
     ChatList,
@@ -48,7 +38,6 @@ from .widgets import (
 from .worker import EngineWorker
 
 UI_INTERVAL = 0.05  # seconds between UI updates while streaming (about 20 a second)
-CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 ACTIONS = {action for _, action, _, _ in KEYS if action}
 
 
@@ -62,7 +51,7 @@ def prefill_note(progress: Prefill, seconds: float, replying: bool) -> str:
             + (" (Esc stops)" if replying else ""))
 
 
-class ChatApp(App):
+class ChatApp(ChatActions, App):
     TITLE = "mlx-mixtral"
     CSS = """
     #main { height: 1fr; }
@@ -93,7 +82,6 @@ class ChatApp(App):
         # (done, total) as heard, the latest few, for tests and whoever watches the app
         self.prefill_seen: deque[tuple[int, int]] = deque(maxlen=10_000)
         self._prefill_t0 = time.monotonic()
-        self._sidebar_toggled = False
 
     @property
     def generating(self) -> bool:
@@ -119,16 +107,14 @@ class ChatApp(App):
                     and action != "quit")
 
     def on_resize(self, event) -> None:
-        # A narrow terminal gives the conversation the room; Ctrl+B still shows the chats.
-        narrow = event.size.width < 100
-        self.query_one(ChatList).set_class(narrow != self._sidebar_toggled, "hidden")
+        self.query_one(ChatList).fit(event.size.width)
 
     def on_mount(self) -> None:
         self.query_one(MessageList).anchor()
         self.query_one(StatusBar).show(None, note=f"loading {self.model_name} ...")
         self.set_interval(UI_INTERVAL, self._drain)
         self.refresh_sidebar()
-        self.worker.submit(self._load)
+        self._load()
 
     def _focus_prompt(self) -> None:
         self.query_one(PromptInput).focus()
@@ -142,15 +128,11 @@ class ChatApp(App):
 
     # ---- the model ------------------------------------------------------------------------
 
-    def _load(self) -> None:  # on the worker
-        panel = self.query_one(LoadingPanel)
-        try:
-            info = self.engine.load(lambda f: self.call_from_thread(panel.progress, f))
-        except Exception as e:  # noqa: BLE001 - shown in the app, never a traceback
-            message = str(e) if isinstance(e, MlxMixtralError) else f"{type(e).__name__}: {e}"
-            self.call_from_thread(self._load_failed, message)
-            return
-        self.call_from_thread(self._loaded, info)
+    def _load(self, name: str | None = None) -> None:
+        panel, ui = self.query_one(LoadingPanel), self.call_from_thread
+        self.worker.load(lambda fraction: ui(panel.progress, fraction),
+                         lambda info: ui(self._loaded, info),
+                         lambda message: ui(self._load_failed, message), name)
 
     def _loaded(self, info: EngineInfo) -> None:
         self.info = info
@@ -170,34 +152,14 @@ class ChatApp(App):
                                             f"{key_label('ctrl+o')} to choose another model.")
         self.query_one(StatusBar).show(None, note="load failed")
 
-    def action_models(self) -> None:
-        if self.generating:
-            self.notify("Stop the reply first (Esc)", severity="warning")
-            return
-        # In a thread of its own: a server may take its time, and a prefill may hold the worker.
-        self.run_worker(self._list_models, thread=True, exclusive=True, group="models")
-
-    def _list_models(self) -> None:
-        try:
-            offer = self.engine.models()
-        except MlxMixtralError as e:
-            self.call_from_thread(self.notify, str(e), severity="error")
-            return
-        self.call_from_thread(self._offer_models, offer)
-
-    def _offer_models(self, offer: ModelList) -> None:
-        self.push_screen(ModelPickerScreen(offer, self.model_name), self._switch_model)
-
-    def _switch_model(self, name: str | None) -> None:
-        self._focus_prompt()
-        if not name or (name == self.model_name and self.info is not None):
+    def _switch_model(self, name: str) -> None:
+        if name == self.model_name and self.info is not None:
             return
         self.model_name, self.info = name, None
         self.worker.cancel_prefill()
         self.query_one(LoadingPanel).start(name)
         self.query_one(StatusBar).show(None, note=f"loading {name} ...")
-        self.worker.submit(self.engine.select, name)
-        self.worker.submit(self._load)
+        self._load(name)
 
     # ---- chats ----------------------------------------------------------------------------
 
@@ -275,29 +237,20 @@ class ChatApp(App):
         self._status(note="generating ... (Esc stops)")
 
     async def _drain(self) -> None:
-        events = self.worker.take()
-        progress = [e for e in events if isinstance(e, Prefill)]
-        self.prefill_seen += [(p.done, p.total) for p in progress]
-        ready = [e for e in events if isinstance(e, Ready)]
-        if ready:
-            if ready[-1].context:
-                self.conversation.numbers["context_used"] = ready[-1].context
+        heard = self.conversation.hear(self.worker.take())
+        self.prefill_seen += [(p.done, p.total) for p in heard.progress]
+        if heard.ready:
             self._status(note="chat ready")
-        elif progress:
-            self._status(note=prefill_note(progress[-1], time.monotonic() - self._prefill_t0,
-                                           self.generating))
-        if not self.generating:
-            return
-        text = "".join(e.text for e in events if isinstance(e, Chunk))
-        if text:
-            self.conversation.extend(text)
-            await self.query_one(MessageList).last_reply().add(text)
-        end = next((e for e in events if isinstance(e, Stats)), None)
-        if end is not None:
-            await self._finish(end)
+        elif heard.progress:
+            self._status(note=prefill_note(heard.progress[-1], time.monotonic()
+                                           - self._prefill_t0, self.generating))
+        if heard.text:
+            await self.query_one(MessageList).last_reply().add(heard.text)
+        if heard.end is not None:
+            await self._finished(heard.end)
 
-    async def _finish(self, end: Stats) -> None:
-        reply = self.conversation.finish(end)
+    async def _finished(self, end: Stats) -> None:
+        reply = self.conversation.finished
         await self.query_one(MessageList).last_reply().finish(reply.status)
         self.replies_done += 1
         if end.error:
@@ -315,97 +268,16 @@ class ChatApp(App):
         last = self.conversation.last("user")
         if self.generating or last is None:
             return
-        prompt = self.query_one(PromptInput)
-        prompt.text = last.content
-        prompt.move_cursor(prompt.document.end)
-        prompt.focus()
+        self.query_one(PromptInput).edit_text(last.content)
         self.editing = True
         self._status(note="editing the last message: Enter resends it")
 
-    # ---- dialogs and the rest -------------------------------------------------------------
-
-    def action_system_prompt(self) -> None:
-        def apply(text: str | None) -> None:
-            self._focus_prompt()
-            if text is not None and self.conversation.set_system(text):
-                self._prefill()
-                self._status(note="system prompt set" if self.conversation.system
-                             else "no system prompt")
-
-        self.push_screen(SystemPromptScreen(self.conversation.system), apply)
-
-    def action_settings(self) -> None:
-        def apply(settings: SamplingParams | None) -> None:
-            self._focus_prompt()
-            if settings is not None:
-                self.conversation.set_settings(settings)
-                self._status(note="settings saved")
-
-        self.push_screen(SettingsScreen(self.conversation.settings), apply)
-
-    def _copy(self, text: str | None, done: str, nothing: str | None = None) -> None:
-        if text:
-            self.copy_to_clipboard(text)
-            self.notify(done)
-        elif nothing:
-            self.notify(nothing, severity="warning")
-
-    def action_copy_reply(self) -> None:
-        last = self.conversation.last("assistant")
-        self._copy(last and last.content, "Copied the last reply")
-
-    def action_copy_code(self) -> None:
-        last = self.conversation.last("assistant")
-        blocks = CODE_BLOCK.findall(last.content if last else "")
-        self._copy(blocks[-1] if blocks else None, "Copied the last code block",
-                   "The last reply has no code block")
-
-    def action_export(self) -> None:
-        if self.conversation.id is None:
-            self.notify("Nothing to export yet", severity="warning")
-            return
-        md, js = export(self.store.load(self.conversation.id), self.export_dir)
-        self.notify(f"Exported to {md} and {js}")
-
-    def action_delete_chat(self) -> None:
-        cid, title = self.conversation.id, self.conversation.title()
-        if self.generating or cid is None:
-            return
-
-        async def answer(yes: bool | None) -> None:
-            self._focus_prompt()
-            if yes and self.conversation.id == cid:
-                self.conversation.delete()
-                await self.action_new_chat()
-                self.notify(f"Deleted “{title}”")
-
-        self.push_screen(ConfirmScreen(f"Delete the chat “{title}”?\nThis cannot be undone.",
-                                       "Delete"), answer)
-
-    def action_rename_chat(self) -> None:
-        if self.conversation.id is None:
-            self.notify("Nothing to rename yet: send a message first", severity="warning")
-            return
-
-        def apply(title: str | None) -> None:
-            self._focus_prompt()
-            if title:
-                self.conversation.rename(title)
-                self.refresh_sidebar()
-
-        self.push_screen(TextPromptScreen("Rename this chat", self.conversation.title()), apply)
-
     def action_toggle_sidebar(self) -> None:
-        self._sidebar_toggled = not self._sidebar_toggled
-        self.query_one(ChatList).toggle_class("hidden")
+        self.query_one(ChatList).toggle()
 
     def action_toggle_experts(self) -> None:
         if self.info is not None and self.info.is_moe:
             self.query_one(ExpertsPanel).toggle_class("hidden")
-
-    def action_help(self) -> None:
-        self.push_screen(HelpScreen([(key_label(key), text) for key, _, _, text in KEYS]),
-                         lambda _: self._focus_prompt())
 
     async def action_quit(self) -> None:
         self.worker.close()

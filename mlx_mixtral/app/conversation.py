@@ -7,18 +7,20 @@ a copy of the conversation (its `Prompt`), so the worker never reads the list be
 
 from __future__ import annotations
 
+import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import MlxMixtralError
 from ..generation.sampling import SamplingParams
-from ..generation.stats import Stats
-from .engine import Emit, Engine, Prompt, ShouldStop
+from ..generation.stats import Chunk, Stats
+from .engine import Emit, Engine, Event, Prefill, Prompt, Ready, ShouldStop
 from .store import Message, SavedChat, Store
 
 SAVE_INTERVAL = 1.0  # seconds between saves of the reply being streamed
 TITLE_LENGTH = 40  # a new chat's title: the start of its first message
+CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,16 @@ class Turn:
             engine.reply(self.prompt, self.settings, emit, should_stop)
         except Exception as e:  # noqa: BLE001 - shown in the app, never a traceback
             emit(Stats.failed(str(e)))
+
+
+@dataclass
+class Heard:
+    """What the worker's events changed, for the view to show."""
+
+    progress: list[Prefill] = field(default_factory=list)  # of a prompt being read
+    ready: bool = False  # an opened chat is read into the cache
+    text: str = ""  # more of the reply
+    end: Stats | None = None  # the reply ended (`Conversation.finished` is it, stored)
 
 
 def stored_numbers(end: Stats) -> dict[str, Any]:
@@ -56,6 +68,7 @@ class Conversation:
         self.system, self.settings = self.default_system, self.default_settings
         self.messages: list[Message] = []
         self.reply: Message | None = None  # the reply being written
+        self.finished: Message | None = None  # the last reply written
         self.numbers: dict[str, Any] = {}  # the last reply's, for the status bar
         self._saved = 0.0
 
@@ -66,6 +79,11 @@ class Conversation:
 
     def last(self, role: str) -> Message | None:
         return next((m for m in reversed(self.messages) if m.role == role), None)
+
+    def last_code_block(self) -> str | None:
+        reply = self.last("assistant")
+        blocks = CODE_BLOCK.findall(reply.content if reply else "")
+        return blocks[-1] if blocks else None
 
     # ---- chats ----------------------------------------------------------------------------
 
@@ -83,7 +101,7 @@ class Conversation:
         except MlxMixtralError:
             self.settings = self.default_settings
         # This chat's own numbers: its last reply's, not the previous chat's.
-        self.numbers = next((m.stats for m in reversed(saved.messages) if m.stats), None) or {}
+        self.numbers = dict(next((m.stats for m in reversed(saved.messages) if m.stats), {}))
         return saved
 
     def set_model(self, name: str) -> None:
@@ -163,6 +181,23 @@ class Conversation:
 
     # ---- the reply as it streams ----------------------------------------------------------
 
+    def hear(self, events: list[Event]) -> Heard:
+        """Take in what the worker sent since last time."""
+        heard = Heard(progress=[e for e in events if isinstance(e, Prefill)])
+        for ready in (e for e in events if isinstance(e, Ready)):
+            heard.ready = True
+            if ready.context:
+                self.numbers["context_used"] = ready.context
+        if self.reply is None:
+            return heard
+        heard.text = "".join(e.text for e in events if isinstance(e, Chunk))
+        if heard.text:
+            self.extend(heard.text)
+        heard.end = next((e for e in events if isinstance(e, Stats)), None)
+        if heard.end is not None:
+            self.finish(heard.end)
+        return heard
+
     def extend(self, text: str) -> None:
         """More of the reply, saved every second or so: a crash loses at most that."""
         reply = self.reply
@@ -174,6 +209,7 @@ class Conversation:
     def finish(self, end: Stats) -> Message:
         """The reply's end, stored with its numbers; a stopped or failed one is 'stopped'."""
         reply, self.reply = self.reply, None
+        self.finished = reply
         reply.status = "stopped" if end.finish_reason in ("stopped", "error") else "complete"
         reply.stats = self.numbers = stored_numbers(end)
         self.store.update_message(reply.id, reply.content, reply.status, reply.stats)

@@ -109,7 +109,17 @@ class MessageList(VerticalScroll):
 
 
 class ChatList(ListView):
-    """The stored chats, newest first, the open one marked."""
+    """The stored chats, newest first, the open one marked. A narrow terminal hides it, to
+    give the conversation the room; Ctrl+B shows it (or, when wide, hides it)."""
+
+    toggled = False
+
+    def fit(self, width: int) -> None:
+        self.set_class((width < 100) != self.toggled, "hidden")
+
+    def toggle(self) -> None:
+        self.toggled = not self.toggled
+        self.toggle_class("hidden")
 
     def show(self, chats: list[SavedChat], current: int | None) -> None:
         self.clear()
@@ -157,6 +167,12 @@ class PromptInput(TextArea):
         def __init__(self, text: str) -> None:
             super().__init__()
             self.text = text
+
+    def edit_text(self, text: str) -> None:
+        """`text` to edit, typing at its end."""
+        self.text = text
+        self.move_cursor(self.document.end)
+        self.focus()
 
     async def _on_key(self, event) -> None:
         if event.key == "enter":

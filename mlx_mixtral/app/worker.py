@@ -12,8 +12,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..errors import MlxMixtralError
 from .conversation import Turn
-from .engine import Engine, Event, Prompt, Ready
+from .engine import Engine, EngineInfo, Event, Prompt, Ready
 
 
 class EngineWorker:
@@ -36,6 +37,23 @@ class EngineWorker:
         with self._lock:
             events, self._events = self._events, []
         return events
+
+    def load(self, progress: Callable[[float], None], loaded: Callable[[EngineInfo], None],
+             failed: Callable[[str], None], name: str | None = None) -> None:
+        """Load the model (`name`: another one, the loaded one dropped first); the callbacks
+        run on the worker."""
+        if name is not None:
+            self.submit(self.engine.select, name)
+
+        def run() -> None:
+            try:
+                info = self.engine.load(progress)
+            except Exception as e:  # noqa: BLE001 - shown in the app, never a traceback
+                failed(str(e) if isinstance(e, MlxMixtralError) else f"{type(e).__name__}: {e}")
+                return
+            loaded(info)
+
+        self.submit(run)
 
     def reply(self, turn: Turn) -> None:
         self.stopping.clear()
