@@ -119,6 +119,17 @@ def test_no_import_cycle():
             visit(module, [])
 
 
+def test_chat_server_imports_no_mlx():
+    """`chat --server` loads nothing here: the app modules it runs (the app, its HTTP engine,
+    the store, the CLI that starts them) must not import MLX, mlx-lm or transformers."""
+    code = ("import sys; import mlx_mixtral.cli.main, mlx_mixtral.app.chat_app, "
+            "mlx_mixtral.app.http_engine, mlx_mixtral.app.store; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('mlx', 'mlx_lm', 'transformers', 'torch')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_import_is_light():
     code = ("import sys, mlx_mixtral; "
             "print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))")
