@@ -2,8 +2,8 @@
 
 An engine answers a whole conversation (a `Prompt`) each time: the app's `Conversation` keeps
 the messages and decides what send, regenerate and edit mean, so an engine only reads prompts
-and writes replies. The app calls an engine only from its one worker thread, and hears back through
-`emit`: `Prefill` progress, the reply's `Chunk`s, then its end (`Stats`).
+and writes replies. The app calls an engine from its one worker thread (but `models`), and hears
+back through `emit`: `Prefill` progress, the reply's `Chunk`s, then its end (`Stats`).
 
 This module imports no MLX: `chat --server` (`HttpEngine`) loads nothing and should not pay for
 it. `MlxEngine` (mlx_engine.py) runs a model here; tests may pass any object with the same
@@ -96,7 +96,9 @@ class Engine(Protocol):
 
     def select(self, name: str) -> None: ...  # the model the next `load` loads
 
-    def models(self) -> ModelList: ...
+    def models(self) -> ModelList:
+        """What Ctrl+O offers. It touches no model, so it may run on a thread of its own."""
+        ...
 
     def prefill(self, prompt: Prompt, emit: Emit, should_stop: ShouldStop) -> int:
         """Read `prompt` into the cache before the next message; return the tokens it holds."""
