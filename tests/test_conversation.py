@@ -142,3 +142,29 @@ def test_open_new_and_events_from_a_background_read(store):
     c.open(first)
     assert shown(c) == [("user", "Hi", "complete"), ("assistant", "Hello", "complete")]
     assert c.prompt().key == str(first) and c.numbers["context_used"] == 40
+
+
+def test_the_mlx_engine_reads_only_what_a_turn_changed(tmp_path, store):
+    """The engine is handed the whole conversation each turn; its cache keeps what it already
+    read, so a turn reads only the new message (`ChatSession.sync`)."""
+    from app_helpers import tiny_model_folder
+
+    from mlx_mixtral.app.mlx_engine import MlxEngine
+
+    engine = MlxEngine(str(tiny_model_folder(tmp_path / "tiny")))
+    engine.load(lambda _: None)
+    c = Conversation(store, "tiny", settings=SamplingParams(temperature=0, max_tokens=6))
+
+    def read(turn) -> int:
+        events: list = []
+        turn.run(engine, events.append, lambda: False)
+        c.hear(events)
+        assert isinstance(events[-1], Stats) and events[-1].error is None
+        return max(e.total for e in events if isinstance(e, Prefill))
+
+    first = read(c.send("Tell me about the rivers of Europe, " * 10))
+    assert first > 80
+    assert read(c.send("And lakes?")) < 20  # the message and its framing, not the history
+    assert read(c.regenerate()) < 20
+    assert read(c.edit("And seas?")) < 20
+    assert [m.role for m in c.messages] == ["user", "assistant"] * 2
