@@ -397,19 +397,19 @@ def _chat_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_chat(args: argparse.Namespace) -> int:
+    if launched():
+        raise MlxMixtralError("the chat app does not run under mlx.launch; run `mlx.launch ... "
+                              "mlx-mixtral serve` there, on a model split over the ranks, and "
+                              "`mlx-mixtral chat --server URL` here")
+    sampling, kv = sampling_from(args), kv_from(args)
+    if args.server:  # (before the MLX engine is imported: nothing loads here)
+        return _chat_with_server(args, sampling)
     from ..app.chat_app import ChatApp
     from ..app.mlx_engine import MlxEngine
     from ..app.prompt_caches import PromptCaches
     from ..app.store import Store
     from ..loading import default_model
 
-    if launched():
-        raise MlxMixtralError("the chat app does not run under mlx.launch; run `mlx.launch ... "
-                              "mlx-mixtral serve` there, on a model split over the ranks, and "
-                              "`mlx-mixtral chat --server URL` here")
-    sampling, kv = sampling_from(args), kv_from(args)
-    if args.server:
-        return _chat_with_server(args, sampling)
     drafting = drafting_from(args, args.force, args.dtype)
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
     name = args.model
