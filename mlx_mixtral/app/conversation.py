@@ -211,6 +211,7 @@ class Conversation:
         reply, self.reply = self.reply, None
         self.finished = reply
         reply.status = "stopped" if end.finish_reason in ("stopped", "error") else "complete"
-        reply.stats = self.numbers = stored_numbers(end)
+        reply.stats = stored_numbers(end)
+        self.numbers = dict(reply.stats)  # (a later chat-ready note adds to it)
         self.store.update_message(reply.id, reply.content, reply.status, reply.stats)
         return reply
