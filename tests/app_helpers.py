@@ -11,9 +11,9 @@ import mlx.core as mx
 from test_chat_format import VERSIONS
 
 from mlx_mixtral import ModelArgs
-from mlx_mixtral.app.engine import EngineInfo, ReplyEvent
+from mlx_mixtral.app.engine import EngineInfo, ModelList
 from mlx_mixtral.convert.synthetic import write_hf_checkpoint
-from mlx_mixtral.generation.stats import Stats
+from mlx_mixtral.generation.stats import Chunk, Stats
 
 TINY_MIXTRAL = dict(model_type="mixtral", vocab_size=32000, hidden_size=64,
                     intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -46,46 +46,44 @@ class FakeEngine:
     """Deterministic replies and numbers, for screenshots."""
 
     def __init__(self, moe: bool = True, reply: str = "Hello! Here is some code:\n\n"
-                 "```python\nprint('hi')\n```\n\nAnything else?") -> None:
+                 "```python\nprint('hi')\n```\n\nAnything else?",
+                 models: ModelList | None = None) -> None:
         self.info = EngineInfo(name="fake-mixtral", parameters=46_700_000_000,
                                active_parameters=12_900_000_000, quantization="4-bit",
                                memory_bytes=26_000_000_000, is_moe=moe, layers=4,
                                experts=8 if moe else 0, top_k=2 if moe else 0,
                                context=32768, chat_format="mistral-v1")
         self.reply_text = reply
-        self.history: list = []
+        self.offer = models or ModelList([])
+        self.prompts: list = []  # every prompt answered
         self.delay = 0.0
 
     def load(self, progress):
         progress(1.0)
         return self.info
 
-    def set_conversation(self, system, messages, key=None):
-        self.history = list(messages)
+    def models(self):
+        return self.offer
 
-    def set_conversation_key(self, key):
-        pass
-
-    def prefill(self, progress, should_stop):
+    def prefill(self, prompt, emit, should_stop):
         return 0
 
     def select(self, name):
         self.info.name = name
 
-    def reply(self, action, text, settings, emit, should_stop):
+    def reply(self, prompt, settings, emit, should_stop):
+        self.prompts.append(prompt)
         words = self.reply_text.split(" ")
         sent = 0
         for i, word in enumerate(words):
             if should_stop():
                 break
-            emit(ReplyEvent(text=word if i == 0 else " " + word))
+            emit(Chunk(word if i == 0 else " " + word, None))
             sent += 1
             if self.delay:
                 time.sleep(self.delay)
         share = [[0.5, 0.1, 0.3, 0.2, 0.4, 0.1, 0.3, 0.1]] * 4 if self.info.is_moe else None
-        stats = Stats(prompt_tokens=12, prompt_tps=100.0, generation_tokens=sent,
-                      generation_tps=42.0, ttft=0.25, peak_memory=2_500_000_000)
-        emit(ReplyEvent(done=True, finish_reason="stopped" if sent < len(words) else "stop",
-                        stats=stats, context_used=40, expert_share=share, balance=1.07))
-
-
+        emit(Stats(prompt_tokens=12, prompt_tps=100.0, generation_tokens=sent,
+                   generation_tps=42.0, ttft=0.25, peak_memory=2_500_000_000,
+                   finish_reason="stopped" if sent < len(words) else "stop", context_used=40,
+                   expert_share=share, balance=1.07))

@@ -13,7 +13,7 @@ import sys
 from app_helpers import wait_until
 
 from mlx_mixtral.app.chat_app import ChatApp
-from mlx_mixtral.app.engine import MlxEngine
+from mlx_mixtral.app.mlx_engine import MlxEngine
 from mlx_mixtral.app.store import Store
 from mlx_mixtral.app.widgets import PromptInput
 from mlx_mixtral.generation.sampling import SamplingParams

@@ -9,7 +9,7 @@ import pytest
 from app_helpers import tiny_model_folder, wait_until
 
 from mlx_mixtral.app.chat_app import ChatApp
-from mlx_mixtral.app.engine import MlxEngine
+from mlx_mixtral.app.mlx_engine import MlxEngine
 from mlx_mixtral.app.store import Store
 from mlx_mixtral.app.widgets import AssistantMessage, PromptInput, UserMessage
 from mlx_mixtral.generation.sampling import SamplingParams
@@ -79,7 +79,7 @@ async def test_escape_stops_mid_reply(model_folder, tmp_path):
         app.query_one(PromptInput).text = "Tell me everything"
         app.query_one(PromptInput).focus()
         await pilot.press("enter")
-        await wait_until(pilot, lambda: app._reply is not None and app._reply.text)
+        await wait_until(pilot, lambda: (r := app.conversation.reply) is not None and r.content)
         await reply_to(app, pilot, "escape")
         reply = list(app.query(AssistantMessage))[-1]
         assert reply.has_class("stopped")
@@ -111,7 +111,7 @@ async def test_regenerate_edit_and_new_chat(model_folder, tmp_path):
 
         await pilot.press("ctrl+n")
         await wait_until(pilot, lambda: not app.query(UserMessage))
-        assert app.conversation_id is None
+        assert app.conversation.id is None
         assert app.focused is prompt  # typing goes straight into the new chat
 
 
@@ -127,7 +127,7 @@ async def test_settings_change_applies_to_the_next_reply(model_folder, tmp_path)
         field = app.screen.query_one("#set-max_tokens")
         field.value = "3"
         await pilot.click("#save")
-        await wait_until(pilot, lambda: app.settings.max_tokens == 3)
+        await wait_until(pilot, lambda: app.conversation.settings.max_tokens == 3)
         await send(app, pilot, "Two")
     stored = db_messages(db)
     assert first > 3 and stored[-1].stats["generation_tokens"] <= 3
@@ -155,7 +155,7 @@ async def test_reopen_lists_and_restores(model_folder, tmp_path):
         await wait_until(pilot, lambda: len(again.query("#messages > *")) == 4)
         after = [(type(w).__name__, w.text) for w in again.query("#messages > *")]
         assert after == before
-        assert again.settings == GREEDY  # the chat's settings came back with it
+        assert again.conversation.settings == GREEDY  # the chat's settings came back with it
         await send(again, pilot, "Still there?")  # the conversation goes on
         assert len(again.query(AssistantMessage)) == 3
 
@@ -167,8 +167,8 @@ async def test_export_markdown_and_json(model_folder, tmp_path):
     async with app.run_test(size=(120, 40)) as pilot:
         await loaded(app, pilot)
         await send(app, pilot, "Export me")
-        app.system = None
-        app.store.update(app.conversation_id, system="Be brief.")  # set after the first reply
+        app.conversation.system = None
+        app.store.update(app.conversation.id, system="Be brief.")  # set after the first reply
         await pilot.press("f5")
         await wait_until(pilot, lambda: len(list(out.glob("*.json"))) == 1)
         await pilot.press("f5")  # a second export never overwrites the first
@@ -253,7 +253,7 @@ async def test_opening_a_chat_prefills_its_history_with_progress(model_folder, t
 
 
 async def test_a_long_prompt_shows_its_count_and_esc_stops_it(model_folder, tmp_path):
-    from mlx_mixtral.app.engine import PREFILL_STEP
+    from mlx_mixtral.app.mlx_engine import PREFILL_STEP
 
     app = make_app(model_folder, tmp_path / "chats.db")
     async with app.run_test(size=(120, 40)) as pilot:

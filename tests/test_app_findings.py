@@ -52,7 +52,7 @@ async def test_delete_asks_first_and_ctrl_d_is_the_text_boxs(tmp_path):
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
         await wait_until(pilot, lambda: not app.store.list())
-        assert app.conversation_id is None
+        assert app.conversation.id is None
 
 
 async def test_text_box_keys_are_not_shadowed(tmp_path):
@@ -75,7 +75,7 @@ async def test_opening_a_chat_focuses_the_prompt_and_marks_the_chat(tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await send(pilot, "first chat")
-        first = app.conversation_id
+        first = app.conversation.id
         await pilot.press("ctrl+n")
         await send(pilot, "second chat")
         sidebar = app.query_one("#sidebar")
@@ -83,7 +83,7 @@ async def test_opening_a_chat_focuses_the_prompt_and_marks_the_chat(tmp_path):
         index = [item.conversation_id for item in sidebar.children].index(first)
         sidebar.index = index
         await pilot.press("enter")
-        await wait_until(pilot, lambda: app.conversation_id == first)
+        await wait_until(pilot, lambda: app.conversation.id == first)
         assert app.focused is app.query_one(PromptInput)
         current = [item for item in sidebar.children if item.has_class("current")]
         assert [item.conversation_id for item in current] == [first]
@@ -96,14 +96,14 @@ async def test_new_chats_start_from_the_defaults_and_the_status_says_what_is_set
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await send(pilot, "hello")
-        app.system = "Talk like a pirate."
-        app.settings = SamplingParams(temperature=0.2)
+        app.conversation.system = "Talk like a pirate."
+        app.conversation.settings = SamplingParams(temperature=0.2)
         app._status()
         status = str(app.query_one("#status").render())
         assert "system prompt" in status and "temp 0.2" in status
         await pilot.press("ctrl+n")
-        await wait_until(pilot, lambda: app.conversation_id is None)
-        assert app.system is None and app.settings == SamplingParams()
+        await wait_until(pilot, lambda: app.conversation.id is None)
+        assert app.conversation.system is None and app.conversation.settings == SamplingParams()
         status = str(app.query_one("#status").render())
         assert "system prompt" not in status and "temp" not in status
 
@@ -114,7 +114,7 @@ async def test_a_reopened_chat_shows_its_own_numbers(tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await send(pilot, "hello")
-        chat = app.conversation_id
+        chat = app.conversation.id
         stored = app.store.load(chat).messages[-1]
         app.store.update_message(stored.id, stored.content, "complete",
                                  {**stored.stats, "context_used": 569, "ttft": 9.87})
@@ -135,7 +135,8 @@ async def test_stopping_inside_a_code_block_closes_it_first(tmp_path):
         prompt.text = "code please"
         done = app.replies_done
         await pilot.press("enter")
-        await wait_until(pilot, lambda: app._reply is not None and "x = 1" in app._reply.text)
+        await wait_until(pilot, lambda: (r := app.conversation.reply) is not None
+                         and "x = 1" in r.content)
         await pilot.press("escape")
         await wait_until(pilot, lambda: app.replies_done > done)
         reply = list(app.query(AssistantMessage))[-1]
@@ -158,7 +159,7 @@ async def test_palette_offers_actions_chats_by_their_words_and_rename(tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await send(pilot, "tell me about the Danube")
-        danube = app.conversation_id
+        danube = app.conversation.id
         await pilot.press("ctrl+n")
         await send(pilot, "something else")
         provider = ChatCommands(app.screen)
@@ -169,7 +170,7 @@ async def test_palette_offers_actions_chats_by_their_words_and_rename(tmp_path):
         assert "Rename this chat" in actions
         found = [h for h in hits if "Danube" in str(h.match_display)][0]
         await found.command()
-        assert app.conversation_id == danube
+        assert app.conversation.id == danube
 
         await pilot.press("ctrl+t")
         await wait_until(pilot, lambda: isinstance(app.screen, TextPromptScreen))

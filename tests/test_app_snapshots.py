@@ -9,6 +9,7 @@ from app_helpers import FakeEngine, settle, wait_until
 from textual.widgets import Input
 
 from mlx_mixtral.app.chat_app import ChatApp
+from mlx_mixtral.app.engine import ModelList
 from mlx_mixtral.app.screens import HelpScreen, ModelPickerScreen, SettingsScreen
 from mlx_mixtral.app.store import Store
 from mlx_mixtral.app.widgets import PromptInput
@@ -28,9 +29,9 @@ MODELS = [
 
 
 def make_app(tmp_path: Path, moe: bool = True) -> ChatApp:
-    return ChatApp(FakeEngine(moe=moe), "fake-mixtral", Store(tmp_path / "chats.db"),
-                   settings=SamplingParams(temperature=0.7, max_tokens=256, seed=42),
-                   catalog=lambda: MODELS)
+    engine = FakeEngine(moe=moe, models=ModelList(MODELS, available=24_000_000_000))
+    return ChatApp(engine, "fake-mixtral", Store(tmp_path / "chats.db"),
+                   settings=SamplingParams(temperature=0.7, max_tokens=256, seed=42))
 
 
 async def ready(pilot) -> None:
@@ -99,17 +100,11 @@ def test_help_screen_small(snap_compare, tmp_path):
                         run_before=open_screen("f1", HelpScreen))
 
 
-def _available(monkeypatch) -> None:
-    monkeypatch.setattr("mlx_mixtral.loading.memory.available_memory", lambda: 24_000_000_000)
-
-
-def test_model_picker_small(snap_compare, tmp_path, monkeypatch):
-    _available(monkeypatch)
+def test_model_picker_small(snap_compare, tmp_path):
     assert snap_compare(make_app(tmp_path), terminal_size=SMALL,
                         run_before=open_screen("ctrl+o", ModelPickerScreen))
 
 
-def test_model_picker_large(snap_compare, tmp_path, monkeypatch):
-    _available(monkeypatch)
+def test_model_picker_large(snap_compare, tmp_path):
     assert snap_compare(make_app(tmp_path), terminal_size=LARGE,
                         run_before=open_screen("ctrl+o", ModelPickerScreen))

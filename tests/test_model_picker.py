@@ -3,20 +3,23 @@ mid-chat. The Hugging Face cache, the Ollama store and the data folder are fakes
 
 from __future__ import annotations
 
+import http.server
 import json
 import shutil
+import threading
 
 import pytest
 from app_helpers import tiny_model_folder, wait_until
 
 from mlx_mixtral.app.chat_app import ChatApp
-from mlx_mixtral.app.engine import MlxEngine
+from mlx_mixtral.app.http_engine import HttpEngine
+from mlx_mixtral.app.mlx_engine import MlxEngine
 from mlx_mixtral.app.screens import ModelPickerScreen
 from mlx_mixtral.app.store import Store
 from mlx_mixtral.app.widgets import AssistantMessage, PromptInput
 from mlx_mixtral.cli.main import main
 from mlx_mixtral.generation.sampling import SamplingParams
-from mlx_mixtral.loading.catalog import local_models
+from mlx_mixtral.loading.catalog import LocalModel, local_models
 from mlx_mixtral.loading.demo import demo_model_path
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -75,7 +78,7 @@ async def test_the_picker_switches_models_mid_chat(machine, tmp_path):
     converted, hub = machine
     settings = SamplingParams(temperature=0, max_tokens=6)
     app = ChatApp(MlxEngine(str(converted)), str(converted), Store(tmp_path / "chats.db"),
-                  settings=settings, catalog=lambda: local_models(hub))
+                  settings=settings)  # Ctrl+O lists what `local_models` finds (the fakes)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.info is not None)
         prompt = app.query_one(PromptInput)
@@ -101,4 +104,56 @@ async def test_the_picker_switches_models_mid_chat(machine, tmp_path):
         await pilot.press("enter")
         await wait_until(pilot, lambda: app.replies_done > done)
         assert len(app.query(AssistantMessage)) == 2
-        assert app.store.load(app.conversation_id).model == "demo"
+        assert app.store.load(app.conversation.id).model == "demo"
+
+
+SERVED = ["served-a", "org/served-b"]
+
+
+class _Models(http.server.BaseHTTPRequestHandler):
+    """A server that only lists its models (GET /v1/models), as OpenAI's API does."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the base class's name
+        body = json.dumps({"object": "list", "data": [{"id": name, "object": "model"}
+                                                      for name in SERVED]}).encode()
+        self.send_response(200 if self.path == "/v1/models" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def models_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Models)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+async def test_the_picker_under_a_server_lists_the_servers_models(models_server, tmp_path,
+                                                                  monkeypatch):
+    from textual.widgets import Static
+
+    # A model on this machine, which a chat with a server must not offer.
+    here = LocalModel(str(tmp_path / "local-model"), "local", 1, 1)
+    monkeypatch.setattr("mlx_mixtral.loading.catalog.local_models", lambda *_, **__: [here])
+    engine = HttpEngine(models_server)
+    app = ChatApp(engine, models_server, Store(tmp_path / "chats.db"))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.info is not None)
+        assert app.info.name == "served-a"  # the server's first, as --model was not given
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(app.screen, ModelPickerScreen))
+        picker = app.screen
+        assert [m.name for m in picker.models] == SERVED
+        assert any(engine.base in str(w.render()) for w in picker.query(Static))
+        picker.query_one("#models").highlighted = 1
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.info is not None and app.info.name == SERVED[1])
+        assert app.model_name == SERVED[1]

@@ -31,5 +31,5 @@ class ChatCommands(Provider):
         if len(words) < 2:
             return
         for c in self.app.store.search(words)[:MAX_CHATS]:
-            yield Hit(0.5, f"Open chat: {c.title}", partial(self.app.open_from_palette, c.id),
+            yield Hit(0.5, f"Open chat: {c.title}", partial(self.app.choose_chat, c.id),
                       help="a chat whose title or messages contain these words")

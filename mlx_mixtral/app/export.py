@@ -10,14 +10,14 @@ import json
 import time
 from pathlib import Path
 
-from .store import Conversation
+from .store import SavedChat
 
 
 def _when(t: float | None) -> str | None:
     return None if not t else time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
 
 
-def system_position(c: Conversation) -> int:
+def system_position(c: SavedChat) -> int:
     """How many messages came before the system prompt was set (0: it applied from the
     start)."""
     if not c.system or c.system_set is None:
@@ -25,7 +25,7 @@ def system_position(c: Conversation) -> int:
     return sum(1 for m in c.messages if m.created and m.created < c.system_set)
 
 
-def to_markdown(c: Conversation) -> str:
+def to_markdown(c: SavedChat) -> str:
     lines = [f"# {c.title}", "", f"*Model: {c.model} · started {_when(c.created)}*", ""]
     system_at = system_position(c)
     for i, m in enumerate([*c.messages, None]):
@@ -40,7 +40,7 @@ def to_markdown(c: Conversation) -> str:
     return "\n".join(lines)
 
 
-def to_json(c: Conversation) -> str:
+def to_json(c: SavedChat) -> str:
     return json.dumps({
         "title": c.title,
         "model": c.model,
@@ -65,7 +65,7 @@ def _free_stem(folder: Path, stem: str) -> str:
     return candidate
 
 
-def export(c: Conversation, folder: Path) -> tuple[Path, Path]:
+def export(c: SavedChat, folder: Path) -> tuple[Path, Path]:
     """Write chat-<id>-<date-time>.md and .json into `folder`, never over an earlier export;
     return both paths."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """The chat app's engine over HTTP: any OpenAI-compatible server (ours, mlx-lm's, Ollama's,
-llama.cpp's) behind the same narrow interface as `MlxEngine`.
+llama.cpp's) behind the same narrow interface as `MlxEngine`. It imports no MLX.
 
-The conversation is kept here and sent whole with each request; a server that keeps caches
-between requests (ours does) prefills only what is new. Replies stream as server-sent events;
-Esc closes the stream, which stops the generation on our server.
+Each request sends the whole conversation; a server that keeps caches between requests (ours
+does) prefills only what is new. Replies stream as server-sent events; Esc closes the stream,
+which stops the generation on our server. Ctrl+O lists the server's models (/v1/models).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 
 from ..errors import MlxMixtralError
 from ..generation.sampling import SETTINGS, SamplingParams
-from ..generation.stats import Stats
-from .engine import EngineInfo, ReplyEvent
+from ..generation.stats import Chunk, Stats
+from ..loading.catalog import LocalModel
+from .engine import Emit, EngineInfo, ModelList, Prompt, ShouldStop
 
 TIMEOUT = 600.0  # seconds without a byte before giving up (a long prompt on a slow machine)
 
@@ -47,8 +48,6 @@ class HttpEngine:
         self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(TIMEOUT, connect=10))
         self.model = model
         self.info = EngineInfo(name=model or self.base, server=self.base)
-        self.system: str | None = None
-        self.messages: list[dict[str, str]] = []
 
     def _get(self, path: str) -> Any:
         import httpx
@@ -61,16 +60,26 @@ class HttpEngine:
             raise MlxMixtralError(_error_text(r.content, r.status_code))
         return r.json()
 
+    def _served(self) -> list[str]:
+        """The ids of the models the server serves (GET /v1/models)."""
+        data = self._get("/models").get("data")
+        if not isinstance(data, list):
+            return []
+        return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
+
+    def models(self) -> ModelList:
+        return ModelList([LocalModel(name, "server", 0, 0) for name in self._served()],
+                         server=self.base)
+
     def load(self, progress: Callable[[float], None]) -> EngineInfo:
-        served = [m.get("id") for m in self._get("/models").get("data", [])
-                  if isinstance(m, dict)]
+        served = self._served()
         if not served:
             raise MlxMixtralError(f"{self.base} serves no model")
         if self.model is None:
             self.model = served[0]
         elif self.model not in served:
             raise MlxMixtralError(f"{self.base} does not serve {self.model!r}; it serves "
-                                  f"{', '.join(map(str, served))}")
+                                  f"{', '.join(served)}")
         progress(1.0)
         self.info = EngineInfo(name=self.model, server=self.base)
         return self.info
@@ -78,32 +87,14 @@ class HttpEngine:
     def select(self, name: str) -> None:
         self.model = name  # the next load() checks that the server has it
 
-    def set_conversation(self, system: str | None, messages: list[dict[str, str]],
-                         key: str | None = None) -> None:
-        self.system = system
-        self.messages = [{"role": m["role"], "content": m["content"]} for m in messages
-                         if m["role"] in ("user", "assistant")]
-
-    def set_conversation_key(self, key: str | None) -> None:
-        pass
-
-    def prefill(self, progress: Callable[[int, int], None],
-                should_stop: Callable[[], bool]) -> int:
+    def prefill(self, prompt: Prompt, emit: Emit, should_stop: ShouldStop) -> int:
         return 0  # the server reads the prompt when the next message comes
 
-    def _turn(self, action: str, text: str | None) -> None:
-        if action in ("regenerate", "edit") and self.messages and \
-                self.messages[-1]["role"] == "assistant":
-            self.messages.pop()
-        if action == "edit" and self.messages and self.messages[-1]["role"] == "user":
-            self.messages.pop()
-        if action in ("send", "edit"):
-            self.messages.append({"role": "user", "content": text or ""})
-
-    def request(self, settings: SamplingParams) -> dict[str, Any]:
-        system = [{"role": "system", "content": self.system}] if self.system else []
+    def request(self, prompt: Prompt, settings: SamplingParams) -> dict[str, Any]:
+        system = [{"role": "system", "content": prompt.system}] if prompt.system else []
+        messages = [{"role": m["role"], "content": m["content"]} for m in prompt.messages]
         body: dict[str, Any] = {
-            "model": self.model, "messages": system + self.messages, "stream": True,
+            "model": self.model, "messages": system + messages, "stream": True,
             "stream_options": {"include_usage": True}}
         for s in SETTINGS:
             value, wire = getattr(settings, s.name), s.wire_name("openai")
@@ -112,15 +103,14 @@ class HttpEngine:
                 body[wire] = value
         return body
 
-    def reply(self, action: str, text: str | None, settings: SamplingParams,
-              emit: Callable[[ReplyEvent], None], should_stop: Callable[[], bool]) -> None:
+    def reply(self, prompt: Prompt, settings: SamplingParams, emit: Emit,
+              should_stop: ShouldStop) -> None:
         import httpx
 
-        self._turn(action, text)
         start, first, reply, finish, usage, pieces = time.perf_counter(), None, "", None, {}, 0
         try:
             with self.http.stream("POST", self.base + "/chat/completions",
-                                  json=self.request(settings)) as r:
+                                  json=self.request(prompt, settings)) as r:
                 if r.status_code != 200:
                     raise MlxMixtralError(_error_text(r.read(), r.status_code))
                 for line in r.iter_lines():
@@ -139,16 +129,11 @@ class HttpEngine:
                             first = first or time.perf_counter()
                             pieces += 1
                             reply += piece
-                            emit(ReplyEvent(text=piece))
+                            emit(Chunk(piece, None))
                         finish = choice.get("finish_reason") or finish
         except httpx.HTTPError as e:
             raise MlxMixtralError(f"lost {self.base}: {e}") from None
-        finally:
-            if reply:  # (a failed request leaves the user's message to be answered)
-                self.messages.append({"role": "assistant", "content": reply})
-        emit(ReplyEvent(done=True, finish_reason=finish,
-                        stats=self._stats(start, first, usage, pieces, reply, finish),
-                        context_used=usage.get("total_tokens", 0)))
+        emit(self._stats(start, first, usage, pieces, reply, finish))
 
     @staticmethod
     def _stats(start: float, first: float | None, usage: dict, pieces: int, text: str,
@@ -161,4 +146,5 @@ class HttpEngine:
                      generation_tokens=generated,
                      generation_tps=(generated - 1) / max(end - (first or end), 1e-9)
                      if generated > 1 else 0.0,
-                     ttft=ttft, peak_memory=0, finish_reason=finish, text=text)
+                     ttft=ttft, peak_memory=0, finish_reason=finish, text=text,
+                     context_used=usage.get("total_tokens", 0))

@@ -15,6 +15,7 @@ from ..errors import MlxMixtralError
 from ..generation.sampling import SETTINGS, SamplingParams
 from ..loading.catalog import LocalModel
 from ..units import size
+from .engine import ModelList
 
 # The settings the screen shows: those `SETTINGS` gives a label.
 FIELDS = [s for s in SETTINGS if s.label is not None]
@@ -139,7 +140,8 @@ class HelpScreen(ModalScreen[None]):
 
 
 class ModelPickerScreen(ModalScreen[str | None]):
-    """The models this machine has; Enter loads the highlighted one."""
+    """The models the engine offers (this machine's, or a server's); Enter loads the
+    highlighted one."""
 
     CSS = MODAL_CSS + """
     ModelPickerScreen #dialog { width: 100%; max-width: 100; }
@@ -147,23 +149,29 @@ class ModelPickerScreen(ModalScreen[str | None]):
     """
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, models: list[LocalModel], current: str, available: int) -> None:
+    def __init__(self, offer: ModelList, current: str) -> None:
         super().__init__()
-        self.models, self.current, self.available = models, current, available
+        self.models, self.current, self.available = offer.models, current, offer.available
+        self.server = offer.server
 
     def _row(self, m: LocalModel) -> str:
-        fits = m.fit(self.available)
         mark = "●" if m.name == self.current else " "
+        if self.server:  # its size and fit are the server's business
+            return f"{mark} {m.name}"
         label = m.label if len(m.label) <= 34 else m.label[:33] + "…"
+        fits = m.fit(self.available)
         return f"{mark} {label:<34} {m.origin:<12} {size(m.memory_bytes):>9}  {fits}"
 
     def compose(self) -> ComposeResult:
+        where = f"at {self.server}" if self.server else "on this machine"
+        note = (f"Served by {self.server} (GET /v1/models)." if self.server else
+                f"In memory once loaded; {size(self.available)} is available. "
+                "`mlx-mixtral list` prints this list.")
         with Vertical(id="dialog"):
-            yield Static("[b]Models on this machine[/b] (Enter loads, Esc closes)")
+            yield Static(f"[b]Models {where}[/b] (Enter loads, Esc closes)")
             yield OptionList(*[Option(self._row(m), id=str(i)) for i, m in
                                enumerate(self.models)], id="models")
-            yield Static(f"[dim]In memory once loaded; {size(self.available)} is available. "
-                         "`mlx-mixtral list` prints this list.[/dim]", id="note")
+            yield Static(f"[dim]{note}[/dim]", id="note")
 
     def on_mount(self) -> None:
         names = [m.name for m in self.models]

@@ -73,7 +73,9 @@ class Message:
 
 
 @dataclass
-class Conversation:
+class SavedChat:
+    """A chat as the store keeps it (the open one is `conversation.Conversation`)."""
+
     id: int
     title: str
     model: str
@@ -177,16 +179,16 @@ class Store:
     _COLUMNS = "id, title, model, system, settings, updated, created, system_set"
 
     @staticmethod
-    def _conversation(r: tuple) -> Conversation:
-        return Conversation(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], created=r[6],
+    def _conversation(r: tuple) -> SavedChat:
+        return SavedChat(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], created=r[6],
                             system_set=r[7])
 
-    def list(self) -> list[Conversation]:
+    def list(self) -> list[SavedChat]:
         rows = self.db.execute(f"SELECT {self._COLUMNS} FROM conversations "
                                "ORDER BY updated DESC, id DESC").fetchall()
         return [self._conversation(r) for r in rows]
 
-    def search(self, text: str) -> list[Conversation]:
+    def search(self, text: str) -> list[SavedChat]:
         """Chats whose title or messages contain `text` (any case), newest first."""
         escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         pattern = f"%{escaped}%"
@@ -197,7 +199,7 @@ class Store:
             (pattern,)).fetchall()
         return [self._conversation(r) for r in rows]
 
-    def load(self, conversation_id: int) -> Conversation | None:
+    def load(self, conversation_id: int) -> SavedChat | None:
         row = self.db.execute(f"SELECT {self._COLUMNS} FROM conversations WHERE id = ?",
                               (conversation_id,)).fetchone()
         if row is None:

@@ -1,14 +1,21 @@
-"""The chat app's widgets: messages, the prompt box, the status bar, the experts heatmap."""
+"""The chat app's widgets: the loading panel, the list of chats, the messages, the prompt box,
+the status bar, the experts heatmap."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 
 from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
 from textual.message import Message as TextualMessage
-from textual.widgets import Markdown, Static, TextArea
+from textual.widgets import ListItem, ListView, Markdown, ProgressBar, Static, TextArea
 
+from ..generation.sampling import SETTINGS, SamplingParams
 from .engine import EngineInfo
+from .store import Message, SavedChat
 
 FENCE = re.compile(r"^ {0,3}(```|~~~)", re.M)  # a line that opens or closes a code block
 
@@ -72,6 +79,87 @@ class AssistantMessage(Markdown):
             await self.append(self._marker(status, self.text))
 
 
+class MessageList(VerticalScroll):
+    """The open chat's messages, kept in step with the conversation's list."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.shown: list[Message] = []  # the messages the widgets show, in order
+
+    async def show(self, messages: list[Message], writing: Message | None = None) -> None:
+        """Keep the widgets of the messages still there, drop the rest, add the new ones.
+        (`writing`: the reply being streamed, shown as it comes.)"""
+        kept = 0
+        for shown, message in zip(self.shown, messages, strict=False):
+            if shown is not message:  # (the store reuses a deleted message's id)
+                break
+            kept += 1
+        widgets = [w for w in self.children if isinstance(w, (UserMessage, AssistantMessage))]
+        if widgets[kept:]:
+            await self.remove_children(widgets[kept:])
+        new = [UserMessage(m.content, m.id) if m.role == "user" else
+               AssistantMessage(m.content, m.id, "complete" if m is writing else m.status)
+               for m in messages[kept:]]
+        if new:
+            await self.mount_all(new)
+        self.shown = list(messages)
+
+    def last_reply(self) -> AssistantMessage:
+        return self.query(AssistantMessage).last()
+
+
+class ChatList(ListView):
+    """The stored chats, newest first, the open one marked. A narrow terminal hides it, to
+    give the conversation the room; Ctrl+B shows it (or, when wide, hides it)."""
+
+    toggled = False
+
+    def fit(self, width: int) -> None:
+        self.set_class((width < 100) != self.toggled, "hidden")
+
+    def toggle(self) -> None:
+        self.toggled = not self.toggled
+        self.toggle_class("hidden")
+
+    def show(self, chats: list[SavedChat], current: int | None) -> None:
+        self.clear()
+        for i, c in enumerate(chats):
+            # One line each for the title and the model, cut with an ellipsis, never wrapped.
+            label = Text(c.title + "\n")
+            label.append(Path(c.model).name or c.model, style="dim")
+            item = ListItem(Static(label), classes="current" if c.id == current else "")
+            item.conversation_id = c.id
+            self.append(item)
+            if c.id == current:
+                self.index = i
+
+
+class LoadingPanel(Vertical):
+    """The model's name and a progress bar while it loads; why, when it could not."""
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model_name = name
+
+    def compose(self) -> ComposeResult:
+        yield Static(f"Loading {self.model_name} ...", id="loading-text")
+        yield ProgressBar(total=1.0, show_eta=False, id="progress")
+
+    def start(self, name: str) -> None:
+        self.query_one("#loading-text", Static).update(f"Loading {name} ...")
+        self.query_one("#progress", ProgressBar).update(progress=0)
+        self.query_one("#progress").remove_class("hidden")
+        self.remove_class("hidden")
+
+    def progress(self, fraction: float) -> None:
+        self.query_one("#progress", ProgressBar).update(progress=fraction)
+
+    def failed(self, name: str, message: str, hint: str) -> None:
+        self.query_one("#loading-text", Static).update(
+            f"[b red]Could not load {name}[/]\n{message}\n{hint}")
+        self.query_one("#progress").add_class("hidden")
+
+
 class PromptInput(TextArea):
     """Multi-line prompt: Enter sends; Ctrl+J (or Shift+Enter) inserts a newline."""
 
@@ -79,6 +167,12 @@ class PromptInput(TextArea):
         def __init__(self, text: str) -> None:
             super().__init__()
             self.text = text
+
+    def edit_text(self, text: str) -> None:
+        """`text` to edit, typing at its end."""
+        self.text = text
+        self.move_cursor(self.document.end)
+        self.focus()
 
     async def _on_key(self, event) -> None:
         if event.key == "enter":
@@ -94,18 +188,33 @@ class PromptInput(TextArea):
         await super()._on_key(event)
 
 
+def changed_settings(settings: SamplingParams) -> str:
+    """The settings that differ from the defaults, shortly: "temp 0.2, max 256"."""
+    return ", ".join(f"{s.short or s.name} {getattr(settings, s.name)}" for s in SETTINGS
+                     if getattr(settings, s.name) != s.default)
+
+
+def chat_flags(system: str | None, settings: SamplingParams) -> str:
+    """What this chat has set: "system prompt, temp 0.2"."""
+    return ", ".join(x for x in ("system prompt" if system else "", changed_settings(settings))
+                     if x)
+
+
 class StatusBar(Static):
     DEFAULT_CSS = """
     StatusBar { height: 1; background: $panel; color: $text-muted; padding: 0 1; }
     """
 
-    def show(self, info: EngineInfo | None, tps: float | None = None, ttft: float | None = None,
-             context_used: int = 0, peak_memory: int | None = None, note: str = "",
-             flags: str = "") -> None:
-        """One line; when it is too wide, the least useful parts go first, the note last."""
+    def show(self, info: EngineInfo | None, numbers: dict[str, Any] | None = None,
+             note: str = "", flags: str = "") -> None:
+        """One line: the model, the last reply's `numbers` (as stored), a note and the chat's
+        flags; when it is too wide, the least useful parts go first, the note last."""
         if info is None:
             self.update(note)
             return
+        numbers = numbers or {}
+        tps, ttft = numbers.get("generation_tps"), numbers.get("ttft")
+        context_used, peak_memory = numbers.get("context_used", 0), numbers.get("peak_memory")
         limit = info.window or info.context
         kind = "window" if info.window else "context"
         parts = [  # (priority: lower stays longer, text)

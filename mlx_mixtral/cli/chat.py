@@ -34,19 +34,19 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from ..app.chat_app import ChatApp
-    from ..app.engine import MlxEngine
-    from ..app.prompt_caches import PromptCaches
-    from ..app.store import Store
-    from ..loading import default_model
-
     if launched():
         raise MlxMixtralError("the chat app does not run under mlx.launch; run `mlx.launch ... "
                               "mlx-mixtral serve` there, on a model split over the ranks, and "
                               "`mlx-mixtral chat --server URL` here")
     sampling, kv = sampling_from(args), kv_from(args)
-    if args.server:
+    if args.server:  # (before the MLX engine is imported: nothing loads here)
         return _chat_with_server(args, sampling)
+    from ..app.chat_app import ChatApp
+    from ..app.mlx_engine import MlxEngine
+    from ..app.prompt_caches import PromptCaches
+    from ..app.store import Store
+    from ..loading import default_model
+
     drafting = drafting_from(args, args.force, args.dtype)
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
     name = args.model
@@ -67,7 +67,7 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.prompt_cache_gb > 0:
         caches = PromptCaches(store.path.parent / "prompt-caches", int(args.prompt_cache_gb * 1e9))
     engine = MlxEngine(name, force=args.force, dtype=args.dtype, kv=kv, caches=caches,
-                       drafting=drafting, max_memory=plan.memory and plan.memory.budget)
+                       drafting=drafting, max_memory=args.max_memory, plan=plan)
     try:
         ChatApp(engine, name, store, system=args.system, settings=sampling).run()
     finally:

@@ -12,7 +12,7 @@ _EXPORTS = {
     "SamplingParams": "sampling",
     "ChatSession": "session",
     "Stats": "stats",
-    "Chunk": "stream",
+    "Chunk": "stats",
     "generate": "stream",
     "stream_generate": "stream",
 }
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .batch import batch_generate
     from .sampling import SamplingParams
     from .session import ChatSession
-    from .stats import Stats
-    from .stream import Chunk, generate, stream_generate
+    from .stats import Chunk, Stats
+    from .stream import generate, stream_generate
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -54,11 +54,22 @@ class ChatSession:
 
     def load_messages(self, messages: list[dict[str, str]], system: str | None = None) -> None:
         """Continue a stored conversation: its replies are re-encoded, the cache starts empty."""
+        self._set_messages(messages, system, {})
+        self.cache, self.cached = self._fresh_cache(), []
+
+    def sync(self, messages: list[dict[str, str]], system: str | None = None) -> None:
+        """Go on with `messages`, the whole conversation as its owner now has it (a reply
+        regenerated, a message edited): replies kept from before keep the tokens they were
+        generated as, and the next turn prefills only what differs from the cache."""
+        self._set_messages(messages, system, dict(self.replies_state()))
+
+    def _set_messages(self, messages: list[dict[str, str]], system: str | None,
+                      generated: dict[str, list[int]]) -> None:
         self.system = system
         self.messages = [{"role": m["role"], "content": clean_text(m["content"])}
                          for m in messages if m["role"] in ("user", "assistant")]
-        self.reply_ids = [None for m in self.messages if m["role"] == "assistant"]
-        self.cache, self.cached = self._fresh_cache(), []
+        self.reply_ids = [generated.get(m["content"]) for m in self.messages
+                          if m["role"] == "assistant"]
 
     # ---- the conversation as tokens -------------------------------------------------------
 
@@ -188,6 +199,13 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": text})
         self.reply_ids.append(reply)
         self.last_stats = stats
+
+    def reply(self, **settings: Any) -> Iterator[Chunk | Stats]:
+        """Stream a reply to the conversation as it stands (after `sync`, say): its last
+        message is the user's."""
+        if not self.messages or self.messages[-1]["role"] != "user":
+            raise GenerationError("the conversation does not end with a user message")
+        return self._reply(**settings)
 
     def send(self, text: str, **settings: Any) -> Iterator[Chunk | Stats]:
         """Add a user message and stream the reply (`Chunk`s, then `Stats`). `settings`:

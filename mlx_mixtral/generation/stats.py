@@ -1,4 +1,6 @@
-"""The numbers after a reply, computed in one place for generation, chat and `bench`.
+"""A reply as it streams: pieces of text (`Chunk`s), then its end (`Stats`: why it ended, its
+numbers, or what failed). One shape for the library's generation, the server's worker and the
+chat app; the numbers are computed here for all of them and for `bench`.
 
 Time to first token covers the prefill (and the first sampled token); decode speed counts the
 tokens after the first over the time after it.
@@ -20,19 +22,44 @@ class PrefillStopped(Exception):  # noqa: N818 - a signal, not a failure
 
 
 @dataclass
+class Chunk:
+    """A piece of the reply: its text (maybe "") and token. The last chunk has no token and
+    says why the reply ended."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    logprob: float | None = None  # with `logprobs`: the token's log-probability
+    top_logprobs: list[tuple[int, float]] | None = None  # the most likely tokens there
+
+
+@dataclass
 class Stats:
-    prompt_tokens: int
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    ttft: float  # seconds to the first token
-    peak_memory: int  # bytes MLX held at most during the reply (see `PeakMemory`)
-    finish_reason: str | None = None
+    """The end of a reply. A failed one has `error` (and the numbers so far, if any)."""
+
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    ttft: float = 0.0  # seconds to the first token
+    peak_memory: int = 0  # bytes MLX held at most during the reply (see `PeakMemory`)
+    finish_reason: str | None = None  # "stop", "length", "stopped" (by the caller), "error"
     forward_passes: int = 0  # the model's passes while generating (drafted decoding: fewer)
     draft_proposed: int = 0
     draft_accepted: int = 0
     tokens: list[int] = field(default_factory=list, repr=False)
     text: str = field(default="", repr=False)
+    error: str | None = None  # what failed
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from a kept cache
+    context_used: int = 0  # tokens a chat's cache holds after the reply
+    # Mixtral: the share of the reply's tokens that chose each expert (layers x experts), and
+    # the load-balancing loss over the reply (1.0 = even).
+    expert_share: list[list[float]] | None = field(default=None, repr=False)
+    balance: float | None = None
+
+    @classmethod
+    def failed(cls, message: str) -> Stats:
+        return cls(finish_reason="error", error=message)
 
     def __str__(self) -> str:
         line = (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "

@@ -8,7 +8,6 @@ breaks a character, stop strings, and the numbers a user wants after a reply.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -23,19 +22,7 @@ from ..text.tokenizer import Tokenizer
 from .kv import KVSettings, kv_settings
 from .sampling import Keys, SamplingParams
 from .speculative import DraftCounts, Drafter, speculative_steps
-from .stats import Clock, PeakMemory, Progress, Stats
-
-
-@dataclass
-class Chunk:
-    """A piece of the reply: its text (maybe "") and token. The last chunk has no token and
-    says why the reply ended."""
-
-    text: str
-    token: int | None
-    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
-    logprob: float | None = None  # with `logprobs`: the token's log-probability
-    top_logprobs: list[tuple[int, float]] | None = None  # the most likely tokens there
+from .stats import Chunk, Clock, PeakMemory, Progress, Stats
 
 
 def settle() -> None:

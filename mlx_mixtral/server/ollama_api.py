@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from .. import __version__
 from ..generation.sampling import requested
+from ..generation.stats import Stats
 from ..text.tools import ToolCallReply
 from .schemas import (
     NDJSON,
@@ -25,7 +26,6 @@ from .schemas import (
     error_responses,
 )
 from .service import APIError, Service, collect, service_of
-from .worker import Done
 
 router = APIRouter(prefix="/api", responses=error_responses(OllamaError))
 
@@ -48,8 +48,7 @@ def _settings(service: Service, body: OllamaBase) -> dict[str, Any]:
             "stop": [s for s in (o.stop or []) if s] if o else []}
 
 
-def _final(service: Service, done: Done, started: float) -> dict[str, Any]:
-    s = done.stats
+def _final(service: Service, s: Stats, started: float) -> dict[str, Any]:
     ns = 1_000_000_000
     return {"model": service.model_id, "created_at": _now(), "done": True,
             "done_reason": "length" if s.finish_reason == "length" else "stop",
@@ -76,7 +75,7 @@ async def _respond(service: Service, events: AsyncIterator, stream: bool, piece,
         holding = held(getattr(first, "token", None))
         try:
             while event is not None:
-                if isinstance(event, Done):
+                if isinstance(event, Stats):
                     yield json.dumps(finish(text, event, started, streamed=True)) + "\n"
                     return
                 text += event.text
@@ -115,8 +114,8 @@ async def chat(body: OllamaChatRequest, request: Request):
 
     tool_calls = ToolCallReply(service.tokenizer, tools)
 
-    def finish(text: str, done: Done, started: float, streamed: bool = False) -> dict:
-        first = done.stats.tokens[0] if done.stats.tokens else None
+    def finish(text: str, done: Stats, started: float, streamed: bool = False) -> dict:
+        first = done.tokens[0] if done.tokens else None
         called, calls = tool_calls.starts(first), tool_calls.calls(first, text)
         reply = message("" if streamed and not called else text)  # held text is not lost
         if calls:
@@ -148,7 +147,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
         return {"model": service.model_id, "created_at": _now(), "response": text,
                 "done": False}
 
-    def finish(text: str, done: Done, started: float, streamed: bool = False) -> dict:
+    def finish(text: str, done: Stats, started: float, streamed: bool = False) -> dict:
         return {**_final(service, done, started), "response": "" if streamed else text}
 
     return await _respond(service, events, body.stream, piece, finish)

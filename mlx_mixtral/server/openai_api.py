@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
 from ..generation.sampling import requested
-from ..generation.stream import Chunk
+from ..generation.stats import Chunk, Stats
 from ..text.tools import ToolCallReply
 from .schemas import (
     STREAMS,
@@ -27,7 +27,6 @@ from .schemas import (
     error_responses,
 )
 from .service import APIError, Service, collect, service_of
-from .worker import Done
 
 router = APIRouter(prefix="/v1", responses=error_responses(OpenAIError))
 
@@ -46,8 +45,8 @@ def _common(service: Service, body: Sampling, max_tokens: int | None) -> dict[st
     return {"params": params, "stop": stops}
 
 
-def _usage(prompt: int, done: Done) -> dict[str, Any]:
-    completion = done.stats.generation_tokens
+def _usage(prompt: int, done: Stats) -> dict[str, Any]:
+    completion = done.generation_tokens
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
@@ -109,7 +108,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     content_logprobs = [_chat_logprob(service, c) for c in chunks] if logprobs is not None \
         else []
     message: dict[str, Any] = {"role": "assistant", "content": text}
-    finish = _finish(done.stats.finish_reason)
+    finish = _finish(done.finish_reason)
     calls = tool_calls.calls(tokens[0] if tokens else None, text)
     if calls:
         message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, \
@@ -146,7 +145,7 @@ async def _chat_stream(service: Service, first: Any, events: AsyncIterator, head
     try:
         event = first
         while event is not None:
-            if isinstance(event, Done):
+            if isinstance(event, Stats):
                 done = event
                 break
             if event.token is not None and first_token is None:
@@ -166,7 +165,7 @@ async def _chat_stream(service: Service, first: Any, events: AsyncIterator, head
         await events.aclose()  # a client that left cancels the job now
     if done is None:
         return
-    finish = _finish(done.stats.finish_reason)
+    finish = _finish(done.finish_reason)
     calls = tool_calls.calls(first_token, "".join(held or []))
     if calls:
         yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
@@ -221,7 +220,7 @@ async def completions(body: CompletionRequest, request: Request):
     logprobs = (_completion_logprobs(service, chunks, len(echo))
                 if body.logprobs is not None else None)
     return {**head, "choices": [{"index": 0, "text": text, "logprobs": logprobs,
-                                 "finish_reason": _finish(done.stats.finish_reason)}],
+                                 "finish_reason": _finish(done.finish_reason)}],
             "usage": _usage(len(ids), done)}
 
 
@@ -236,7 +235,7 @@ async def _completion_stream(first: Any, events: AsyncIterator, head: dict, echo
         yield piece(echo)
     event = first
     try:
-        while event is not None and not isinstance(event, Done):
+        while event is not None and not isinstance(event, Stats):
             if event.text:
                 yield piece(event.text)
             event = await anext(events, None)
@@ -247,7 +246,7 @@ async def _completion_stream(first: Any, events: AsyncIterator, head: dict, echo
         await events.aclose()
     if event is None:
         return
-    yield piece("", _finish(event.stats.finish_reason))
+    yield piece("", _finish(event.finish_reason))
     if body.stream_options and body.stream_options.include_usage:
         yield {"data": json.dumps({**head, "choices": [], "usage": _usage(prompt, event)})}
     yield {"data": "[DONE]"}

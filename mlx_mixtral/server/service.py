@@ -15,10 +15,10 @@ from typing import Any
 
 from ..errors import MlxMixtralError
 from ..generation.sampling import SamplingParams
-from ..generation.stream import Chunk
+from ..generation.stats import Chunk, Stats
 from ..loading.summary import ModelSummary, summarize_args
 from ..text.tools import can_call_tools, mistral_v3_tool_ids
-from .worker import Done, Failed, Job, QueueFull, Worker
+from .worker import LOST, Job, QueueFull, Worker
 
 POLL_SECONDS = 0.5  # how often a waiting request checks that its client is still there
 
@@ -28,11 +28,12 @@ def service_of(request: Any) -> Service:
     return request.app.state.service
 
 
-async def collect(events: AsyncIterator[Chunk | Done]) -> tuple[str, list[Chunk], Done | None]:
+async def collect(events: AsyncIterator[Chunk | Stats]
+                  ) -> tuple[str, list[Chunk], Stats | None]:
     """A whole reply: its text, its token chunks, and its end (None: the client left)."""
     text, chunks, done = "", [], None
     async for event in events:
-        if isinstance(event, Done):
+        if isinstance(event, Stats):
             done = event
         else:
             text += event.text
@@ -142,8 +143,8 @@ class Service:
     async def run(self, ids: list[int], params: SamplingParams,
                   is_disconnected: Callable[[], Awaitable[bool]], stop: list[str] | None = None,
                   logprobs: int | None = None,
-                  grammar: str | None = None) -> AsyncIterator[Chunk | Done]:
-        """The job's chunks, then its `Done`. A client that goes away cancels it; a failure
+                  grammar: str | None = None) -> AsyncIterator[Chunk | Stats]:
+        """The job's chunks, then its end (`Stats`). A client that goes away cancels it; a failure
         becomes an APIError (500 without a traceback: the log has it)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -162,10 +163,10 @@ class Service:
                     if await is_disconnected():
                         return
                     continue
-                if isinstance(event, Failed):
-                    raise APIError(event.status, event.message)
+                if isinstance(event, Stats) and event.error is not None:
+                    raise APIError(503 if event.error == LOST else 500, event.error)
                 yield event
-                if isinstance(event, Done):
+                if isinstance(event, Stats):
                     return
         finally:
             job.cancelled.set()  # stops the job if it is still queued or running

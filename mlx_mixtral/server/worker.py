@@ -30,8 +30,8 @@ from ..errors import MlxMixtralError
 from ..generation.kv import KVSettings
 from ..generation.lockstep import Lockstep
 from ..generation.sampling import SamplingParams
-from ..generation.stats import Stats
-from ..generation.stream import Chunk, settle, stream_generate
+from ..generation.stats import Chunk, Stats
+from ..generation.stream import settle, stream_generate
 from .cache_pool import CachePool
 
 log = logging.getLogger("mlx_mixtral.server")
@@ -41,28 +41,14 @@ class QueueFull(Exception):  # noqa: N818 - the HTTP side answers 503
     pass
 
 
-@dataclass
-class Done:
-    """The end of a job: its statistics, and how many prompt tokens came from the pool."""
-
-    stats: Stats
-    cached_tokens: int
-
-
-@dataclass
-class Failed:
-    message: str
-    status: int = 500
-
-
-LOST = "the model's ranks lost each other; the server is stopping"
+LOST = "the model's ranks lost each other; the server is stopping"  # the HTTP side answers 503
 
 
 @dataclass
 class Job:
     ids: list[int]
     params: SamplingParams
-    emit: Callable[[Chunk | Done | Failed], None]
+    emit: Callable[[Chunk | Stats], None]  # chunks, then the end
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
     grammar: str | None = None  # an llguidance grammar the output must follow
@@ -104,7 +90,7 @@ class Worker:
 
     def submit(self, job: Job) -> None:
         if self.lost is not None:
-            job.emit(Failed(LOST, 503))
+            job.emit(Stats.failed(LOST))
             return
         if self.waiting + self.busy >= self.max_queue:
             raise QueueFull
@@ -129,7 +115,7 @@ class Worker:
             self.lost = e
             while not self.jobs.empty():  # nobody will run them
                 if (job := self.jobs.get()) is not None:
-                    job.emit(Failed(LOST, 503))
+                    job.emit(Stats.failed(LOST))
             if self.on_lost is not None:
                 self.on_lost()
 
@@ -139,13 +125,13 @@ class Worker:
             try:
                 self._generate(job)
             except MlxMixtralError as e:
-                job.emit(Failed(str(e)))
+                job.emit(Stats.failed(str(e)))
             except Exception as e:  # noqa: BLE001 - the server lives on; the client hears why
                 if self.lockstep is not None:  # the ranks may no longer be in step
-                    job.emit(Failed(LOST, 503))
+                    job.emit(Stats.failed(LOST))
                     raise
                 log.exception("generation failed")
-                job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
+                job.emit(Stats.failed(f"generation failed: {type(e).__name__}: {e}"))
             finally:
                 self.busy = False
                 self.served += 1
@@ -168,7 +154,7 @@ class Worker:
                 step.announce(None if job is None else _describe(job))
             except Exception:
                 if job is not None:
-                    job.emit(Failed(LOST, 503))
+                    job.emit(Stats.failed(LOST))
                 raise
         return job
 
@@ -190,7 +176,7 @@ class Worker:
             for item in steps:
                 if isinstance(item, Stats):
                     tokens = item.tokens  # with the EOS that ended it
-                    job.emit(Done(item, common))
+                    job.emit(replace(item, cached_tokens=common))
                     complete = True
                     break
                 if item.token is not None:
