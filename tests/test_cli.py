@@ -256,7 +256,8 @@ module.__file__, module.__package__ = str(path), "mlx_mixtral.generation"
 sys.modules[module.__name__] = generation.sampling = module
 exec(compile(source, str(path), "exec"), module.__dict__)
 
-from mlx_mixtral.app.chat_app import changed_settings
+from mlx_mixtral.app.widgets import changed_settings
+from mlx_mixtral.app.engine import Prompt
 from mlx_mixtral.app.http_engine import HttpEngine
 from mlx_mixtral.app.screens import FIELDS
 from mlx_mixtral.cli.flags import sampling_from, with_flags
@@ -273,7 +274,7 @@ except SamplingError as e:
     error = with_flags(e, parser)
 print(params.typical_p, module.requested("openai", body)["typical_p"],
       module.requested("ollama", OllamaOptions(typical=0.75))["typical_p"],
-      [f.name for f in FIELDS][-1], HttpEngine("http://x").request(params)["typical_p"],
+      [f.name for f in FIELDS][-1], HttpEngine("http://x").request(Prompt([]), params)["typical_p"],
       changed_settings(params), error, sep="|")
 """
 
