@@ -17,14 +17,14 @@ def lazy_exports(package: str, exports: dict[str, str]
     (relative to the package) that defines it."""
     namespace = importlib.import_module(package).__dict__
 
-    def __getattr__(name: str) -> Any:
+    def __getattr__(name: str) -> Any:  # noqa: N807 (PEP 562's name for a module's hook)
         if name not in exports:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         value = getattr(importlib.import_module(f".{exports[name]}", package), name)
         namespace[name] = value
         return value
 
-    def __dir__() -> list[str]:
+    def __dir__() -> list[str]:  # noqa: N807 (PEP 562)
         return sorted({*namespace, *exports})
 
     return __getattr__, __dir__

@@ -13,8 +13,8 @@ from mlx_mixtral.app.engine import ModelList
 from mlx_mixtral.app.screens import HelpScreen, ModelPickerScreen, SettingsScreen
 from mlx_mixtral.app.store import Store
 from mlx_mixtral.app.widgets import PromptInput
+from mlx_mixtral.catalog.local import LocalModel
 from mlx_mixtral.generation.sampling import SamplingParams
-from mlx_mixtral.loading.catalog import LocalModel
 
 SIZE = (110, 34)
 SMALL, LARGE = (80, 24), (120, 40)

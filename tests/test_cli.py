@@ -158,10 +158,10 @@ def test_info_of_the_demo_names_what_it_is():
 
 
 def test_info_and_list_describe_a_model_alike():
+    from mlx_mixtral.catalog.local import demo_models
+    from mlx_mixtral.catalog.summary import summarize
     from mlx_mixtral.cli.info import info
     from mlx_mixtral.loading import describe
-    from mlx_mixtral.loading.catalog import demo_models
-    from mlx_mixtral.loading.summary import summarize
     from mlx_mixtral.units import size
 
     (listed,) = demo_models()

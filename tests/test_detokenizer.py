@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_chat_format import OURS
 
-from mlx_mixtral.loading.demo import demo_model_path
+from mlx_mixtral.demo import demo_model_path
 from mlx_mixtral.text.gguf_vocab import load_gguf_tokenizer
 
 

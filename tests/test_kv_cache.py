@@ -400,9 +400,9 @@ def test_reopened_chat_prefills_only_the_new_message(tmp_path):
     from app_helpers import tiny_model_folder
 
     from mlx_mixtral import load
+    from mlx_mixtral.app.chat_caches import ChatCaches
     from mlx_mixtral.app.engine import Prompt
     from mlx_mixtral.app.mlx_engine import MlxEngine
-    from mlx_mixtral.app.prompt_caches import PromptCaches
 
     folder = tiny_model_folder(tmp_path / "tiny")
     model, tokenizer = load(folder)
@@ -411,7 +411,7 @@ def test_reopened_chat_prefills_only_the_new_message(tmp_path):
     while len(session.cached) < 2000:
         list(session.send(words))
     history = session.messages
-    caches = PromptCaches(tmp_path / "caches")
+    caches = ChatCaches(tmp_path / "caches")
     engine = MlxEngine(str(folder), caches=caches)
     engine.load(lambda _: None)
     engine.session, engine.key = session, "7"  # the chat stored as 7
@@ -434,11 +434,11 @@ def test_reopened_chat_prefills_only_the_new_message(tmp_path):
 def test_damaged_cache_in_the_app_is_ignored(tmp_path, caplog):
     from app_helpers import tiny_model_folder
 
+    from mlx_mixtral.app.chat_caches import ChatCaches
     from mlx_mixtral.app.engine import Prompt
     from mlx_mixtral.app.mlx_engine import MlxEngine
-    from mlx_mixtral.app.prompt_caches import PromptCaches
 
-    caches = PromptCaches(tmp_path / "caches")
+    caches = ChatCaches(tmp_path / "caches")
     caches.folder.mkdir()
     caches.path("3").write_bytes(b"not a cache at all")
     engine = MlxEngine(str(tiny_model_folder(tmp_path / "tiny")), caches=caches)
@@ -455,9 +455,9 @@ def test_damaged_cache_in_the_app_is_ignored(tmp_path, caplog):
 
 
 def test_cache_files_keep_to_their_budget(tmp_path):
-    from mlx_mixtral.app.prompt_caches import PromptCaches
+    from mlx_mixtral.app.chat_caches import ChatCaches
 
-    caches = PromptCaches(tmp_path, budget=250)
+    caches = ChatCaches(tmp_path, budget=250)
     for i in range(5):
         caches.path(str(i)).write_bytes(b"x" * 100)
         import os
@@ -503,7 +503,7 @@ def tiny_folder(tmp_path_factory):
 
 
 def test_cli_prompt_cache_reused_and_refused_for_another_model(tiny_folder, tmp_path):
-    from mlx_mixtral.loading.demo import demo_model_path
+    from mlx_mixtral.demo import demo_model_path
 
     path = str(tmp_path / "doc.safetensors")
     base = ["generate", "--model", str(tiny_folder), "--temp", "0", "--max-tokens", "4",
@@ -520,7 +520,7 @@ def test_cli_prompt_cache_reused_and_refused_for_another_model(tiny_folder, tmp_
 
 
 def test_cli_bad_drafting_and_kv_flags(tiny_folder):
-    from mlx_mixtral.loading.demo import demo_model_path
+    from mlx_mixtral.demo import demo_model_path
 
     base = ["generate", "--model", str(tiny_folder), "--prompt", "hi", "--max-tokens", "3"]
     one_line_error(cli(*base, "--draft-model", str(demo_model_path())), "--draft-model",

@@ -9,17 +9,20 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_mixtral"
-LEAVES = {"errors", "units", "jsonfile", "lazy"}  # shared by every folder, import nothing of ours
+# Shared by every folder; they import only each other.
+LEAVES = {"errors", "units", "jsonfile", "lazy", "user_files", "demo"}
 # What each folder may import from the package (besides itself and the leaves).
 ALLOWED = {
     "model": set(),
     "text": set(),
     "loading": {"model", "text"},
     "generation": {"model", "text"},
+    "catalog": {"model", "text", "loading"},
     "convert": {"model", "text", "loading"},
-    "app": {"model", "text", "loading", "generation"},
-    "server": {"__init__", "model", "text", "loading", "generation"},
-    "cli": {"__init__", "model", "text", "loading", "generation", "convert", "app", "server"},
+    "app": {"model", "text", "loading", "catalog", "generation"},
+    "server": {"__init__", "model", "text", "loading", "catalog", "generation"},
+    "cli": {"__init__", "model", "text", "loading", "catalog", "generation", "convert", "app",
+            "server"},
 }
 
 
@@ -80,6 +83,12 @@ def test_folders_import_one_way():
             if dest not in {folder, *LEAVES, *ALLOWED[folder]}:
                 wrong.append(f"{module_name(path)} imports {target}")
     assert not wrong, wrong
+
+
+def test_leaves_import_only_leaves():
+    for leaf in LEAVES:
+        targets = {folder_of(t) for t in ours(imports_of(PACKAGE / f"{leaf}.py"))}
+        assert targets <= LEAVES, (leaf, targets - LEAVES)
 
 
 def test_model_needs_only_mlx_and_mlx_lm_models():
@@ -198,3 +207,20 @@ def test_generation_and_model_name_parameters_not_flags():
                       if isinstance(node, ast.Constant) and isinstance(node.value, str)
                       and id(node) not in docs and FLAG.search(node.value)]
     assert not found, found
+
+
+def test_the_readme_names_every_module():
+    """README's "How it is built" table lists every module, each in its folder's row."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme[readme.index("## How it is built"):readme.index("## Performance")]
+    rows = {line.split("`")[1]: line for line in table.splitlines() if line.startswith("| `")}
+    missing = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        # The shared files have one row, headed by the first of them.
+        row = rows.get("mlx_mixtral/errors.py" if path.parent == PACKAGE
+                       else f"mlx_mixtral/{path.parent.name}/", "")
+        if f"`{path.name}`" not in row and f"/{path.name}`" not in row:
+            missing.append(str(path.relative_to(PACKAGE)))
+    assert not missing, missing

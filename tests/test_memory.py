@@ -7,8 +7,8 @@ from mlx.utils import tree_flatten
 
 from mlx_mixtral import ModelArgs, load
 from mlx_mixtral.convert.synthetic import write_hf_checkpoint
+from mlx_mixtral.demo import demo_model_path
 from mlx_mixtral.loading import describe
-from mlx_mixtral.loading.demo import demo_model_path
 from mlx_mixtral.loading.memory import available_memory, load_bytes
 
 

@@ -17,10 +17,10 @@ from mlx_mixtral.app.mlx_engine import MlxEngine
 from mlx_mixtral.app.screens import ModelPickerScreen
 from mlx_mixtral.app.store import Store
 from mlx_mixtral.app.widgets import AssistantMessage, PromptInput
+from mlx_mixtral.catalog.local import LocalModel, local_models
 from mlx_mixtral.cli.main import main
+from mlx_mixtral.demo import demo_model_path
 from mlx_mixtral.generation.sampling import SamplingParams
-from mlx_mixtral.loading.catalog import LocalModel, local_models
-from mlx_mixtral.loading.demo import demo_model_path
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -142,7 +142,7 @@ async def test_the_picker_under_a_server_lists_the_servers_models(models_server,
 
     # A model on this machine, which a chat with a server must not offer.
     here = LocalModel(str(tmp_path / "local-model"), "local", 1, 1)
-    monkeypatch.setattr("mlx_mixtral.loading.catalog.local_models", lambda *_, **__: [here])
+    monkeypatch.setattr("mlx_mixtral.catalog.local.local_models", lambda *_, **__: [here])
     engine = HttpEngine(models_server)
     app = ChatApp(engine, models_server, Store(tmp_path / "chats.db"))
     async with app.run_test(size=(120, 40)) as pilot:

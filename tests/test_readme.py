@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_mixtral.loading.demo import demo_model_path
+from mlx_mixtral.demo import demo_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

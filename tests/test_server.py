@@ -174,9 +174,9 @@ def test_ollama_chat_streams_and_lists(demo):
     assert o.generate(model="demo", prompt="What is the capital of France?",
                       options={"num_predict": 20}).response == text
     # Described as `list` and `info` describe it (loading/summary.py).
+    from mlx_mixtral.catalog.local import demo_models
+    from mlx_mixtral.catalog.summary import summarize
     from mlx_mixtral.loading import describe, resolve
-    from mlx_mixtral.loading.catalog import demo_models
-    from mlx_mixtral.loading.summary import summarize
 
     summary, (listed,) = summarize(describe(resolve("demo"))), demo_models()
     (tag,) = o.list().models

@@ -10,8 +10,8 @@ import mlx.core as mx
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from mlx_mixtral.demo import demo_model_path
 from mlx_mixtral.errors import ChatFormatError
-from mlx_mixtral.loading.demo import demo_model_path
 from mlx_mixtral.text.gguf_vocab import load_gguf_tokenizer
 from mlx_mixtral.text.template import render_template
 

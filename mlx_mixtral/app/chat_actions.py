@@ -44,9 +44,11 @@ class ChatActions:
         cancelled) to `then`."""
         async def answered(answer: Any) -> None:
             self._focus_prompt()
+            pending = None
             if then is not None and answer is not None and answer is not False:
-                if (pending := then(answer)) is not None:
-                    await pending
+                pending = then(answer)
+            if pending is not None:
+                await pending
 
         self.push_screen(screen, answered)
 

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..catalog.local import LocalModel
 from ..generation.sampling import SamplingParams
 from ..generation.stats import Chunk, Stats
-from ..loading.catalog import LocalModel
 from ..units import gb, human
 
 
@@ -29,7 +29,7 @@ class EngineInfo:
     active_parameters: int = 0
     quantization: str = "float"
     memory_bytes: int = 0
-    streaming: str | None = None  # "4/8 experts per layer in memory" within --max-memory
+    paging: str | None = None  # "4/8 experts per layer in memory" within --max-memory
     is_moe: bool = False
     layers: int = 0
     experts: int = 0
@@ -46,7 +46,7 @@ class EngineInfo:
                f"{human(self.active_parameters, 'B')} active" if self.is_moe else "")
         return (f"{self.name}: {human(self.parameters, 'B')} parameters{moe}, "
                 f"{self.quantization}, {gb(self.memory_bytes)} in memory"
-                + (f" ({self.streaming})" if self.streaming else ""))
+                + (f" ({self.paging})" if self.paging else ""))
 
 
 @dataclass(frozen=True)

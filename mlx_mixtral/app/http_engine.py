@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..catalog.local import LocalModel
 from ..errors import MlxMixtralError
 from ..generation.sampling import SETTINGS, SamplingParams
 from ..generation.stats import Chunk, Stats
-from ..loading.catalog import LocalModel
 from .engine import Emit, EngineInfo, ModelList, Prompt, ShouldStop
 
 TIMEOUT = 600.0  # seconds without a byte before giving up (a long prompt on a slow machine)

@@ -1,5 +1,5 @@
 """The chat app's engine on this machine: a model loaded with MLX, run through `ChatSession`,
-its KV cache kept between turns (and on disk between runs, with `PromptCaches`)."""
+its KV cache kept between turns (and on disk between runs, with `ChatCaches`)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from ..loading.loaded import quantization_of
 from ..model.decoder import Model
 from ..model.routing import RouterTrace
 from ..text.tokenizer import Tokenizer
+from .chat_caches import ChatCaches
 from .engine import Emit, EngineInfo, ModelList, Prefill, Prompt, ShouldStop
-from .prompt_caches import PromptCaches
 
 if TYPE_CHECKING:
     from ..loading.load_plan import LoadPlan
@@ -34,9 +34,9 @@ if TYPE_CHECKING:
 PREFILL_STEP = 256
 
 
-def streaming_label(model: Model) -> str | None:
+def paging_label(model: Model) -> str | None:
     plan = model.limits.memory_plan
-    if plan is None or not plan.streaming:
+    if plan is None or not plan.paging:
         return None
     return f"{plan.slots}/{plan.experts} experts per layer in memory"
 
@@ -51,16 +51,16 @@ def model_info(name: str, model: Model, chat_format: str) -> EngineInfo:
         experts=args.num_local_experts if args.is_moe else 0,
         top_k=args.num_experts_per_tok if args.is_moe else 0,
         context=context_length(model), window=args.sliding_window,
-        chat_format=chat_format, streaming=streaming_label(model))
+        chat_format=chat_format, paging=paging_label(model))
 
 
 class MlxEngine:
     def __init__(self, model_name: str, force: bool = False, dtype: str | None = None,
-                 kv: KVSettings | None = None, caches: PromptCaches | None = None,
+                 kv: KVSettings | None = None, caches: ChatCaches | None = None,
                  drafting: Callable[[Model, Tokenizer], Drafter] | None = None,
                  max_memory: int | str | None = None, plan: LoadPlan | None = None) -> None:
         self.model_name = model_name
-        self.max_memory = max_memory  # experts stream when the model is larger
+        self.max_memory = max_memory  # experts are paged when the model is larger
         self.plan = plan  # the first model's plan, made by the command line (read once)
         self.force = force  # load even if the model looks too big for free memory
         self.dtype, self.kv, self.caches, self.drafting = dtype, kv, caches, drafting
@@ -80,7 +80,7 @@ class MlxEngine:
         self.info = EngineInfo(name=Path(name).name or name)
 
     def models(self) -> ModelList:
-        from ..loading.catalog import local_models
+        from ..catalog.local import local_models
         from ..loading.memory import available_memory
 
         return ModelList(local_models(), available_memory())
@@ -93,7 +93,7 @@ class MlxEngine:
         self.plan = None  # a model picked later plans afresh
         model, tokenizer = load_planned(plan)
         if Path(self.model_name).expanduser().exists():
-            from ..loading.catalog import remember
+            from ..catalog.local import remember
 
             remember(self.model_name)  # the model picker offers it again
         for i, layer in enumerate(model.layers):  # read the weights now, with visible progress

@@ -11,9 +11,9 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
+from ..catalog.local import LocalModel
 from ..errors import MlxMixtralError
 from ..generation.sampling import SETTINGS, SamplingParams
-from ..loading.catalog import LocalModel
 from ..units import size
 from .engine import ModelList
 

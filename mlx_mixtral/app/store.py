@@ -57,7 +57,7 @@ def _statements(script: str) -> list[str]:
 
 def default_path() -> Path:
     """conversations.db in the user data folder ($MLX_MIXTRAL_DATA_DIR moves it)."""
-    from ..loading.user_files import data_dir
+    from ..user_files import data_dir
 
     return data_dir() / "conversations.db"
 

@@ -39,7 +39,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if launched():
         return _bench_launched(args, drafting, kv)
     if args.max_memory:
-        return _bench_streaming(args, drafting, kv)
+        return _bench_paging(args, drafting, kv)
     if kv.bits is not None and args.compare:
         raise MlxMixtralError("--kv-bits with --compare mlx-lm: mlx-lm cannot quantize a "
                               "rolling cache; compare without --kv-bits")
@@ -49,15 +49,15 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_streaming(args: argparse.Namespace, drafting, kv) -> int:
+def _bench_paging(args: argparse.Namespace, drafting, kv) -> int:
     from .bench import preset_folder
-    from .bench_streaming import bench_streaming
+    from .bench_paging import bench_paging
 
     if args.compare or drafting or kv.bits is not None:
-        raise MlxMixtralError("bench --max-memory compares streaming with our own resident "
+        raise MlxMixtralError("bench --max-memory compares paging with our own resident "
                               "run: leave out --compare, drafting and --kv-bits")
     folder = preset_folder(args.preset) if args.preset else _bench_folder(args.model)
-    print(bench_streaming(folder, args.max_memory, args.prompt_tokens, args.gen_tokens,
+    print(bench_paging(folder, args.max_memory, args.prompt_tokens, args.gen_tokens,
                           args.runs, args.dtype, args.json))
     return 0
 

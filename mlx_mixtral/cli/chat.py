@@ -42,8 +42,8 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.server:  # (before the MLX engine is imported: nothing loads here)
         return _chat_with_server(args, sampling)
     from ..app.chat_app import ChatApp
+    from ..app.chat_caches import ChatCaches
     from ..app.mlx_engine import MlxEngine
-    from ..app.prompt_caches import PromptCaches
     from ..app.store import Store
     from ..loading import default_model
 
@@ -65,7 +65,7 @@ def run_chat(args: argparse.Namespace) -> int:
                               'generate "your prompt" (or pipe the prompt into it)')
     caches = None
     if args.prompt_cache_gb > 0:
-        caches = PromptCaches(store.path.parent / "prompt-caches", int(args.prompt_cache_gb * 1e9))
+        caches = ChatCaches(store.path.parent / "prompt-caches", int(args.prompt_cache_gb * 1e9))
     engine = MlxEngine(name, force=args.force, dtype=args.dtype, kv=kv, caches=caches,
                        drafting=drafting, max_memory=args.max_memory, plan=plan)
     try:

@@ -40,7 +40,7 @@ COMMANDS = {
         "through mlx-lm, alternating with ours, and each figure gets a ratio (>1: we are "
         "better). Presets are synthetic 4-bit models of fixed shape and seed. With "
         "--max-memory (sizes, shares of the model's size, or min: min,50%%,75%%) it runs expert "
-        "streaming within each budget next to the fully resident model: tok/s, hit rates per "
+        "paging within each budget next to the fully resident model: tok/s, hit rates per "
         "layer with and without prefetch, and bytes read per token."),
     "serve": (
         "serve the model over HTTP: OpenAI's and Ollama's APIs",

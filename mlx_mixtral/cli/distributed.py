@@ -10,6 +10,7 @@ alone serves HTTP and announces each request to the others (generation/lockstep.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import threading
@@ -98,10 +99,8 @@ class Watchdog:
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr)
 
     def _say(self, byte: bytes) -> None:
-        try:
+        with contextlib.suppress(OSError):  # the watcher is gone: nothing to watch with
             os.write(self.watcher.stdin.fileno(), byte)
-        except OSError:
-            pass  # the watcher is gone: nothing to watch with
 
     def beat(self) -> None:
         self._say(b"b")

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from ..loading.locate import download, hub_download_size
 from ..loading.memory import available_memory
-from ..loading.user_files import update_user_config, user_config
 from ..units import size
+from ..user_files import update_user_config, user_config
 
 OFFER = "mlx-community/Mistral-7B-Instruct-v0.3-4bit"
 HOW_TO_GET = (f"to chat with Mistral later: mlx-mixtral chat --model {OFFER} (or convert Mixtral: "

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..catalog.summary import summarize
 from ..loading.memory import USABLE_SHARE, machine_memory
-from ..loading.summary import summarize
 from ..model.config import ModelArgs, preset
 from ..units import human, size
 
@@ -98,14 +98,14 @@ PLAN_OPTIONS = [("float16", None, None), ("8-bit", 8, 8), ("6-bit", 6, 6), ("4-b
 
 
 def plans(args: ModelArgs, budget: int, machine: bool) -> str:
-    """For each precision: fully resident, streaming with N expert slots per layer (and the
+    """For each precision: fully resident, paging with N expert slots per layer (and the
     bytes read per token at the measured hit rate), or not at all; sizes as on a Mac
     (float16 scales)."""
     import mlx.core as mx
 
     from ..convert.plan import Plan
     from ..loading.memory_plan import plan_for
-    from .bench_streaming import DEFAULT_SOURCE, expected_hit_rate, measured_hit_rates
+    from .bench_paging import DEFAULT_SOURCE, expected_hit_rate, measured_hit_rates
 
     where = "this machine's usable memory" if machine else "--memory"
     lines = [f"  plans for {size(budget)} ({where}), with a KV cache of at least 2048 tokens:",
@@ -115,13 +115,13 @@ def plans(args: ModelArgs, budget: int, machine: bool) -> str:
         experts, other = plan.estimate_parts(args)
         p = plan_for(args, budget, other, experts, mx.float16)
         if not p.fits:
-            how = "no (too big" + (", even streaming)" if args.is_moe else ")")
-        elif not p.streaming:
+            how = "no (too big" + (", even paged)" if args.is_moe else ")")
+        elif not p.paging:
             how = "fully resident"
         else:
             hit = expected_hit_rate(p.slots / p.experts)
             per_token = p.layers * p.top_k * (1 - hit) * p.expert
-            how = (f"streaming: {p.slots} of {p.experts} experts per layer in memory, about "
+            how = (f"paging: {p.slots} of {p.experts} experts per layer in memory, about "
                    f"{size(per_token)} read per token (hit rate {hit:.0%})")
         lines.append(f"    {label:<10} {size(experts + other):>10}  {how}")
     if args.is_moe:  # the plans use the defaults; a measurement here is shown, labelled

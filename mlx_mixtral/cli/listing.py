@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..loading.catalog import LocalModel, local_models
+from ..catalog.local import LocalModel, local_models
 from ..loading.memory import available_memory
 from ..units import size
 
@@ -17,14 +17,14 @@ def model_table(models: list[LocalModel], have: int) -> str:
     rows += [f"{m.name:<{width}}  {m.origin:<12}  {size(m.disk_bytes):>9}  "
              f"{size(m.memory_bytes):>9}  {fit_word(m, have)}" for m in models]
     rows.append(f"\n{size(have)} of memory is available now. Use a NAME with --model.")
-    if any(m.fit(have) == "streams" for m in models):
-        rows.append("'streams': it runs with its experts read from disk as chosen (slower).")
+    if any(m.fit(have) == "pages" for m in models):
+        rows.append("'pages': it runs with its experts read from disk as chosen (slower).")
     return "\n".join(rows)
 
 
 def fit_word(model: LocalModel, have: int) -> str:
-    """The FITS column: yes, streams or no."""
-    return {"fits": "yes", "too big": "no"}.get(model.fit(have), "streams")
+    """The FITS column: yes, pages or no."""
+    return {"fits": "yes", "too big": "no"}.get(model.fit(have), "pages")
 
 
 def list_main() -> str:

@@ -15,9 +15,9 @@ STREAMING_REMEDY = "(--max-memory sets the budget, --force loads it whole)"
 def plan_for_cli(name: str | None, force: bool = False, dtype: str | None = None, group=None,
                  pipeline: bool = False, max_memory: str | None = None) -> LoadPlan:
     """The load plan of the named (or default) model: a missing file, a world the model cannot
-    be split into, a budget that is not a size or too small, a model too big even to stream:
+    be split into, a budget that is not a size or too small, a model too big even to page:
     one line before anything loads. A Mixtral larger than the available memory, with no
-    --max-memory, streams its experts within it: one line says so."""
+    --max-memory, pages its experts within it: one line says so."""
     from ..loading import plan_load
 
     plan = plan_load(name, force=force, dtype=dtype, group=group, pipeline=pipeline,

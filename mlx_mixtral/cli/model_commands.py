@@ -48,7 +48,7 @@ def run_convert(args: argparse.Namespace) -> int:
         force=args.force, shard_bytes=int(args.shard_size_gb * 1e9),
     )
     print(summary)
-    from ..loading.catalog import remember
+    from ..catalog.local import remember
 
     remember(args.mlx_path)  # offered again by `list` and the app's model picker
     if args.verify:
@@ -67,7 +67,7 @@ def add_info(sub: argparse._SubParsersAction) -> None:
                    help="also show the memory each of this many ranks needs (mlx.launch)")
     p.add_argument("--memory", default=None, metavar="SIZE",
                    help="plan for this much memory, e.g. 16GB: for each precision, whether "
-                   "the model is resident, streams its experts (how many per layer stay in "
+                   "the model is resident, pages its experts (how many per layer stay in "
                    "memory, bytes read per token) or does not fit (default: this machine)")
 
 

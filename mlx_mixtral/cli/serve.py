@@ -62,7 +62,7 @@ def _size(text: str, flag: str) -> int:
 def model_name(given: str | None, name: str) -> str:
     """The model's id in the API: what the user typed if it is a name (a repo id, "demo",
     ollama:...), else the folder's or file's name ("demo" for the offline demo)."""
-    from ..loading.demo import demo_model_path
+    from ..demo import demo_model_path
 
     if given is None and name == str(demo_model_path()):
         return "demo"
@@ -80,7 +80,7 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
 
     import uvicorn
 
-    from ..loading.summary import summarize
+    from ..catalog.summary import summarize
     from ..server.cache_pool import CachePool, cache_bytes
     from ..server.http_app import Guards, create_app
     from ..server.service import Service

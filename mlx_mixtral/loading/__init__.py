@@ -1,6 +1,6 @@
 """Loading: what the user named (paths, repo ids, `ollama:`, the default and demo model),
 described from its headers (safetensors folders, GGUF files), planned once (the distributed
-world, memory: resident, experts streamed, or refused), and built into a model with its
+world, memory: resident, experts paged, or refused), and built into a model with its
 tokenizer."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """From a checkpoint's tensors to a `Model`: our names, stacked experts, shape checks,
-quantized layers, the backend's dtypes; or, for expert streaming, the same model with empty
+quantized layers, the backend's dtypes; or, for expert paging, the same model with empty
 expert slots.
 
 Everything stays lazy: `mx.load` maps the files without reading them, and stacking experts and
@@ -104,7 +104,7 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], quantization: dic
     """A `Model` holding `weights` (already in our names), quantized where they are, in the
     dtypes this backend computes in (`dtype` overrides; see model/precision.py).
 
-    The expert-streaming variant (`slots`): `weights` holds everything but the experts, and
+    The expert-paging variant (`slots`): `weights` holds everything but the experts, and
     each MoE layer gets `slots` expert slots instead of all its experts, left for the caller to
     fill; `stored` names the experts' tensors, which say how they are quantized."""
     check_shapes(args, weights, source)
@@ -127,7 +127,7 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], quantization: dic
 
 def _load_weights(model: Model, weights: dict[str, mx.array], source: str,
                   without_experts: bool) -> None:
-    """Every parameter from `weights` (but the expert slots, when they stream)."""
+    """Every parameter from `weights` (but the expert slots, when they are paged)."""
     if without_experts:
         expected = {k for k, _ in tree_flatten(model.parameters()) if ".switch_mlp." not in k}
         if expected != set(weights):

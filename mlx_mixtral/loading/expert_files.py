@@ -1,6 +1,6 @@
 """Where each expert's weights lie in the safetensors files, and reading them into a slot.
 
-A slot is a row of the streaming layer's arrays (see model/expert_cache.py). One expert of
+A slot is a row of the paged layer's arrays (see model/expert_cache.py). One expert of
 one layer is a few byte ranges: in an MLX folder, row `e` of each stacked
 `switch_mlp.{gate,up,down}_proj.{weight,scales,biases}` tensor; in a Hugging Face folder, the
 whole `experts.E.w1/w2/w3.weight` tensors. Each range is read with `readinto` straight into the
@@ -113,7 +113,7 @@ def _slot_views(switch_mlp, inter: int) -> dict[str, tuple[np.ndarray, slice, st
 
 
 class ExpertFiles:
-    """Reads experts of an MLX or Hugging Face folder into the slots of streaming layers
+    """Reads experts of an MLX or Hugging Face folder into the slots of paged layers
     (model/expert_cache.py's `ExpertLoader`)."""
 
     def __init__(self, files: list[Path], switch_mlps: list, num_experts: int,
@@ -139,7 +139,7 @@ class ExpertFiles:
                     dest = view[0, rows]
                     if x.stored not in _NUMPY or not _convertible(x.stored, kind):
                         raise WeightsError(f"{x.dest} is stored as {x.stored}, which expert "
-                                           f"streaming cannot read into {kind}; convert the "
+                                           f"paging cannot read into {kind}; convert the "
                                            "model with mlx-mixtral convert -q first")
                     if dest.size * _itemsize(x.stored) != x.nbytes:
                         raise WeightsError(f"layer {layer}, expert {e}: {x.dest} has "

@@ -60,7 +60,7 @@ class GGUFHeader:
     tensors: list[TensorInfo]
 
 
-class _Corrupt(Exception):
+class _CorruptError(Exception):
     """Internal: the header is malformed; the message says how."""
 
 
@@ -70,7 +70,7 @@ class _Reader:
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.buf):
-            raise _Corrupt("the header runs past the end of the file")
+            raise _CorruptError("the header runs past the end of the file")
         out = self.buf[self.pos:self.pos + n]
         self.pos += n
         return out
@@ -82,7 +82,7 @@ class _Reader:
         """A count read from the file, refused if its items cannot fit in what is left."""
         n = int(self.unpack("Q"))
         if n * min_item_bytes > len(self.buf) - self.pos:
-            raise _Corrupt(f"it claims {n} {what}, more than the file can hold")
+            raise _CorruptError(f"it claims {n} {what}, more than the file can hold")
         return n
 
     def string(self) -> str:
@@ -90,7 +90,7 @@ class _Reader:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise _Corrupt("a metadata string is not UTF-8") from None
+            raise _CorruptError("a metadata string is not UTF-8") from None
 
     def skip_string(self) -> None:
         self.take(self.count("bytes of a string", 1))
@@ -99,10 +99,10 @@ class _Reader:
         pos, end, length_at = self.pos, len(self.buf), _U64.unpack_from
         for _ in range(n):
             if pos + 8 > end:
-                raise _Corrupt("the header runs past the end of the file")
+                raise _CorruptError("the header runs past the end of the file")
             pos += 8 + length_at(self.buf, pos)[0]
         if pos > end:
-            raise _Corrupt("the header runs past the end of the file")
+            raise _CorruptError("the header runs past the end of the file")
         self.pos = pos
 
     def value(self, kind: int, keep: bool) -> object:
@@ -116,7 +116,7 @@ class _Reader:
         if kind == _ARRAY:
             item = int(self.unpack("I"))
             if item not in _FIXED and item not in (_STRING, _ARRAY):
-                raise _Corrupt(f"unknown metadata array type {item}")
+                raise _CorruptError(f"unknown metadata array type {item}")
             size = struct.calcsize(_FIXED[item]) if item in _FIXED else 8
             n = self.count("array items", size)
             if item in _FIXED:  # fixed-size items: skip them in one step
@@ -127,7 +127,7 @@ class _Reader:
                 for _ in range(n):
                     self.value(item, keep=False)
             return n
-        raise _Corrupt(f"unknown metadata type {kind}")
+        raise _CorruptError(f"unknown metadata type {kind}")
 
 
 def _tensor_bytes(shape: tuple[int, ...], kind: int) -> int:
@@ -136,9 +136,9 @@ def _tensor_bytes(shape: tuple[int, ...], kind: int) -> int:
     try:
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
     except (ValueError, KeyError):
-        raise _Corrupt(f"unknown tensor type {kind}") from None
+        raise _CorruptError(f"unknown tensor type {kind}") from None
     if shape[0] % block:
-        raise _Corrupt(f"a row of {shape[0]} is not a whole number of {block}-blocks")
+        raise _CorruptError(f"a row of {shape[0]} is not a whole number of {block}-blocks")
     n = 1
     for d in shape:
         n *= d
@@ -148,10 +148,10 @@ def _tensor_bytes(shape: tuple[int, ...], kind: int) -> int:
 def _parse(buf: mmap.mmap | bytes) -> GGUFHeader:
     r = _Reader(buf)
     if r.take(4) != MAGIC:
-        raise _Corrupt("not a GGUF file (bad magic bytes)")
+        raise _CorruptError("not a GGUF file (bad magic bytes)")
     version = r.unpack("I")
     if version not in (2, 3):
-        raise _Corrupt(f"GGUF version {version} is not supported (2 and 3 are)")
+        raise _CorruptError(f"GGUF version {version} is not supported (2 and 3 are)")
     n_tensors = r.count("tensors", 24)
     n_kv = r.count("metadata entries", 12)
     alignment = DEFAULT_ALIGNMENT
@@ -162,17 +162,17 @@ def _parse(buf: mmap.mmap | bytes) -> GGUFHeader:
         value = metadata[key] = r.value(kind, keep=True)
         if key == "general.alignment":
             if not isinstance(value, int) or value <= 0 or value & (value - 1):
-                raise _Corrupt(f"general.alignment {value!r} is not a power of two")
+                raise _CorruptError(f"general.alignment {value!r} is not a power of two")
             alignment = value
     infos = []
     for _ in range(n_tensors):
         name = r.string()
         n_dims = int(r.unpack("I"))
         if not 1 <= n_dims <= MAX_DIMS:
-            raise _Corrupt(f"tensor {name!r} has {n_dims} dimensions")
+            raise _CorruptError(f"tensor {name!r} has {n_dims} dimensions")
         shape = tuple(int(r.unpack("Q")) for _ in range(n_dims))
         if not all(0 < d < 2**40 for d in shape):
-            raise _Corrupt(f"tensor {name!r} has the shape {shape}")
+            raise _CorruptError(f"tensor {name!r} has the shape {shape}")
         kind = int(r.unpack("I"))
         offset = int(r.unpack("Q"))
         infos.append((name, shape, kind, offset))
@@ -182,7 +182,7 @@ def _parse(buf: mmap.mmap | bytes) -> GGUFHeader:
     for name, shape, kind, offset in infos:
         nbytes = _tensor_bytes(shape, kind)
         if offset % alignment or offset + nbytes > data_size:
-            raise _Corrupt(f"tensor {name!r} lies past the end of the file (truncated "
+            raise _CorruptError(f"tensor {name!r} lies past the end of the file (truncated "
                            "download?)")
         tensors.append(TensorInfo(name, shape, kind, nbytes))
     return GGUFHeader(metadata, tensors)
@@ -194,10 +194,10 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
     try:
         with path.open("rb") as f:
             if path.stat().st_size == 0:
-                raise _Corrupt("the file is empty")
+                raise _CorruptError("the file is empty")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 return _parse(buf)
-    except _Corrupt as e:
+    except _CorruptError as e:
         raise WeightsError(f"{path}: corrupt GGUF file: {e}; download it again") from None
     except OSError as e:
         raise WeightsError(f"{path}: cannot read ({e.strerror or e})") from None

@@ -1,7 +1,7 @@
 """The load policy, decided once: from what the user named to the model that will be built.
 
 resolve the name -> describe it (its headers, read once) -> check the distributed world it
-will be split over -> check it fits: resident, with its experts streamed within a budget (the
+will be split over -> check it fits: resident, with its experts paged within a budget (the
 one given, or, for a Mixtral larger than the memory available, that memory), or refused with
 `MemoryLimitError` before anything is read. The Python API's `load`, the command line, the chat
 app and the server all build this plan; `loader.load_planned` builds what it says.
@@ -38,13 +38,13 @@ class LoadPlan:
         return self.group.size() if self.group is not None else 1
 
     @property
-    def streaming(self) -> bool:
-        """Whether the experts stream from disk into slots."""
-        return self.memory is not None and self.memory.streaming
+    def paging(self) -> bool:
+        """Whether the experts are paged from disk into slots."""
+        return self.memory is not None and self.memory.paging
 
     @property
     def note(self) -> str | None:
-        """The one line to tell the user when the library chose to stream; the front end
+        """The one line to tell the user when the library chose to page; the front end
         adds how its user changes that (a budget, loading the model whole)."""
         if not self.automatic or self.memory is None:
             return None
@@ -55,7 +55,7 @@ class LoadPlan:
 def plan_load(name: str | Path | None = None, *, force: bool = False,
               dtype: str | mx.Dtype | None = None, group: mx.distributed.Group | None = None,
               pipeline: bool = False, max_memory: int | str | None = None,
-              context: int | None = None, stream_experts: bool = True) -> LoadPlan:
+              context: int | None = None, page_experts: bool = True) -> LoadPlan:
     """The plan for loading `name` (see the module doc and `loader.load` for the arguments);
     anything that cannot load is refused here, before a tensor is read."""
     name = name or default_model()
@@ -66,10 +66,10 @@ def plan_load(name: str | Path | None = None, *, force: bool = False,
     if max_memory is not None:
         if ranks > 1:
             raise MemoryLimitError("max_memory does not combine with mlx.launch yet; split "
-                                   "the model over the ranks, or stream it on one machine",
+                                   "the model over the ranks, or page its experts on one machine",
                                    params=("max_memory",))
         memory = plan_memory(source, budget_bytes(max_memory), dtype, context)
-    elif ranks > 1 or not stream_experts:
+    elif ranks > 1 or not page_experts:
         check_fits(source, force, dtype, ranks)
     else:
         memory = automatic_plan(source, force, dtype, context)

@@ -1,7 +1,7 @@
 """`load()`: a model and its tokenizer from whatever form the user has, in one pass.
 
 the load plan (load_plan.py: resolve, describe, check the world and the memory) -> build the
-model it says (lazy, memory-mapped; its experts streamed within a budget) -> its tokenizer.
+model it says (lazy, memory-mapped; its experts paged within a budget) -> its tokenizer.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from ..model.limits import RuntimeLimits
 from ..model.sharding import shard_layers, shard_tensors
 from ..text.tokenizer import Tokenizer, load_folder_tokenizer
 from .checkpoint import build_model, sanitize
+from .expert_paging import build_paged
 from .load_plan import LoadPlan, plan_load
 from .safetensors_file import read_safetensors
 from .source import ModelSource, describe
-from .streaming import build_streaming
 
 
 def build(source: ModelSource, dtype: str | mx.Dtype | None = None, fuse: bool = True
@@ -52,7 +52,7 @@ def load(path_or_repo: str | Path | None = None, tokenizer: bool = True, force: 
          dtype: str | mx.Dtype | None = None, group: mx.distributed.Group | None = None,
          pipeline: bool = False, max_memory: int | str | None = None,
          context: int | None = None, expert_policy: str = "lru", prefetch: bool = True,
-         stream_experts: bool = True) -> tuple[Model, Tokenizer | None]:
+         page_experts: bool = True) -> tuple[Model, Tokenizer | None]:
     """(model, tokenizer) from a GGUF file, a model folder, a Hugging Face repo id or
     `ollama:NAME`; with no name, the default model (as the command line picks it).
 
@@ -60,9 +60,9 @@ def load(path_or_repo: str | Path | None = None, tokenizer: bool = True, force: 
     `dtype` ("float32", "float16", "bfloat16") overrides the backend's choice (float32 on the
     CPU backend, the checkpoint's own on Metal).
 
-    A Mixtral (safetensors) larger than the memory available streams its experts within that
-    memory, and one line on stderr says so; with `stream_experts=False`, or for a model that
-    cannot stream, it raises `MemoryLimitError` instead. `force` loads the model whole anyway.
+    A Mixtral (safetensors) larger than the memory available pages its experts within that
+    memory, and one line on stderr says so; with `page_experts=False`, or for a model that
+    cannot be paged, it raises `MemoryLimitError` instead. `force` loads the model whole anyway.
 
     `max_memory` (bytes, or "12GB"): run within this budget. A Mixtral larger than it keeps
     its other weights, a KV cache for at least `context` tokens (default 2048) and some experts
@@ -75,7 +75,7 @@ def load(path_or_repo: str | Path | None = None, tokenizer: bool = True, force: 
 
     The same in two steps: `plan_load(...)` (load_plan.py), then `load_planned(plan)`."""
     plan = plan_load(path_or_repo, force=force, dtype=dtype, group=group, pipeline=pipeline,
-                     max_memory=max_memory, context=context, stream_experts=stream_experts)
+                     max_memory=max_memory, context=context, page_experts=page_experts)
     if plan.note is not None:
         print(f"{plan.note} (max_memory sets the budget, force=True loads it whole)",
               file=sys.stderr, flush=True)
@@ -86,16 +86,16 @@ def load_planned(plan: LoadPlan, tokenizer: bool = True, expert_policy: str = "l
                  prefetch: bool = True) -> tuple[Model, Tokenizer | None]:
     """(model, tokenizer) as `plan` says, its files' headers not read again."""
     source, memory = plan.source, plan.memory
-    streamer = None
-    if plan.streaming:
-        model, streamer = build_streaming(source, memory, plan.dtype, expert_policy, prefetch)
+    pager = None
+    if plan.paging:
+        model, pager = build_paged(source, memory, plan.dtype, expert_policy, prefetch)
         metadata = {}
     else:
         model, metadata = build(source, plan.dtype, fuse=plan.ranks == 1)
     if memory is not None:
         model.limits = RuntimeLimits(
-            max_context=memory.context_limit, memory_plan=memory, expert_streamer=streamer,
-            max_prefill_step=memory.prefill_step if streamer is not None else None)
+            max_context=memory.context_limit, memory_plan=memory, expert_pager=pager,
+            max_prefill_step=memory.prefill_step if pager is not None else None)
     if plan.ranks > 1:  # still lazy: the split decides what is read (the plan checked it)
         shard_layers(model.model, plan.group) if plan.pipeline else shard_tensors(model,
                                                                                  plan.group)

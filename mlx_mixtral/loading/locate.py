@@ -103,8 +103,8 @@ def ollama_blob(name: str) -> Path:
 
 def default_model() -> str:
     """$MLX_MIXTRAL_MODEL, else "model" in the user config file, else the demo model."""
-    from .demo import demo_model_path
-    from .user_files import user_config
+    from ..demo import demo_model_path
+    from ..user_files import user_config
 
     if os.environ.get("MLX_MIXTRAL_MODEL"):
         return os.environ["MLX_MIXTRAL_MODEL"]
@@ -125,7 +125,7 @@ def resolve(path_or_repo: str | Path) -> Path:
     if path.exists():
         return path
     if path_or_repo == DEMO_NAME:
-        from .demo import demo_model_path
+        from ..demo import demo_model_path
 
         demo = demo_model_path()
         if demo is None:

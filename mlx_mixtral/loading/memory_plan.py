@@ -1,5 +1,5 @@
 """How a model runs within a memory budget (`--max-memory`): fully resident, or with its experts
-streamed from disk into N slots per layer.
+paged in from disk into N slots per layer.
 
 The budget holds, in MLX's own accounting (`mx.get_peak_memory`):
 - every weight that is not an expert (attention, embeddings, head, norms, routers);
@@ -62,7 +62,7 @@ class MemoryPlan:
     context_limit: int  # the longest context the budget holds (<= the model's own)
 
     @property
-    def streaming(self) -> bool:
+    def paging(self) -> bool:
         return self.slots < self.experts
 
     @property
@@ -71,9 +71,9 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        """Enough for the minimal KV cache, and (streaming) for top-k slots per layer."""
+        """Enough for the minimal KV cache, and (paging) for top-k slots per layer."""
         return self.kv_room >= self.kv_per_token * self.context and (
-            not self.streaming or self.slots >= self.top_k)
+            not self.paging or self.slots >= self.top_k)
 
     @property
     def kv_room(self) -> int:
@@ -82,7 +82,7 @@ class MemoryPlan:
     def __str__(self) -> str:
         kv = (f"{size(self.kv_room)} left for the KV cache (a context of "
               f"{self.context_limit:,} tokens)")
-        if not self.streaming:
+        if not self.paging:
             return (f"Memory plan for {size(self.budget)}: the whole model is resident "
                     f"({size(self.resident + self.slot_bytes)}), {kv}")
         return (f"Memory plan for {size(self.budget)}: {size(self.resident)} resident weights, "
@@ -106,7 +106,7 @@ def budget_bytes(max_memory: int | str) -> int:
 
 def model_sizes(source: ModelSource, dtype: str | mx.Dtype | None = None) -> tuple[int, int]:
     """(every weight but the experts, the experts) once loaded; GGUF experts count as the
-    rest, since they cannot stream."""
+    rest, since they cannot be paged."""
     if source.format != "safetensors":
         return load_bytes(source, dtype), 0
     sizes = folder_tensor_bytes(source, target_dtype(dtype))
@@ -131,23 +131,23 @@ def automatic_plan(source: ModelSource, force: bool = False,
                    context: int | None = None) -> MemoryPlan | None:
     """The plan for a model given no budget, as Ollama offloads what the GPU cannot hold: None
     when the model fits the available memory (or `force` loads it whole); a plan within the
-    available memory when it does not but streaming its experts runs there. Otherwise
-    MemoryLimitError, naming streaming's minimum where streaming could run it elsewhere."""
+    available memory when it does not but paging its experts runs there. Otherwise
+    MemoryLimitError, naming paging's minimum where paging could run it elsewhere."""
     try:
         check_fits(source, force, dtype)
         return None
     except MemoryLimitError:
-        if not streamable(source):
+        if not pageable(source):
             raise
     have, least = memory.available_memory(), minimum_budget(source, dtype, context)
     if least <= have:
         return plan_memory(source, have, dtype, context)
     check_fits(source, dtype=dtype,  # the same refusal, with one more way out
-               other_way=f"stream its experts from disk (that needs at least {size(least)}), ")
+               other_way=f"page its experts from disk (that needs at least {size(least)}), ")
     return None  # memory was freed meanwhile: it fits after all
 
 
-def streamable(source: ModelSource) -> bool:
+def pageable(source: ModelSource) -> bool:
     """Whether the experts can be read from disk as needed (a Mixtral in safetensors)."""
     return source.args.is_moe and source.format == "safetensors"
 
@@ -170,7 +170,7 @@ def minimum_budget(source: ModelSource, dtype: str | mx.Dtype | None = None,
 
 def plan_for(args: ModelArgs, budget: int, resident: int, experts_total: int,
              target: mx.Dtype | None, context: int | None = None) -> MemoryPlan:
-    """The plan from sizes alone (`experts_total` 0: nothing can stream); check `.fits`."""
+    """The plan from sizes alone (`experts_total` 0: nothing can be paged); check `.fits`."""
     kv = args.kv_bytes_per_token((target or mx.float16).size)
     context = min(context or MIN_CONTEXT, args.sliding_window or args.max_position_embeddings,
                   args.max_position_embeddings)
@@ -204,7 +204,7 @@ def _context_limit(args: ModelArgs, room: int, kv: int, step: int) -> int:
 def _too_small(source: ModelSource, plan: MemoryPlan, need: int) -> str:
     what = (f"{plan.top_k} experts per layer, " if plan.experts else "")
     if not plan.experts and source.args.is_moe:
-        why = ("expert streaming reads safetensors folders (MLX or Hugging Face), not GGUF; "
+        why = ("expert paging reads safetensors folders (MLX or Hugging Face), not GGUF; "
                "use an MLX folder of the model, or ")
         return (f"max_memory={size(plan.budget)} is too small for {source.path.name} "
                 f"({size(need)} with a {plan.context}-token KV cache); {why}raise the budget")

@@ -69,7 +69,7 @@ def read_safetensors(files: list[Path]) -> dict:
     for path in files:
         try:
             weights.update(mx.load(str(path)))
-        except Exception as e:  # mx.load raises RuntimeError/ValueError on corrupt files
+        except (RuntimeError, ValueError, OSError) as e:  # what mx.load raises on a bad file
             raise WeightsError(f"{path}: cannot read safetensors ({e}); download it "
                                "again") from None
     return weights

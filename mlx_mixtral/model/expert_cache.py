@@ -104,7 +104,7 @@ class LayerStats:
 
 
 @dataclass
-class StreamStats:
+class PagingStats:
     layers: list[LayerStats] = field(default_factory=list)
 
     def total(self) -> LayerStats:
@@ -115,7 +115,7 @@ class StreamStats:
         return out
 
 
-class ExpertStreamer:
+class ExpertPager:
     """The slots of every MoE layer, the loader that fills them, and the prefetch thread."""
 
     def __init__(self, num_experts: int, num_slots: int, gates: Sequence[nn.Module],
@@ -126,14 +126,14 @@ class ExpertStreamer:
         self.loader = loader
         self.slots = [ExpertSlots(num_experts, num_slots, policy) for _ in self.gates]
         self.prefetch = prefetch
-        self.stats = StreamStats([LayerStats() for _ in self.gates])
+        self.stats = PagingStats([LayerStats() for _ in self.gates])
         self._pending: list[Future | None] = [None] * len(self.gates)
         self._prefetched: list[set[int]] = [set() for _ in self.gates]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch")
 
     def reset_stats(self) -> None:
         self.wait()
-        self.stats = StreamStats([LayerStats() for _ in self.gates])
+        self.stats = PagingStats([LayerStats() for _ in self.gates])
 
     def set_policy(self, policy: str, prefetch: bool) -> None:
         """Start over with empty slots under another policy (for measuring policies)."""
@@ -196,35 +196,35 @@ class ExpertStreamer:
         return slots.table
 
 
-class StreamingMoE(nn.Module):
-    """A `SparseMoE` whose experts live in `streamer`'s slots (same router, same output)."""
+class PagedMoE(nn.Module):
+    """A `SparseMoE` whose experts live in `pager`'s slots (same router, same output)."""
 
     def __init__(self, gate: nn.Linear, switch_mlp: ExpertsGLU, top_k: int, layer: int,
-                 streamer: ExpertStreamer) -> None:
+                 pager: ExpertPager) -> None:
         super().__init__()
         self.gate = gate
         self.switch_mlp = switch_mlp  # `num_slots` experts
         self.top_k = top_k
         self.layer = layer
-        self.streamer = streamer
+        self.pager = pager
 
     def __call__(self, x: mx.array, trace: list | None = None) -> mx.array:
-        streamer, layer = self.streamer, self.layer
+        pager, layer = self.pager, self.layer
         gate_logits = self.gate(x)
         indices, weights = route(gate_logits, self.top_k)
         if trace is not None:
             trace.append(RouterRecord(gate_logits.astype(mx.float32), indices, weights))
-        guess = streamer.guess(layer, x)
+        guess = pager.guess(layer, x)
         mx.eval(indices if guess is None else [indices, guess])  # this layer's one sync
         chosen = np.array(indices)
-        streamer.wait(layer)  # the slots of this layer are complete
+        pager.wait(layer)  # the slots of this layer are complete
         if guess is not None:
-            streamer.start_prefetch(layer + 1, np.array(guess))
+            pager.start_prefetch(layer + 1, np.array(guess))
         dtype = self.switch_mlp.compute_dtype
         xe = x if dtype is None else x.astype(dtype)
         needed = np.unique(chosen).tolist()
-        if len(needed) <= streamer.num_slots:
-            table = streamer.fill(layer, needed)
+        if len(needed) <= pager.num_slots:
+            table = pager.fill(layer, needed)
             y = self.switch_mlp(xe, mx.array(table[chosen]))
             y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         else:
@@ -235,16 +235,16 @@ class StreamingMoE(nn.Module):
                    needed: list[int]) -> mx.array:
         """More experts than slots (prefill): groups of `num_slots` experts, each computed on
         its own (token, expert) pairs and added up; the resident ones go first."""
-        streamer, slots = self.streamer, self.streamer.slots[self.layer]
+        pager, slots = self.pager, self.pager.slots[self.layer]
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         chosen = chosen.reshape(-1, self.top_k)
         weights = weights.reshape(-1, self.top_k)
         order = sorted(needed, key=lambda e: not slots.resident(e))
         out = None
-        for i in range(0, len(order), streamer.num_slots):
-            group = order[i:i + streamer.num_slots]
-            table = streamer.fill(self.layer, group)
+        for i in range(0, len(order), pager.num_slots):
+            group = order[i:i + pager.num_slots]
+            table = pager.fill(self.layer, group)
             rows, cols = np.nonzero(np.isin(chosen, group))
             at = mx.array(rows)
             y = self.switch_mlp(x[at], mx.array(table[chosen[rows, cols]])[:, None])[:, 0]

@@ -2,7 +2,7 @@
 
 A model that runs within a memory budget has a shorter context than its config (the KV cache
 must fit) and shorter prefill chunks (their working memory must fit); a Mixtral whose experts
-stream has the streamer that fills their slots. Without a budget nothing is limited.
+are paged has the pager that fills their slots. Without a budget nothing is limited.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import ModelArgs
-    from .expert_cache import ExpertStreamer
+    from .expert_cache import ExpertPager
 
 # Prompt tokens per forward pass when the caller names none (mlx-lm's default is 2048; 512
 # keeps the prefill's working memory small and its progress visible).
@@ -24,7 +24,7 @@ class RuntimeLimits:
     max_context: int | None = None  # a budget's cap on prompt + reply (the KV cache must fit)
     max_prefill_step: int | None = None  # longer prefill chunks would overrun the budget
     memory_plan: Any = None  # the budget's plan (loading/memory_plan.py's MemoryPlan)
-    expert_streamer: ExpertStreamer | None = None  # the experts' slots and their reader
+    expert_pager: ExpertPager | None = None  # the experts' slots and their reader
 
     def prefill_step(self, wanted: int | None = None) -> int:
         """The prefill chunk: what the caller wants (or the default), within the budget. The

@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..catalog.summary import ModelSummary, summarize_args
 from ..errors import MlxMixtralError
 from ..generation.sampling import SamplingParams
 from ..generation.stats import Chunk, Stats
-from ..loading.summary import ModelSummary, summarize_args
 from ..text.tools import can_call_tools, mistral_v3_tool_ids
 from .worker import LOST, Job, QueueFull, Worker
 

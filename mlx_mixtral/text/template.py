@@ -16,12 +16,12 @@ from typing import Any
 from ..errors import ChatFormatError
 
 
-class _TemplateRefused(Exception):
+class _TemplateRefusedError(Exception):
     """The template called raise_exception(message)."""
 
 
 def _raise_exception(message: str) -> None:
-    raise _TemplateRefused(message)
+    raise _TemplateRefusedError(message)
 
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
@@ -79,7 +79,7 @@ def render_template(source: str, messages: list[dict[str, Any]], add_generation_
         return _compile(source).render(
             messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
             documents=documents, bos_token=bos_token, eos_token=eos_token)
-    except _TemplateRefused as e:
+    except _TemplateRefusedError as e:
         raise ChatFormatError(f"the model's chat template refused the messages: {e}") from None
     except (TemplateError, TypeError, ValueError, AttributeError, KeyError) as e:
         raise ChatFormatError(f"the model's chat template failed: {e}") from None

@@ -11,13 +11,14 @@ a model we can load (an image model in the cache, a deleted folder) is left out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MlxMixtralError
+from ..user_files import data_dir, write_json
 from .summary import fit, summarize
-from .user_files import data_dir, write_json
 
 SEEN_FILE = "models-seen.json"
 MAX_SEEN = 50
@@ -31,11 +32,11 @@ class LocalModel:
     origin: str  # "demo", "hugging face", "ollama", "local"
     disk_bytes: int
     memory_bytes: int  # once loaded, from the headers
-    stream_bytes: int | None = None  # the least memory it runs in, its experts streamed
+    page_bytes: int | None = None  # the least memory it runs in, its experts paged
 
     def fit(self, available: int) -> str:
-        """One of "fits", "streams", "too big" in `available` bytes (see `summary.fit`)."""
-        return fit(self.memory_bytes, self.stream_bytes, available)
+        """One of "fits", "pages", "too big" in `available` bytes (see `summary.fit`)."""
+        return fit(self.memory_bytes, self.page_bytes, available)
 
     @property
     def label(self) -> str:
@@ -46,13 +47,13 @@ class LocalModel:
 
 
 def _described(name: str, path: Path, origin: str) -> LocalModel | None:
-    from .source import describe
+    from ..loading.source import describe
 
     try:
         s = summarize(describe(path))
     except (MlxMixtralError, OSError, ValueError):
         return None
-    return LocalModel(name, origin, s.disk_bytes, s.memory_bytes, s.stream_bytes)
+    return LocalModel(name, origin, s.disk_bytes, s.memory_bytes, s.page_bytes)
 
 
 def hub_cache_models(cache_dir: Path | None = None) -> list[LocalModel]:
@@ -85,7 +86,7 @@ def _ollama_name(parts: tuple[str, ...]) -> str:
 
 
 def ollama_models() -> list[LocalModel]:
-    from .locate import ollama_blob, ollama_store
+    from ..loading.locate import ollama_blob, ollama_store
 
     manifests = ollama_store() / "manifests"
     found = []
@@ -119,10 +120,8 @@ def remember(path: str | Path) -> None:
     that the model list offers it again."""
     path = str(Path(path).expanduser().resolve())
     paths = [path, *(p for p in seen_paths() if p != path)][:MAX_SEEN]
-    try:
+    with contextlib.suppress(OSError):  # a read-only data folder costs only the list entry
         write_json(_seen_path(), {"paths": paths})
-    except OSError:
-        pass  # a read-only data folder costs only the list entry
 
 
 def seen_models() -> list[LocalModel]:
@@ -135,8 +134,8 @@ def seen_models() -> list[LocalModel]:
 
 
 def demo_models() -> list[LocalModel]:
-    from .demo import demo_model_path
-    from .locate import DEMO_NAME
+    from ..demo import demo_model_path
+    from ..loading.locate import DEMO_NAME
 
     path = demo_model_path()
     model = _described(DEMO_NAME, path, "demo") if path is not None else None

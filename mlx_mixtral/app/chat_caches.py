@@ -6,6 +6,7 @@ note in the log) and the conversation is prefilled as if it had none; it never s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ from ..generation.kv import PROMPT_CACHE_BYTES
 log = logging.getLogger("mlx_mixtral.app")
 
 
-class PromptCaches:
+class ChatCaches:
     def __init__(self, folder: Path, budget: int = PROMPT_CACHE_BYTES) -> None:
         self.folder, self.budget = folder, budget
 
@@ -24,10 +25,8 @@ class PromptCaches:
 
     def used(self, key: str) -> None:
         """Mark a file as just used (least recently used goes first)."""
-        try:
+        with contextlib.suppress(OSError):
             os.utime(self.path(key))
-        except OSError:
-            pass
 
     def discard(self, key: str, why: str) -> None:
         log.warning("prompt cache %s ignored and deleted: %s", self.path(key).name, why)

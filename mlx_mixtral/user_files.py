@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
-from ..jsonfile import read_json_object
+from .errors import ConfigError
+from .jsonfile import read_json_object
 
 CONFIG_REMEDY = 'write it as a JSON object like {"model": "..."}'
 

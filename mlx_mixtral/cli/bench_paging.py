@@ -1,4 +1,4 @@
-"""`mlx-mixtral bench --max-memory`: expert streaming against the fully resident model.
+"""`mlx-mixtral bench --max-memory`: expert paging against the fully resident model.
 
 For each budget the same prompt runs fully resident and streamed, with a warm page cache (a
 warm-up run reads every expert once first). Reported: prefill and decode tokens/s and their
@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import MemoryLimitError, MlxMixtralError
-from ..model.expert_cache import StreamStats
+from ..model.expert_cache import PagingStats
 from ..units import size
 
 VARIANTS = (("lru", True), ("lru", False), ("lfu", True))  # the first is the default
@@ -30,7 +30,7 @@ HIT_RATES_FILE = "expert-hit-rates.json"
 
 
 @dataclass
-class StreamRun:
+class PagedRun:
     prefill_tps: float
     decode_tps: float
     peak_memory: int
@@ -64,7 +64,7 @@ def parse_budgets(text: str, model_bytes: int, minimum: int) -> list[int]:
     return out
 
 
-def _decode_stats(total: StreamStats, prefill: StreamStats) -> StreamStats:
+def _decode_stats(total: PagingStats, prefill: PagingStats) -> PagingStats:
     out = copy.deepcopy(total)
     for layer, before in zip(out.layers, prefill.layers, strict=True):
         for name in vars(layer):
@@ -72,15 +72,15 @@ def _decode_stats(total: StreamStats, prefill: StreamStats) -> StreamStats:
     return out
 
 
-def measure_streamed(model: Any, prompt: mx.array, gen_tokens: int) -> StreamRun:
-    """One greedy run of a streaming model; its speed and what its expert cache did."""
+def measure_paged(model: Any, prompt: mx.array, gen_tokens: int) -> PagedRun:
+    """One greedy run of a paged model; its speed and what its expert cache did."""
     from mlx_lm.generate import generate_step
 
     from ..generation.stats import Clock
     from ..generation.stream import prefill_chunk, settle
 
-    streamer = model.limits.expert_streamer
-    streamer.reset_stats()
+    pager = model.limits.expert_pager
+    pager.reset_stats()
     settle()
     mx.reset_peak_memory()
     cache = model.make_cache()
@@ -89,20 +89,20 @@ def measure_streamed(model: Any, prompt: mx.array, gen_tokens: int) -> StreamRun
                                   prefill_step_size=prefill_chunk(model)):
         clock.first_token()
         if at_first is None:
-            streamer.wait()
-            at_first = copy.deepcopy(streamer.stats)
+            pager.wait()
+            at_first = copy.deepcopy(pager.stats)
         tokens.append(token)
-    streamer.wait()
+    pager.wait()
     stats = clock.stats(len(prompt), tokens)
-    decode = _decode_stats(streamer.stats, at_first)
+    decode = _decode_stats(pager.stats, at_first)
     total = decode.total()
-    return StreamRun(stats.prompt_tps, stats.generation_tps, stats.peak_memory,
+    return PagedRun(stats.prompt_tps, stats.generation_tps, stats.peak_memory,
                      [s.hit_rate for s in decode.layers], total.hit_rate,
                      total.prefetch_hits / max(total.hits, 1),
                      total.bytes_read / max(len(tokens) - 1, 1))
 
 
-def bench_streaming(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens: int,
+def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens: int,
                     runs: int, dtype: str | None, as_json: bool) -> str:
     from ..loading import describe, load
     from ..loading.memory import load_bytes
@@ -142,16 +142,16 @@ def bench_streaming(folder: Path, budgets_text: str, prompt_tokens: int, gen_tok
         entry: dict[str, Any] = {"budget": budget, "share": budget / model_bytes,
                                  "slots": plan.slots, "experts": plan.experts,
                                  "load_s": load_s, "variants": {}}
-        if not plan.streaming:
-            entry["note"] = "the whole model fits: nothing streams"
+        if not plan.paging:
+            entry["note"] = "the whole model fits: nothing is paged"
             result["budgets"].append(entry)
             continue
-        streamer = model.limits.expert_streamer
+        pager = model.limits.expert_pager
         for i, (policy, prefetch) in enumerate(VARIANTS):
-            streamer.set_policy(policy, prefetch)
-            measure_streamed(model, prompt[:64], 8)  # warm: every expert read once
+            pager.set_policy(policy, prefetch)
+            measure_paged(model, prompt[:64], 8)  # warm: every expert read once
             n = runs if i == 0 else 1
-            done = [measure_streamed(model, prompt, gen_tokens) for _ in range(n)]
+            done = [measure_paged(model, prompt, gen_tokens) for _ in range(n)]
             key = f"{policy}{'+prefetch' if prefetch else ''}"
             entry["variants"][key] = {
                 name: statistics.median(getattr(r, name) for r in done)
@@ -160,14 +160,14 @@ def bench_streaming(folder: Path, budgets_text: str, prompt_tokens: int, gen_tok
             log(f"  {key}: decode {entry['variants'][key]['decode_tps']:.2f} tok/s, hit rate "
                 f"{entry['variants'][key]['decode_hit_rate']:.0%}")
         result["budgets"].append(entry)
-        streamer.close()
-        del model, streamer
+        pager.close()
+        del model, pager
         mx.clear_cache()
     save_hit_rates(result)
-    return json.dumps(result, indent=2) if as_json else format_streaming(result)
+    return json.dumps(result, indent=2) if as_json else format_paging(result)
 
 
-def format_streaming(result: dict[str, Any]) -> str:
+def format_paging(result: dict[str, Any]) -> str:
     res = result["resident"]
     lines = [f"{result['model']}  ({size(result['model_bytes'])} once loaded; "
              f"{result['prompt_tokens']} prompt tokens, {result['gen_tokens']} generated, "
@@ -197,14 +197,14 @@ def format_streaming(result: dict[str, Any]) -> str:
 
 
 def hit_rates_path() -> Path:
-    from ..loading.user_files import data_dir
+    from ..user_files import data_dir
 
     return data_dir() / HIT_RATES_FILE
 
 
 def save_hit_rates(result: dict[str, Any]) -> None:
     """Keep the default variant's decode hit rate by share of experts in memory."""
-    from ..loading.user_files import write_json
+    from ..user_files import write_json
 
     rates = {f"{e['slots']}/{e['experts']}": e["variants"][VARIANTS[0][0] + "+prefetch"][
         "decode_hit_rate"] for e in result["budgets"] if e.get("variants")}

@@ -1,4 +1,4 @@
-"""Expert streaming within --max-memory, against the fully resident model as the oracle."""
+"""Expert paging within --max-memory, against the fully resident model as the oracle."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from mlx_mixtral.convert.synthetic import write_hf_checkpoint
 from mlx_mixtral.loading import describe, load
 from mlx_mixtral.loading.memory import folder_tensor_bytes, load_bytes
 from mlx_mixtral.model.config import ModelArgs
-from mlx_mixtral.model.expert_cache import ExpertSlots, StreamingMoE
+from mlx_mixtral.model.expert_cache import ExpertSlots, PagedMoE
 from mlx_mixtral.model.moe import SparseMoE
 
 # Experts are over 85% of the bytes, as in Mixtral (97%): wide experts, one KV head.
@@ -68,13 +68,13 @@ def test_40_percent_budget_same_tokens_within_budget(folder):
     mx.reset_peak_memory()
     model, _ = load(folder / "q4", tokenizer=False, max_memory=budget, context=CONTEXT)
     plan = model.limits.memory_plan
-    assert plan.streaming and plan.top_k <= plan.slots < 8
+    assert plan.paging and plan.top_k <= plan.slots < 8
     assert mx.get_peak_memory() < plan.resident + plan.slot_bytes + plan.expert, \
         "loading materialised more than the slots: the stacked expert table was read"
     got = greedy(model, prompt, 256)
     peak = mx.get_peak_memory()
-    stats = model.limits.expert_streamer.stats.total()
-    model.limits.expert_streamer.close()
+    stats = model.limits.expert_pager.stats.total()
+    model.limits.expert_pager.close()
     assert got == want
     assert peak <= 1.05 * budget, f"peak {peak / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB"
     assert stats.reads > 0 and stats.hits < stats.needed  # it did stream
@@ -94,7 +94,7 @@ def test_logits_match_resident(folder):
         step = mx.array([[token]])
         want, got = resident(step, cache=caches[0]), model(step, cache=caches[1])
         np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, rtol=0)
-    model.limits.expert_streamer.close()
+    model.limits.expert_pager.close()
 
 
 class Numbers:
@@ -135,7 +135,7 @@ def test_the_budget_caps_the_context_and_a_reply_stops_there(folder):
     *_, stats = stream_generate(model, Numbers(), prompt, max_tokens=64,
                                 sampling=SamplingParams(temperature=0))
     peak = mx.get_peak_memory()
-    model.limits.expert_streamer.close()
+    model.limits.expert_pager.close()
     assert stats.finish_reason == "length" and len(stats.tokens) == 8
     assert peak <= 1.05 * budget, f"peak {peak / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB"
 
@@ -144,11 +144,11 @@ def test_one_sync_per_layer_and_each_expert_read_once_per_chunk(folder, monkeypa
     budget = int(0.4 * model_bytes(folder / "q4"))
     model, _ = load(folder / "q4", tokenizer=False, max_memory=budget, context=CONTEXT,
                     prefetch=False)
-    streamer = model.limits.expert_streamer
+    pager = model.limits.expert_pager
     cache = model.make_cache()
     chunk = mx.array([np.random.RandomState(2).randint(0, 512, 48).tolist()])
     mx.eval(model(chunk, cache=cache))
-    for layer, stats in enumerate(streamer.stats.layers):
+    for layer, stats in enumerate(pager.stats.layers):
         # every expert needed by the chunk was read once: no more reads than experts needed
         assert stats.reads == stats.needed - stats.hits <= 8, layer
     evals = []
@@ -158,18 +158,18 @@ def test_one_sync_per_layer_and_each_expert_read_once_per_chunk(folder, monkeypa
     assert len(evals) == WIDE["num_hidden_layers"]  # one sync per MoE layer
     monkeypatch.undo()
     mx.eval(logits)
-    streamer.close()
+    pager.close()
 
 
 def test_whole_model_within_budget_changes_nothing(folder):
     model, _ = load(folder / "q4", tokenizer=False, max_memory="24GB")
-    assert not model.limits.memory_plan.streaming
-    assert model.limits.expert_streamer is None
+    assert not model.limits.memory_plan.paging
+    assert model.limits.expert_pager is None
     assert all(type(layer.block_sparse_moe) is SparseMoE for layer in model.layers)
-    assert not any(isinstance(m, StreamingMoE) for _, m in model.named_modules())
+    assert not any(isinstance(m, PagedMoE) for _, m in model.named_modules())
 
 
-def test_float_checkpoint_streams_its_per_expert_tensors(tmp_path):
+def test_float_checkpoint_pages_its_per_expert_tensors(tmp_path):
     """A Hugging Face folder: bfloat16 `experts.E.wN` tensors read into float32 slots."""
     args = ModelArgs.from_dict({**WIDE, "hidden_size": 64, "intermediate_size": 256,
                                 "num_hidden_layers": 3, "vocab_size": 128})
@@ -177,11 +177,11 @@ def test_float_checkpoint_streams_its_per_expert_tensors(tmp_path):
     resident, _ = load(tmp_path / "hf", tokenizer=False)
     budget = int(0.6 * model_bytes(tmp_path / "hf"))
     model, _ = load(tmp_path / "hf", tokenizer=False, max_memory=budget, context=64)
-    assert model.limits.memory_plan.streaming
+    assert model.limits.memory_plan.paging
     ids = mx.array([list(range(1, 40))])
     np.testing.assert_allclose(np.array(model(ids)), np.array(resident(ids)), atol=1e-5,
                                rtol=0)
-    model.limits.expert_streamer.close()
+    model.limits.expert_pager.close()
 
 
 def test_slots_evict_least_recently_or_least_often_used():
@@ -223,7 +223,7 @@ def test_budget_too_small_says_the_minimum_and_it_works(folder):
     assert model.limits.memory_plan.slots == 2  # top-k experts per layer: the least that runs
     got = greedy(model, prompt, 6)  # it works: the resident model's tokens, within the budget
     peak, budget = mx.get_peak_memory(), model.limits.memory_plan.budget
-    model.limits.expert_streamer.close()
+    model.limits.expert_pager.close()
     assert got == want
     assert peak <= 1.05 * budget, f"peak {peak / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB"
 
@@ -241,9 +241,9 @@ def test_info_plans_for_a_smaller_mac():
     text = info(preset_name="mixtral-8x7b", memory=16 * 10**9)
     rows = {line.split()[0]: line for line in text.split("plans for 16.0 GB")[1].splitlines()[2:]}
     assert "no" in rows["float16"]
-    assert "streaming" in rows["4-bit"] and "read per token" in rows["4-bit"]
+    assert "paging" in rows["4-bit"] and "read per token" in rows["4-bit"]
     # 15.1 GB of weights: under 16 GB, but not with the KV cache and working memory as well
-    assert "streaming: 7 of 8 experts" in rows["mixed-2-4"]
+    assert "paging: 7 of 8 experts" in rows["mixed-2-4"]
     r = run_cli("info", "--preset", "mixtral-8x7b", "--memory", "sixteen")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
 
@@ -251,9 +251,9 @@ def test_info_plans_for_a_smaller_mac():
 def test_info_is_the_same_with_or_without_a_measurement_here(monkeypatch, tmp_path):
     """The plans use the default hit rates, so the same files give the same info on every
     machine; a hit rate `bench` measured here adds one line, labelled, naming its file."""
-    from mlx_mixtral.cli.bench_streaming import hit_rates_path
+    from mlx_mixtral.cli.bench_paging import hit_rates_path
     from mlx_mixtral.cli.info import info
-    from mlx_mixtral.loading.user_files import write_json
+    from mlx_mixtral.user_files import write_json
 
     monkeypatch.setenv("MLX_MIXTRAL_DATA_DIR", str(tmp_path))
     plain = info(preset_name="mixtral-8x7b", memory=16 * 10**9).splitlines()
@@ -267,7 +267,7 @@ def test_info_is_the_same_with_or_without_a_measurement_here(monkeypatch, tmp_pa
     assert str(hit_rates_path()) in extra
 
 
-def test_bench_reports_streaming_next_to_resident(folder):
+def test_bench_reports_paging_next_to_resident(folder):
     r = run_cli("bench", "--model", str(folder / "q4"), "--max-memory", "50%", "--runs", "1",
                 "--prompt-tokens", "24", "--gen-tokens", "6", "--json")
     assert r.returncode == 0, r.stderr
@@ -281,39 +281,39 @@ def test_bench_reports_streaming_next_to_resident(folder):
         assert v["peak_memory"] <= 1.05 * entry["budget"]
 
 
-def test_a_mixtral_too_big_for_the_memory_streams_by_itself(folder, monkeypatch, capsys):
+def test_a_mixtral_too_big_for_the_memory_pages_by_itself(folder, monkeypatch, capsys):
     """No --max-memory, less memory available than the model needs: the CLI plans within the
-    available memory, says so, and `list` says "streams"; with less than streaming needs, the
+    available memory, says so, and `list` says "pages"; with less than paging needs, the
     one-line error names that minimum."""
+    from mlx_mixtral.catalog.local import _described
     from mlx_mixtral.cli.listing import fit_word
     from mlx_mixtral.cli.main import load_model_for_cli
     from mlx_mixtral.errors import MemoryLimitError
-    from mlx_mixtral.loading.catalog import _described
 
     path = folder / "q4"
     half = int(0.5 * model_bytes(path))
     monkeypatch.setattr("mlx_mixtral.loading.memory.available_memory", lambda: half)
     monkeypatch.setattr("mlx_mixtral.loading.loader.load_tokenizer", lambda *_: None)  # none
     model, _ = load_model_for_cli(str(path))
-    model.limits.expert_streamer.close()
-    assert model.limits.memory_plan.streaming and model.limits.memory_plan.budget == half
+    model.limits.expert_pager.close()
+    assert model.limits.memory_plan.paging and model.limits.memory_plan.budget == half
     from mlx_mixtral.units import size
 
     assert (f"q4 is larger than the {size(half)} of memory available: its experts will be "
             "read from disk as chosen (--max-memory sets the budget, --force loads it whole)\n"
             ) in capsys.readouterr().err
     listed = _described(str(path), path, "local")
-    assert fit_word(listed, half) == "streams" and fit_word(listed, 2 * half + 10**6) == "yes"
+    assert fit_word(listed, half) == "pages" and fit_word(listed, 2 * half + 10**6) == "yes"
     monkeypatch.setattr("mlx_mixtral.loading.memory.available_memory", lambda: 10**6)
-    with pytest.raises(MemoryLimitError, match="stream its experts from disk .that needs at "):
+    with pytest.raises(MemoryLimitError, match="page its experts from disk .that needs at "):
         load_model_for_cli(str(path))
     assert fit_word(listed, 10**6) == "no"
 
 
-def test_load_streams_a_mixtral_too_big_for_the_memory_by_itself(folder, monkeypatch, capsys):
+def test_load_pages_a_mixtral_too_big_for_the_memory_by_itself(folder, monkeypatch, capsys):
     """The library's behaviour, not a front end's: `load` plans within the memory available,
     says so in one line on stderr, and caps the model's context and prefill chunks to the plan;
-    with `stream_experts=False` it refuses instead."""
+    with `page_experts=False` it refuses instead."""
     from mlx_mixtral.errors import MemoryLimitError
     from mlx_mixtral.generation.stream import context_length, prefill_chunk
     from mlx_mixtral.units import size
@@ -323,10 +323,10 @@ def test_load_streams_a_mixtral_too_big_for_the_memory_by_itself(folder, monkeyp
     monkeypatch.setattr("mlx_mixtral.loading.memory.available_memory", lambda: half)
     model, _ = load(path, tokenizer=False)
     limits = model.limits
-    limits.expert_streamer.close()
+    limits.expert_pager.close()
     plan = limits.memory_plan
-    assert plan.streaming and plan.budget == half
-    assert any(isinstance(m, StreamingMoE) for _, m in model.named_modules())
+    assert plan.paging and plan.budget == half
+    assert any(isinstance(m, PagedMoE) for _, m in model.named_modules())
     assert context_length(model) == plan.context_limit < WIDE["max_position_embeddings"]
     assert prefill_chunk(model, 4096) == plan.prefill_step
     err = capsys.readouterr().err
@@ -334,4 +334,4 @@ def test_load_streams_a_mixtral_too_big_for_the_memory_by_itself(folder, monkeyp
     assert err.startswith(f"q4 is larger than the {size(half)} of memory available: its "
                           "experts will be read from disk as chosen ("), err
     with pytest.raises(MemoryLimitError, match="the model needs about"):
-        load(path, tokenizer=False, stream_experts=False)
+        load(path, tokenizer=False, page_experts=False)

@@ -12,18 +12,18 @@ from typing import TYPE_CHECKING
 from ..units import human
 
 if TYPE_CHECKING:
+    from ..loading.source import ModelSource
     from ..model.config import ModelArgs
-    from .source import ModelSource
 
-FIT_WORDS = ("fits", "streams", "too big")
+FIT_WORDS = ("fits", "pages", "too big")
 
 
-def fit(memory_bytes: int, stream_bytes: int | None, available: int) -> str:
-    """In `available` bytes (0: unknown, so it fits): "fits", "streams" (runs only with its
+def fit(memory_bytes: int, page_bytes: int | None, available: int) -> str:
+    """In `available` bytes (0: unknown, so it fits): "fits", "pages" (runs only with its
     experts read from disk as chosen) or "too big"."""
     if not available or memory_bytes <= available:
         return "fits"
-    return "streams" if stream_bytes is not None and stream_bytes <= available else "too big"
+    return "pages" if page_bytes is not None and page_bytes <= available else "too big"
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ModelSummary:
     stored_as: str  # "4-bit (group 64), MLX", "GGUF Q4_K (mostly)", "bfloat16"
     disk_bytes: int
     memory_bytes: int  # once loaded
-    stream_bytes: int | None  # the least memory it runs in, its experts streamed (None: no)
+    page_bytes: int | None  # the least memory it runs in, its experts paged (None: no)
     layers: int
     experts: int  # per layer (0: a dense model)
     top_k: int
@@ -48,7 +48,7 @@ class ModelSummary:
         return human(self.parameters, "B")
 
     def fit(self, available: int) -> str:
-        return fit(self.memory_bytes, self.stream_bytes, available)
+        return fit(self.memory_bytes, self.page_bytes, available)
 
 
 def stored_as(source: ModelSource) -> str:
@@ -87,17 +87,17 @@ def summarize_args(args: ModelArgs, path: Path = Path()) -> ModelSummary:
     return ModelSummary(
         path=path, family="mixtral" if args.is_moe else "mistral", format="safetensors",
         parameters=total, active_parameters=active, stored_as="", disk_bytes=0, memory_bytes=0,
-        stream_bytes=None, layers=args.num_hidden_layers,
+        page_bytes=None, layers=args.num_hidden_layers,
         experts=args.num_local_experts if args.is_moe else 0,
         top_k=args.num_experts_per_tok if args.is_moe else 0,
         context=args.max_position_embeddings, window=args.sliding_window)
 
 
 def summarize(source: ModelSource) -> ModelSummary:
-    from .memory import load_bytes
-    from .memory_plan import minimum_budget, streamable
+    from ..loading.memory import load_bytes
+    from ..loading.memory_plan import minimum_budget, pageable
 
     return replace(summarize_args(source.args, source.path), family=family(source),
                    format=source.format, stored_as=stored_as(source),
                    disk_bytes=disk_bytes(source.path), memory_bytes=load_bytes(source),
-                   stream_bytes=minimum_budget(source) if streamable(source) else None)
+                   page_bytes=minimum_budget(source) if pageable(source) else None)

@@ -1,4 +1,4 @@
-"""Building a Mixtral whose experts stream from its safetensors files (`load(max_memory=)`).
+"""Building a Mixtral whose experts are paged from its safetensors files (`load(max_memory=)`).
 
 Everything but the experts loads as usual (checkpoint.py's builder, lazy, then evaluated once).
 The expert tensors are never handed to MLX: each MoE layer gets `plan.slots` empty expert
@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from ..model.decoder import Model
-from ..model.expert_cache import ExpertStreamer, StreamingMoE
+from ..model.expert_cache import ExpertPager, PagedMoE
 from ..model.precision import loaded_dtype, target_dtype
 from .checkpoint import build_model, sanitize
 from .expert_files import ExpertFiles, is_expert_tensor
@@ -42,10 +42,10 @@ def _empty_slots(mlp: nn.Module, float_dtype: mx.Dtype) -> None:
     mlp.update(tree_map(zeros, mlp.parameters()))
 
 
-def build_streaming(source: ModelSource, plan: MemoryPlan, dtype: str | mx.Dtype | None = None,
-                    policy: str = "lru", prefetch: bool = True) -> tuple[Model, ExpertStreamer]:
+def build_paged(source: ModelSource, plan: MemoryPlan, dtype: str | mx.Dtype | None = None,
+                    policy: str = "lru", prefetch: bool = True) -> tuple[Model, ExpertPager]:
     """A `Model` holding every weight but the experts, with `plan.slots` slots per layer, and
-    the streamer that fills them."""
+    the pager that fills them."""
     args = source.args
     lazy = read_safetensors(source.files)
     weights = sanitize({k: v for k, v in lazy.items() if not is_expert_tensor(k)}, args)
@@ -60,10 +60,10 @@ def build_streaming(source: ModelSource, plan: MemoryPlan, dtype: str | mx.Dtype
     mx.eval(model.parameters())
     mlps = [layer.block_sparse_moe.switch_mlp for layer in model.layers]
     files = ExpertFiles(source.files, mlps, args.num_local_experts, args.intermediate_size)
-    streamer = ExpertStreamer(args.num_local_experts, plan.slots,
+    pager = ExpertPager(args.num_local_experts, plan.slots,
                               [layer.block_sparse_moe.gate for layer in model.layers],
                               args.num_experts_per_tok, files, policy, prefetch)
     for i, layer in enumerate(model.layers):
         moe = layer.block_sparse_moe
-        layer.block_sparse_moe = StreamingMoE(moe.gate, moe.switch_mlp, moe.top_k, i, streamer)
-    return model, streamer
+        layer.block_sparse_moe = PagedMoE(moe.gate, moe.switch_mlp, moe.top_k, i, pager)
+    return model, pager
