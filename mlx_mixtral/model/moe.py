@@ -36,7 +36,8 @@ class ExpertsGLU(SwitchGLU):
     @property
     def compute_dtype(self) -> mx.Dtype | None:
         """The dtype unquantized experts compute in (None for quantized ones)."""
-        proj = self.get("gate_up_proj", self.gate_proj)
+        # (not .get: its default would be looked up, and fails, when fused)
+        proj = self["gate_up_proj"] if "gate_up_proj" in self else self.gate_proj  # noqa: SIM401
         return None if hasattr(proj, "bits") else proj.weight.dtype
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
