@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,27 @@ BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             initializer_range=0.15, attn_implementation="eager")
 
 
+# The commands the tests start (the CLI, servers, chat drivers, ranks) never need torch, and
+# transformers, which mlx-lm imports, takes about 2 s to import it when it is installed. They
+# inherit this: a `sitecustomize` on their path hides torch from them (see its docstring). This
+# process keeps torch: the reference implementation runs here.
+NO_TORCH = Path(__file__).with_name("no_torch")
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(NO_TORCH), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+os.environ["MLX_MIXTRAL_TESTS_HIDE_TORCH"] = "1"
+
+
+def with_torch_visible(env: dict[str, str] | None = None) -> dict[str, str]:
+    """An environment for a command that must see torch if it is installed (to check that it
+    does not import it)."""
+    env = dict(os.environ if env is None else env)
+    env.pop("MLX_MIXTRAL_TESTS_HIDE_TORCH", None)
+    return env
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_user_folders(tmp_path_factory):
     """Tests and the commands they start never touch the user's own data and cache folders."""
-    import os
 
     names = ("MLX_MIXTRAL_CACHE_DIR", "MLX_MIXTRAL_DATA_DIR", "MLX_MIXTRAL_CONFIG_DIR")
     saved = {k: os.environ.get(k) for k in names}

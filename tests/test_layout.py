@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import with_torch_visible
+
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_mixtral"
 LEAVES = {"errors", "units", "jsonfile", "lazy"}  # shared by every folder, import nothing of ours
 # What each folder may import from the package (besides itself and the leaves).
@@ -122,7 +124,8 @@ def test_no_import_cycle():
 def test_import_is_light():
     code = ("import sys, mlx_mixtral; "
             "print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=with_torch_visible())
     assert out.stdout.strip() == "[]"
 
 
