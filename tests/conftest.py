@@ -17,21 +17,22 @@ BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             initializer_range=0.15, attn_implementation="eager")
 
 
-# The commands the tests start (the CLI, servers, chat drivers, ranks) never need torch, and
-# transformers, which mlx-lm imports, takes about 2 s to import it when it is installed. They
-# inherit this: a `sitecustomize` on their path hides torch from them (see its docstring). This
-# process keeps torch: the reference implementation runs here.
-NO_TORCH = Path(__file__).with_name("no_torch")
+# The commands the tests start (the CLI, servers, ranks) never need torch or mistral-common,
+# test dependencies that cost each of them seconds to import (through transformers and gguf).
+# They inherit this: a `sitecustomize` on their path hides both (see its docstring). This
+# process keeps them: the reference implementations run here.
+HIDDEN = ("torch", "mistral_common")
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(NO_TORCH), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
-os.environ["MLX_MIXTRAL_TESTS_HIDE_TORCH"] = "1"
+    [str(Path(__file__).with_name("hide_packages")),
+     *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+os.environ["MLX_MIXTRAL_TESTS_HIDE"] = ",".join(HIDDEN)
 
 
-def with_torch_visible(env: dict[str, str] | None = None) -> dict[str, str]:
-    """An environment for a command that must see torch if it is installed (to check that it
-    does not import it)."""
-    env = dict(os.environ if env is None else env)
-    env.pop("MLX_MIXTRAL_TESTS_HIDE_TORCH", None)
+def seeing(*visible: str) -> dict[str, str]:
+    """The environment for a command that must find `visible` among the hidden packages (to
+    import it, or to check that it does not)."""
+    env = dict(os.environ)
+    env["MLX_MIXTRAL_TESTS_HIDE"] = ",".join(h for h in HIDDEN if h not in visible)
     return env
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import with_torch_visible
+from conftest import seeing
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_mixtral"
 LEAVES = {"errors", "units", "jsonfile", "lazy"}  # shared by every folder, import nothing of ours
@@ -125,7 +125,7 @@ def test_import_is_light():
     code = ("import sys, mlx_mixtral; "
             "print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=with_torch_visible())
+                         env=seeing("torch"))
     assert out.stdout.strip() == "[]"
 
 
