@@ -19,13 +19,10 @@ BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
 
 # The commands the tests start (the CLI, servers, ranks) never need torch or mistral-common,
 # test dependencies that cost each of them seconds to import (through transformers and gguf).
-# They inherit this: a `sitecustomize` on their path hides both (see its docstring). This
-# process keeps them: the reference implementations run here.
+# They inherit this environment (`hide_packages`, set for the session): a `sitecustomize` on
+# their path hides both (see its docstring). The pytest processes keep them: the reference
+# implementations run there.
 HIDDEN = ("torch", "mistral_common")
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(Path(__file__).with_name("hide_packages")),
-     *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
-os.environ["MLX_MIXTRAL_TESTS_HIDE"] = ",".join(HIDDEN)
 
 
 def seeing(*visible: str) -> dict[str, str]:
@@ -36,15 +33,63 @@ def seeing(*visible: str) -> dict[str, str]:
     return env
 
 
+# ---- running in parallel ---------------------------------------------------------------------
+# The suite runs on two pytest-xdist workers (pyproject's addopts), a file at a time per worker.
+# A test marked `alone` races the clock (kills at random moments of a command's work, answers
+# within a deadline): no other test runs while it does. Two advisory locks shared by the
+# workers: every test holds `run` (shared, or exclusive when alone); `gate` makes a waiting
+# `alone` test go next instead of waiting for a gap between the other worker's tests.
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None:  # not under xdist: nothing runs beside this test
+        yield
+        return
+    import fcntl
+    import tempfile
+
+    alone = item.get_closest_marker("alone") is not None
+    stem = Path(tempfile.gettempdir()) / f"mlx-mixtral-tests-{run_id}"
+    with open(f"{stem}.gate", "a") as gate, open(f"{stem}.run", "a") as run:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(run, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if not alone:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(run, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_user_folders(tmp_path_factory):
     """Tests and the commands they start never touch the user's own data and cache folders."""
-
     names = ("MLX_MIXTRAL_CACHE_DIR", "MLX_MIXTRAL_DATA_DIR", "MLX_MIXTRAL_CONFIG_DIR")
     saved = {k: os.environ.get(k) for k in names}
     os.environ["MLX_MIXTRAL_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     os.environ["MLX_MIXTRAL_DATA_DIR"] = str(tmp_path_factory.mktemp("data"))
     os.environ["MLX_MIXTRAL_CONFIG_DIR"] = str(tmp_path_factory.mktemp("config"))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hide_packages():
+    """The commands started by the tests of this session do not find `HIDDEN`. (Set here, in
+    the process that runs the tests: xdist's workers are commands its controller starts.)"""
+    names = ("PYTHONPATH", "MLX_MIXTRAL_TESTS_HIDE")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).with_name("hide_packages")),
+         *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    os.environ["MLX_MIXTRAL_TESTS_HIDE"] = ",".join(HIDDEN)
     yield
     for key, value in saved.items():
         if value is None:

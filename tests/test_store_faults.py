@@ -78,6 +78,7 @@ def test_two_app_instances_share_one_database(model_folder, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # replies must complete within the kills' windows
 def test_sigkill_at_10_random_moments_of_a_streaming_chat(model_folder, tmp_path):
     db = tmp_path / "killed.db"
     rng = random.Random(8)
