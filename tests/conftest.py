@@ -64,6 +64,17 @@ def pytest_runtest_protocol(item, nextitem):
             fcntl.flock(gate, fcntl.LOCK_UN)
 
 
+# The longest files first, so that neither worker is left with a long file at the end.
+LONGEST_FIRST = ["test_distributed.py", "test_server.py", "test_readme.py",
+                 "test_expert_streaming.py", "test_convert_faults.py", "test_store_faults.py",
+                 "test_kv_cache.py", "test_server_load.py", "test_convert.py", "test_app_e2e.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_user_folders(tmp_path_factory):
     """Tests and the commands they start never touch the user's own data and cache folders."""
