@@ -41,18 +41,27 @@ def seeing(*visible: str) -> dict[str, str]:
 # `alone` test go next instead of waiting for a gap between the other worker's tests.
 
 
+def lock_files() -> tuple[Path, Path] | None:
+    """(gate, run) for this xdist run; None outside xdist."""
+    import tempfile
+
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None:
+        return None
+    stem = Path(tempfile.gettempdir()) / f"mlx-mixtral-tests-{run_id}"
+    return stem.with_suffix(".gate"), stem.with_suffix(".run")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run_id is None:  # not under xdist: nothing runs beside this test
+    locks = lock_files()
+    if locks is None:  # not under xdist: nothing runs beside this test
         yield
         return
     import fcntl
-    import tempfile
 
     alone = item.get_closest_marker("alone") is not None
-    stem = Path(tempfile.gettempdir()) / f"mlx-mixtral-tests-{run_id}"
-    with open(f"{stem}.gate", "a") as gate, open(f"{stem}.run", "a") as run:
+    with open(locks[0], "a") as gate, open(locks[1], "a") as run:
         fcntl.flock(gate, fcntl.LOCK_EX)
         fcntl.flock(run, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
         if not alone:
@@ -62,6 +71,13 @@ def pytest_runtest_protocol(item, nextitem):
         finally:
             fcntl.flock(run, fcntl.LOCK_UN)
             fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+def pytest_sessionfinish(session):
+    """A worker whose tests are done removes the lock files: the other one, if still running,
+    needs no locks, and opens them anew for each test."""
+    for path in lock_files() or ():
+        path.unlink(missing_ok=True)
 
 
 # The longest files first, so that neither worker is left with a long file at the end.
