@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +17,106 @@ BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             initializer_range=0.15, attn_implementation="eager")
 
 
+# The commands the tests start (the CLI, servers, ranks) never need torch or mistral-common,
+# test dependencies that cost each of them seconds to import (through transformers and gguf).
+# They inherit this environment (`hide_packages`, set for the session): a `sitecustomize` on
+# their path hides both (see its docstring). The pytest processes keep them: the reference
+# implementations run there.
+HIDDEN = ("torch", "mistral_common")
+
+
+def seeing(*visible: str) -> dict[str, str]:
+    """The environment for a command that must find `visible` among the hidden packages (to
+    import it, or to check that it does not)."""
+    env = dict(os.environ)
+    env["MLX_MIXTRAL_TESTS_HIDE"] = ",".join(h for h in HIDDEN if h not in visible)
+    return env
+
+
+# ---- running in parallel ---------------------------------------------------------------------
+# The suite runs on two pytest-xdist workers (pyproject's addopts), a file at a time per worker.
+# A test marked `alone` races the clock (kills at random moments of a command's work, answers
+# within a deadline): no other test runs while it does. Two advisory locks shared by the
+# workers: every test holds `run` (shared, or exclusive when alone); `gate` makes a waiting
+# `alone` test go next instead of waiting for a gap between the other worker's tests.
+
+
+def lock_files() -> tuple[Path, Path] | None:
+    """(gate, run) for this xdist run; None outside xdist."""
+    import tempfile
+
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None:
+        return None
+    stem = Path(tempfile.gettempdir()) / f"mlx-mixtral-tests-{run_id}"
+    return stem.with_suffix(".gate"), stem.with_suffix(".run")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    locks = lock_files()
+    if locks is None:  # not under xdist: nothing runs beside this test
+        yield
+        return
+    import fcntl
+
+    alone = item.get_closest_marker("alone") is not None
+    with open(locks[0], "a") as gate, open(locks[1], "a") as run:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(run, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if not alone:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(run, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+def pytest_sessionfinish(session):
+    """A worker whose tests are done removes the lock files: the other one, if still running,
+    needs no locks, and opens them anew for each test."""
+    for path in lock_files() or ():
+        path.unlink(missing_ok=True)
+
+
+# The longest files first, so that neither worker is left with a long file at the end.
+LONGEST_FIRST = ["test_distributed.py", "test_server.py", "test_readme.py",
+                 "test_expert_streaming.py", "test_convert_faults.py", "test_store_faults.py",
+                 "test_kv_cache.py", "test_server_load.py", "test_convert.py", "test_app_e2e.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_user_folders(tmp_path_factory):
     """Tests and the commands they start never touch the user's own data and cache folders."""
-    import os
-
     names = ("MLX_MIXTRAL_CACHE_DIR", "MLX_MIXTRAL_DATA_DIR", "MLX_MIXTRAL_CONFIG_DIR")
     saved = {k: os.environ.get(k) for k in names}
     os.environ["MLX_MIXTRAL_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     os.environ["MLX_MIXTRAL_DATA_DIR"] = str(tmp_path_factory.mktemp("data"))
     os.environ["MLX_MIXTRAL_CONFIG_DIR"] = str(tmp_path_factory.mktemp("config"))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hide_packages():
+    """The commands started by the tests of this session do not find `HIDDEN`. (Set here, in
+    the process that runs the tests: xdist's workers are commands its controller starts.)"""
+    names = ("PYTHONPATH", "MLX_MIXTRAL_TESTS_HIDE")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).with_name("hide_packages")),
+         *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    os.environ["MLX_MIXTRAL_TESTS_HIDE"] = ",".join(HIDDEN)
     yield
     for key, value in saved.items():
         if value is None:

@@ -19,7 +19,8 @@ from mlx_mixtral.generation.session import ChatSession
 
 EXE = shutil.which("mlx-mixtral")
 # Locally a missing tmux skips these; in CI (CI=true, where .ci/run installs tmux) it fails.
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+# alone: deadlines (the demo's chat within 15 s) and kills while it streams.
+pytestmark = [pytest.mark.slow, pytest.mark.alone, pytest.mark.skipif(
     (not shutil.which("tmux") or not EXE) and not os.environ.get("CI"),
     reason="needs tmux and the installed mlx-mixtral command")]
 

@@ -184,6 +184,7 @@ def test_prompt_as_argument_or_from_a_pipe(folder):
     assert twice.returncode == 2 and "once" in twice.stderr
 
 
+@pytest.mark.alone  # a deadline
 def test_chat_without_a_terminal_says_so_and_exits(folder, tmp_path):
     import time
 

@@ -105,6 +105,7 @@ def timed_convert(src: Path, out: Path) -> tuple[float, float]:
     return appeared, time.monotonic() - start
 
 
+@pytest.mark.alone  # kills at moments timed on an earlier run
 def test_sigkill_at_10_random_moments_leaves_no_partial_out(tmp_path):
     """Each kill lands at a random moment of the convert's work (from the moment its partial
     folder exists: reading, quantizing, writing shards, the final rename). OUT is then either

@@ -113,6 +113,7 @@ def test_float32_logits_agree_and_each_rank_holds_half(models, tmp_path):
                                                                  single[0]["peak"])
 
 
+@pytest.mark.alone  # a deadline
 def test_a_killed_rank_ends_the_other_in_one_line(models, tmp_path):
     command = [LAUNCH, "-n", "2", "--backend", "ring", str(HERE / "rank_wrap.sh"),
                str(tmp_path), EXE, "generate", "--model", str(models["mixtral-4bit"]),
@@ -163,6 +164,7 @@ def test_bench_under_mlx_launch_reports_each_rank(models, tmp_path):
     assert results[1]["out"] == ""
 
 
+@pytest.mark.alone  # a deadline
 def test_a_group_that_never_forms_ends_in_one_line(tmp_path):
     """Rank 1 never joins: rank 0 gives up after --dist-timeout with one line."""
     script = ('if [ "$MLX_RANK" = 1 ]; then sleep 15; else exec "$@"; fi')

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import seeing
+
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_mixtral"
 # Shared by every folder; they import only each other.
 LEAVES = {"errors", "units", "jsonfile", "lazy", "user_files", "demo"}
@@ -156,7 +158,8 @@ def test_chat_server_command_imports_no_model_stack():
 def test_import_is_light():
     code = ("import sys, mlx_mixtral; "
             "print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=seeing("torch"))
     assert out.stdout.strip() == "[]"
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from app_helpers import tiny_model_folder
+from conftest import seeing
 
 from mlx_mixtral.app import store as store_module
 from mlx_mixtral.app.store import SCHEMA_VERSION, Store, StoreError
@@ -30,7 +31,8 @@ def model_folder(tmp_path_factory):
 def driver(model: Path, db: Path, tag: str, rounds: int, max_tokens: int) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(DRIVER), str(model), str(db), tag, str(rounds), str(max_tokens)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=seeing("mistral_common"))  # the driver's helpers read its tokenizer files' paths
 
 
 def wait_ready(proc: subprocess.Popen) -> None:
@@ -76,6 +78,7 @@ def test_two_app_instances_share_one_database(model_folder, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # replies must complete within the kills' windows
 def test_sigkill_at_10_random_moments_of_a_streaming_chat(model_folder, tmp_path):
     db = tmp_path / "killed.db"
     rng = random.Random(8)
