@@ -82,7 +82,7 @@ def pytest_sessionfinish(session):
 
 # The longest files first, so that neither worker is left with a long file at the end.
 LONGEST_FIRST = ["test_distributed.py", "test_server.py", "test_readme.py",
-                 "test_expert_streaming.py", "test_convert_faults.py", "test_store_faults.py",
+                 "test_expert_paging.py", "test_convert_faults.py", "test_store_faults.py",
                  "test_kv_cache.py", "test_server_load.py", "test_convert.py", "test_app_e2e.py"]
 
 
