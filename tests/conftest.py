@@ -16,6 +16,21 @@ BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             initializer_range=0.15, attn_implementation="eager")
 
 
+class Numbers:
+    """Token ids as text, for a model without a tokenizer."""
+
+    eos_ids: frozenset[int] = frozenset()
+
+    def detokenizer(self):
+        return self
+
+    def add_token(self, token: int) -> str:
+        return f" {token}"
+
+    def finalize(self) -> str:
+        return ""
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_user_folders(tmp_path_factory):
     """Tests and the commands they start never touch the user's own data and cache folders."""
