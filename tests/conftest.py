@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -91,38 +92,52 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+class Numbers:
+    """Token ids as text, for a model without a tokenizer."""
+
+    eos_ids: frozenset[int] = frozenset()
+
+    def detokenizer(self):
+        return self
+
+    def add_token(self, token: int) -> str:
+        return f" {token}"
+
+    def finalize(self) -> str:
+        return ""
+
+
+@contextlib.contextmanager
+def environment(**values: str):
+    """`os.environ` with `values` set, as it was afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_user_folders(tmp_path_factory):
     """Tests and the commands they start never touch the user's own data and cache folders."""
-    names = ("MLX_MIXTRAL_CACHE_DIR", "MLX_MIXTRAL_DATA_DIR", "MLX_MIXTRAL_CONFIG_DIR")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ["MLX_MIXTRAL_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    os.environ["MLX_MIXTRAL_DATA_DIR"] = str(tmp_path_factory.mktemp("data"))
-    os.environ["MLX_MIXTRAL_CONFIG_DIR"] = str(tmp_path_factory.mktemp("config"))
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with environment(**{f"MLX_MIXTRAL_{what.upper()}_DIR": str(tmp_path_factory.mktemp(what))
+                        for what in ("cache", "data", "config")}):
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
 def hide_packages():
     """The commands started by the tests of this session do not find `HIDDEN`. (Set here, in
     the process that runs the tests: xdist's workers are commands its controller starts.)"""
-    names = ("PYTHONPATH", "MLX_MIXTRAL_TESTS_HIDE")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(Path(__file__).with_name("hide_packages")),
-         *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
-    os.environ["MLX_MIXTRAL_TESTS_HIDE"] = ",".join(HIDDEN)
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    path = [str(Path(__file__).with_name("hide_packages")),
+            *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    with environment(PYTHONPATH=os.pathsep.join(path), MLX_MIXTRAL_TESTS_HIDE=",".join(HIDDEN)):
+        yield
 
 
 def build_hf(folder: Path, model_type: str, seed: int = 0, **overrides):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import asynccontextmanager
 
 import pytest
 from app_helpers import tiny_model_folder, wait_until
@@ -27,8 +28,12 @@ def make_app(model_folder, db, settings=GREEDY, export_dir=None):
                    settings=settings, export_dir=export_dir)
 
 
-async def loaded(app, pilot):
-    await wait_until(pilot, lambda: app.info is not None)
+@asynccontextmanager
+async def running(app):
+    """Run `app` headless at 120x40; yield its pilot once the model is loaded."""
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.info is not None)
+        yield pilot
 
 
 async def reply_to(app, pilot, *keys: str) -> None:
@@ -57,8 +62,7 @@ def db_messages(db):
 async def test_send_streams_a_reply(model_folder, tmp_path):
     db = tmp_path / "chats.db"
     app = make_app(model_folder, db)
-    async with app.run_test(size=(120, 40)) as pilot:
-        await loaded(app, pilot)
+    async with running(app) as pilot:
         assert app.info.is_moe and app.info.chat_format == "mistral-v1"
         await send(app, pilot, "Hello there")
         replies = list(app.query(AssistantMessage))
@@ -74,8 +78,7 @@ async def test_send_streams_a_reply(model_folder, tmp_path):
 async def test_escape_stops_mid_reply(model_folder, tmp_path):
     db = tmp_path / "chats.db"
     app = make_app(model_folder, db, SamplingParams(temperature=1.0, max_tokens=3000, seed=1))
-    async with app.run_test(size=(120, 40)) as pilot:
-        await loaded(app, pilot)
+    async with running(app) as pilot:
         app.query_one(PromptInput).text = "Tell me everything"
         app.query_one(PromptInput).focus()
         await pilot.press("enter")
@@ -91,8 +94,7 @@ async def test_escape_stops_mid_reply(model_folder, tmp_path):
 async def test_regenerate_edit_and_new_chat(model_folder, tmp_path):
     db = tmp_path / "chats.db"
     app = make_app(model_folder, db, SamplingParams(temperature=1.0, max_tokens=8, seed=None))
-    async with app.run_test(size=(120, 40)) as pilot:
-        await loaded(app, pilot)
+    async with running(app) as pilot:
         await send(app, pilot, "First question")
         await reply_to(app, pilot, "ctrl+r")
         assert len(app.query(AssistantMessage)) == 1
@@ -118,8 +120,7 @@ async def test_regenerate_edit_and_new_chat(model_folder, tmp_path):
 async def test_settings_change_applies_to_the_next_reply(model_folder, tmp_path):
     db = tmp_path / "chats.db"
     app = make_app(model_folder, db, SamplingParams(temperature=0, max_tokens=40))
-    async with app.run_test(size=(120, 40)) as pilot:
-        await loaded(app, pilot)
+    async with running(app) as pilot:
         await send(app, pilot, "One")
         first = db_messages(db)[-1].stats["generation_tokens"]
         await pilot.press("f3")
@@ -139,14 +140,12 @@ async def test_settings_change_applies_to_the_next_reply(model_folder, tmp_path)
 async def test_reopen_lists_and_restores(model_folder, tmp_path):
     db = tmp_path / "chats.db"
     app = make_app(model_folder, db)
-    async with app.run_test(size=(120, 40)) as pilot:
-        await loaded(app, pilot)
+    async with running(app) as pilot:
         await send(app, pilot, "Remember me")
         await send(app, pilot, "And this")
         before = [(type(w).__name__, w.text) for w in app.query("#messages > *")]
     again = make_app(model_folder, db, SamplingParams())
-    async with again.run_test(size=(120, 40)) as pilot:
-        await loaded(again, pilot)
+    async with running(again) as pilot:
         sidebar = again.query_one("#sidebar")
         assert len(sidebar.children) == 1
         sidebar.focus()
@@ -164,8 +163,7 @@ async def test_export_markdown_and_json(model_folder, tmp_path):
     db = tmp_path / "chats.db"
     out = tmp_path / "out"
     app = make_app(model_folder, db, export_dir=out)
-    async with app.run_test(size=(120, 40)) as pilot:
-        await loaded(app, pilot)
+    async with running(app) as pilot:
         await send(app, pilot, "Export me")
         app.conversation.system = None
         app.store.update(app.conversation.id, system="Be brief.")  # set after the first reply
@@ -237,8 +235,7 @@ async def test_opening_a_chat_prefills_its_history_with_progress(model_folder, t
     db = tmp_path / "chats.db"
     cid = _long_chat(db, model_folder)
     app = make_app(model_folder, db)
-    async with app.run_test(size=(120, 40)) as pilot:
-        await loaded(app, pilot)
+    async with running(app) as pilot:
         await app.open_conversation(cid)
         await wait_until(pilot, lambda: app.prefill_seen
                          and app.prefill_seen[-1][0] == app.prefill_seen[-1][1])
@@ -256,8 +253,7 @@ async def test_a_long_prompt_shows_its_count_and_esc_stops_it(model_folder, tmp_
     from mlx_mixtral.app.mlx_engine import PREFILL_STEP
 
     app = make_app(model_folder, tmp_path / "chats.db")
-    async with app.run_test(size=(120, 40)) as pilot:
-        await loaded(app, pilot)
+    async with running(app) as pilot:
         await send(app, pilot, "Summarise: " + "the quick brown fox jumps " * 200)
         seen = list(app.prefill_seen)
         assert seen[-1][1] > 4 * PREFILL_STEP and len(seen) >= 4 and _rising(seen)

@@ -33,6 +33,17 @@ async def send(pilot, text: str) -> None:
     await wait_until(pilot, lambda: app.replies_done > done)
 
 
+async def two_chats(pilot, first: str, second: str) -> int:
+    """Once the model is loaded, send `first` in a chat and `second` in a new one; return the
+    first chat's id (the second is current)."""
+    await ready(pilot)
+    await send(pilot, first)
+    chat = pilot.app.conversation.id
+    await pilot.press("ctrl+n")
+    await send(pilot, second)
+    return chat
+
+
 async def test_delete_asks_first_and_ctrl_d_is_the_text_boxs(tmp_path):
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
@@ -73,11 +84,7 @@ async def test_text_box_keys_are_not_shadowed(tmp_path):
 async def test_opening_a_chat_focuses_the_prompt_and_marks_the_chat(tmp_path):
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
-        await ready(pilot)
-        await send(pilot, "first chat")
-        first = app.conversation.id
-        await pilot.press("ctrl+n")
-        await send(pilot, "second chat")
+        first = await two_chats(pilot, "first chat", "second chat")
         sidebar = app.query_one("#sidebar")
         sidebar.focus()
         index = [item.conversation_id for item in sidebar.children].index(first)
@@ -157,11 +164,7 @@ async def test_no_toast_covers_the_prompt_at_start(tmp_path):
 async def test_palette_offers_actions_chats_by_their_words_and_rename(tmp_path):
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
-        await ready(pilot)
-        await send(pilot, "tell me about the Danube")
-        danube = app.conversation.id
-        await pilot.press("ctrl+n")
-        await send(pilot, "something else")
+        danube = await two_chats(pilot, "tell me about the Danube", "something else")
         provider = ChatCommands(app.screen)
         hits = [hit async for hit in provider.search("danube")]
         assert any(str(h.match_display).startswith("Open chat: tell me about the Danube")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from app_helpers import FakeEngine, settle, wait_until
 from textual.widgets import Input
 
@@ -53,8 +54,9 @@ async def chat_once(pilot) -> None:
     await settle(pilot)
 
 
-def test_main_screen(snap_compare, tmp_path):
-    assert snap_compare(make_app(tmp_path, moe=False), terminal_size=SIZE, run_before=chat_once)
+@pytest.mark.parametrize("size", [SIZE, SMALL], ids=["normal", "small"])
+def test_main_screen(snap_compare, tmp_path, size):
+    assert snap_compare(make_app(tmp_path, moe=False), terminal_size=size, run_before=chat_once)
 
 
 def test_experts_panel(snap_compare, tmp_path):
@@ -75,36 +77,10 @@ def open_screen(key: str, kind: type):
     return run
 
 
-def test_settings_screen(snap_compare, tmp_path):
-    assert snap_compare(make_app(tmp_path), terminal_size=SIZE,
-                        run_before=open_screen("f3", SettingsScreen))
-
-
-def test_help_screen(snap_compare, tmp_path):
-    assert snap_compare(make_app(tmp_path), terminal_size=SIZE,
-                        run_before=open_screen("f1", HelpScreen))
-
-
-def test_main_screen_small(snap_compare, tmp_path):
-    assert snap_compare(make_app(tmp_path, moe=False), terminal_size=SMALL,
-                        run_before=chat_once)
-
-
-def test_settings_screen_small(snap_compare, tmp_path):
-    assert snap_compare(make_app(tmp_path), terminal_size=SMALL,
-                        run_before=open_screen("f3", SettingsScreen))
-
-
-def test_help_screen_small(snap_compare, tmp_path):
-    assert snap_compare(make_app(tmp_path), terminal_size=SMALL,
-                        run_before=open_screen("f1", HelpScreen))
-
-
-def test_model_picker_small(snap_compare, tmp_path):
-    assert snap_compare(make_app(tmp_path), terminal_size=SMALL,
-                        run_before=open_screen("ctrl+o", ModelPickerScreen))
-
-
-def test_model_picker_large(snap_compare, tmp_path):
-    assert snap_compare(make_app(tmp_path), terminal_size=LARGE,
-                        run_before=open_screen("ctrl+o", ModelPickerScreen))
+@pytest.mark.parametrize(("key", "kind", "size"), [
+    ("f3", SettingsScreen, SIZE), ("f1", HelpScreen, SIZE),
+    ("f3", SettingsScreen, SMALL), ("f1", HelpScreen, SMALL),
+    ("ctrl+o", ModelPickerScreen, SMALL), ("ctrl+o", ModelPickerScreen, LARGE),
+], ids=["settings", "help", "settings-small", "help-small", "picker-small", "picker-large"])
+def test_modal_screen(snap_compare, tmp_path, key, kind, size):
+    assert snap_compare(make_app(tmp_path), terminal_size=size, run_before=open_screen(key, kind))

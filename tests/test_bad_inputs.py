@@ -68,6 +68,19 @@ def edit_config(folder: Path, **changes) -> None:
     path.write_text(json.dumps(config))
 
 
+def configured(**changes) -> Callable[[Env], list[str]]:
+    """The case's command line, on the folder whose config.json has `changes` (None: drop)."""
+    return lambda env: damaged(env, lambda f: edit_config(f, **changes))
+
+
+def removed(name: str) -> Callable[[Env], list[str]]:
+    return lambda env: damaged(env, lambda f: (f / name).unlink())
+
+
+def rewritten(name: str, text: str) -> Callable[[Env], list[str]]:
+    return lambda env: damaged(env, lambda f: (f / name).write_text(text))
+
+
 def edit_header(folder: Path, edit: Callable[[dict], None]) -> None:
     header, data = safetensors_parts(weights(folder))
     edit(header)
@@ -201,28 +214,28 @@ CASES = [
          ("bad.gguf", "disagrees with the config"), WeightsError),
     # config.json
     Case("config.json missing",
-         lambda e: damaged(e, lambda f: (f / "config.json").unlink()),
+         removed("config.json"),
          ("no config.json",), ConfigError),
     Case("config.json not JSON",
-         lambda e: damaged(e, lambda f: (f / "config.json").write_text("{'hidden': 1")),
+         rewritten("config.json", "{'hidden': 1"),
          ("config.json", "not valid JSON"), ConfigError),
     Case("config.json a list",
-         lambda e: damaged(e, lambda f: (f / "config.json").write_text("[1]")),
+         rewritten("config.json", "[1]"),
          ("config.json", "expected a JSON object"), ConfigError),
     Case("config.json lacks fields",
-         lambda e: damaged(e, lambda f: edit_config(f, hidden_size=None, vocab_size=None)),
+         configured(hidden_size=None, vocab_size=None),
          ("config.json", "missing required key(s): vocab_size, hidden_size"), ConfigError),
     Case("config.json wrongly typed field",
-         lambda e: damaged(e, lambda f: edit_config(f, hidden_size="64")),
+         configured(hidden_size="64"),
          ("config.json", "hidden_size must be a positive integer, got '64'"), ConfigError),
     Case("config.json unknown model_type",
-         lambda e: damaged(e, lambda f: edit_config(f, model_type="mamba")),
+         configured(model_type="mamba"),
          ("config.json", "unsupported model_type 'mamba'"), ConfigError),
     Case("config hidden size disagrees with the weights",
-         lambda e: damaged(e, lambda f: edit_config(f, hidden_size=128, head_dim=32)),
+         configured(hidden_size=128, head_dim=32),
          ("model.norm.weight", "disagrees with the config (128)"), WeightsError),
     Case("config layer count disagrees with the weights",
-         lambda e: damaged(e, lambda f: edit_config(f, num_hidden_layers=5)),
+         configured(num_hidden_layers=5),
          ("config says 5 layers but the weights hold 2",), WeightsError),
     Case("a weight missing",
          lambda e: damaged(e, lambda f: edit_header(
@@ -243,10 +256,10 @@ CASES = [
          lambda e: gen(e.tmp / "nowhere"),
          ("nowhere", "no such file or folder"), WeightsError),
     Case("tokenizer missing",
-         lambda e: damaged(e, lambda f: (f / "tokenizer.json").unlink()),
+         removed("tokenizer.json"),
          ("no tokenizer.model or tokenizer.json",), TokenizerError),
     Case("tokenizer.json corrupt",
-         lambda e: damaged(e, lambda f: (f / "tokenizer.json").write_text("{\"model\": 7}")),
+         rewritten("tokenizer.json", "{\"model\": 7}"),
          ("tokenizer.json", "unreadable"), TokenizerError),
     # prompts and sampling
     Case("prompt longer than the context",

@@ -9,6 +9,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import Numbers
 from mlx_lm.generate import generate_step
 
 from mlx_mixtral.convert import convert
@@ -95,21 +96,6 @@ def test_logits_match_resident(folder):
         want, got = resident(step, cache=caches[0]), model(step, cache=caches[1])
         np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, rtol=0)
     model.limits.expert_pager.close()
-
-
-class Numbers:
-    """Token ids as text, for a model without a tokenizer."""
-
-    eos_ids: frozenset[int] = frozenset()
-
-    def detokenizer(self):
-        return self
-
-    def add_token(self, token: int) -> str:
-        return f" {token}"
-
-    def finalize(self) -> str:
-        return ""
 
 
 def test_the_budget_caps_the_context_and_a_reply_stops_there(folder):

@@ -74,6 +74,17 @@ def folder_of(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
+def fresh_imports(code: str, *modules: str, env: dict[str, str] | None = None
+                  ) -> tuple[list[str], str]:
+    """Run `code` in a new Python (stdin closed): which of `modules` (or modules inside them)
+    it imported, and what it wrote on stderr."""
+    probe = (f"{code}\nimport sys\nprint(sorted(m for m in sys.modules "
+             f"if any(m == n or m.startswith(n + '.') for n in {modules!r})))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, stdin=subprocess.DEVNULL, env=env)
+    return ast.literal_eval(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
 def test_folders_import_one_way():
     wrong = []
     for path in PACKAGE.rglob("*.py"):
@@ -103,11 +114,8 @@ def test_model_needs_only_mlx_and_mlx_lm_models():
 def test_text_does_not_import_mlx():
     for path in (PACKAGE / "text").rglob("*.py"):
         assert not {n for n in imports_of(path) if n.split(".")[0] in ("mlx", "mlx_lm")}, path
-    code = ("import sys, mlx_mixtral.text, mlx_mixtral.text.gguf_vocab, "
-            "mlx_mixtral.text.template; print(sorted(m for m in sys.modules "
-            "if m.split('.')[0] in ('mlx', 'mlx_lm')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    code = "import mlx_mixtral.text, mlx_mixtral.text.gguf_vocab, mlx_mixtral.text.template"
+    assert fresh_imports(code, "mlx", "mlx_lm")[0] == []
 
 
 def test_no_import_cycle():
@@ -134,43 +142,32 @@ def test_no_import_cycle():
 def test_chat_server_imports_no_mlx():
     """`chat --server` loads nothing here: the app modules it runs (the app, its HTTP engine,
     the store, the CLI that starts them) must not import MLX, mlx-lm or transformers."""
-    code = ("import sys; import mlx_mixtral.cli.main, mlx_mixtral.app.chat_app, "
-            "mlx_mixtral.app.http_engine, mlx_mixtral.app.store; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('mlx', 'mlx_lm', 'transformers', 'torch')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    code = ("import mlx_mixtral.cli.main, mlx_mixtral.app.chat_app, "
+            "mlx_mixtral.app.http_engine, mlx_mixtral.app.store")
+    assert fresh_imports(code, "mlx", "mlx_lm", "transformers", "torch")[0] == []
 
 
 def test_chat_server_command_imports_no_model_stack():
     """The whole `chat --server` command (up to where it wants a terminal) leaves the model's
     stack alone. (The parser's flag choices still import `mlx.core` itself: cheap.)"""
-    code = ("import sys; from mlx_mixtral.cli.main import main; "
-            "code = main(['chat', '--server', 'http://127.0.0.1:9']); "
-            "print(code, sorted(m for m in ('mlx.nn', 'mlx_lm', 'transformers', 'torch') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         stdin=subprocess.DEVNULL)
-    assert "needs a terminal" in out.stderr  # it got as far as the app
-    assert out.stdout.split(" ", 1)[1].strip() == "[]"
+    code = ("from mlx_mixtral.cli.main import main; "
+            "main(['chat', '--server', 'http://127.0.0.1:9'])")
+    imported, stderr = fresh_imports(code, "mlx.nn", "mlx_lm", "transformers", "torch")
+    assert "needs a terminal" in stderr  # it got as far as the app
+    assert imported == []
 
 
 def test_import_is_light():
-    code = ("import sys, mlx_mixtral; "
-            "print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=seeing("torch"))
-    assert out.stdout.strip() == "[]"
+    # torch must be findable here, or its absence would prove nothing.
+    assert fresh_imports("import mlx_mixtral", "transformers", "torch",
+                         env=seeing("torch"))[0] == []
 
 
 def test_help_imports_no_model_or_server_stack():
     """Every command builds the whole parser first: it must not import mlx-lm, transformers or
     the web stack (that once made `--help` take 7 s)."""
-    code = ("import sys; from mlx_mixtral.cli.main import build_parser; build_parser(); "
-            "print(sorted(m for m in ('mlx_lm', 'transformers', 'fastapi', 'uvicorn') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    code = "from mlx_mixtral.cli.main import build_parser; build_parser()"
+    assert fresh_imports(code, "mlx_lm", "transformers", "fastapi", "uvicorn")[0] == []
 
 
 def test_public_api_still_importable():

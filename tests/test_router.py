@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import build_hf
+from conftest import Numbers, build_hf
 
 from mlx_mixtral import RouterTrace, load_model
 
@@ -72,21 +72,6 @@ def test_even_routing_scores_top_k_as_the_panel_says():
     panel.update = lambda text: shown.append(str(text))
     panel.show([[0.25] * experts], loss, top_k)
     assert "load balance 2.00 (2.00 = even)" in shown[-1]
-
-
-class Numbers:
-    """Token ids as text, for a model without a tokenizer."""
-
-    eos_ids: frozenset[int] = frozenset()
-
-    def detokenizer(self):
-        return self
-
-    def add_token(self, token: int) -> str:
-        return f" {token}"
-
-    def finalize(self) -> str:
-        return ""
 
 
 @pytest.mark.parametrize("drafted", [False, True], ids=["plain", "drafted"])

@@ -15,7 +15,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from ..model.limits import DEFAULT_PREFILL_STEP
 from ..units import size
 
 if TYPE_CHECKING:
+    from ..generation.stats import Stats
     from ..loading.load_plan import LoadPlan
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -73,13 +74,10 @@ def preset_folder(name: str) -> Path:
     return folder
 
 
-@dataclass
-class Run:
-    load_s: float = 0.0
-    ttft_s: float = 0.0
-    prefill_tps: float = 0.0
-    decode_tps: float = 0.0
-    peak_memory: int = 0
+# A run's numbers under bench's names (its report and JSON), and the `Stats` field each one
+# reads (the numbers `Clock` computes for every caller). `load_s` is the engine's.
+RUN_NUMBERS = {"ttft_s": "ttft", "prefill_tps": "prompt_tps", "decode_tps": "generation_tps",
+               "peak_memory": "peak_memory"}
 
 
 @dataclass
@@ -87,10 +85,15 @@ class Engine:
     name: str
     model: Any
     load_s: float
-    runs: list[Run] = field(default_factory=list)
+    runs: list[Stats] = field(default_factory=list)
+
+    def numbers(self) -> list[dict[str, float]]:
+        """Each run's numbers, by bench's names."""
+        return [{"load_s": self.load_s, **{k: getattr(r, v) for k, v in RUN_NUMBERS.items()}}
+                for r in self.runs]
 
     def median(self, key: str) -> float:
-        return statistics.median(getattr(r, key) for r in self.runs)
+        return statistics.median(n[key] for n in self.numbers())
 
 
 def load_ours(folder: Path, dtype: str | None = None) -> Engine:
@@ -121,7 +124,7 @@ def make_cache(model: Any) -> list:
 
 
 def measure(engine: Engine, prompt: mx.array, gen_tokens: int,
-            prefill_step: int = DEFAULT_PREFILL_STEP, kv: KVSettings | None = None) -> Run:
+            prefill_step: int = DEFAULT_PREFILL_STEP, kv: KVSettings | None = None) -> Stats:
     from mlx_lm.generate import generate_step
 
     from ..generation.stats import Clock
@@ -136,9 +139,7 @@ def measure(engine: Engine, prompt: mx.array, gen_tokens: int,
                                   **(kv or KVSettings()).step_kwargs()):
         clock.first_token()
         tokens.append(token)
-    stats = clock.stats(len(prompt), tokens)
-    return Run(load_s=engine.load_s, ttft_s=stats.ttft, prefill_tps=stats.prompt_tps,
-               decode_tps=stats.generation_tps, peak_memory=stats.peak_memory)
+    return clock.stats(len(prompt), tokens)
 
 
 def decode_graph_nodes(model: Any, context: int = 16) -> int:
@@ -268,7 +269,7 @@ def run_bench(folder: Path, prompt_tokens: int = 256, gen_tokens: int = 64, runs
         "model": str(folder), "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
         "runs": runs, "device": str(mx.default_device()),
         "engines": {e.name: {k: e.median(k) for k, _, _ in METRICS} for e in engines},
-        "all_runs": {e.name: [asdict(r) for r in e.runs] for e in engines},
+        "all_runs": {e.name: e.numbers() for e in engines},
     }
     if compare:
         a, b = result["engines"]["mlx-mixtral"], result["engines"]["mlx-lm"]
