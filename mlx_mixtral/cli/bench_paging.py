@@ -1,6 +1,6 @@
 """`mlx-mixtral bench --max-memory`: expert paging against the fully resident model.
 
-For each budget the same prompt runs fully resident and streamed, with a warm page cache (a
+For each budget the same prompt runs fully resident and paged, with a warm page cache (a
 warm-up run reads every expert once first). Reported: prefill and decode tokens/s and their
 ratio to resident, peak memory against the budget, the expert-cache hit rate per layer while
 decoding (LRU with prefetch, LRU without, LFU with), and the bytes read per generated token.

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..loading.load_plan import LoadPlan
 
-# What a user of the command line does about the library's choice to stream (after its note).
-STREAMING_REMEDY = "(--max-memory sets the budget, --force loads it whole)"
+# What a user of the command line does about the library's choice to page experts (after its note).
+PAGING_REMEDY = "(--max-memory sets the budget, --force loads it whole)"
 
 
 def plan_for_cli(name: str | None, force: bool = False, dtype: str | None = None, group=None,
@@ -23,7 +23,7 @@ def plan_for_cli(name: str | None, force: bool = False, dtype: str | None = None
     plan = plan_load(name, force=force, dtype=dtype, group=group, pipeline=pipeline,
                      max_memory=max_memory)
     if plan.note is not None:
-        print(f"{plan.note} {STREAMING_REMEDY}", file=sys.stderr, flush=True)
+        print(f"{plan.note} {PAGING_REMEDY}", file=sys.stderr, flush=True)
     return plan
 
 

@@ -136,10 +136,10 @@ def load_prompt_cache(path: str | Path, return_metadata: bool = False,
         if not meta.get("model"):
             raise PromptCacheError(f"{path}: this prompt cache does not record the model that "
                                    "computed it (save_prompt_cache(..., model=model) does); "
-                                   "delete it or pass another --prompt-cache file")
+                                   "delete it or use another file")
         if len(classes) != len(model.layers) or meta.get("model") != model_fingerprint(model):
             raise PromptCacheError(f"{path}: this prompt cache was computed by another model; "
-                                   "delete it or pass another --prompt-cache file")
+                                   "delete it or use another file")
     cache = [_layer(i, name, list(m), arrays, path)
              for i, (name, m) in enumerate(zip(classes, meta_states, strict=True))]
     if (any(c.offset != cache[0].offset for c in cache)

@@ -1,4 +1,4 @@
-"""Experts streamed into a few slots per layer, for a model larger than its memory budget.
+"""Experts paged into a few slots per layer, for a model larger than its memory budget.
 
 Each MoE layer keeps `slots` experts in fixed arrays (an `ExpertsGLU` of `slots` experts,
 allocated once). Its router runs, the layer syncs once to learn which experts its tokens chose,
