@@ -316,3 +316,19 @@ def test_info_counts_memory_per_rank():
     out = cli("info", "--preset", "mixtral-8x22b", "--ranks", "2").stdout
     assert "per rank of 2 (tensor parallel)" in out
     assert "4-bit         79.1 GB  no      39.7 GB  no" in out
+
+
+def test_serve_on_a_port_in_use_says_so_before_loading(folder):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for _ in range(3):  # it crashed in 2 of 3 runs (issue 27)
+            result = cli("serve", "--model", str(folder), "--port", str(port))
+            assert result.returncode == 2, result.stderr
+            lines = result.stderr.splitlines()
+            assert len(lines) == 1 and lines[0].startswith("mlx-mixtral: error: "), lines
+            assert str(port) in lines[0]
+            assert "Loading" not in result.stderr and "terminate called" not in result.stderr

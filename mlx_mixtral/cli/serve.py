@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,8 +91,6 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
     max_body = _size(args.max_body, "--max-body")
     if args.max_queue < 1:
         raise MlxMixtralError("--max-queue must be at least 1")
-    if not 0 < args.port < 65536:
-        raise MlxMixtralError(f"--port must be between 1 and 65535, got {args.port}")
     api_key = args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY") or None
     name = plan.name
     pool = CachePool(pool_budget) if lockstep is None else \
@@ -118,6 +117,29 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
     return _ended(worker)
 
 
+def check_port(host: str, port: int) -> None:
+    """One line naming the port if the server could not listen there: checked by binding it
+    (as uvicorn will, SO_REUSEADDR included) before the model loads, not after."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise MlxMixtralError(f"--port must be between 1 and 65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (OSError, UnicodeError) as e:
+        raise MlxMixtralError(f"--host {host}: not an address to listen on ({e})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            why = "is already in use" if e.errno == errno.EADDRINUSE else \
+                f"cannot be listened on ({e.strerror or e})"
+            raise MlxMixtralError(f"--port {port}: {host}:{port} {why}; stop what uses it "
+                                  "or pass another --port") from None
+
+
 def _ended(worker) -> int:
     if worker.lost is not None:
         raise worker.lost  # the command turns it into one line
@@ -135,18 +157,20 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     sampling, kv = sampling_from(args), kv_from(args)  # validate before the slow load
     group = lockstep = None
-    if launched():  # rank 0 serves HTTP, the other ranks follow its jobs
+    if not launched():
+        check_port(args.host, args.port)  # one line before anything loads
+    else:  # rank 0 serves HTTP, the other ranks follow its jobs
         from ..generation.lockstep import Lockstep
         from .distributed import join
 
         group, dog = join(args.dist_timeout)
         dog.stop()  # loading takes what it takes; the jobs arm it again
         lockstep = Lockstep(group, busy=dog.beat, idle=dog.stop)
+        if lockstep.leader:
+            check_port(args.host, args.port)  # rank 0 listens
 
     plan = plan_for_cli(args.model, args.force, args.dtype, group, args.pipeline,
                         args.max_memory)  # one line before anything loads, if it cannot
-
-
     try:
         return serve(args, plan, sampling, kv, lockstep)
     except MlxMixtralError:
