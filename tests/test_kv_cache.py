@@ -519,6 +519,33 @@ def test_cli_prompt_cache_reused_and_refused_for_another_model(tiny_folder, tmp_
     one_line_error(other, "another model")
 
 
+def test_cli_prompt_cache_in_a_folder_is_one_line_before_loading(tiny_folder, tmp_path):
+    result = cli("generate", "--model", str(tiny_folder), "--prompt", "hi", "--max-tokens", "2",
+                 "--prompt-cache", str(tmp_path))
+    one_line_error(result, "--prompt-cache", str(tmp_path), "folder")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # no "Loading" line
+
+
+def test_cli_prompt_cache_named_without_safetensors_round_trips(tiny_folder, tmp_path):
+    path = tmp_path / "cache.bin"
+    base = ["generate", "--model", str(tiny_folder), "--temp", "0", "--max-tokens", "2",
+            "--prompt-cache", str(path)]
+    first = cli(*base, "--prompt", "A long document: " + "lorem ipsum " * 20 + "Summarise.")
+    assert first.returncode == 0, first.stderr
+    assert path.is_file() and list(tmp_path.iterdir()) == [path]  # no partial file left
+    again = cli(*base, "--prompt", "A long document: " + "lorem ipsum " * 20 + "Shorter.")
+    assert again.returncode == 0, again.stderr
+    assert int(again.stderr.split("Prompt cache: ")[1].split()[0]) >= 40
+
+
+def test_prompt_cache_api_reads_and_writes_any_file_name(models, tmp_path):
+    model = models["mistral"]
+    for name in ("cache.bin", "cache", "cache.npz"):
+        save_prompt_cache(tmp_path / name, filled(model, 12), model=model, tokens=list(range(12)))
+        loaded, meta = load_prompt_cache(tmp_path / name, return_metadata=True, model=model)
+        assert meta["tokens"] == list(range(12)) and loaded[0].offset == 12
+
+
 def test_cli_bad_drafting_and_kv_flags(tiny_folder):
     from mlx_mixtral.demo import demo_model_path
 

@@ -54,6 +54,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     sampling, kv = sampling_from(args), kv_from(args)  # validate before the slow load
     drafting = drafting_from(args, args.force, args.dtype)
+    if args.prompt_cache:
+        _check_prompt_cache_path(args.prompt_cache)  # before the slow load
     given = _prompt_argument(args)  # the same argv on every rank: the same answer
     group = dog = None
     if launched():
@@ -128,6 +130,17 @@ def _prompt_argument(args: argparse.Namespace) -> str:
         return "-"
     raise MlxMixtralError('no prompt: mlx-mixtral generate "your prompt" (or --prompt, or '
                           "pipe it in)")
+
+
+def _check_prompt_cache_path(path: str) -> None:
+    from pathlib import Path
+
+    from ..loading.prompt_cache import refuse_folder
+
+    try:
+        refuse_folder(Path(path))
+    except MlxMixtralError as e:
+        raise MlxMixtralError(f"--prompt-cache {e}") from None
 
 
 def _reused_cache(path: str | None, model, ids: list[int], slack: int) -> tuple[list, int]:

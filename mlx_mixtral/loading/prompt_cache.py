@@ -4,7 +4,8 @@ A file holds each layer's keys and values (quantized ones as their three arrays)
 classes and their `meta_state`, the token ids the cache holds, a fingerprint of the model that
 computed it, and the caller's metadata. Files come from disk and may be damaged or belong to
 another model: every check happens before a cache is built, and each failure is one
-`PromptCacheError` line. Writing is atomic (a hidden file renamed at the end).
+`PromptCacheError` line. Writing is atomic (a hidden file renamed at the end). A file is
+safetensors whatever its name ends in (`cache.bin` reads back as it was written).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def save_prompt_cache(path: str | Path, cache: list, metadata: dict[str, str] | 
     positions are in the file either way, so it loads back as it was; without `tokens` the
     file cannot tell which prompt it continues (its metadata's "tokens" is then None)."""
     path = Path(path)
+    refuse_folder(path)
     tensors: dict[str, mx.array] = {}
     for i, c in enumerate(cache):
         if c.empty():
@@ -63,12 +65,24 @@ def save_prompt_cache(path: str | Path, cache: list, metadata: dict[str, str] | 
         "metadata": json.dumps(metadata or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
+    # mx.save_safetensors adds ".safetensors" to a name without it: the hidden name has it,
+    # and the rename gives the file the name asked for, whatever it ends in.
     partial = path.parent / f".{path.name}.partial-{os.getpid()}.safetensors"
     try:
         mx.save_safetensors(str(partial), tensors, metadata=meta)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def refuse_folder(path: Path) -> None:
+    """A prompt cache is a file: a folder (or a path under a file) cannot hold one."""
+    if path.is_dir():
+        raise PromptCacheError(f"{path} is a folder; a prompt cache is a file (for example "
+                               f"{path / 'prompt-cache.safetensors'})")
+    if any(parent.exists() and not parent.is_dir() for parent in path.parents):
+        raise PromptCacheError(f"{path}: a folder on this path is a file; a prompt cache "
+                               "cannot be saved there")
 
 
 def _json(meta: dict[str, str], key: str, kind: type, path: Path) -> Any:
@@ -115,9 +129,11 @@ def load_prompt_cache(path: str | Path, return_metadata: bool = False,
     `return_metadata`; "tokens" is None for a file saved without them). With `model`, a file
     computed by another model is refused."""
     path = Path(path)
+    refuse_folder(path)
     try:
         check_safetensors(path)
-        arrays, meta = mx.load(str(path), return_metadata=True)
+        # The format named: mx.load would guess it from the extension and refuse "cache.bin".
+        arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
     except WeightsError as e:
         raise PromptCacheError(str(e).replace("download it again", "delete the file")) from None
     except (OSError, RuntimeError, ValueError) as e:
