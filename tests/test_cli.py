@@ -222,6 +222,17 @@ def test_errors_name_the_flags_not_the_fields(capsys):
         assert flag in err and field not in err, err
 
 
+def test_info_memory_error_names_its_own_flag():
+    """`info` calls the budget --memory: its error names that flag, not generate's
+    --max-memory (issue 27, finding 7)."""
+    result = cli("info", "--model", "demo", "--memory", "abc")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlx-mixtral: error: "), lines
+    assert "--memory" in lines[0] and "--max-memory" not in lines[0] \
+        and "max_memory" not in lines[0], lines[0]
+
+
 def test_every_parameter_a_library_error_names_has_a_flag():
     """A library error lists the parameters it names (`params=`); the CLI finds each one's
     flag by its dest, so each must be some flag's dest."""

@@ -44,10 +44,22 @@ def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     return names
 
 
-def with_flags(error: MlxMixtralError, parser: argparse.ArgumentParser) -> str:
+def command_flag_names(parser: argparse.ArgumentParser, command: str | None) -> dict[str, str]:
+    """`flag_names`, the flags of `command` (the one that ran) first: a parameter that command
+    spells its own way (`info --memory` for max_memory) is named as that command spells it."""
+    names = flag_names(parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            names = {**names, **flag_names(action.choices[command])}
+    return names
+
+
+def with_flags(error: MlxMixtralError, parser: argparse.ArgumentParser,
+               command: str | None = None) -> str:
     """The error's message with the CLI's flags in place of the parameters it names:
-    "max_memory=2GB" -> "--max-memory 2GB", "force=True" -> "--force", "top_p" -> "--top-p"."""
-    message, flags = str(error), flag_names(parser)
+    "max_memory=2GB" -> "--max-memory 2GB", "force=True" -> "--force", "top_p" -> "--top-p";
+    as `command` spells them, if given."""
+    message, flags = str(error), command_flag_names(parser, command)
     for param in error.params:
         flag = flags.get(param)
         if flag is not None:

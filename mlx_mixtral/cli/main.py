@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except MlxMixtralError as e:
         # One line, whatever a library put in it, naming flags where the library names
         # parameters.
-        message = " ".join(with_flags(e, parser).split("\n"))
+        message = " ".join(with_flags(e, parser, args.command).split("\n"))
         print(f"mlx-mixtral: error: {message}", file=sys.stderr, flush=True)
         return EXIT_LOST_RANK if isinstance(e, DistributedError) else EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -65,7 +65,7 @@ def add_info(sub: argparse._SubParsersAction) -> None:
     model_or_preset(p, MODEL_HELP, PRESETS, "a released model's shape, no weights needed")
     p.add_argument("--ranks", type=int, default=1,
                    help="also show the memory each of this many ranks needs (mlx.launch)")
-    p.add_argument("--memory", default=None, metavar="SIZE",
+    p.add_argument("--memory", dest="max_memory", default=None, metavar="SIZE",
                    help="plan for this much memory, e.g. 16GB: for each precision, whether "
                    "the model is resident, pages its experts (how many per layer stay in "
                    "memory, bytes read per token) or does not fit (default: this machine)")
@@ -77,10 +77,10 @@ def run_info(args: argparse.Namespace) -> int:
     if args.ranks < 1:
         raise MlxMixtralError("--ranks must be >= 1")
     memory = None
-    if args.memory is not None:
+    if args.max_memory is not None:  # the library's max_memory: its errors name --memory
         from ..loading.memory_plan import budget_bytes
 
-        memory = budget_bytes(args.memory)
+        memory = budget_bytes(args.max_memory)
     print(info(args.model, args.preset, args.ranks, memory))
     return 0
 
