@@ -184,6 +184,38 @@ def test_prompt_as_argument_or_from_a_pipe(folder):
     assert twice.returncode == 2 and "once" in twice.stderr
 
 
+@pytest.mark.parametrize("piped, prompt", [
+    (b"What is 2+2?\n", "What is 2+2?"), (b"What is 2+2?\r\n", "What is 2+2?"),
+    (b"two lines\n\n", "two lines\n"), (b"no newline", "no newline"),
+    (b"\n", ""), (b"a\nb\n", "a\nb")])
+def test_a_piped_prompt_loses_one_trailing_newline(monkeypatch, piped, prompt):
+    """`echo "..." |` adds a newline the prompt as an argument does not have: exactly one
+    (\\n or \\r\\n) goes (issue 27, finding 12)."""
+    import io
+
+    from mlx_mixtral.cli.generate import read_prompt
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(piped)))
+    assert read_prompt("-") == prompt
+    assert read_prompt("What is 2+2?\n") == "What is 2+2?\n"  # an argument stays as given
+
+
+def test_echo_into_generate_is_the_prompt_as_an_argument():
+    from mlx_mixtral.demo import demo_model_path
+
+    base = [sys.executable, "-m", "mlx_mixtral.cli", "generate", "--model",
+            str(demo_model_path()), "--temp", "0", "--max-tokens", "3"]
+    by_argument = subprocess.run([*base, "What is 2+2?"], capture_output=True, text=True)
+    piped = subprocess.run(base, input="What is 2+2?\n", capture_output=True, text=True)
+    assert by_argument.returncode == 0 and piped.returncode == 0, piped.stderr
+
+    def prompt_tokens(result) -> str:
+        return result.stderr.split("prompt: ")[1].split(" tokens")[0]
+
+    assert prompt_tokens(piped) == prompt_tokens(by_argument)
+    assert piped.stdout == by_argument.stdout
+
+
 @pytest.mark.alone  # a deadline
 def test_chat_without_a_terminal_says_so_and_exits(folder, tmp_path):
     import time

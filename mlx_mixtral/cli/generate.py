@@ -38,8 +38,13 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 
 def read_prompt(arg: str) -> str:
     """The prompt from the command line or stdin (-); bytes that are not UTF-8 become U+FFFD,
-    with a warning, instead of a decoding traceback."""
-    raw = sys.stdin.buffer.read() if arg == "-" else os.fsencode(arg)
+    with a warning, instead of a decoding traceback. From stdin, one trailing newline (\\n or
+    \\r\\n) goes: `echo "..." |` adds it, and the prompt as an argument has none."""
+    if arg == "-":
+        raw = sys.stdin.buffer.read()
+        raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1] if raw.endswith(b"\n") else raw
+    else:
+        raw = os.fsencode(arg)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
