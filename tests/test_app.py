@@ -273,3 +273,29 @@ async def test_a_long_prompt_shows_its_count_and_esc_stops_it(model_folder, tmp_
         assert db_messages(tmp_path / "chats.db")[-1].status == "stopped"
         await send(app, pilot, "Still there?")  # the chat goes on: turns still alternate
         assert db_messages(tmp_path / "chats.db")[-1].status == "complete"
+
+
+async def test_deleting_a_chat_leaves_nothing_of_it_on_disk(model_folder, tmp_path):
+    """Issue 27, finding 1: F12 → Delete removed the chat from the database but kept its saved
+    KV cache (replies' text and token ids in its metadata) under prompt-caches/."""
+    from mlx_mixtral.app.chat_caches import ChatCaches
+    from mlx_mixtral.app.screens import ConfirmScreen
+
+    data = tmp_path / "data"
+    caches = ChatCaches(data / "prompt-caches")
+    app = ChatApp(MlxEngine(str(model_folder), caches=caches), str(model_folder),
+                  Store(data / "chats.db"), settings=GREEDY)
+    async with running(app) as pilot:
+        await send(app, pilot, "zebracorn secret words")
+        key = app.conversation.prompt().key
+        await wait_until(pilot, lambda: caches.path(key).is_file())  # saved with the reply
+        assert b"replies" in caches.path(key).read_bytes()  # the replies, in its metadata
+        await pilot.press("f12")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_until(pilot, lambda: not app.store.list())
+        await wait_until(pilot, lambda: not caches.path(key).exists())
+    files = [p for p in data.rglob("*") if p.is_file()]
+    assert not [p for p in files if f"-{key}." in p.name], files
+    for p in files:  # the database keeps no readable trace either
+        assert b"zebracorn" not in p.read_bytes(), p

@@ -210,3 +210,50 @@ async def test_long_code_lines_scroll_and_long_model_names_do_not_wrap(tmp_path)
         assert fence.max_scroll_x > 0
         for item in app.query_one("#sidebar").children:
             assert item.outer_size.height == 2  # title and model, one line each
+
+
+POEM = "Roses are red,\nViolets are blue,\nSugar is sweet,\nAnd so are you."
+UNFENCED = "python\ndef add_numbers(x, y):\n    return x + y"
+
+
+def test_hard_breaks_keep_single_lines_but_not_inside_code():
+    """Issue 27, finding 3: Markdown joins single lines into one paragraph."""
+    from mlx_mixtral.app.widgets import hard_breaks
+
+    assert hard_breaks(POEM) == POEM.replace("\n", "  \n")
+    assert hard_breaks(UNFENCED) == ("python  \ndef add_numbers(x, y):  \n"
+                                     + "\u00a0\u200b" * 4 + "return x + y")
+    fenced = "Code:\n\n```python\ndef f():\n    return 1\n```\nafter"
+    assert hard_breaks(fenced) == fenced.replace("Code:\n", "Code:  \n")
+    indented = "Code:\n\n    x = 1\n    y = 2\n\nend"
+    assert hard_breaks(indented) == indented.replace("Code:\n", "Code:  \n")
+    nested = "- a\n  - b\n- c"  # a nested list stays nested
+    assert hard_breaks(nested) == "- a  \n  - b  \n- c"
+
+
+def shown_lines(widget) -> list[str]:
+    """The text the widget's blocks draw, line by line, without trailing blanks."""
+    from textual.geometry import Region
+    from textual.widgets._markdown import MarkdownBlock
+
+    lines = []
+    for block in widget.query(MarkdownBlock):
+        region = Region(0, 0, block.size.width, block.size.height)
+        lines += [strip.text.rstrip() for strip in block.render_lines(region)]
+    return [line.replace("\u00a0", " ").replace("\u200b", "") for line in lines if line.strip()]
+
+
+async def test_replies_keep_their_line_breaks_and_indentation(tmp_path):
+    app = make_app(tmp_path, engine=FakeEngine(reply=POEM + "\n\n" + UNFENCED))
+    want = POEM.split("\n") + UNFENCED.split("\n")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await send(pilot, "a poem and some code")  # streamed
+        await pilot.pause()
+        streamed = shown_lines(app.query(AssistantMessage).last())
+        assert streamed == want, streamed
+        chat = app.conversation.id
+        await pilot.press("ctrl+n")
+        await app.open_conversation(chat)  # built from the stored text
+        await pilot.pause()
+        assert shown_lines(app.query(AssistantMessage).last()) == want

@@ -97,7 +97,10 @@ class ChatActions:
 
         async def delete(_: bool) -> None:
             if self.conversation.id == cid:
+                key = self.conversation.prompt().key
                 self.conversation.delete()
+                if key is not None:
+                    self.worker.forget(key)  # its saved cache too: nothing of it stays
                 await self.action_new_chat()
                 self.notify(f"Deleted “{title}”")
 

@@ -32,6 +32,10 @@ class ChatCaches:
         log.warning("prompt cache %s ignored and deleted: %s", self.path(key).name, why)
         self.path(key).unlink(missing_ok=True)
 
+    def forget(self, key: str) -> None:
+        """A deleted chat: its file goes with it (it holds the replies' text and tokens)."""
+        self.path(key).unlink(missing_ok=True)
+
     def files(self) -> list[Path]:
         return sorted(self.folder.glob("conversation-*.safetensors"),
                       key=lambda p: p.stat().st_mtime)

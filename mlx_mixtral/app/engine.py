@@ -104,6 +104,10 @@ class Engine(Protocol):
         """Read `prompt` into the cache before the next message; return the tokens it holds."""
         ...
 
+    def forget(self, key: str) -> None:
+        """The chat stored under `key` was deleted: drop all the engine keeps of it."""
+        ...
+
     def reply(self, prompt: Prompt, settings: SamplingParams, emit: Emit,
               should_stop: ShouldStop) -> None:
         """Answer `prompt`: emit its chunks, then one `Stats` (raising is a failed reply)."""

@@ -87,6 +87,9 @@ class HttpEngine:
     def select(self, name: str) -> None:
         self.model = name  # the next load() checks that the server has it
 
+    def forget(self, key: str) -> None:
+        pass  # the server keeps no chat by its id here: nothing to delete
+
     def prefill(self, prompt: Prompt, emit: Emit, should_stop: ShouldStop) -> int:
         return 0  # the server reads the prompt when the next message comes
 

@@ -120,6 +120,14 @@ class MlxEngine:
                 self.caches.path(prompt.key).is_file():
             self._restore(prompt.key)
 
+    def forget(self, key: str) -> None:
+        """A chat was deleted: delete its saved cache, and let no later chat (the store may
+        give it the same id) take its cache in memory for its own."""
+        if self.key == key:
+            self.key = None
+        if self.caches is not None:
+            self.caches.forget(key)
+
     def prefill(self, prompt: Prompt, emit: Emit, should_stop: ShouldStop) -> int:
         """Read the opened conversation into the cache now, so its next reply starts at once;
         return how many tokens the cache then holds."""

@@ -102,6 +102,7 @@ class Store:
             self._enable_wal()
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.execute("PRAGMA secure_delete=ON")  # a deleted chat's text is overwritten
             self._migrate()
         except (sqlite3.DatabaseError, OSError) as e:
             raise StoreError(f"{self.path}: cannot open the conversation database ({e}); "
@@ -175,6 +176,9 @@ class Store:
 
     def delete(self, conversation_id: int) -> None:
         self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        # The log still holds the chat's pages as they were: write them back (zeroed, by
+        # secure_delete) and empty it, so that no byte of the chat stays on disk.
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     _COLUMNS = "id, title, model, system, settings, updated, created, system_set"
 

@@ -18,6 +18,45 @@ from .engine import EngineInfo
 from .store import Message, SavedChat
 
 FENCE = re.compile(r"^ {0,3}(```|~~~)", re.M)  # a line that opens or closes a code block
+_FENCE_LINE = re.compile(r" {0,3}(`{3,}|~{3,})")
+_BLOCK_START = re.compile(r"([-*+]|\d{1,9}[.)])(\s|$)|[>#|]")  # a list item, quote, heading, table
+# An indenting space: Textual's Markdown collapses every run of whitespace (a no-break space
+# too) into one space, so each is kept apart from the next by a zero-width space.
+INDENT = "\u00a0\u200b"
+
+
+def hard_breaks(text: str) -> str:
+    """`text` as Markdown that keeps its line breaks: a model writes a poem or unfenced code
+    line by line, and Markdown would join single lines into one paragraph and drop the
+    indentation of continued lines. Outside code blocks every line break becomes a hard break
+    (two trailing spaces) and a continued line's indentation kept spaces (but for a
+    nested list item or quote); fenced and indented code is left as it is."""
+    out: list[str] = []
+    fence = ""  # the open fence's marker
+    code = False  # inside an indented code block
+    previous = ""  # the line before ("": none or blank)
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        marker = _FENCE_LINE.match(line)
+        stripped = line.strip()
+        if fence:
+            if marker and marker.group(1)[0] == fence[0] and len(marker.group(1)) >= len(fence) \
+                    and not line[marker.end():].strip():
+                fence = ""
+        elif marker:
+            fence = marker.group(1)
+        elif stripped:
+            indent = len(line) - len(line.lstrip(" \t"))
+            width = len(line[:indent].expandtabs(4))
+            code = width >= 4 and (code or not previous)  # begins after a blank line
+            if not code:
+                if indent and previous and not _BLOCK_START.match(stripped):
+                    line = INDENT * width + line[indent:]
+                if i < len(lines) - 1:
+                    line += "  "
+        out.append(line)
+        previous = "" if marker or fence or not stripped else line
+    return "\n".join(out)
 
 
 class UserMessage(Static):
@@ -53,7 +92,8 @@ class AssistantMessage(Markdown):
 
     def __init__(self, text: str = "", message_id: int | None = None,
                  status: str = "complete") -> None:
-        super().__init__(text + self._marker(status, text))
+        self.shown = hard_breaks(text)  # the Markdown shown (but the marker)
+        super().__init__(self.shown + self._marker(status, text))
         self.text, self.message_id = text, message_id
         self.set_status(status)
 
@@ -71,7 +111,11 @@ class AssistantMessage(Markdown):
 
     async def add(self, fragment: str) -> None:
         self.text += fragment
-        await self.append(fragment)
+        shown, self.shown = self.shown, hard_breaks(self.text)
+        if self.shown.startswith(shown):
+            await self.append(self.shown[len(shown):])
+        else:  # (rare: a line's start turned out a list item after all)
+            await self.update(self.shown)
 
     async def finish(self, status: str) -> None:
         self.set_status(status)

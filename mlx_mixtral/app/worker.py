@@ -76,6 +76,14 @@ class EngineWorker:
 
         self.submit(run)
 
+    def forget(self, key: str) -> None:
+        """A chat was deleted: after whatever the worker is doing for it (a prefill may be
+        saving its cache), the engine drops what it keeps of it."""
+        self.cancel_prefill()
+        forget = getattr(self.engine, "forget", None)  # (a test's engine may keep nothing)
+        if forget is not None:
+            self.submit(forget, key)
+
     def cancel_prefill(self) -> None:
         self._prefill_epoch += 1
 
