@@ -200,6 +200,7 @@ def test_a_piped_prompt_loses_one_trailing_newline(monkeypatch, piped, prompt):
     assert read_prompt("What is 2+2?\n") == "What is 2+2?\n"  # an argument stays as given
 
 
+@pytest.mark.slow  # the demo model, twice (~12 s)
 def test_echo_into_generate_is_the_prompt_as_an_argument():
     from mlx_mixtral.demo import demo_model_path
 

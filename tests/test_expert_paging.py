@@ -191,6 +191,7 @@ def run_cli(*argv: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow  # runs the paged model at its minimum budget (~15 s)
 def test_budget_too_small_says_the_minimum_and_it_works(folder):
     r = run_cli("generate", "--model", str(folder / "q4"), "--max-memory", "2MB", "--raw",
                 "--max-tokens", "2", "t1 t2")

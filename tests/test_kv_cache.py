@@ -340,6 +340,7 @@ def drafted_counts(model, prompt: list[int], drafter,
     return counts
 
 
+@pytest.mark.slow  # hundreds of seeded replies per drafter (4-12 s each)
 @pytest.mark.parametrize("drafter", ["model", "sharper", "lookup"])
 def test_drafted_sampling_keeps_the_distribution(models, drafter):
     """The first three tokens sampled with drafts follow the model's own distribution, from
