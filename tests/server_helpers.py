@@ -52,17 +52,22 @@ class Server:
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=10).json()
 
-    def stop(self) -> str:
-        """Stop the server (as Ctrl-C would); its stderr."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+    def stop(self, sig: int = signal.SIGINT) -> str:
+        """Stop the server (as Ctrl-C would); its stderr. It must end cleanly: exit 0, no
+        abort."""
+        running = self.proc.poll() is None
+        if running:
+            self.proc.send_signal(sig)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         err = self.proc.stderr.read()
         self.log.close()
+        if running:
+            assert self.proc.returncode == 0 and "terminate called" not in err, \
+                (self.proc.returncode, err[-2000:])
         return err
 
 

@@ -12,7 +12,7 @@ from conftest import seeing
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_mixtral"
 # Shared by every folder; they import only each other.
-LEAVES = {"errors", "units", "jsonfile", "lazy", "user_files", "demo"}
+LEAVES = {"errors", "units", "jsonfile", "lazy", "user_files", "demo", "threads"}
 # What each folder may import from the package (besides itself and the leaves).
 ALLOWED = {
     "model": set(),

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import MlxMixtralError
+from ..threads import MlxThread
 from .conversation import Turn
 from .engine import Engine, EngineInfo, Event, Prompt, Ready
 
@@ -20,7 +20,7 @@ from .engine import Engine, EngineInfo, Event, Prompt, Ready
 class EngineWorker:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
+        self.pool = MlxThread("mlx")
         self.stopping = threading.Event()  # Esc: the reply stops at its next token
         self._lock = threading.Lock()
         self._events: list[Event] = []
@@ -89,4 +89,4 @@ class EngineWorker:
 
     def close(self) -> None:
         self.stopping.set()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.close(cancel=True)

@@ -79,11 +79,10 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
     import os
     import signal
 
-    import uvicorn
-
     from ..catalog.summary import summarize
     from ..server.cache_pool import CachePool, cache_bytes
     from ..server.http_app import Guards, create_app
+    from ..server.http_server import run_http
     from ..server.service import Service
     from ..server.worker import Worker
 
@@ -97,7 +96,11 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
         CachePool(pool_budget, lambda cache: lockstep.largest(cache_bytes(cache)))
     worker = Worker(lambda: load_from_plan(plan), pool, args.max_queue, kv, lockstep,
                     on_lost=lambda: os.kill(os.getpid(), signal.SIGINT))  # uvicorn stops
-    model, tokenizer = worker.ready()
+    try:
+        model, tokenizer = worker.ready()
+    except KeyboardInterrupt:  # stopped while loading: MLX is busy on the worker's thread
+        sys.stderr.flush()
+        os._exit(130)  # (ending the interpreter around that thread could abort the process)
     if lockstep is not None and not lockstep.leader:
         worker.thread.join()  # runs rank 0's jobs until rank 0 stops
         return _ended(worker)
@@ -109,8 +112,7 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
     print(f"Serving {model_id} at {where}/v1 (OpenAI) and {where}/api (Ollama)"
           + (", API key required" if api_key else ""), file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=5)
+        run_http(app, args.host, args.port, args.log_level, on_stop=worker.halt)
     finally:
         if worker.lost is None:
             worker.stop()  # (the other ranks hear that there is no more work)
@@ -154,8 +156,15 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     add_distributed_flags(p)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    import signal
+
     sampling, kv = sampling_from(args), kv_from(args)  # validate before the slow load
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops `serve` as Ctrl+C does
     group = lockstep = None
     if not launched():
         check_port(args.host, args.port)  # one line before anything loads

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,6 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..threads import MlxThread
 from .moe import ExpertsGLU
 from .routing import RouterRecord, route
 
@@ -129,7 +130,7 @@ class ExpertPager:
         self.stats = PagingStats([LayerStats() for _ in self.gates])
         self._pending: list[Future | None] = [None] * len(self.gates)
         self._prefetched: list[set[int]] = [set() for _ in self.gates]
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch")
+        self._pool = MlxThread("expert-prefetch")
 
     def reset_stats(self) -> None:
         self.wait()
@@ -153,7 +154,7 @@ class ExpertPager:
 
     def close(self) -> None:
         self.wait()
-        self._pool.shutdown()
+        self._pool.close()
         self.loader.close()
 
     def guess(self, layer: int, x: mx.array) -> mx.array | None:

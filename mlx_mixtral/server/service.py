@@ -18,7 +18,7 @@ from ..errors import MlxMixtralError
 from ..generation.sampling import SamplingParams
 from ..generation.stats import Chunk, Stats
 from ..text.tools import can_call_tools, mistral_v3_tool_ids
-from .worker import LOST, Job, QueueFull, Worker
+from .worker import LOST, STOPPING, Job, QueueFull, Worker
 
 POLL_SECONDS = 0.5  # how often a waiting request checks that its client is still there
 
@@ -148,8 +148,14 @@ class Service:
         becomes an APIError (500 without a traceback: the log has it)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(ids, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
-                  stop=stop or [], logprobs=logprobs, grammar=grammar)
+
+        def emit(event: Chunk | Stats) -> None:  # on the worker's thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop has closed: the server stopped, nobody listens
+                job.cancelled.set()
+
+        job = Job(ids, params, emit, stop=stop or [], logprobs=logprobs, grammar=grammar)
         try:
             self.worker.submit(job)
         except QueueFull:
@@ -164,7 +170,7 @@ class Service:
                         return
                     continue
                 if isinstance(event, Stats) and event.error is not None:
-                    raise APIError(503 if event.error == LOST else 500, event.error)
+                    raise APIError(503 if event.error in (LOST, STOPPING) else 500, event.error)
                 yield event
                 if isinstance(event, Stats):
                     return

@@ -32,6 +32,7 @@ from ..generation.lockstep import Lockstep
 from ..generation.sampling import SamplingParams
 from ..generation.stats import Chunk, Stats
 from ..generation.stream import settle, stream_generate
+from ..threads import release
 from .cache_pool import CachePool
 
 log = logging.getLogger("mlx_mixtral.server")
@@ -42,6 +43,7 @@ class QueueFull(Exception):  # noqa: N818 - the HTTP side answers 503
 
 
 LOST = "the model's ranks lost each other; the server is stopping"  # the HTTP side answers 503
+STOPPING = "the server is stopping"  # to requests running or waiting when it was told to stop
 
 
 @dataclass
@@ -72,6 +74,8 @@ class Worker:
         # `on_lost` from its thread.
         self.lost: BaseException | None = None
         self.on_lost = on_lost
+        self.halted = threading.Event()  # told to stop: no new work, running work ends now
+        self._running: Job | None = None
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(load,), name="mlx-worker",
@@ -81,6 +85,7 @@ class Worker:
     def ready(self) -> tuple[Any, Any]:
         self._loaded.wait()
         if self._load_error is not None:
+            self.thread.join()  # it has released MLX's state: the process may end cleanly
             raise self._load_error
         return self.model, self.tokenizer
 
@@ -89,18 +94,34 @@ class Worker:
         return self.jobs.qsize()
 
     def submit(self, job: Job) -> None:
-        if self.lost is not None:
-            job.emit(Stats.failed(LOST))
+        if self.lost is not None or self.halted.is_set():
+            job.emit(Stats.failed(LOST if self.lost is not None else STOPPING))
             return
         if self.waiting + self.busy >= self.max_queue:
             raise QueueFull
         self.jobs.put(job)
 
+    def halt(self) -> None:
+        """The server was told to stop (any thread, a signal handler too): the running job ends
+        at its next token and the waiting ones at once, each telling its client why."""
+        self.halted.set()
+        if (job := self._running) is not None:
+            job.cancelled.set()
+
     def stop(self) -> None:
+        """End the thread once its job is done (after `halt`: at once); the waiting jobs hear
+        that the server stops."""
+        self.halt()
         self.jobs.put(None)
-        self.thread.join(timeout=30)
+        self.thread.join()
 
     def _run(self, load: Callable[[], tuple[Any, Any]]) -> None:
+        try:
+            self._work(load)
+        finally:
+            release()  # MLX's state of this thread, before the interpreter ends
+
+    def _work(self, load: Callable[[], tuple[Any, Any]]) -> None:
         try:
             self.model, self.tokenizer = load()
             mx.eval(self.model.parameters())
@@ -121,7 +142,9 @@ class Worker:
 
     def _serve(self) -> None:
         while (job := self._next_job()) is not None:
-            self.busy = True
+            self.busy, self._running = True, job
+            if self.halted.is_set():
+                job.cancelled.set()
             try:
                 self._generate(job)
             except MlxMixtralError as e:
@@ -133,7 +156,7 @@ class Worker:
                 log.exception("generation failed")
                 job.emit(Stats.failed(f"generation failed: {type(e).__name__}: {e}"))
             finally:
-                self.busy = False
+                self.busy, self._running = False, None
                 self.served += 1
                 if self.lockstep is not None:
                     self.lockstep.idle()
@@ -145,8 +168,10 @@ class Worker:
         if step is not None and not step.leader:
             message = step.announce(None)
             return None if message is None else _job_from(message)
-        while (job := self.jobs.get()) is not None and job.cancelled.is_set():
-            pass  # its client went away while it waited
+        while (job := self.jobs.get()) is not None and (job.cancelled.is_set()
+                                                         or self.halted.is_set()):
+            if self.halted.is_set():
+                job.emit(Stats.failed(STOPPING))  # else its client went away while it waited
         if step is not None:
             if job is not None and job.params.seed is None:  # every rank samples alike
                 job.params = replace(job.params, seed=secrets.randbelow(2**31))
@@ -186,6 +211,8 @@ class Worker:
                 if step is not None:
                     stopped = step.should_stop(stopped)
                 if stopped:
+                    if self.halted.is_set():
+                        job.emit(Stats.failed(STOPPING))
                     break
         finally:
             steps.close()

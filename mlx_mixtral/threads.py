@@ -1,0 +1,64 @@
+"""Threads that run MLX work, and how they end.
+
+MLX keeps state per thread (its streams, and compiled functions that hold Python objects). A
+thread that ran MLX work must drop that state before it ends, while it still holds the
+interpreter: left to the thread's exit, it is torn down after Python began to finalize, and the
+process aborts ("terminate called without an active exception", exit 134; mlx#4327).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+
+def release() -> None:
+    """Drop this thread's MLX state: the last thing a thread that ran MLX work does."""
+    import mlx.core as mx
+
+    mx.clear_streams()
+
+
+class MlxThread:
+    """One thread for MLX work: jobs run in the order they were submitted; `close()` lets it
+    release MLX's state and end."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future, Callable, tuple] | None] = \
+            queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, job, args))
+        return future
+
+    def close(self, cancel: bool = False) -> None:
+        """End the thread after the jobs that wait (`cancel`: after the running one only)."""
+        if cancel:
+            while True:
+                try:
+                    item = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while (item := self._jobs.get()) is not None:
+                future, job, args = item
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    future.set_result(job(*args))
+                except BaseException as e:  # noqa: BLE001 - the future hands it on
+                    future.set_exception(e)
+        finally:
+            release()

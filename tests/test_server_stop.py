@@ -1,0 +1,61 @@
+"""`serve` ends cleanly: SIGINT or SIGTERM, idle, after a request or mid-stream, exits 0 with no
+abort (MLX's per-thread state released on its own thread first), and a streaming client gets a
+closed stream that says why, not a hang. A folder it cannot serve is one line and exit 2."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from conftest import build_hf
+from server_helpers import Server, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _stream_until_stopped(server: Server, sig: int) -> list[str]:
+    """Start a long stream, read two events, stop the server; every line the client got."""
+    body = {"model": "demo", "prompt": "Once upon a time", "max_tokens": 2000, "stream": True,
+            "temperature": 0}
+    lines: list[str] = []
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        events = r.iter_lines()
+        while len([x for x in lines if x.startswith("data:")]) < 2:
+            lines.append(next(events))
+        server.proc.send_signal(sig)
+        started = time.monotonic()
+        lines.extend(events)  # ends: the stream is closed, not left hanging
+        assert time.monotonic() - started < 10
+    return lines
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_stops_cleanly_idle_after_a_request_and_mid_stream(sig):
+    for _ in range(3):
+        Server().stop(sig)  # idle (stop() asserts exit 0 and no abort)
+        server = Server()
+        reply = httpx.post(server.url + "/v1/completions", timeout=60, json={
+            "model": "demo", "prompt": "Once upon a time", "max_tokens": 4})
+        assert reply.status_code == 200
+        server.stop(sig)
+        server = Server()
+        lines = _stream_until_stopped(server, sig)
+        assert any("the server is stopping" in x for x in lines), lines[-3:]
+        server.stop(sig)
+
+
+def test_serve_on_a_folder_without_a_tokenizer_is_one_line_and_exit_2(tmp_path):
+    folder = tmp_path / "no-tokenizer"
+    build_hf(folder, "mixtral")
+    for _ in range(10):
+        run = subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", "serve", "--model",
+                              str(folder), "--port", str(free_port())],
+                             capture_output=True, text=True, timeout=120)
+        lines = [x for x in run.stderr.splitlines() if x.strip()]
+        assert run.returncode == 2, run.stderr
+        assert "tokenizer" in lines[-1] and "Traceback" not in run.stderr, run.stderr
+        assert len([x for x in lines if not x.startswith("Loading")]) == 1, run.stderr
