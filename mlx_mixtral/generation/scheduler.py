@@ -61,6 +61,12 @@ class Request:
     grammar: str | None = None  # an llguidance grammar the output must follow
     n: int = 1
     cancelled: threading.Event = field(default_factory=threading.Event)
+    left: int = field(default=0, init=False)  # choices that ended
+
+    @property
+    def ended(self) -> bool:
+        """Whether the scheduler is done with it (every choice ended, or it never started)."""
+        return self.left >= self.n
 
 
 # Where caches come from and go to (a pool): `take(ids)` gives a cache holding ids[:k] and k
@@ -163,6 +169,7 @@ class Scheduler:
         self.queue: deque[Request] = deque()
         self.active: list[_Sequence] = []
         self.forward_calls = 0
+        self.served = 0  # requests ended
         self._lock = threading.Lock()
 
     # ---- the batch's state --------------------------------------------------------------------
@@ -192,6 +199,7 @@ class Scheduler:
             waiting, self.queue = list(self.queue), deque()
         for request in waiting:
             request.cancelled.set()
+            self._end(request)
             if why:
                 request.emit(Stats.failed(why))
         for seq in self.active:
@@ -276,11 +284,17 @@ class Scheduler:
                     return
                 request = self.queue.popleft()
             if request.cancelled.is_set():
+                self._end(request)
                 continue
             try:
                 self._start(request)
             except MlxMixtralError as e:
+                self._end(request)
                 request.emit(Stats.failed(str(e)))
+
+    def _end(self, request: Request) -> None:
+        request.left = request.n
+        self.served += 1
 
     def _start(self, request: Request) -> None:
         cache, cached = self.take(request.ids)
@@ -305,7 +319,11 @@ class Scheduler:
         """Sequences out of the batch; their caches go back (`give`), holding what was fed."""
         for seq in ended:
             self.active.remove(seq)
+            request = seq.request
+            request.left += 1 + seq.forks  # (choices never forked end with it)
+            if request.ended:
+                self.served += 1
             if why:
                 seq.emit(Stats.failed(why))
-            if keep and self.give is not None and not seq.forks:
+            if keep and self.give is not None:
                 self.give(seq.history[:seq.cache[0].offset], seq.cache)

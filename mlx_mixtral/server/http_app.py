@@ -146,7 +146,7 @@ def create_app(service: Service, guards: Guards | None = None) -> FastAPI:
 
         worker = service.worker
         return {"status": "ok", "model": service.model_id,
-                "queue": {"running": int(worker.busy), "waiting": worker.waiting,
+                "queue": {"running": worker.running, "waiting": worker.waiting,
                           "max": worker.max_queue, "served": worker.served},
                 "memory": {"mlx_active": mx.get_active_memory(),
                            "mlx_cache": mx.get_cache_memory(),
