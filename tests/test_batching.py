@@ -100,8 +100,10 @@ def run(scheduler: Scheduler, on_step=None) -> None:
 
 @pytest.mark.parametrize("bits", [None, 8])
 def test_eight_requests_together_give_what_each_gives_alone(tiny, bits):
-    """Different prompt lengths (two past the window), a pooled cache continued, a JSON schema,
-    a repetition penalty: token for token what mlx-lm's loop gives each prompt alone."""
+    """Different prompt lengths (most past the window), a pooled cache continued (with a
+    penalty: it must see the cached prompt too), a JSON schema, a repetition penalty: token for
+    token what mlx-lm's loop gives each prompt alone, and what each gives alone on the
+    scheduler."""
     model, tok = tiny
     kv = KVSettings(bits=bits, group_size=32)
     greedy = SamplingParams(temperature=0, max_tokens=24)
@@ -111,13 +113,14 @@ def test_eight_requests_together_give_what_each_gives_alone(tiny, bits):
     prompts = [prompt(n, seed) for seed, n in enumerate(lengths)]
     params = [greedy] * 8
     params[4] = SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.5)
+    params[6] = SamplingParams(temperature=0, max_tokens=24, frequency_penalty=1.5)
     grammars = [None] * 8
     grammars[5] = grammar
     # The pooled one: its first turn runs first, its second continues that cache.
     first = Scheduler(model, tok, kv=kv, prefill_step=STEP, take=lambda ids: pool.take(
         ids, model.make_cache), give=pool.give)
     heard = Replies()
-    first.add(Request(prompts[6], greedy, heard.emit(0)))
+    first.add(Request(prompts[6], params[6], heard.emit(0)))
     run(first)
     prompts[6] = prompts[6] + heard.ends[(0, 0)].tokens + prompt(6, 99)
     want = [alone(model, tok, p, s, kv, g)
@@ -265,16 +268,16 @@ def _client(server):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("settings", [
-    {"temperature": 0, "extra_body": {"repetition_penalty": 1.5}},
-    {"temperature": 0, "presence_penalty": 1.5, "frequency_penalty": 1.0},
-    {"temperature": 0.7, "seed": 7, "extra_body": {"repetition_penalty": 1.3}},
+@pytest.mark.parametrize("text, settings", [
+    ("Once upon a time", {"temperature": 0, "extra_body": {"repetition_penalty": 1.5}}),
+    ("Long ago, far away", {"temperature": 0, "presence_penalty": 1.5,
+                            "frequency_penalty": 1.0}),
+    ("In a small village", {"temperature": 0.7, "seed": 7}),
 ])
-def test_cold_equals_warm(demo_server, settings):
-    """The same request twice: the second continues the first one's cache, and its penalties
-    still see the whole prompt."""
+def test_cold_equals_warm(demo_server, text, settings):
+    """The same request twice on a server (the issue's request first): the second continues
+    the first one's cache, and its penalties still see the whole prompt."""
     client = _client(demo_server)
-    text = f"Once upon a time {settings['temperature']} {sorted(settings)}"
     replies = [client.completions.create(model="demo", prompt=text, max_tokens=10, **settings)
                for _ in range(2)]
     cached = [r.usage.prompt_tokens_details.cached_tokens for r in replies]
