@@ -24,7 +24,7 @@ DEFAULT_MAX_QUEUE = 32
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
     from ..generation.kv import PROMPT_CACHE_BYTES
-    from ..generation.scheduler import DECODE_CONCURRENCY
+    from ..model.limits import DECODE_CONCURRENCY
     from ..server import DEFAULT_MAX_BODY
 
     p.add_argument("--host", default="127.0.0.1",

@@ -29,6 +29,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import GenerationError, MlxMixtralError
+from ..model.limits import DECODE_CONCURRENCY
 from ..model.packing import Packed
 from .kv import KVSettings
 from .prefix import copy_cache
@@ -44,8 +45,6 @@ from .stream import (
     logprobs_of,
     prefill_chunk,
 )
-
-DECODE_CONCURRENCY = 8  # sequences decoding together, by default
 
 
 @dataclass

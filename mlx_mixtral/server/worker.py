@@ -30,8 +30,9 @@ from ..errors import MlxMixtralError
 from ..generation.kv import KVSettings
 from ..generation.lockstep import Lockstep
 from ..generation.sampling import SamplingParams
-from ..generation.scheduler import DECODE_CONCURRENCY, Request, Scheduler
+from ..generation.scheduler import Request, Scheduler
 from ..generation.stats import Stats
+from ..model.limits import DECODE_CONCURRENCY
 from ..threads import release
 from .cache_pool import CachePool
 
