@@ -315,7 +315,9 @@ class Scheduler:
 
     def _leave(self, ended: Sequence[_Sequence], why: str | None = None,
                keep: bool = True) -> None:
-        """Sequences out of the batch; their caches go back (`give`), holding what was fed."""
+        """Sequences out of the batch; their caches go back (`give`), holding what was fed
+        (not after a failure: `why`)."""
+        keep = keep and why is None
         for seq in ended:
             self.active.remove(seq)
             request = seq.request
