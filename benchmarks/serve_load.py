@@ -60,28 +60,31 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def one_request(url: str, model: str, i: int, hang_up: bool, max_tokens: int,
-                headers: dict[str, str]) -> tuple[str, float | None]:
-    """("completed" | "disconnected" | "failed: ...", time to first token)."""
+                headers: dict[str, str]) -> tuple[str, float | None, int]:
+    """("completed" | "disconnected" | "failed: ...", time to first token, tokens)."""
     topic = TOPICS[i % len(TOPICS)]
     body = {"model": model, "stream": True, "max_tokens": max_tokens, "seed": i,
+            "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": f"Write about {topic} (request {i})."}]}
     start = time.perf_counter()
-    ttft = None
+    ttft, tokens = None, 0
     try:
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=headers,
                           timeout=300) as r:
             if r.status_code != 200:
-                return f"failed: {r.status_code} {r.read()[:200]!r}", None
+                return f"failed: {r.status_code} {r.read()[:200]!r}", None, 0
             for line in r.iter_lines():
                 if line.startswith("data:") and '"content"' in line and ttft is None:
                     ttft = time.perf_counter() - start
                     if hang_up:
-                        return "disconnected", ttft
+                        return "disconnected", ttft, 0
+                if line.startswith("data:") and '"completion_tokens"' in line:
+                    tokens = json.loads(line[5:])["usage"]["completion_tokens"]
                 if line.strip() == "data: [DONE]":
-                    return "completed", ttft
+                    return "completed", ttft, tokens
     except httpx.HTTPError as e:
-        return f"failed: {e}", None
-    return "failed: the stream ended without [DONE]", ttft
+        return f"failed: {e}", None, 0
+    return "failed: the stream ended without [DONE]", ttft, tokens
 
 
 def run(url: str, requests: int = 200, concurrency: int = 8, disconnect: float = 0.25,
