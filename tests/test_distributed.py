@@ -184,6 +184,35 @@ def greedy(max_tokens: int) -> dict:
     return {"sampling": SamplingParams(temperature=0, max_tokens=max_tokens)}
 
 
+def serve_two_ranks(folder: Path, tmp_path: Path, port: int):
+    """`serve` under mlx.launch on two ranks (greedy), and an official client once it answers."""
+    import openai
+
+    launcher = subprocess.Popen(
+        [LAUNCH, "-n", "2", "--backend", "ring", str(HERE / "rank_wrap.sh"), str(tmp_path),
+         EXE, "serve", "--model", str(folder), "--port", str(port), "--temp", "0",
+         "--dist-timeout", "30"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                           max_retries=0, timeout=120)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            client.models.list()
+            return launcher, client
+        except openai.APIConnectionError:
+            if time.monotonic() > deadline:
+                launcher.kill()
+                raise AssertionError(ranks(tmp_path, 0)["err"]) from None
+            time.sleep(0.5)
+
+
+def stop_rank_0(tmp_path: Path) -> None:
+    os.kill(int((tmp_path / "pid.0").read_text()), signal.SIGINT)
+    wait_file(tmp_path / "rc.0", 60)
+    wait_file(tmp_path / "rc.1", 60)
+
+
 def wait_file(path: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -195,7 +224,6 @@ def test_serve_under_two_ranks_answers_the_openai_client_like_one_process(models
     """Rank 0 serves HTTP, rank 1 follows its jobs: the official client's answers equal one
     process's, through a client that hangs up mid-stream and a second turn from the cache;
     stopping rank 0 stops both ranks cleanly."""
-    import openai
     from server_helpers import free_port
 
     from mlx_mixtral import load
@@ -208,22 +236,8 @@ def test_serve_under_two_ranks_answers_the_openai_client_like_one_process(models
     want = {"raw": generate(model, tokenizer, prompt, raw=True, **greedy(40)),
             "chat": generate(model, tokenizer, turn1, **greedy(12))}
     port = free_port()
-    launcher = subprocess.Popen(
-        [LAUNCH, "-n", "2", "--backend", "ring", str(HERE / "rank_wrap.sh"), str(tmp_path),
-         EXE, "serve", "--model", str(folder), "--port", str(port), "--temp", "0",
-         "--dist-timeout", "30"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+    launcher, client = serve_two_ranks(folder, tmp_path, port)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
-                               max_retries=0, timeout=120)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                assert time.monotonic() < deadline, ranks(tmp_path, 0)["err"]
-                time.sleep(0.5)
         stream = client.completions.create(model="mixtral-4bit", prompt=prompt, max_tokens=200,
                                            stream=True)
         for i, _ in enumerate(stream):
@@ -240,11 +254,48 @@ def test_serve_under_two_ranks_answers_the_openai_client_like_one_process(models
         assert second.usage.prompt_tokens_details.cached_tokens > 0  # both ranks' pools agree
         assert second.choices[0].message.content == generate(model, tokenizer, turn2,
                                                              **greedy(12))
-        os.kill(int((tmp_path / "pid.0").read_text()), signal.SIGINT)
-        wait_file(tmp_path / "rc.0", 60)
-        wait_file(tmp_path / "rc.1", 60)
+        stop_rank_0(tmp_path)
     finally:
         launcher.kill()
     results = [ranks(tmp_path, r) for r in (0, 1)]
     assert [r["rc"] for r in results] == [0, 0], results
     assert "Traceback" not in results[0]["err"] + results[1]["err"]
+
+
+def test_serve_under_two_ranks_batches_four_clients_like_one_process(models, tmp_path):
+    """4 concurrent clients (one hangs up mid-stream, one asks for 2 choices): the ranks agree
+    on who joins and leaves at every pass, and each client gets one process's tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server_helpers import free_port
+
+    from mlx_mixtral import load
+    from mlx_mixtral.generation.stream import generate
+
+    folder = models["mixtral-4bit"]
+    model, tokenizer = load(folder)
+    prompts = ["t5 t9 t13 t2", "t1 t2", "t7 " * 30 + "t8", "t3 t4 t5 t6 t7 t8"]
+    want = [generate(model, tokenizer, p, raw=True, **greedy(24)) for p in prompts]
+    port = free_port()
+    launcher, client = serve_two_ranks(folder, tmp_path, port)
+    try:
+        def ask(i: int) -> list[str]:
+            if i == 0:  # this one hangs up after a few tokens
+                stream = client.completions.create(model="mixtral-4bit", prompt=prompts[0],
+                                                   max_tokens=200, stream=True)
+                for k, _ in enumerate(stream):
+                    if k == 3:
+                        break
+                stream.close()
+            reply = client.completions.create(model="mixtral-4bit", prompt=prompts[i],
+                                              max_tokens=24, n=2 if i == 1 else 1)
+            return [c.text for c in reply.choices]
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(ask, range(4)))
+        assert got == [[w] * (2 if i == 1 else 1) for i, w in enumerate(want)]
+        stop_rank_0(tmp_path)
+    finally:
+        launcher.kill()
+    results = [ranks(tmp_path, r) for r in (0, 1)]
+    assert [r["rc"] for r in results] == [0, 0], results

@@ -322,3 +322,46 @@ def test_load_pages_a_mixtral_too_big_for_the_memory_by_itself(folder, monkeypat
                           "experts will be read from disk as chosen ("), err
     with pytest.raises(MemoryLimitError, match="the model needs about"):
         load(path, tokenizer=False, page_experts=False)
+
+
+def test_a_batched_pass_reads_the_union_of_its_experts_once_per_layer(folder, monkeypatch):
+    """Four sequences decoding together on the scheduler (packed passes): in each pass every
+    layer reads each expert its tokens chose at most once (counted at the loader), and each
+    sequence gets the resident model's tokens."""
+    from conftest import Numbers
+
+    from mlx_mixtral.generation.sampling import SamplingParams
+    from mlx_mixtral.generation.scheduler import Request, Scheduler
+    from mlx_mixtral.generation.stats import Stats
+    from mlx_mixtral.model.decoder import Model
+
+    prompts = [np.random.RandomState(s).randint(0, WIDE["vocab_size"], 8 + s).tolist()
+               for s in range(4)]
+    resident, _ = load(folder / "q4", tokenizer=False)
+    want = [greedy(resident, p, 12) for p in prompts]
+    del resident
+    model, _ = load(folder / "q4", tokenizer=False,
+                    max_memory=int(0.4 * model_bytes(folder / "q4")), context=CONTEXT)
+    pager = model.limits.expert_pager
+    pager.set_policy("lru", prefetch=False)  # every read is the pass's own
+    passes: list[list[tuple[int, int]]] = []
+    read = pager.loader.load
+    monkeypatch.setattr(pager.loader, "load", lambda layer, e, s: (
+        passes[-1].append((layer, e)), read(layer, e, s))[1])
+    call = Model.__call__
+    monkeypatch.setattr(Model, "__call__", lambda *a, **k: (passes.append([]),
+                                                            call(*a, **k))[1])
+
+    scheduler = Scheduler(model, Numbers(), prefill_step=64)
+    got: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        scheduler.add(Request(p, SamplingParams(temperature=0, max_tokens=12),
+                              lambda item, i=i: got.__setitem__(i, item.tokens)
+                              if isinstance(item, Stats) else None))
+    while scheduler.step():
+        pass
+    pager.close()
+    assert [got[i] for i in range(4)] == want
+    assert sum(map(len, passes[1:])) > 0  # the decoding passes did page
+    assert all(len(reads) == len(set(reads)) for reads in passes), \
+        "an expert was read twice in one pass"

@@ -299,7 +299,7 @@ BAD_REQUESTS = [
     ("temperature too high", "POST", "/v1/chat/completions", KEY, {**CHAT, "temperature": 5},
      400),
     ("max_tokens 0", "POST", "/v1/chat/completions", KEY, {**CHAT, "max_tokens": 0}, 400),
-    ("n=2", "POST", "/v1/chat/completions", KEY, {**CHAT, "n": 2}, 400),
+    ("n above 128", "POST", "/v1/chat/completions", KEY, {**CHAT, "n": 129}, 400),
     ("unknown model", "POST", "/v1/chat/completions", KEY, {**CHAT, "model": "gpt-9"}, 404),
     ("prompt too long", "POST", "/v1/completions", KEY, {"prompt": LONG}, 400),
     ("no API key", "POST", "/v1/chat/completions", {}, CHAT, 401),

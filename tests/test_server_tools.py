@@ -23,6 +23,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from server_helpers import V3_TOKENIZER
 
 from mlx_mixtral.generation.sampling import SamplingParams
+from mlx_mixtral.model.packing import Packed
 from mlx_mixtral.server.cache_pool import CachePool
 from mlx_mixtral.server.http_app import create_app
 from mlx_mixtral.server.service import Service
@@ -99,14 +100,20 @@ class Scripted:
     def parameters(self) -> dict:
         return {}
 
-    def __call__(self, inputs: mx.array, cache: list, **_) -> mx.array:
-        start, length = cache[0].offset, inputs.shape[1]
+    def __call__(self, inputs: mx.array, cache, **_) -> mx.array:
+        if isinstance(cache, Packed):  # the server's batch: each sequence's last row
+            return mx.concatenate([self._rows(c, n)[-1:] for n, c in
+                                   zip(cache.lengths, cache.caches, strict=True)])[None]
+        return self._rows(cache, inputs.shape[1])[None]
+
+    def _rows(self, cache: list, length: int) -> mx.array:
+        start = cache[0].offset
         cache[0].update_and_fetch(mx.zeros((1, 1, length, 1)), mx.zeros((1, 1, length, 1)))
         rows = []
         for p in range(start, start + length):
             at = min(max(p + 1 - self.prompt_length, 0), len(self.script) - 1)
             rows.append(mx.where(mx.arange(self.args.vocab_size) == self.script[at], 10.0, 0.0))
-        return mx.stack(rows)[None]
+        return mx.stack(rows)
 
 
 @pytest.fixture

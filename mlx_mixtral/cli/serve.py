@@ -24,6 +24,7 @@ DEFAULT_MAX_QUEUE = 32
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
     from ..generation.kv import PROMPT_CACHE_BYTES
+    from ..model.limits import DECODE_CONCURRENCY
     from ..server import DEFAULT_MAX_BODY
 
     p.add_argument("--host", default="127.0.0.1",
@@ -41,6 +42,13 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    "prefills only what is new; least recently used go first")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="requests waiting or running at most; more get 503")
+    p.add_argument("--decode-concurrency", type=int, default=DECODE_CONCURRENCY, metavar="N",
+                   help="requests generating together (continuous batching); more wait in "
+                   "the queue")
+    p.add_argument("--prefill-step", type=int, default=None, metavar="TOKENS",
+                   help="prompt tokens per forward pass: a long prompt is prefilled in chunks "
+                   "of this size between the running requests' tokens (default 512; less "
+                   "within a memory budget)")
     p.add_argument("--max-body", default=f"{DEFAULT_MAX_BODY // 2**20}MiB", metavar="SIZE",
                    help="largest request body accepted; larger get 413")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
@@ -88,14 +96,18 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
 
     pool_budget = _size(args.prompt_cache_bytes, "--prompt-cache-bytes")
     max_body = _size(args.max_body, "--max-body")
-    if args.max_queue < 1:
-        raise MlxMixtralError("--max-queue must be at least 1")
+    for flag, value in (("--max-queue", args.max_queue),
+                        ("--decode-concurrency", args.decode_concurrency),
+                        ("--prefill-step", args.prefill_step or 1)):
+        if value < 1:
+            raise MlxMixtralError(f"{flag} must be at least 1")
     api_key = args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY") or None
     name = plan.name
     pool = CachePool(pool_budget) if lockstep is None else \
         CachePool(pool_budget, lambda cache: lockstep.largest(cache_bytes(cache)))
     worker = Worker(lambda: load_from_plan(plan), pool, args.max_queue, kv, lockstep,
-                    on_lost=lambda: os.kill(os.getpid(), signal.SIGINT))  # uvicorn stops
+                    on_lost=lambda: os.kill(os.getpid(), signal.SIGINT),  # uvicorn stops
+                    capacity=args.decode_concurrency, prefill_step=args.prefill_step)
     try:
         model, tokenizer = worker.ready()
     except KeyboardInterrupt:  # stopped while loading: MLX is busy on the worker's thread

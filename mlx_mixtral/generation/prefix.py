@@ -9,6 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 
+def copy_cache(cache: list) -> list:
+    """A cache of one's own holding the same tokens (MLX arrays are values: writing into the
+    copy never changes the original)."""
+    # Ours keep positions in meta_state; mlx-lm's caches keep everything in state.
+    return [type(c).from_state(c.state, c.meta_state) if hasattr(c, "meta_state")
+            else type(c).from_state(c.state) for c in cache]
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):

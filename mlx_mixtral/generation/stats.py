@@ -31,6 +31,7 @@ class Chunk:
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
     logprob: float | None = None  # with `logprobs`: the token's log-probability
     top_logprobs: list[tuple[int, float]] | None = None  # the most likely tokens there
+    index: int = 0  # which choice of a request with several (`n`)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Stats:
     # the load-balancing loss over the reply (1.0 = even).
     expert_share: list[list[float]] | None = field(default=None, repr=False)
     balance: float | None = None
+    index: int = 0  # which choice of a request with several (`n`)
 
     @classmethod
     def failed(cls, message: str) -> Stats:

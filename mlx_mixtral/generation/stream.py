@@ -208,7 +208,7 @@ def stream_generate(
                 break
             shown, hit = stops.feed(detok.add_token(token))
             text += shown
-            yield Chunk(shown, token, None, *_logprobs_of(row, token, logprobs))
+            yield Chunk(shown, token, None, *logprobs_of(row, token, logprobs))
             if hit:
                 finish = "stop"
                 break
@@ -237,7 +237,7 @@ def _without_logprobs(tokens: Iterator[int]) -> Iterator[tuple[int, None]]:
         tokens.close()
 
 
-def _logprobs_of(row: mx.array | None, token: int,
+def logprobs_of(row: mx.array | None, token: int,
                  top: int | None) -> tuple[float | None, list[tuple[int, float]] | None]:
     if row is None or top is None:
         return None, None

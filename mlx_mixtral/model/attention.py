@@ -10,6 +10,7 @@ from .cache import Buffer, over
 from .config import ModelArgs
 from .fusion import fuse_linears
 from .masks import Mask, WindowBand
+from .packing import PackedLayer
 
 
 def _sdpa(q: mx.array, k: Buffer, v: Buffer, scale: float, mask: Mask, cache: object) -> mx.array:
@@ -70,10 +71,20 @@ class Attention(nn.Module):
         q = q.reshape(b, length, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = k.reshape(b, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = v.reshape(b, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if isinstance(cache, PackedLayer):  # each sequence over its own cache (packing.py)
+            out, at = [], 0
+            for n, c, m in zip(cache.lengths, cache.caches, cache.masks, strict=True):
+                part = slice(at, at + n)
+                out.append(self._attend(q[:, :, part], k[:, :, part], v[:, :, part], m, c))
+                at += n
+            out = mx.concatenate(out, axis=2) if len(out) > 1 else out[0]
+        else:
+            out = self._attend(q, k, v, mask, cache)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
 
+    def _attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Mask, cache) -> mx.array:
         offset = 0 if cache is None else cache.offset
         q, k = self._rope(q, offset), self._rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = attend(q, k, v, self.scale, mask, cache)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
+        return attend(q, k, v, self.scale, mask, cache)

@@ -20,6 +20,7 @@ from .config import ModelArgs
 from .limits import NO_LIMITS
 from .masks import windowed_mask
 from .moe import SparseMoE
+from .packing import Packed
 from .routing import RouterTrace
 from .sharding import check_pipeline, check_world, run_pipeline, shard_layers, shard_tensors
 
@@ -142,11 +143,17 @@ class Model(nn.Module):
 
         `router_trace`: a `RouterTrace` that records the MoE routing of this pass.
         `padding`: (batch,) counts of left-padding tokens, for prompts of unequal length run
-        together; those positions are hidden from every other token."""
+        together; those positions are hidden from every other token.
+        `cache` may be a `Packed` (packing.py): several sequences' tokens in one row, each over
+        its own cache; the logits are then those of each sequence's last token (1, sequences,
+        vocab)."""
         h = input_embeddings if input_embeddings is not None else self.model.embed_tokens(inputs)
         length = h.shape[1]
         window = self.args.sliding_window
-        if cache is None:
+        packed = cache if isinstance(cache, Packed) else None
+        if packed is not None:
+            cache, mask = packed.layers(window), None
+        elif cache is None:
             cache = [None] * len(self.layers)
             mask = windowed_mask(0, length, 0, length, window)
         else:
@@ -158,6 +165,8 @@ class Model(nn.Module):
         else:
             for layer, c in zip(self.layers, cache, strict=True):
                 h = layer(h, mask, c, router_trace)
+        if packed is not None:  # only the rows that are sampled reach the (wide) head
+            h = h[:, mx.array(packed.ends)]
         h = self.model.norm(h)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)

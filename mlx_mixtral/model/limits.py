@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 # Prompt tokens per forward pass when the caller names none (mlx-lm's default is 2048; 512
 # keeps the prefill's working memory small and its progress visible).
 DEFAULT_PREFILL_STEP = 512
+# Sequences decoding together in one batch when the caller names no number (the server's
+# --decode-concurrency).
+DECODE_CONCURRENCY = 8
 
 
 @dataclass(frozen=True)

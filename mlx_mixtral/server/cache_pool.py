@@ -17,15 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..generation.kv import PROMPT_CACHE_BYTES
-from ..generation.prefix import common_prefix, reuse_prefix
-
-
-def copy_cache(cache: list) -> list:
-    """A cache of one's own holding the same tokens (MLX arrays are values: writing into the
-    copy never changes the original)."""
-    # Ours keep positions in meta_state; mlx-lm's caches keep everything in state.
-    return [type(c).from_state(c.state, c.meta_state) if hasattr(c, "meta_state")
-            else type(c).from_state(c.state) for c in cache]
+from ..generation.prefix import common_prefix, copy_cache, reuse_prefix
 
 
 def cache_bytes(cache: list) -> int:

@@ -146,8 +146,9 @@ def create_app(service: Service, guards: Guards | None = None) -> FastAPI:
 
         worker = service.worker
         return {"status": "ok", "model": service.model_id,
-                "queue": {"running": int(worker.busy), "waiting": worker.waiting,
-                          "max": worker.max_queue, "served": worker.served},
+                "queue": {"running": worker.running, "waiting": worker.waiting,
+                          "max": worker.max_queue, "served": worker.served,
+                          "forward_passes": worker.forward_calls},
                 "memory": {"mlx_active": mx.get_active_memory(),
                            "mlx_cache": mx.get_cache_memory(),
                            "prompt_cache": service.worker.pool.nbytes,

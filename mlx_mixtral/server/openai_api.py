@@ -26,7 +26,7 @@ from .schemas import (
     Sampling,
     error_responses,
 )
-from .service import APIError, Service, collect, service_of
+from .service import APIError, Service, collect_choices, service_of
 
 router = APIRouter(prefix="/v1", responses=error_responses(OpenAIError))
 
@@ -34,22 +34,19 @@ router = APIRouter(prefix="/v1", responses=error_responses(OpenAIError))
 def _common(service: Service, body: Sampling, max_tokens: int | None) -> dict[str, Any]:
     """Sampling settings from a request (what it leaves out: the server's defaults)."""
     service.check_model(body.model)
-    if body.n != 1:
-        raise APIError(400, "n must be 1: this server generates one choice per request",
-                       param="n")
     try:
         stops = body.stops()
     except ValueError as e:
         raise APIError(400, str(e), param="stop") from None
     params = service.sampling(**{**requested("openai", body), "max_tokens": max_tokens})
-    return {"params": params, "stop": stops}
+    return {"params": params, "stop": stops, "n": body.n}  # n choices share one prefill
 
 
-def _usage(prompt: int, done: Stats) -> dict[str, Any]:
-    completion = done.generation_tokens
+def _usage(prompt: int, *done: Stats) -> dict[str, Any]:
+    completion = sum(d.generation_tokens for d in done)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": done[0].cached_tokens}}
 
 
 def _token_text(service: Service, token: int) -> str:
@@ -99,11 +96,19 @@ async def chat_completions(body: ChatRequest, request: Request):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         first = await _first_event(events)  # errors before streaming starts: a plain status
         return EventSourceResponse(_chat_stream(service, first, events, head, len(ids),
-                                                include_usage, tool_calls),
+                                                include_usage, tool_calls, body.n),
                                    ping=15, send_timeout=30)
-    text, chunks, done = await collect(events)
-    if done is None:  # the client left
+    replies = await collect_choices(events, body.n)
+    if any(done is None for *_, done in replies):  # the client left
         return None
+    choices = [_chat_choice(service, i, text, chunks, done, tool_calls, logprobs)
+               for i, (text, chunks, done) in enumerate(replies)]
+    return {**head, "object": "chat.completion", "choices": choices,
+            "usage": _usage(len(ids), *(done for *_, done in replies))}
+
+
+def _chat_choice(service: Service, index: int, text: str, chunks: list[Chunk], done: Stats,
+                 tool_calls: ToolCallReply, logprobs: int | None) -> dict[str, Any]:
     tokens = [c.token for c in chunks]
     content_logprobs = [_chat_logprob(service, c) for c in chunks] if logprobs is not None \
         else []
@@ -113,11 +118,8 @@ async def chat_completions(body: ChatRequest, request: Request):
     if calls:
         message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, \
             "tool_calls"
-    return {**head, "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "finish_reason": finish,
-                         "logprobs": {"content": content_logprobs}
-                         if logprobs is not None else None}],
-            "usage": _usage(len(ids), done)}
+    return {"index": index, "message": message, "finish_reason": finish,
+            "logprobs": {"content": content_logprobs} if logprobs is not None else None}
 
 
 async def _first_event(events: AsyncIterator) -> Any:
@@ -130,54 +132,70 @@ async def _first_event(events: AsyncIterator) -> Any:
 
 
 async def _chat_stream(service: Service, first: Any, events: AsyncIterator, head: dict,
-                       prompt: int, include_usage: bool,
-                       tool_calls: ToolCallReply) -> AsyncIterator[dict[str, str]]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, str]:
+                       prompt: int, include_usage: bool, tool_calls: ToolCallReply,
+                       n: int = 1) -> AsyncIterator[dict[str, str]]:
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None,
+              **extra: Any) -> dict[str, str]:
         data = {**head, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **extra}]}
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish, **extra}]}
         if include_usage:
             data["usage"] = None
         return {"data": json.dumps(data)}
 
-    yield chunk({"role": "assistant", "content": ""})
-    held: list[str] | None = None  # a tool call's text, held back until it is whole
-    first_token, done = None, None
+    for index in range(n):
+        yield chunk(index, {"role": "assistant", "content": ""})
+    held: list[list[str] | None] = [None] * n  # a tool call's text, held back until whole
+    first_token: list[int | None] = [None] * n
+    done: list[Stats | None] = [None] * n
     try:
         event = first
         while event is not None:
+            i = event.index
             if isinstance(event, Stats):
-                done = event
-                break
-            if event.token is not None and first_token is None:
-                first_token = event.token
-                held = [] if tool_calls.starts(first_token) else None
-            if held is not None:
-                held.append(event.text)
-            elif event.text or event.logprob is not None:
-                extra = ({"logprobs": {"content": [_chat_logprob(service, event)]}}
-                         if event.logprob is not None else {})
-                yield chunk({"content": event.text}, **extra)
+                done[i] = event
+                for piece in _chat_end(i, event, first_token[i], held[i], tool_calls, chunk):
+                    yield piece
+                if all(d is not None for d in done):
+                    break
+            elif event.token is not None and first_token[i] is None:
+                first_token[i] = event.token
+                held[i] = [] if tool_calls.starts(event.token) else None
+            if isinstance(event, Chunk):
+                if held[i] is not None:
+                    held[i].append(event.text)
+                elif event.text or event.logprob is not None:
+                    extra = ({"logprobs": {"content": [_chat_logprob(service, event)]}}
+                             if event.logprob is not None else {})
+                    yield chunk(i, {"content": event.text}, **extra)
             event = await anext(events, None)
     except APIError as e:  # after the headers: the error goes into the stream
         yield {"data": json.dumps({"error": {"message": e.message, "type": e.type}})}
         return
     finally:
         await events.aclose()  # a client that left cancels the job now
-    if done is None:
+    if any(d is None for d in done):
         return
+    if include_usage:
+        data = {**head, "object": "chat.completion.chunk", "choices": [],
+                "usage": _usage(prompt, *done)}
+        yield {"data": json.dumps(data)}
+    yield {"data": "[DONE]"}
+
+
+def _chat_end(index: int, done: Stats, first_token: int | None, held: list[str] | None,
+              tool_calls: ToolCallReply, chunk: Any) -> list[dict[str, str]]:
+    """A streamed choice's last chunks: its tool calls (or the text held back), its finish."""
+    out = []
     finish = _finish(done.finish_reason)
     calls = tool_calls.calls(first_token, "".join(held or []))
     if calls:
-        yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+        out.append(chunk(index, {"tool_calls": [{"index": i, **c}
+                                                 for i, c in enumerate(calls)]}))
         finish = "tool_calls"
     elif held:
-        yield chunk({"content": "".join(held)})
-    yield chunk({}, finish)
-    if include_usage:
-        data = {**head, "object": "chat.completion.chunk", "choices": [],
-                "usage": _usage(prompt, done)}
-        yield {"data": json.dumps(data)}
-    yield {"data": "[DONE]"}
+        out.append(chunk(index, {"content": "".join(held)}))
+    out.append(chunk(index, {}, finish))
+    return out
 
 
 def _completion_logprobs(service: Service, chunks: list[Chunk], start: int) -> dict[str, Any]:
@@ -213,42 +231,49 @@ async def completions(body: CompletionRequest, request: Request):
         return EventSourceResponse(_completion_stream(first, events, head, echo, len(ids),
                                                       body),
                                    ping=15, send_timeout=30)
-    text, chunks, done = await collect(events)
-    if done is None:
+    replies = await collect_choices(events, body.n)
+    if any(done is None for *_, done in replies):  # the client left
         return None
-    text = echo + text
-    logprobs = (_completion_logprobs(service, chunks, len(echo))
-                if body.logprobs is not None else None)
-    return {**head, "choices": [{"index": 0, "text": text, "logprobs": logprobs,
-                                 "finish_reason": _finish(done.finish_reason)}],
-            "usage": _usage(len(ids), done)}
+    choices = [{"index": i, "text": echo + text,
+                "logprobs": (_completion_logprobs(service, chunks, len(echo))
+                             if body.logprobs is not None else None),
+                "finish_reason": _finish(done.finish_reason)}
+               for i, (text, chunks, done) in enumerate(replies)]
+    return {**head, "choices": choices,
+            "usage": _usage(len(ids), *(done for *_, done in replies))}
 
 
 async def _completion_stream(first: Any, events: AsyncIterator, head: dict, echo: str,
                              prompt: int, body: CompletionRequest
                              ) -> AsyncIterator[dict[str, str]]:
-    def piece(text: str, finish: str | None = None) -> dict[str, str]:
+    def piece(index: int, text: str, finish: str | None = None) -> dict[str, str]:
         return {"data": json.dumps({**head, "choices": [
-            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})}
+            {"index": index, "text": text, "logprobs": None, "finish_reason": finish}]})}
 
     if echo:
-        yield piece(echo)
+        for index in range(body.n):
+            yield piece(index, echo)
+    done: list[Stats | None] = [None] * body.n
     event = first
     try:
-        while event is not None and not isinstance(event, Stats):
-            if event.text:
-                yield piece(event.text)
+        while event is not None:
+            if isinstance(event, Stats):
+                done[event.index] = event
+                yield piece(event.index, "", _finish(event.finish_reason))
+                if all(d is not None for d in done):
+                    break
+            elif event.text:
+                yield piece(event.index, event.text)
             event = await anext(events, None)
     except APIError as e:
         yield {"data": json.dumps({"error": {"message": e.message, "type": e.type}})}
         return
     finally:
         await events.aclose()
-    if event is None:
+    if any(d is None for d in done):
         return
-    yield piece("", _finish(event.finish_reason))
     if body.stream_options and body.stream_options.include_usage:
-        yield {"data": json.dumps({**head, "choices": [], "usage": _usage(prompt, event)})}
+        yield {"data": json.dumps({**head, "choices": [], "usage": _usage(prompt, *done)})}
     yield {"data": "[DONE]"}
 
 

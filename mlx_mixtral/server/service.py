@@ -31,15 +31,21 @@ def service_of(request: Any) -> Service:
 async def collect(events: AsyncIterator[Chunk | Stats]
                   ) -> tuple[str, list[Chunk], Stats | None]:
     """A whole reply: its text, its token chunks, and its end (None: the client left)."""
-    text, chunks, done = "", [], None
+    return (await collect_choices(events, 1))[0]
+
+
+async def collect_choices(events: AsyncIterator[Chunk | Stats], n: int
+                          ) -> list[tuple[str, list[Chunk], Stats | None]]:
+    """The `n` choices of a reply, each as `collect` gives it."""
+    texts, chunks, done = [""] * n, [[] for _ in range(n)], [None] * n
     async for event in events:
         if isinstance(event, Stats):
-            done = event
+            done[event.index] = event
         else:
-            text += event.text
+            texts[event.index] += event.text
             if event.token is not None:
-                chunks.append(event)
-    return text, chunks, done
+                chunks[event.index].append(event)
+    return list(zip(texts, chunks, done, strict=True))
 
 
 class APIError(Exception):
@@ -142,10 +148,11 @@ class Service:
 
     async def run(self, ids: list[int], params: SamplingParams,
                   is_disconnected: Callable[[], Awaitable[bool]], stop: list[str] | None = None,
-                  logprobs: int | None = None,
-                  grammar: str | None = None) -> AsyncIterator[Chunk | Stats]:
-        """The job's chunks, then its end (`Stats`). A client that goes away cancels it; a failure
-        becomes an APIError (500 without a traceback: the log has it)."""
+                  logprobs: int | None = None, grammar: str | None = None,
+                  n: int = 1) -> AsyncIterator[Chunk | Stats]:
+        """The job's chunks, then its end (`Stats`), for each of its `n` choices (`index`). A
+        client that goes away cancels it; a failure becomes an APIError (500 without a
+        traceback: the log has it)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -155,7 +162,8 @@ class Service:
             except RuntimeError:  # the loop has closed: the server stopped, nobody listens
                 job.cancelled.set()
 
-        job = Job(ids, params, emit, stop=stop or [], logprobs=logprobs, grammar=grammar)
+        job = Job(ids, params, emit, stop=stop or [], logprobs=logprobs, grammar=grammar, n=n)
+        ended = 0
         try:
             self.worker.submit(job)
         except QueueFull:
@@ -173,7 +181,9 @@ class Service:
                     raise APIError(503 if event.error in (LOST, STOPPING) else 500, event.error)
                 yield event
                 if isinstance(event, Stats):
-                    return
+                    ended += 1
+                    if ended == n:
+                        return
         finally:
             job.cancelled.set()  # stops the job if it is still queued or running
 

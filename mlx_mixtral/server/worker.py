@@ -1,17 +1,17 @@
-"""The one thread that runs the model, and the queue in front of it.
+"""The one thread that runs the model, the batch it runs, and the queue in front of it.
 
-MLX work for one model runs on one thread: requests wait in a bounded queue and are generated
-one after another, each with a KV cache of its own taken from the `CachePool` (so no two
-requests ever share a cache). A request whose client went away is cancelled: it is dropped if it
-has not started, and stops at its next token if it has. The HTTP side hears back through each
-job's `emit` callback.
+MLX work for one model runs on one thread. Requests arrive in an inbox and join the batch
+(`generation/scheduler.py`: continuous batching) between forward passes; `capacity` sequences
+run together, the rest wait, and beyond `max_queue` requests a client hears 503. Each sequence
+has a KV cache of its own taken from the `CachePool` when it joins (so no two sequences ever
+share a cache), given back when it ends. A request whose client went away is cancelled: dropped
+if it has not started, out of the batch before the next pass if it has. The HTTP side hears
+back through each job's `emit` callback.
 
-(On Metal, batching several requests per forward pass would raise throughput; on this CPU
-backend a batch costs as much as its requests one by one, so the queue runs them in turn.)
-
-With a model split over ranks (`mlx.launch`), rank 0's worker announces each job to the other
-ranks' workers (`Lockstep`), which run it alongside and emit nothing; a cancellation reaches
-them within a few tokens, and their caches come and go from their pools in the same order.
+With a model split over ranks (`mlx.launch`), rank 0's worker announces before every pass what
+changed in the batch (who joins, who was cancelled) to the other ranks' workers (`Lockstep`),
+which run the same batch alongside and emit nothing; their caches come and go from their pools
+in the same order.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import queue
 import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import mlx.core as mx
@@ -30,8 +30,9 @@ from ..errors import MlxMixtralError
 from ..generation.kv import KVSettings
 from ..generation.lockstep import Lockstep
 from ..generation.sampling import SamplingParams
-from ..generation.stats import Chunk, Stats
-from ..generation.stream import settle, stream_generate
+from ..generation.scheduler import Request, Scheduler
+from ..generation.stats import Stats
+from ..model.limits import DECODE_CONCURRENCY
 from ..threads import release
 from .cache_pool import CachePool
 
@@ -45,39 +46,34 @@ class QueueFull(Exception):  # noqa: N818 - the HTTP side answers 503
 LOST = "the model's ranks lost each other; the server is stopping"  # the HTTP side answers 503
 STOPPING = "the server is stopping"  # to requests running or waiting when it was told to stop
 
-
-@dataclass
-class Job:
-    ids: list[int]
-    params: SamplingParams
-    emit: Callable[[Chunk | Stats], None]  # chunks, then the end
-    stop: list[str] = field(default_factory=list)
-    logprobs: int | None = None
-    grammar: str | None = None  # an llguidance grammar the output must follow
-    cancelled: threading.Event = field(default_factory=threading.Event)
+Job = Request  # what the HTTP side hands over: a prompt, its settings, where the reply goes
 
 
 class Worker:
     """`load()` runs on the worker's thread too: MLX arrays belong to the thread whose stream
-    made them. `ready()` waits for it (and raises what it raised)."""
+    made them. `ready()` waits for it (and raises what it raised).
+
+    For the HTTP side and /health: `running` (sequences in the batch), `waiting`, `capacity`
+    (sequences decoding together), `max_queue`, `served` (requests ended)."""
 
     def __init__(self, load: Callable[[], tuple[Any, Any]], pool: CachePool, max_queue: int,
                  kv: KVSettings | None = None, lockstep: Lockstep | None = None,
-                 on_lost: Callable[[], None] | None = None) -> None:
+                 on_lost: Callable[[], None] | None = None,
+                 capacity: int = DECODE_CONCURRENCY, prefill_step: int | None = None) -> None:
         self.model: Any = None
         self.tokenizer: Any = None
         self.pool, self.kv, self.max_queue, self.lockstep = pool, kv, max_queue, lockstep
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.busy = False
-        self.served = 0
+        self.capacity, self.prefill_step = capacity, prefill_step
+        self.inbox: queue.Queue[Job | None] = queue.Queue()
+        self.scheduler: Scheduler | None = None  # made once the model is loaded
         # Under a lockstep: what broke it (a rank went away); the worker then stops, and calls
         # `on_lost` from its thread.
         self.lost: BaseException | None = None
         self.on_lost = on_lost
         self.halted = threading.Event()  # told to stop: no new work, running work ends now
-        self._running: Job | None = None
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
+        self._wake = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(load,), name="mlx-worker",
                                        daemon=True)
         self.thread.start()
@@ -90,29 +86,43 @@ class Worker:
         return self.model, self.tokenizer
 
     @property
+    def running(self) -> int:
+        return 0 if self.scheduler is None else self.scheduler.running
+
+    @property
     def waiting(self) -> int:
-        return self.jobs.qsize()
+        return self.inbox.qsize() + (0 if self.scheduler is None else self.scheduler.waiting)
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
+
+    @property
+    def served(self) -> int:
+        return 0 if self.scheduler is None else self.scheduler.served
+
+    @property
+    def forward_calls(self) -> int:
+        return 0 if self.scheduler is None else self.scheduler.forward_calls
 
     def submit(self, job: Job) -> None:
         if self.lost is not None or self.halted.is_set():
             job.emit(Stats.failed(LOST if self.lost is not None else STOPPING))
             return
-        if self.waiting + self.busy >= self.max_queue:
+        if self.waiting + self.running >= self.max_queue:
             raise QueueFull
-        self.jobs.put(job)
+        self.inbox.put(job)
 
     def halt(self) -> None:
-        """The server was told to stop (any thread, a signal handler too): the running job ends
-        at its next token and the waiting ones at once, each telling its client why."""
+        """The server was told to stop (any thread, a signal handler too): the running and
+        waiting jobs end before the next pass, each telling its client why."""
         self.halted.set()
-        if (job := self._running) is not None:
-            job.cancelled.set()
+        self.inbox.put(None)  # wakes an idle worker
 
     def stop(self) -> None:
-        """End the thread once its job is done (after `halt`: at once); the waiting jobs hear
-        that the server stops."""
+        """End the thread (after `halt`: at once); the waiting jobs hear that the server
+        stops."""
         self.halt()
-        self.jobs.put(None)
         self.thread.join()
 
     def _run(self, load: Callable[[], tuple[Any, Any]]) -> None:
@@ -125,122 +135,135 @@ class Worker:
         try:
             self.model, self.tokenizer = load()
             mx.eval(self.model.parameters())
+            self.scheduler = Scheduler(
+                self.model, self.tokenizer, kv=self.kv, prefill_step=self.prefill_step,
+                capacity=self.capacity, take=lambda ids: self.pool.take(ids,
+                                                                         self.model.make_cache),
+                give=self.pool.give)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread by ready()
             self._load_error = e
             return
         finally:
             self._loaded.set()
         try:
-            self._serve()
+            if self.lockstep is not None and not self.lockstep.leader:
+                self._follow(self.lockstep)
+            else:
+                self._lead()
         except Exception as e:  # noqa: BLE001 - only a lockstep lets one through
             self.lost = e
-            while not self.jobs.empty():  # nobody will run them
-                if (job := self.jobs.get()) is not None:
-                    job.emit(Stats.failed(LOST))
+            self.scheduler.cancel_all(LOST)
+            self._drain(LOST)
             if self.on_lost is not None:
                 self.on_lost()
 
-    def _serve(self) -> None:
-        while (job := self._next_job()) is not None:
-            self.busy, self._running = True, job
+    # ---- rank 0 (or the only rank) --------------------------------------------------------------
+
+    def _lead(self) -> None:
+        """Until stopped: take new jobs between passes, (announce them), run a pass."""
+        scheduler, step = self.scheduler, self.lockstep
+        live: dict[int, tuple[Job, Job]] = {}  # under a lockstep: id -> (job, the batch's copy)
+        numbers = iter(range(2**62))
+        while True:
+            new = self._collect(block=not scheduler.busy())
             if self.halted.is_set():
-                job.cancelled.set()
-            try:
-                self._generate(job)
-            except MlxMixtralError as e:
-                job.emit(Stats.failed(str(e)))
-            except Exception as e:  # noqa: BLE001 - the server lives on; the client hears why
-                if self.lockstep is not None:  # the ranks may no longer be in step
-                    job.emit(Stats.failed(LOST))
+                for job in new:
+                    job.emit(Stats.failed(STOPPING))
+                new = []
+            if step is None:
+                for job in new:
+                    self._add(job)
+                if self.halted.is_set():
+                    scheduler.cancel_all(STOPPING)
+                    return
+            else:
+                joined = []
+                for job in new:
+                    if job.params.seed is None:  # every rank samples alike
+                        job.params = replace(job.params, seed=secrets.randbelow(2**31))
+                    number = next(numbers)
+                    live[number] = job, replace(job, cancelled=threading.Event())
+                    joined.append(number)
+                if self.halted.is_set():  # every rank drops its batch
+                    scheduler.cancel_all(STOPPING)
+                    step.announce(None)
+                    return
+                gone = [k for k, (job, _) in live.items() if job.cancelled.is_set()]
+                try:
+                    step.announce({"join": [_describe(k, live[k][0]) for k in joined],
+                                   "cancel": gone})
+                except Exception:
+                    for job, _ in live.values():
+                        job.emit(Stats.failed(LOST))
                     raise
-                log.exception("generation failed")
-                job.emit(Stats.failed(f"generation failed: {type(e).__name__}: {e}"))
-            finally:
-                self.busy, self._running = False, None
-                self.served += 1
-                if self.lockstep is not None:
-                    self.lockstep.idle()
+                for k in joined:
+                    self._add(live[k][1])
+                for k in gone:
+                    live.pop(k)[1].cancelled.set()
+            self._step()
+            if step is not None:
+                live = {k: v for k, v in live.items() if not v[1].ended}
+                if not scheduler.busy():
+                    step.idle()
 
-    def _next_job(self) -> Job | None:
-        """The next job to run (None: stop). Under a lockstep, rank 0 announces it and the
-        other ranks receive it."""
-        step = self.lockstep
-        if step is not None and not step.leader:
-            message = step.announce(None)
-            return None if message is None else _job_from(message)
-        while (job := self.jobs.get()) is not None and (job.cancelled.is_set()
-                                                         or self.halted.is_set()):
-            if self.halted.is_set():
-                job.emit(Stats.failed(STOPPING))  # else its client went away while it waited
-        if step is not None:
-            if job is not None and job.params.seed is None:  # every rank samples alike
-                job.params = replace(job.params, seed=secrets.randbelow(2**31))
-            try:
-                step.announce(None if job is None else _describe(job))
-            except Exception:
-                if job is not None:
-                    job.emit(Stats.failed(LOST))
-                raise
-        return job
-
-    def _generate(self, job: Job) -> None:
-        from ..generation.grammar import GrammarMask
-
-        cache, common = self.pool.take(job.ids, self.model.make_cache)
-        new = job.ids[common:]
-        processors = [GrammarMask(self.tokenizer, self.model.args.vocab_size, job.grammar,
-                                  len(new))] if job.grammar else []
-        tokens: list[int] = []
-        complete = stopped = False
-        step = self.lockstep
-        steps = stream_generate(self.model, self.tokenizer, new, sampling=job.params,
-                                stop=job.stop, cache=cache, kv=self.kv,
-                                processors=processors, logprobs=job.logprobs,
-                                progress=None if step is None else lambda *_: step.busy())
+    def _collect(self, block: bool) -> list[Job]:
+        """The jobs that arrived (waiting for one when `block`), cancelled ones left out."""
+        jobs = []
         try:
-            for item in steps:
-                if isinstance(item, Stats):
-                    tokens = item.tokens  # with the EOS that ended it
-                    job.emit(replace(item, cached_tokens=common))
-                    complete = True
-                    break
-                if item.token is not None:
-                    tokens.append(item.token)
-                job.emit(item)
-                stopped = job.cancelled.is_set()
-                if step is not None:
-                    stopped = step.should_stop(stopped)
-                if stopped:
-                    if self.halted.is_set():
-                        job.emit(Stats.failed(STOPPING))
-                    break
-        finally:
-            steps.close()
-            settle()  # mlx-lm's next step may still be queued: the cache settles first
-            # A cache is kept only in a known state: whole, or stopped between tokens.
-            if complete or stopped:
-                self._keep(job.ids + tokens, cache)
+            item = self.inbox.get() if block else self.inbox.get_nowait()
+            while True:
+                if item is not None and not item.cancelled.is_set():
+                    jobs.append(item)
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            return jobs
 
-    def _keep(self, held: list[int], cache: list) -> None:
-        """Give the cache back to the pool, holding a prefix of `held`. (mlx-lm may have run
-        one token further than was read from it: that one is trimmed off.)"""
-        extra = cache[0].offset - len(held)
-        if extra > 0:
-            if not all(c.is_trimmable() for c in cache):
-                return
-            for c in cache:
-                c.trim(extra)
-            if not all(getattr(c, "complete", True) for c in cache):
-                return
-        self.pool.give(held[:cache[0].offset], cache)
+    def _drain(self, why: str) -> None:
+        for job in self._collect(block=False):
+            job.emit(Stats.failed(why))
+
+    def _add(self, job: Job) -> None:
+        try:
+            self.scheduler.add(job)
+        except MlxMixtralError as e:
+            job.emit(Stats.failed(str(e)))
+
+    def _step(self) -> None:
+        """One pass of the batch; a failure ends the sequences it held (under a lockstep the
+        ranks may no longer be in step: the failure goes on)."""
+        try:
+            self.scheduler.step()
+        except Exception as e:  # noqa: BLE001 - the server lives on; the clients hear why
+            if self.lockstep is not None:
+                raise
+            if not isinstance(e, MlxMixtralError):
+                log.exception("generation failed")
+                e = f"generation failed: {type(e).__name__}: {e}"
+            self.scheduler.cancel_all(str(e))
+
+    # ---- the other ranks ----------------------------------------------------------------------
+
+    def _follow(self, step: Lockstep) -> None:
+        """Run rank 0's batch: its joins and cancellations, then the same pass."""
+        live: dict[int, Job] = {}
+        while (message := step.announce(None)) is not None:
+            for described in message["join"]:
+                live[described["id"]] = job = _job_from(described)
+                self._add(job)
+            for k in message["cancel"]:
+                live.pop(k).cancelled.set()
+            self._step()
+            live = {k: j for k, j in live.items() if not j.ended}
+        self.scheduler.cancel_all()
 
 
-def _describe(job: Job) -> dict[str, Any]:
-    return {"ids": job.ids, "params": job.params.to_dict(), "stop": job.stop,
-            "logprobs": job.logprobs, "grammar": job.grammar}
+def _describe(number: int, job: Job) -> dict[str, Any]:
+    return {"id": number, "ids": job.ids, "params": job.params.to_dict(), "stop": job.stop,
+            "logprobs": job.logprobs, "grammar": job.grammar, "n": job.n}
 
 
 def _job_from(message: dict[str, Any]) -> Job:
     """A job announced by rank 0, run here for the collectives only: it emits nothing."""
     return Job(message["ids"], SamplingParams(**message["params"]), lambda _: None,
-               stop=message["stop"], logprobs=message["logprobs"], grammar=message["grammar"])
+               stop=message["stop"], logprobs=message["logprobs"], grammar=message["grammar"],
+               n=message["n"])
