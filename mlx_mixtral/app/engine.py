@@ -38,6 +38,7 @@ class EngineInfo:
     window: int | None = None
     chat_format: str = ""
     server: str | None = None  # chat --server: the model runs there
+    source: str = ""  # the model as a chat records it: its path or repo id, or a server's id
 
     def describe(self) -> str:
         if self.server:

@@ -30,6 +30,17 @@ def api_base(url: str) -> str:
     return url if url.endswith("/v1") else url + "/v1"
 
 
+def served_context(entry: dict[str, Any]) -> int:
+    """A /v1/models entry's context length, under the names servers give it (ours and
+    OpenRouter's, vLLM's, llama.cpp's); 0 when it says none."""
+    meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
+    for value in (entry.get("context_length"), entry.get("max_model_len"),
+                  meta.get("n_ctx_train")):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
 def _error_text(body: bytes, status: int) -> str:
     try:
         error = json.loads(body).get("error")
@@ -60,28 +71,32 @@ class HttpEngine:
             raise MlxMixtralError(_error_text(r.content, r.status_code))
         return r.json()
 
-    def _served(self) -> list[str]:
-        """The ids of the models the server serves (GET /v1/models)."""
+    def _served(self) -> dict[str, int]:
+        """The models the server serves (GET /v1/models): each id with its context length, as
+        far as the server says it (0: not said)."""
         data = self._get("/models").get("data")
         if not isinstance(data, list):
-            return []
-        return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
+            return {}
+        return {str(m["id"]): served_context(m) for m in data
+                if isinstance(m, dict) and m.get("id")}
 
     def models(self) -> ModelList:
         return ModelList([LocalModel(name, "server", 0, 0) for name in self._served()],
                          server=self.base)
 
     def load(self, progress: Callable[[float], None]) -> EngineInfo:
+        """Nothing loads: the served model is checked and named (its id, never the URL)."""
         served = self._served()
         if not served:
             raise MlxMixtralError(f"{self.base} serves no model")
         if self.model is None:
-            self.model = served[0]
+            self.model = next(iter(served))
         elif self.model not in served:
             raise MlxMixtralError(f"{self.base} does not serve {self.model!r}; it serves "
                                   f"{', '.join(served)}")
         progress(1.0)
-        self.info = EngineInfo(name=self.model, server=self.base)
+        self.info = EngineInfo(name=self.model, server=self.base, source=self.model,
+                               context=served[self.model])
         return self.info
 
     def select(self, name: str) -> None:

@@ -105,7 +105,8 @@ class MlxEngine:
         self.session = ChatSession(model, tokenizer, kv=self.kv, draft=draft)
         self.session.prefill_step = PREFILL_STEP
         self.model, self.key = model, None
-        self.info = model_info(self.info.name, model, self.session.chat_format)
+        self.info = replace(model_info(self.info.name, model, self.session.chat_format),
+                            source=self.model_name)
         return self.info
 
     def _open(self, prompt: Prompt) -> None:

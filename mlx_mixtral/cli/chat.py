@@ -49,11 +49,11 @@ def run_chat(args: argparse.Namespace) -> int:
 
     drafting = drafting_from(args, args.force, args.dtype)
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
-    name = args.model
+    name, said = args.model, []
     if name is None and terminal:
         from .first_run import needs_offer, offer_model
 
-        name = offer_model() if needs_offer() else None
+        name = offer_model(say=said.append) if needs_offer() else None
     name = name or default_model()
     # A missing file, an unknown repo, a model too big or a budget too small: one line now,
     # not an app that cannot load.
@@ -69,7 +69,8 @@ def run_chat(args: argparse.Namespace) -> int:
     engine = MlxEngine(name, force=args.force, dtype=args.dtype, kv=kv, caches=caches,
                        drafting=drafting, max_memory=args.max_memory, plan=plan)
     try:
-        ChatApp(engine, name, store, system=args.system, settings=sampling).run()
+        ChatApp(engine, name, store, system=args.system, settings=sampling,
+                notice="\n".join(said) or None).run()
     finally:
         store.close()
     return 0
