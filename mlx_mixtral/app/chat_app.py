@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 
 from textual.app import App, ComposeResult
@@ -71,8 +72,11 @@ class ChatApp(ChatActions, App):
 
     def __init__(self, engine: Engine, model_name: str, store: Store, system: str | None = None,
                  settings: SamplingParams | None = None, export_dir: Path | None = None,
-                 notice: str | None = None) -> None:
+                 notice: str | None = None, given: Iterable[str] = ()) -> None:
+        """`settings`: the sampling of new chats; a model's own defaults replace those not
+        `given` by the user."""
         super().__init__()
+        self.sampling, self.given = settings or SamplingParams(), frozenset(given)
         self.engine, self.model_name, self.store = engine, model_name, store
         self.conversation = Conversation(store, model_name, system, settings)
         self.worker = EngineWorker(engine)
@@ -128,8 +132,9 @@ class ChatApp(ChatActions, App):
         if not self.query(StatusBar):  # the app is closing: a late timer tick has no bar
             return
         c = self.conversation
-        self.query_one(StatusBar).show(self.info, c.numbers, note, chat_flags(c.system,
-                                                                             c.settings))
+        defaults = self.info.defaults if self.info else None
+        self.query_one(StatusBar).show(self.info, c.numbers, note,
+                                       chat_flags(c.system, c.settings, defaults))
 
     # ---- the model ------------------------------------------------------------------------
 
@@ -147,11 +152,12 @@ class ChatApp(ChatActions, App):
         experts.set_class(not info.is_moe, "hidden")
         if info.is_moe:
             experts.show(None, None, info.top_k)
-        self._status(note="model loaded")
         self._focus_prompt()
         # The model as the engine names it: a server's model by its id, not the URL.
         self.model_name, self.previous = info.source or self.model_name, None
+        self.conversation.use_defaults(info.defaults.apply(self.sampling, self.given))
         self.conversation.set_model(self.model_name)  # a switched model continues the chat
+        self._status(note="model loaded")
         self._prefill()
 
     def _load_failed(self, message: str) -> None:

@@ -13,7 +13,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.message import Message as TextualMessage
 from textual.widgets import ListItem, ListView, Markdown, ProgressBar, Static, TextArea
 
-from ..generation.sampling import SETTINGS, SamplingParams
+from ..generation.sampling import SETTINGS, ModelDefaults, SamplingParams
 from .engine import EngineInfo
 from .keys import PAGE_KEYS
 from .store import Message, SavedChat
@@ -265,15 +265,22 @@ class PromptInput(TextArea):
         await super()._on_key(event)
 
 
-def changed_settings(settings: SamplingParams) -> str:
-    """The settings that differ from the defaults, shortly: "temp 0.2, max 256"."""
+def changed_settings(settings: SamplingParams, base: SamplingParams | None = None) -> str:
+    """The settings that differ from `base` (the defaults), shortly: "temp 0.2, max 256"."""
+    base = base or SamplingParams()
     return ", ".join(f"{s.short or s.name} {getattr(settings, s.name)}" for s in SETTINGS
-                     if getattr(settings, s.name) != s.default)
+                     if getattr(settings, s.name) != getattr(base, s.name))
 
 
-def chat_flags(system: str | None, settings: SamplingParams) -> str:
-    """What this chat has set: "system prompt, temp 0.2"."""
-    return ", ".join(x for x in ("system prompt" if system else "", changed_settings(settings))
+def chat_flags(system: str | None, settings: SamplingParams,
+               defaults: ModelDefaults | None = None) -> str:
+    """What this chat has set: "system prompt, demo defaults: temp 0.2, penalty 1.1, max 256"
+    (the model's own defaults it keeps, then what else differs from the defaults)."""
+    defaults = defaults or ModelDefaults()
+    kept = ModelDefaults(defaults.name, {k: v for k, v in defaults.values.items()
+                                         if getattr(settings, k) == v})
+    return ", ".join(x for x in ("system prompt" if system else "", kept.describe(),
+                                 changed_settings(settings, defaults.apply(SamplingParams())))
                      if x)
 
 

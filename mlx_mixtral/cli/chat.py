@@ -11,7 +11,7 @@ from ..generation.kv import PROMPT_CACHE_BYTES
 from .commands import add_command
 from .distributed import launched
 from .drafting import add_draft_flags, add_kv_flags, drafting_from, kv_from
-from .flags import add_model_flags, sampling_from
+from .flags import add_model_flags, given_sampling, sampling_from
 from .load_model import plan_for_cli
 
 
@@ -70,7 +70,7 @@ def run_chat(args: argparse.Namespace) -> int:
                        drafting=drafting, max_memory=args.max_memory, plan=plan)
     try:
         ChatApp(engine, name, store, system=args.system, settings=sampling,
-                notice="\n".join(said) or None).run()
+                notice="\n".join(said) or None, given=given_sampling(args)).run()
     finally:
         store.close()
     return 0
