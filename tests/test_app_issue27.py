@@ -252,3 +252,69 @@ async def test_chat_with_a_server_names_its_model_and_shows_what_the_server_tell
         await wait_until(pilot, lambda: app.info is not None and app.info.name == "served-b")
         said = " ".join(n.message for n in app._notifications)
         assert "does not serve 'served-a'" in said and "failed" not in status(app)
+
+
+# ---- 11: a prefill that may be stopped reads short chunks --------------------------------------
+
+class PerToken:
+    """A model at least `seconds` per prompt token: a slow machine, whatever this one is."""
+
+    def __init__(self, model, seconds: float) -> None:
+        self.model, self.seconds = model, seconds
+
+    def __call__(self, tokens, *args, **kwargs):
+        import time
+
+        import mlx.core as mx
+
+        out = self.model(tokens, *args, **kwargs)
+        mx.eval(out)
+        time.sleep(self.seconds * tokens.shape[-1])
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def chunks(seen: list[int]) -> list[int]:
+    """The chunks read, from the progress heard after each (tokens done so far)."""
+    done = [0, *seen]
+    return [b - a for a, b in zip(done, done[1:], strict=False) if b > a]
+
+
+def test_a_stoppable_prefill_reads_chunks_that_end_within_a_second(tmp_path):
+    """Issue 27, finding 11: Esc waited for the rest of a 256-token chunk (15-37 s on a slow
+    machine). Counted, not timed: at >= 10 ms a token, no chunk after the first may pass 100
+    tokens (STOP_WITHIN = 1 s), and a stop comes at the next chunk's end."""
+    from app_helpers import tiny_model_folder
+
+    from mlx_mixtral import load
+    from mlx_mixtral.generation.session import ChatSession
+    from mlx_mixtral.model.limits import PROBE_STEP, STOP_WITHIN
+
+    model, tokenizer = load(tiny_model_folder(tmp_path / "tiny"))
+    session = ChatSession(model, tokenizer)
+    session.prefill_step = 256  # the app's
+    session.model = PerToken(model, 0.01)
+    cap = int(STOP_WITHIN / 0.01)
+    session.load_messages([{"role": "user", "content": "fox " * 120},
+                           {"role": "assistant", "content": "ok"}])
+    seen: list[int] = []
+    session.prefill(lambda done, total: seen.append(done), lambda: False)
+    read = chunks(seen)
+    assert sum(read) > 2 * cap and read[0] == PROBE_STEP and max(read[1:]) <= cap, read
+
+    from mlx_mixtral.generation.stats import Chunk, PrefillStopped
+
+    seen.clear()
+
+    def stop_after_a_chunk(done: int, total: int) -> None:
+        seen.append(done)
+        if done:
+            raise PrefillStopped  # Esc: the app's engine raises this between chunks
+
+    pieces = list(session.send("dog " * 120, progress=stop_after_a_chunk, temperature=0))
+    assert seen[-1] <= cap, seen  # one chunk read, no longer than a second's worth
+    assert [p.text for p in pieces if isinstance(p, Chunk)] == [""]
+    stats = session.last_stats
+    assert stats.generation_tokens == 0 and stats.finish_reason == "stopped"

@@ -22,6 +22,7 @@ DEMO = ModelDefaults("demo", MODEL_DEFAULTS["demo"])
 
 @pytest.fixture(scope="module")
 def demo_engine():
+    """The demo loaded as the chat app loads it."""
     engine = MlxEngine("demo")
     engine.load(lambda _: None)
     return engine
@@ -46,7 +47,7 @@ def test_the_demo_at_its_defaults_names_paris_for_ten_seeds(demo_engine):
                                                    given={"seed", "max_tokens"})
         chunks: list = []
 
-        def named() -> bool:  # (once it has, the rest of the reply cannot change that)
+        def named(chunks: list = chunks) -> bool:  # (once it has, the rest cannot change that)
             return "Paris" in "".join(c.text for c in chunks if isinstance(c, Chunk))
 
         demo_engine.reply(Prompt([{"role": "user", "content": QUESTION}], key=f"fresh-{seed}"),
@@ -88,3 +89,28 @@ async def test_the_app_starts_new_chats_at_the_models_defaults_and_says_so(tmp_p
         app._status()
         status = str(app.query_one("#status").render())
         assert "demo defaults: penalty 1.1, temp 0.5" in status, status
+
+
+def test_a_reused_cache_gives_the_penalised_reply_a_fresh_prompt_gets(demo_engine):
+    """The demo's defaults turn the repetition penalty on, and the app and the server reuse
+    caches: the penalty must count the cached prompt tokens too, or the same request would get
+    another answer once cached. Oracle: mlx-lm's own loop over the whole prompt."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_logits_processors
+
+    from mlx_mixtral.generation.stream import prompt_ids, stream_generate
+
+    model, tokenizer = demo_engine.model, demo_engine.session.tokenizer
+    ids = prompt_ids(tokenizer, QUESTION)
+    penalty = make_logits_processors(repetition_penalty=1.5, repetition_context_size=64)
+    fresh = [int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=12,
+                                              logits_processors=penalty,
+                                              prompt_cache=model.make_cache())]
+    cache = model.make_cache()
+    model(mx.array([ids[:-1]]), cache=cache)  # the prompt but its last token, as a kept cache
+    mx.eval([c.state for c in cache])
+    ours = [c.token for c in stream_generate(
+        model, tokenizer, ids[-1:], cache=cache, history=ids[:-1], temperature=0,
+        repetition_penalty=1.5, max_tokens=12) if isinstance(c, Chunk) and c.token is not None]
+    assert ours and ours == fresh[:len(ours)]

@@ -97,7 +97,8 @@ def run_generate(args: argparse.Namespace) -> int:
     beat = (lambda *_: dog.beat()) if dog is not None else None
     try:
         for item in stream_generate(model, tokenizer, ids[done:], sampling=sampling,
-                                    cache=cache, kv=kv, draft=draft, progress=beat):
+                                    cache=cache, history=ids[:done], kv=kv, draft=draft,
+                                    progress=beat):
             if beat is not None:
                 beat()
             if isinstance(item, Stats):

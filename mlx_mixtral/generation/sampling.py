@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -213,7 +213,10 @@ class SamplingParams(_params_class()):
             return mx.softmax(logprobs, axis=-1)
         return mx.softmax(self._filtered(logprobs[None])[0] * (1 / self.temperature), axis=-1)
 
-    def logits_processors(self) -> list:
+    def logits_processors(self, history: Sequence[int] = ()) -> list:
+        """mlx-lm's processors for the penalties. They look at the last repetition_context
+        tokens, counting `history` (the tokens a reused cache holds before this prompt), so a
+        cached prefix gives the reply a prompt read afresh would get."""
         def on(value: float, off: float) -> float | None:
             return None if value == off else value
 
@@ -225,8 +228,20 @@ class SamplingParams(_params_class()):
         from mlx_lm.sample_utils import make_logits_processors
 
         n = self.repetition_context
-        return make_logits_processors(**wanted, repetition_context_size=n,
-                                      presence_context_size=n, frequency_context_size=n)
+        processors = make_logits_processors(**wanted, repetition_context_size=n,
+                                            presence_context_size=n, frequency_context_size=n)
+        if not history:
+            return processors
+        import mlx.core as mx
+
+        past = mx.array(list(history[-n:]), dtype=mx.int32)
+
+        def after(processor: Callable) -> Callable:
+            return lambda tokens, logits: processor(
+                past if tokens is None else mx.concatenate([past, tokens.astype(mx.int32)]),
+                logits)
+
+        return [after(p) for p in processors]
 
 
 class Keys:

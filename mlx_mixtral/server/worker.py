@@ -194,7 +194,8 @@ class Worker:
         complete = stopped = False
         step = self.lockstep
         steps = stream_generate(self.model, self.tokenizer, new, sampling=job.params,
-                                stop=job.stop, cache=cache, kv=self.kv,
+                                stop=job.stop, cache=cache, history=job.ids[:common],
+                                kv=self.kv,
                                 processors=processors, logprobs=job.logprobs,
                                 progress=None if step is None else lambda *_: step.busy())
         try:
