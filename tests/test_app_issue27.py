@@ -8,7 +8,7 @@ import json
 import threading
 
 import pytest
-from app_helpers import FakeEngine, wait_until
+from app_helpers import FakeEngine, ready, send, wait_until
 
 from mlx_mixtral.app.chat_app import ChatApp
 from mlx_mixtral.app.commands import ChatCommands
@@ -24,20 +24,6 @@ SIZE = (120, 40)
 def make_app(tmp_path, engine=None, **kwargs) -> ChatApp:
     return ChatApp(engine or FakeEngine(), "fake-mixtral", Store(tmp_path / "chats.db"),
                    **kwargs)
-
-
-async def ready(pilot) -> None:
-    await wait_until(pilot, lambda: pilot.app.info is not None)
-
-
-async def send(pilot, text: str) -> None:
-    app = pilot.app
-    prompt = app.query_one(PromptInput)
-    prompt.focus()
-    prompt.text = text
-    done = app.replies_done
-    await pilot.press("enter")
-    await wait_until(pilot, lambda: app.replies_done > done)
 
 
 def status(app) -> str:
