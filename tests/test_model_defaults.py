@@ -116,3 +116,21 @@ def test_a_reused_cache_gives_the_penalised_reply_a_fresh_prompt_gets(demo_engin
         model, tokenizer, ids[-1:], cache=cache, history=ids[:-1], temperature=0,
         repetition_penalty=1.5, max_tokens=6) if isinstance(c, Chunk) and c.token is not None]
     assert ours and ours == fresh[:len(ours)]
+
+
+def test_generate_takes_the_demos_defaults_for_the_flags_not_given(monkeypatch, capsys):
+    from mlx_mixtral import generation
+    from mlx_mixtral.cli.main import main
+    from mlx_mixtral.generation.stats import Stats
+
+    used: list[SamplingParams] = []
+
+    def run(model, tokenizer, ids, sampling=None, **kwargs):
+        used.append(sampling)
+        yield Stats()
+
+    monkeypatch.setattr(generation, "stream_generate", run)
+    assert main(["generate", "--model", "demo", QUESTION]) == 0
+    assert main(["generate", "--model", "demo", "--temp", "0.7", QUESTION]) == 0
+    assert used == [SamplingParams(temperature=0.2, repetition_penalty=1.1),
+                    SamplingParams(temperature=0.7, repetition_penalty=1.1)]

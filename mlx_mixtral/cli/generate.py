@@ -84,7 +84,7 @@ def run_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_for_cli(args.model, args.force, args.dtype, group,
                                           args.pipeline, args.max_memory)
     draft = drafting(model, tokenizer) if drafting else None
-    sampling = model_defaults(model).apply(sampling, given_sampling(args))  # the demo's gentler
+    sampling = model_defaults(model).apply(sampling, given_sampling(args))  # where no flag
     if dog is not None:
         import mlx.core as mx
 
