@@ -134,3 +134,19 @@ def test_generate_takes_the_demos_defaults_for_the_flags_not_given(monkeypatch, 
     assert main(["generate", "--model", "demo", "--temp", "0.7", QUESTION]) == 0
     assert used == [SamplingParams(temperature=0.2, repetition_penalty=1.1),
                     SamplingParams(temperature=0.7, repetition_penalty=1.1)]
+
+
+def test_chat_with_a_server_leaves_the_settings_not_set_to_the_server():
+    """The server knows its model's defaults (ours applies the demo's): `chat --server` sends
+    only what the user set, and the longest reply."""
+    from mlx_mixtral.app.http_engine import HttpEngine
+
+    parser = build_parser()
+    for flags, sent in ((["--top-k", "5"], {"top_k": 5}),
+                        (["--temp", "0.7"], {"temperature": 0.7})):
+        args = parser.parse_args(["chat", "--server", "http://127.0.0.1:9", *flags])
+        engine = HttpEngine(args.server, given=given_sampling(args))
+        body = engine.request(Prompt([]), sampling_from(args))
+        settings = {k: v for k, v in body.items()
+                    if k not in ("model", "messages", "stream", "stream_options")}
+        assert settings == {**sent, "max_tokens": 512}

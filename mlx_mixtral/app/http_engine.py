@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..catalog.local import LocalModel
@@ -51,13 +51,16 @@ def _error_text(body: bytes, status: int) -> str:
 
 
 class HttpEngine:
-    def __init__(self, url: str, api_key: str | None = None, model: str | None = None) -> None:
+    def __init__(self, url: str, api_key: str | None = None, model: str | None = None,
+                 given: Iterable[str] = ()) -> None:
+        """`given`: the sampling settings the user set (flags); a setting left at its default
+        is not sent, so the server applies its model's own (ours: the demo's gentler ones)."""
         import httpx
 
         self.base = api_base(url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(TIMEOUT, connect=10))
-        self.model = model
+        self.model, self.given = model, frozenset(given)
         self.info = EngineInfo(name=model or self.base, server=self.base)
 
     def _get(self, path: str) -> Any:
@@ -116,8 +119,9 @@ class HttpEngine:
             "stream_options": {"include_usage": True}}
         for s in SETTINGS:
             value, wire = getattr(settings, s.name), s.wire_name("openai")
-            # Beyond OpenAI's names: sent only when changed (llama.cpp and ours read them).
-            if wire and value is not None and (not s.extension or value != s.default):
+            # Sent when set; the longest reply always (it is the app's, not the model's).
+            if wire and value is not None and (value != s.default or s.name in self.given
+                                               or s.name == "max_tokens"):
                 body[wire] = value
         return body
 

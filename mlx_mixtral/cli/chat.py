@@ -86,7 +86,8 @@ def _chat_with_server(args: argparse.Namespace, sampling) -> int:
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise MlxMixtralError("the chat app needs a terminal; in scripts, call the server's "
                               "API directly")
-    engine = HttpEngine(url, args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY"), args.model)
+    engine = HttpEngine(url, args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY"), args.model,
+                        given_sampling(args))
     store = Store(args.db)
     try:
         ChatApp(engine, args.model or url, store, system=args.system, settings=sampling).run()
