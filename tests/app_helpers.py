@@ -36,6 +36,24 @@ async def wait_until(pilot, predicate, timeout: float = 30.0) -> None:
         await pilot.pause(0.05)
 
 
+async def ready(pilot) -> None:
+    """Until the model is loaded."""
+    await wait_until(pilot, lambda: pilot.app.info is not None)
+
+
+async def send(pilot, text: str) -> None:
+    """Type `text` in the message box, send it, and wait for the reply to finish."""
+    from mlx_mixtral.app.widgets import PromptInput
+
+    app = pilot.app
+    prompt = app.query_one(PromptInput)
+    prompt.focus()
+    prompt.text = text
+    done = app.replies_done
+    await pilot.press("enter")
+    await wait_until(pilot, lambda: app.replies_done > done)
+
+
 async def settle(pilot) -> None:
     """Until the app has nothing left to do: animations done, message queues empty."""
     await pilot.wait_for_scheduled_animations()

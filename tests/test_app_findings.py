@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app_helpers import FakeEngine, wait_until
+from app_helpers import FakeEngine, ready, send, wait_until
 
 from mlx_mixtral.app.chat_app import ChatApp
 from mlx_mixtral.app.commands import ChatCommands
@@ -17,20 +17,6 @@ SIZE = (120, 40)
 def make_app(tmp_path, **kwargs) -> ChatApp:
     engine = kwargs.pop("engine", None) or FakeEngine()
     return ChatApp(engine, "fake-mixtral", Store(tmp_path / "chats.db"), **kwargs)
-
-
-async def ready(pilot) -> None:
-    await wait_until(pilot, lambda: pilot.app.info is not None)
-
-
-async def send(pilot, text: str) -> None:
-    app = pilot.app
-    prompt = app.query_one(PromptInput)
-    prompt.focus()
-    prompt.text = text
-    done = app.replies_done
-    await pilot.press("enter")
-    await wait_until(pilot, lambda: app.replies_done > done)
 
 
 async def two_chats(pilot, first: str, second: str) -> int:

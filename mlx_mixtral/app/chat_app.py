@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 
 from textual.app import App, ComposeResult
@@ -70,13 +71,19 @@ class ChatApp(ChatActions, App):
     COMMANDS = App.COMMANDS | {ChatCommands}
 
     def __init__(self, engine: Engine, model_name: str, store: Store, system: str | None = None,
-                 settings: SamplingParams | None = None, export_dir: Path | None = None) -> None:
+                 settings: SamplingParams | None = None, export_dir: Path | None = None,
+                 notice: str | None = None, given: Iterable[str] = ()) -> None:
+        """`settings`: the sampling of new chats; a model's own defaults replace those not
+        `given` by the user."""
         super().__init__()
+        self.sampling, self.given = settings or SamplingParams(), frozenset(given)
         self.engine, self.model_name, self.store = engine, model_name, store
         self.conversation = Conversation(store, model_name, system, settings)
         self.worker = EngineWorker(engine)
         self.export_dir = export_dir or Path.cwd()
         self.info: EngineInfo | None = None  # the loaded model (None: loading)
+        self.previous: str | None = None  # the model a switch left, to go back to if it fails
+        self.notice = notice  # said in the empty chat at start (the first run's hint)
         self.editing = False  # Ctrl+L: the next message replaces the last one
         self.replies_done = 0  # finished replies, for whoever waits on the app (tests)
         # (done, total) as heard, the latest few, for tests and whoever watches the app
@@ -111,6 +118,8 @@ class ChatApp(ChatActions, App):
 
     def on_mount(self) -> None:
         self.query_one(MessageList).anchor()
+        if self.notice:
+            self.query_one(MessageList).note(self.notice)
         self.query_one(StatusBar).show(None, note=f"loading {self.model_name} ...")
         self.set_interval(UI_INTERVAL, self._drain)
         self.refresh_sidebar()
@@ -123,8 +132,9 @@ class ChatApp(ChatActions, App):
         if not self.query(StatusBar):  # the app is closing: a late timer tick has no bar
             return
         c = self.conversation
-        self.query_one(StatusBar).show(self.info, c.numbers, note, chat_flags(c.system,
-                                                                             c.settings))
+        defaults = self.info.defaults if self.info else None
+        self.query_one(StatusBar).show(self.info, c.numbers, note,
+                                       chat_flags(c.system, c.settings, defaults))
 
     # ---- the model ------------------------------------------------------------------------
 
@@ -142,19 +152,30 @@ class ChatApp(ChatActions, App):
         experts.set_class(not info.is_moe, "hidden")
         if info.is_moe:
             experts.show(None, None, info.top_k)
-        self._status(note="model loaded")
         self._focus_prompt()
+        # The model as the engine names it: a server's model by its id, not the URL.
+        self.model_name, self.previous = info.source or self.model_name, None
+        self.conversation.use_defaults(info.defaults.apply(self.sampling, self.given))
         self.conversation.set_model(self.model_name)  # a switched model continues the chat
+        self._status(note="model loaded")
         self._prefill()
 
     def _load_failed(self, message: str) -> None:
-        self.query_one(LoadingPanel).failed(self.model_name, message, f"Press "
+        failed, previous = self.model_name, self.previous
+        if previous is not None:  # a switch failed: say why, and go on with the model we had
+            self.notify(message, title=f"Could not switch to {failed}", severity="error")
+            self.previous = None
+            self._switch_model(previous, fallback=True)
+            return
+        self.query_one(LoadingPanel).failed(failed, message, f"Press "
                                             f"{key_label('ctrl+o')} to choose another model.")
-        self.query_one(StatusBar).show(None, note="load failed")
+        self.query_one(StatusBar).show(None, note=f"could not load {failed}: {message}")
 
-    def _switch_model(self, name: str) -> None:
+    def _switch_model(self, name: str, fallback: bool = False) -> None:
         if name == self.model_name and self.info is not None:
             return
+        if not fallback and self.info is not None:
+            self.previous = self.model_name
         self.model_name, self.info = name, None
         self.worker.cancel_prefill()
         self.query_one(LoadingPanel).start(name)
@@ -272,12 +293,22 @@ class ChatApp(ChatActions, App):
         self.editing = True
         self._status(note="editing the last message: Enter resends it")
 
+    def on_prompt_input_page(self, event: PromptInput.Page) -> None:
+        """PageUp / PageDown in the message box scroll the conversation."""
+        messages = self.query_one(MessageList)
+        messages.scroll_page_up() if event.pages < 0 else messages.scroll_page_down()
+
     def action_toggle_sidebar(self) -> None:
         self.query_one(ChatList).toggle()
 
     def action_toggle_experts(self) -> None:
-        if self.info is not None and self.info.is_moe:
-            self.query_one(ExpertsPanel).toggle_class("hidden")
+        if self.info is None:
+            return
+        if not self.info.is_moe:
+            self.notify(f"{self.info.name} has no experts: it is a dense model (the panel is "
+                        "for a mixture of experts such as Mixtral)", severity="warning")
+            return
+        self.query_one(ExpertsPanel).toggle_class("hidden")
 
     async def action_quit(self) -> None:
         self.worker.close()

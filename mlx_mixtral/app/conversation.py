@@ -104,6 +104,13 @@ class Conversation:
         self.numbers = dict(next((m.stats for m in reversed(saved.messages) if m.stats), {}))
         return saved
 
+    def use_defaults(self, settings: SamplingParams) -> None:
+        """New chats start from `settings` (a model's own defaults came with it); so does the
+        open chat, while nothing is sent and nothing changed."""
+        if self.id is None and self.settings == self.default_settings:
+            self.settings = settings
+        self.default_settings = settings
+
     def set_model(self, name: str) -> None:
         """Go on with another model (the open chat is held with it from now on)."""
         self.model = name

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..catalog.local import LocalModel
-from ..generation.sampling import SamplingParams
+from ..generation.sampling import ModelDefaults, SamplingParams
 from ..generation.stats import Chunk, Stats
 from ..units import gb, human
 
@@ -38,6 +38,9 @@ class EngineInfo:
     window: int | None = None
     chat_format: str = ""
     server: str | None = None  # chat --server: the model runs there
+    source: str = ""  # the model as a chat records it: its path or repo id, or a server's id
+    # Its own sampling defaults, for the settings the user did not set (a server keeps its own).
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)
 
     def describe(self) -> str:
         if self.server:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..catalog.local import LocalModel
@@ -30,6 +30,17 @@ def api_base(url: str) -> str:
     return url if url.endswith("/v1") else url + "/v1"
 
 
+def served_context(entry: dict[str, Any]) -> int:
+    """A /v1/models entry's context length, under the names servers give it (ours and
+    OpenRouter's, vLLM's, llama.cpp's); 0 when it says none."""
+    meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
+    for value in (entry.get("context_length"), entry.get("max_model_len"),
+                  meta.get("n_ctx_train")):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
 def _error_text(body: bytes, status: int) -> str:
     try:
         error = json.loads(body).get("error")
@@ -40,13 +51,16 @@ def _error_text(body: bytes, status: int) -> str:
 
 
 class HttpEngine:
-    def __init__(self, url: str, api_key: str | None = None, model: str | None = None) -> None:
+    def __init__(self, url: str, api_key: str | None = None, model: str | None = None,
+                 given: Iterable[str] = ()) -> None:
+        """`given`: the sampling settings the user set (flags); a setting left at its default
+        is not sent, so the server applies its model's own (ours: the demo's gentler ones)."""
         import httpx
 
         self.base = api_base(url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(headers=headers, timeout=httpx.Timeout(TIMEOUT, connect=10))
-        self.model = model
+        self.model, self.given = model, frozenset(given)
         self.info = EngineInfo(name=model or self.base, server=self.base)
 
     def _get(self, path: str) -> Any:
@@ -60,28 +74,32 @@ class HttpEngine:
             raise MlxMixtralError(_error_text(r.content, r.status_code))
         return r.json()
 
-    def _served(self) -> list[str]:
-        """The ids of the models the server serves (GET /v1/models)."""
+    def _served(self) -> dict[str, int]:
+        """The models the server serves (GET /v1/models): each id with its context length, as
+        far as the server says it (0: not said)."""
         data = self._get("/models").get("data")
         if not isinstance(data, list):
-            return []
-        return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
+            return {}
+        return {str(m["id"]): served_context(m) for m in data
+                if isinstance(m, dict) and m.get("id")}
 
     def models(self) -> ModelList:
         return ModelList([LocalModel(name, "server", 0, 0) for name in self._served()],
                          server=self.base)
 
     def load(self, progress: Callable[[float], None]) -> EngineInfo:
+        """Nothing loads: the served model is checked and named (its id, never the URL)."""
         served = self._served()
         if not served:
             raise MlxMixtralError(f"{self.base} serves no model")
         if self.model is None:
-            self.model = served[0]
+            self.model = next(iter(served))
         elif self.model not in served:
             raise MlxMixtralError(f"{self.base} does not serve {self.model!r}; it serves "
                                   f"{', '.join(served)}")
         progress(1.0)
-        self.info = EngineInfo(name=self.model, server=self.base)
+        self.info = EngineInfo(name=self.model, server=self.base, source=self.model,
+                               context=served[self.model])
         return self.info
 
     def select(self, name: str) -> None:
@@ -101,8 +119,9 @@ class HttpEngine:
             "stream_options": {"include_usage": True}}
         for s in SETTINGS:
             value, wire = getattr(settings, s.name), s.wire_name("openai")
-            # Beyond OpenAI's names: sent only when changed (llama.cpp and ours read them).
-            if wire and value is not None and (not s.extension or value != s.default):
+            # Sent when set; the longest reply always (it is the app's, not the model's).
+            if wire and value is not None and (value != s.default or s.name in self.given
+                                               or s.name == "max_tokens"):
                 body[wire] = value
         return body
 

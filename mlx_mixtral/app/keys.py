@@ -24,6 +24,8 @@ KEYS = [  # (key, action, footer label, help text)
     ("f12", "delete_chat", "delete", "delete this chat (asks first)"),
     ("ctrl+t", "rename_chat", "rename", "rename this chat"),
     ("ctrl+b", "toggle_sidebar", "chats", "show / hide the list of chats"),
+    ("pageup", None, "", "scroll the conversation up (PageDown: down), also from the message "
+     "box"),
     ("tab", None, "", "move between the message box and the list of chats; in the list, "
      "Up/Down and Enter open a chat"),
     ("ctrl+p", None, "", "command palette: every action, and search your chats by their words"),
@@ -31,11 +33,13 @@ KEYS = [  # (key, action, footer label, help text)
     ("ctrl+q", "quit", "quit", "quit"),
 ]
 FOOTER_KEYS = ("f1", "escape", "ctrl+n", "ctrl+o", "f2", "f3")
+PAGE_KEYS = {"pageup": -1, "pagedown": 1}  # in the message box: scroll the conversation
 
 
 def key_label(key: str) -> str:
     """ctrl+r -> Ctrl+R, escape -> Esc, f1 -> F1."""
-    names = {"escape": "Esc", "enter": "Enter", "tab": "Tab"}
+    names = {"escape": "Esc", "enter": "Enter", "tab": "Tab", "pageup": "PageUp",
+             "pagedown": "PageDown"}
     if key in names:
         return names[key]
     return "+".join(part.capitalize() if len(part) > 1 and not part.startswith("f")

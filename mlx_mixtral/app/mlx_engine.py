@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from ..errors import MlxMixtralError
 from ..generation.kv import KVSettings
-from ..generation.sampling import SamplingParams
+from ..generation.sampling import SamplingParams, model_defaults
 from ..generation.session import ChatSession
 from ..generation.speculative import Drafter
 from ..generation.stats import PrefillStopped, Stats
@@ -51,7 +51,7 @@ def model_info(name: str, model: Model, chat_format: str) -> EngineInfo:
         experts=args.num_local_experts if args.is_moe else 0,
         top_k=args.num_experts_per_tok if args.is_moe else 0,
         context=context_length(model), window=args.sliding_window,
-        chat_format=chat_format, paging=paging_label(model))
+        chat_format=chat_format, paging=paging_label(model), defaults=model_defaults(model))
 
 
 class MlxEngine:
@@ -105,7 +105,8 @@ class MlxEngine:
         self.session = ChatSession(model, tokenizer, kv=self.kv, draft=draft)
         self.session.prefill_step = PREFILL_STEP
         self.model, self.key = model, None
-        self.info = model_info(self.info.name, model, self.session.chat_format)
+        self.info = replace(model_info(self.info.name, model, self.session.chat_format),
+                            source=self.model_name)
         return self.info
 
     def _open(self, prompt: Prompt) -> None:

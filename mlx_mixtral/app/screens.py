@@ -187,10 +187,13 @@ class ModelPickerScreen(ModalScreen[str | None]):
 
 
 class ConfirmScreen(ModalScreen[bool]):
-    """A yes/no question; Enter or y confirms, Esc or n declines."""
+    """A yes/no question; Enter or y confirms, Esc or n declines; Left/Right (or Tab) move
+    between the buttons."""
 
     CSS = MODAL_CSS + "ConfirmScreen #dialog { width: 60; }"
-    BINDINGS = [Binding("escape,n", "answer(False)", "No"), Binding("y", "answer(True)", "Yes")]
+    BINDINGS = [Binding("escape,n", "answer(False)", "No"), Binding("y", "answer(True)", "Yes"),
+                Binding("left", "app.focus_previous", show=False),
+                Binding("right", "app.focus_next", show=False)]
 
     def __init__(self, question: str, yes: str = "Yes") -> None:
         super().__init__()

@@ -13,8 +13,9 @@ from textual.containers import Vertical, VerticalScroll
 from textual.message import Message as TextualMessage
 from textual.widgets import ListItem, ListView, Markdown, ProgressBar, Static, TextArea
 
-from ..generation.sampling import SETTINGS, SamplingParams
+from ..generation.sampling import SETTINGS, ModelDefaults, SamplingParams
 from .engine import EngineInfo
+from .keys import PAGE_KEYS
 from .store import Message, SavedChat
 
 FENCE = re.compile(r"^ {0,3}(```|~~~)", re.M)  # a line that opens or closes a code block
@@ -123,6 +124,15 @@ class AssistantMessage(Markdown):
             await self.append(self._marker(status, self.text))
 
 
+class Notice(Static):
+    DEFAULT_CSS = """
+    Notice { color: $text-muted; border-left: thick $primary; padding: 0 1; margin: 1 8 0 0; }
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(Text(text), markup=False)
+
+
 class MessageList(VerticalScroll):
     """The open chat's messages, kept in step with the conversation's list."""
 
@@ -138,6 +148,8 @@ class MessageList(VerticalScroll):
             if shown is not message:  # (the store reuses a deleted message's id)
                 break
             kept += 1
+        if messages:  # the conversation begins: the note at the start has been read
+            await self.query(Notice).remove()
         widgets = [w for w in self.children if isinstance(w, (UserMessage, AssistantMessage))]
         if widgets[kept:]:
             await self.remove_children(widgets[kept:])
@@ -148,6 +160,10 @@ class MessageList(VerticalScroll):
             await self.mount_all(new)
         self.shown = list(messages)
 
+    def note(self, text: str) -> None:
+        """A note in the empty chat (the first run's hint), until the first message."""
+        self.mount(Notice(text))
+
     def last_reply(self) -> AssistantMessage:
         return self.query(AssistantMessage).last()
 
@@ -157,6 +173,11 @@ class ChatList(ListView):
     give the conversation the room; Ctrl+B shows it (or, when wide, hides it)."""
 
     toggled = False
+
+    def on_focus(self) -> None:
+        """Tabbing in highlights a row (the open chat's, else the first), so Enter opens it."""
+        if self.index is None and self.children:
+            self.index = 0
 
     def fit(self, width: int) -> None:
         self.set_class((width < 100) != self.toggled, "hidden")
@@ -212,6 +233,13 @@ class PromptInput(TextArea):
             super().__init__()
             self.text = text
 
+    class Page(TextualMessage):
+        """PageUp (-1) or PageDown (+1): the conversation scrolls, not this small box."""
+
+        def __init__(self, pages: int) -> None:
+            super().__init__()
+            self.pages = pages
+
     def edit_text(self, text: str) -> None:
         """`text` to edit, typing at its end."""
         self.text = text
@@ -224,6 +252,11 @@ class PromptInput(TextArea):
             event.prevent_default()
             self.post_message(self.Submitted(self.text))
             return
+        if event.key in PAGE_KEYS:
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.Page(PAGE_KEYS[event.key]))
+            return
         if event.key in ("ctrl+j", "shift+enter"):
             event.stop()
             event.prevent_default()
@@ -232,16 +265,44 @@ class PromptInput(TextArea):
         await super()._on_key(event)
 
 
-def changed_settings(settings: SamplingParams) -> str:
-    """The settings that differ from the defaults, shortly: "temp 0.2, max 256"."""
+def changed_settings(settings: SamplingParams, base: SamplingParams | None = None) -> str:
+    """The settings that differ from `base` (the defaults), shortly: "temp 0.2, max 256"."""
+    base = base or SamplingParams()
     return ", ".join(f"{s.short or s.name} {getattr(settings, s.name)}" for s in SETTINGS
-                     if getattr(settings, s.name) != s.default)
+                     if getattr(settings, s.name) != getattr(base, s.name))
 
 
-def chat_flags(system: str | None, settings: SamplingParams) -> str:
-    """What this chat has set: "system prompt, temp 0.2"."""
-    return ", ".join(x for x in ("system prompt" if system else "", changed_settings(settings))
+def chat_flags(system: str | None, settings: SamplingParams,
+               defaults: ModelDefaults | None = None) -> str:
+    """What this chat has set: "system prompt, demo defaults: temp 0.2, penalty 1.1, max 256"
+    (the model's own defaults it keeps, then what else differs from the defaults)."""
+    defaults = defaults or ModelDefaults()
+    kept = ModelDefaults(defaults.name, {k: v for k, v in defaults.values.items()
+                                         if getattr(settings, k) == v})
+    return ", ".join(x for x in ("system prompt" if system else "", kept.describe(),
+                                 changed_settings(settings, defaults.apply(SamplingParams())))
                      if x)
+
+
+def context_text(info: EngineInfo, numbers: dict[str, Any]) -> str:
+    """"context 569/32768"; "context 569" when the limit is not known (a server's model); ""
+    when neither is."""
+    used, limit = numbers.get("context_used") or 0, info.window or info.context
+    kind = "window" if info.window else "context"
+    if limit:
+        return f"{kind} {min(used, limit)}/{limit}"
+    return f"{kind} {used}" if used else ""
+
+
+def reply_parts(numbers: dict[str, Any]) -> list[tuple[int, str]]:
+    """The last reply's speed, first token and peak memory, as far as they are known: a reply
+    stopped before its first token has no speed nor TTFT, a server tells no peak memory."""
+    tps, ttft, peak = (numbers.get(k) for k in ("generation_tps", "ttft", "peak_memory"))
+    if not numbers.get("generation_tokens"):
+        tps = ttft = None
+    return [(3, f"{tps:.1f} tok/s" if tps is not None else ""),
+            (5, f"TTFT {ttft:.2f} s" if ttft is not None else ""),
+            (6, f"peak {peak / 1e9:.2f} GB" if peak else "")]
 
 
 class StatusBar(Static):
@@ -256,20 +317,8 @@ class StatusBar(Static):
         if info is None:
             self.update(note)
             return
-        numbers = numbers or {}
-        tps, ttft = numbers.get("generation_tps"), numbers.get("ttft")
-        context_used, peak_memory = numbers.get("context_used", 0), numbers.get("peak_memory")
-        limit = info.window or info.context
-        kind = "window" if info.window else "context"
-        parts = [  # (priority: lower stays longer, text)
-            (0, note),
-            (1, f"{kind} {min(context_used, limit)}/{limit}"),
-            (2, flags),
-            (3, f"{tps:.1f} tok/s" if tps is not None else "- tok/s"),
-            (4, info.name),
-            (5, f"TTFT {ttft:.2f} s" if ttft is not None else "TTFT -"),
-            (6, f"peak {peak_memory / 1e9:.2f} GB" if peak_memory is not None else "peak -"),
-        ]
+        parts = [(0, note), (1, context_text(info, numbers or {})), (2, flags),
+                 (4, info.name)] + reply_parts(numbers or {})  # (priority: lower stays longer)
         order = [4, 3, 5, 1, 6, 2, 0]  # how they read, left to right
         shown = [p for p in parts if p[1]]
         width = (self.size.width or 200) - 2

@@ -11,7 +11,7 @@ from ..generation.kv import PROMPT_CACHE_BYTES
 from .commands import add_command
 from .distributed import launched
 from .drafting import add_draft_flags, add_kv_flags, drafting_from, kv_from
-from .flags import add_model_flags, sampling_from
+from .flags import add_model_flags, given_sampling, sampling_from
 from .load_model import plan_for_cli
 
 
@@ -49,11 +49,11 @@ def run_chat(args: argparse.Namespace) -> int:
 
     drafting = drafting_from(args, args.force, args.dtype)
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
-    name = args.model
+    name, said = args.model, []
     if name is None and terminal:
         from .first_run import needs_offer, offer_model
 
-        name = offer_model() if needs_offer() else None
+        name = offer_model(say=said.append) if needs_offer() else None
     name = name or default_model()
     # A missing file, an unknown repo, a model too big or a budget too small: one line now,
     # not an app that cannot load.
@@ -69,7 +69,8 @@ def run_chat(args: argparse.Namespace) -> int:
     engine = MlxEngine(name, force=args.force, dtype=args.dtype, kv=kv, caches=caches,
                        drafting=drafting, max_memory=args.max_memory, plan=plan)
     try:
-        ChatApp(engine, name, store, system=args.system, settings=sampling).run()
+        ChatApp(engine, name, store, system=args.system, settings=sampling,
+                notice="\n".join(said) or None, given=given_sampling(args)).run()
     finally:
         store.close()
     return 0
@@ -85,7 +86,8 @@ def _chat_with_server(args: argparse.Namespace, sampling) -> int:
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise MlxMixtralError("the chat app needs a terminal; in scripts, call the server's "
                               "API directly")
-    engine = HttpEngine(url, args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY"), args.model)
+    engine = HttpEngine(url, args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY"), args.model,
+                        given_sampling(args))
     store = Store(args.db)
     try:
         ChatApp(engine, args.model or url, store, system=args.system, settings=sampling).run()

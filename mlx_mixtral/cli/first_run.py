@@ -2,7 +2,10 @@
 
 Online, the user is asked once whether to download Mistral 7B Instruct (4-bit, MLX) from the
 Hugging Face hub; the answer is kept in the user config, so nobody is asked twice. Offline, or
-on a "no", the chat opens on the offline demo model with one line on how to get a real one.
+on a "no", the chat opens on the offline demo model with one line on how to get a real one
+(offline: on the first start only; the config remembers it). What is said goes to `say`: the
+chat app shows it in the empty chat, where it is seen (printed before a full-screen app starts,
+it would stay hidden until quitting).
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ def offer_model(ask: Callable[[str], str] = input,
                 ) -> str | None:
     """The model to open: the offered one once downloaded, or None for the demo."""
     total = hub_download_size(OFFER)
-    if total is None:
-        say(f"Offline: opening the demo model; {HOW_TO_GET}")
+    if total is None:  # asked again when online; the hint is said once
+        if not user_config().get("offline_hint"):
+            update_user_config(offline_hint="shown")
+            say(f"Offline: opening the demo model; {HOW_TO_GET}")
         return None
     have = available_memory()
     if have and total > have:

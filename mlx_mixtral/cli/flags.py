@@ -16,18 +16,33 @@ MODEL_HELP = ("a model folder, a .gguf file, a Hugging Face repo id, or ollama:N
               "offline demo model SmolLM2-135M-Instruct)")
 
 
+class _Given(argparse.Action):
+    """Stores the value and notes that the user gave it: a model's own sampling defaults
+    (generation/sampling.py's MODEL_DEFAULTS) replace only the settings not given."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given_sampling = getattr(namespace, "given_sampling", frozenset()) | {self.dest}
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """One flag per sampling setting, as `generation.sampling.SETTINGS` declares it."""
     from ..generation.sampling import SETTINGS
 
     for s in SETTINGS:
-        p.add_argument(*s.cli_flags, dest=s.name, type=s.kind, default=s.default, help=s.help)
+        p.add_argument(*s.cli_flags, dest=s.name, type=s.kind, default=s.default, help=s.help,
+                       action=_Given)
 
 
 def sampling_from(args: argparse.Namespace) -> SamplingParams:
     from ..generation.sampling import SETTINGS, SamplingParams
 
     return SamplingParams(**{s.name: getattr(args, s.name) for s in SETTINGS})
+
+
+def given_sampling(args: argparse.Namespace) -> frozenset[str]:
+    """The sampling settings given as flags (the others may take the model's defaults)."""
+    return getattr(args, "given_sampling", frozenset())
 
 
 def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:

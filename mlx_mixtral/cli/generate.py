@@ -11,7 +11,7 @@ from ..errors import MlxMixtralError
 from .commands import add_command
 from .distributed import add_distributed_flags, launched
 from .drafting import add_draft_flags, add_kv_flags, drafting_from, kv_from
-from .flags import add_model_flags, sampling_from
+from .flags import add_model_flags, given_sampling, sampling_from
 from .load_model import load_model_for_cli
 
 
@@ -55,6 +55,7 @@ def read_prompt(arg: str) -> str:
 
 def run_generate(args: argparse.Namespace) -> int:
     from ..generation import Stats, stream_generate
+    from ..generation.sampling import model_defaults
     from ..generation.stream import prompt_ids, require_text
 
     sampling, kv = sampling_from(args), kv_from(args)  # validate before the slow load
@@ -83,6 +84,7 @@ def run_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_for_cli(args.model, args.force, args.dtype, group,
                                           args.pipeline, args.max_memory)
     draft = drafting(model, tokenizer) if drafting else None
+    sampling = model_defaults(model).apply(sampling, given_sampling(args))  # where no flag
     if dog is not None:
         import mlx.core as mx
 
@@ -95,7 +97,8 @@ def run_generate(args: argparse.Namespace) -> int:
     beat = (lambda *_: dog.beat()) if dog is not None else None
     try:
         for item in stream_generate(model, tokenizer, ids[done:], sampling=sampling,
-                                    cache=cache, kv=kv, draft=draft, progress=beat):
+                                    cache=cache, history=ids[:done], kv=kv, draft=draft,
+                                    progress=beat):
             if beat is not None:
                 beat()
             if isinstance(item, Stats):

@@ -12,7 +12,7 @@ from ..errors import MlxMixtralError
 from .commands import add_command
 from .distributed import add_distributed_flags, launched
 from .drafting import add_kv_flags, kv_from
-from .flags import add_model_flags, sampling_from
+from .flags import add_model_flags, given_sampling, sampling_from
 from .load_model import load_from_plan, plan_for_cli
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
     import signal
 
     from ..catalog.summary import summarize
+    from ..generation.sampling import model_defaults
     from ..server.cache_pool import CachePool, cache_bytes
     from ..server.http_app import Guards, create_app
     from ..server.http_server import run_http
@@ -118,7 +119,9 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
         return _ended(worker)
     model_id = args.model_id or model_name(args.model, name)
     summary = summarize(plan.source)  # what Ollama's model list says
-    service = Service(model, tokenizer, model_id, worker, sampling, summary=summary)
+    # A request's unset fields take the flags given, then the model's own defaults.
+    defaults = model_defaults(model).apply(sampling, given_sampling(args))
+    service = Service(model, tokenizer, model_id, worker, defaults, summary=summary)
     app = create_app(service, Guards(api_key, max_body, tuple(args.cors_origin)))
     where = f"http://{args.host}:{args.port}"
     print(f"Serving {model_id} at {where}/v1 (OpenAI) and {where}/api (Ollama)"

@@ -16,6 +16,7 @@ Policies:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -51,6 +52,9 @@ class ChatSession:
         self.cached: list[int] = []  # the token ids whose keys/values are in the cache
         self.last_stats: Stats | None = None
         self.prefill_step: int | None = None  # prompt tokens per forward pass (None: default)
+        # The prefill's speed on the last chunk read (None: none read yet), which bounds the
+        # chunks of a prefill that may be stopped (model/limits.py).
+        self.seconds_per_token: float | None = None
 
     def load_messages(self, messages: list[dict[str, str]], system: str | None = None) -> None:
         """Continue a stored conversation: its replies are re-encoded, the cache starts empty."""
@@ -143,18 +147,34 @@ class ChatSession:
         ids = self._fit_context(reserve=64)
         new = self._sync_cache(ids)
         done = 0
-        step = prefill_chunk(self.model, self.prefill_step)
-        for start in range(0, len(new), step):
+        timed = self._timed(progress)
+        while done < len(new):
             if should_stop is not None and should_stop():
                 break
-            chunk = new[start:start + step]
+            step = prefill_chunk(self.model, self.prefill_step, should_stop is not None,
+                                 self.seconds_per_token)
+            chunk = new[done:done + step]
             self.model(mx.array([chunk]), cache=self.cache)
             mx.eval([c.state for c in self.cache])
             done += len(chunk)
             self.cached = ids[:len(self.cached) + len(chunk)]
-            if progress is not None:
-                progress(done, len(new))
+            timed(done, len(new))
         return done
+
+    def _timed(self, progress: Progress | None) -> Progress:
+        """`progress`, measuring the prefill's speed (`seconds_per_token`) on each chunk (from
+        now, or from its call at 0 tokens)."""
+        last = [time.perf_counter(), 0]
+
+        def timed(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if done > last[1]:
+                self.seconds_per_token = (now - last[0]) / (done - last[1])
+            last[:] = [now, done]
+            if progress is not None:
+                progress(done, total)
+
+        return timed
 
     def _reply(self, sampling: SamplingParams | None = None, progress: Progress | None = None,
                router_trace: RouterTrace | None = None,
@@ -167,10 +187,15 @@ class ChatSession:
         stats = None
         clock, peak = Clock(), PeakMemory()
         try:
+            # A prefill the caller may stop (its progress raises PrefillStopped) reads chunks
+            # short enough to stop soon, at the speed measured before.
+            step = prefill_chunk(self.model, self.prefill_step, progress is not None,
+                                 self.seconds_per_token)
             for item in stream_generate(self.model, self.tokenizer, new, sampling=params,
-                                        cache=self.cache, kv=self.kv, draft=self.draft,
-                                        progress=progress, router_trace=router_trace,
-                                        prefill_step_size=self.prefill_step):
+                                        cache=self.cache, history=self.cached, kv=self.kv,
+                                        draft=self.draft,
+                                        progress=progress and self._timed(progress),
+                                        router_trace=router_trace, prefill_step_size=step):
                 clock.first_token()
                 if isinstance(item, Stats):
                     stats = item

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..units import count
+
 # How far a prompt's prefill has come: called with (tokens done, tokens in all).
 Progress = Callable[[int, int], None]
 
@@ -64,8 +66,9 @@ class Stats:
         return cls(finish_reason="error", error=message)
 
     def __str__(self) -> str:
-        line = (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
-                f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
+        line = (f"prompt: {count(self.prompt_tokens, 'token')}, {self.prompt_tps:.1f} tok/s | "
+                f"generation: {count(self.generation_tokens, 'token')}, "
+                f"{self.generation_tps:.1f} tok/s | "
                 f"first token {self.ttft:.2f} s | peak memory {self.peak_memory / 1e9:.2f} GB")
         if self.draft_proposed:
             line += (f" | drafts accepted {self.draft_accepted}/{self.draft_proposed}, "

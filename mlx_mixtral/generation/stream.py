@@ -66,10 +66,12 @@ def context_length(model: Model) -> int:
     return limits_of(model).context(model.args)
 
 
-def prefill_chunk(model: Any, wanted: int | None = None) -> int:
+def prefill_chunk(model: Any, wanted: int | None = None, stoppable: bool = False,
+                  seconds_per_token: float | None = None) -> int:
     """The prefill chunk for `model`: `wanted` (or the default), smaller when a memory budget
-    says so (model/limits.py decides; any mlx-lm model works too)."""
-    return limits_of(model).prefill_step(wanted)
+    says so or when the prefill may be stopped (model/limits.py decides; any mlx-lm model works
+    too)."""
+    return limits_of(model).prefill_step(wanted, stoppable, seconds_per_token)
 
 
 def forward_pass(model: Model, router_trace: RouterTrace | None) -> Callable[..., mx.array]:
@@ -145,6 +147,7 @@ def stream_generate(
     raw: bool = False,
     chat_format: str | None = None,
     cache: list | None = None,
+    history: Sequence[int] = (),
     prefill_step_size: int | None = None,
     kv: KVSettings | None = None,
     kv_bits: int | None = None,
@@ -162,7 +165,8 @@ def stream_generate(
     `prompt`: text (formatted with the model's chat format unless `raw`), a list of
     {"role", "content"} messages, or token ids. Sampling: a `SamplingParams` and/or its fields
     as keywords (temperature, top_p, top_k, min_p, repetition_penalty, repetition_context,
-    max_tokens, seed). `cache`: a KV cache holding earlier tokens, which are not prefilled again.
+    max_tokens, seed). `cache`: a KV cache holding earlier tokens, which are not prefilled again;
+    `history`: those tokens (the penalties count them, as they would a prompt read afresh).
     `kv`: quantized keys and values (`KVSettings`), or mlx-lm's `kv_bits`, `kv_group_size` and
     `quantized_kv_start` (not both). `draft`: a `Drafter` (a draft model or
     prompt lookup) for drafted decoding. `progress(done, total)` hears how far the prompt's
@@ -191,7 +195,7 @@ def stream_generate(
     forward = forward_pass(model, router_trace)
     if draft is None:
         steps = _plain_steps(model, forward, ids, cache, params, keys, max_tokens, kv,
-                             prefill_step_size, progress, processors)
+                             prefill_step_size, progress, processors, history)
     else:
         if processors or logprobs is not None:
             raise GenerationError("drafted decoding takes no logits processors or logprobs")
@@ -250,14 +254,15 @@ def logprobs_of(row: mx.array | None, token: int,
 def _plain_steps(model: Model, forward: Callable[..., mx.array], ids: list[int], cache: list,
                  params: SamplingParams, keys: Keys, max_tokens: int, kv: KVSettings,
                  prefill_step_size: int, progress: Progress | None = None,
-                 processors: Sequence[Callable] = ()) -> Iterator[tuple[int, mx.array]]:
+                 processors: Sequence[Callable] = (), history: Sequence[int] = ()
+                 ) -> Iterator[tuple[int, mx.array]]:
     """mlx-lm's token loop (chunked prefill, pipelined decoding, its KV quantization) over
     `forward` (the model's pass): (token, its row of log-probabilities)."""
     from mlx_lm.generate import generate_step  # (imports transformers: not at import time)
 
     steps = generate_step(mx.array(ids), forward, max_tokens=max_tokens,
                           sampler=guard_nan(params.sampler(model.args.vocab_size, keys)),
-                          logits_processors=params.logits_processors() + list(processors),
+                          logits_processors=params.logits_processors(history) + list(processors),
                           prompt_cache=cache, prefill_step_size=prefill_step_size,
                           prompt_progress_callback=progress, **kv.step_kwargs())
     try:

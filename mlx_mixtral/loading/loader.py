@@ -12,6 +12,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..demo import DEMO_NAME, is_demo
 from ..errors import TokenizerError
 from ..model.decoder import Model
 from ..model.limits import RuntimeLimits
@@ -96,6 +97,8 @@ def load_planned(plan: LoadPlan, tokenizer: bool = True, expert_policy: str = "l
         model.limits = RuntimeLimits(
             max_context=memory.context_limit, memory_plan=memory, expert_pager=pager,
             max_prefill_step=memory.prefill_step if pager is not None else None)
+    if is_demo(source.path):
+        model.defaults_name = DEMO_NAME  # its gentler sampling defaults (generation/sampling.py)
     if plan.ranks > 1:  # still lazy: the split decides what is read (the plan checked it)
         shard_layers(model.model, plan.group) if plan.pipeline else shard_tensors(model,
                                                                                  plan.group)

@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from ..demo import DEMO_NAME  # --model demo: the offline demo model
 from ..errors import WeightsError
 
 # What a download needs: no pickles, no original consolidated.* duplicates.
@@ -45,7 +46,6 @@ def download(repo_id: str) -> Path:
         ) from None
 
 
-DEMO_NAME = "demo"  # --model demo: the offline demo model
 def hub_download_size(repo_id: str, timeout: float = 5.0) -> int | None:
     """Bytes a `download` of `repo_id` would fetch, or None when the hub cannot be reached
     (offline, HF_HUB_OFFLINE, unknown repo)."""

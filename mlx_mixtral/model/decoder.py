@@ -77,6 +77,8 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.limits = NO_LIMITS  # the loader's, within a memory budget (limits.py)
+        # The loader's: which of generation/sampling.py's MODEL_DEFAULTS suit it (None: none).
+        self.defaults_name: str | None = None
         self.model_type = args.model_type
         self.model = DecoderStack(args)
         if not args.tie_word_embeddings:

@@ -20,6 +20,12 @@ DEFAULT_PREFILL_STEP = 512
 # Sequences decoding together in one batch when the caller names no number (the server's
 # --decode-concurrency).
 DECODE_CONCURRENCY = 8
+# A prefill the user may stop (Esc in the chat app) is stopped between chunks, so its chunks are
+# kept to about STOP_WITHIN seconds each, from the speed measured on the chunks before; while
+# that speed is unknown, a first chunk of PROBE_STEP tokens measures it.
+STOP_WITHIN = 1.0
+PROBE_STEP = 32
+MIN_PREFILL_STEP = 8
 
 
 @dataclass(frozen=True)
@@ -29,11 +35,19 @@ class RuntimeLimits:
     memory_plan: Any = None  # the budget's plan (loading/memory_plan.py's MemoryPlan)
     expert_pager: ExpertPager | None = None  # the experts' slots and their reader
 
-    def prefill_step(self, wanted: int | None = None) -> int:
-        """The prefill chunk: what the caller wants (or the default), within the budget. The
-        one place the chunk size is decided."""
+    def prefill_step(self, wanted: int | None = None, stoppable: bool = False,
+                     seconds_per_token: float | None = None) -> int:
+        """The prefill chunk: what the caller wants (or the default), within the budget; for a
+        `stoppable` prefill, no longer than STOP_WITHIN at `seconds_per_token` (the speed
+        measured so far; None: not yet, so a short first chunk measures it). The one place the
+        chunk size is decided."""
         step = wanted or DEFAULT_PREFILL_STEP
-        return min(step, self.max_prefill_step or step)
+        step = min(step, self.max_prefill_step or step)
+        if not stoppable:
+            return step
+        if seconds_per_token is None:
+            return min(step, PROBE_STEP)
+        return min(step, max(MIN_PREFILL_STEP, int(STOP_WITHIN / max(seconds_per_token, 1e-9))))
 
     def context(self, args: ModelArgs) -> int:
         """The longest a prompt and its reply may be together."""

@@ -281,4 +281,5 @@ async def _completion_stream(first: Any, events: AsyncIterator, head: dict, echo
 async def models(request: Request):
     service = service_of(request)
     return {"object": "list", "data": [{"id": service.model_id, "object": "model",
-                                        "created": service.created, "owned_by": "mlx-mixtral"}]}
+                                        "created": service.created, "owned_by": "mlx-mixtral",
+                                        "context_length": service.context}]}
