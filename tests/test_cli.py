@@ -376,3 +376,119 @@ def test_serve_on_a_port_in_use_says_so_before_loading(folder):
             assert len(lines) == 1 and lines[0].startswith("mlx-mixtral: error: "), lines
             assert str(port) in lines[0]
             assert "Loading" not in result.stderr and "terminate called" not in result.stderr
+
+
+# Issue 27's command-line findings: one test (or more) each, subprocess-free where they can be.
+
+def _sub(command: str):
+    from mlx_mixtral.cli import build_parser
+    from mlx_mixtral.cli.commands import command_parser
+
+    return command_parser(build_parser(), command)
+
+
+def _refusal(argv: list[str], capsys) -> str:
+    """The one line stderr holds after `argv` ended with exit status 2."""
+    from mlx_mixtral.cli.main import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own refusals exit from inside parse_args
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, (code, err)
+    return err.strip()
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--max-tokens"], ["chat", "--bogus"], ["convert", "--mlx-path", "x"],
+    ["info", "--ranks", "two"], ["list", "extra"], ["bench", "--runs"],
+    ["serve", "--port", "http"], ["generate", "--dtype", "float8"],
+])
+def test_an_argparse_mistake_is_one_line(argv, capsys):
+    """Finding 6: argparse's refusals were 17-19 lines of usage; now one line naming the
+    command, pointing at its --help."""
+    line = _refusal(argv, capsys)
+    command = argv[0]
+    assert line.startswith(f"mlx-mixtral {command}: error: "), line
+    assert line.endswith(f"(see mlx-mixtral {command} --help)"), line
+
+
+def test_a_negative_size_is_the_flags_value_and_refused(capsys, folder):
+    """Finding 6: `--max-memory -1GB` was "expected one argument"; it is the value, refused
+    as a size."""
+    line = _refusal(["generate", "--model", str(folder), "--max-memory", "-1GB", "hi"], capsys)
+    assert line == "mlx-mixtral: error: --max-memory: '-1GB': a size must be more than 0"
+    line = _refusal(["info", "--preset", "mixtral-8x7b", "--memory", "-2.5GB"], capsys)
+    assert "--memory: '-2.5GB': a size must be more than 0" in line, line
+    assert _sub("generate").parse_args(["--temp", "-1", "--seed", "-3"]).seed == -3
+
+
+def _help_entries(command: str) -> dict[str, str]:
+    """Each option's help entry in `command --help`, on one line, by its long flag."""
+    import re
+
+    text = _sub(command).format_help()
+    options = text[text.index("options:"):]
+    entries = re.split(r"\n  (?=-)", options)[1:]
+    return {re.search(r"--[\w-]+", e).group(0): " ".join(e.split()) for e in entries}
+
+
+@pytest.mark.parametrize("command", ["chat", "generate", "convert", "info", "list", "bench",
+                                     "serve"])
+def test_help_says_each_default_once(command):
+    """Finding 18: no second "(default: None)" after a default said in words, none for a
+    required flag, no "(default: [])", no "%%"."""
+    text = _sub(command).format_help()
+    assert "%%" not in text and "(default: None)" not in text and "(default: [])" not in text
+    for entry in _help_entries(command).values():
+        assert entry.count("(default") <= 1, entry
+    parser = _sub(command)
+    for action in parser._actions:
+        if action.required:
+            assert "(default" not in _help_entries(command)[action.option_strings[-1]]
+
+
+def test_help_entries_read_as_written():
+    """Finding 18, snapshot-like: entries the issue named, as the reader sees them."""
+    assert _help_entries("generate")["--dtype"] == (
+        "--dtype {float32,float16,bfloat16} compute in this dtype (default: float32 on the CPU "
+        "backend, the checkpoint's own on Metal)")
+    assert _help_entries("convert")["--hf-path"] == (
+        "--hf-path HF_PATH source folder (config.json + safetensors)")
+    assert _help_entries("generate")["--top-p"].endswith("(default: 0.95)")
+    assert _help_entries("serve")["--cors-origin"].count("(default") == 0
+    for flag in ("--max-memory", "--kv-bits"):
+        assert _help_entries("bench")[flag].count("(default") == 1
+    assert _help_entries("chat")["--db"].count("(default") == 1
+    assert "(sizes, shares of the model's size, or min: min,50%,75%)" in " ".join(
+        _sub("bench").format_help().split())
+
+
+def test_too_small_a_budget_for_a_dense_model_says_why(capsys):
+    """Finding 20: `--max-memory 1KB` said "0.0 MB", spoke of experts and suggested converting
+    the demo's GGUF."""
+    line = _refusal(["generate", "--model", "demo", "--max-memory", "1KB", "hi"], capsys)
+    assert "--max-memory 1.0 KB is too small for SmolLM2-135M-Instruct.Q4_1.gguf" in line
+    assert "0.0" not in line and "expert" not in line and "convert" not in line, line
+    assert "GGUF file quantized with fewer bits" in line
+
+
+def test_sizes_read_in_the_unit_that_fits():
+    from mlx_mixtral.units import parse_size, size
+
+    for text in ("1KB", "23040", "98.4MB", "25.3GB"):
+        assert size(parse_size(text)) == {"1KB": "1.0 KB", "23040": "23.0 KB",
+                                          "98.4MB": "98.4 MB", "25.3GB": "25.3 GB"}[text]
+    assert size(512) == "512 bytes"
+
+
+def test_the_package_lists_only_its_public_api():
+    """Finding 25: dir(mlx_mixtral) listed TYPE_CHECKING, annotations, lazy, jsonfile,
+    units. (The light import is tests/test_layout.py's.)"""
+    import mlx_mixtral.jsonfile  # noqa: F401 - submodules land in the namespace when imported
+    import mlx_mixtral.units  # noqa: F401
+
+    public = [n for n in dir(mlx_mixtral) if not n.startswith("__")]
+    assert public == sorted(mlx_mixtral.__all__)
+    assert "__version__" in dir(mlx_mixtral)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 # Each command's one-line help (in `mlx-mixtral --help`) and its description.
 COMMANDS = {
@@ -53,12 +56,52 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default once: appended only where the help does not say it in words and
+    there is one to show (not for a required flag, None or an empty list); descriptions are
+    %-formatted like help strings, so both write a percent sign as %%."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("(default" in text or action.required or action.default is None
+                or action.default == []):
+            return text
+        return super()._get_help_string(action) or ""
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(text % {"prog": self._prog})
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, for `mlx-mixtral` and each command (subparsers take their parent's
+    class): a mistake is one line and exit 2, and a negative value such as `-1GB` is read as
+    the flag's value (then refused by the flag), not as an unknown flag."""
+
+    # argparse reads only -1 and -1.5 as values; sizes and exponents are values too.
+    NEGATIVE_VALUE = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*[a-zA-Z%]*$")
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = self.NEGATIVE_VALUE
+
+    def error(self, message: str) -> NoReturn:
+        line = " ".join(message.split())
+        print(f"{self.prog}: error: {line} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of `command`, one of `parser`'s subcommands."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
 def add_command(sub: argparse._SubParsersAction, name: str,
                 run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
     """A subcommand whose --help shows every default; it runs `run`."""
     summary, description = COMMANDS[name]
-    p = sub.add_parser(name, help=summary, description=description,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(name, help=summary, description=description)
     p.set_defaults(run=run)
     return p
 
