@@ -492,3 +492,16 @@ def test_the_package_lists_only_its_public_api():
     public = [n for n in dir(mlx_mixtral) if not n.startswith("__")]
     assert public == sorted(mlx_mixtral.__all__)
     assert "__version__" in dir(mlx_mixtral)
+
+
+def test_a_single_safetensors_file_is_told_what_a_model_is(capsys, folder, tmp_path):
+    """Finding 21: a .safetensors file as --model was told it is "not a GGUF file"."""
+    (weights,) = folder.glob("*.safetensors")
+    line = _refusal(["info", "--model", str(weights)], capsys)
+    assert line == (f"mlx-mixtral: error: {weights}: a single weights file is not a model: a "
+                    "model is a folder with config.json and its .safetensors weights, or a "
+                    f".gguf file; give its folder, {folder}")
+    alone = tmp_path / "alone.safetensors"
+    alone.write_bytes(weights.read_bytes())
+    line = _refusal(["generate", "--model", str(alone), "hi"], capsys)
+    assert "a folder with config.json" in line and "give its folder" not in line, line
