@@ -113,6 +113,8 @@ def _not_a_model_file(path: Path) -> str:
     """What to give instead of a file that is neither a GGUF nor a folder: a weights file
     alone has no config, so its folder is the model."""
     expected = "a model is a folder with config.json and its .safetensors weights, or a .gguf file"
+    if path.suffix == ".gguf":
+        return f"{path}: not a GGUF file (it does not begin as one); download it again"
     if path.suffix == ".safetensors":
         here = (f"; give its folder, {path.parent}" if (path.parent / "config.json").is_file()
                 else "")
