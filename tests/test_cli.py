@@ -505,3 +505,14 @@ def test_a_single_safetensors_file_is_told_what_a_model_is(capsys, folder, tmp_p
     alone.write_bytes(weights.read_bytes())
     line = _refusal(["generate", "--model", str(alone), "hi"], capsys)
     assert "a folder with config.json" in line and "give its folder" not in line, line
+
+
+def test_a_refused_chat_creates_no_database(capsys, folder, tmp_path):
+    """Finding 16: `chat --db <in a missing folder>` created the folder and the database, then
+    refused to run (no terminal); every refusal now comes first."""
+    db = tmp_path / "missing" / "deeper" / "chats.db"
+    for argv in (["chat", "--model", str(folder)], ["chat", "--model", str(tmp_path / "no")],
+                 ["chat", "--server", "http://127.0.0.1:9"]):
+        line = _refusal([*argv, "--db", str(db)], capsys)  # pytest's stdin is no terminal
+        assert line.startswith("mlx-mixtral: error: "), line
+        assert not (tmp_path / "missing").exists(), argv

@@ -58,11 +58,10 @@ def run_chat(args: argparse.Namespace) -> int:
     # A missing file, an unknown repo, a model too big or a budget too small: one line now,
     # not an app that cannot load.
     plan = plan_for_cli(name, args.force, args.dtype, max_memory=args.max_memory)
-    store = Store(args.db)
-    if not terminal:
-        store.close()
+    if not terminal:  # before the database: a refused run creates no file or folder
         raise MlxMixtralError("the chat app needs a terminal; in scripts use mlx-mixtral "
                               'generate "your prompt" (or pipe the prompt into it)')
+    store = Store(args.db)
     caches = None
     if args.prompt_cache_gb > 0:
         caches = ChatCaches(store.path.parent / "prompt-caches", int(args.prompt_cache_gb * 1e9))
