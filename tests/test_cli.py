@@ -516,3 +516,30 @@ def test_a_refused_chat_creates_no_database(capsys, folder, tmp_path):
         line = _refusal([*argv, "--db", str(db)], capsys)  # pytest's stdin is no terminal
         assert line.startswith("mlx-mixtral: error: "), line
         assert not (tmp_path / "missing").exists(), argv
+
+
+def test_one_model_file_is_listed_once(tmp_path, monkeypatch, folder):
+    """Finding 9: the demo was listed as `demo` and as its file's path (the app had noted the
+    path), and a chat held with one was "held with" the other. One identity per file."""
+    from mlx_mixtral.catalog import local
+    from mlx_mixtral.catalog.local import SEEN_FILE, local_models, remember
+
+    demo = resolve("demo")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / SEEN_FILE).write_text(json.dumps({"paths": [str(demo)]}))  # as noted before
+    monkeypatch.setenv("MLX_MIXTRAL_DATA_DIR", str(data))
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "no-ollama"))
+    # (not huggingface_hub: imported here, it would fix its cache folder for later tests)
+    monkeypatch.setattr(local, "hub_cache_models", lambda cache=None: [])
+    remember(demo)
+    remember(folder)
+    remember(folder / ".." / folder.name)  # the same folder, spelled another way
+    names = [m.name for m in local_models()]
+    assert names == [str(folder), "demo"], names
+    assert os.path.samefile(demo, resolve(names[-1]))
+    from mlx_mixtral.loading.locate import same_model  # what the app asks of a saved chat
+
+    assert same_model("demo", str(demo)) and same_model(str(folder / ".." / folder.name),
+                                                        str(folder))
+    assert not same_model("demo", str(folder))

@@ -46,6 +46,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from ..app.mlx_engine import MlxEngine
     from ..app.store import Store
     from ..loading import default_model
+    from ..loading.locate import model_identity
 
     drafting = drafting_from(args, args.force, args.dtype)
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
@@ -54,7 +55,7 @@ def run_chat(args: argparse.Namespace) -> int:
         from .first_run import needs_offer, offer_model
 
         name = offer_model() if needs_offer() else None
-    name = name or default_model()
+    name = model_identity(name or default_model())  # the demo's file is "demo", as listed
     # A missing file, an unknown repo, a model too big or a budget too small: one line now,
     # not an app that cannot load.
     plan = plan_for_cli(name, args.force, args.dtype, max_memory=args.max_memory)
