@@ -543,3 +543,37 @@ def test_one_model_file_is_listed_once(tmp_path, monkeypatch, folder):
     assert same_model("demo", str(demo)) and same_model(str(folder / ".." / folder.name),
                                                         str(folder))
     assert not same_model("demo", str(folder))
+
+
+@pytest.mark.parametrize("argv", [
+    ["--max-memory", "abc"], ["--max-memory", "min,150%"], ["--max-memory", "-1GB"],
+    ["--max-memory", "min", "--compare", "mlx-lm"], ["--kv-bits", "5"],
+])
+def test_bench_refuses_a_flag_before_it_builds_anything(argv, capsys, monkeypatch):
+    """Finding 8: `bench --max-memory abc` built the preset (65 s) before refusing the value."""
+    from mlx_mixtral.cli import bench
+
+    def build(name: str):
+        raise AssertionError(f"the preset {name} was built before the flags were checked")
+
+    monkeypatch.setattr(bench, "preset_folder", build)
+    assert _refusal(["bench", *argv], capsys).startswith("mlx-mixtral: error: ")
+
+
+def test_bench_runs_the_demo_gguf(capsys, monkeypatch):
+    """Finding 8: `bench --model demo` said "convert it first", which cannot read a GGUF.
+    It benches the GGUF as generate loads it; only what needs a folder is refused."""
+    from mlx_mixtral.cli import bench
+
+    real = bench.run_bench
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: real(*a, **{**k, "extras": False}))
+    from mlx_mixtral.cli.main import main
+
+    assert main(["bench", "--model", "demo", "--prompt-tokens", "8", "--gen-tokens", "2",
+                 "--runs", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert os.path.samefile(result["model"], resolve("demo"))
+    assert result["engines"]["mlx-mixtral"]["decode_tps"] > 0
+    for flag in (["--compare", "mlx-lm"], ["--max-memory", "min"]):
+        line = _refusal(["bench", "--model", "demo", *flag], capsys)
+        assert flag[0] in line and "convert" not in line, line
