@@ -28,8 +28,9 @@ COMMANDS = {
     "info": (
         "architecture, size and memory needs of a model or preset",
         "Print a model's architecture, parameters (total and active per token), "
-        "layers, experts, window, context, vocabulary, and a memory table for float16 and "
-        "8/6/4/3 bits with whether each fits this machine."),
+        "layers, experts, window, context, vocabulary, the KV cache per token, and one memory "
+        "table: for float16, 8/6/4/3 bits and the mixed recipes, the weights and whether they "
+        "run in the memory available now (or --memory) resident, paging experts, or not."),
     "list": (
         "the models this machine has, with their sizes",
         "List the models this machine has: Hugging Face cache folders, models pulled with "
