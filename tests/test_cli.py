@@ -381,10 +381,13 @@ def test_serve_on_a_port_in_use_says_so_before_loading(folder):
 # Issue 27's command-line findings: one test (or more) each, subprocess-free where they can be.
 
 def _sub(command: str):
-    from mlx_mixtral.cli import build_parser
-    from mlx_mixtral.cli.commands import command_parser
+    import argparse
 
-    return command_parser(build_parser(), command)
+    from mlx_mixtral.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
 
 
 def _refusal(argv: list[str], capsys) -> str:
