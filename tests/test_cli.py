@@ -597,3 +597,16 @@ def test_info_has_one_memory_table_and_one_memory_figure(monkeypatch):
         assert len([line for line in out.splitlines() if line.startswith(f"    {label} ")]) == 1
     # SmolLM2-135M: 30 layers, 3 KV heads of 64, keys and values in float16.
     assert f"KV cache       {30 * 3 * 64 * 2 * 2 / 1000:.1f} KB per token (float16)" in out
+
+
+def test_the_help_formatter_keeps_a_default_said_in_words():
+    """Finding 18 at its root: any flag whose help says its default gets no second one."""
+    from mlx_mixtral.cli.commands import Parser
+
+    p = Parser(prog="x", description="50%% of it")
+    p.add_argument("--size", default="2GB", help="a budget (default: two gigabytes)")
+    p.add_argument("--n", type=int, default=3, help="a count")
+    p.add_argument("--path", required=True, help="where")
+    text = " ".join(p.format_help().split())
+    assert "a budget (default: two gigabytes) --n N" in text and "a count (default: 3)" in text
+    assert "where" in text and text.count("(default") == 2 and "50% of it" in text

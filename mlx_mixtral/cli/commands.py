@@ -59,13 +59,12 @@ COMMANDS = {
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's default once: appended only where the help does not say it in words and
-    there is one to show (not for a required flag, None or an empty list); descriptions are
+    there is one to show (not None, as a required flag has, nor an empty list); descriptions are
     %-formatted like help strings, so both write a percent sign as %%."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("(default" in text or action.required or action.default is None
-                or action.default == []):
+        if "(default" in text or action.default is None or action.default == []:
             return text
         return super()._get_help_string(action) or ""
 
