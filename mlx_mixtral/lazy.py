@@ -25,6 +25,8 @@ def lazy_exports(package: str, exports: dict[str, str]
         return value
 
     def __dir__() -> list[str]:  # noqa: N807 (PEP 562)
-        return sorted({*namespace, *exports})
+        # The public names and the module's dunders: not the helpers and submodules that
+        # importing it leaves in its namespace (TYPE_CHECKING, annotations, lazy, units...).
+        return sorted({*exports, *(n for n in namespace if n.startswith("__"))})
 
     return __getattr__, __dir__

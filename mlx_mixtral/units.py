@@ -21,8 +21,12 @@ def gb(n: float) -> str:
 
 
 def size(n: float) -> str:
-    """Bytes in GB, or in MB below one GB (so that small sizes do not read 0.0 GB)."""
-    return gb(n) if n >= 1e9 else f"{n / 1e6:.1f} MB"
+    """Bytes in the largest decimal unit that keeps the number at 1 or more (GB, MB, KB), so
+    that no size reads 0.0; every command writes sizes this way."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} bytes"
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
@@ -35,11 +39,11 @@ def parse_size(text: str) -> int:
     for anything else, or for a size that is not positive."""
     import re
 
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)
+    m = re.fullmatch(r"\s*(-?\s*(?:\d+(?:\.\d*)?|\.\d+))\s*([a-zA-Z]*)\s*", text)
     unit = m.group(2).lower() if m else None
     if m is None or unit not in _SIZE_UNITS:
         raise ValueError(f"{text!r} is not a size; write it like 16GB, 12.5GB or 800MB")
-    value = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    value = int(float(m.group(1).replace(" ", "")) * _SIZE_UNITS[unit])
     if value <= 0:
         raise ValueError(f"{text!r}: a size must be more than 0")
     return value

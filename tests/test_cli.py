@@ -137,7 +137,7 @@ def test_info_preset_mixtral_8x7b():
     for row in ("float16       93.4 GB", "8-bit         49.6 GB", "6-bit", "4-bit         26.3 GB",
                 "3-bit"):
         assert row in out
-    assert "fits" in out and "KV cache" in out
+    assert "runs" in out and "KV cache" in out
 
 
 def test_info_of_a_model_folder(folder):
@@ -154,7 +154,7 @@ def test_info_of_the_demo_names_what_it_is():
     assert "dense decoder (llama architecture)" in out and "Mistral" not in out
     assert "stored as      GGUF Q4_1 (mostly), 98.4 MB on disk" in out  # as `list` says
     assert "chat format    the model's own chat template (Jinja)" in out
-    assert "0.0 GB" not in out and "KB" not in out  # one way of writing sizes
+    assert " 0.0 " not in out  # sizes in the unit that fits (issue 27 finding 19)
 
 
 def test_info_and_list_describe_a_model_alike():
@@ -357,9 +357,9 @@ def test_list_command(tmp_path):
 
 
 def test_info_counts_memory_per_rank():
-    out = cli("info", "--preset", "mixtral-8x22b", "--ranks", "2").stdout
-    assert "per rank of 2 (tensor parallel)" in out
-    assert "4-bit         79.1 GB  no      39.7 GB  no" in out
+    out = cli("info", "--preset", "mixtral-8x22b", "--ranks", "2", "--memory", "40GB").stdout
+    assert "split over 2 ranks (tensor parallel)" in out
+    assert "    4-bit         79.2 GB          39.7 GB  yes   paging: " in out, out
 
 
 def test_serve_on_a_port_in_use_says_so_before_loading(folder):
@@ -376,3 +376,237 @@ def test_serve_on_a_port_in_use_says_so_before_loading(folder):
             assert len(lines) == 1 and lines[0].startswith("mlx-mixtral: error: "), lines
             assert str(port) in lines[0]
             assert "Loading" not in result.stderr and "terminate called" not in result.stderr
+
+
+# Issue 27's command-line findings: one test (or more) each, subprocess-free where they can be.
+
+def _sub(command: str):
+    import argparse
+
+    from mlx_mixtral.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+def _refusal(argv: list[str], capsys) -> str:
+    """The one line stderr holds after `argv` ended with exit status 2."""
+    from mlx_mixtral.cli.main import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own refusals exit from inside parse_args
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, (code, err)
+    return err.strip()
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--max-tokens"], ["chat", "--bogus"], ["convert", "--mlx-path", "x"],
+    ["info", "--ranks", "two"], ["list", "extra"], ["bench", "--runs"],
+    ["serve", "--port", "http"], ["generate", "--dtype", "float8"],
+])
+def test_an_argparse_mistake_is_one_line(argv, capsys):
+    """Finding 6: argparse's refusals were 17-19 lines of usage; now one line naming the
+    command, pointing at its --help."""
+    line = _refusal(argv, capsys)
+    command = argv[0]
+    assert line.startswith(f"mlx-mixtral {command}: error: "), line
+    assert line.endswith(f"(see mlx-mixtral {command} --help)"), line
+
+
+def test_a_negative_size_is_the_flags_value_and_refused(capsys, folder):
+    """Finding 6: `--max-memory -1GB` was "expected one argument"; it is the value, refused
+    as a size."""
+    line = _refusal(["generate", "--model", str(folder), "--max-memory", "-1GB", "hi"], capsys)
+    assert line == "mlx-mixtral: error: --max-memory: '-1GB': a size must be more than 0"
+    line = _refusal(["info", "--preset", "mixtral-8x7b", "--memory", "-2.5GB"], capsys)
+    assert "--memory: '-2.5GB': a size must be more than 0" in line, line
+    assert _sub("generate").parse_args(["--temp", "-1", "--seed", "-3"]).seed == -3
+
+
+def _help_entries(command: str) -> dict[str, str]:
+    """Each option's help entry in `command --help`, on one line, by its long flag."""
+    import re
+
+    text = _sub(command).format_help()
+    options = text[text.index("options:"):]
+    entries = re.split(r"\n  (?=-)", options)[1:]
+    return {re.search(r"--[\w-]+", e).group(0): " ".join(e.split()) for e in entries}
+
+
+@pytest.mark.parametrize("command", ["chat", "generate", "convert", "info", "list", "bench",
+                                     "serve"])
+def test_help_says_each_default_once(command):
+    """Finding 18: no second "(default: None)" after a default said in words, none for a
+    required flag, no "(default: [])", no "%%"."""
+    text = _sub(command).format_help()
+    assert "%%" not in text and "(default: None)" not in text and "(default: [])" not in text
+    for entry in _help_entries(command).values():
+        assert entry.count("(default") <= 1, entry
+    parser = _sub(command)
+    for action in parser._actions:
+        if action.required:
+            assert "(default" not in _help_entries(command)[action.option_strings[-1]]
+
+
+def test_help_entries_read_as_written():
+    """Finding 18, snapshot-like: entries the issue named, as the reader sees them."""
+    assert _help_entries("generate")["--dtype"] == (
+        "--dtype {float32,float16,bfloat16} compute in this dtype (default: float32 on the CPU "
+        "backend, the checkpoint's own on Metal)")
+    assert _help_entries("convert")["--hf-path"] == (
+        "--hf-path HF_PATH source folder (config.json + safetensors)")
+    assert _help_entries("generate")["--top-p"].endswith("(default: 0.95)")
+    assert _help_entries("serve")["--cors-origin"].count("(default") == 0
+    for flag in ("--max-memory", "--kv-bits"):
+        assert _help_entries("bench")[flag].count("(default") == 1
+    assert _help_entries("chat")["--db"].count("(default") == 1
+    assert "(sizes, shares of the model's size, or min: min,50%,75%)" in " ".join(
+        _sub("bench").format_help().split())
+
+
+def test_too_small_a_budget_for_a_dense_model_says_why(capsys):
+    """Finding 20: `--max-memory 1KB` said "0.0 MB", spoke of experts and suggested converting
+    the demo's GGUF."""
+    line = _refusal(["generate", "--model", "demo", "--max-memory", "1KB", "hi"], capsys)
+    assert "--max-memory 1.0 KB is too small for SmolLM2-135M-Instruct.Q4_1.gguf" in line
+    assert "0.0" not in line and "expert" not in line and "convert" not in line, line
+    assert "GGUF file quantized with fewer bits" in line
+
+
+def test_sizes_read_in_the_unit_that_fits():
+    from mlx_mixtral.units import parse_size, size
+
+    for text in ("1KB", "23040", "98.4MB", "25.3GB"):
+        assert size(parse_size(text)) == {"1KB": "1.0 KB", "23040": "23.0 KB",
+                                          "98.4MB": "98.4 MB", "25.3GB": "25.3 GB"}[text]
+    assert size(512) == "512 bytes"
+
+
+def test_the_package_lists_only_its_public_api():
+    """Finding 25: dir(mlx_mixtral) listed TYPE_CHECKING, annotations, lazy, jsonfile,
+    units. (The light import is tests/test_layout.py's.)"""
+    import mlx_mixtral.jsonfile  # noqa: F401 - submodules land in the namespace when imported
+    import mlx_mixtral.units  # noqa: F401
+
+    public = [n for n in dir(mlx_mixtral) if not n.startswith("__")]
+    assert public == sorted(mlx_mixtral.__all__)
+    assert "__version__" in dir(mlx_mixtral)
+
+
+def test_a_single_safetensors_file_is_told_what_a_model_is(capsys, folder, tmp_path):
+    """Finding 21: a .safetensors file as --model was told it is "not a GGUF file"."""
+    (weights,) = folder.glob("*.safetensors")
+    line = _refusal(["info", "--model", str(weights)], capsys)
+    assert line == (f"mlx-mixtral: error: {weights}: a single weights file is not a model: a "
+                    "model is a folder with config.json and its .safetensors weights, or a "
+                    f".gguf file; give its folder, {folder}")
+    alone = tmp_path / "alone.safetensors"
+    alone.write_bytes(weights.read_bytes())
+    line = _refusal(["generate", "--model", str(alone), "hi"], capsys)
+    assert "a folder with config.json" in line and "give its folder" not in line, line
+
+
+def test_a_refused_chat_creates_no_database(capsys, folder, tmp_path):
+    """Finding 16: `chat --db <in a missing folder>` created the folder and the database, then
+    refused to run (no terminal); every refusal now comes first."""
+    db = tmp_path / "missing" / "deeper" / "chats.db"
+    for argv in (["chat", "--model", str(folder)], ["chat", "--model", str(tmp_path / "no")],
+                 ["chat", "--server", "http://127.0.0.1:9"]):
+        line = _refusal([*argv, "--db", str(db)], capsys)  # pytest's stdin is no terminal
+        assert line.startswith("mlx-mixtral: error: "), line
+        assert not (tmp_path / "missing").exists(), argv
+
+
+def test_one_model_file_is_listed_once(tmp_path, monkeypatch, folder):
+    """Finding 9: the demo was listed as `demo` and as its file's path (the app had noted the
+    path), and a chat held with one was "held with" the other. One identity per file."""
+    from mlx_mixtral.catalog import local
+    from mlx_mixtral.catalog.local import SEEN_FILE, local_models, remember
+
+    demo = resolve("demo")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / SEEN_FILE).write_text(json.dumps({"paths": [str(demo)]}))  # as noted before
+    monkeypatch.setenv("MLX_MIXTRAL_DATA_DIR", str(data))
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "no-ollama"))
+    # (not huggingface_hub: imported here, it would fix its cache folder for later tests)
+    monkeypatch.setattr(local, "hub_cache_models", lambda cache=None: [])
+    remember(demo)
+    remember(folder)
+    remember(folder / ".." / folder.name)  # the same folder, spelled another way
+    names = [m.name for m in local_models()]
+    assert names == [str(folder), "demo"], names
+    assert os.path.samefile(demo, resolve(names[-1]))
+    from mlx_mixtral.loading.locate import same_model  # what the app asks of a saved chat
+
+    assert same_model("demo", str(demo)) and same_model(str(folder / ".." / folder.name),
+                                                        str(folder))
+    assert not same_model("demo", str(folder))
+
+
+@pytest.mark.parametrize("argv", [
+    ["--max-memory", "abc"], ["--max-memory", "min,150%"], ["--max-memory", "-1GB"],
+    ["--max-memory", "min", "--compare", "mlx-lm"], ["--kv-bits", "5"],
+])
+def test_bench_refuses_a_flag_before_it_builds_anything(argv, capsys, monkeypatch):
+    """Finding 8: `bench --max-memory abc` built the preset (65 s) before refusing the value."""
+    from mlx_mixtral.cli import bench
+
+    def build(name: str):
+        raise AssertionError(f"the preset {name} was built before the flags were checked")
+
+    monkeypatch.setattr(bench, "preset_folder", build)
+    assert _refusal(["bench", *argv], capsys).startswith("mlx-mixtral: error: ")
+
+
+def test_bench_runs_the_demo_gguf(capsys, monkeypatch):
+    """Finding 8: `bench --model demo` said "convert it first", which cannot read a GGUF.
+    It benches the GGUF as generate loads it; only what needs a folder is refused."""
+    from mlx_mixtral.cli import bench
+
+    real = bench.run_bench
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: real(*a, **{**k, "extras": False}))
+    from mlx_mixtral.cli.main import main
+
+    assert main(["bench", "--model", "demo", "--prompt-tokens", "8", "--gen-tokens", "2",
+                 "--runs", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert os.path.samefile(result["model"], resolve("demo"))
+    assert result["engines"]["mlx-mixtral"]["decode_tps"] > 0
+    for flag in (["--compare", "mlx-lm"], ["--max-memory", "min"]):
+        line = _refusal(["bench", "--model", "demo", *flag], capsys)
+        assert flag[0] in line and "convert" not in line, line
+
+
+def test_info_has_one_memory_table_and_one_memory_figure(monkeypatch):
+    """Finding 19: `info` had two tables with different sizes for one precision, "KV cache
+    (float16): 0.0 MB per token", and a memory figure of its own (`list` another)."""
+    from mlx_mixtral.cli.info import info
+    from mlx_mixtral.cli.listing import list_main
+    from mlx_mixtral.loading import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda: 7_000_000_000)
+    out = info("demo")
+    assert "memory: 7.0 GB (available now on this machine)" in out
+    assert "7.0 GB of memory is available now" in list_main()
+    for label in ("float16", "8-bit", "4-bit", "3-bit"):
+        assert len([line for line in out.splitlines() if line.startswith(f"    {label} ")]) == 1
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64, keys and values in float16.
+    assert f"KV cache       {30 * 3 * 64 * 2 * 2 / 1000:.1f} KB per token (float16)" in out
+
+
+def test_the_help_formatter_keeps_a_default_said_in_words():
+    """Finding 18 at its root: any flag whose help says its default gets no second one."""
+    from mlx_mixtral.cli.commands import Parser
+
+    p = Parser(prog="x", description="50%% of it")
+    p.add_argument("--size", default="2GB", help="a budget (default: two gigabytes)")
+    p.add_argument("--n", type=int, default=3, help="a count")
+    p.add_argument("--path", required=True, help="where")
+    text = " ".join(p.format_help().split())
+    assert "a budget (default: two gigabytes) --n N" in text and "a count (default: 3)" in text
+    assert "where" in text and text.count("(default") == 2 and "50% of it" in text

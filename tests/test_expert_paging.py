@@ -226,7 +226,7 @@ def test_info_plans_for_a_smaller_mac():
     from mlx_mixtral.cli.info import info
 
     text = info(preset_name="mixtral-8x7b", memory=16 * 10**9)
-    rows = {line.split()[0]: line for line in text.split("plans for 16.0 GB")[1].splitlines()[2:]}
+    rows = {line.split()[0]: line for line in text.split("memory: 16.0 GB")[1].splitlines()[2:]}
     assert "no" in rows["float16"]
     assert "paging" in rows["4-bit"] and "read per token" in rows["4-bit"]
     # 15.1 GB of weights: under 16 GB, but not with the KV cache and working memory as well

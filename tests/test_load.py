@@ -49,7 +49,8 @@ def test_not_a_model(tmp_path):
     with pytest.raises(WeightsError, match="no such file or folder"):
         mlx_mixtral.load(tmp_path / "missing")
     (tmp_path / "notes.txt").write_text("hi")
-    with pytest.raises(WeightsError, match="not a GGUF file"):
+    with pytest.raises(WeightsError, match="not a model file: a model is a folder with "
+                       "config.json"):
         mlx_mixtral.load(tmp_path / "notes.txt")
 
 

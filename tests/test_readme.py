@@ -79,14 +79,40 @@ def test_readme_serve_example_runs():
         server.stop()
 
 
+def shown_output(code: str) -> str:
+    """The `text` block right after the Python block `code`: what the README says it prints."""
+    after = README[README.index(code) + len(code):]
+    return re.match(r"```\n\nprints[^\n]*\n\n```text\n(.*?)```", after, re.S).group(1)
+
+
+def output_shape(text: str) -> list[str]:
+    """The lines a reader sees, each reply's words set aside (the demo is not Mixtral): the
+    questions as they are, each reply as one "<reply>"."""
+    shape: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("> "):
+            shape.append(line)
+        elif line.strip() and (not shape or shape[-1] != "<reply>"):
+            shape.append("<reply>")
+    return shape
+
+
 @pytest.mark.slow
 def test_readme_python_example_runs():
+    """It runs on the demo and prints what the README shows: the first answer names Paris,
+    then each question on its own line followed by its reply (issue 27 finding 24: the two
+    replies ran together on one line)."""
     code = python_block("mlx_mixtral")
+    shown = shown_output(code)
     code = code.replace('"mixtral-8x7b-4bit"', repr(str(demo_model_path())))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "Paris" in result.stdout
+    assert "Paris" in result.stdout.splitlines()[0] and "Paris" in shown.splitlines()[0]
+    assert output_shape(result.stdout) == output_shape(shown) == [
+        "<reply>", "> Name three French cheeses.", "<reply>", "> Which is the oldest?",
+        "<reply>"], result.stdout
+    assert result.stdout.endswith("\n")
 
 
 def test_readme_key_table_is_the_apps():

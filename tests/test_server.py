@@ -29,6 +29,7 @@ def demo():
 def tiny(tmp_path_factory):
     folder = tiny_v3_mixtral(tmp_path_factory.mktemp("tiny-v3"))
     server = Server("--api-key", "sesame", "--max-tokens", "24", model=str(folder))
+    server.folder = folder
     yield server
     server.stop()
 
@@ -190,6 +191,27 @@ def test_ollama_chat_streams_and_lists(demo):
     with pytest.raises(ollama.ResponseError):
         o.chat(model="nope", messages=FRANCE)
 
+
+
+def test_ollama_describes_the_model_as_it_is(demo, tiny):
+    """Issue 27 finding 17: the dense SmolLM2 was "family": "mistral" with
+    "llama.expert_count": 8. The oracle: the demo GGUF's general.architecture (llama, as
+    llama.cpp reads it; the gguf package takes 6 s to parse it here), and the Mixtral
+    folder's config.json."""
+    arch = "llama"
+    shown = ollama.Client(host=demo.url).show("demo")
+    (tag,) = ollama.Client(host=demo.url).list().models
+    assert shown.details.family == tag.details.family == arch == "llama"
+    assert shown.modelinfo["general.architecture"] == arch
+    assert shown.modelinfo[f"{arch}.block_count"] == 30
+    assert not [k for k in shown.modelinfo if "expert" in k], shown.modelinfo
+
+    config = json.loads((tiny.folder / "config.json").read_text())
+    moe = ollama.Client(host=tiny.url, headers={"Authorization": "Bearer sesame"}).show(
+        tiny.folder.name)
+    assert moe.details.family == moe.modelinfo["general.architecture"] == config["model_type"]
+    assert moe.modelinfo["mixtral.expert_count"] == config["num_local_experts"]
+    assert moe.modelinfo["mixtral.expert_used_count"] == config["num_experts_per_tok"]
 
 # ---- structured output ------------------------------------------------------------------------
 

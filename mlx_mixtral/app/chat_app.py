@@ -21,6 +21,7 @@ from textual.widgets import Footer, Header, ListView
 
 from ..generation.sampling import SamplingParams
 from ..generation.stats import Stats
+from ..loading.locate import same_model
 from .chat_actions import ChatActions
 from .commands import ChatCommands
 from .conversation import Conversation, Turn
@@ -205,7 +206,7 @@ class ChatApp(ChatActions, App):
         self.editing = False
         await self.query_one(MessageList).show(self.conversation.messages)
         self._prefill()
-        if Path(saved.model).name != Path(self.model_name).name:
+        if not same_model(saved.model, self.model_name):
             self.notify(f"This chat was held with {saved.model}; continuing with "
                         f"{self.model_name}.", severity="warning")
         self.refresh_sidebar()

@@ -118,16 +118,25 @@ def seen_paths() -> list[str]:
 def remember(path: str | Path) -> None:
     """Note a local model folder or GGUF file (a `convert` output, a model the app loaded), so
     that the model list offers it again."""
-    path = str(Path(path).expanduser().resolve())
+    from ..loading.locate import DEMO_NAME, model_identity
+
+    path = model_identity(str(path))
+    if path == DEMO_NAME:  # listed as the demo already
+        return
     paths = [path, *(p for p in seen_paths() if p != path)][:MAX_SEEN]
     with contextlib.suppress(OSError):  # a read-only data folder costs only the list entry
         write_json(_seen_path(), {"paths": paths})
 
 
 def seen_models() -> list[LocalModel]:
+    """The folders and files `remember` noted, as they are now: the demo's file (noted before
+    it was named "demo") is left to `demo_models`."""
+    from ..loading.locate import DEMO_NAME, model_identity
+
     found = []
     for p in seen_paths():
-        model = _described(p, Path(p), "local") if Path(p).exists() else None
+        known = Path(p).exists() and model_identity(p) != DEMO_NAME
+        model = _described(p, Path(p), "local") if known else None
         if model is not None:
             found.append(model)
     return found
@@ -143,12 +152,15 @@ def demo_models() -> list[LocalModel]:
 
 
 def local_models(hub_cache: Path | None = None) -> list[LocalModel]:
-    """Every model this machine has, each once: local folders first, then the Hugging Face
-    cache, Ollama, and the demo."""
+    """Every model this machine has, each once (by `model_identity`): local folders first,
+    then the Hugging Face cache, Ollama, and the demo."""
+    from ..loading.locate import model_identity
+
     models, names = [], set()
     for model in [*seen_models(), *hub_cache_models(hub_cache), *ollama_models(),
                   *demo_models()]:
-        if model.name not in names:
-            names.add(model.name)
+        name = model_identity(model.name)
+        if name not in names:
+            names.add(name)
             models.append(model)
     return models

@@ -71,8 +71,10 @@ def stored_as(source: ModelSource) -> str:
 
 
 def family(source: ModelSource) -> str:
+    """The architecture the file names (a GGUF's general.architecture, a config's
+    model_type), as Ollama reports it."""
     named = source.metadata.get("general.architecture") or source.config.get("model_type")
-    return named or ("mixtral" if source.args.is_moe else "mistral")
+    return named or source.args.model_type
 
 
 def disk_bytes(path: Path) -> int:
@@ -85,7 +87,7 @@ def summarize_args(args: ModelArgs, path: Path = Path()) -> ModelSummary:
     """What the configuration alone says (a model built in memory has no file to read)."""
     total, active = args.parameter_counts()
     return ModelSummary(
-        path=path, family="mixtral" if args.is_moe else "mistral", format="safetensors",
+        path=path, family=args.model_type, format="safetensors",
         parameters=total, active_parameters=active, stored_as="", disk_bytes=0, memory_bytes=0,
         page_bytes=None, layers=args.num_hidden_layers,
         experts=args.num_local_experts if args.is_moe else 0,

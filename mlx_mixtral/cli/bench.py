@@ -344,9 +344,10 @@ def bench_main(model: str | None, preset: str | None, prompt_tokens: int, gen_to
     from ..loading.memory import check_fits
 
     folder = preset_folder(preset) if preset else resolve(model)
-    if not Path(folder).is_dir():
-        raise WeightsError(f"{folder}: bench needs an MLX or Hugging Face folder (mlx-lm "
-                           "cannot run GGUF files); convert it first")
+    if compare and not Path(folder).is_dir():
+        raise WeightsError(f"{folder}: --compare mlx-lm needs an MLX or Hugging Face folder "
+                           "(mlx-lm cannot run GGUF files); leave out --compare to bench "
+                           "this model alone")
     check_fits(describe(Path(folder)), force, dtype)
     result = run_bench(Path(folder), prompt_tokens, gen_tokens, runs, compare, dtype=dtype,
                        log=lambda m: None if as_json else print(m, flush=True),

@@ -15,7 +15,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     from .bench import PRESETS as BENCH_PRESETS
 
     p = add_command(sub, "bench", run_bench)
-    model_or_preset(p, "an MLX or Hugging Face model folder", BENCH_PRESETS,
+    model_or_preset(p, "a model folder, a .gguf file or a Hugging Face repo id (mlx-lm's "
+                     "--compare and --max-memory's paging need a folder)", BENCH_PRESETS,
                      "a synthetic model (built and cached on first use)")
     p.add_argument("--prompt-tokens", type=int, default=256, help="prompt length")
     p.add_argument("--gen-tokens", type=int, default=64, help="tokens generated per run")
@@ -31,31 +32,46 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     from .bench import bench_main
 
-    if args.prompt_tokens < 1 or args.gen_tokens < 2 or args.runs < 1:
-        raise MlxMixtralError("--prompt-tokens and --runs must be >= 1, --gen-tokens >= 2")
-    if not args.model and not args.preset:
-        args.preset = "mixtral-tiny"
-    drafting, kv = drafting_from(args, args.force, args.dtype), kv_from(args)
+    drafting, kv = _checked(args)  # every flag, before a preset is built or a model read
     if launched():
         return _bench_launched(args, drafting, kv)
     if args.max_memory:
-        return _bench_paging(args, drafting, kv)
-    if kv.bits is not None and args.compare:
-        raise MlxMixtralError("--kv-bits with --compare mlx-lm: mlx-lm cannot quantize a "
-                              "rolling cache; compare without --kv-bits")
+        return _bench_paging(args)
     print(bench_main(args.model, args.preset, args.prompt_tokens, args.gen_tokens, args.runs,
                      args.compare == "mlx-lm", args.json, args.force, args.dtype, drafting,
                      kv))
     return 0
 
 
-def _bench_paging(args: argparse.Namespace, drafting, kv) -> int:
+def _checked(args: argparse.Namespace) -> tuple:
+    """The flags' values and combinations refused in one line, before anything is built:
+    (drafting, kv)."""
+    from .bench_paging import budget_specs
+
+    if args.prompt_tokens < 1 or args.gen_tokens < 2 or args.runs < 1:
+        raise MlxMixtralError("--prompt-tokens and --runs must be >= 1, --gen-tokens >= 2")
+    if not args.model and not args.preset:
+        args.preset = "mixtral-tiny"
+    drafting, kv = drafting_from(args, args.force, args.dtype), kv_from(args)
+    if launched():
+        if args.compare or drafting or kv.bits is not None:
+            raise MlxMixtralError("under mlx.launch, bench runs our engine alone: leave out "
+                                  "--compare, drafting and --kv-bits")
+    elif args.max_memory:
+        budget_specs(args.max_memory)
+        if args.compare or drafting or kv.bits is not None:
+            raise MlxMixtralError("bench --max-memory compares paging with our own resident "
+                                  "run: leave out --compare, drafting and --kv-bits")
+    elif kv.bits is not None and args.compare:
+        raise MlxMixtralError("--kv-bits with --compare mlx-lm: mlx-lm cannot quantize a "
+                              "rolling cache; compare without --kv-bits")
+    return drafting, kv
+
+
+def _bench_paging(args: argparse.Namespace) -> int:
     from .bench import preset_folder
     from .bench_paging import bench_paging
 
-    if args.compare or drafting or kv.bits is not None:
-        raise MlxMixtralError("bench --max-memory compares paging with our own resident "
-                              "run: leave out --compare, drafting and --kv-bits")
     folder = preset_folder(args.preset) if args.preset else _bench_folder(args.model)
     print(bench_paging(folder, args.max_memory, args.prompt_tokens, args.gen_tokens,
                           args.runs, args.dtype, args.json))
@@ -70,8 +86,9 @@ def _bench_folder(name: str):
 
     folder = resolve(name)
     if not Path(folder).is_dir():
-        raise WeightsError(f"{folder}: bench needs an MLX or Hugging Face folder; convert "
-                           "it first")
+        raise WeightsError(f"{folder}: bench --max-memory pages experts, which it reads from "
+                           "an MLX or Hugging Face folder, not a single file; leave out "
+                           "--max-memory to bench this model resident")
     return folder
 
 
@@ -83,9 +100,6 @@ def _bench_launched(args: argparse.Namespace, drafting, kv) -> int:
     from .bench import bench_distributed, preset_folder
     from .distributed import join
 
-    if args.compare or drafting or kv.bits is not None:
-        raise MlxMixtralError("under mlx.launch, bench runs our engine alone: leave out "
-                              "--compare, drafting and --kv-bits")
     group, dog = join(args.dist_timeout)
     if args.preset and group.rank() == 0:
         preset_folder(args.preset)  # built once, by rank 0, before the others look

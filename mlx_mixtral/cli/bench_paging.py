@@ -40,16 +40,15 @@ class PagedRun:
     bytes_per_token: float  # read from disk per generated token
 
 
-def parse_budgets(text: str, model_bytes: int, minimum: int) -> list[int]:
-    """"min,50%,75%" (the smallest that runs; shares of the model's size once loaded) or sizes
-    ("8GB,12GB") -> bytes."""
+def budget_specs(text: str) -> list[str | float | int]:
+    """"min,50%,75%" or sizes ("8GB,12GB") checked, before any model is built: "min", a share
+    of the model's size, or bytes."""
     from ..loading.memory_plan import budget_bytes
 
-    out = []
-    for part in text.split(","):
-        part = part.strip()
+    out: list[str | float | int] = []
+    for part in (p.strip() for p in text.split(",")):
         if part == "min":
-            out.append(minimum)
+            out.append(part)
         elif part.endswith("%"):
             try:
                 share = float(part[:-1]) / 100
@@ -58,10 +57,17 @@ def parse_budgets(text: str, model_bytes: int, minimum: int) -> list[int]:
             if not 0 < share <= 1:
                 raise MlxMixtralError(f"--max-memory: {part!r} is not a share between 0% and "
                                       "100% of the model")
-            out.append(int(model_bytes * share))
+            out.append(share)
         else:
             out.append(budget_bytes(part))
     return out
+
+
+def parse_budgets(text: str, model_bytes: int, minimum: int) -> list[int]:
+    """`budget_specs` in bytes: "min" the smallest that runs, a share of the model's size
+    once loaded."""
+    return [minimum if spec == "min" else int(model_bytes * spec) if isinstance(spec, float)
+            else spec for spec in budget_specs(text)]
 
 
 def _decode_stats(total: PagingStats, prefill: PagingStats) -> PagingStats:

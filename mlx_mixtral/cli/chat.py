@@ -44,8 +44,8 @@ def run_chat(args: argparse.Namespace) -> int:
     from ..app.chat_app import ChatApp
     from ..app.chat_caches import ChatCaches
     from ..app.mlx_engine import MlxEngine
-    from ..app.store import Store
     from ..loading import default_model
+    from ..loading.locate import model_identity
 
     drafting = drafting_from(args, args.force, args.dtype)
     terminal = sys.stdin.isatty() and sys.stdout.isatty()
@@ -54,15 +54,12 @@ def run_chat(args: argparse.Namespace) -> int:
         from .first_run import needs_offer, offer_model
 
         name = offer_model(say=said.append) if needs_offer() else None
-    name = name or default_model()
+    name = model_identity(name or default_model())  # the demo's file is "demo", as listed
     # A missing file, an unknown repo, a model too big or a budget too small: one line now,
     # not an app that cannot load.
     plan = plan_for_cli(name, args.force, args.dtype, max_memory=args.max_memory)
-    store = Store(args.db)
-    if not terminal:
-        store.close()
-        raise MlxMixtralError("the chat app needs a terminal; in scripts use mlx-mixtral "
-                              'generate "your prompt" (or pipe the prompt into it)')
+    store = _open_store(args.db, terminal, 'in scripts use mlx-mixtral generate "your '
+                        'prompt" (or pipe the prompt into it)')
     caches = None
     if args.prompt_cache_gb > 0:
         caches = ChatCaches(store.path.parent / "prompt-caches", int(args.prompt_cache_gb * 1e9))
@@ -80,17 +77,31 @@ def _chat_with_server(args: argparse.Namespace, sampling) -> int:
     """The app against a server: nothing loads here, the model runs there."""
     from ..app.chat_app import ChatApp
     from ..app.http_engine import HttpEngine, api_base
-    from ..app.store import Store
 
     url = api_base(args.server)
-    if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        raise MlxMixtralError("the chat app needs a terminal; in scripts, call the server's "
-                              "API directly")
+    store = _open_store(args.db, sys.stdin.isatty() and sys.stdout.isatty(),
+                        "in scripts, call the server's API directly")
     engine = HttpEngine(url, args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY"), args.model,
                         given_sampling(args))
-    store = Store(args.db)
     try:
         ChatApp(engine, args.model or url, store, system=args.system, settings=sampling).run()
     finally:
         store.close()
     return 0
+
+
+def _open_store(db: str | None, terminal: bool, instead: str):
+    """The conversation database for a chat that will run. A database that exists is opened
+    first, so that a damaged one is refused whatever else is wrong; a new one is created only
+    when the app can run: a refused run leaves no file or folder behind."""
+    from pathlib import Path
+
+    from ..app.store import Store, default_path
+
+    path = Path(db) if db else default_path()
+    store = Store(path) if path.exists() or terminal else None
+    if not terminal:
+        if store is not None:
+            store.close()
+        raise MlxMixtralError(f"the chat app needs a terminal; {instead}")
+    return store

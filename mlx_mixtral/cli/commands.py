@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 # Each command's one-line help (in `mlx-mixtral --help`) and its description.
 COMMANDS = {
@@ -25,8 +28,9 @@ COMMANDS = {
     "info": (
         "architecture, size and memory needs of a model or preset",
         "Print a model's architecture, parameters (total and active per token), "
-        "layers, experts, window, context, vocabulary, and a memory table for float16 and "
-        "8/6/4/3 bits with whether each fits this machine."),
+        "layers, experts, window, context, vocabulary, the KV cache per token, and one memory "
+        "table: for float16, 8/6/4/3 bits and the mixed recipes, the weights and whether they "
+        "run in the memory available now (or --memory) resident, paging experts, or not."),
     "list": (
         "the models this machine has, with their sizes",
         "List the models this machine has: Hugging Face cache folders, models pulled with "
@@ -53,12 +57,51 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default once: appended only where the help does not say it in words and
+    there is one to show (not None, as a required flag has, nor an empty list); descriptions are
+    %-formatted like help strings, so both write a percent sign as %%."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.default == []:
+            return text
+        return super()._get_help_string(action) or ""
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(text % {"prog": self._prog})
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, for `mlx-mixtral` and each command (subparsers take their parent's
+    class): a mistake is one line and exit 2, and a negative value such as `-1GB` is read as
+    the flag's value (then refused by the flag), not as an unknown flag."""
+
+    # argparse reads only -1 and -1.5 as values; sizes and exponents are values too.
+    NEGATIVE_VALUE = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*[a-zA-Z%]*$")
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = self.NEGATIVE_VALUE
+
+    def error(self, message: str) -> NoReturn:
+        line = " ".join(message.split())
+        print(f"{self.prog}: error: {line} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of `command`, one of `parser`'s subcommands."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
 def add_command(sub: argparse._SubParsersAction, name: str,
                 run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
     """A subcommand whose --help shows every default; it runs `run`."""
     summary, description = COMMANDS[name]
-    p = sub.add_parser(name, help=summary, description=description,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(name, help=summary, description=description)
     p.set_defaults(run=run)
     return p
 

@@ -6,16 +6,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..catalog.summary import summarize
-from ..loading.memory import USABLE_SHARE, machine_memory
 from ..model.config import ModelArgs, preset
 from ..units import human, size
 
 if TYPE_CHECKING:
     from ..loading.source import ModelSource
-
-# Affine quantization stores a float16 scale and bias per group of 64 weights: +0.5 bit.
-TABLE = [("float16", 16.0), ("8-bit", 8.5), ("6-bit", 6.5), ("4-bit", 4.5), ("3-bit", 3.5)]
-
 
 FORMATS = {"mistral-v3": "mistral-v3 ([INST] as control tokens; tool calls)",
            "mistral-v1": "mistral-v1 ([INST] as text)",
@@ -42,8 +37,7 @@ def chat_format_of(source: ModelSource) -> str:
         return "none (no usable tokenizer)"
 
 
-def describe(args: ModelArgs, name: str, source: ModelSource | None = None,
-             ranks: int = 1) -> str:
+def describe(args: ModelArgs, name: str, source: ModelSource | None = None) -> str:
     total, active = args.parameter_counts()
     kind = "sparse mixture of experts" if args.is_moe else "dense decoder"
     summary = summarize(source) if source is not None else None
@@ -51,8 +45,6 @@ def describe(args: ModelArgs, name: str, source: ModelSource | None = None,
         " (Mixtral-style)" if args.is_moe else " (Mistral-style)")
     kv_per_token = args.kv_bytes_per_token()  # float16
     kv_tokens = args.sliding_window or args.max_position_embeddings
-    memory = machine_memory()
-    usable = memory * USABLE_SHARE
     lines = [
         f"{name}",
         f"  architecture   {kind}",
@@ -73,22 +65,9 @@ def describe(args: ModelArgs, name: str, source: ModelSource | None = None,
         f"  window         {args.sliding_window or 'none (full attention)'}",
         f"  context        {args.max_position_embeddings} tokens",
         f"  vocabulary     {args.vocab_size}",
-        "",
-        f"  memory for the weights (this machine: {size(memory)}, about {size(usable)} usable):",
-        f"    {'precision':<10} {'weights':>10}  fits" + (
-            f"   per rank of {ranks} (tensor parallel)" if ranks > 1 else ""),
+        f"  KV cache       {size(kv_per_token)} per token (float16), "
+        f"{size(kv_per_token * kv_tokens)} at {kv_tokens} tokens",
     ]
-    # Split over ranks, each holds 1/N of every layer and the whole embeddings and head.
-    whole = args.vocab_size * args.hidden_size * (1 if args.tie_word_embeddings else 2)
-    for label, bits in TABLE:
-        weights = total * bits / 8
-        mine = (whole + (total - whole) / ranks) * bits / 8
-        row = f"    {label:<10} {size(weights):>10}  {'yes' if weights <= usable else 'no ':<3}"
-        if ranks > 1:
-            row += f"   {size(mine):>9}  {'yes' if mine <= usable else 'no'}"
-        lines.append(row)
-    lines.append(f"  KV cache (float16): {size(kv_per_token)} per token, "
-                 f"{size(kv_per_token * kv_tokens)} at {kv_tokens} tokens")
     return "\n".join(lines)
 
 
@@ -97,22 +76,30 @@ PLAN_OPTIONS = [("float16", None, None), ("8-bit", 8, 8), ("6-bit", 6, 6), ("4-b
                 ("mixed-3-4", 3, 4), ("3-bit", 3, 3), ("mixed-2-4", 2, 4)]
 
 
-def plans(args: ModelArgs, budget: int, machine: bool) -> str:
-    """For each precision: fully resident, paging with N expert slots per layer (and the
-    bytes read per token at the measured hit rate), or not at all; sizes as on a Mac
-    (float16 scales)."""
+def plans(args: ModelArgs, budget: int, machine: bool, ranks: int = 1) -> str:
+    """One memory table: for each precision, its weights (as on a Mac: float16 scales) and
+    whether it runs in `budget` fully resident, paging N expert slots per layer (and the bytes
+    read per token at the expected hit rate) or not at all; split over `ranks`, each rank's
+    share."""
     import mlx.core as mx
 
     from ..convert.plan import Plan
     from ..loading.memory_plan import plan_for
     from .bench_paging import DEFAULT_SOURCE, expected_hit_rate, measured_hit_rates
 
-    where = "this machine's usable memory" if machine else "--memory"
-    lines = [f"  plans for {size(budget)} ({where}), with a KV cache of at least 2048 tokens:",
-             f"    {'precision':<10} {'weights':>10}  runs"]
+    where = "available now on this machine" if machine else "--memory"
+    split = f"  {'per rank of ' + str(ranks):>15}  fits" if ranks > 1 else ""
+    lines = [f"  memory: {size(budget)} ({where}), with a KV cache of at least 2048 tokens"
+             + (f"; split over {ranks} ranks (tensor parallel), each holds the embeddings and "
+                "its share of every layer" if ranks > 1 else ""),
+             f"    {'precision':<10} {'weights':>10}{split}  runs"
+             + (" (on one machine)" if ranks > 1 else "")]
+    total, _ = args.parameter_counts()
+    whole = args.vocab_size * args.hidden_size * (1 if args.tie_word_embeddings else 2)
     for label, expert_bits, bits in PLAN_OPTIONS:
         plan = Plan(mx.float16, bits, 64, expert_bits=expert_bits if bits else None)
         experts, other = plan.estimate_parts(args)
+        weights = experts + other
         p = plan_for(args, budget, other, experts, mx.float16)
         if not p.fits:
             how = "no (too big" + (", even paged)" if args.is_moe else ")")
@@ -123,7 +110,11 @@ def plans(args: ModelArgs, budget: int, machine: bool) -> str:
             per_token = p.layers * p.top_k * (1 - hit) * p.expert
             how = (f"paging: {p.slots} of {p.experts} experts per layer in memory, about "
                    f"{size(per_token)} read per token (hit rate {hit:.0%})")
-        lines.append(f"    {label:<10} {size(experts + other):>10}  {how}")
+        row = f"    {label:<10} {size(weights):>10}"
+        if ranks > 1:
+            mine = weights * (whole + (total - whole) / ranks) / total
+            row += f"  {size(mine):>15}  {'yes' if mine <= budget else 'no ':<4}"
+        lines.append(f"{row}  {how}")
     if args.is_moe:  # the plans use the defaults; a measurement here is shown, labelled
         lines += [f"  {DEFAULT_SOURCE}"] + [f"  {m}" for m in [measured_hit_rates()] if m]
     return "\n".join(lines)
@@ -132,14 +123,14 @@ def plans(args: ModelArgs, budget: int, machine: bool) -> str:
 def info(model: str | None = None, preset_name: str | None = None, ranks: int = 1,
          memory: int | None = None) -> str:
     if preset_name:
-        args, text = preset(preset_name), describe(preset(preset_name), preset_name,
-                                                   ranks=ranks)
+        args, text = preset(preset_name), describe(preset(preset_name), preset_name)
     else:
         from ..loading import default_model
 
         model = model or default_model()
         source = source_of(model)
-        args, text = source.args, describe(source.args, Path(model).name or model, source,
-                                           ranks)
-    budget = memory or int(machine_memory() * USABLE_SHARE)
-    return f"{text}\n{plans(args, budget, memory is None)}"
+        args, text = source.args, describe(source.args, Path(model).name or model, source)
+    from ..loading.memory import available_memory  # read now: `list` and the load check ask it
+
+    budget = memory or available_memory()
+    return f"{text}\n\n{plans(args, budget, memory is None, ranks)}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..catalog.local import LocalModel, local_models
-from ..loading.memory import available_memory
 from ..units import size
 
 
@@ -28,4 +27,6 @@ def fit_word(model: LocalModel, have: int) -> str:
 
 
 def list_main() -> str:
+    from ..loading.memory import available_memory  # read now: `info` and the load check ask it
+
     return model_table(local_models(), available_memory())

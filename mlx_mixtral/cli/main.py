@@ -9,7 +9,7 @@ from .. import __version__
 from ..errors import DistributedError, MlxMixtralError
 from .bench_command import add_bench
 from .chat import add_chat
-from .commands import COMMANDS
+from .commands import COMMANDS, Parser, command_parser
 from .flags import with_flags
 from .generate import add_generate
 from .load_model import load_model_for_cli
@@ -23,11 +23,8 @@ EXIT_LOST_RANK = 1  # under mlx.launch: another rank stopped
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mlx-mixtral",
-        description="Run Mistral and Mixtral models locally on MLX.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = Parser(prog="mlx-mixtral",
+                    description="Run Mistral and Mixtral models locally on MLX.")
     parser.add_argument("--version", action="version", version=f"mlx-mixtral {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_chat(sub)
@@ -45,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
         argv = ["chat", *argv]  # no command: chat, the main job (`mlx-mixtral --model M`)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # refused by the command, as its other mistakes are, not by `mlx-mixtral`
+        command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except MlxMixtralError as e:

@@ -117,6 +117,27 @@ def default_model() -> str:
     return str(demo)
 
 
+def model_identity(name: str) -> str:
+    """One name per model file, however it was spelled: "demo" for the demo's file, a local
+    file or folder as its resolved path, a repo id or ollama: name as given. Lists and chats
+    compare models by it."""
+    from ..demo import demo_model_path
+
+    path = Path(name).expanduser()
+    if name == DEMO_NAME or not path.exists():
+        return name
+    demo = demo_model_path()
+    if demo is not None and path.resolve() == demo.resolve():
+        return DEMO_NAME
+    return str(path.resolve())
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two names are one model: one identity, or files of one name (a folder that
+    moved since a chat was held with it)."""
+    return model_identity(a) == model_identity(b) or Path(a).name == Path(b).name
+
+
 def resolve(path_or_repo: str | Path) -> Path:
     """A local file or folder for what the user named."""
     if isinstance(path_or_repo, str) and path_or_repo.startswith("ollama:"):

@@ -208,10 +208,14 @@ def _too_small(source: ModelSource, plan: MemoryPlan, need: int) -> str:
                "use an MLX folder of the model, or ")
         return (f"max_memory={size(plan.budget)} is too small for {source.path.name} "
                 f"({size(need)} with a {plan.context}-token KV cache); {why}raise the budget")
+    weights = "weights besides the experts" if source.args.is_moe else "weights"
+    # A GGUF loads as its file is quantized; a safetensors folder can be converted.
+    fewer_bits = ("or use a GGUF file quantized with fewer bits" if source.format == "gguf"
+                  else "or convert with fewer bits")
     return (f"max_memory={size(plan.budget)} is too small for {source.path.name}: it needs "
-            f"at least {size(need)} ({size(plan.resident)} of weights besides the experts, "
+            f"at least {size(need)} ({size(plan.resident)} of {weights}, "
             f"{what}a {plan.context}-token KV cache and working memory); give "
-            f"max_memory={flag_size(need)} or more, or convert with fewer bits")
+            f"max_memory={flag_size(need)} or more, {fewer_bits}")
 
 
 def flag_size(n: int) -> str:

@@ -105,5 +105,18 @@ def describe(path: Path) -> ModelSource:
         raise WeightsError(f"{path}: pickled weights are refused (unpickling can run code); "
                            "use the model's safetensors or GGUF files")
     if not is_gguf(path):
-        raise WeightsError(f"{path}: not a GGUF file; give a .gguf file or a model folder")
+        raise WeightsError(_not_a_model_file(path))
     return _describe_gguf(path)
+
+
+def _not_a_model_file(path: Path) -> str:
+    """What to give instead of a file that is neither a GGUF nor a folder: a weights file
+    alone has no config, so its folder is the model."""
+    expected = "a model is a folder with config.json and its .safetensors weights, or a .gguf file"
+    if path.suffix == ".gguf":
+        return f"{path}: not a GGUF file (it does not begin as one); download it again"
+    if path.suffix == ".safetensors":
+        here = (f"; give its folder, {path.parent}" if (path.parent / "config.json").is_file()
+                else "")
+        return f"{path}: a single weights file is not a model: {expected}{here}"
+    return f"{path}: not a model file: {expected}"

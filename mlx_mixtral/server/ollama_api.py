@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -26,6 +26,9 @@ from .schemas import (
     error_responses,
 )
 from .service import APIError, Service, collect, service_of
+
+if TYPE_CHECKING:
+    from ..catalog.summary import ModelSummary
 
 router = APIRouter(prefix="/api", responses=error_responses(OllamaError))
 
@@ -159,6 +162,17 @@ def _details(service: Service) -> dict[str, Any]:
             "parameter_size": s.parameter_size, "quantization_level": s.stored_as}
 
 
+def _model_info(s: ModelSummary, context: int) -> dict[str, Any]:
+    """Ollama's model_info: GGUF keys under the model's own architecture, the experts' only
+    for a mixture of experts."""
+    arch = s.family
+    info = {"general.architecture": arch, "general.parameter_count": s.parameters,
+            f"{arch}.context_length": context, f"{arch}.block_count": s.layers}
+    if s.experts:
+        info |= {f"{arch}.expert_count": s.experts, f"{arch}.expert_used_count": s.top_k}
+    return info
+
+
 def _modified(service: Service) -> str:
     return datetime.fromtimestamp(service.created, timezone.utc).isoformat()
 
@@ -178,10 +192,7 @@ async def show(body: OllamaShowRequest, request: Request):
     s = service.described()
     return {"modelfile": "", "parameters": "", "template": "",
             "details": _details(service),
-            "model_info": {"general.architecture": s.family,
-                           "general.parameter_count": s.parameters,
-                           "llama.context_length": service.context,
-                           "llama.block_count": s.layers, "llama.expert_count": s.experts},
+            "model_info": _model_info(s, service.context),
             "capabilities": ["completion"] + (["tools"] if service.calls_tools else []),
             "modified_at": _modified(service)}
 
