@@ -60,7 +60,8 @@ def test_generate_reads_the_headers_once(reads, capsys):
 
 
 def test_serve_reads_the_headers_once(reads, monkeypatch, capsys):
-    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: None)  # serves nothing, ends
+    monkeypatch.setattr("mlx_mixtral.server.http_server.run_http",
+                        lambda *args, **kwargs: None)  # serves nothing, ends
     assert main(["serve", "--model", str(DEMO)]) == 0
     assert "Serving" in capsys.readouterr().err
     assert reads() == ONCE
