@@ -78,3 +78,33 @@ def tiny_v3_mixtral(folder: Path) -> Path:
              max_position_embeddings=1024)
     shutil.copy(V3_TOKENIZER, folder / "tokenizer.model")
     return folder
+
+
+# Experts are almost all of it (as in Mixtral): at 40% of its size it pages 4 of 16 experts per
+# layer and has a few MB left for kept caches. Word-level tokens t1..t127 (t2 ends a reply).
+PAGED = dict(model_type="mixtral", vocab_size=128, hidden_size=256, intermediate_size=2048,
+             num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=1,
+             num_local_experts=16, num_experts_per_tok=2, max_position_embeddings=4096,
+             rope_theta=1e4)
+
+
+def paged_mixtral(root: Path) -> Path:
+    """A random 4-bit Mixtral (MLX folder, about 127 MB) whose experts can be paged."""
+    import mlx.core as mx
+    from conftest import tiny_tokenizer
+
+    from mlx_mixtral.convert import convert
+    from mlx_mixtral.convert.synthetic import write_hf_checkpoint
+    from mlx_mixtral.model.config import ModelArgs
+
+    write_hf_checkpoint(root / "hf", ModelArgs.from_dict(PAGED), dtype=mx.bfloat16)
+    tiny_tokenizer().save_pretrained(root / "hf")
+    convert(root / "hf", root / "q4", quantize=True, q_bits=4, progress=False)
+    return root / "q4"
+
+
+def peak_rss(pid: int) -> tuple[int, int]:
+    """(resident now, resident at most so far) of a process, in bytes (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
+                  .splitlines() if ":" in line)
+    return tuple(int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM"))

@@ -1,7 +1,8 @@
 """OpenAI's API: /v1/chat/completions, /v1/completions and /v1/models.
 
 Streamed replies are server-sent events of `chat.completion.chunk` objects ending in
-`data: [DONE]`; with `stream_options.include_usage` a last chunk carries the usage.
+`data: [DONE]`; with `stream_options.include_usage` a last chunk carries the usage. Every reply
+carries llama.cpp's `timings` (the last chunk of a stream, the one that says why it ended).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sse_starlette.sse import EventSourceResponse
 from ..generation.sampling import requested
 from ..generation.stats import Chunk, Stats
 from ..text.tools import ToolCallReply
+from .metrics import timings
 from .schemas import (
     STREAMS,
     ChatRequest,
@@ -117,7 +119,7 @@ async def chat_completions(body: ChatRequest, request: Request):
             "choices": [{"index": 0, "message": message, "finish_reason": finish,
                          "logprobs": {"content": content_logprobs}
                          if logprobs is not None else None}],
-            "usage": _usage(len(ids), done)}
+            "usage": _usage(len(ids), done), "timings": timings(done)}
 
 
 async def _first_event(events: AsyncIterator) -> Any:
@@ -132,11 +134,14 @@ async def _first_event(events: AsyncIterator) -> Any:
 async def _chat_stream(service: Service, first: Any, events: AsyncIterator, head: dict,
                        prompt: int, include_usage: bool,
                        tool_calls: ToolCallReply) -> AsyncIterator[dict[str, str]]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, str]:
+    def chunk(delta: dict[str, Any], finish: str | None = None,
+              timings: dict[str, Any] | None = None, **extra: Any) -> dict[str, str]:
         data = {**head, "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **extra}]}
         if include_usage:
             data["usage"] = None
+        if timings is not None:
+            data["timings"] = timings
         return {"data": json.dumps(data)}
 
     yield chunk({"role": "assistant", "content": ""})
@@ -172,10 +177,10 @@ async def _chat_stream(service: Service, first: Any, events: AsyncIterator, head
         finish = "tool_calls"
     elif held:
         yield chunk({"content": "".join(held)})
-    yield chunk({}, finish)
+    yield chunk({}, finish, timings=timings(done))
     if include_usage:
         data = {**head, "object": "chat.completion.chunk", "choices": [],
-                "usage": _usage(prompt, done)}
+                "usage": _usage(prompt, done), "timings": timings(done)}
         yield {"data": json.dumps(data)}
     yield {"data": "[DONE]"}
 
@@ -221,15 +226,15 @@ async def completions(body: CompletionRequest, request: Request):
                 if body.logprobs is not None else None)
     return {**head, "choices": [{"index": 0, "text": text, "logprobs": logprobs,
                                  "finish_reason": _finish(done.finish_reason)}],
-            "usage": _usage(len(ids), done)}
+            "usage": _usage(len(ids), done), "timings": timings(done)}
 
 
 async def _completion_stream(first: Any, events: AsyncIterator, head: dict, echo: str,
                              prompt: int, body: CompletionRequest
                              ) -> AsyncIterator[dict[str, str]]:
-    def piece(text: str, finish: str | None = None) -> dict[str, str]:
+    def piece(text: str, finish: str | None = None, **extra: Any) -> dict[str, str]:
         return {"data": json.dumps({**head, "choices": [
-            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})}
+            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}], **extra})}
 
     if echo:
         yield piece(echo)
@@ -246,9 +251,10 @@ async def _completion_stream(first: Any, events: AsyncIterator, head: dict, echo
         await events.aclose()
     if event is None:
         return
-    yield piece("", _finish(event.finish_reason))
+    yield piece("", _finish(event.finish_reason), timings=timings(event))
     if body.stream_options and body.stream_options.include_usage:
-        yield {"data": json.dumps({**head, "choices": [], "usage": _usage(prompt, event)})}
+        yield {"data": json.dumps({**head, "choices": [], "usage": _usage(prompt, event),
+                                   "timings": timings(event)})}
     yield {"data": "[DONE]"}
 
 
