@@ -179,6 +179,7 @@ def create_app(service: Service, guards: Guards | None = None) -> FastAPI:
                            "mlx_peak": mx.get_peak_memory(),
                            "prompt_cache": service.worker.pool.nbytes,
                            "prompt_cache_budget": service.worker.pool.budget,
+                           "prompt_cache_evicted": service.worker.pool.evicted,
                            "resident": resident_bytes()}}
 
     @app.get("/metrics", include_in_schema=False)

@@ -13,7 +13,7 @@ responses and Ollama's duration fields alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -66,21 +66,34 @@ def timings(stats: Stats) -> dict[str, float | int]:
             "predicted_per_second": per_second(predicted_ms, stats.generation_tokens)}
 
 
-class _PagerCollector(Collector):
-    """The expert pager's counts, read at each scrape (it keeps them itself)."""
+# Counts that another part keeps itself, read at each scrape: (name, help, value) each.
+Counts = Callable[[], Sequence[tuple[str, str, float]]]
 
-    def __init__(self, pager: Any) -> None:
-        self.pager = pager
+
+class _Counted(Collector):
+    def __init__(self, counts: Counts) -> None:
+        self.counts = counts
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        total = self.pager.stats.total()
-        for name, doc, value in (
-                ("expert_cache_needed", "experts the router chose, per layer and pass",
+        for name, doc, value in self.counts():
+            yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+def pager_counts(pager: Any) -> Counts:
+    def counts() -> Sequence[tuple[str, str, float]]:
+        total = pager.stats.total()
+        return (("expert_cache_needed", "experts the router chose, per layer and pass",
                  total.needed),
                 ("expert_cache_hits", "of those, already in memory", total.hits),
                 ("expert_reads", "experts read from disk (misses and prefetches)", total.reads),
-                ("expert_read_bytes", "bytes of experts read from disk", total.bytes_read)):
-            yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+                ("expert_read_bytes", "bytes of experts read from disk", total.bytes_read))
+
+    return counts
+
+
+def pool_counts(pool: Any) -> Counts:
+    return lambda: (("prompt_cache_evictions", "kept caches dropped to stay within the "
+                     "prompt-cache budget", pool.evicted),)
 
 
 class ServerMetrics:
@@ -113,10 +126,9 @@ class ServerMetrics:
                              "between one token of a reply and the next",
                              buckets=ITL_BUCKETS, registry=r)
 
-    def watch_pager(self, pager: Any) -> None:
-        """Expose an expert pager's counts (a model whose experts are paged)."""
-        if pager is not None:
-            self.registry.register(_PagerCollector(pager))
+    def watch_counts(self, counts: Counts) -> None:
+        """Expose counts kept elsewhere (the expert pager's, the prompt-cache pool's)."""
+        self.registry.register(_Counted(counts))
 
     def watch(self, emit: Callable[[Chunk | Stats], None]) -> Callable[[Chunk | Stats], None]:
         """`emit` with the job's tokens and times counted on the way (the worker's thread)."""

@@ -18,7 +18,7 @@ from ..errors import MlxMixtralError
 from ..generation.sampling import SamplingParams
 from ..generation.stats import Chunk, Stats
 from ..text.tools import can_call_tools, mistral_v3_tool_ids
-from .metrics import ServerMetrics
+from .metrics import ServerMetrics, pager_counts, pool_counts
 from .worker import LOST, STOPPING, Job, QueueFull, Worker
 
 POLL_SECONDS = 0.5  # how often a waiting request checks that its client is still there
@@ -70,7 +70,11 @@ class Service:
     def __post_init__(self) -> None:
         from ..model.limits import limits_of
 
-        self.metrics.watch_pager(limits_of(self.model).expert_pager)
+        pager, pool = limits_of(self.model).expert_pager, getattr(self.worker, "pool", None)
+        if pager is not None:
+            self.metrics.watch_counts(pager_counts(pager))
+        if pool is not None:
+            self.metrics.watch_counts(pool_counts(pool))
 
     def described(self) -> ModelSummary:
         """The model as Ollama's /api/tags and /api/show describe it."""
