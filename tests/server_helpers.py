@@ -71,6 +71,22 @@ class Server:
         return err
 
 
+def scrape(server: Server, key: str | None = None) -> dict[str, float]:
+    """Every sample of /metrics, read with prometheus_client's parser, by name and labels:
+    'name{label=value,...}' -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = httpx.get(server.url + "/metrics", headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    samples = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return samples
+
+
 def tiny_v3_mixtral(folder: Path) -> Path:
     """A random tiny Mixtral with the real Mistral v3 tokenizer (control tokens for [INST] and
     tools): garbage text, real formats."""

@@ -14,27 +14,20 @@ import httpx
 import ollama
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from server_helpers import Server, free_port, paged_mixtral, peak_rss, tiny_v3_mixtral
+from server_helpers import (
+    Server,
+    free_port,
+    paged_mixtral,
+    peak_rss,
+    scrape,
+    tiny_v3_mixtral,
+)
 
 from mlx_mixtral.loading import describe
 from mlx_mixtral.loading.memory import load_bytes
 
-KEY = "sesame"
+KEY = "sesame"  # the API key of the `tiny` server
 HI = [{"role": "user", "content": "Say something."}]
-
-
-def scrape(server: Server, key: str | None = KEY) -> dict[str, float]:
-    """Every sample of /metrics by name and labels: 'name{label=value,...}' -> value."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    r = httpx.get(server.url + "/metrics", headers=headers, timeout=30)
-    assert r.status_code == 200, r.text
-    samples = {}
-    for family in text_string_to_metric_families(r.text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return samples
 
 
 def check_timings(timings: dict, usage) -> None:
@@ -86,7 +79,7 @@ def test_metrics_add_up_to_what_the_clients_got(tiny):
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="nope", messages=HI)
 
-    m = scrape(tiny)
+    m = scrape(tiny, KEY)
     prompt = sum(u.prompt_tokens for u in usages)
     cached = sum(u.prompt_tokens_details.cached_tokens for u in usages)
     generated = sum(u.completion_tokens for u in usages) + said.eval_count
