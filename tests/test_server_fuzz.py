@@ -14,6 +14,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 from server_helpers import tiny_v3_mixtral
 
@@ -49,7 +50,10 @@ def app(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def api_schema(app):
-    return schemathesis.openapi.from_asgi("/openapi.json", app)
+    # The coverage phase's ~1,000 boundary bodies each run the model now; the examples and
+    # the fuzzing phase keep the test within a minute or two.
+    config = SchemathesisConfig.from_dict({"phases": {"coverage": {"enabled": False}}})
+    return schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
@@ -81,6 +85,13 @@ def check_reply(path: str, response) -> None:
         kind.model_validate(obj)
 
 
+def _number(value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+
+
 @pytest.mark.slow
 @schema.parametrize()
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
@@ -92,8 +103,8 @@ def test_no_server_errors_and_no_schema_violations(case):
         options = options if isinstance(options, dict) else {}
         for where, name in ((case.body, "max_tokens"), (case.body, "max_completion_tokens"),
                             (options, "num_predict")):
-            if isinstance(where.get(name), int):
-                where[name] = min(where[name], 4)
+            if _number(where.get(name)) > 4:  # Pydantic also takes 1e9 and "999" for ints
+                where[name] = 4
         # KNOWN BUG (found by this test once it reached the model; its fix belongs in
         # generation/sampling.py's SETTINGS, which another change rewrites): a repetition
         # penalty that is 0 in float32 (5e-324) divides the logits by 0, a 500 (NaN logits).
