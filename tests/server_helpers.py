@@ -71,6 +71,22 @@ class Server:
         return err
 
 
+def scrape(server: Server, key: str | None = None) -> dict[str, float]:
+    """Every sample of /metrics, read with prometheus_client's parser, by name and labels:
+    'name{label=value,...}' -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = httpx.get(server.url + "/metrics", headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    samples = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return samples
+
+
 def tiny_v3_mixtral(folder: Path) -> Path:
     """A random tiny Mixtral with the real Mistral v3 tokenizer (control tokens for [INST] and
     tools): garbage text, real formats."""
@@ -78,3 +94,33 @@ def tiny_v3_mixtral(folder: Path) -> Path:
              max_position_embeddings=1024)
     shutil.copy(V3_TOKENIZER, folder / "tokenizer.model")
     return folder
+
+
+# Experts are almost all of it (as in Mixtral): at 40% of its size it pages 3 of 12 experts per
+# layer and has a few MB left for kept caches. Word-level tokens t1..t127 (t2 ends a reply).
+PAGED = dict(model_type="mixtral", vocab_size=128, hidden_size=256, intermediate_size=4096,
+             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+             num_local_experts=12, num_experts_per_tok=2, max_position_embeddings=4096,
+             rope_theta=1e4)
+
+
+def paged_mixtral(root: Path) -> Path:
+    """A random 4-bit Mixtral (MLX folder, about 95 MB) whose experts can be paged."""
+    import mlx.core as mx
+    from conftest import tiny_tokenizer
+
+    from mlx_mixtral.convert import convert
+    from mlx_mixtral.convert.synthetic import write_hf_checkpoint
+    from mlx_mixtral.model.config import ModelArgs
+
+    write_hf_checkpoint(root / "hf", ModelArgs.from_dict(PAGED), dtype=mx.bfloat16)
+    tiny_tokenizer().save_pretrained(root / "hf")
+    convert(root / "hf", root / "q4", quantize=True, q_bits=4, progress=False)
+    return root / "q4"
+
+
+def peak_rss(pid: int) -> tuple[int, int]:
+    """(resident now, resident at most so far) of a process, in bytes (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
+                  .splitlines() if ":" in line)
+    return tuple(int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM"))

@@ -36,10 +36,11 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    "(or set $MLX_MIXTRAL_API_KEY)")
     p.add_argument("--model-id", default=None,
                    help="the model's name in the API (default: the folder or file name)")
-    p.add_argument("--prompt-cache-bytes", default=f"{PROMPT_CACHE_BYTES / 1e9:g}GB",
-                   metavar="SIZE",
+    p.add_argument("--prompt-cache-bytes", default=None, metavar="SIZE",
                    help="KV caches kept between requests, so a conversation's next turn "
-                   "prefills only what is new; least recently used go first")
+                   "prefills only what is new; least recently used go first (default: "
+                   f"{PROMPT_CACHE_BYTES / 1e9:g}GB; within --max-memory, at most half the "
+                   "room the model leaves, and a size that does not fit is refused)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="requests waiting or running at most; more get 503")
     p.add_argument("--decode-concurrency", type=int, default=DECODE_CONCURRENCY, metavar="N",
@@ -66,6 +67,16 @@ def _size(text: str, flag: str) -> int:
         return int(text) if text.isdigit() else parse_size(text)
     except ValueError as e:
         raise MlxMixtralError(f"{flag}: {e}") from None
+
+
+def pool_wanted(args: argparse.Namespace) -> tuple[int, bool]:
+    """(bytes for the prompt-cache pool, whether they may shrink to fit a memory budget: they
+    may unless the user gave them)."""
+    from ..generation.kv import PROMPT_CACHE_BYTES
+
+    if args.prompt_cache_bytes is None:
+        return PROMPT_CACHE_BYTES, True
+    return _size(args.prompt_cache_bytes, "--prompt-cache-bytes"), False
 
 
 def model_name(given: str | None, name: str) -> str:
@@ -95,7 +106,13 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
     from ..server.service import Service
     from ..server.worker import Worker
 
-    pool_budget = _size(args.prompt_cache_bytes, "--prompt-cache-bytes")
+    # Within a budget the pool has the share the plan carved out for it, and MLX's buffer
+    # cache keeps no more than the running requests may use.
+    pool_budget = plan.memory.reserved if plan.memory is not None else pool_wanted(args)[0]
+    if plan.memory is not None:
+        import mlx.core as mx
+
+        mx.set_cache_limit(plan.memory.cache_limit)
     max_body = _size(args.max_body, "--max-body")
     for flag, value in (("--max-queue", args.max_queue),
                         ("--decode-concurrency", args.decode_concurrency),
@@ -193,8 +210,10 @@ def run_serve(args: argparse.Namespace) -> int:
         if lockstep.leader:
             check_port(args.host, args.port)  # rank 0 listens
 
+    reserve, shrink = pool_wanted(args)
     plan = plan_for_cli(args.model, args.force, args.dtype, group, args.pipeline,
-                        args.max_memory)  # one line before anything loads, if it cannot
+                        args.max_memory, reserve, shrink)  # one line before loading, if it
+    # cannot (a --prompt-cache-bytes that does not fit in --max-memory too)
     try:
         return serve(args, plan, sampling, kv, lockstep)
     except MlxMixtralError:

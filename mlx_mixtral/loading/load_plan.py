@@ -55,9 +55,12 @@ class LoadPlan:
 def plan_load(name: str | Path | None = None, *, force: bool = False,
               dtype: str | mx.Dtype | None = None, group: mx.distributed.Group | None = None,
               pipeline: bool = False, max_memory: int | str | None = None,
-              context: int | None = None, page_experts: bool = True) -> LoadPlan:
+              context: int | None = None, page_experts: bool = True,
+              reserve: int = 0, shrink: bool = False) -> LoadPlan:
     """The plan for loading `name` (see the module doc and `loader.load` for the arguments);
-    anything that cannot load is refused here, before a tensor is read."""
+    anything that cannot load is refused here, before a tensor is read. Within a budget,
+    `reserve` bytes are kept aside for KV caches kept between requests (`shrink`: fewer if
+    they do not fit, else refused; memory_plan.plan_memory)."""
     name = name or default_model()
     source = describe(resolve(name))
     ranks = group.size() if group is not None else 1
@@ -68,10 +71,10 @@ def plan_load(name: str | Path | None = None, *, force: bool = False,
             raise MemoryLimitError("max_memory does not combine with mlx.launch yet; split "
                                    "the model over the ranks, or page its experts on one machine",
                                    params=("max_memory",))
-        memory = plan_memory(source, budget_bytes(max_memory), dtype, context)
+        memory = plan_memory(source, budget_bytes(max_memory), dtype, context, reserve, shrink)
     elif ranks > 1 or not page_experts:
         check_fits(source, force, dtype, ranks)
     else:
-        memory = automatic_plan(source, force, dtype, context)
+        memory = automatic_plan(source, force, dtype, context, reserve, shrink)
         automatic = memory is not None
     return LoadPlan(str(name), source, dtype, group, pipeline, memory, automatic)

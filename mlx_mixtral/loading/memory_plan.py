@@ -5,7 +5,9 @@ The budget holds, in MLX's own accounting (`mx.get_peak_memory`):
 - every weight that is not an expert (attention, embeddings, head, norms, routers);
 - `slots` experts per layer, fixed arrays reused in place;
 - the KV cache for at least `context` tokens;
-- working memory for a prefill chunk, which sets the chunk size (at most a tenth of the budget).
+- working memory for a prefill chunk, which sets the chunk size (at most a tenth of the budget);
+- a reserve, carved out first, for KV caches kept between requests (the server's prompt-cache
+  pool): the model plans within what is left.
 
 What is left bounds the context: a conversation may grow only as long as its KV cache and the
 prefill's attention over it still fit (`context_limit`).
@@ -14,7 +16,7 @@ prefill's attention over it still fit (`context_limit`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
@@ -60,6 +62,7 @@ class MemoryPlan:
     workspace: int
     slots: int  # experts in memory per layer
     context_limit: int  # the longest context the budget holds (<= the model's own)
+    reserved: int = 0  # kept aside for KV caches kept between requests
 
     @property
     def paging(self) -> bool:
@@ -77,11 +80,24 @@ class MemoryPlan:
 
     @property
     def kv_room(self) -> int:
-        return self.budget - self.resident - self.slot_bytes - self.workspace
+        return self.budget - self.reserved - self.resident - self.slot_bytes - self.workspace
+
+    @property
+    def spare(self) -> int:
+        """Room beyond the minimal KV cache (the longer contexts it allows)."""
+        return max(self.kv_room - self.kv_per_token * self.context, 0)
+
+    @property
+    def cache_limit(self) -> int:
+        """MLX's buffer cache may keep what the running requests' KV caches and working memory
+        may use: freed there, it is reused there (weights and kept caches stay allocated)."""
+        return max(self.kv_room + self.workspace, 0)
 
     def __str__(self) -> str:
         kv = (f"{size(self.kv_room)} left for the KV cache (a context of "
               f"{self.context_limit:,} tokens)")
+        if self.reserved:
+            kv += f", {size(self.reserved)} for caches kept between requests"
         if not self.paging:
             return (f"Memory plan for {size(self.budget)}: the whole model is resident "
                     f"({size(self.resident + self.slot_bytes)}), {kv}")
@@ -116,19 +132,36 @@ def model_sizes(source: ModelSource, dtype: str | mx.Dtype | None = None) -> tup
 
 
 def plan_memory(source: ModelSource, budget: int, dtype: str | mx.Dtype | None = None,
-                context: int | None = None) -> MemoryPlan:
-    """The plan for `budget` bytes; MemoryLimitError (with the minimum) if none runs."""
+                context: int | None = None, reserve: int = 0,
+                shrink: bool = False) -> MemoryPlan:
+    """The plan for `budget` bytes, `reserve` of them kept aside for caches kept between
+    requests; MemoryLimitError (with the minimum) if none runs. With `shrink` the reserve is
+    at most half the room the model leaves beyond its minimal KV cache, instead of refused."""
     resident, experts = model_sizes(source, dtype)
-    plan = plan_for(source.args, budget, resident, experts, target_dtype(dtype), context)
+
+    def planned(kept: int) -> MemoryPlan:
+        return plan_for(source.args, budget, resident, experts, target_dtype(dtype), context,
+                        kept)
+
+    if shrink:
+        reserve = min(reserve, planned(0).spare // 2)
+    plan = planned(reserve)
     if not plan.fits:
-        raise MemoryLimitError(_too_small(source, plan, minimum_budget(source, dtype, context)),
-                               params=("max_memory",))
+        need = minimum_budget(source, dtype, context)
+        if reserve and planned(0).fits:
+            raise MemoryLimitError(
+                f"prompt_cache_bytes={size(reserve)} does not fit in max_memory="
+                f"{size(budget)}: {source.path.name} needs {size(need)} of it, so at most "
+                f"{size(budget - need)} is left for kept caches; give less, or raise "
+                "max_memory", params=("prompt_cache_bytes", "max_memory"))
+        raise MemoryLimitError(_too_small(source, plan, need), params=("max_memory",))
     return plan
 
 
 def automatic_plan(source: ModelSource, force: bool = False,
                    dtype: str | mx.Dtype | None = None,
-                   context: int | None = None) -> MemoryPlan | None:
+                   context: int | None = None, reserve: int = 0,
+                   shrink: bool = False) -> MemoryPlan | None:
     """The plan for a model given no budget, as Ollama offloads what the GPU cannot hold: None
     when the model fits the available memory (or `force` loads it whole); a plan within the
     available memory when it does not but paging its experts runs there. Otherwise
@@ -141,7 +174,7 @@ def automatic_plan(source: ModelSource, force: bool = False,
             raise
     have, least = memory.available_memory(), minimum_budget(source, dtype, context)
     if least <= have:
-        return plan_memory(source, have, dtype, context)
+        return plan_memory(source, have, dtype, context, reserve, shrink)
     check_fits(source, dtype=dtype,  # the same refusal, with one more way out
                other_way=f"page its experts from disk (that needs at least {size(least)}), ")
     return None  # memory was freed meanwhile: it fits after all
@@ -169,8 +202,13 @@ def minimum_budget(source: ModelSource, dtype: str | mx.Dtype | None = None,
 
 
 def plan_for(args: ModelArgs, budget: int, resident: int, experts_total: int,
-             target: mx.Dtype | None, context: int | None = None) -> MemoryPlan:
-    """The plan from sizes alone (`experts_total` 0: nothing can be paged); check `.fits`."""
+             target: mx.Dtype | None, context: int | None = None,
+             reserve: int = 0) -> MemoryPlan:
+    """The plan from sizes alone (`experts_total` 0: nothing can be paged); check `.fits`.
+    The model plans within the budget less the `reserve`."""
+    if reserve:
+        plan = plan_for(args, max(budget - reserve, 1), resident, experts_total, target, context)
+        return replace(plan, budget=budget, reserved=reserve)
     kv = args.kv_bytes_per_token((target or mx.float16).size)
     context = min(context or MIN_CONTEXT, args.sliding_window or args.max_position_embeddings,
                   args.max_position_embeddings)

@@ -41,6 +41,7 @@ class CachePool:
         self.entries: OrderedDict[int, Entry] = OrderedDict()  # least recently used first
         self.lock = threading.Lock()
         self._next = 0
+        self.evicted = 0  # entries dropped to keep within the budget
 
     @property
     def nbytes(self) -> int:
@@ -80,6 +81,7 @@ class CachePool:
             self._next += 1
             while self.nbytes > self.budget:
                 self.entries.popitem(last=False)
+                self.evicted += 1
 
     def clear(self) -> None:
         with self.lock:

@@ -1,8 +1,9 @@
-"""The ASGI application: both APIs, /health, and what guards them.
+"""The ASGI application: both APIs, /health, /metrics, and what guards them.
 
 - Bodies over `max_body` bytes get a 413 before they are read whole.
 - With an API key, every path but /health needs `Authorization: Bearer KEY`.
 - CORS is off unless origins are given.
+- Every answer is counted by path and status for /metrics (server/metrics.py).
 - Every error is an OpenAI error object under /v1 (Ollama's {"error": ...} under /api), with a
   4xx status for the client's mistakes. Nothing answers with a traceback: an unexpected failure
   is a 500 with one line, and the log has the rest.
@@ -18,12 +19,13 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from . import DEFAULT_MAX_BODY, ollama_api, openai_api
+from .metrics import ServerMetrics, occupancy
 from .service import APIError, Service
 
 log = logging.getLogger("mlx_mixtral.server")
@@ -122,6 +124,29 @@ class ApiKey:
         await self.app(scope, receive, send)
 
 
+class CountAnswers:
+    """Each answer's path and status into the metrics (the guards' 401 and 413 too)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # what an exception that escapes everything becomes
+
+        async def seen(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, seen)
+        finally:
+            self.metrics.answered(scope["path"], status)
+
+
 def resident_bytes() -> int:
     """The process's resident memory now (Linux), else its peak."""
     try:
@@ -145,15 +170,28 @@ def create_app(service: Service, guards: Guards | None = None) -> FastAPI:
         import mlx.core as mx
 
         worker = service.worker
+        running, waiting, capacity = occupancy(worker)
         return {"status": "ok", "model": service.model_id,
-                "queue": {"running": worker.running, "waiting": worker.waiting,
+                "queue": {"running": running, "waiting": waiting, "capacity": capacity,
                           "max": worker.max_queue, "served": worker.served,
                           "forward_passes": worker.forward_calls},
                 "memory": {"mlx_active": mx.get_active_memory(),
                            "mlx_cache": mx.get_cache_memory(),
+                           "mlx_peak": mx.get_peak_memory(),
                            "prompt_cache": service.worker.pool.nbytes,
                            "prompt_cache_budget": service.worker.pool.budget,
+                           "prompt_cache_evicted": service.worker.pool.evicted,
                            "resident": resident_bytes()}}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(service.metrics.exposition(service.worker),
+                        media_type=CONTENT_TYPE_LATEST)
+
+    service.metrics.paths = {"/health", "/metrics", *(
+        r.path for router in (openai_api.router, ollama_api.router) for r in router.routes)}
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -190,5 +228,6 @@ def create_app(service: Service, guards: Guards | None = None) -> FastAPI:
 
         app.add_middleware(CORSMiddleware, allow_origins=list(guards.cors_origins),
                            allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(CountAnswers, metrics=service.metrics)  # outermost: sees every answer
     return app
 

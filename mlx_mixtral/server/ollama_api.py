@@ -16,6 +16,7 @@ from .. import __version__
 from ..generation.sampling import requested
 from ..generation.stats import Stats
 from ..text.tools import ToolCallReply
+from .metrics import timings
 from .schemas import (
     NDJSON,
     OllamaBase,
@@ -52,14 +53,14 @@ def _settings(service: Service, body: OllamaBase) -> dict[str, Any]:
 
 
 def _final(service: Service, s: Stats, started: float) -> dict[str, Any]:
-    ns = 1_000_000_000
+    """The end of a reply: Ollama's counts and durations are OpenAI's `timings` in ns."""
+    t, ns_per_ms = timings(s), 1_000_000
     return {"model": service.model_id, "created_at": _now(), "done": True,
             "done_reason": "length" if s.finish_reason == "length" else "stop",
-            "total_duration": int((time.perf_counter() - started) * ns), "load_duration": 0,
-            "prompt_eval_count": s.prompt_tokens, "prompt_eval_duration": int(s.ttft * ns),
-            "eval_count": s.generation_tokens,
-            "eval_duration": int(s.generation_tokens / max(s.generation_tps, 1e-9) * ns)
-            if s.generation_tokens > 1 else 0}
+            "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": 0,
+            "prompt_eval_count": t["prompt_n"],
+            "prompt_eval_duration": int(t["prompt_ms"] * ns_per_ms),
+            "eval_count": t["predicted_n"], "eval_duration": int(t["predicted_ms"] * ns_per_ms)}
 
 
 async def _respond(service: Service, events: AsyncIterator, stream: bool, piece,

@@ -1,7 +1,9 @@
 """OpenAI's API: /v1/chat/completions, /v1/completions and /v1/models.
 
 Streamed replies are server-sent events of `chat.completion.chunk` objects ending in
-`data: [DONE]`; with `stream_options.include_usage` a last chunk carries the usage.
+`data: [DONE]`; with `stream_options.include_usage` a last chunk carries the usage. Every reply
+carries llama.cpp's `timings` (the last chunk of a stream, the one that says why it ended; with
+`n` choices, the first choice's).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sse_starlette.sse import EventSourceResponse
 from ..generation.sampling import requested
 from ..generation.stats import Chunk, Stats
 from ..text.tools import ToolCallReply
+from .metrics import timings
 from .schemas import (
     STREAMS,
     ChatRequest,
@@ -104,7 +107,8 @@ async def chat_completions(body: ChatRequest, request: Request):
     choices = [_chat_choice(service, i, text, chunks, done, tool_calls, logprobs)
                for i, (text, chunks, done) in enumerate(replies)]
     return {**head, "object": "chat.completion", "choices": choices,
-            "usage": _usage(len(ids), *(done for *_, done in replies))}
+            "usage": _usage(len(ids), *(done for *_, done in replies)),
+            "timings": timings(replies[0][2])}
 
 
 def _chat_choice(service: Service, index: int, text: str, chunks: list[Chunk], done: Stats,
@@ -135,11 +139,13 @@ async def _chat_stream(service: Service, first: Any, events: AsyncIterator, head
                        prompt: int, include_usage: bool, tool_calls: ToolCallReply,
                        n: int = 1) -> AsyncIterator[dict[str, str]]:
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None,
-              **extra: Any) -> dict[str, str]:
+              timings: dict[str, Any] | None = None, **extra: Any) -> dict[str, str]:
         data = {**head, "object": "chat.completion.chunk",
                 "choices": [{"index": index, "delta": delta, "finish_reason": finish, **extra}]}
         if include_usage:
             data["usage"] = None
+        if timings is not None:
+            data["timings"] = timings
         return {"data": json.dumps(data)}
 
     for index in range(n):
@@ -177,7 +183,7 @@ async def _chat_stream(service: Service, first: Any, events: AsyncIterator, head
         return
     if include_usage:
         data = {**head, "object": "chat.completion.chunk", "choices": [],
-                "usage": _usage(prompt, *done)}
+                "usage": _usage(prompt, *done), "timings": timings(done[0])}
         yield {"data": json.dumps(data)}
     yield {"data": "[DONE]"}
 
@@ -194,7 +200,7 @@ def _chat_end(index: int, done: Stats, first_token: int | None, held: list[str] 
         finish = "tool_calls"
     elif held:
         out.append(chunk(index, {"content": "".join(held)}))
-    out.append(chunk(index, {}, finish))
+    out.append(chunk(index, {}, finish, timings=timings(done)))
     return out
 
 
@@ -240,15 +246,18 @@ async def completions(body: CompletionRequest, request: Request):
                 "finish_reason": _finish(done.finish_reason)}
                for i, (text, chunks, done) in enumerate(replies)]
     return {**head, "choices": choices,
-            "usage": _usage(len(ids), *(done for *_, done in replies))}
+            "usage": _usage(len(ids), *(done for *_, done in replies)),
+            "timings": timings(replies[0][2])}
 
 
 async def _completion_stream(first: Any, events: AsyncIterator, head: dict, echo: str,
                              prompt: int, body: CompletionRequest
                              ) -> AsyncIterator[dict[str, str]]:
-    def piece(index: int, text: str, finish: str | None = None) -> dict[str, str]:
+    def piece(index: int, text: str, finish: str | None = None,
+              **extra: Any) -> dict[str, str]:
         return {"data": json.dumps({**head, "choices": [
-            {"index": index, "text": text, "logprobs": None, "finish_reason": finish}]})}
+            {"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
+            **extra})}
 
     if echo:
         for index in range(body.n):
@@ -259,7 +268,8 @@ async def _completion_stream(first: Any, events: AsyncIterator, head: dict, echo
         while event is not None:
             if isinstance(event, Stats):
                 done[event.index] = event
-                yield piece(event.index, "", _finish(event.finish_reason))
+                yield piece(event.index, "", _finish(event.finish_reason),
+                            timings=timings(event))
                 if all(d is not None for d in done):
                     break
             elif event.text:
@@ -273,7 +283,8 @@ async def _completion_stream(first: Any, events: AsyncIterator, head: dict, echo
     if any(d is None for d in done):
         return
     if body.stream_options and body.stream_options.include_usage:
-        yield {"data": json.dumps({**head, "choices": [], "usage": _usage(prompt, *done)})}
+        yield {"data": json.dumps({**head, "choices": [], "usage": _usage(prompt, *done),
+                                   "timings": timings(done[0])})}
     yield {"data": "[DONE]"}
 
 

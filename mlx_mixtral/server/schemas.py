@@ -185,5 +185,10 @@ def error_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": model, "description": text} for status, text in why.items()}
 
 
-STREAMS = {"text/event-stream": {"schema": {"type": "string"}}}
+# A server-sent event, as OpenAPI 3.2 describes a stream's items (each `data` is a JSON chunk,
+# or "[DONE]").
+STREAMS = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                   "id": {"type": "string"}, "retry": {"type": "integer"}}}}}
 NDJSON = {"application/x-ndjson": {"schema": {"type": "string"}}}

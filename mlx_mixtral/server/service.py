@@ -18,6 +18,7 @@ from ..errors import MlxMixtralError
 from ..generation.sampling import SamplingParams
 from ..generation.stats import Chunk, Stats
 from ..text.tools import can_call_tools, mistral_v3_tool_ids
+from .metrics import ServerMetrics, pager_counts, pool_counts
 from .worker import LOST, STOPPING, Job, QueueFull, Worker
 
 POLL_SECONDS = 0.5  # how often a waiting request checks that its client is still there
@@ -70,6 +71,16 @@ class Service:
     defaults: SamplingParams
     created: int = field(default_factory=lambda: int(time.time()))
     summary: ModelSummary | None = None  # for Ollama's model list (None: from the config)
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+
+    def __post_init__(self) -> None:
+        from ..model.limits import limits_of
+
+        pager, pool = limits_of(self.model).expert_pager, getattr(self.worker, "pool", None)
+        if pager is not None:
+            self.metrics.watch_counts(pager_counts(pager))
+        if pool is not None:
+            self.metrics.watch_counts(pool_counts(pool))
 
     def described(self) -> ModelSummary:
         """The model as Ollama's /api/tags and /api/show describe it."""
@@ -162,7 +173,8 @@ class Service:
             except RuntimeError:  # the loop has closed: the server stopped, nobody listens
                 job.cancelled.set()
 
-        job = Job(ids, params, emit, stop=stop or [], logprobs=logprobs, grammar=grammar, n=n)
+        job = Job(ids, params, self.metrics.watch(emit), stop=stop or [], logprobs=logprobs,
+                  grammar=grammar, n=n)
         ended = 0
         try:
             self.worker.submit(job)
