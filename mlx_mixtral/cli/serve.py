@@ -39,6 +39,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    metavar="SIZE",
                    help="KV caches kept between requests, so a conversation's next turn "
                    "prefills only what is new; least recently used go first")
+    p.add_argument("--response-store-bytes", default="64MB", metavar="SIZE",
+                   help="Responses API replies kept for previous_response_id; least recently "
+                   "used go first")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="requests waiting or running at most; more get 503")
     p.add_argument("--max-body", default=f"{DEFAULT_MAX_BODY // 2**20}MiB", metavar="SIZE",
@@ -88,6 +91,7 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
 
     pool_budget = _size(args.prompt_cache_bytes, "--prompt-cache-bytes")
     max_body = _size(args.max_body, "--max-body")
+    store_bytes = _size(args.response_store_bytes, "--response-store-bytes")
     if args.max_queue < 1:
         raise MlxMixtralError("--max-queue must be at least 1")
     api_key = args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY") or None
@@ -107,7 +111,7 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
     model_id = args.model_id or model_name(args.model, name)
     summary = summarize(plan.source)  # what Ollama's model list says
     service = Service(model, tokenizer, model_id, worker, sampling, summary=summary)
-    app = create_app(service, Guards(api_key, max_body, tuple(args.cors_origin)))
+    app = create_app(service, Guards(api_key, max_body, tuple(args.cors_origin)), store_bytes)
     where = f"http://{args.host}:{args.port}"
     print(f"Serving {model_id} at {where}/v1 (OpenAI) and {where}/api (Ollama)"
           + (", API key required" if api_key else ""), file=sys.stderr, flush=True)

@@ -1,11 +1,12 @@
 """The ASGI application: both APIs, /health, and what guards them.
 
 - Bodies over `max_body` bytes get a 413 before they are read whole.
-- With an API key, every path but /health needs `Authorization: Bearer KEY`.
+- With an API key, every path but /health needs `Authorization: Bearer KEY` (or Anthropic's
+  `x-api-key: KEY`).
 - CORS is off unless origins are given.
-- Every error is an OpenAI error object under /v1 (Ollama's {"error": ...} under /api), with a
-  4xx status for the client's mistakes. Nothing answers with a traceback: an unexpected failure
-  is a 500 with one line, and the log has the rest.
+- Every error is an OpenAI error object under /v1 (Anthropic's under /v1/messages, Ollama's
+  {"error": ...} under /api), with a 4xx status for the client's mistakes. Nothing answers
+  with a traceback: an unexpected failure is a 500 with one line, and the log has the rest.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
-from . import DEFAULT_MAX_BODY, ollama_api, openai_api
+from . import DEFAULT_MAX_BODY, anthropic_api, ollama_api, openai_api, responses_api
+from .response_store import RESPONSE_STORE_BYTES, ResponseStore
 from .service import APIError, Service
 
 log = logging.getLogger("mlx_mixtral.server")
@@ -40,6 +42,8 @@ def error_body(path: str, status: int, message: str, kind: str, param: str | Non
                code: str | None = None) -> dict:
     if path.startswith("/api/"):
         return {"error": message}
+    if path.startswith(anthropic_api.PREFIX):
+        return anthropic_api.error_body(status, message)
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -103,7 +107,8 @@ class JsonBodies:
 
 
 class ApiKey:
-    """`Authorization: Bearer KEY` on every path but /health (compared in constant time)."""
+    """`Authorization: Bearer KEY` or `x-api-key: KEY` on every path but /health (compared in
+    constant time)."""
 
     OPEN = {"/health"}
 
@@ -113,11 +118,12 @@ class ApiKey:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.OPEN:
             return await self.app(scope, receive, send)
-        given = dict(scope.get("headers") or []).get(b"authorization", b"")
-        scheme, _, token = given.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-            error = APIError(401, "a valid API key is needed: send Authorization: Bearer KEY",
-                             code="invalid_api_key")
+        headers = dict(scope.get("headers") or [])
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        bearer = scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+        if not bearer and not hmac.compare_digest(headers.get(b"x-api-key", b""), self.key):
+            error = APIError(401, "a valid API key is needed: send Authorization: Bearer KEY "
+                             "(or x-api-key: KEY)", code="invalid_api_key")
             return await _send_error(scope["path"], error)(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -132,12 +138,17 @@ def resident_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
-def create_app(service: Service, guards: Guards | None = None) -> FastAPI:
+def create_app(service: Service, guards: Guards | None = None,
+               response_store_bytes: int = RESPONSE_STORE_BYTES) -> FastAPI:
     guards = guards or Guards()
     app = FastAPI(title="mlx-mixtral", version=__version__,
-                  description="OpenAI- and Ollama-compatible API for a local Mistral model")
+                  description="OpenAI-, Anthropic- and Ollama-compatible API for a local "
+                  "Mistral model")
     app.state.service = service
+    app.state.responses = ResponseStore(response_store_bytes)
     app.include_router(openai_api.router)
+    app.include_router(responses_api.router)
+    app.include_router(anthropic_api.router)
     app.include_router(ollama_api.router)
 
     @app.get("/health")
