@@ -23,6 +23,7 @@ from ..text.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 _lock = threading.Lock()
 MARKER = "\u263a"  # a character no real text starts with
 _vocabularies: dict[tuple[int, int], Any] = {}  # (id(tokenizer), vocab size) -> LLTokenizer
+_specials: dict[int, np.ndarray] = {}  # id(LLTokenizer) -> its special tokens' ids
 
 
 class _SentencePieceVocabulary:
@@ -166,6 +167,15 @@ def call_grammar(call_token: int, calls_schema: dict[str, Any], text_allowed: bo
     return checked(lark, tokenizer, vocab_size, "the tools' parameter schemas")
 
 
+def special_ids(words: Any) -> np.ndarray:
+    """The ids of `words`' special tokens (an LLTokenizer's), found once."""
+    with _lock:
+        if id(words) not in _specials:
+            _specials[id(words)] = np.array([i for i in range(words.vocab_size)
+                                             if words.is_special_token(i)], dtype=np.int64)
+        return _specials[id(words)]
+
+
 class GrammarMask:
     """An mlx-lm logits processor that allows only the tokens the grammar accepts next.
 
@@ -177,7 +187,9 @@ class GrammarMask:
         import llguidance
         from llguidance.numpy import allocate_token_bitmask
 
-        self.matcher = llguidance.LLMatcher(vocabulary(tokenizer, vocab_size), grammar)
+        words = vocabulary(tokenizer, vocab_size)
+        self.matcher = llguidance.LLMatcher(words, grammar)
+        self.specials = np.setdiff1d(special_ids(words), sorted(tokenizer.eos_ids))
         if self.matcher.is_error():
             raise GenerationError(f"the JSON schema cannot be used: "
                                   f"{self.matcher.get_error()}")
@@ -197,6 +209,12 @@ class GrammarMask:
         self.consumed += len(new)
         fill_next_token_bitmask(self.matcher, self.bitmask, 0)
         allowed = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")
+        # Where a grammar allows one special token (a tool call's) beside free text, the mask
+        # lets every special token through; each is checked on its own (but the end tokens,
+        # which the matcher allows only where the grammar may end).
+        for token in self.specials[allowed[self.specials] == 1]:
+            if not self.matcher.validate_tokens([int(token)]):
+                allowed[token] = 0
         allowed = mx.array(allowed[: logits.shape[-1]].astype(np.bool_))
         return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
 

@@ -132,7 +132,7 @@ async def messages(body: AnthropicRequest, request: Request):
     ids, tools, choice = _prompt(service, body)
     stops = [s for s in body.stop_sequences or [] if s]
     params = service.sampling(temperature=body.temperature, top_p=body.top_p,
-                              top_k=body.top_k, max_tokens=body.max_tokens)
+                              top_k=body.top_k, max_tokens=body.max_tokens, seed=body.seed)
     c = constraints(service, tools, choice)
     events = service.run(ids, replace(params, logit_bias=c.logit_bias),
                          is_disconnected=request.is_disconnected, stop=stops,

@@ -160,7 +160,7 @@ async def create(body: ResponsesRequest, request: Request):
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     ids = service.chat_ids(system + conversation, tools)
     params = service.sampling(temperature=body.temperature, top_p=body.top_p,
-                              max_tokens=body.max_output_tokens)
+                              max_tokens=body.max_output_tokens, seed=body.seed)
     c = constraints(service, tools, choice, _output_grammar(service, body))
     events = service.run(ids, replace(params, logit_bias=c.logit_bias),
                          is_disconnected=request.is_disconnected, grammar=c.grammar)

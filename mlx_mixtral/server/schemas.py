@@ -261,6 +261,7 @@ class AnthropicRequest(AnthropicCount):
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, ge=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0)  # ours, as on the other APIs
 
 
 # ---- OpenAI's Responses API ---------------------------------------------------------------------
@@ -317,6 +318,7 @@ class ResponsesRequest(Checked):
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
+    seed: int | None = Field(default=None, ge=0)  # ours, as on Chat Completions
     stream: bool = False
     previous_response_id: str | None = None
     store: bool = True
