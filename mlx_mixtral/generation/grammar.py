@@ -76,35 +76,42 @@ def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> Any:
         return _vocabularies[key]
 
 
-# Keywords whose value is one schema, or a list or a map of schemas: where `closed_schema` looks
+# Keywords whose value is one schema, or a list or a map of schemas: where `as_llama_cpp` looks
 # for objects. (Not allOf: its parts describe one object together, so none may close it alone.)
 _ONE = ("items", "additionalItems", "not", "if", "then", "else", "contains",
         "additionalProperties", "unevaluatedProperties", "propertyNames")
 _LISTS = ("anyOf", "oneOf", "prefixItems")
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
-def closed_schema(schema: Any) -> Any:
+INTEGER_DIGITS = 16  # llama.cpp's integral part: [0-9] | [1-9] [0-9]{0,15}
+
+
+def as_llama_cpp(schema: Any) -> Any:
     """`schema` as llama.cpp's schema-to-grammar (llama-server, Ollama) applies it: an object
-    that declares `properties` and does not say `additionalProperties` takes no other keys.
-    (Pydantic's `model_json_schema()` leaves it out; without this the model may add keys.)"""
+    that declares `properties` and does not say `additionalProperties` takes no other keys
+    (Pydantic's `model_json_schema()` leaves it out; without this the model may add keys), and
+    an integer without bounds has at most 16 digits (else a model may write digits forever)."""
     if isinstance(schema, list):
-        return [closed_schema(s) for s in schema]
+        return [as_llama_cpp(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     for key in _ONE:
         if isinstance(out.get(key), dict):
-            out[key] = closed_schema(out[key])
+            out[key] = as_llama_cpp(out[key])
     for key in _LISTS:
         if isinstance(out.get(key), list):
-            out[key] = closed_schema(out[key])
+            out[key] = as_llama_cpp(out[key])
     for key in _MAPS:
         if isinstance(out.get(key), dict):
-            out[key] = {k: closed_schema(v) for k, v in out[key].items()}
+            out[key] = {k: as_llama_cpp(v) for k, v in out[key].items()}
     if isinstance(out.get("allOf"), list):
-        out["allOf"] = [{**closed_schema(s), "additionalProperties": s.get(
+        out["allOf"] = [{**as_llama_cpp(s), "additionalProperties": s.get(
             "additionalProperties", True)} if isinstance(s, dict) else s for s in out["allOf"]]
+    if out.get("type") == "integer" and not any(k in out for k in _BOUNDS):
+        out["minimum"], out["maximum"] = -(10**INTEGER_DIGITS - 1), 10**INTEGER_DIGITS - 1
     if "properties" in out and "additionalProperties" not in out \
             and "unevaluatedProperties" not in out and "allOf" not in out:
         out["additionalProperties"] = False
@@ -126,11 +133,11 @@ def checked(grammar: str, tokenizer: Tokenizer | None, vocab_size: int, what: st
 def json_grammar(schema: dict[str, Any] | None, tokenizer: Tokenizer | None = None,
                  vocab_size: int = 0) -> str:
     """The llguidance grammar for JSON that validates against `schema` (None: any object),
-    closed as `closed_schema` says. A schema llguidance refuses raises GenerationError with its
+    applied as `as_llama_cpp` says. A schema llguidance refuses raises GenerationError with its
     reason (checked against the vocabulary too when `tokenizer` is given)."""
     import llguidance
 
-    wanted = closed_schema(schema) if schema is not None else {"type": "object"}
+    wanted = as_llama_cpp(schema) if schema is not None else {"type": "object"}
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(
             wanted, defaults={"whitespace_flexible": False})
@@ -157,7 +164,7 @@ def call_grammar(call_token: int, calls_schema: dict[str, Any], text_allowed: bo
     # Spaced as json.dumps writes (and mistral-common re-encodes) calls; no other whitespace,
     # which a random model would otherwise pile up.
     layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-    calls = json.dumps({**closed_schema(calls_schema), "x-guidance": layout},
+    calls = json.dumps({**as_llama_cpp(calls_schema), "x-guidance": layout},
                        ensure_ascii=False)
     lark = f'start: {"text | " if text_allowed else ""}call\n' \
         f'call: <[{call_token}]> " "? calls\n' \
