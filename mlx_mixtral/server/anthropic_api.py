@@ -23,16 +23,18 @@ from .reply_parts import Ending, ending, reply_parts, stop_sequence
 from .schemas import (
     STREAMS,
     AnthropicCount,
+    AnthropicError,
     AnthropicMessage,
     AnthropicRequest,
     AnthropicText,
     AnthropicToolResult,
     AnthropicToolUse,
+    error_responses,
 )
 from .service import APIError, Service, collect, service_of
 
 PREFIX = "/v1/messages"
-router = APIRouter(prefix=PREFIX)
+router = APIRouter(prefix=PREFIX, responses=error_responses(AnthropicError))
 
 _KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",

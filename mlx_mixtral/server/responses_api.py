@@ -182,18 +182,16 @@ async def create(body: ResponsesRequest, request: Request):
     return finish(ending(done, chunks[0].token if chunks else None, text, tool_calls))
 
 
-@router.get("/responses/{response_id}")
-async def retrieve(response_id: str, request: Request):
-    stored = _store(request).get(response_id)
-    if stored is None:
+@router.api_route("/responses/{response_id}", methods=["GET", "DELETE"])
+async def stored(response_id: str, request: Request):
+    """GET returns a stored response, DELETE forgets it (one route: one Allow header)."""
+    store = _store(request)
+    found = store.get(response_id)
+    if found is None:
         raise APIError(404, f"no stored response {response_id!r}", param="response_id")
-    return stored.response
-
-
-@router.delete("/responses/{response_id}")
-async def delete(response_id: str, request: Request):
-    if not _store(request).delete(response_id):
-        raise APIError(404, f"no stored response {response_id!r}", param="response_id")
+    if request.method == "GET":
+        return found.response
+    store.delete(response_id)
     return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 

@@ -343,6 +343,16 @@ class OllamaError(BaseModel):
     error: str
 
 
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicError(BaseModel):
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
 def error_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     why = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model",
            413: "body too large", 500: "generation failed", 503: "queue full"}
