@@ -9,6 +9,7 @@ import json
 
 import anthropic
 import httpx
+import jsonschema
 import openai
 import pytest
 from mistral_common.protocol.instruct.messages import (
@@ -125,6 +126,19 @@ def test_count_tokens_of_a_plain_conversation(tiny):
         AssistantMessage(content="Sunny."), UserMessage(content="And Rome?")]))
 
 
+def test_output_config_format_is_enforced(tiny):
+    schema = {"type": "object", "required": ["mood"],
+              "properties": {"mood": {"enum": ["happy", "sad"]},
+                             "score": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    for seed in range(3):
+        reply = claude(tiny).messages.create(
+            model="tiny", max_tokens=30, messages=ASK, extra_body={"temperature": 1,
+                                                                   "seed": seed},
+            output_config={"format": {"type": "json_schema", "schema": schema}})
+        assert reply.stop_reason == "end_turn", reply.content
+        jsonschema.validate(json.loads(reply.content[0].text), schema)
+
+
 def test_a_wrong_x_api_key_is_a_401(tiny):
     with pytest.raises(anthropic.AuthenticationError) as caught:
         claude(tiny, "wrong").messages.create(model="tiny", max_tokens=2, messages=ASK)
@@ -141,6 +155,7 @@ BAD = [
     ("temperature above 1", {**BASE, "temperature": 1.5}, 400, "invalid_request_error"),
     ("unsupported field", {**BASE, "thinking": {"type": "enabled"}}, 400,
      "invalid_request_error"),
+    ("effort", {**BASE, "output_config": {"effort": "high"}}, 400, "invalid_request_error"),
     ("unknown model", {**BASE, "model": "claude-9"}, 404, "not_found_error"),
     ("tool_use from the user", {**BASE, "messages": [{"role": "user", "content": [
         {"type": "tool_use", "id": "x", "name": "f", "input": {}}]}]}, 400,

@@ -122,6 +122,16 @@ def _stop_reason(end: Ending, stop: str | None) -> str:
     return "stop_sequence" if stop is not None else "end_turn"
 
 
+def _output_grammar(service: Service, body: AnthropicRequest) -> str | None:
+    """Structured output (`output_config.format`, a JSON schema)."""
+    config = body.output_config
+    if config is not None and config.effort is not None:
+        refuse_unsupported(["output_config.effort"])
+    if config is None or config.format is None:
+        return None
+    return service.grammar(config.format.json_schema, param="output_config.format")
+
+
 @router.post("/count_tokens")
 async def count_tokens(body: AnthropicCount, request: Request):
     ids, _, _ = _prompt(service_of(request), body)
@@ -135,7 +145,7 @@ async def messages(body: AnthropicRequest, request: Request):
     stops = [s for s in body.stop_sequences or [] if s]
     params = service.sampling(temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, max_tokens=body.max_tokens, seed=body.seed)
-    c = constraints(service, tools, choice)
+    c = constraints(service, tools, choice, _output_grammar(service, body))
     events = service.run(ids, replace(params, logit_bias=c.logit_bias),
                          is_disconnected=request.is_disconnected, stop=stops,
                          grammar=c.grammar)

@@ -246,6 +246,16 @@ class AnthropicToolChoice(_Body):
     disable_parallel_tool_use: bool = False
 
 
+class AnthropicFormat(_Body):
+    type: Literal["json_schema"]
+    json_schema: dict[str, Any] = Field(alias="schema")
+
+
+class AnthropicOutputConfig(_Body):
+    format: AnthropicFormat | None = None
+    effort: str | None = None  # (refused: this server has no such knob)
+
+
 class AnthropicCount(Checked):
     model: str = Field(min_length=1, max_length=512)
     messages: list[AnthropicMessage] = Field(min_length=1)
@@ -262,6 +272,7 @@ class AnthropicRequest(AnthropicCount):
     top_p: float | None = Field(default=None, ge=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
     seed: int | None = Field(default=None, ge=0)  # ours, as on the other APIs
+    output_config: AnthropicOutputConfig | None = None
 
 
 # ---- OpenAI's Responses API ---------------------------------------------------------------------
