@@ -144,8 +144,10 @@ def test_parallel_calls_when_allowed(tiny):
     assert max(counts) > 1, counts
 
 
-def test_a_named_function_that_is_not_offered_is_a_400(tiny):
+def test_a_call_that_cannot_be_made_is_a_400(tiny):
     with pytest.raises(openai.BadRequestError, match="not among the tools"):
         chat(tiny).chat.completions.create(
             model="tiny", messages=ASK, tools=OPENAI_TOOLS,
             tool_choice={"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(openai.BadRequestError, match="no tools"):
+        chat(tiny).responses.create(model="tiny", input="x", tool_choice="required")

@@ -56,6 +56,9 @@ def tool_grammar(service: Service, tools: list[dict[str, Any]], choice: ToolChoi
     """The grammar that enforces `choice` over `tools` (None: nothing to enforce)."""
     from ..generation.grammar import call_grammar
 
+    if not tools and choice.mode == "required":
+        raise APIError(400, f"{param}: a call is required, but no tools are given",
+                       param=param)
     if not tools or choice.mode == "none":
         return None
     if not service.calls_tools:
@@ -73,9 +76,9 @@ def tool_grammar(service: Service, tools: list[dict[str, Any]], choice: ToolChoi
 def constraints(service: Service, tools: list[dict[str, Any]] | None = None,
                 choice: ToolChoice = AUTO, output: str | None = None,
                 bias: dict[int, float] | None = None) -> Constraints:
-    """One grammar and the biases for a request: a forced or possible tool call wins over
-    `output` (the grammar of a response format) except when the model may only answer in
-    text; "none" bans the call token."""
+    """One grammar and the biases for a request. A required call's grammar wins over `output`
+    (a response format's); under "auto" a response format wins (the reply is its text), else
+    the reply is text or a call; "none" bans the call token."""
     calls = tool_grammar(service, tools or [], choice)
     if choice.mode == "auto" and output is not None:
         calls = None  # the reply must follow the response format: that is text
