@@ -19,7 +19,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from ..text.tools import ToolCallReply
 from .constraints import ToolChoice, constraints, refuse_unsupported
-from .reply_parts import Ending, ending, reply_parts, stop_sequence
+from .reply_parts import Ending, ending, reply_parts, started, stop_sequence
 from .schemas import (
     STREAMS,
     AnthropicCount,
@@ -153,8 +153,7 @@ async def messages(body: AnthropicRequest, request: Request):
             "model": service.model_id}
     tool_calls = ToolCallReply(service.tokenizer, tools)
     if body.stream:
-        first = await anext(events, None)  # a failure to start is still an HTTP status
-        return EventSourceResponse(_stream(service, _again(first, events), head, len(ids),
+        return EventSourceResponse(_stream(service, await started(events), head, len(ids),
                                            stops, tool_calls), ping=15, send_timeout=30)
     text, chunks, done = await collect(events)
     if done is None:
@@ -164,17 +163,6 @@ async def messages(body: AnthropicRequest, request: Request):
     return {**head, "content": _content(end), "stop_reason": _stop_reason(end, stop),
             "stop_sequence": stop,
             "usage": _usage(len(ids), done.generation_tokens, done.cached_tokens)}
-
-
-async def _again(first: Any, events: AsyncIterator) -> AsyncIterator:
-    """`events` with its first event, already taken, put back in front."""
-    try:
-        if first is not None:
-            yield first
-            async for event in events:
-                yield event
-    finally:
-        await events.aclose()
 
 
 def _event(kind: str, **data: Any) -> dict[str, str]:

@@ -49,6 +49,23 @@ async def reply_parts(events: AsyncIterator[Chunk | Stats], tool_calls: ToolCall
         await events.aclose()
 
 
+async def started(events: AsyncIterator[Chunk | Stats]) -> AsyncIterator[Chunk | Stats]:
+    """`events` once the first has come, so that a failure to start (a full queue) is still
+    an HTTP status before a stream's headers go out; that event is put back in front."""
+    first = await anext(events, None)
+
+    async def again() -> AsyncIterator[Chunk | Stats]:
+        try:
+            if first is not None:
+                yield first
+                async for event in events:
+                    yield event
+        finally:
+            await events.aclose()
+
+    return again()
+
+
 def stop_sequence(tokenizer: Any, done: Stats, text: str, stops: list[str]) -> str | None:
     """The stop string that ended the reply (None: an end token, the length, or no stops)."""
     if done.finish_reason != "stop" or not stops:

@@ -21,7 +21,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from ..text.tools import ToolCallReply
 from .constraints import ToolChoice, constraints, refuse_unsupported
-from .reply_parts import Ending, ending, reply_parts
+from .reply_parts import Ending, ending, reply_parts, started
 from .response_store import ResponseStore
 from .schemas import STREAMS, OpenAIError, ResponsesItem, ResponsesRequest, error_responses
 from .service import APIError, Service, collect, service_of
@@ -174,7 +174,8 @@ async def create(body: ResponsesRequest, request: Request):
         return response
 
     if body.stream:
-        return EventSourceResponse(_stream(turn, reply_parts(events, tool_calls), finish),
+        parts = reply_parts(await started(events), tool_calls)
+        return EventSourceResponse(_stream(turn, parts, finish),
                                    ping=15, send_timeout=30)
     text, chunks, done = await collect(events)
     if done is None:
