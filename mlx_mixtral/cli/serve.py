@@ -41,6 +41,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    "prefills only what is new; least recently used go first (default: "
                    f"{PROMPT_CACHE_BYTES / 1e9:g}GB; within --max-memory, at most half the "
                    "room the model leaves, and a size that does not fit is refused)")
+    p.add_argument("--response-store-bytes", default="64MB", metavar="SIZE",
+                   help="Responses API replies kept for previous_response_id; least recently "
+                   "used go first")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="requests waiting or running at most; more get 503")
     p.add_argument("--decode-concurrency", type=int, default=DECODE_CONCURRENCY, metavar="N",
@@ -114,6 +117,7 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
 
         mx.set_cache_limit(plan.memory.cache_limit)
     max_body = _size(args.max_body, "--max-body")
+    store_bytes = _size(args.response_store_bytes, "--response-store-bytes")
     for flag, value in (("--max-queue", args.max_queue),
                         ("--decode-concurrency", args.decode_concurrency),
                         ("--prefill-step", args.prefill_step or 1)):
@@ -139,7 +143,8 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
     # A request's unset fields take the flags given, then the model's own defaults.
     defaults = model_defaults(model).apply(sampling, given_sampling(args))
     service = Service(model, tokenizer, model_id, worker, defaults, summary=summary)
-    app = create_app(service, Guards(api_key, max_body, tuple(args.cors_origin)))
+    app = create_app(service, Guards(api_key, max_body, tuple(args.cors_origin)),
+                     store_bytes)
     where = f"http://{args.host}:{args.port}"
     print(f"Serving {model_id} at {where}/v1 (OpenAI) and {where}/api (Ollama)"
           + (", API key required" if api_key else ""), file=sys.stderr, flush=True)

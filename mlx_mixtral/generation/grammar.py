@@ -10,6 +10,7 @@ The vocabulary is handed over once per tokenizer (about a second for 32k tokens)
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
@@ -22,6 +23,7 @@ from ..text.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 _lock = threading.Lock()
 MARKER = "\u263a"  # a character no real text starts with
 _vocabularies: dict[tuple[int, int], Any] = {}  # (id(tokenizer), vocab size) -> LLTokenizer
+_specials: dict[int, np.ndarray] = {}  # id(LLTokenizer) -> its special tokens' ids
 
 
 class _SentencePieceVocabulary:
@@ -74,24 +76,111 @@ def vocabulary(tokenizer: Tokenizer, vocab_size: int) -> Any:
         return _vocabularies[key]
 
 
-def json_grammar(schema: dict[str, Any] | None, tokenizer: Tokenizer | None = None,
-                 vocab_size: int = 0) -> str:
-    """The llguidance grammar for JSON that validates against `schema` (None: any object).
-    A schema llguidance refuses raises GenerationError with its reason (checked against the
-    vocabulary too when `tokenizer` is given)."""
+# Keywords whose value is one schema, or a list or a map of schemas: where `as_llama_cpp` looks
+# for objects. (Not allOf: its parts describe one object together, so none may close it alone.)
+_ONE = ("items", "additionalItems", "not", "if", "then", "else", "contains",
+        "additionalProperties", "unevaluatedProperties", "propertyNames")
+_LISTS = ("anyOf", "oneOf", "prefixItems")
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+INTEGER_DIGITS = 16  # llama.cpp's integral part: [0-9] | [1-9] [0-9]{0,15}
+
+
+def as_llama_cpp(schema: Any) -> Any:
+    """`schema` as llama.cpp's schema-to-grammar (llama-server, Ollama) applies it: an object
+    that declares `properties` and does not say `additionalProperties` takes no other keys
+    (Pydantic's `model_json_schema()` leaves it out; without this the model may add keys), and
+    an integer without bounds has at most 16 digits (else a model may write digits forever)."""
+    if isinstance(schema, list):
+        return [as_llama_cpp(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = as_llama_cpp(out[key])
+    for key in _LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = as_llama_cpp(out[key])
+    for key in _MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: as_llama_cpp(v) for k, v in out[key].items()}
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [{**as_llama_cpp(s), "additionalProperties": s.get(
+            "additionalProperties", True)} if isinstance(s, dict) else s for s in out["allOf"]]
+    if out.get("type") == "integer" and not any(k in out for k in _BOUNDS):
+        out["minimum"], out["maximum"] = -(10**INTEGER_DIGITS - 1), 10**INTEGER_DIGITS - 1
+    if "properties" in out and "additionalProperties" not in out \
+            and "unevaluatedProperties" not in out and "allOf" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def checked(grammar: str, tokenizer: Tokenizer | None, vocab_size: int, what: str) -> str:
+    """`grammar`, if llguidance can use it (with `tokenizer`'s vocabulary when given);
+    else GenerationError saying why, as `what` ("the JSON schema", "the grammar")."""
     import llguidance
 
-    wanted = schema if schema is not None else {"type": "object"}
+    words = vocabulary(tokenizer, vocab_size) if tokenizer is not None else None
+    problem = llguidance.LLMatcher.validate_grammar(grammar, words)
+    if problem and not problem.startswith("WARNING"):
+        raise GenerationError(f"{what} cannot be used: {problem}")
+    return grammar
+
+
+def json_grammar(schema: dict[str, Any] | None, tokenizer: Tokenizer | None = None,
+                 vocab_size: int = 0) -> str:
+    """The llguidance grammar for JSON that validates against `schema` (None: any object),
+    applied as `as_llama_cpp` says. A schema llguidance refuses raises GenerationError with its
+    reason (checked against the vocabulary too when `tokenizer` is given)."""
+    import llguidance
+
+    wanted = as_llama_cpp(schema) if schema is not None else {"type": "object"}
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(
             wanted, defaults={"whitespace_flexible": False})
     except (ValueError, TypeError, RuntimeError) as e:
         raise GenerationError(f"the JSON schema cannot be used: {e}") from None
-    words = vocabulary(tokenizer, vocab_size) if tokenizer is not None else None
-    problem = llguidance.LLMatcher.validate_grammar(grammar, words)
-    if problem and not problem.startswith("WARNING"):
-        raise GenerationError(f"the JSON schema cannot be used: {problem}")
-    return grammar
+    return checked(grammar, tokenizer, vocab_size, "the JSON schema")
+
+
+def gbnf_grammar(gbnf: str, tokenizer: Tokenizer | None = None, vocab_size: int = 0) -> str:
+    """llama.cpp's GBNF grammar (its `grammar` field), converted to llguidance's Lark."""
+    import llguidance
+
+    try:
+        grammar = llguidance.grammar_from("gbnf", gbnf)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise GenerationError(f"the grammar cannot be used: {e}") from None
+    return checked(grammar, tokenizer, vocab_size, "the grammar")
+
+
+def call_grammar(call_token: int, calls_schema: dict[str, Any], text_allowed: bool,
+                 tokenizer: Tokenizer | None = None, vocab_size: int = 0) -> str:
+    """Tool calls as a Lark grammar: the `call_token` then JSON following `calls_schema`
+    (closed), or, when `text_allowed`, free text instead."""
+    # Spaced as json.dumps writes (and mistral-common re-encodes) calls; no other whitespace,
+    # which a random model would otherwise pile up.
+    layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    calls = json.dumps({**as_llama_cpp(calls_schema), "x-guidance": layout},
+                       ensure_ascii=False)
+    lark = f'start: {"text | " if text_allowed else ""}call\n' \
+        f'call: <[{call_token}]> " "? calls\n' \
+        f"calls: %json {calls}\n"
+    if text_allowed:
+        lark += "text: TEXT?\nTEXT: /(.|\\n)+/\n"
+    return checked(lark, tokenizer, vocab_size, "the tools' parameter schemas")
+
+
+def special_ids(words: Any) -> np.ndarray:
+    """The ids of `words`' special tokens (an LLTokenizer's), found once."""
+    with _lock:
+        if id(words) not in _specials:
+            _specials[id(words)] = np.array([i for i in range(words.vocab_size)
+                                             if words.is_special_token(i)], dtype=np.int64)
+        return _specials[id(words)]
 
 
 class GrammarMask:
@@ -105,7 +194,9 @@ class GrammarMask:
         import llguidance
         from llguidance.numpy import allocate_token_bitmask
 
-        self.matcher = llguidance.LLMatcher(vocabulary(tokenizer, vocab_size), grammar)
+        words = vocabulary(tokenizer, vocab_size)
+        self.matcher = llguidance.LLMatcher(words, grammar)
+        self.specials = np.setdiff1d(special_ids(words), sorted(tokenizer.eos_ids))
         if self.matcher.is_error():
             raise GenerationError(f"the JSON schema cannot be used: "
                                   f"{self.matcher.get_error()}")
@@ -125,6 +216,12 @@ class GrammarMask:
         self.consumed += len(new)
         fill_next_token_bitmask(self.matcher, self.bitmask, 0)
         allowed = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")
+        # Where a grammar allows one special token (a tool call's) beside free text, the mask
+        # lets every special token through; each is checked on its own (but the end tokens,
+        # which the matcher allows only where the grammar may end).
+        for token in self.specials[allowed[self.specials] == 1]:
+            if not self.matcher.validate_tokens([int(token)]):
+                allowed[token] = 0
         allowed = mx.array(allowed[: logits.shape[-1]].astype(np.bool_))
         return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
 

@@ -150,13 +150,24 @@ def _params_class() -> type:
         for s in SETTINGS], frozen=True)
 
 
+BAN = -100.0  # OpenAI's logit_bias bound, which bans the token
+
+
 @dataclass(frozen=True)
 class SamplingParams(_params_class()):
-    """What a reply is sampled with: one field per entry of `SETTINGS` (see there)."""
+    """What a reply is sampled with: one field per entry of `SETTINGS` (see there), and
+    OpenAI's `logit_bias` (token id, bias) pairs: added to the logits, -100 bans the token."""
+
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         for s in SETTINGS:
             s.check(getattr(self, s.name))
+        bias = tuple((int(t), float(b)) for t, b in self.logit_bias)  # (JSON gives lists)
+        if any(not -100 <= b <= 100 for _, b in bias) or any(t < 0 for t, _ in bias):
+            raise SamplingError("logit_bias maps token ids to numbers between -100 and 100",
+                                params=("logit_bias",))
+        object.__setattr__(self, "logit_bias", bias)
 
     @classmethod
     def from_kwargs(cls, base: SamplingParams | None = None, **kwargs: Any) -> SamplingParams:
@@ -169,7 +180,10 @@ class SamplingParams(_params_class()):
         return replace(base or cls(), **{k: v for k, v in kwargs.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.logit_bias:  # (the app's saved settings have none)
+            del out["logit_bias"]
+        return out
 
     def sampler(self, vocab_size: int,
                 keys: Keys | None = None) -> Callable[[mx.array], mx.array]:
@@ -223,15 +237,16 @@ class SamplingParams(_params_class()):
         wanted = dict(repetition_penalty=on(self.repetition_penalty, 1.0),
                       presence_penalty=on(self.presence_penalty, 0.0),
                       frequency_penalty=on(self.frequency_penalty, 0.0))
+        biased = [self._biased] if self.logit_bias else []
         if all(v is None for v in wanted.values()):
-            return []
+            return biased
         from mlx_lm.sample_utils import make_logits_processors
 
         n = self.repetition_context
         processors = make_logits_processors(**wanted, repetition_context_size=n,
                                             presence_context_size=n, frequency_context_size=n)
         if not history:
-            return processors
+            return biased + processors
         import mlx.core as mx
 
         past = mx.array(list(history[-n:]), dtype=mx.int32)
@@ -241,7 +256,20 @@ class SamplingParams(_params_class()):
                 past if tokens is None else mx.concatenate([past, tokens.astype(mx.int32)]),
                 logits)
 
-        return [after(p) for p in processors]
+        return biased + [after(p) for p in processors]
+
+    def _biased(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        """mlx-lm's logits processor for `logit_bias` (-100: -inf, as OpenAI bans)."""
+        import mlx.core as mx
+
+        size = logits.shape[-1]
+        ids = [t for t, _ in self.logit_bias if t < size]
+        bias = [-mx.inf if b <= BAN else b for t, b in self.logit_bias if t < size]
+        if not ids:
+            return logits
+        row = mx.zeros((size,), dtype=logits.dtype).at[mx.array(ids)].add(
+            mx.array(bias, dtype=logits.dtype))
+        return logits + row
 
 
 class Keys:

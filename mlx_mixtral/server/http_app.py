@@ -1,12 +1,13 @@
 """The ASGI application: both APIs, /health, /metrics, and what guards them.
 
 - Bodies over `max_body` bytes get a 413 before they are read whole.
-- With an API key, every path but /health needs `Authorization: Bearer KEY`.
+- With an API key, every path but /health needs `Authorization: Bearer KEY` (or Anthropic's
+  `x-api-key: KEY`).
 - CORS is off unless origins are given.
+- Every error is an OpenAI error object under /v1 (Anthropic's under /v1/messages, Ollama's
+  {"error": ...} under /api), with a 4xx status for the client's mistakes. Nothing answers
+  with a traceback: an unexpected failure is a 500 with one line, and the log has the rest.
 - Every answer is counted by path and status for /metrics (server/metrics.py).
-- Every error is an OpenAI error object under /v1 (Ollama's {"error": ...} under /api), with a
-  4xx status for the client's mistakes. Nothing answers with a traceback: an unexpected failure
-  is a 500 with one line, and the log has the rest.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
-from . import DEFAULT_MAX_BODY, ollama_api, openai_api
+from . import DEFAULT_MAX_BODY, anthropic_api, ollama_api, openai_api, responses_api
 from .metrics import ServerMetrics, occupancy
+from .response_store import RESPONSE_STORE_BYTES, ResponseStore
 from .service import APIError, Service
 
 log = logging.getLogger("mlx_mixtral.server")
@@ -42,6 +44,8 @@ def error_body(path: str, status: int, message: str, kind: str, param: str | Non
                code: str | None = None) -> dict:
     if path.startswith("/api/"):
         return {"error": message}
+    if path.startswith(anthropic_api.PREFIX):
+        return anthropic_api.error_body(status, message)
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -105,7 +109,8 @@ class JsonBodies:
 
 
 class ApiKey:
-    """`Authorization: Bearer KEY` on every path but /health (compared in constant time)."""
+    """`Authorization: Bearer KEY` or `x-api-key: KEY` on every path but /health (compared in
+    constant time)."""
 
     OPEN = {"/health"}
 
@@ -115,11 +120,12 @@ class ApiKey:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.OPEN:
             return await self.app(scope, receive, send)
-        given = dict(scope.get("headers") or []).get(b"authorization", b"")
-        scheme, _, token = given.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-            error = APIError(401, "a valid API key is needed: send Authorization: Bearer KEY",
-                             code="invalid_api_key")
+        headers = dict(scope.get("headers") or [])
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        bearer = scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+        if not bearer and not hmac.compare_digest(headers.get(b"x-api-key", b""), self.key):
+            error = APIError(401, "a valid API key is needed: send Authorization: Bearer KEY "
+                             "(or x-api-key: KEY)", code="invalid_api_key")
             return await _send_error(scope["path"], error)(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -157,12 +163,17 @@ def resident_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
-def create_app(service: Service, guards: Guards | None = None) -> FastAPI:
+def create_app(service: Service, guards: Guards | None = None,
+               response_store_bytes: int = RESPONSE_STORE_BYTES) -> FastAPI:
     guards = guards or Guards()
     app = FastAPI(title="mlx-mixtral", version=__version__,
-                  description="OpenAI- and Ollama-compatible API for a local Mistral model")
+                  description="OpenAI-, Anthropic- and Ollama-compatible API for a local "
+                  "Mistral model")
     app.state.service = service
+    app.state.responses = ResponseStore(response_store_bytes)
     app.include_router(openai_api.router)
+    app.include_router(responses_api.router)
+    app.include_router(anthropic_api.router)
     app.include_router(ollama_api.router)
 
     @app.get("/health")
@@ -191,7 +202,8 @@ def create_app(service: Service, guards: Guards | None = None) -> FastAPI:
                         media_type=CONTENT_TYPE_LATEST)
 
     service.metrics.paths = {"/health", "/metrics", *(
-        r.path for router in (openai_api.router, ollama_api.router) for r in router.routes)}
+        r.path for router in (openai_api.router, responses_api.router, anthropic_api.router,
+                              ollama_api.router) for r in router.routes)}
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:

@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,11 +21,13 @@ from sse_starlette.sse import EventSourceResponse
 from ..generation.sampling import requested
 from ..generation.stats import Chunk, Stats
 from ..text.tools import ToolCallReply
+from .constraints import AUTO, ToolChoice, constraints, gbnf, refuse_unsupported
 from .metrics import timings
 from .schemas import (
     STREAMS,
     ChatRequest,
     CompletionRequest,
+    NamedTool,
     OpenAIError,
     Sampling,
     error_responses,
@@ -36,6 +39,7 @@ router = APIRouter(prefix="/v1", responses=error_responses(OpenAIError))
 
 def _common(service: Service, body: Sampling, max_tokens: int | None) -> dict[str, Any]:
     """Sampling settings from a request (what it leaves out: the server's defaults)."""
+    refuse_unsupported(body.unsupported())
     service.check_model(body.model)
     try:
         stops = body.stops()
@@ -65,16 +69,43 @@ def _chat_logprob(service: Service, chunk: Chunk) -> dict[str, Any]:
             "top_logprobs": [entry(t, lp) for t, lp in chunk.top_logprobs or []]}
 
 
-def _grammar(service: Service, body: ChatRequest) -> str | None:
-    fmt = body.response_format
+def _output_grammar(service: Service, body: Sampling) -> str | None:
+    """The grammar the reply's text follows: llama.cpp's `grammar` (GBNF) or `json_schema`,
+    or the chat's `response_format` (None: free text)."""
+    given = [f for f in ("grammar", "json_schema") if getattr(body, f) is not None]
+    fmt = getattr(body, "response_format", None)
+    if fmt is not None and fmt.type != "text":
+        given.append("response_format")
+    if len(given) > 1:
+        raise APIError(400, f"{given[1]}: give one of {', '.join(given)}", param=given[1])
+    if body.grammar is not None:
+        return gbnf(service, body.grammar)
+    if body.json_schema is not None:
+        return service.grammar(body.json_schema, param="json_schema")
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return service.grammar(None)
+        return service.grammar(fmt.object_schema)
     if fmt.json_schema is None or fmt.json_schema.json_schema is None:
         raise APIError(400, "response_format json_schema needs json_schema.schema",
                        param="response_format")
     return service.grammar(fmt.json_schema.json_schema)
+
+
+def _tool_choice(body: ChatRequest) -> ToolChoice:
+    choice = body.tool_choice
+    if isinstance(choice, NamedTool):
+        return ToolChoice("required", choice.function.name, body.parallel_tool_calls)
+    return ToolChoice(choice or "auto", parallel=body.parallel_tool_calls)
+
+
+def constrained(service: Service, settings: dict[str, Any], body: Sampling,
+                tools: list[dict[str, Any]] | None = None,
+                choice: ToolChoice = AUTO) -> dict[str, Any]:
+    """`settings` with the request's grammar and logit biases."""
+    c = constraints(service, tools, choice, _output_grammar(service, body), body.logit_bias)
+    return {**settings, "grammar": c.grammar,
+            "params": replace(settings["params"], logit_bias=c.logit_bias)}
 
 
 def _finish(reason: str | None) -> str:
@@ -85,12 +116,13 @@ def _finish(reason: str | None) -> str:
 async def chat_completions(body: ChatRequest, request: Request):
     service = service_of(request)
     settings = _common(service, body, body.max_completion_tokens or body.max_tokens)
-    tools = [t.model_dump() for t in body.tools or []] if body.tool_choice != "none" else None
+    choice = _tool_choice(body)
+    tools = [t.model_dump() for t in body.tools or []] if choice.mode != "none" else None
     messages = [m.model_dump(exclude_none=True) | {"content": m.text()} for m in body.messages]
     ids = service.chat_ids(messages, tools)
-    grammar = _grammar(service, body)
+    settings = constrained(service, settings, body, tools, choice)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    events = service.run(ids, is_disconnected=request.is_disconnected, grammar=grammar,
+    events = service.run(ids, is_disconnected=request.is_disconnected,
                          logprobs=logprobs, **settings)
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": reply_id, "created": created, "model": service.model_id}
@@ -226,6 +258,7 @@ async def completions(body: CompletionRequest, request: Request):
         prompt = prompt[0]
     settings = _common(service, body, body.max_tokens or 16)  # OpenAI's default length
     ids = service.text_ids(prompt)
+    settings = constrained(service, settings, body)
     events = service.run(ids, is_disconnected=request.is_disconnected,
                          logprobs=body.logprobs, **settings)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()),
@@ -288,9 +321,18 @@ async def _completion_stream(first: Any, events: AsyncIterator, head: dict, echo
     yield {"data": "[DONE]"}
 
 
+def _model(service: Service) -> dict[str, Any]:
+    return {"id": service.model_id, "object": "model", "created": service.created,
+            "owned_by": "mlx-mixtral", "context_length": service.context}
+
+
 @router.get("/models")
 async def models(request: Request):
+    return {"object": "list", "data": [_model(service_of(request))]}
+
+
+@router.get("/models/{model_id:path}")
+async def model(model_id: str, request: Request):
     service = service_of(request)
-    return {"object": "list", "data": [{"id": service.model_id, "object": "model",
-                                        "created": service.created, "owned_by": "mlx-mixtral",
-                                        "context_length": service.context}]}
+    service.check_model(model_id)
+    return _model(service)

@@ -199,10 +199,10 @@ class Service:
         finally:
             job.cancelled.set()  # stops the job if it is still queued or running
 
-    def grammar(self, schema: dict[str, Any] | None) -> str:
+    def grammar(self, schema: dict[str, Any] | None, param: str = "response_format") -> str:
         from ..generation.grammar import json_grammar
 
         try:  # a schema llguidance refuses is the client's 400, not the worker's failure
             return json_grammar(schema, self.tokenizer, self.model.args.vocab_size)
         except MlxMixtralError as e:
-            raise APIError(400, str(e), param="response_format") from None
+            raise APIError(400, str(e), param=param) from None

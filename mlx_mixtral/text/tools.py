@@ -175,3 +175,24 @@ class ToolCallReply:
     def calls(self, first_token: int | None, text: str) -> list[dict[str, Any]] | None:
         """OpenAI `tool_calls` of a whole reply, or None when it is text."""
         return parse_tool_calls(text) if self.starts(first_token) else None
+
+
+def calls_schema(tools: list[dict[str, Any]], only: str | None = None,
+                 parallel: bool = True) -> dict[str, Any]:
+    """The JSON schema of what follows `[TOOL_CALLS]`: a list of {"name", "arguments"}, each
+    naming one of `tools` (or only the tool `only`) with arguments that follow its parameter
+    schema; one call unless `parallel`."""
+    specs = [_tool_spec(t)["function"] for t in tools]
+    if only is not None:
+        specs = [s for s in specs if s["name"] == only]
+        if not specs:
+            raise ChatFormatError(f"tool_choice names the function {only!r}, which is not "
+                                  "among the tools")
+    items = [{"type": "object", "required": ["name", "arguments"],
+              "properties": {"name": {"const": s["name"]},
+                             "arguments": s["parameters"] or {"type": "object",
+                                                              "properties": {}}}}
+             for s in specs]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1,
+                              "items": items[0] if len(items) == 1 else {"anyOf": items}}
+    return schema if parallel else {**schema, "maxItems": 1}
