@@ -98,7 +98,7 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
     max_body = _size(args.max_body, "--max-body")
     for flag, value in (("--max-queue", args.max_queue),
                         ("--decode-concurrency", args.decode_concurrency),
-                        ("--prefill-step", args.prefill_step or 1)):
+                        ("--prefill-step", 1 if args.prefill_step is None else args.prefill_step)):
         if value < 1:
             raise MlxMixtralError(f"{flag} must be at least 1")
     api_key = args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY") or None
