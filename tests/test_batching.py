@@ -359,3 +359,14 @@ def test_threads_may_add_while_the_model_thread_steps(tiny):
     run(scheduler)
     assert len(heard.ends) == 6 and scheduler.served == 6
     mx.synchronize()
+
+
+@pytest.mark.parametrize("flag", ["--decode-concurrency", "--prefill-step"])
+def test_a_batch_flag_below_one_is_one_line_and_exit_2(flag):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", "serve", "--model", "demo",
+                          flag, "0"], capture_output=True, text=True, timeout=120)
+    lines = [x for x in run.stderr.splitlines() if x.strip() and not x.startswith("Loading")]
+    assert run.returncode == 2 and lines == [f"mlx-mixtral: error: {flag} must be at least 1"]

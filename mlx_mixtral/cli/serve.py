@@ -120,7 +120,7 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
     store_bytes = _size(args.response_store_bytes, "--response-store-bytes")
     for flag, value in (("--max-queue", args.max_queue),
                         ("--decode-concurrency", args.decode_concurrency),
-                        ("--prefill-step", args.prefill_step or 1)):
+                        ("--prefill-step", 1 if args.prefill_step is None else args.prefill_step)):
         if value < 1:
             raise MlxMixtralError(f"{flag} must be at least 1")
     api_key = args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY") or None

@@ -2,8 +2,9 @@
 
 Every rank must run the same forward passes in the same order, or the collectives inside them
 never meet. Whatever only rank 0 knows therefore reaches the others first: a prompt piped into
-it, a random seed, a server's next job, and a client that went away mid-reply. Given those, the
-ranks compute identical logits and sample identical tokens on their own.
+it, a random seed, and before each of a server's passes what changed in its batch (who joins,
+whose client went away). Given those, the ranks compute identical logits and sample identical
+tokens on their own.
 """
 
 from __future__ import annotations
@@ -37,15 +38,13 @@ def share_seed(seed: int | None, group: mx.distributed.Group) -> int:
     return int(mx.distributed.all_sum(mx.array(mine), group=group).item())
 
 
-STOP_EVERY = 8  # tokens between the ranks' agreements on stopping
-
-
 def _quiet() -> None:
     pass
 
 
 class Lockstep:
-    """A stream of jobs from rank 0 to all ranks, and the per-token agreement on stopping.
+    """A stream of messages from rank 0 to all ranks (the server's: what changes in the batch
+    before each pass, who joins and who was cancelled, so that every rank runs the same pass).
 
     `busy()` is called whenever a rank has heard from the others or is about to wait on them with
     work in hand, `idle()` when it may wait for as long as it likes (between jobs): a watchdog
@@ -55,8 +54,6 @@ class Lockstep:
                  idle: Callable[[], None] = _quiet) -> None:
         self.group, self.busy, self.idle = group, busy, idle
         self.leader = group.rank() == 0
-        self._pending: mx.array | None = None
-        self._tokens = 0
 
     def announce(self, message: dict[str, Any] | None) -> dict[str, Any] | None:
         """Rank 0's `message` (None: no more work) on every rank; the others pass None and
@@ -67,28 +64,7 @@ class Lockstep:
         text = share_text(json.dumps(message) if self.leader and message is not None else None,
                           self.group)
         self.busy()
-        self._pending, self._tokens = None, 0
         return json.loads(text) if text else None
-
-    def should_stop(self, stop: bool) -> bool:
-        """Called after every token on every rank with rank 0's wish to stop (the others'
-        `stop` is ignored); every rank gets the same answer after the same token. The ranks
-        compare notes every STOP_EVERY tokens (a collective per token would cost a network
-        round trip each), and an answer is read one round later, so that reading it never
-        waits for the step mlx-lm has already queued. A hang-up thus stops all ranks within
-        2 x STOP_EVERY tokens."""
-        from mlx_lm.generate import generation_stream
-
-        self.busy()
-        self._tokens += 1
-        if self._tokens % STOP_EVERY:
-            return False
-        agreed = self._pending is not None and self._pending.item() > 0
-        with mx.stream(generation_stream):  # after the queued step, on every rank alike
-            self._pending = mx.distributed.all_sum(mx.array(int(stop and self.leader)),
-                                                   group=self.group)
-        mx.async_eval(self._pending)
-        return agreed
 
     def largest(self, n: int) -> int:
         """The largest `n` of all ranks (sizes that differ by rank, agreed on)."""

@@ -219,12 +219,13 @@ class Scheduler:
         logits = self.model(mx.array([t for s, n in batch for t in s.pending[:n]])[None],
                             cache=Packed([n for _, n in batch], [s.cache for s, _ in batch]))
         self.forward_calls += 1
-        sampled, failed = [], []
+        sampled, failed, prefilled = [], [], []
         for row, (seq, n) in enumerate(batch):
             was_decoding = seq.decoding
             seq.fed(n)
             self._maybe_quantize(seq)
             if not was_decoding:
+                prefilled += [c.state for c in seq.cache]
                 continue
             try:
                 sampled.append((seq, *self._sample(seq, logits[:, row])))
@@ -232,7 +233,7 @@ class Scheduler:
                 seq.emit(Stats.failed(str(e)))
                 failed.append(seq)
         self._leave(failed, keep=False)
-        mx.eval([t for _, t, _ in sampled] or [c.state for s, _ in batch for c in s.cache])
+        mx.eval([t for _, t, _ in sampled], prefilled)  # (a prefill's cache, computed now)
         ended = []
         for seq, token, row in sampled:
             token = token.item()
@@ -278,8 +279,9 @@ class Scheduler:
     def _admit(self) -> None:
         while True:
             with self._lock:
+                running = sum(1 + s.forks for s in self.active)  # (choices to come too)
                 if not self.queue or (self.active and
-                                      len(self.active) + self.queue[0].n > self.capacity):
+                                      running + self.queue[0].n > self.capacity):
                     return
                 request = self.queue.popleft()
             if request.cancelled.is_set():
