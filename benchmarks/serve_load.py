@@ -88,7 +88,9 @@ def one_request(url: str, model: str, i: int, hang_up: bool, max_tokens: int,
 
 
 def run(url: str, requests: int = 200, concurrency: int = 8, disconnect: float = 0.25,
-        max_tokens: int = 16, api_key: str | None = None, seed: int = 0) -> Result:
+        max_tokens: int | tuple[int, int] = 16, api_key: str | None = None,
+        seed: int = 0) -> Result:
+    """`max_tokens`: each request's length, or (least, most): a random length in between."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     model = httpx.get(url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
     start_resident = httpx.get(url + "/health", timeout=30).json()["memory"]["resident"]
@@ -112,11 +114,13 @@ def run(url: str, requests: int = 200, concurrency: int = 8, disconnect: float =
 
     rng = random.Random(seed)
     hang_ups = [rng.random() < disconnect for _ in range(requests)]
+    least, most = (max_tokens, max_tokens) if isinstance(max_tokens, int) else max_tokens
+    lengths = [rng.randint(least, most) for _ in range(requests)]
     watcher = threading.Thread(target=monitor, daemon=True)
     watcher.start()
     began = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        outcomes = list(pool.map(lambda i: one_request(url, model, i, hang_ups[i], max_tokens,
+        outcomes = list(pool.map(lambda i: one_request(url, model, i, hang_ups[i], lengths[i],
                                                        headers), range(requests)))
     seconds = time.perf_counter() - began
     stop.set()

@@ -1,4 +1,5 @@
-"""A 200-request soak on `serve`, with clients hanging up at random: every request completes or
+"""A 300-request soak on `serve` from 16 clients, of random lengths, with clients hanging up at
+random: every request completes or
 stops, /health answers throughout, and memory stays within the model plus the prompt-cache
 budget, + 10%. The budget is far smaller than the caches the requests leave, so the pool must
 evict. (The numbers come from benchmarks/serve_load.py, which the README quotes.)"""
@@ -13,7 +14,7 @@ import pytest
 from server_helpers import Server, tiny_v3_mixtral
 
 # --prompt-cache-bytes: a few requests' caches (each holds 256 positions of 512 bytes, the tiny
-# model's keys and values per token), against the 200 the soak leaves.
+# model's keys and values per token), against the 300 the soak leaves.
 BUDGET = 2**20
 
 
@@ -30,16 +31,17 @@ def load_script():
 def test_soak_with_disconnects_stays_healthy_and_bounded(tmp_path):
     script = load_script()
     server = Server("--prompt-cache-bytes", str(BUDGET), "--max-queue", "64",
+                    "--decode-concurrency", "8",
                     model=str(tiny_v3_mixtral(tmp_path / "tiny")))
     try:
         script.run(server.url, requests=16, concurrency=4, max_tokens=8)  # warm: caches full
-        result = script.run(server.url, requests=200, concurrency=8, disconnect=0.25,
-                            max_tokens=8)
+        result = script.run(server.url, requests=300, concurrency=16, disconnect=0.25,
+                            max_tokens=(1, 24))
         health = server.health()
     finally:
         server.stop()
     assert result.failed == 0, result.errors
-    assert result.completed + result.disconnected == 200 and result.disconnected > 20
+    assert result.completed + result.disconnected == 300 and result.disconnected > 30
     assert result.health_polls > 10 and result.health_failures == 0
     assert result.resident_peak <= 1.1 * (result.resident_start + BUDGET)
     assert health["memory"]["prompt_cache"] <= BUDGET

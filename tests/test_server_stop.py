@@ -35,7 +35,7 @@ def _stream_until_stopped(server: Server, sig: int) -> list[str]:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_serve_stops_cleanly_idle_after_a_request_and_mid_stream(sig):
-    for _ in range(3):
+    for _ in range(4):  # 12 starts and stops per signal
         Server().stop(sig)  # idle (stop() asserts exit 0 and no abort)
         server = Server()
         reply = httpx.post(server.url + "/v1/completions", timeout=60, json={
