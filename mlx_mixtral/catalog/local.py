@@ -58,10 +58,10 @@ def _described(name: str, path: Path, origin: str) -> LocalModel | None:
 
 def hub_cache_models(cache_dir: Path | None = None) -> list[LocalModel]:
     """Model repos in the Hugging Face cache whose newest snapshot we can load."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
 
-    try:
-        cache = scan_cache_dir(cache_dir)
+    try:  # (the constant read now: scan_cache_dir's own default was fixed at its import)
+        cache = scan_cache_dir(cache_dir or constants.HF_HUB_CACHE)
     except Exception:  # noqa: BLE001 - no cache yet, or one we cannot read
         return []
     found = []
