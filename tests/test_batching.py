@@ -166,6 +166,31 @@ def test_a_cancelled_sequence_leaves_the_others_unchanged(tiny):
     assert [heard.ends[(i, 0)].tokens for i in (0, 2, 3)] == [want[i] for i in (0, 2, 3)]
 
 
+def test_within_a_memory_budget_the_batch_holds_no_more_kv_than_one_request(tiny, monkeypatch):
+    """Under a budget whose KV room is 100 positions, requests that each may reach 60 run one
+    after another (never two caches of 60 at once), and still give what each gives alone;
+    without a budget they run together."""
+    from dataclasses import replace
+
+    model, tok = tiny
+    greedy = SamplingParams(temperature=0, max_tokens=30)
+    prompts = [prompt(30, 40 + i) for i in range(3)]
+    want = [alone(model, tok, p, greedy) for p in prompts]
+    for budget, most in ((True, 1), (False, 3)):
+        if budget:
+            monkeypatch.setattr(model, "limits", replace(model.limits, max_context=100,
+                                                          memory_plan=object()))
+        else:
+            monkeypatch.undo()
+        scheduler = Scheduler(model, tok, prefill_step=STEP)
+        heard, seen = Replies(), []
+        for i, p in enumerate(prompts):
+            scheduler.add(Request(p, greedy, heard.emit(i)))
+        run(scheduler, lambda: seen.append(scheduler.running))
+        assert max(seen) == most, seen
+        assert [heard.ends[(i, 0)].tokens for i in range(3)] == want
+
+
 def test_eight_streams_take_few_forward_passes_per_token(tiny, monkeypatch):
     model, tok = tiny
     calls = Calls(monkeypatch)

@@ -29,7 +29,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import GenerationError, MlxMixtralError
-from ..model.limits import DECODE_CONCURRENCY
+from ..model.limits import DECODE_CONCURRENCY, limits_of
 from ..model.packing import Packed
 from .kv import KVSettings
 from .prefix import copy_cache
@@ -152,7 +152,10 @@ class Scheduler:
     """The batch: `add` requests (any thread), `step()` one forward pass (the model's thread).
 
     `capacity` sequences run at most (prefilling or decoding); the others wait in order.
-    `forward_calls` counts the model's passes."""
+    Within a memory budget, the KV caches of the running sequences may together reach the
+    budget's context at most (each counted at its prompt plus its longest reply), so that a
+    batch holds no more KV than one request could. `forward_calls` counts the model's
+    passes."""
 
     def __init__(self, model: Any, tokenizer: Any, *, kv: KVSettings | None = None,
                  prefill_step: int | None = None, capacity: int = DECODE_CONCURRENCY,
@@ -163,6 +166,9 @@ class Scheduler:
         self.kv.check(model.args.head_dim)
         self.prefill_step = prefill_chunk(model, prefill_step)
         self.capacity = capacity
+        # KV positions the running sequences may reach together (None: no memory budget).
+        self.kv_room = context_length(model) if limits_of(model).memory_plan is not None \
+            else None
         self.take = take or (lambda ids: (model.make_cache(), 0))
         self.give = give
         self.queue: deque[Request] = deque()
@@ -281,7 +287,8 @@ class Scheduler:
             with self._lock:
                 running = sum(1 + s.forks for s in self.active)  # (choices to come too)
                 if not self.queue or (self.active and
-                                      running + self.queue[0].n > self.capacity):
+                                      (running + self.queue[0].n > self.capacity
+                                       or not self._fits(self.queue[0]))):
                     return
                 request = self.queue.popleft()
             if request.cancelled.is_set():
@@ -292,6 +299,17 @@ class Scheduler:
             except MlxMixtralError as e:
                 self._end(request)
                 request.emit(Stats.failed(str(e)))
+
+    def _reach(self, request: Request) -> int:
+        """The KV positions one choice of `request` may hold: its prompt and longest reply."""
+        return min(len(request.ids) + request.params.max_tokens, context_length(self.model))
+
+    def _fits(self, request: Request) -> bool:
+        """Whether `request` may join now without the batch's KV outgrowing the budget."""
+        if self.kv_room is None:
+            return True
+        held = sum((1 + s.forks) * self._reach(s.request) for s in self.active)
+        return held + request.n * self._reach(request) <= self.kv_room
 
     def _end(self, request: Request) -> None:
         request.left = request.n
