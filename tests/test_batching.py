@@ -186,7 +186,7 @@ def test_within_a_memory_budget_the_batch_holds_no_more_kv_than_one_request(tiny
         heard, seen = Replies(), []
         for i, p in enumerate(prompts):
             scheduler.add(Request(p, greedy, heard.emit(i)))
-        run(scheduler, lambda: seen.append(scheduler.running))
+        run(scheduler, lambda s=scheduler, seen=seen: seen.append(s.running))
         assert max(seen) == most, seen
         assert [heard.ends[(i, 0)].tokens for i in range(3)] == want
 
