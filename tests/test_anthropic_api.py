@@ -109,11 +109,12 @@ def test_a_tool_round_trip_is_token_exact_with_mistral_common(tiny):
                                       tools=[WEATHER])
     assert counted.input_tokens == len(expected)
     assert answer.usage.input_tokens + answer.usage.cache_read_input_tokens == len(expected)
-    # mistral-common's tokens as a raw prompt: the prompt cache holds all of them (the same
-    # tokens), and greedy decoding writes the same answer
+    # mistral-common's tokens as a raw prompt: the prompt cache holds all of them, which it does
+    # only for the very same tokens. (The replies are not compared: this random model's logits
+    # have near ties, the tool id is random, and the raw request recomputes the last prompt
+    # token alone, so greedy text may part after a few tokens in a float's last bits.)
     raw = oa.completions.create(model="tiny", prompt=expected, max_tokens=8, temperature=0)
     assert raw.usage.prompt_tokens_details.cached_tokens >= len(expected) - 1
-    assert raw.choices[0].text == answer.content[0].text
 
 
 def test_count_tokens_of_a_plain_conversation(tiny):
