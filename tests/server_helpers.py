@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -94,6 +95,16 @@ def tiny_v3_mixtral(folder: Path) -> Path:
              max_position_embeddings=1024)
     shutil.copy(V3_TOKENIZER, folder / "tokenizer.model")
     return folder
+
+
+def serve_tiny_v3(tmp_path_factory, *flags: str) -> Iterator[Server]:
+    """A module fixture's body: `serve` with `flags` over a fresh tiny v3 Mixtral, stopped
+    (and checked to stop cleanly) after the module."""
+    folder = tiny_v3_mixtral(tmp_path_factory.mktemp("tiny-v3"))
+    server = Server(*flags, model=str(folder))
+    server.folder = folder
+    yield server
+    server.stop()
 
 
 # Experts are almost all of it (as in Mixtral): at 40% of its size it pages 3 of 12 experts per

@@ -21,7 +21,7 @@ from mistral_common.protocol.instruct.messages import (
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-from server_helpers import V3_TOKENIZER, Server, tiny_v3_mixtral
+from server_helpers import V3_TOKENIZER, Server, serve_tiny_v3
 
 KEY = "sesame"
 GREEDY = {"temperature": 0}
@@ -33,10 +33,7 @@ ASK = [{"role": "user", "content": "Weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tiny_v3_mixtral(tmp_path_factory.mktemp("tiny-v3"))
-    server = Server("--api-key", KEY, "--model-id", "tiny", model=str(folder))
-    yield server
-    server.stop()
+    yield from serve_tiny_v3(tmp_path_factory, "--api-key", KEY, "--model-id", "tiny")
 
 
 def claude(server: Server, key: str = KEY) -> anthropic.Anthropic:

@@ -19,7 +19,7 @@ from mistral_common.protocol.instruct.messages import (
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-from server_helpers import V3_TOKENIZER, Server, tiny_v3_mixtral
+from server_helpers import V3_TOKENIZER, Server, serve_tiny_v3
 
 KEY = "sesame"
 STORE_BYTES = 16_000
@@ -37,11 +37,8 @@ MOOD = {"type": "object", "required": ["mood"],
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tiny_v3_mixtral(tmp_path_factory.mktemp("tiny-v3"))
-    server = Server("--api-key", KEY, "--model-id", "tiny", "--response-store-bytes",
-                    str(STORE_BYTES), model=str(folder))
-    yield server
-    server.stop()
+    yield from serve_tiny_v3(tmp_path_factory, "--api-key", KEY, "--model-id", "tiny",
+                             "--response-store-bytes", str(STORE_BYTES))
 
 
 def client(server: Server) -> openai.OpenAI:

@@ -13,7 +13,7 @@ import jsonschema
 import ollama
 import openai
 import pytest
-from server_helpers import Server, scrape, tiny_v3_mixtral
+from server_helpers import Server, scrape, serve_tiny_v3
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -27,11 +27,7 @@ def demo():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tiny_v3_mixtral(tmp_path_factory.mktemp("tiny-v3"))
-    server = Server("--api-key", "sesame", "--max-tokens", "24", model=str(folder))
-    server.folder = folder
-    yield server
-    server.stop()
+    yield from serve_tiny_v3(tmp_path_factory, "--api-key", "sesame", "--max-tokens", "24")
 
 
 def client(server: Server, key: str = "unused") -> openai.OpenAI:

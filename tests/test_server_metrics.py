@@ -20,7 +20,7 @@ from server_helpers import (
     paged_mixtral,
     peak_rss,
     scrape,
-    tiny_v3_mixtral,
+    serve_tiny_v3,
 )
 
 from mlx_mixtral.loading import describe
@@ -46,10 +46,7 @@ def check_timings(timings: dict, usage) -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tiny_v3_mixtral(tmp_path_factory.mktemp("tiny-v3"))
-    server = Server("--api-key", KEY, "--max-tokens", "6", model=str(folder))
-    yield server
-    server.stop()
+    yield from serve_tiny_v3(tmp_path_factory, "--api-key", KEY, "--max-tokens", "6")
 
 
 def test_metrics_add_up_to_what_the_clients_got(tiny):

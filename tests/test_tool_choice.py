@@ -11,7 +11,7 @@ import anthropic
 import jsonschema
 import openai
 import pytest
-from server_helpers import V3_TOKENIZER, Server, tiny_v3_mixtral
+from server_helpers import V3_TOKENIZER, Server, serve_tiny_v3
 
 from mlx_mixtral.text.tokenizer import SentencePieceTokenizer
 
@@ -32,11 +32,8 @@ CALL_TOKEN = OURS.token_id("[TOOL_CALLS]")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tiny_v3_mixtral(tmp_path_factory.mktemp("tiny-v3"))
-    server = Server("--api-key", KEY, "--max-tokens", "40", "--model-id", "tiny",
-                    model=str(folder))
-    yield server
-    server.stop()
+    yield from serve_tiny_v3(tmp_path_factory, "--api-key", KEY, "--max-tokens", "40",
+                             "--model-id", "tiny")
 
 
 def chat(server: Server) -> openai.OpenAI:

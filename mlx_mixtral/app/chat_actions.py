@@ -1,6 +1,7 @@
 """The chat app's actions that ask in a dialog (another model, system prompt, settings, rename,
-delete, help) or act on the open chat as a whole (copy, export). A part of `ChatApp`, kept here
-so that the app module reads as layout and the flow of loading and replying."""
+delete, help), act on the open chat as a whole (copy, export) or show and hide a part of the
+view. A part of `ChatApp`, kept here so that the app module reads as layout and the flow of
+loading and replying."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from textual.screen import Screen
 
 from ..errors import MlxMixtralError
 from ..generation.sampling import SamplingParams
-from .engine import Engine, ModelList
+from .engine import Engine, EngineInfo, ModelList
 from .export import export
 from .keys import KEYS, key_label
 from .screens import (
@@ -23,6 +24,7 @@ from .screens import (
     SystemPromptScreen,
     TextPromptScreen,
 )
+from .widgets import ChatList, ExpertsPanel, MessageList, PromptInput
 
 if TYPE_CHECKING:
     from .conversation import Conversation
@@ -38,6 +40,7 @@ class ChatActions:
     store: Store
     export_dir: Path
     generating: bool
+    info: EngineInfo | None
 
     def _ask(self, screen: Screen, then: Callable[[Any], Any] | None = None) -> None:
         """Show a dialog; typing goes back to the prompt after it, and its answer (unless
@@ -138,3 +141,22 @@ class ChatActions:
 
     def action_help(self) -> None:
         self._ask(HelpScreen([(key_label(key), text) for key, _, _, text in KEYS]))
+
+    # ---- the view ---------------------------------------------------------------------------
+
+    def on_prompt_input_page(self, event: PromptInput.Page) -> None:
+        """PageUp / PageDown in the message box scroll the conversation."""
+        messages = self.query_one(MessageList)
+        messages.scroll_page_up() if event.pages < 0 else messages.scroll_page_down()
+
+    def action_toggle_sidebar(self) -> None:
+        self.query_one(ChatList).toggle()
+
+    def action_toggle_experts(self) -> None:
+        if self.info is None:
+            return
+        if not self.info.is_moe:
+            self.notify(f"{self.info.name} has no experts: it is a dense model (the panel is "
+                        "for a mixture of experts such as Mixtral)", severity="warning")
+            return
+        self.query_one(ExpertsPanel).toggle_class("hidden")

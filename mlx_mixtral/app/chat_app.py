@@ -53,19 +53,22 @@ def prefill_note(progress: Prefill, seconds: float, replying: bool) -> str:
             + (" (Esc stops)" if replying else ""))
 
 
+APP_CSS = """
+#main { height: 1fr; }
+#sidebar { width: 28; border-right: solid $primary; }
+#sidebar.hidden, ExpertsPanel.hidden { display: none; }
+#messages { height: 1fr; padding: 0 1; }
+PromptInput { height: 5; border: round $accent; }
+#loading { height: auto; padding: 1 2; }
+#loading.hidden, #progress.hidden { display: none; }
+#sidebar ListItem.current { background: $boost; text-style: bold; }
+#sidebar Static { text-wrap: nowrap; text-overflow: ellipsis; }
+"""
+
+
 class ChatApp(ChatActions, App):
     TITLE = "mlx-mixtral"
-    CSS = """
-    #main { height: 1fr; }
-    #sidebar { width: 28; border-right: solid $primary; }
-    #sidebar.hidden, ExpertsPanel.hidden { display: none; }
-    #messages { height: 1fr; padding: 0 1; }
-    PromptInput { height: 5; border: round $accent; }
-    #loading { height: auto; padding: 1 2; }
-    #loading.hidden, #progress.hidden { display: none; }
-    #sidebar ListItem.current { background: $boost; text-style: bold; }
-    #sidebar Static { text-wrap: nowrap; text-overflow: ellipsis; }
-    """
+    CSS = APP_CSS
     # Not priority bindings: the message box keeps its own editing keys, and a dialog its Esc.
     BINDINGS = [Binding(key, action, label, show=key in FOOTER_KEYS)
                 for key, action, label, _ in KEYS if action]
@@ -293,23 +296,6 @@ class ChatApp(ChatActions, App):
         self.query_one(PromptInput).edit_text(last.content)
         self.editing = True
         self._status(note="editing the last message: Enter resends it")
-
-    def on_prompt_input_page(self, event: PromptInput.Page) -> None:
-        """PageUp / PageDown in the message box scroll the conversation."""
-        messages = self.query_one(MessageList)
-        messages.scroll_page_up() if event.pages < 0 else messages.scroll_page_down()
-
-    def action_toggle_sidebar(self) -> None:
-        self.query_one(ChatList).toggle()
-
-    def action_toggle_experts(self) -> None:
-        if self.info is None:
-            return
-        if not self.info.is_moe:
-            self.notify(f"{self.info.name} has no experts: it is a dense model (the panel is "
-                        "for a mixture of experts such as Mixtral)", severity="warning")
-            return
-        self.query_one(ExpertsPanel).toggle_class("hidden")
 
     async def action_quit(self) -> None:
         self.worker.close()
