@@ -59,15 +59,29 @@ def _field(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if p != "body")
 
 
-class BodyLimit:
-    """413 for a body over the limit: by its Content-Length, or while it streams in."""
+class HttpMiddleware:
+    """An ASGI middleware that sees HTTP requests (`http`) and passes anything else through."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        await self.http(scope, receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class BodyLimit(HttpMiddleware):
+    """413 for a body over the limit: by its Content-Length, or while it streams in."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        super().__init__(app)
+        self.limit = limit
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         too_big = APIError(413, f"the request body is over {self.limit} bytes")
@@ -94,31 +108,29 @@ class _TooBig(Exception):  # noqa: N818 - a signal inside BodyLimit
     pass
 
 
-class JsonBodies:
+class JsonBodies(HttpMiddleware):
     """Ollama's clients (and curl -d) may send JSON without saying so: under /api/ a POST body
     is read as JSON whatever its content type."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/api/"):
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"].startswith("/api/"):
             headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
 
 
-class ApiKey:
+class ApiKey(HttpMiddleware):
     """`Authorization: Bearer KEY` or `x-api-key: KEY` on every path but /health (compared in
     constant time)."""
 
     OPEN = {"/health"}
 
     def __init__(self, app: ASGIApp, key: str) -> None:
-        self.app, self.key = app, key.encode()
+        super().__init__(app)
+        self.key = key.encode()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.OPEN:
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] in self.OPEN:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
@@ -130,15 +142,14 @@ class ApiKey:
         await self.app(scope, receive, send)
 
 
-class CountAnswers:
+class CountAnswers(HttpMiddleware):
     """Each answer's path and status into the metrics (the guards' 401 and 413 too)."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
-        self.app, self.metrics = app, metrics
+        super().__init__(app)
+        self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         status = 500  # what an exception that escapes everything becomes
 
         async def seen(message: dict) -> None:
