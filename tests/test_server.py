@@ -354,6 +354,8 @@ BAD_REQUESTS = [
     ("token id outside the vocabulary", "POST", "/v1/completions", KEY, {"prompt": [99999999]},
      400),
     ("negative seed", "POST", "/v1/chat/completions", KEY, {**CHAT, "seed": -1}, 400),
+    ("repetition penalty 0 in float32", "POST", "/v1/chat/completions", KEY,
+     {**CHAT, "repetition_penalty": 5e-324}, 400),
     ("unknown response_format", "POST", "/v1/chat/completions", KEY,
      {**CHAT, "response_format": {"type": "xml"}}, 400),
     ("tool result without its call id", "POST", "/v1/chat/completions", KEY,

@@ -29,7 +29,6 @@ class Setting:
     lo: float
     hi: float = math.inf
     help: str = ""  # for --help
-    above_lo: bool = False  # lo itself is refused
     flags: tuple[str, ...] = ()  # the CLI's spellings (default: the name, dashed)
     wire: tuple[tuple[str, str | None], ...] = ()  # per API, another name (None: not offered)
     api_hi: float | None = None  # the APIs' upper bound, where theirs is narrower (OpenAI's)
@@ -51,7 +50,7 @@ class Setting:
             return
         ok = isinstance(value, (int, float) if self.kind is float else int) and \
             not isinstance(value, bool) and not (isinstance(value, float) and math.isnan(value))
-        ok = ok and self.lo <= value <= self.hi and not (self.above_lo and value == self.lo)
+        ok = ok and self.lo <= value <= self.hi
         if ok:
             return
         raise SamplingError(f"{self.name} must be {self.range_text()}, got {value!r}",
@@ -63,8 +62,6 @@ class Setting:
         if self.kind is int:
             return f"an integer >= {lo}" if hi == math.inf else \
                 f"an integer between {lo} and {hi}"
-        if self.above_lo:
-            return f"a number above {lo}" + ("" if hi == math.inf else f" and at most {hi}")
         return f"a number at least {lo}" if hi == math.inf else f"a number between {lo} and {hi}"
 
 
@@ -83,9 +80,10 @@ SETTINGS: tuple[Setting, ...] = (
             short="min-p"),
     Setting("max_tokens", int, 512, 1, help="longest reply", wire=(("ollama", "num_predict"),),
             extension=False, label="Max tokens", short="max"),
-    Setting("repetition_penalty", float, 1.0, 0.0, 100.0,
+    # (a penalty near 0 would divide the logits into infinities: NaN, no token)
+    Setting("repetition_penalty", float, 1.0, 0.01, 100.0,
             "> 1 discourages the tokens of the last repetition_context (1 = off)",
-            above_lo=True, wire=(("ollama", "repeat_penalty"),),
+            wire=(("ollama", "repeat_penalty"),),
             label="Repetition penalty (1 = off)", short="penalty"),
     Setting("repetition_context", int, 64, 1, help="how many recent tokens the penalties look at",
             wire=(("openai", None), ("ollama", "repeat_last_n"))),

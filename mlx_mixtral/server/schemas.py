@@ -106,7 +106,7 @@ class ResponseFormat(_Body):
 
 
 def _bounds(s: Setting) -> dict[str, float]:
-    bounds = {"gt" if s.above_lo else "ge": s.lo}
+    bounds = {"ge": s.lo}
     hi = s.hi if s.api_hi is None else s.api_hi
     return bounds if hi == math.inf else {**bounds, "le": hi}
 
