@@ -31,6 +31,7 @@ def test_estimate_of_a_quantized_gguf():
     model, _ = load(path, tokenizer=False)
     estimate, actual = load_bytes(describe(path)), parameter_bytes(model)
     assert abs(estimate - actual) <= 0.05 * actual, (estimate, actual)
+    assert load_bytes(describe(str(path))) == estimate  # a path given as text too
 
 
 def test_available_memory_is_plausible():

@@ -95,8 +95,10 @@ def _describe_gguf(path: Path) -> ModelSource:
                        metadata=header.metadata)
 
 
-def describe(path: Path) -> ModelSource:
-    """The description of a model folder or GGUF file (see the module doc)."""
+def describe(path: str | Path) -> ModelSource:
+    """The description of a model folder or GGUF file (see the module doc); a name to resolve
+    (a repo id, `demo`, `ollama:NAME`) is `resolve`'s to turn into that path first."""
+    path = Path(path)
     if path.is_dir():
         return _describe_folder(path)
     if not path.is_file():
