@@ -182,7 +182,7 @@ SERVED: dict[str, dict] = {}  # id -> the rest of its /v1/models entry
 
 
 class _Models(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - the base class's name
+    def do_GET(self) -> None:
         body = json.dumps({"object": "list", "data": [{"id": name, "object": "model", **more}
                                                       for name, more in SERVED.items()]})
         self.send_response(200 if self.path == "/v1/models" else 404)

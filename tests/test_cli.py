@@ -301,8 +301,8 @@ def test_a_negative_size_is_the_flags_value_and_refused(capsys, folder):
 def test_the_package_lists_only_its_public_api():
     """Finding 25: dir(mlx_mixtral) listed TYPE_CHECKING, annotations, lazy, jsonfile,
     units. (The light import is tests/test_layout.py's.)"""
-    import mlx_mixtral.jsonfile  # noqa: F401 - submodules land in the namespace when imported
-    import mlx_mixtral.units  # noqa: F401
+    import mlx_mixtral.jsonfile  # submodules land in the namespace when imported
+    import mlx_mixtral.units
 
     public = [n for n in dir(mlx_mixtral) if not n.startswith("__")]
     assert public == sorted(mlx_mixtral.__all__)

@@ -215,3 +215,36 @@ def test_dequantize_round_trip(mixtral, tmp_path, tokens):
     assert np.abs(np.array(load_model(back)(ids)) - np.array(load_model(q4)(ids))).max() <= 1e-4
     again = cli("convert", "--hf-path", str(q4), "--mlx-path", str(tmp_path / "x"), "-q")
     assert again.returncode == 2 and "already quantized" in again.stderr
+
+
+CONVERT_MISTAKES = [  # (convert()'s arguments, the same on the command line, the message)
+    (dict(quantize=True, dequantize=True), ["-q", "--dequantize"],
+     "{quantize} (or {recipe}, {expert_bits}) and {dequantize} exclude each other"),
+    (dict(recipe="mixed-3-4", expert_bits=2), ["--recipe", "mixed-3-4", "--expert-bits", "2"],
+     "{recipe} sets the expert bits itself; leave out {expert_bits}"),
+    (dict(), [], "already exists; pass {force} to replace it"),
+]
+API_NAMES = dict(quantize="quantize=True", dequantize="dequantize=True", recipe="recipe",
+                 expert_bits="expert_bits", force="force=True")
+CLI_NAMES = dict(quantize="--quantize", dequantize="--dequantize", recipe="--recipe",
+                 expert_bits="--expert-bits", force="--force")
+
+
+@pytest.mark.parametrize("kwargs, argv, message", CONVERT_MISTAKES)
+def test_convert_errors_name_its_parameters_and_the_cli_its_flags(tmp_path, capsys, kwargs,
+                                                                 argv, message):
+    """convert()'s refusals name its parameters (`recipe`, `force=True`); the command line
+    says its flags in their place (cli/flags.py `with_flags`). Refused before a file is read."""
+    from mlx_mixtral.cli.main import main
+    from mlx_mixtral.errors import ConvertError
+
+    out = tmp_path / "out"
+    if "already exists" in message:
+        out.mkdir()
+    with pytest.raises(ConvertError) as refused:
+        convert(tmp_path, out, progress=False, **kwargs)
+    assert message.format(**API_NAMES) in str(refused.value)
+    assert main(["convert", "--hf-path", str(tmp_path), "--mlx-path", str(out), *argv]) == 2
+    assert message.format(**CLI_NAMES) in capsys.readouterr().err
+    with pytest.raises(ConvertError, match=r"^q_bits=9 is not one of 2, 3, 4, 5, 6, 8$"):
+        convert(tmp_path, tmp_path / "other", quantize=True, q_bits=9, progress=False)

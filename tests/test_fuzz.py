@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import mlx_mixtral
 from mlx_mixtral import ChatFormatError, ConfigError, MlxMixtralError, ModelArgs
 from mlx_mixtral.errors import SamplingError
-from mlx_mixtral.generation.sampling import SamplingParams
+from mlx_mixtral.generation.sampling import SETTINGS, SamplingParams
 from mlx_mixtral.loading.gguf_file import config_from_metadata
 from mlx_mixtral.loading.source import load_config
 from mlx_mixtral.model.config import SUPPORTED_MODEL_TYPES
@@ -154,8 +154,7 @@ def test_chat_message_lists(messages, fmt):
     assert ids and all(0 <= i < V1.vocab_size for i in ids)
 
 
-SAMPLING_FIELDS = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                   "repetition_context", "max_tokens", "seed", "unknown"]
+SAMPLING_FIELDS = [s.name for s in SETTINGS] + ["unknown"]  # a new setting is fuzzed too
 numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 200),
                     st.floats(0, 1), scalars)
 

@@ -224,3 +224,9 @@ def test_the_readme_names_every_module():
         if f"`{path.name}`" not in row and f"/{path.name}`" not in row:
             missing.append(str(path.relative_to(PACKAGE)))
     assert not missing, missing
+    # ... and no module that is gone (a file moved or deleted leaves its row behind).
+    gone = [f"{head}: {name}" for head, row in rows.items() if head.startswith("mlx_mixtral/")
+            for name in re.findall(r"`(\w+\.py)`", row)
+            if not ((PACKAGE.parent / head).parent if head.endswith(".py")
+                    else PACKAGE.parent / head).joinpath(name).is_file()]
+    assert not gone, gone

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
+from mlx_mixtral.catalog.summary import quantization_of
 from mlx_mixtral.convert import convert
 from mlx_mixtral.convert.plan import RECIPES, Plan
 from mlx_mixtral.convert.synthetic import write_hf_checkpoint
@@ -48,6 +49,10 @@ def test_mixed_3_4_loads_in_mlx_lm_with_equal_logits_and_size_by_formula(source,
     ids = mx.array([[1, 5, 9, 200, 3, 77, 100, 12, 40, 41]])
     np.testing.assert_allclose(np.array(ours(ids)), np.array(theirs(ids)), atol=1e-5, rtol=0)
     assert bits_of(out) == 3
+    # The app's model line: every bit width the config gives a layer (3, 4 and 6 here).
+    widths = {quant["bits"]} | {v["bits"] for v in quant.values() if isinstance(v, dict)}
+    assert quantization_of(ours) == "/".join(map(str, sorted(widths))) + "-bit" == "3/4/6-bit"
+    assert quantization_of(load_model(source)) == "float"
     v = verify(source, out)
     assert v.bits == 3 and v.router_agreement is not None and "3-bit" in v.verdict()
 

@@ -113,7 +113,7 @@ SERVED = ["served-a", "org/served-b"]
 class _Models(http.server.BaseHTTPRequestHandler):
     """A server that only lists its models (GET /v1/models), as OpenAI's API does."""
 
-    def do_GET(self) -> None:  # noqa: N802 - the base class's name
+    def do_GET(self) -> None:
         body = json.dumps({"object": "list", "data": [{"id": name, "object": "model"}
                                                       for name in SERVED]}).encode()
         self.send_response(200 if self.path == "/v1/models" else 404)

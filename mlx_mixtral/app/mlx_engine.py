@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..catalog.summary import quantization_of
 from ..errors import MlxMixtralError
 from ..generation.kv import KVSettings
 from ..generation.sampling import SamplingParams, model_defaults
@@ -19,7 +20,6 @@ from ..generation.session import ChatSession
 from ..generation.speculative import Drafter
 from ..generation.stats import PrefillStopped, Stats
 from ..generation.stream import context_length, settle
-from ..loading.loaded import quantization_of
 from ..model.decoder import Model
 from ..model.routing import RouterTrace
 from ..text.tokenizer import Tokenizer

@@ -1,13 +1,13 @@
 """A model described for people and for model lists, from its file headers alone (no tensor is
 read): what `info`, `list`, the app's model picker and Ollama's /api/tags and /api/show say
-about it, so that they agree."""
+about it, so that they agree; and a loaded model's quantization, for the app's model line."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..units import human
 
@@ -49,6 +49,13 @@ class ModelSummary:
 
     def fit(self, available: int) -> str:
         return fit(self.memory_bytes, self.page_bytes, available)
+
+
+def quantization_of(model: Any) -> str:
+    """A loaded model's quantization, for the app's model line: "4-bit", "3/4-bit" (mixed), or
+    "float" (the bit widths of its quantized layers; a file's own is `stored_as`)."""
+    bits = sorted({m.bits for _, m in model.named_modules() if hasattr(m, "bits")})
+    return "float" if not bits else "/".join(str(b) for b in bits) + "-bit"
 
 
 def stored_as(source: ModelSource) -> str:

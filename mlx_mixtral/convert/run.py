@@ -149,14 +149,16 @@ def make_plan(dtype: mx.Dtype, quantize: bool, q_bits: int, group_size: int,
     """The precision plan for convert's options; a recipe or expert bits imply quantizing."""
     if recipe is not None:
         if expert_bits is not None:
-            raise ConvertError("--recipe sets the expert bits itself; leave out --expert-bits")
+            raise ConvertError("recipe sets the expert bits itself; leave out expert_bits",
+                               params=("recipe", "expert_bits"))
         expert_bits, q_bits = recipe_bits(recipe)
-    for name, bits in (("--q-bits", q_bits), ("--expert-bits", expert_bits)):
+    for name, bits in (("q_bits", q_bits), ("expert_bits", expert_bits)):
         if bits is not None and bits not in Q_BITS:
-            raise ConvertError(f"{name} {bits} is not one of {', '.join(map(str, Q_BITS))}")
+            raise ConvertError(f"{name}={bits} is not one of {', '.join(map(str, Q_BITS))}",
+                               params=(name,))
     if group_size not in Q_GROUP_SIZES:
-        raise ConvertError(f"--q-group-size {group_size} is not one of "
-                           f"{', '.join(map(str, Q_GROUP_SIZES))}")
+        raise ConvertError(f"q_group_size={group_size} is not one of "
+                           f"{', '.join(map(str, Q_GROUP_SIZES))}", params=("q_group_size",))
     quantize = quantize or expert_bits is not None
     return Plan(dtype=dtype, bits=q_bits if quantize else None, group_size=group_size,
                 expert_bits=expert_bits if quantize else None)
@@ -188,22 +190,25 @@ def convert(
     if not src.is_dir():
         raise ConvertError(f"{src}: not a folder (give the folder holding config.json)")
     if out.exists() and not force:
-        raise ConvertError(f"{out} already exists; pass --force to replace it")
+        raise ConvertError(f"{out} already exists; pass force=True to replace it",
+                           params=("force",))
     plan = make_plan(DTYPES[dtype] if dtype else mx.float16, quantize, q_bits, q_group_size,
                      expert_bits, recipe)  # checked before anything is read
     if plan.bits is not None and dequantize:
-        raise ConvertError("-q (or --recipe, --expert-bits) and --dequantize exclude each other")
+        raise ConvertError("quantize=True (or recipe, expert_bits) and dequantize=True exclude "
+                           "each other", params=("quantize", "recipe", "expert_bits", "dequantize"))
     source = describe(src)
     args, config = source.args, source.config
     weights = sanitize(read_safetensors(source.files), args)
     source_quant = config.get("quantization")
     if dequantize:
         if not isinstance(source_quant, dict):
-            raise ConvertError(f"{src}: --dequantize needs a quantized MLX folder")
+            raise ConvertError(f"{src}: dequantize=True needs a quantized MLX folder",
+                               params=("dequantize",))
         weights = _dequantize(weights, source_quant)
     elif isinstance(source_quant, dict):
-        raise ConvertError(f"{src} is already quantized; pass --dequantize to turn it back "
-                           "into floats (or use it as it is)")
+        raise ConvertError(f"{src} is already quantized; pass dequantize=True to turn it back "
+                           "into floats (or use it as it is)", params=("dequantize",))
     if dtype is None:
         plan = replace(plan, dtype=_source_dtype(config))
 

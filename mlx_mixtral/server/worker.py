@@ -233,7 +233,7 @@ class Worker:
         ranks may no longer be in step: the failure goes on)."""
         try:
             self.scheduler.step()
-        except Exception as e:  # noqa: BLE001 - the server lives on; the clients hear why
+        except Exception as e:  # the server lives on; the clients hear why
             if self.lockstep is not None:
                 raise
             if not isinstance(e, MlxMixtralError):
