@@ -314,12 +314,12 @@ def test_cold_equals_warm(demo_server, text, settings):
 def test_n_choices_from_the_openai_client(demo_server):
     client = _client(demo_server)
     messages = [{"role": "user", "content": "Name a colour."}]
-    greedy = client.chat.completions.create(model="demo", messages=messages, n=3, max_tokens=8,
+    greedy = client.chat.completions.create(model="demo", messages=messages, n=3, max_tokens=4,
                                             temperature=0)
     assert [c.index for c in greedy.choices] == [0, 1, 2]
     assert len({c.message.content for c in greedy.choices}) == 1
     seeded = [client.chat.completions.create(model="demo", messages=messages, n=3,
-                                             max_tokens=8, temperature=1, seed=3)
+                                             max_tokens=4, temperature=1, seed=3)
               for _ in range(2)]
     assert [c.message.content for c in seeded[0].choices] == \
         [c.message.content for c in seeded[1].choices]
