@@ -3,10 +3,12 @@ the budget) and `generate --prompt-cache` on the command line."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import mlx.core as mx
 import pytest
+from cli_helpers import in_process
 from kv_helpers import build_models, filled
 
 from mlx_mixtral.generation import ChatSession, Stats
@@ -121,12 +123,11 @@ def test_json_metadata_is_plain(models, tmp_path):
 # ---- the command line ---------------------------------------------------------------------
 
 
-def cli(*args: str):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", *args], capture_output=True,
-                          text=True, timeout=600)
+@pytest.fixture
+def cli(capsys):
+    """`mlx-mixtral ARGS` run by `main` in this process: these tests are about the command's
+    flags and files, not about its process."""
+    return functools.partial(in_process, capsys)
 
 
 def one_line_error(result, *words: str) -> None:
@@ -144,7 +145,7 @@ def tiny_folder(tmp_path_factory):
     return tiny_model_folder(tmp_path_factory.mktemp("tiny-cli"))
 
 
-def test_cli_prompt_cache_reused_and_refused_for_another_model(tiny_folder, tmp_path):
+def test_cli_prompt_cache_reused_and_refused_for_another_model(tiny_folder, tmp_path, cli):
     from mlx_mixtral.demo import demo_model_path
 
     path = str(tmp_path / "doc.safetensors")
@@ -161,14 +162,14 @@ def test_cli_prompt_cache_reused_and_refused_for_another_model(tiny_folder, tmp_
     one_line_error(other, "another model")
 
 
-def test_cli_prompt_cache_in_a_folder_is_one_line_before_loading(tiny_folder, tmp_path):
+def test_cli_prompt_cache_in_a_folder_is_one_line_before_loading(tiny_folder, tmp_path, cli):
     result = cli("generate", "--model", str(tiny_folder), "--prompt", "hi", "--max-tokens", "2",
                  "--prompt-cache", str(tmp_path))
     one_line_error(result, "--prompt-cache", str(tmp_path), "folder")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # no "Loading" line
 
 
-def test_cli_prompt_cache_named_without_safetensors_round_trips(tiny_folder, tmp_path):
+def test_cli_prompt_cache_named_without_safetensors_round_trips(tiny_folder, tmp_path, cli):
     path = tmp_path / "cache.bin"
     base = ["generate", "--model", str(tiny_folder), "--temp", "0", "--max-tokens", "2",
             "--prompt-cache", str(path)]
@@ -188,7 +189,7 @@ def test_prompt_cache_api_reads_and_writes_any_file_name(models, tmp_path):
         assert meta["tokens"] == list(range(12)) and loaded[0].offset == 12
 
 
-def test_cli_bad_drafting_and_kv_flags(tiny_folder):
+def test_cli_bad_drafting_and_kv_flags(tiny_folder, cli):
     from mlx_mixtral.demo import demo_model_path
 
     base = ["generate", "--model", str(tiny_folder), "--prompt", "hi", "--max-tokens", "3"]
