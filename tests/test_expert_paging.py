@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import mlx.core as mx
@@ -196,14 +194,9 @@ def test_slots_evict_least_recently_or_least_often_used():
         ExpertSlots(8, 2, "fifo")
 
 
-def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", *argv], capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.mark.slow  # runs the paged model at its minimum budget (~15 s)
-def test_budget_too_small_says_the_minimum_and_it_works(folder):
-    r = run_cli("generate", "--model", str(folder / "q4"), "--max-memory", "2MB", "--raw",
+def test_budget_too_small_says_the_minimum_and_it_works(folder, cli_here):
+    r = cli_here("generate", "--model", str(folder / "q4"), "--max-memory", "2MB", "--raw",
                 "--max-tokens", "2", "t1 t2")
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("mlx-mixtral: error:"), r.stderr
@@ -226,13 +219,13 @@ def test_budget_too_small_says_the_minimum_and_it_works(folder):
 
 
 @pytest.mark.parametrize("value", ["lots", "0GB", "-3GB", "12 parsecs"])
-def test_a_budget_that_is_not_a_size_is_one_line(folder, value):
-    r = run_cli("generate", "--model", str(folder / "q4"), f"--max-memory={value}", "hi")
+def test_a_budget_that_is_not_a_size_is_one_line(folder, value, cli_here):
+    r = cli_here("generate", "--model", str(folder / "q4"), f"--max-memory={value}", "hi")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "--max-memory" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_info_plans_for_a_smaller_mac():
+def test_info_plans_for_a_smaller_mac(cli_here):
     from mlx_mixtral.cli.info import info
 
     text = info(preset_name="mixtral-8x7b", memory=16 * 10**9)
@@ -241,7 +234,7 @@ def test_info_plans_for_a_smaller_mac():
     assert "paging" in rows["4-bit"] and "read per token" in rows["4-bit"]
     # 15.1 GB of weights: under 16 GB, but not with the KV cache and working memory as well
     assert "paging: 7 of 8 experts" in rows["mixed-2-4"]
-    r = run_cli("info", "--preset", "mixtral-8x7b", "--memory", "sixteen")
+    r = cli_here("info", "--preset", "mixtral-8x7b", "--memory", "sixteen")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
 
 
@@ -264,8 +257,8 @@ def test_info_is_the_same_with_or_without_a_measurement_here(monkeypatch, tmp_pa
     assert str(hit_rates_path()) in extra
 
 
-def test_bench_reports_paging_next_to_resident(folder):
-    r = run_cli("bench", "--model", str(folder / "q4"), "--max-memory", "50%", "--runs", "1",
+def test_bench_reports_paging_next_to_resident(folder, cli_here):
+    r = cli_here("bench", "--model", str(folder / "q4"), "--max-memory", "50%", "--runs", "1",
                 "--prompt-tokens", "24", "--gen-tokens", "6", "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
