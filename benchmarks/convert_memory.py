@@ -1,8 +1,10 @@
-"""Benchmark: peak memory of `mlx-mixtral convert -q` on a synthetic >= 3 GB bf16 Mixtral.
+"""Benchmark: peak memory of `mlx-mixtral convert -q` on a synthetic bf16 Mixtral-shaped checkpoint.
 
-Usage: python benchmarks/convert_memory.py [--workdir DIR] [--keep]
+Usage: python benchmarks/convert_memory.py [--layers N] [--shard-gb G] [--workdir DIR] [--keep]
 Prints the checkpoint size, the converter's peak RSS (its own process) and their ratio, and
 exits with status 1 when the peak is above the target (40% of the checkpoint, --target).
+The default, 7 layers in shards of 0.3 GB, is 1.40 GB in 5 shards; `--layers 17 --shard-gb 1` is
+3.22 GB in 4 shards.
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ from mlx_mixtral import ModelArgs
 from mlx_mixtral.convert.synthetic import write_hf_checkpoint
 
 SHAPE = dict(model_type="mixtral", vocab_size=32000, hidden_size=1024, intermediate_size=3584,
-             num_hidden_layers=17, num_attention_heads=16, num_key_value_heads=4,
+             num_attention_heads=16, num_key_value_heads=4,
              num_local_experts=8, num_experts_per_tok=2)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=7,
+                        help="decoder layers, 0.18 GB each (plus 0.13 GB of embeddings)")
+    parser.add_argument("--shard-gb", type=float, default=0.3,
+                        help="the largest input shard: the converter reads one at a time")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
     parser.add_argument("--target", type=float, default=0.40,
@@ -34,7 +40,8 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="convert-memory-"))
     src, out = work / "hf", work / "mlx-q4"
     try:
-        size = write_hf_checkpoint(src, ModelArgs.from_dict(SHAPE), shard_bytes=10**9)
+        shape = ModelArgs.from_dict({**SHAPE, "num_hidden_layers": args.layers})
+        size = write_hf_checkpoint(src, shape, shard_bytes=int(args.shard_gb * 1e9))
         shards = len(list(src.glob("*.safetensors")))
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", "convert", "--hf-path",

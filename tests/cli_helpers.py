@@ -1,5 +1,5 @@
-"""What the command-line tests share: the command run in a subprocess, and a tiny windowed
-Mistral folder with a tokenizer."""
+"""What the command-line tests share: the command run in a subprocess or in this process, and a
+tiny windowed Mistral folder with a tokenizer."""
 
 from __future__ import annotations
 
@@ -33,14 +33,23 @@ def subparser(command: str):
     return sub.choices[command]
 
 
-def refusal(argv: list[str], capsys) -> str:
-    """The one line stderr holds after `argv` ended with exit status 2."""
+def in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`mlx-mixtral ARGS` run by `main` in this process, as `cli` reports it: the same exit
+    status, stdout and stderr, without a new process's ~2.5 s of imports. (Not for what only a
+    process has: pipes, signals, the shell's exit status.)"""
     from mlx_mixtral.cli.main import main
 
+    capsys.readouterr()  # what came before is not this command's
     try:
-        code = main(argv)
+        code = main(list(args))
     except SystemExit as e:  # argparse's own refusals exit from inside parse_args
         code = e.code
-    err = capsys.readouterr().err
-    assert code == 2 and len(err.splitlines()) == 1, (code, err)
-    return err.strip()
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["mlx-mixtral", *args], code, out, err)
+
+
+def refusal(argv: list[str], capsys) -> str:
+    """The one line stderr holds after `argv` ended with exit status 2."""
+    result = in_process(capsys, *argv)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result
+    return result.stderr.strip()

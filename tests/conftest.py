@@ -140,6 +140,17 @@ def hide_packages():
         yield
 
 
+@pytest.fixture
+def cli_here(capsys):
+    """`mlx-mixtral ARGS` run by `main` in this process (`cli_helpers.in_process`): for tests
+    of what a command says and does, not of its process."""
+    import functools
+
+    from cli_helpers import in_process
+
+    return functools.partial(in_process, capsys)
+
+
 def build_hf(folder: Path, model_type: str, seed: int = 0, **overrides):
     """Save a random tiny Mistral or Mixtral with `save_pretrained`; return the torch model."""
     torch.manual_seed(seed)

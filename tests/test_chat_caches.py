@@ -121,14 +121,6 @@ def test_json_metadata_is_plain(models, tmp_path):
 # ---- the command line ---------------------------------------------------------------------
 
 
-def cli(*args: str):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", *args], capture_output=True,
-                          text=True, timeout=600)
-
-
 def one_line_error(result, *words: str) -> None:
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -144,38 +136,38 @@ def tiny_folder(tmp_path_factory):
     return tiny_model_folder(tmp_path_factory.mktemp("tiny-cli"))
 
 
-def test_cli_prompt_cache_reused_and_refused_for_another_model(tiny_folder, tmp_path):
+def test_cli_prompt_cache_reused_and_refused_for_another_model(tiny_folder, tmp_path, cli_here):
     from mlx_mixtral.demo import demo_model_path
 
     path = str(tmp_path / "doc.safetensors")
     base = ["generate", "--model", str(tiny_folder), "--temp", "0", "--max-tokens", "4",
             "--prompt-cache", path]
-    first = cli(*base, "--prompt", "A long document: " + "lorem ipsum " * 40 + "Summarise.")
+    first = cli_here(*base, "--prompt", "A long document: " + "lorem ipsum " * 40 + "Summarise.")
     assert first.returncode == 0, first.stderr
-    again = cli(*base, "--prompt", "A long document: " + "lorem ipsum " * 40 + "Shorter.")
+    again = cli_here(*base, "--prompt", "A long document: " + "lorem ipsum " * 40 + "Shorter.")
     assert again.returncode == 0, again.stderr
     reused = int(again.stderr.split("Prompt cache: ")[1].split()[0])
     assert reused >= 80  # the document was not prefilled again
-    other = cli("generate", "--model", str(demo_model_path()), "--prompt", "hi",
+    other = cli_here("generate", "--model", str(demo_model_path()), "--prompt", "hi",
                 "--prompt-cache", path)
     one_line_error(other, "another model")
 
 
-def test_cli_prompt_cache_in_a_folder_is_one_line_before_loading(tiny_folder, tmp_path):
-    result = cli("generate", "--model", str(tiny_folder), "--prompt", "hi", "--max-tokens", "2",
-                 "--prompt-cache", str(tmp_path))
+def test_cli_prompt_cache_in_a_folder_is_one_line_before_loading(tiny_folder, tmp_path, cli_here):
+    result = cli_here("generate", "--model", str(tiny_folder), "--prompt", "hi", "--max-tokens",
+                      "2", "--prompt-cache", str(tmp_path))
     one_line_error(result, "--prompt-cache", str(tmp_path), "folder")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # no "Loading" line
 
 
-def test_cli_prompt_cache_named_without_safetensors_round_trips(tiny_folder, tmp_path):
+def test_cli_prompt_cache_named_without_safetensors_round_trips(tiny_folder, tmp_path, cli_here):
     path = tmp_path / "cache.bin"
     base = ["generate", "--model", str(tiny_folder), "--temp", "0", "--max-tokens", "2",
             "--prompt-cache", str(path)]
-    first = cli(*base, "--prompt", "A long document: " + "lorem ipsum " * 20 + "Summarise.")
+    first = cli_here(*base, "--prompt", "A long document: " + "lorem ipsum " * 20 + "Summarise.")
     assert first.returncode == 0, first.stderr
     assert path.is_file() and list(tmp_path.iterdir()) == [path]  # no partial file left
-    again = cli(*base, "--prompt", "A long document: " + "lorem ipsum " * 20 + "Shorter.")
+    again = cli_here(*base, "--prompt", "A long document: " + "lorem ipsum " * 20 + "Shorter.")
     assert again.returncode == 0, again.stderr
     assert int(again.stderr.split("Prompt cache: ")[1].split()[0]) >= 40
 
@@ -188,13 +180,13 @@ def test_prompt_cache_api_reads_and_writes_any_file_name(models, tmp_path):
         assert meta["tokens"] == list(range(12)) and loaded[0].offset == 12
 
 
-def test_cli_bad_drafting_and_kv_flags(tiny_folder):
+def test_cli_bad_drafting_and_kv_flags(tiny_folder, cli_here):
     from mlx_mixtral.demo import demo_model_path
 
     base = ["generate", "--model", str(tiny_folder), "--prompt", "hi", "--max-tokens", "3"]
-    one_line_error(cli(*base, "--draft-model", str(demo_model_path())), "--draft-model",
+    one_line_error(cli_here(*base, "--draft-model", str(demo_model_path())), "--draft-model",
                    "vocabulary (49152 tokens)", "(32000 tokens)")
-    one_line_error(cli(*base, "--kv-bits", "5"), "--kv-bits must be one of 4, 8")
-    one_line_error(cli(*base, "--prompt-lookup", "2", "--draft-model", "x"), "exclude")
-    ok = cli(*base, "--prompt-lookup", "3", "--temp", "0")
+    one_line_error(cli_here(*base, "--kv-bits", "5"), "--kv-bits must be one of 4, 8")
+    one_line_error(cli_here(*base, "--prompt-lookup", "2", "--draft-model", "x"), "exclude")
+    ok = cli_here(*base, "--prompt-lookup", "3", "--temp", "0")
     assert ok.returncode == 0 and "drafts accepted" in ok.stderr, ok.stderr

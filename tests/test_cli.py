@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import cli, refusal, subparser, tiny_folder
+from cli_helpers import cli, in_process, refusal, subparser, tiny_folder
 from conftest import build_hf
 
 import mlx_mixtral
@@ -88,16 +88,17 @@ def test_ollama_store_resolves_to_the_gguf_blob(tmp_path, monkeypatch, tokens):
         resolve("ollama:nothing")
 
 
-def test_prompt_as_argument_or_from_a_pipe(folder):
-    by_argument = cli("generate", "--model", str(folder), "t5 t6 t7", "--temperature", "0",
-                      "--max-tokens", "4")
+def test_prompt_as_argument_or_from_a_pipe(folder, capsys):
+    """A real pipe into a real process; the prompt as an argument (and twice) by `main` here."""
+    by_argument = in_process(capsys, "generate", "--model", str(folder), "t5 t6 t7",
+                             "--temperature", "0", "--max-tokens", "4")
     assert by_argument.returncode == 0, by_argument.stderr
     piped = subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", "generate", "--model",
                             str(folder), "--temp", "0", "--max-tokens", "4"], input="t5 t6 t7",
                            capture_output=True, text=True)
     assert piped.returncode == 0, piped.stderr
     assert piped.stdout == by_argument.stdout
-    twice = cli("generate", "--model", str(folder), "a", "--prompt", "b")
+    twice = in_process(capsys, "generate", "--model", str(folder), "a", "--prompt", "b")
     assert twice.returncode == 2 and "once" in twice.stderr
 
 
@@ -117,14 +118,15 @@ def test_a_piped_prompt_loses_one_trailing_newline(monkeypatch, piped, prompt):
     assert read_prompt("What is 2+2?\n") == "What is 2+2?\n"  # an argument stays as given
 
 
-@pytest.mark.slow  # the demo model, twice (~12 s)
-def test_echo_into_generate_is_the_prompt_as_an_argument():
+@pytest.mark.slow  # the demo model, twice (~8 s)
+def test_echo_into_generate_is_the_prompt_as_an_argument(capsys):
+    """`echo` into a real process; the prompt as an argument by `main` here."""
     from mlx_mixtral.demo import demo_model_path
 
-    base = [sys.executable, "-m", "mlx_mixtral.cli", "generate", "--model",
-            str(demo_model_path()), "--temp", "0", "--max-tokens", "3"]
-    by_argument = subprocess.run([*base, "What is 2+2?"], capture_output=True, text=True)
-    piped = subprocess.run(base, input="What is 2+2?\n", capture_output=True, text=True)
+    base = ["generate", "--model", str(demo_model_path()), "--temp", "0", "--max-tokens", "3"]
+    by_argument = in_process(capsys, *base, "What is 2+2?")
+    piped = subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", *base],
+                           input="What is 2+2?\n", capture_output=True, text=True)
     assert by_argument.returncode == 0 and piped.returncode == 0, piped.stderr
 
     def prompt_tokens(result) -> str:

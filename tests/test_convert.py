@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import mlx.core as mx
 import numpy as np
@@ -43,11 +41,6 @@ def source(request, tmp_path_factory):
 def mixtral(tmp_path_factory):
     """For interop with mlx-lm, which has no sliding window: Mixtral without one."""
     return make_source("mixtral", tmp_path_factory)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", *args],
-                          capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("bits", [None, 8, 4])
@@ -137,22 +130,22 @@ def test_mlx_lm_q4_folder_loads_in_ours(mixtral, tmp_path, tokens):
     assert np.abs(np.array(theirs(ids)) - np.array(ours(ids))).max() <= 1e-4
 
 
-def test_existing_out_refused_then_forced(source, tmp_path):
+def test_existing_out_refused_then_forced(source, tmp_path, cli_here):
     folder, _ = source
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    result = cli("convert", "--hf-path", str(folder), "--mlx-path", str(out))
+    result = cli_here("convert", "--hf-path", str(folder), "--mlx-path", str(out))
     assert result.returncode == 2 and "--force" in result.stderr
     assert (out / "keep.txt").exists()
-    result = cli("convert", "--hf-path", str(folder), "--mlx-path", str(out), "--force")
+    result = cli_here("convert", "--hf-path", str(folder), "--mlx-path", str(out), "--force")
     assert result.returncode == 0, result.stderr
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
     assert "bits per weight" in result.stdout
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left
 
 
-def test_verify_reports_agreement(source, tmp_path):
+def test_verify_reports_agreement(source, tmp_path, cli_here):
     """The figures --verify prints, recomputed from transformers' logits and router choices."""
     import re
 
@@ -163,7 +156,7 @@ def test_verify_reports_agreement(source, tmp_path):
 
     folder, ref = source
     out = tmp_path / "q8"
-    result = cli("convert", "--hf-path", str(folder), "--mlx-path", str(out), "-q",
+    result = cli_here("convert", "--hf-path", str(folder), "--mlx-path", str(out), "-q",
                  "--q-bits", "8", "--verify")
     assert result.returncode == 0, result.stderr
     line, verdict = result.stdout.strip().splitlines()[-2:]
@@ -204,16 +197,16 @@ def test_verify_verdict_says_when_a_result_is_off():
     assert "float conversion" in Verification(64, 1.0, 0.0, None).verdict()
 
 
-def test_dequantize_round_trip(mixtral, tmp_path, tokens):
+def test_dequantize_round_trip(mixtral, tmp_path, tokens, cli_here):
     folder, _ = mixtral
     q4, back = tmp_path / "q4", tmp_path / "float"
     convert(folder, q4, quantize=True, dtype="float32", progress=False)
-    result = cli("convert", "--hf-path", str(q4), "--mlx-path", str(back), "--dequantize")
+    result = cli_here("convert", "--hf-path", str(q4), "--mlx-path", str(back), "--dequantize")
     assert result.returncode == 0, result.stderr
     assert "quantization" not in json.loads((back / "config.json").read_text())
     ids = mx.array(tokens(1, 12))
     assert np.abs(np.array(load_model(back)(ids)) - np.array(load_model(q4)(ids))).max() <= 1e-4
-    again = cli("convert", "--hf-path", str(q4), "--mlx-path", str(tmp_path / "x"), "-q")
+    again = cli_here("convert", "--hf-path", str(q4), "--mlx-path", str(tmp_path / "x"), "-q")
     assert again.returncode == 2 and "already quantized" in again.stderr
 
 

@@ -174,13 +174,21 @@ def chat_turns_ttft(model: Any, turns: int = 10, message: int = 16, reply: int =
 
 
 def kv_bytes(model: Any, positions: int, bits: int | None = None, group_size: int = 64) -> int:
-    """Bytes of the KV cache after `positions` tokens (quantized to `bits` from the start)."""
+    """Bytes of the KV cache after `positions` tokens (quantized to `bits` from the start),
+    prefilled 256 at a time. The caches get the keys and values a forward pass would give
+    them (its shapes and dtype, learnt from one token), not the model's work: their bytes do
+    not depend on the values."""
+    probe = make_cache(model)
+    mx.eval(model(mx.zeros((1, 1), mx.int32), cache=probe))
     cache = make_cache(model)
     if bits is not None:
         cache = [c.to_quantized(group_size=group_size, bits=bits) for c in cache]
     step = 256
     for start in range(0, positions, step):
-        model(mx.zeros((1, min(step, positions - start)), mx.int32), cache=cache)
+        for c, p in zip(cache, probe, strict=True):
+            keys, values = (x[..., :1, :] for x in p.state[:2])  # (1, kv heads, 1, head dim)
+            n = min(step, positions - start)
+            c.update_and_fetch(mx.repeat(keys, n, axis=2), mx.repeat(values, n, axis=2))
         mx.eval([c.state for c in cache])
     return sum(c.nbytes for c in cache)
 
