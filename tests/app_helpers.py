@@ -7,12 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
-import mlx.core as mx
-from test_chat_format import VERSIONS
-
-from mlx_mixtral import ModelArgs
 from mlx_mixtral.app.engine import EngineInfo, ModelList
-from mlx_mixtral.convert.synthetic import write_hf_checkpoint
 from mlx_mixtral.generation.stats import Chunk, Stats
 
 TINY_MIXTRAL = dict(model_type="mixtral", vocab_size=32000, hidden_size=64,
@@ -23,6 +18,14 @@ TINY_MIXTRAL = dict(model_type="mixtral", vocab_size=32000, hidden_size=64,
 
 def tiny_model_folder(folder: Path) -> Path:
     """A tiny random Mixtral with the real Mistral v1 tokenizer ([INST] chat format)."""
+    # Imported here: the chat driver, a process of its own, imports this module for
+    # `wait_until`, and mistral-common (test_chat_format's tokenizer paths) costs it a second.
+    import mlx.core as mx
+    from test_chat_format import VERSIONS
+
+    from mlx_mixtral import ModelArgs
+    from mlx_mixtral.convert.synthetic import write_hf_checkpoint
+
     write_hf_checkpoint(folder, ModelArgs.from_dict(TINY_MIXTRAL), dtype=mx.float32, seed=3)
     shutil.copyfile(VERSIONS["mistral-v1"], folder / "tokenizer.model")
     return folder

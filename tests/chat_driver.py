@@ -1,6 +1,7 @@
 """Drive the real chat app (headless) on a model and database: send messages one after another
-and wait for each reply. Prints "ready" once the model is loaded. Used by the fault tests,
-which run it in processes of their own and kill them.
+and wait for each reply. Prints "ready" once the model is loaded, then waits for a line on
+stdin before sending (so a test can start the next one while another runs). Used by the fault
+tests, which run it in processes of their own and kill them.
 
     python chat_driver.py MODEL DB TAG ROUNDS MAX_TOKENS
 """
@@ -25,6 +26,7 @@ async def drive(model: str, db: str, tag: str, rounds: int, max_tokens: int) -> 
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_until(pilot, lambda: app.info is not None, timeout=120)
         print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)  # "go"
         for i in range(rounds):
             done = app.replies_done
             prompt = app.query_one(PromptInput)

@@ -71,20 +71,23 @@ def ranks(tmp: Path, r: int) -> dict:
     return {"rc": int(read("rc") or -1), "out": read("out"), "err": read("err")}
 
 
-GENERATE = ["generate", "--temp", "0", "--max-tokens", "40", "--raw", "t5 t9 t13 t2"]
+PROMPT = "t5 t9 t13 t2"
+GENERATE = ["generate", "--temp", "0", "--max-tokens", "40", "--raw", PROMPT]
 
 
 @pytest.mark.parametrize("name", ["mixtral-4bit", "mixtral-f32", "mistral-window"])
 def test_two_ranks_generate_the_same_tokens(models, name, tmp_path):
-    alone = subprocess.run([EXE, *GENERATE, "--model", str(models[name])],
-                           capture_output=True, text=True, timeout=120)
-    assert alone.returncode == 0, alone.stderr
-    assert len(alone.stdout.split()) >= 30  # longer than the window (16) for the Mistral
+    from mlx_mixtral import load
+    from mlx_mixtral.generation.stream import generate
+
+    # One process's reply, computed here (a command of its own would print the same line).
+    alone = generate(*load(models[name]), PROMPT, raw=True, **greedy(40)) + "\n"
+    assert len(alone.split()) >= 30  # longer than the window (16) for the Mistral
     for mode in MODES:
         results = launch(tmp_path / (mode[0][2:] if mode else "tensor"), 2, EXE, *GENERATE,
                          "--model", str(models[name]), *mode)
         assert [r["rc"] for r in results] == [0, 0], results
-        assert results[0]["out"] == alone.stdout, mode  # rank 0 prints ...
+        assert results[0]["out"] == alone, mode  # rank 0 prints ...
         assert results[1]["out"] == ""  # ... and only rank 0
         assert "over 2 ranks" in results[0]["err"]
 
@@ -220,82 +223,78 @@ def wait_file(path: Path, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def test_serve_under_two_ranks_answers_the_openai_client_like_one_process(models, tmp_path):
-    """Rank 0 serves HTTP, rank 1 follows its jobs: the official client's answers equal one
-    process's, through a client that hangs up mid-stream and a second turn from the cache;
-    stopping rank 0 stops both ranks cleanly."""
+@pytest.fixture(scope="module")
+def served(models, tmp_path_factory):
+    """One `serve` on two ranks for the tests below (what they check is per request), its
+    client, and the same model loaded here as the oracle; stopping rank 0 afterwards must stop
+    both ranks cleanly."""
     from server_helpers import free_port
 
     from mlx_mixtral import load
-    from mlx_mixtral.generation.stream import generate
 
-    folder = models["mixtral-4bit"]
-    model, tokenizer = load(folder)
-    prompt = "t5 t9 t13 t2"
-    turn1 = [{"role": "user", "content": "t5 t9"}]
-    want = {"raw": generate(model, tokenizer, prompt, raw=True, **greedy(40)),
-            "chat": generate(model, tokenizer, turn1, **greedy(12))}
-    port = free_port()
-    launcher, client = serve_two_ranks(folder, tmp_path, port)
+    logs = tmp_path_factory.mktemp("serve-ranks")
+    launcher, client = serve_two_ranks(models["mixtral-4bit"], logs, free_port())
     try:
-        stream = client.completions.create(model="mixtral-4bit", prompt=prompt, max_tokens=200,
-                                           stream=True)
-        for i, _ in enumerate(stream):
-            if i == 3:
-                break
-        stream.close()  # rank 0 stops; rank 1 must stop after the same token
-        whole = client.completions.create(model="mixtral-4bit", prompt=prompt, max_tokens=40)
-        assert whole.choices[0].text == want["raw"]
-        first = client.chat.completions.create(model="mixtral-4bit", messages=turn1, max_tokens=12)
-        assert first.choices[0].message.content == want["chat"]
-        turn2 = [*turn1, {"role": "assistant", "content": want["chat"]},
-                 {"role": "user", "content": "t7"}]
-        second = client.chat.completions.create(model="mixtral-4bit", messages=turn2, max_tokens=12)
-        assert second.usage.prompt_tokens_details.cached_tokens > 0  # both ranks' pools agree
-        assert second.choices[0].message.content == generate(model, tokenizer, turn2,
-                                                             **greedy(12))
-        stop_rank_0(tmp_path)
+        yield client, load(models["mixtral-4bit"])
+        stop_rank_0(logs)
     finally:
         launcher.kill()
-    results = [ranks(tmp_path, r) for r in (0, 1)]
+    results = [ranks(logs, r) for r in (0, 1)]
     assert [r["rc"] for r in results] == [0, 0], results
     assert "Traceback" not in results[0]["err"] + results[1]["err"]
 
 
-def test_serve_under_two_ranks_batches_four_clients_like_one_process(models, tmp_path):
+def test_serve_under_two_ranks_answers_the_openai_client_like_one_process(served):
+    """Rank 0 serves HTTP, rank 1 follows its jobs: the official client's answers equal one
+    process's, through a client that hangs up mid-stream and a second turn from the cache;
+    stopping rank 0 stops both ranks cleanly (the fixture's end)."""
+    from mlx_mixtral.generation.stream import generate
+
+    client, (model, tokenizer) = served
+    prompt = PROMPT
+    turn1 = [{"role": "user", "content": "t5 t9"}]
+    want = {"raw": generate(model, tokenizer, prompt, raw=True, **greedy(40)),
+            "chat": generate(model, tokenizer, turn1, **greedy(12))}
+    stream = client.completions.create(model="mixtral-4bit", prompt=prompt, max_tokens=200,
+                                       stream=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()  # rank 0 stops; rank 1 must stop after the same token
+    whole = client.completions.create(model="mixtral-4bit", prompt=prompt, max_tokens=40)
+    assert whole.choices[0].text == want["raw"]
+    first = client.chat.completions.create(model="mixtral-4bit", messages=turn1, max_tokens=12)
+    assert first.choices[0].message.content == want["chat"]
+    turn2 = [*turn1, {"role": "assistant", "content": want["chat"]},
+             {"role": "user", "content": "t7"}]
+    second = client.chat.completions.create(model="mixtral-4bit", messages=turn2, max_tokens=12)
+    assert second.usage.prompt_tokens_details.cached_tokens > 0  # both ranks' pools agree
+    assert second.choices[0].message.content == generate(model, tokenizer, turn2, **greedy(12))
+
+
+def test_serve_under_two_ranks_batches_four_clients_like_one_process(served):
     """4 concurrent clients (one hangs up mid-stream, one asks for 2 choices): the ranks agree
     on who joins and leaves at every pass, and each client gets one process's tokens."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from server_helpers import free_port
-
-    from mlx_mixtral import load
     from mlx_mixtral.generation.stream import generate
 
-    folder = models["mixtral-4bit"]
-    model, tokenizer = load(folder)
+    client, (model, tokenizer) = served
     prompts = ["t5 t9 t13 t2", "t1 t2", "t7 " * 30 + "t8", "t3 t4 t5 t6 t7 t8"]
     want = [generate(model, tokenizer, p, raw=True, **greedy(24)) for p in prompts]
-    port = free_port()
-    launcher, client = serve_two_ranks(folder, tmp_path, port)
-    try:
-        def ask(i: int) -> list[str]:
-            if i == 0:  # this one hangs up after a few tokens
-                stream = client.completions.create(model="mixtral-4bit", prompt=prompts[0],
-                                                   max_tokens=200, stream=True)
-                for k, _ in enumerate(stream):
-                    if k == 3:
-                        break
-                stream.close()
-            reply = client.completions.create(model="mixtral-4bit", prompt=prompts[i],
-                                              max_tokens=24, n=2 if i == 1 else 1)
-            return [c.text for c in reply.choices]
 
-        with ThreadPoolExecutor(4) as pool:
-            got = list(pool.map(ask, range(4)))
-        assert got == [[w] * (2 if i == 1 else 1) for i, w in enumerate(want)]
-        stop_rank_0(tmp_path)
-    finally:
-        launcher.kill()
-    results = [ranks(tmp_path, r) for r in (0, 1)]
-    assert [r["rc"] for r in results] == [0, 0], results
+    def ask(i: int) -> list[str]:
+        if i == 0:  # this one hangs up after a few tokens
+            stream = client.completions.create(model="mixtral-4bit", prompt=prompts[0],
+                                               max_tokens=200, stream=True)
+            for k, _ in enumerate(stream):
+                if k == 3:
+                    break
+            stream.close()
+        reply = client.completions.create(model="mixtral-4bit", prompt=prompts[i],
+                                          max_tokens=24, n=2 if i == 1 else 1)
+        return [c.text for c in reply.choices]
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(ask, range(4)))
+    assert got == [[w] * (2 if i == 1 else 1) for i, w in enumerate(want)]

@@ -36,7 +36,7 @@ def test_soak_with_disconnects_stays_healthy_and_bounded(tmp_path):
     try:
         script.run(server.url, requests=16, concurrency=4, max_tokens=8)  # warm: caches full
         result = script.run(server.url, requests=300, concurrency=16, disconnect=0.25,
-                            max_tokens=(1, 24))
+                            max_tokens=(1, 12))
         health = server.health()
     finally:
         server.stop()

@@ -122,8 +122,8 @@ def prompts(n: int) -> list[str]:
 
 @pytest.mark.slow
 def test_budget_holds_for_model_requests_and_pool(paged):
-    """40% of the model's size, 100 distinct prompts from 4 clients (a pool that kept all
-    their caches would overrun the budget): MLX's peak and the growth
+    """40% of the model's size, 40 distinct prompts from 4 clients (the pool holds fewer
+    than 20 of their caches: it must evict): MLX's peak and the growth
     of the process's peak resident memory stay within the budget + 5%, and the prompt-cache
     pool, carved out of the budget, had to evict."""
     folder, budget = paged
@@ -136,7 +136,7 @@ def test_budget_holds_for_model_requests_and_pool(paged):
                 "model": "q4", "prompt": prompt, "max_tokens": 4}).status_code
 
         with ThreadPoolExecutor(4) as pool:
-            statuses = list(pool.map(ask, prompts(100)))
+            statuses = list(pool.map(ask, prompts(40)))
         health = server.health()
         _, peak = peak_rss(server.proc.pid)
         m = scrape(server, None)
@@ -146,7 +146,7 @@ def test_budget_holds_for_model_requests_and_pool(paged):
           f"peak {peak}, pool {health['memory']['prompt_cache']} of "
           f"{health['memory']['prompt_cache_budget']}, {health['memory']['prompt_cache_evicted']} "
           "evicted")
-    assert statuses == [200] * 100
+    assert statuses == [200] * 40
     memory = health["memory"]
     assert memory["mlx_peak"] <= 1.05 * budget, (memory, budget)
     assert peak - idle <= 1.05 * budget, (peak, idle, budget)

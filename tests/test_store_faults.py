@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from app_helpers import tiny_model_folder
-from conftest import seeing
 
 from mlx_mixtral.app import store as store_module
 from mlx_mixtral.app.store import SCHEMA_VERSION, Store, StoreError
@@ -31,13 +30,15 @@ def model_folder(tmp_path_factory):
 def driver(model: Path, db: Path, tag: str, rounds: int, max_tokens: int) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(DRIVER), str(model), str(db), tag, str(rounds), str(max_tokens)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=seeing("mistral_common"))  # the driver's helpers read its tokenizer files' paths
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_ready(proc: subprocess.Popen) -> None:
+def go(proc: subprocess.Popen) -> None:
+    """Once the driver is ready (model loaded), let it start sending."""
     line = proc.stdout.readline()
     assert line.strip() == "ready", (line, proc.stderr.read() if proc.poll() else "")
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
 
 
 def integrity(db: Path) -> str:
@@ -56,6 +57,8 @@ def test_two_app_instances_share_one_database(model_folder, tmp_path):
     db = tmp_path / "shared.db"
     rounds = 5
     procs = [driver(model_folder, db, tag, rounds, 30) for tag in ("alpha", "beta")]
+    for proc in procs:
+        go(proc)
     for proc in procs:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
@@ -79,14 +82,22 @@ def test_two_app_instances_share_one_database(model_folder, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.alone  # replies must complete within the kills' windows
-def test_sigkill_at_10_random_moments_of_a_streaming_chat(model_folder, tmp_path):
+def test_sigkill_at_10_random_moments_of_a_streaming_chat(model_folder, tmp_path, request):
     db = tmp_path / "killed.db"
     rng = random.Random(8)
     seen: dict[int, tuple[str, str]] = {}
     mid_reply = interrupted = 0
+    # Each driver starts (imports, loads the model) while the one before runs, as a second app
+    # instance would: a start costs more than the kill windows, and until go() the driver only
+    # holds the database open.
+    upcoming = driver(model_folder, db, "run0", 10_000, 30)
+    request.addfinalizer(upcoming.kill)
     for kill in range(10):
-        proc = driver(model_folder, db, f"run{kill}", 10_000, 60)
-        wait_ready(proc)
+        proc = upcoming
+        go(proc)
+        if kill < 9:
+            upcoming = driver(model_folder, db, f"run{kill + 1}", 10_000, 30)
+            request.addfinalizer(upcoming.kill)  # (if this test fails before its turn)
         deadline = time.monotonic() + rng.uniform(0.0, 3.0)
         while time.monotonic() < deadline:  # what was complete just before the kill
             seen.update(complete_messages(db))
@@ -94,8 +105,8 @@ def test_sigkill_at_10_random_moments_of_a_streaming_chat(model_folder, tmp_path
         seen.update(complete_messages(db))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            pipe.close()
         assert integrity(db) == "ok"
         after = complete_messages(db)
         lost = {i: m for i, m in seen.items() if after.get(i) != m}
