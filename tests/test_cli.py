@@ -290,6 +290,15 @@ def test_an_argparse_mistake_is_one_line(argv, capsys):
     assert line.endswith(f"(see mlx-mixtral {command} --help)"), line
 
 
+def test_a_mistyped_command_is_named_not_blamed_on_chat(capsys):
+    """`generat --prompt hi` was chat's "ambiguous option: --prompt could match ...": a first
+    word that names no command is refused as such, with the likeliest one."""
+    line = refusal(["generat", "--prompt", "hi"], capsys)
+    assert line.startswith("mlx-mixtral: error: unknown command 'generat' (did you mean "
+                           "generate?); the commands: chat, generate,"), line
+    assert "chat:" not in refusal(["foo"], capsys)
+
+
 def test_a_negative_size_is_the_flags_value_and_refused(capsys, folder):
     """Finding 6: `--max-memory -1GB` was "expected one argument"; it is the value, refused
     as a size."""

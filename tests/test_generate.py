@@ -104,7 +104,11 @@ def test_chunked_prefill_same_reply(model_v1):
     (dict(max_tokens=-3), SamplingError, "max_tokens"),
     (dict(temperature=-1), SamplingError, "temperature"),
     (dict(top_p=1.5), SamplingError, "top_p"),
-    (dict(nonsense=1), SamplingError, "unknown sampling setting"),
+    (dict(nonsense=1), SamplingError, "unknown setting"),
+    # mlx-lm's spellings are told their names here (an mlx-lm user's first tries)
+    (dict(temp=0), SamplingError, r"temp \(use temperature=\)"),
+    (dict(verbose=True, prompt_cache=[]), SamplingError,
+     r"prompt_cache \(use cache=\), verbose \(not taken"),
 ])
 def test_bad_settings(model_v1, kw, error, words):
     with pytest.raises(error, match=words):

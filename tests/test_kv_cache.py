@@ -103,8 +103,11 @@ def test_bad_prompt_cache_files(models, tmp_path):
     with pytest.raises(PromptCacheError, match="another model"):
         load_prompt_cache(good, model=models["draft"])
     mx.save_safetensors(str(tmp_path / "plain.safetensors"), {"x": mx.zeros(3)})
-    with pytest.raises(PromptCacheError, match="not an mlx-mixtral prompt cache"):
+    with pytest.raises(PromptCacheError, match="not an mlx-mixtral prompt cache") as refused:
         load_prompt_cache(tmp_path / "plain.safetensors")
+    # (a file that is not ours may be anyone's: the advice is another path, not deletion)
+    assert "give another path, or delete the file if it was a prompt cache" in \
+        str(refused.value)
 
 
 # ---- quantized keys and values ------------------------------------------------------------
@@ -143,8 +146,11 @@ def test_bad_kv_settings():
         KVSettings(5)
     with pytest.raises(GenerationError, match="kv_group_size"):
         KVSettings(8, 48)
-    with pytest.raises(GenerationError, match="does not divide"):
+    # the advice is a size that is allowed and divides, or that none does (no dead end)
+    with pytest.raises(GenerationError, match="does not divide .*; use kv_group_size=32$"):
         KVSettings(8, 64).check(32)
+    with pytest.raises(GenerationError, match="none of 32, 64, 128 does"):
+        KVSettings(8, 64).check(16)
 
 
 # ---- mlx-lm's call shapes, and no hidden global state ----------------------------------------

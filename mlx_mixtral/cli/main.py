@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
 from .. import __version__
@@ -37,9 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unknown_command(word: str) -> str:
+    """The refusal of a first word that names no command, with the likeliest one."""
+    close = difflib.get_close_matches(word, COMMANDS, n=1)
+    guess = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown command '{word}'{guess}; the commands: {', '.join(COMMANDS)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        parser.error(unknown_command(argv[0]))  # chat takes no word: a command mistyped
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
         argv = ["chat", *argv]  # no command: chat, the main job (`mlx-mixtral --model M`)
     args, extra = parser.parse_known_args(argv)

@@ -38,8 +38,11 @@ class KVSettings:
 
     def check(self, head_dim: int) -> None:
         if self.bits is not None and head_dim % self.group_size:
+            fitting = [g for g in KV_GROUP_SIZES if head_dim % g == 0]
+            advice = (f"use {' or '.join(f'kv_group_size={g}' for g in fitting)}" if fitting
+                      else "none of 32, 64, 128 does: this model's KV cache cannot be quantized")
             raise GenerationError(f"kv_group_size={self.group_size} does not divide the "
-                                  f"model's head dimension ({head_dim}); use a divisor of it",
+                                  f"model's head dimension ({head_dim}); {advice}",
                                   params=("kv_group_size",))
 
     def step_kwargs(self) -> dict[str, Any]:

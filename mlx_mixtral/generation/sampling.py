@@ -65,6 +65,17 @@ class Setting:
         return f"a number at least {lo}" if hi == math.inf else f"a number between {lo} and {hi}"
 
 
+# mlx-lm's keywords of generate/stream_generate that are spelled otherwise here (or not taken).
+MLX_LM_NAMES = {
+    "temp": "use temperature=",
+    "prompt_cache": "use cache=",
+    "sampler": "give the settings, or sampling=SamplingParams(...)",
+    "logits_processors": "use processors=",
+    "max_kv_size": "not taken: a model with a window keeps a rolling cache by itself",
+    "verbose": "not taken: the last item, Stats, holds the figures to print",
+}
+
+
 # The defaults suit chat with an instruct model.
 SETTINGS: tuple[Setting, ...] = (
     Setting("temperature", float, 0.7, 0.0, 100.0, "sampling temperature; 0 is greedy",
@@ -174,7 +185,9 @@ class SamplingParams(_params_class()):
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise SamplingError(f"unknown sampling setting(s): {', '.join(unknown)}")
+            named = [name + (f" ({MLX_LM_NAMES[name]})" if name in MLX_LM_NAMES else "")
+                     for name in unknown]
+            raise SamplingError(f"unknown setting(s): {', '.join(named)}")
         return replace(base or cls(), **{k: v for k, v in kwargs.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:

@@ -123,6 +123,10 @@ def _layer(i: int, name: str, meta_state: list, arrays: dict[str, mx.array],
     return cache
 
 
+# A file that is not (or no longer) ours may be anything the user keeps: not "delete it".
+NOT_OURS = "give another path, or delete the file if it was a prompt cache"
+
+
 def load_prompt_cache(path: str | Path, return_metadata: bool = False,
                       model: Model | None = None) -> Any:
     """The cache saved in `path` (and its metadata, with "tokens" and "model" added, if
@@ -135,13 +139,13 @@ def load_prompt_cache(path: str | Path, return_metadata: bool = False,
         # The format named: mx.load would guess it from the extension and refuse "cache.bin".
         arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
     except WeightsError as e:
-        raise PromptCacheError(str(e).replace("download it again", "delete the file")) from None
+        raise PromptCacheError(str(e).replace("download it again", NOT_OURS)) from None
     except (OSError, RuntimeError, ValueError) as e:
-        raise PromptCacheError(f"{path}: not a readable prompt cache ({e}); delete the "
-                               "file") from None
+        raise PromptCacheError(f"{path}: not a readable prompt cache ({e}); {NOT_OURS}") \
+            from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise PromptCacheError(f"{path}: not an mlx-mixtral prompt cache (version "
-                               f"{VERSION}); delete the file")
+                               f"{VERSION}); {NOT_OURS}")
     classes = _json(meta, "classes", list, path)
     meta_states = _json(meta, "meta_states", list, path)
     tokens = _json(meta, "tokens", (list, type(None)), path)
