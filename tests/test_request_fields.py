@@ -13,7 +13,7 @@ import jsonschema
 import ollama
 import openai
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from server_helpers import Server
 
 from mlx_mixtral.generation.grammar import as_llama_cpp
@@ -22,7 +22,7 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 class Person(BaseModel):
-    name: str
+    name: str = Field(max_length=12)  # (a bound also in the schema Ollama's client sends)
     age: int
 
 
