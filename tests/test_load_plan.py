@@ -114,7 +114,9 @@ def dense(tmp_path_factory):
 
 @pytest.mark.parametrize("pipeline", [False, True], ids=["tensor", "pipeline"])
 def test_a_split_model_checks_its_world_once(reads, monkeypatch, dense, pipeline, capsys):
-    monkeypatch.setattr("mlx_mixtral.loading.loader.load_tokenizer", lambda *_: None)  # none
+    # (the folder has no tokenizer, which the plan would refuse and the load would not find)
+    monkeypatch.setattr("mlx_mixtral.loading.load_plan.require_vocabulary", lambda _: None)
+    monkeypatch.setattr("mlx_mixtral.loading.loader.load_tokenizer", lambda *_: None)
     model, _ = load_model_for_cli(str(dense), group=TwoRanks(), pipeline=pipeline)
     assert reads() == {"describe": 1, "header walk": 0, "check_world": 1}
     held = len(model.layers) if pipeline else model.layers[0].self_attn.n_heads

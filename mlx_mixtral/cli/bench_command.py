@@ -105,7 +105,8 @@ def _bench_launched(args: argparse.Namespace, drafting, kv) -> int:
         preset_folder(args.preset)  # built once, by rank 0, before the others look
     mx.eval(mx.distributed.all_sum(mx.array(1), group=group))
     folder = preset_folder(args.preset) if args.preset else args.model
-    plan = plan_load(folder, dtype=args.dtype, group=group, pipeline=args.pipeline)
+    plan = plan_load(folder, dtype=args.dtype, group=group, pipeline=args.pipeline,
+                     tokenizer=False)
     text = bench_distributed(plan, args.prompt_tokens, args.gen_tokens, args.runs, dog.beat)
     dog.stop()
     if text is not None:

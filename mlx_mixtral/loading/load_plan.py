@@ -20,7 +20,7 @@ from ..units import size
 from .locate import default_model, resolve
 from .memory import check_fits
 from .memory_plan import MemoryPlan, automatic_plan, budget_bytes, plan_memory
-from .source import ModelSource, describe
+from .source import ModelSource, describe, require_vocabulary
 
 
 @dataclass(frozen=True)
@@ -56,13 +56,16 @@ def plan_load(name: str | Path | None = None, *, force: bool = False,
               dtype: str | mx.Dtype | None = None, group: mx.distributed.Group | None = None,
               pipeline: bool = False, max_memory: int | str | None = None,
               context: int | None = None, page_experts: bool = True,
-              reserve: int = 0, shrink: bool = False) -> LoadPlan:
+              reserve: int = 0, shrink: bool = False, tokenizer: bool = True) -> LoadPlan:
     """The plan for loading `name` (see the module doc and `loader.load` for the arguments);
     anything that cannot load is refused here, before a tensor is read. Within a budget,
     `reserve` bytes are kept aside for KV caches kept between requests (`shrink`: fewer if
-    they do not fit, else refused; memory_plan.plan_memory)."""
+    they do not fit, else refused; memory_plan.plan_memory). `tokenizer`: a folder without
+    tokenizer files is refused too."""
     name = name or default_model()
     source = describe(resolve(name))
+    if tokenizer:
+        require_vocabulary(source)
     ranks = group.size() if group is not None else 1
     check_world(source.args, ranks, pipeline)
     memory, automatic = None, False

@@ -13,7 +13,6 @@ from typing import Any
 import mlx.core as mx
 
 from ..demo import DEMO_NAME, is_demo
-from ..errors import TokenizerError
 from ..model.decoder import Model
 from ..model.limits import RuntimeLimits
 from ..model.sharding import shard_layers, shard_tensors
@@ -43,9 +42,6 @@ def load_tokenizer(source: ModelSource, metadata: dict[str, Any]) -> Tokenizer:
         from ..text.gguf_vocab import load_gguf_tokenizer
 
         return load_gguf_tokenizer(source.path, metadata)
-    if source.vocabulary == "none":
-        raise TokenizerError(f"{source.path}: no tokenizer.model or tokenizer.json in the "
-                             "folder; copy the model's tokenizer files into it")
     return load_folder_tokenizer(source.path)
 
 
@@ -76,7 +72,8 @@ def load(path_or_repo: str | Path | None = None, tokenizer: bool = True, force: 
 
     The same in two steps: `plan_load(...)` (load_plan.py), then `load_planned(plan)`."""
     plan = plan_load(path_or_repo, force=force, dtype=dtype, group=group, pipeline=pipeline,
-                     max_memory=max_memory, context=context, page_experts=page_experts)
+                     max_memory=max_memory, context=context, page_experts=page_experts,
+                     tokenizer=tokenizer)
     if plan.note is not None:
         print(f"{plan.note} (max_memory sets the budget, force=True loads it whole)",
               file=sys.stderr, flush=True)

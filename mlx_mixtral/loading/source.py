@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import ConfigError, WeightsError
 from ..jsonfile import read_json_object
 from ..model.config import ModelArgs
+from ..text.tokenizer import no_tokenizer
 from .gguf_file import check_readable, header_config, is_gguf, read_gguf_header
 from .safetensors_file import PICKLE_SUFFIXES, check_safetensors, safetensors_files
 
@@ -84,6 +85,12 @@ def _describe_folder(folder: Path) -> ModelSource:
     vocabulary = next((n for n in ("tokenizer.model", "tokenizer.json")
                        if (folder / n).is_file()), "none")
     return ModelSource(folder, "safetensors", config, tensors, vocabulary, files)
+
+
+def require_vocabulary(source: ModelSource) -> None:
+    """A folder without tokenizer files: TokenizerError, before a weight is read."""
+    if source.vocabulary == "none":
+        raise no_tokenizer(source.path)
 
 
 def _describe_gguf(path: Path) -> ModelSource:

@@ -162,5 +162,10 @@ def load_folder_tokenizer(folder: Path) -> Tokenizer:
             raise TokenizerError(f"{folder / 'tokenizer.json'}: unreadable ({e}); download it "
                                  "again") from None
         return HFTokenizer(tok, config)
-    raise TokenizerError(f"{folder}: no tokenizer.model or tokenizer.json in the folder; copy "
-                         "the model's tokenizer files into it")
+    raise no_tokenizer(folder)
+
+
+def no_tokenizer(folder: Path) -> TokenizerError:
+    """What a model folder without tokenizer files is told."""
+    return TokenizerError(f"{folder}: no tokenizer.model or tokenizer.json in the folder; copy "
+                          "the model's tokenizer files into it")
