@@ -61,11 +61,9 @@ def plan_load(name: str | Path | None = None, *, force: bool = False,
     anything that cannot load is refused here, before a tensor is read. Within a budget,
     `reserve` bytes are kept aside for KV caches kept between requests (`shrink`: fewer if
     they do not fit, else refused; memory_plan.plan_memory). `tokenizer`: a folder without
-    tokenizer files is refused too."""
+    tokenizer files is refused too (last: a mistaken flag is named first)."""
     name = name or default_model()
     source = describe(resolve(name))
-    if tokenizer:
-        require_vocabulary(source)
     ranks = group.size() if group is not None else 1
     check_world(source.args, ranks, pipeline)
     memory, automatic = None, False
@@ -80,4 +78,6 @@ def plan_load(name: str | Path | None = None, *, force: bool = False,
     else:
         memory = automatic_plan(source, force, dtype, context, reserve, shrink)
         automatic = memory is not None
+    if tokenizer:
+        require_vocabulary(source)
     return LoadPlan(str(name), source, dtype, group, pipeline, memory, automatic)
