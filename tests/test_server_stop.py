@@ -49,6 +49,22 @@ def test_serve_stops_cleanly_idle_after_a_request_and_mid_stream(sig):
         server.stop(sig)  # asserts exit 0 and no abort
 
 
+def test_sigterm_while_loading_stops_serve_as_ctrl_c_does():
+    """Before uvicorn runs (and installs its own handlers), SIGTERM is ours to handle: the
+    load is stopped as Ctrl+C stops it, not the process killed by the signal."""
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_mixtral.cli", "serve", "--port",
+                             str(free_port())], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr.readline().startswith("Loading ")
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode in (0, 130), (proc.returncode, err)
+    assert "Traceback" not in err and "terminate called" not in err, err
+
+
 def test_serve_on_a_folder_without_a_tokenizer_is_one_line_and_exit_2(tmp_path):
     folder = tmp_path / "no-tokenizer"
     build_hf(folder, "mixtral")
