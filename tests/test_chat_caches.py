@@ -9,6 +9,7 @@ import mlx.core as mx
 import pytest
 from kv_helpers import build_models, filled
 
+from mlx_mixtral.errors import PromptCacheError
 from mlx_mixtral.generation import ChatSession, Stats
 from mlx_mixtral.generation.sampling import SamplingParams
 from mlx_mixtral.loading.prompt_cache import load_prompt_cache, save_prompt_cache
@@ -116,6 +117,17 @@ def test_json_metadata_is_plain(models, tmp_path):
                       model=models["mixtral"], tokens=[1, 2, 3, 4])
     _, meta = mx.load(str(tmp_path / "c.safetensors"), return_metadata=True)
     assert json.loads(meta["tokens"]) == [1, 2, 3, 4] and meta["format"]
+
+
+
+def test_tokens_that_do_not_match_the_cache_are_refused_at_save(models, tmp_path):
+    """Refused when saved, naming `tokens` (a file written anyway would fail to load, blaming
+    the file)."""
+    path = tmp_path / "c.safetensors"
+    for wrong in ([1, 2, 3], [1, 2, 3, 4, 5]):
+        with pytest.raises(PromptCacheError, match="tokens has .* 4 positions") as raised:
+            save_prompt_cache(path, filled(models["mixtral"], 4), tokens=wrong)
+        assert raised.value.params == ("tokens",) and not path.exists()
 
 
 # ---- the command line ---------------------------------------------------------------------

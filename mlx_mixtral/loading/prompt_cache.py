@@ -49,6 +49,11 @@ def save_prompt_cache(path: str | Path, cache: list, metadata: dict[str, str] | 
     file cannot tell which prompt it continues (its metadata's "tokens" is then None)."""
     path = Path(path)
     refuse_folder(path)
+    held = cache[0].offset if cache else 0
+    if tokens is not None and len(tokens) != held:  # (else the load blames the file)
+        raise PromptCacheError(f"save_prompt_cache: tokens has {len(tokens)} ids but the cache "
+                               f"holds {held} positions; give the tokens the cache was filled "
+                               "with", params=("tokens",))
     tensors: dict[str, mx.array] = {}
     for i, c in enumerate(cache):
         if c.empty():
