@@ -328,6 +328,20 @@ def test_cli_one_line_exit_2(case, env, capsys):
     assert out == ""  # no partial reply
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_a_folder_without_a_tokenizer_is_refused_before_loading(command, env, capsys):
+    """generate and chat refuse it in the load plan as serve does (test_server_stop): one
+    line and no "Loading ..." line (a command that skipped the plan's check would refuse
+    only once the load looked for the tokenizer, which the corpus above lets pass)."""
+    (env.folder / "tokenizer.json").unlink()
+    argv = gen(env.folder) if command == "generate" else ["chat", "--model", str(env.folder)]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == 1 and "no tokenizer.model or tokenizer.json" in lines[0], err
+    assert out == ""
+
+
 def run_api(argv: list[str]) -> None:
     """What the command does, through the Python API."""
     args = build_parser().parse_args(argv)
