@@ -125,9 +125,9 @@ def test_tokens_that_do_not_match_the_cache_are_refused_at_save(models, tmp_path
     the file)."""
     path = tmp_path / "c.safetensors"
     for wrong in ([1, 2, 3], [1, 2, 3, 4, 5]):
-        with pytest.raises(PromptCacheError, match="tokens has .* 4 positions") as raised:
+        with pytest.raises(PromptCacheError, match="tokens has .* 4 positions"):
             save_prompt_cache(path, filled(models["mixtral"], 4), tokens=wrong)
-        assert raised.value.params == ("tokens",) and not path.exists()
+        assert not path.exists()
 
 
 # ---- the command line ---------------------------------------------------------------------

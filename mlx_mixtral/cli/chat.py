@@ -41,9 +41,6 @@ def run_chat(args: argparse.Namespace) -> int:
     sampling, kv = sampling_from(args), kv_from(args)
     if args.server:  # (before the MLX engine is imported: nothing loads here)
         return _chat_with_server(args, sampling)
-    from ..app.chat_app import ChatApp
-    from ..app.chat_caches import ChatCaches
-    from ..app.mlx_engine import MlxEngine
     from ..loading import default_model
     from ..loading.locate import model_identity
 
@@ -58,6 +55,10 @@ def run_chat(args: argparse.Namespace) -> int:
     # A missing file, an unknown repo, a model too big or a budget too small: one line now,
     # not an app that cannot load.
     plan = plan_for_cli(name, args.force, args.dtype, max_memory=args.max_memory)
+    from ..app.chat_app import ChatApp  # (imported after the plan: they take seconds)
+    from ..app.chat_caches import ChatCaches
+    from ..app.mlx_engine import MlxEngine
+
     store = _open_store(args.db, terminal, 'in scripts use mlx-mixtral generate "your '
                         'prompt" (or pipe the prompt into it)')
     caches = None

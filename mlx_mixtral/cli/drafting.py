@@ -39,12 +39,13 @@ def kv_from(args: argparse.Namespace) -> KVSettings:
 def drafting_from(args: argparse.Namespace, force: bool = False,
                   dtype: str | None = None) -> Callable[[Any, Any], Any] | None:
     """A function (model, tokenizer) -> Drafter for the flags, or None; the draft model is
-    loaded (and its vocabulary checked against the model's) when it is called."""
-    from ..generation.speculative import LookupDrafter, ModelDrafter
-
+    loaded (and its vocabulary checked against the model's) when it is called. (Drafting's
+    modules are imported only when asked for: they take a second.)"""
     if args.draft_model and args.prompt_lookup:
         raise GenerationError("--draft-model and --prompt-lookup exclude each other")
     if args.prompt_lookup:
+        from ..generation.speculative import LookupDrafter
+
         k = args.prompt_lookup
         LookupDrafter(k)  # validates
         return lambda model, tokenizer: LookupDrafter(k)
@@ -53,6 +54,7 @@ def drafting_from(args: argparse.Namespace, force: bool = False,
     if args.num_draft_tokens < 1:
         raise GenerationError(f"--num-draft-tokens must be at least 1, got "
                               f"{args.num_draft_tokens}")
+    from ..generation.speculative import ModelDrafter
     from ..loading import load
 
     name, k = args.draft_model, args.num_draft_tokens

@@ -12,7 +12,7 @@ from .commands import add_command
 from .distributed import add_distributed_flags, launched
 from .drafting import add_draft_flags, add_kv_flags, drafting_from, kv_from
 from .flags import add_model_flags, given_sampling, sampling_from
-from .load_model import load_model_for_cli
+from .load_model import load_from_plan, plan_for_cli
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -54,10 +54,6 @@ def read_prompt(arg: str) -> str:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from ..generation import Stats, stream_generate
-    from ..generation.sampling import model_defaults
-    from ..generation.stream import prompt_ids, require_text
-
     sampling, kv = sampling_from(args), kv_from(args)  # validate before the slow load
     drafting = drafting_from(args, args.force, args.dtype)
     if args.prompt_cache:
@@ -80,9 +76,15 @@ def run_generate(args: argparse.Namespace) -> int:
         quiet_unless_first(group)
     else:
         prompt = read_prompt(given)
+    # A model that cannot load is one line before the seconds of importing generation.
+    plan = plan_for_cli(args.model, args.force, args.dtype, group, args.pipeline,
+                        args.max_memory)
+    from ..generation import Stats, stream_generate
+    from ..generation.sampling import model_defaults
+    from ..generation.stream import prompt_ids, require_text
+
     require_text(prompt)  # before the slow load
-    model, tokenizer = load_model_for_cli(args.model, args.force, args.dtype, group,
-                                          args.pipeline, args.max_memory)
+    model, tokenizer = load_from_plan(plan)
     draft = drafting(model, tokenizer) if drafting else None
     sampling = model_defaults(model).apply(sampling, given_sampling(args))  # where no flag
     if dog is not None:

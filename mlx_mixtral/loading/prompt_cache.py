@@ -53,7 +53,7 @@ def save_prompt_cache(path: str | Path, cache: list, metadata: dict[str, str] | 
     if tokens is not None and len(tokens) != held:  # (else the load blames the file)
         raise PromptCacheError(f"save_prompt_cache: tokens has {len(tokens)} ids but the cache "
                                f"holds {held} positions; give the tokens the cache was filled "
-                               "with", params=("tokens",))
+                               "with")  # (no params: the command line never passes tokens)
     tensors: dict[str, mx.array] = {}
     for i, c in enumerate(cache):
         if c.empty():
