@@ -145,6 +145,24 @@ def test_existing_out_refused_then_forced(source, tmp_path, cli_here):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left
 
 
+def test_a_source_without_a_tokenizer_converts_with_a_note(tmp_path, cli_here):
+    """The weights convert; the summary says what the folder lacks and where it goes, and the
+    result is refused by `generate` with the same files named (not a silent unusable model)."""
+    folder = tmp_path / "hf"
+    build_hf(folder, "mistral")
+    out = tmp_path / "out"
+    result = cli_here("convert", "--hf-path", str(folder), "--mlx-path", str(out))
+    assert result.returncode == 0, result.stderr
+    note = result.stdout.strip().splitlines()[-1]
+    assert note == (f"Note: the source had no tokenizer.model or tokenizer.json; copy the "
+                    f"model's tokenizer files into {out} before generating with it")
+    refused = cli_here("generate", "--model", str(out), "hi")
+    assert refused.returncode == 2 and "no tokenizer.model or tokenizer.json" in refused.stderr
+    tiny_tokenizer().save_pretrained(folder)
+    with_one = cli_here("convert", "--hf-path", str(folder), "--mlx-path", str(tmp_path / "o3"))
+    assert with_one.returncode == 0 and "Note:" not in with_one.stdout
+
+
 def test_verify_reports_agreement(source, tmp_path, cli_here):
     """The figures --verify prints, recomputed from transformers' logits and router choices."""
     import re

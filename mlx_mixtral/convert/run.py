@@ -28,6 +28,7 @@ from ..loading.safetensors_file import read_safetensors
 from ..loading.source import describe
 from ..model.config import ModelArgs
 from ..model.precision import DTYPES
+from ..text.tokenizer import VOCABULARY_FILES, has_vocabulary
 from ..units import human
 from .plan import Q_BITS, Q_GROUP_SIZES, Plan, recipe_bits
 
@@ -53,12 +54,17 @@ class Summary:
     bits_per_weight: float
     shards: int
     seconds: float
+    tokenizer: bool = True  # a tokenizer file came along (without one, nothing can chat)
 
     def __str__(self) -> str:
-        return (f"Wrote {self.out}: {human(self.parameters, 'B')} parameters, "
+        text = (f"Wrote {self.out}: {human(self.parameters, 'B')} parameters, "
                 f"{self.bits_per_weight:.2f} bits per weight, "
                 f"{human(self.bytes_on_disk)}B on disk in {self.shards} shard(s), "
                 f"{self.seconds:.1f} s")
+        if not self.tokenizer:
+            text += (f"\nNote: the source had no {' or '.join(VOCABULARY_FILES)}; copy the "
+                     f"model's tokenizer files into {self.out} before generating with it")
+        return text
 
 
 
@@ -237,7 +243,8 @@ def convert(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return Summary(out, parameters, total, 8 * total / max(parameters, 1),
-                   len(set(weight_map.values())), time.perf_counter() - start)
+                   len(set(weight_map.values())), time.perf_counter() - start,
+                   has_vocabulary(out) is not None)
 
 
 _SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16",
