@@ -28,7 +28,7 @@ from ..loading.safetensors_file import read_safetensors
 from ..loading.source import describe
 from ..model.config import ModelArgs
 from ..model.precision import DTYPES
-from ..text.tokenizer import VOCABULARY_FILES, has_vocabulary
+from ..text.tokenizer import VOCABULARY_FILES, vocabulary_file
 from ..units import human
 from .plan import Q_BITS, Q_GROUP_SIZES, Plan, recipe_bits
 
@@ -244,7 +244,7 @@ def convert(
         raise
     return Summary(out, parameters, total, 8 * total / max(parameters, 1),
                    len(set(weight_map.values())), time.perf_counter() - start,
-                   has_vocabulary(out) is not None)
+                   vocabulary_file(out) is not None)
 
 
 _SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16",

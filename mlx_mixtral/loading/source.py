@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import ConfigError, WeightsError
 from ..jsonfile import read_json_object
 from ..model.config import ModelArgs
-from ..text.tokenizer import has_vocabulary, no_tokenizer
+from ..text.tokenizer import no_tokenizer, vocabulary_file
 from .gguf_file import check_readable, header_config, is_gguf, read_gguf_header
 from .safetensors_file import PICKLE_SUFFIXES, check_safetensors, safetensors_files
 
@@ -82,7 +82,7 @@ def _describe_folder(folder: Path) -> ModelSource:
             for d in info.get("shape") or []:
                 count *= int(d)
             tensors.append(TensorSpec(name, str(info.get("dtype")), end - start, count))
-    vocabulary = has_vocabulary(folder) or "none"
+    vocabulary = vocabulary_file(folder) or "none"
     return ModelSource(folder, "safetensors", config, tensors, vocabulary, files)
 
 

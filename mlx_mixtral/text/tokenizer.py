@@ -147,6 +147,15 @@ def _folder_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+# The files a model folder's tokenizer comes from, in the order they are looked for.
+VOCABULARY_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def vocabulary_file(folder: Path) -> str | None:
+    """The file `folder`'s tokenizer would come from, or None."""
+    return next((n for n in VOCABULARY_FILES if (folder / n).is_file()), None)
+
+
 def load_folder_tokenizer(folder: Path) -> Tokenizer:
     """The tokenizer of a model folder: `tokenizer.model` first (the Mistral reference), else
     `tokenizer.json`."""
@@ -165,16 +174,7 @@ def load_folder_tokenizer(folder: Path) -> Tokenizer:
     raise no_tokenizer(folder)
 
 
-# The files a model folder's tokenizer comes from, in the order they are looked for.
-VOCABULARY_FILES = ("tokenizer.model", "tokenizer.json")
-
-
-def has_vocabulary(folder: Path) -> str | None:
-    """The file `folder`'s tokenizer would come from, or None."""
-    return next((n for n in VOCABULARY_FILES if (folder / n).is_file()), None)
-
-
 def no_tokenizer(folder: Path) -> TokenizerError:
     """What a model folder without tokenizer files is told."""
-    return TokenizerError(f"{folder}: no tokenizer.model or tokenizer.json in the folder; copy "
+    return TokenizerError(f"{folder}: no {' or '.join(VOCABULARY_FILES)} in the folder; copy "
                           "the model's tokenizer files into it")
