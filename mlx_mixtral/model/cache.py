@@ -159,6 +159,25 @@ class _Cache:
     def _mask(self, num_queries: int, window: int | None) -> Mask:
         raise NotImplementedError
 
+    # ---- positions, for the prefix store (`prefixes/`) ------------------------------------------
+
+    def held(self) -> tuple[int, int]:
+        """(first, end): the positions first..end-1 whose keys and values this cache holds."""
+        raise NotImplementedError
+
+    def positions(self, first: int, end: int) -> tuple[Buffer, Buffer]:
+        """Keys and values of held positions first..end-1, in order."""
+        raise NotImplementedError
+
+    def needs(self, end: int) -> int:
+        """The first position whose keys and values must be held to go on from `end`."""
+        raise NotImplementedError
+
+    def fill(self, first: int, keys: Buffer, values: Buffer, group_size: int,
+             bits: int | None) -> None:
+        """Make this (empty) cache hold positions first.. given in order, as if computed."""
+        raise NotImplementedError
+
     def key_positions(self, num_queries: int) -> mx.array:
         raise NotImplementedError
 
@@ -208,6 +227,22 @@ class FullKVCache(_Cache):
         n = min(self.offset, n)
         self.offset -= n
         return n
+
+    def held(self) -> tuple[int, int]:
+        return 0, self.offset
+
+    def positions(self, first: int, end: int) -> tuple[Buffer, Buffer]:
+        return self._slice(self.keys, first, end), self._slice(self.values, first, end)
+
+    def needs(self, end: int) -> int:
+        return 0
+
+    def fill(self, first: int, keys: Buffer, values: Buffer, group_size: int,
+             bits: int | None) -> None:
+        if first != 0:
+            raise ValueError("a full cache holds every position from 0")
+        self.group_size, self.bits = group_size, bits
+        self.state = (keys, values)
 
 
 class RollingKVCache(_Cache):
@@ -352,6 +387,34 @@ class RollingKVCache(_Cache):
         self.start = min(max(self.start, self.offset - self.ring), new_offset)
         self.offset = new_offset
         return n
+
+    def held(self) -> tuple[int, int]:
+        return max(self.start, self.offset - self.ring, 0), self.offset
+
+    def positions(self, first: int, end: int) -> tuple[Buffer, Buffer]:
+        return self._ordered(first, end)
+
+    def needs(self, end: int) -> int:
+        # The next chunk of queries attends to the window's positions before it.
+        return max(0, end - self.window + 1)
+
+    def fill(self, first: int, keys: Buffer, values: Buffer, group_size: int,
+             bits: int | None) -> None:
+        count = parts(keys)[0].shape[2]
+        if count > self.ring:
+            first, keys, values = (first + count - self.ring, self._slice(keys, count - self.ring,
+                                   count), self._slice(values, count - self.ring, count))
+            count = self.ring
+        self.group_size, self.bits = group_size, bits
+        end = first + count
+        capacity = min(self.ring, end)  # as a cold cache at this offset has at least
+
+        def empty(x: mx.array) -> mx.array:
+            return mx.zeros((*x.shape[:2], capacity, x.shape[3]), x.dtype)
+
+        self.keys, self.values = over(keys, empty), over(values, empty)
+        self.offset, self.start = end, first
+        self._write(first, keys, values)
 
 
 CACHE_CLASSES = {cls.__name__: cls for cls in (FullKVCache, RollingKVCache)}
