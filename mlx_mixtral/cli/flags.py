@@ -106,3 +106,41 @@ def add_model_flags(p: argparse.ArgumentParser, model: bool = True,
     p.add_argument("--max-memory", default=None, metavar="SIZE", help=MAX_MEMORY_HELP)
     if sampling:
         add_sampling_flags(p)
+
+
+def add_store_flags(p: argparse.ArgumentParser) -> None:
+    """The prefix store's flags (prefixes/settings.py holds the defaults)."""
+    from ..prefixes.store import DEFAULT_BLOCK
+
+    p.add_argument("--cache-block", type=int, default=DEFAULT_BLOCK, metavar="TOKENS",
+                   help="tokens per block of the prefix store: a prompt reuses stored keys "
+                   "and values in whole blocks (default %(default)s)")
+    p.add_argument("--cache-ram", default=None, metavar="SIZE",
+                   help="prefix-store blocks kept in memory, least recently used out first "
+                   "(default: 2GB or an eighth of the machine's memory, whichever is less)")
+    p.add_argument("--cache-disk", default=None, metavar="SIZE",
+                   help="prefix-store blocks kept on disk, so prompts are remembered across "
+                   "restarts; 0 keeps none (default: 32GB or a tenth of the free disk, "
+                   "whichever is less)")
+
+
+def size_flag(text: str, flag: str) -> int:
+    """A size given on the command line ("0" allowed)."""
+    from ..units import parse_size
+
+    try:
+        return int(text) if text.strip().isdigit() else parse_size(text)
+    except ValueError as e:
+        raise MlxMixtralError(f"{flag}: {e}") from None
+
+
+def store_settings(args: argparse.Namespace):
+    """The prefix store's settings from --cache-block, --cache-ram and --cache-disk."""
+    from ..prefixes.settings import MAX_BLOCK, StoreSettings
+
+    if not 1 <= args.cache_block <= MAX_BLOCK:
+        raise MlxMixtralError(f"--cache-block must be between 1 and {MAX_BLOCK} tokens, got "
+                              f"{args.cache_block}")
+    ram = None if args.cache_ram is None else size_flag(args.cache_ram, "--cache-ram")
+    disk = None if args.cache_disk is None else size_flag(args.cache_disk, "--cache-disk")
+    return StoreSettings(args.cache_block, ram, disk)
