@@ -131,10 +131,11 @@ class PrefixStore:
     def _longest(self, space: Space, keys: list[str], fresh: list) -> tuple[int, int]:
         """(blocks, first block needed): the most blocks of `keys` a cache can be rebuilt
         from, with what it needs of them present."""
+        present = [self._has(space, k) for k in keys]
         for count in range(len(keys), 0, -1):
             end = count * self.block
             first = max(layer.needs(end) for layer in fresh) // self.block
-            if all(self._has(space, k) for k in keys[first:count]):
+            if all(present[first:count]):
                 return count, first
         return 0, 0
 
@@ -144,8 +145,11 @@ class PrefixStore:
         multiple of the block size), or a fresh cache and 0. Only blocks kept as the caller
         would keep them are used: float ones always, quantized ones at `bits`/`group_size`."""
         cache = fresh()
+        if not cache or not hasattr(cache[0], "needs"):
+            return cache, 0  # not our caches (mlx-lm's): nothing to rebuild them from
         usable = max(0, len(ids) - 1)  # at least one token is left to run (its logits)
         with self.lock:
+            self._read_spaces()  # (another process may have started one)
             while True:
                 best: tuple[int, int, Space] | None = None
                 for space in list(self.spaces.values()):
