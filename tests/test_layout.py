@@ -21,10 +21,11 @@ ALLOWED = {
     "generation": {"model", "text"},
     "catalog": {"model", "text", "loading"},
     "convert": {"model", "text", "loading"},
-    "app": {"model", "text", "loading", "catalog", "generation"},
-    "server": {"__init__", "model", "text", "loading", "catalog", "generation"},
+    "prefixes": {"model", "loading", "generation"},
+    "app": {"model", "text", "loading", "catalog", "generation", "prefixes"},
+    "server": {"__init__", "model", "text", "loading", "catalog", "generation", "prefixes"},
     "cli": {"__init__", "model", "text", "loading", "catalog", "generation", "convert", "app",
-            "server"},
+            "server", "prefixes"},
 }
 
 
