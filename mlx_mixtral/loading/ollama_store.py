@@ -65,7 +65,9 @@ def _layers(manifest: Path) -> list[dict]:
                        "safetensors tensors); pull the model again")
     try:
         layers = json.loads(manifest.read_bytes()).get("layers")
-    except (ValueError, AttributeError):
+    except OSError as e:
+        raise WeightsError(f"{manifest}: cannot read ({e.strerror or e})") from None
+    except (ValueError, AttributeError, RecursionError):
         raise bad from None
     if not isinstance(layers, list) or not all(
             isinstance(x, dict) and isinstance(x.get("digest"), str)
