@@ -1,6 +1,7 @@
 """`ollama:NAME` for a model Ollama keeps as safetensors layers (`ollama create` from a
 safetensors folder, for its MLX engine): a store laid out here as Ollama writes one, then loaded
-and compared with the folder it came from, and damaged stores refused in one line.
+and compared with the folder it came from (or, quantized by Ollama, with its weights
+dequantized), and damaged stores refused in one line.
 
 The layout, as ollama/ollama writes it (x/create/writer.go, pipeline.go, client/create.go):
 every tensor its own `application/vnd.ollama.image.tensor` blob, a whole safetensors file (a
@@ -177,23 +178,97 @@ def damage(case: str, store: Store, folder: Path) -> str:
         blob = store.root / "blobs" / layers[0]["digest"].replace(":", "-")
         blob.write_bytes(blob.read_bytes()[:-4])
         return "lies past the end"
-    assert case == "quantized by ollama"
-    tensors = {"model.norm.weight": ({"dtype": "F32", "shape": [4]}, bytes(16)),
-               "model.norm.weight.scale": ({"dtype": "F32", "shape": [1]}, bytes(4))}
-    quantized = store.blob(safetensors_bytes(tensors, {"quant_type": "int4"}), TENSOR,
-                           "model.norm.weight")
+    tensors = {"model.norm.weight": ({"dtype": "U32", "shape": [4]}, bytes(16)),
+               "model.norm.weight.scale": ({"dtype": "U8", "shape": [1]}, bytes(1))}
+    metadata = ({"quant_type": "int4", "group_size": "many"} if case == "group size a word"
+                else {"quant_type": "nvfp4"})
+    quantized = store.blob(safetensors_bytes(tensors, metadata), TENSOR, "model.norm.weight")
     store.manifest("tiny", [quantized, *layers])
-    return "quantized by Ollama (int4)"
+    if case == "group size a word":
+        return "group size 'many' is not a number"
+    assert case == "quantized as nvfp4"
+    return "quantized by Ollama as nvfp4"
 
 
 @pytest.mark.parametrize("case", ["not json", "no weights", "digest outside the store",
                                   "blob missing", "no config.json", "file name with a folder",
-                                  "truncated tensor blob", "quantized by ollama"])
+                                  "truncated tensor blob", "quantized as nvfp4",
+                                  "group size a word"])
 def test_a_damaged_store_is_refused_in_one_line(case, folder, store, capsys):
     words = damage(case, store, folder)
     line = refusal(["generate", "--model", "ollama:tiny", "--prompt", "t5", "--max-tokens",
                     "1"], capsys)
     assert words in line, line
+
+
+def ollama_int4(name: str, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(group, bits) `ollama create --quantize int4` gives a tensor (x/create/create.go
+    GetTensorQuantization, for these names): 8-bit for lm_head and k/v, 4-bit for the other
+    linear weights whose rows split into groups of 64, None for the rest."""
+    if (not name.endswith(".weight") or "embed" in name or "norm" in name or len(shape) != 2
+            or shape[-1] % 64 or shape[0] * shape[1] < 1024 or ".gate." in name):
+        return None
+    return 64, 8 if any(p in name for p in ("lm_head", ".k_proj", ".v_proj")) else 4
+
+
+def experts_8bit(name: str, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """A kind the format allows beside int4 (per-blob metadata): groups of 32, the experts'
+    w2 8-bit, so that the stacked layers need a `quantization` entry of their own."""
+    if ".experts." not in name and (".self_attn." not in name or len(shape) != 2):
+        return None
+    return 32, 8 if ".w2." in name else 4
+
+
+def quantized_store(store: Store, source: Path, plain: Path, kinds) -> None:
+    """`source` quantized as Ollama stores it, each tensor a blob; and `plain`, an independent
+    oracle: the same folder with those weights dequantized (MLX's own meaning of its kind)."""
+    weights: dict = {}
+    for path in source.glob("*.safetensors"):
+        weights.update(mx.load(str(path)))
+    shutil.copytree(source, plain)
+    layers, dequantized = json_layers(store, source), {}
+    blob = plain.parent / "blob.safetensors"
+    for name, w in sorted(weights.items()):
+        kind = kinds(name, w.shape)
+        if kind is None:
+            dequantized[name] = w
+            mx.save_safetensors(str(blob), {name: w})
+        else:
+            group, bits = kind
+            q, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+            dequantized[name] = mx.dequantize(q, scales, biases, group_size=group, bits=bits)
+            mx.save_safetensors(str(blob), {name: q, f"{name}.scale": scales,
+                                            f"{name}.bias": biases},
+                                metadata={"quant_type": f"int{bits}", "group_size": str(group)})
+        layers.append(store.blob(blob.read_bytes(), TENSOR, name))
+    mx.save_safetensors(str(plain / "model.safetensors"), dequantized)
+    store.manifest("tiny", layers)
+
+
+@pytest.mark.parametrize("model_type, kinds", [("mistral", ollama_int4),
+                                                ("mixtral", experts_8bit)])
+def test_a_model_ollama_quantized_answers_as_its_dequantized_weights(
+        model_type, kinds, store, tmp_path, capsys, tokens):
+    """Quantized as Ollama quantizes (MLX's affine kind under its own names, some layers
+    8-bit) against a plain folder of the same weights dequantized."""
+    source = tmp_path / "source"
+    build_hf(source, model_type, sliding_window=8, **(
+        dict(num_local_experts=4, num_experts_per_tok=2) if model_type == "mixtral" else {}))
+    tiny_tokenizer().save_pretrained(source)
+    quantized_store(store, source, tmp_path / "dequantized", kinds)
+    args = ["generate", "--prompt", "t5 t6 t7", "--temp", "0", "--max-tokens", "8"]
+    direct = in_process(capsys, *args, "--model", str(tmp_path / "dequantized"))
+    pulled = in_process(capsys, *args, "--model", "ollama:tiny")
+    assert direct.returncode == pulled.returncode == 0, pulled.stderr
+    assert direct.stdout.strip() and pulled.stdout == direct.stdout
+    ids = mx.array(tokens(1, 8))
+    quantized, _ = mlx_mixtral.load("ollama:tiny", tokenizer=False)
+    reference, _ = mlx_mixtral.load(str(tmp_path / "dequantized"), tokenizer=False)
+    assert np.abs(np.array(quantized(ids)) - np.array(reference(ids))).max() <= 1e-3
+    layer = {"group_size": 32, "bits": 8} if model_type == "mixtral" else {"group_size": 64,
+                                                                          "bits": 8}
+    config = json.loads((resolve("ollama:tiny") / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4 and layer in config["quantization"].values()
 
 
 def test_listing_offers_a_safetensors_layer_model(folder, store):

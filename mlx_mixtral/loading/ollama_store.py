@@ -17,7 +17,7 @@ mediaType and digest; a layer's bytes are the file `blobs/sha256-<hex>`. Two kin
 
 A safetensors model becomes a model folder in our cache holding symlinks to its blobs (the
 weights as `sha256-<hex>.safetensors`): no weight byte is copied, and the folder loads like any
-safetensors folder.
+safetensors folder. Only what Ollama quantized itself is written anew (ollama_quant.py).
 """
 
 from __future__ import annotations
@@ -27,10 +27,13 @@ import json
 import os
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 
 from ..errors import WeightsError
+from ..jsonfile import read_json_object
 from ..user_files import cache_dir
+from .ollama_quant import Layer, blob_layers, quantization, write_mlx_blob
 from .safetensors_file import check_safetensors
 
 MODEL_LAYER = "application/vnd.ollama.image.model"  # a GGUF file
@@ -100,12 +103,24 @@ def ollama_model(name: str) -> Path:
     if not tensors:
         raise WeightsError(f"{manifest}: not an Ollama manifest with a model layer (GGUF or "
                            "safetensors tensors); pull the model again")
-    files = _json_files(name, manifest, layers)
+    files: dict[str, Path | partial] = {**_json_files(name, manifest, layers)}  # link or write
+    quantized: dict[str, Layer] = {}
     for layer in tensors:
         blob = _blob(name, layer)
-        _refuse_quantized(name, blob)
-        files[f"{blob.name}.safetensors"] = blob  # by digest: a blob listed twice, once
+        header = check_safetensors(blob)
+        found = blob_layers(name, blob, header)
+        file = f"{blob.name}.safetensors"  # by digest: a blob listed twice, once
+        files[file] = blob if not found else partial(write_mlx_blob, blob, header)
+        quantized.update(found)
+    if quantized:
+        config = {**read_json_object(files["config.json"], WeightsError),
+                  "quantization": quantization(quantized)}
+        files["config.json"] = partial(_write_json, config)
     return _folder(manifest, files)
+
+
+def _write_json(data: dict, dest: Path) -> None:
+    dest.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def _json_files(name: str, manifest: Path, layers: list[dict]) -> dict[str, Path]:
@@ -128,38 +143,38 @@ def _json_files(name: str, manifest: Path, layers: list[dict]) -> dict[str, Path
     return files
 
 
-def _refuse_quantized(name: str, blob: Path) -> None:
-    """Ollama's own quantization (`ollama create --quantize`) names its scales `W.weight.scale`
-    and says its kind in the metadata (x/create/quantize.go); not MLX's layout, not read yet."""
-    header = check_safetensors(blob)
-    metadata = header.get("__metadata__")
-    kind = metadata.get("quant_type") if isinstance(metadata, dict) else None
-    if kind or any(k.endswith(".weight.scale") for k in header):
-        raise WeightsError(f"ollama:{name}: quantized by Ollama ({kind or 'scales'}), which "
-                           "mlx-mixtral does not read yet; import it unquantized (ollama create "
-                           "without --quantize) or load its source folder")
-
-
-def _folder(manifest: Path, files: dict[str, Path]) -> Path:
-    """The cache folder of symlinks {file name: blob} standing for the model; named after
-    what it links to (another store, a model pulled again: another folder), built once,
-    atomically (a folder that exists is complete)."""
-    links = {file: str(blob.resolve()) for file, blob in sorted(files.items())}
-    digest = hashlib.sha256(json.dumps(links).encode()).hexdigest()[:12]
+def _folder(manifest: Path, files: dict[str, Path | partial]) -> Path:
+    """The cache folder standing for the model: {file name: the blob it links to, or what
+    writes it}. Named after what it holds (another store, a model pulled again: another
+    folder); built once, atomically (a folder that exists is complete)."""
+    recipe = {file: str(how.resolve()) if isinstance(how, Path) else _recipe(how)
+              for file, how in sorted(files.items())}
+    digest = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]
     model = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{manifest.parent.name}-{manifest.name}")
     folder = cache_dir() / "ollama" / f"{model}-{digest}"  # one name, however NAME was spelled
     if folder.is_dir():
         return folder
-    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    building = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     try:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        for file, target in links.items():
-            (partial / file).symlink_to(target)
-        partial.rename(folder)
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir(parents=True)
+        for file, how in files.items():
+            if isinstance(how, Path):
+                (building / file).symlink_to(how.resolve())
+            else:
+                how(building / file)
+        building.rename(folder)
     except OSError as e:
         if not folder.is_dir():  # not another process that built it first
             raise WeightsError(f"cannot write {folder} ({e.strerror or e})") from None
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(building, ignore_errors=True)
     return folder
+
+
+def _recipe(how: partial) -> str:
+    """What a written file is made from, for the folder's name: its blob, or its JSON."""
+    first = how.args[0]
+    made_of = str(first.resolve()) if isinstance(first, Path) else json.dumps(first,
+                                                                              sort_keys=True)
+    return f"{how.func.__name__}:{made_of}"
