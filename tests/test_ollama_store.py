@@ -293,3 +293,28 @@ def test_the_folder_is_rebuilt_when_the_model_is_pulled_again(folder, store, tmp
     assert second != first
     blobs = {store.root / "blobs" / x["digest"].replace(":", "-") for x in again}
     assert {p.resolve() for p in second.glob("*.safetensors")} == blobs
+
+
+def test_an_ollama_mixtral_pages_its_experts_within_a_budget(store, tmp_path):
+    """Its per-expert tensors (linked floats, or rewritten int4) are read into slots from the
+    folder's files as from any Hugging Face folder: the resident model's logits."""
+    from mlx_mixtral.convert.synthetic import write_hf_checkpoint
+    from mlx_mixtral.loading.memory import load_bytes
+    from mlx_mixtral.loading.source import describe
+    from mlx_mixtral.model.config import ModelArgs
+
+    args = ModelArgs.from_dict(dict(
+        model_type="mixtral", vocab_size=128, hidden_size=64, intermediate_size=256,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, num_local_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=4096, rope_theta=1e4))
+    write_hf_checkpoint(tmp_path / "hf", args, dtype=mx.bfloat16, seed=3)
+    quantized_store(store, tmp_path / "hf", tmp_path / "dequantized",
+                    lambda name, shape: (32, 4) if ".experts." in name else None)
+    resident, _ = mlx_mixtral.load("ollama:tiny", tokenizer=False)
+    budget = int(0.8 * load_bytes(describe(resolve("ollama:tiny"))))
+    model, _ = mlx_mixtral.load("ollama:tiny", tokenizer=False, max_memory=budget, context=64)
+    assert model.limits.memory_plan.paging
+    ids = mx.array([list(range(1, 40))])
+    np.testing.assert_allclose(np.array(model(ids)), np.array(resident(ids)), atol=1e-5,
+                               rtol=0)
+    model.limits.expert_pager.close()

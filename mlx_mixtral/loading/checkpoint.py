@@ -34,6 +34,13 @@ def module_name(layer: str) -> str:
     return f"{m.group(1)}.switch_mlp.{_EXPERT_NAMES[m.group(2)]}" if m else layer
 
 
+def tensor_name(key: str) -> str:
+    """Our name for a checkpoint's tensor ("...experts.3.w1.scales" ->
+    "...switch_mlp.gate_proj.scales"): what says which of our layers it quantizes."""
+    module, _, param = key.rpartition(".")
+    return f"{module_name(module)}.{param}"
+
+
 def stack_experts(groups: dict[str, dict[int, mx.array]],
                   num_experts: int) -> dict[str, mx.array]:
     """Per-expert tensors {target name: {expert: tensor}} stacked as `[experts, ...]`; every
