@@ -1,6 +1,7 @@
 """The user's own files: the config (`{"model": ...}` and the first-run choice) and the data
-folder (conversations, saved KV caches, the models seen). $MLX_MIXTRAL_CONFIG_DIR and
-$MLX_MIXTRAL_DATA_DIR move them; tests use both so that they never touch the user's."""
+folder (conversations, saved KV caches, the models seen), and the cache folder.
+$MLX_MIXTRAL_CONFIG_DIR, $MLX_MIXTRAL_DATA_DIR and $MLX_MIXTRAL_CACHE_DIR move them; tests use
+all three so that they never touch the user's."""
 
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ def data_dir() -> Path:
     from platformdirs import user_data_dir
 
     return Path(os.environ.get("MLX_MIXTRAL_DATA_DIR") or user_data_dir("mlx-mixtral"))
+
+
+def cache_dir() -> Path:
+    """$MLX_MIXTRAL_CACHE_DIR, else the platform's user cache folder: what can be built again
+    (bench's models, the folders standing for Ollama's safetensors models)."""
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("MLX_MIXTRAL_CACHE_DIR") or user_cache_dir("mlx-mixtral"))
 
 
 def user_config() -> dict[str, Any]:

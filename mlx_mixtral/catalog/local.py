@@ -86,17 +86,17 @@ def _ollama_name(parts: tuple[str, ...]) -> str:
 
 
 def ollama_models() -> list[LocalModel]:
-    from ..loading.locate import ollama_blob, ollama_store
+    from ..loading.ollama_store import ollama_model, ollama_store
 
     manifests = ollama_store() / "manifests"
     found = []
     for manifest in sorted(manifests.glob("*/*/*/*")) if manifests.is_dir() else []:
         name = _ollama_name(manifest.relative_to(manifests).parts)
         try:
-            blob = ollama_blob(name.removeprefix("ollama:"))
+            path = ollama_model(name.removeprefix("ollama:"))
         except MlxMixtralError:
             continue
-        model = _described(name, blob, "ollama")
+        model = _described(name, path, "ollama")
         if model is not None:
             found.append(model)
     return found

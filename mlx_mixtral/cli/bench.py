@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ from ..generation.kv import KVSettings
 from ..model.config import ModelArgs
 from ..model.limits import DEFAULT_PREFILL_STEP
 from ..units import size
+from ..user_files import cache_dir
 
 if TYPE_CHECKING:
     from ..generation.stats import Stats
@@ -42,13 +42,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                          max_position_embeddings=32768, rope_theta=1e4),
 }
 PRESET_BITS, PRESET_GROUP, PRESET_SEED = 4, 64, 0
-
-
-def cache_dir() -> Path:
-    """$MLX_MIXTRAL_CACHE_DIR, else the platform's user cache folder."""
-    from platformdirs import user_cache_dir
-
-    return Path(os.environ.get("MLX_MIXTRAL_CACHE_DIR") or user_cache_dir("mlx-mixtral"))
 
 
 def preset_folder(name: str) -> Path:

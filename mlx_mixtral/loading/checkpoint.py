@@ -24,6 +24,21 @@ from ..model.precision import cast_weights
 _EXPERT_NAMES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT_KEY = re.compile(r"^(.*\.block_sparse_moe)\.experts\.(\d+)\.(w[123])\.(\w+)$")
+_EXPERT_MODULE = re.compile(r"^(.*\.block_sparse_moe)\.experts\.\d+\.(w[123])$")
+
+
+def module_name(layer: str) -> str:
+    """Our module for a checkpoint's layer: Hugging Face's `experts.E.w1` is one row of the
+    stacked `switch_mlp.gate_proj` (as `_stack_hf_experts` stacks it)."""
+    m = _EXPERT_MODULE.match(layer)
+    return f"{m.group(1)}.switch_mlp.{_EXPERT_NAMES[m.group(2)]}" if m else layer
+
+
+def tensor_name(key: str) -> str:
+    """Our name for a checkpoint's tensor ("...experts.3.w1.scales" ->
+    "...switch_mlp.gate_proj.scales"): what says which of our layers it quantizes."""
+    module, _, param = key.rpartition(".")
+    return f"{module_name(module)}.{param}"
 
 
 def stack_experts(groups: dict[str, dict[int, mx.array]],

@@ -15,7 +15,7 @@ from mlx.utils import tree_map
 from ..model.decoder import Model
 from ..model.expert_cache import ExpertPager, PagedMoE
 from ..model.precision import loaded_dtype, target_dtype
-from .checkpoint import build_model, sanitize
+from .checkpoint import build_model, sanitize, tensor_name
 from .expert_files import ExpertFiles, is_expert_tensor
 from .memory_plan import MemoryPlan
 from .safetensors_file import read_safetensors
@@ -50,7 +50,7 @@ def build_paged(source: ModelSource, plan: MemoryPlan, dtype: str | mx.Dtype | N
     lazy = read_safetensors(source.files)
     weights = sanitize({k: v for k, v in lazy.items() if not is_expert_tensor(k)}, args)
     del lazy  # the expert tensors were never read: nothing references them now
-    experts = {t.name for t in source.tensors if is_expert_tensor(t.name)}
+    experts = {tensor_name(t.name) for t in source.tensors if is_expert_tensor(t.name)}
     model = build_model(args, weights, source.quantization, str(source.path), dtype,
                         slots=plan.slots, stored=experts)
     del weights

