@@ -95,18 +95,12 @@ def model_name(given: str | None, name: str) -> str:
     return path.stem if path.suffix == ".gguf" else path.name or name
 
 
-def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None) -> int:
-    """Serve until stopped. With a `lockstep` (the model split over ranks by mlx.launch), rank 0
-    serves HTTP and the other ranks run its jobs alongside; a lost rank stops them all."""
+def _worker(args: argparse.Namespace, plan: LoadPlan, kv, lockstep=None):
+    """The worker that loads `plan`'s model on its thread and runs its jobs."""
     import os
     import signal
 
-    from ..catalog.summary import summarize
-    from ..generation.sampling import model_defaults
     from ..server.cache_pool import CachePool, cache_bytes
-    from ..server.http_app import Guards, create_app
-    from ..server.http_server import run_http
-    from ..server.service import Service
     from ..server.worker import Worker
 
     # Within a budget the pool has the share the plan carved out for it, and MLX's buffer
@@ -116,6 +110,50 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
         import mlx.core as mx
 
         mx.set_cache_limit(plan.memory.cache_limit)
+    pool = CachePool(pool_budget) if lockstep is None else \
+        CachePool(pool_budget, lambda cache: lockstep.largest(cache_bytes(cache)))
+    return Worker(lambda: load_from_plan(plan), pool, args.max_queue, kv, lockstep,
+                  on_lost=lambda: os.kill(os.getpid(), signal.SIGINT),  # uvicorn stops
+                  capacity=args.decode_concurrency, prefill_step=args.prefill_step)
+
+
+def _service(args: argparse.Namespace, plan: LoadPlan, sampling, worker, model_id: str):
+    """The loaded model's service: its API name and defaults (a request's unset fields take
+    the flags given, then the model's own defaults)."""
+    from ..catalog.summary import summarize
+    from ..generation.sampling import model_defaults
+    from ..server.service import Service
+
+    model, tokenizer = worker.ready()
+    defaults = model_defaults(model).apply(sampling, given_sampling(args))
+    return Service(model, tokenizer, model_id, worker, defaults,
+                   summary=summarize(plan.source))  # (what Ollama's model list says)
+
+
+def _loader(args: argparse.Namespace, plan: LoadPlan, sampling, kv, model_id: str):
+    """Loads another model when a request names it (on the registry's thread)."""
+
+    def load():
+        worker = _worker(args, plan, kv)
+        try:
+            return _service(args, plan, sampling, worker, model_id)
+        except BaseException:
+            worker.stop()
+            raise
+
+    return load
+
+
+def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None,
+          others: list[tuple[str, LoadPlan]] | None = None) -> int:
+    """Serve until stopped. With a `lockstep` (the model split over ranks by mlx.launch), rank 0
+    serves HTTP and the other ranks run its jobs alongside; a lost rank stops them all.
+    `others`: further models (name, plan) loaded when a request names them."""
+    import os
+
+    from ..server.http_app import Guards, create_app
+    from ..server.http_server import run_http
+
     max_body = _size(args.max_body, "--max-body")
     store_bytes = _size(args.response_store_bytes, "--response-store-bytes")
     for flag, value in (("--max-queue", args.max_queue),
@@ -124,36 +162,72 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None)
         if value < 1:
             raise MlxMixtralError(f"{flag} must be at least 1")
     api_key = args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY") or None
-    name = plan.name
-    pool = CachePool(pool_budget) if lockstep is None else \
-        CachePool(pool_budget, lambda cache: lockstep.largest(cache_bytes(cache)))
-    worker = Worker(lambda: load_from_plan(plan), pool, args.max_queue, kv, lockstep,
-                    on_lost=lambda: os.kill(os.getpid(), signal.SIGINT),  # uvicorn stops
-                    capacity=args.decode_concurrency, prefill_step=args.prefill_step)
+    model_id = args.model_id or model_name(args.model[0] if args.model else None, plan.name)
+    models = _registry(args, plan, sampling, kv, model_id, others) if others else None
+    worker = _worker(args, plan, kv, lockstep)
     try:
-        model, tokenizer = worker.ready()
+        worker.ready()
     except KeyboardInterrupt:  # stopped while loading: MLX is busy on the worker's thread
         sys.stderr.flush()
         os._exit(130)  # (ending the interpreter around that thread could abort the process)
     if lockstep is not None and not lockstep.leader:
         worker.thread.join()  # runs rank 0's jobs until rank 0 stops
         return _ended(worker)
-    model_id = args.model_id or model_name(args.model, name)
-    summary = summarize(plan.source)  # what Ollama's model list says
-    # A request's unset fields take the flags given, then the model's own defaults.
-    defaults = model_defaults(model).apply(sampling, given_sampling(args))
-    service = Service(model, tokenizer, model_id, worker, defaults, summary=summary)
+    service = _service(args, plan, sampling, worker, model_id)
+    if models is not None:
+        models.adopt(model_id, service)
     app = create_app(service, Guards(api_key, max_body, tuple(args.cors_origin)),
-                     store_bytes)
+                     store_bytes, models)
     where = f"http://{args.host}:{args.port}"
-    print(f"Serving {model_id} at {where}/v1 (OpenAI) and {where}/api (Ollama)"
+    also = f" (and {', '.join(n for n, _ in others)} on request)" if others else ""
+    print(f"Serving {model_id}{also} at {where}/v1 (OpenAI) and {where}/api (Ollama)"
           + (", API key required" if api_key else ""), file=sys.stderr, flush=True)
+
+    def halt() -> None:
+        for s in models.services() if models is not None else [service]:
+            s.worker.halt()
+
     try:
-        run_http(app, args.host, args.port, args.log_level, on_stop=worker.halt)
+        run_http(app, args.host, args.port, args.log_level, on_stop=halt)
     finally:
+        if models is not None:
+            models.close()
+            for s in models.services():
+                if s is not service:
+                    s.worker.stop()
         if worker.lost is None:
             worker.stop()  # (the other ranks hear that there is no more work)
     return _ended(worker)
+
+
+def _registry(args: argparse.Namespace, plan: LoadPlan, sampling, kv, model_id: str,
+              others: list[tuple[str, LoadPlan]]):
+    """The models this server answers for: the first (loaded now) and `others`."""
+    from ..catalog.summary import summarize
+    from ..server.models import Entry, Models, keep_alive_seconds
+    from ..server.service import APIError
+
+    names = [model_id, *(n for n, _ in others)]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise MlxMixtralError(f"--model: two models are named {duplicated[0]!r}; give each "
+                              "model once (a folder's name is its name in the API)")
+    pins = set(args.pin or [])
+    unknown = sorted(pins - set(names))
+    if unknown:
+        raise MlxMixtralError(f"--pin {unknown[0]}: not one of the served models "
+                              f"({', '.join(names)})")
+    if args.max_models < 1:
+        raise MlxMixtralError("--max-models must be at least 1")
+    try:
+        keep = keep_alive_seconds(args.keep_alive)
+    except APIError as e:
+        raise MlxMixtralError(f"--keep-alive: {e.message.split(': ', 1)[1]}") from None
+    entries = [Entry(model_id, _loader(args, plan, sampling, kv, model_id), summarize(plan.source),
+                     pinned=model_id in pins)]
+    entries += [Entry(name, _loader(args, p, sampling, kv, name), summarize(p.source),
+                      pinned=name in pins) for name, p in others]
+    return Models(entries, args.max_models, None if keep == "default" else keep)
 
 
 def check_port(host: str, port: int) -> None:
@@ -186,11 +260,46 @@ def _ended(worker) -> int:
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
+    from .flags import MODEL_HELP
+
     p = add_command(sub, "serve", run_serve)
-    add_model_flags(p)
+    p.add_argument("--model", action="append", default=None,
+                   help=MODEL_HELP + "; repeat it to serve several models: the first loads at "
+                   "start, the others when a request names them (by folder or file name)")
+    add_model_flags(p, model=False)
+    p.add_argument("--models-dir", default=None, metavar="FOLDER",
+                   help="also serve every model in FOLDER (its model folders and .gguf files), "
+                   "each loaded when a request names it")
+    p.add_argument("--max-models", type=int, default=1, metavar="N",
+                   help="models loaded at once; loading another unloads the least recently "
+                   "used idle one (default %(default)s)")
+    p.add_argument("--pin", action="append", default=[], metavar="NAME",
+                   help="never unload this model to make room or when idle (repeatable)")
+    p.add_argument("--keep-alive", default=None, metavar="DURATION",
+                   help="unload a model idle this long, e.g. 5m, 1h, 300 (seconds); 0: as soon "
+                   "as it is idle; a request's Ollama keep_alive overrides it (default: keep "
+                   "models loaded until --max-models needs the room)")
     add_kv_flags(p)
     add_serve_flags(p)
     add_distributed_flags(p)
+
+
+def _model_names(args: argparse.Namespace) -> list[str | None]:
+    """The models to serve: each --model, then the models in --models-dir ([None]: the
+    default model)."""
+    names: list[str | None] = list(args.model or [])
+    if args.models_dir is not None:
+        folder = Path(args.models_dir).expanduser()
+        if not folder.is_dir():
+            raise MlxMixtralError(f"--models-dir {args.models_dir}: not a folder")
+        found = sorted(str(p) for p in folder.iterdir()
+                       if (p.is_dir() and (p / "config.json").is_file())
+                       or (p.is_file() and p.suffix == ".gguf"))
+        if not found:
+            raise MlxMixtralError(f"--models-dir {args.models_dir}: no model folder (with a "
+                                  "config.json) or .gguf file in it")
+        names += found
+    return names or [None]
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -216,11 +325,17 @@ def run_serve(args: argparse.Namespace) -> int:
             check_port(args.host, args.port)  # rank 0 listens
 
     reserve, shrink = pool_wanted(args)
-    plan = plan_for_cli(args.model, args.force, args.dtype, group, args.pipeline,
+    names = _model_names(args)
+    if len(names) > 1 and (group is not None or args.max_memory):
+        raise MlxMixtralError(("--max-memory" if args.max_memory else "mlx.launch")
+                              + " serves one model: give one --model (and no --models-dir)")
+    plan = plan_for_cli(names[0], args.force, args.dtype, group, args.pipeline,
                         args.max_memory, reserve, shrink)  # one line before loading, if it
     # cannot (a --prompt-cache-bytes that does not fit in --max-memory too)
+    others = [(model_name(n, p.name), p) for n, p in
+              ((n, plan_for_cli(n, args.force, args.dtype)) for n in names[1:])]
     try:
-        return serve(args, plan, sampling, kv, lockstep)
+        return serve(args, plan, sampling, kv, lockstep, others)
     except MlxMixtralError:
         raise
     except Exception as e:

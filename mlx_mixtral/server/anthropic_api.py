@@ -31,7 +31,7 @@ from .schemas import (
     AnthropicToolUse,
     error_responses,
 )
-from .service import APIError, Service, collect, service_of
+from .service import APIError, Service, collect, serving
 
 PREFIX = "/v1/messages"
 router = APIRouter(prefix=PREFIX, responses=error_responses(AnthropicError))
@@ -134,13 +134,13 @@ def _output_grammar(service: Service, body: AnthropicRequest) -> str | None:
 
 @router.post("/count_tokens")
 async def count_tokens(body: AnthropicCount, request: Request):
-    ids, _, _ = _prompt(service_of(request), body)
+    ids, _, _ = _prompt(await serving(request, body.model), body)
     return {"input_tokens": len(ids)}
 
 
 @router.post("", responses={200: {"content": STREAMS}})
 async def messages(body: AnthropicRequest, request: Request):
-    service = service_of(request)
+    service = await serving(request, body.model)
     ids, tools, choice = _prompt(service, body)
     stops = [s for s in body.stop_sequences or [] if s]
     params = service.sampling(temperature=body.temperature, top_p=body.top_p,

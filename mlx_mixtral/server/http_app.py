@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .. import __version__
 from . import DEFAULT_MAX_BODY, anthropic_api, ollama_api, openai_api, responses_api
 from .metrics import ServerMetrics, occupancy
+from .models import Models
 from .response_store import RESPONSE_STORE_BYTES, ResponseStore
 from .service import APIError, Service
 
@@ -175,12 +176,16 @@ def resident_bytes() -> int:
 
 
 def create_app(service: Service, guards: Guards | None = None,
-               response_store_bytes: int = RESPONSE_STORE_BYTES) -> FastAPI:
+               response_store_bytes: int = RESPONSE_STORE_BYTES,
+               models: Models | None = None) -> FastAPI:
+    """The app serving `service`'s model (and, with `models`, the others it names)."""
     guards = guards or Guards()
     app = FastAPI(title="mlx-mixtral", version=__version__,
                   description="OpenAI-, Anthropic- and Ollama-compatible API for a local "
                   "Mistral model")
     app.state.service = service
+    if models is not None:
+        app.state.models = models
     app.state.responses = ResponseStore(response_store_bytes)
     app.include_router(openai_api.router)
     app.include_router(responses_api.router)
@@ -203,7 +208,11 @@ def create_app(service: Service, guards: Guards | None = None,
                            "prompt_cache": service.worker.pool.nbytes,
                            "prompt_cache_budget": service.worker.pool.budget,
                            "prompt_cache_evicted": service.worker.pool.evicted,
-                           "resident": resident_bytes()}}
+                           "resident": resident_bytes()},
+                **({} if models is None else {"models": [
+                    {"name": e.name, "loaded": e.service is not None,
+                     "loading": e.loading is not None, "pinned": e.pinned}
+                    for e in models.entries.values()]})}
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

@@ -17,6 +17,7 @@ from ..generation.sampling import requested
 from ..generation.stats import Stats
 from ..text.tools import ToolCallReply
 from .metrics import timings
+from .models import FOREVER, keep_alive_seconds
 from .schemas import (
     NDJSON,
     OllamaBase,
@@ -26,7 +27,7 @@ from .schemas import (
     OllamaShowRequest,
     error_responses,
 )
-from .service import APIError, Service, collect, service_of
+from .service import APIError, Service, collect, service_of, serving
 
 if TYPE_CHECKING:
     from ..catalog.summary import ModelSummary
@@ -94,9 +95,24 @@ async def _respond(service: Service, events: AsyncIterator, stream: bool, piece,
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
+def _unloaded(request: Request, body: OllamaBase) -> bool:
+    """Ollama's way to unload a model: a request with nothing to say and keep_alive 0."""
+    if keep_alive_seconds(body.keep_alive) != 0:
+        return False
+    models = getattr(request.app.state, "models", None)
+    if models is None:
+        service_of(request).check_model(body.model)
+        return False  # one model, always loaded: nothing to unload
+    models.unload_now(body.model)
+    return True
+
+
 @router.post("/chat", responses={200: {"content": NDJSON}})
 async def chat(body: OllamaChatRequest, request: Request):
-    service = service_of(request)
+    if not body.messages and _unloaded(request, body):
+        return {"model": body.model, "created_at": _now(), "done": True,
+                "done_reason": "unload", "message": {"role": "assistant", "content": ""}}
+    service = await serving(request, body.model, keep_alive_seconds(body.keep_alive))
     settings = _settings(service, body)
     if not body.messages:  # Ollama's way to load a model: nothing to say
         return {"model": service.model_id, "created_at": _now(), "done": True,
@@ -135,7 +151,10 @@ async def chat(body: OllamaChatRequest, request: Request):
 
 @router.post("/generate", responses={200: {"content": NDJSON}})
 async def generate(body: OllamaGenerateRequest, request: Request):
-    service = service_of(request)
+    if not body.prompt and _unloaded(request, body):
+        return {"model": body.model, "created_at": _now(), "response": "", "done": True,
+                "done_reason": "unload"}
+    service = await serving(request, body.model, keep_alive_seconds(body.keep_alive))
     settings = _settings(service, body)
     if not body.prompt:
         return {"model": service.model_id, "created_at": _now(), "response": "", "done": True,
@@ -157,8 +176,7 @@ async def generate(body: OllamaGenerateRequest, request: Request):
     return await _respond(service, events, body.stream, piece, finish)
 
 
-def _details(service: Service) -> dict[str, Any]:
-    s = service.described()
+def _details(s: ModelSummary) -> dict[str, Any]:
     return {"parent_model": "", "format": s.format, "family": s.family, "families": [s.family],
             "parameter_size": s.parameter_size, "quantization_level": s.stored_as}
 
@@ -174,28 +192,43 @@ def _model_info(s: ModelSummary, context: int) -> dict[str, Any]:
     return info
 
 
-def _modified(service: Service) -> str:
-    return datetime.fromtimestamp(service.created, timezone.utc).isoformat()
+def _when(created: int) -> str:
+    return datetime.fromtimestamp(created, timezone.utc).isoformat()
 
 
 @router.get("/tags")
 async def tags(request: Request):
+    models = getattr(request.app.state, "models", None)
+    listed = [(e.name, e.summary, e.created) for e in models.entries.values()] \
+        if models is not None else [(s.model_id, s.described(), s.created)
+                                    for s in [service_of(request)]]
+    return {"models": [{"name": name, "model": name, "modified_at": _when(created),
+                        "size": summary.disk_bytes, "digest": "", "details": _details(summary)}
+                       for name, summary, created in listed]}
+
+
+@router.get("/ps")
+async def ps(request: Request):
+    """The models loaded now, with their sizes and when they unload."""
+    models = getattr(request.app.state, "models", None)
+    if models is not None:
+        return {"models": models.running()}
     service = service_of(request)
+    summary = service.described()
     return {"models": [{"name": service.model_id, "model": service.model_id,
-                        "modified_at": _modified(service), "size": service.described().disk_bytes,
-                        "digest": "", "details": _details(service)}]}
+                        "size": summary.memory_bytes, "size_vram": summary.memory_bytes,
+                        "digest": "", "expires_at": FOREVER, "details": _details(summary)}]}
 
 
 @router.post("/show")
 async def show(body: OllamaShowRequest, request: Request):
-    service = service_of(request)
-    service.check_model(body.model or body.name or "")
+    service = await serving(request, body.model or body.name or "")
     s = service.described()
     return {"modelfile": "", "parameters": "", "template": "",
-            "details": _details(service),
+            "details": _details(s),
             "model_info": _model_info(s, service.context),
             "capabilities": ["completion"] + (["tools"] if service.calls_tools else []),
-            "modified_at": _modified(service)}
+            "modified_at": _when(service.created)}
 
 
 @router.get("/version")

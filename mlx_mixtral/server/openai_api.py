@@ -32,7 +32,7 @@ from .schemas import (
     Sampling,
     error_responses,
 )
-from .service import APIError, Service, collect_choices, service_of
+from .service import APIError, Service, collect_choices, service_of, serving
 
 router = APIRouter(prefix="/v1", responses=error_responses(OpenAIError))
 
@@ -114,7 +114,7 @@ def _finish(reason: str | None) -> str:
 
 @router.post("/chat/completions", responses={200: {"content": STREAMS}})
 async def chat_completions(body: ChatRequest, request: Request):
-    service = service_of(request)
+    service = await serving(request, body.model)
     settings = _common(service, body, body.max_completion_tokens or body.max_tokens)
     choice = _tool_choice(body)
     tools = [t.model_dump() for t in body.tools or []] if choice.mode != "none" else None
@@ -250,7 +250,7 @@ def _completion_logprobs(service: Service, chunks: list[Chunk], start: int) -> d
 
 @router.post("/completions", responses={200: {"content": STREAMS}})
 async def completions(body: CompletionRequest, request: Request):
-    service = service_of(request)
+    service = await serving(request, body.model)
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
@@ -321,18 +321,31 @@ async def _completion_stream(first: Any, events: AsyncIterator, head: dict, echo
     yield {"data": "[DONE]"}
 
 
-def _model(service: Service) -> dict[str, Any]:
-    return {"id": service.model_id, "object": "model", "created": service.created,
-            "owned_by": "mlx-mixtral", "context_length": service.context}
+def _model(name: str, created: int, context: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "mlx-mixtral",
+            "context_length": context}
+
+
+def _listed(request: Request) -> list[dict[str, Any]]:
+    """Every model the server answers for, loaded or not."""
+    models = getattr(request.app.state, "models", None)
+    if models is None:
+        service = service_of(request)
+        return [_model(service.model_id, service.created, service.context)]
+    return [_model(e.name, e.created, e.summary.context) for e in models.entries.values()]
 
 
 @router.get("/models")
 async def models(request: Request):
-    return {"object": "list", "data": [_model(service_of(request))]}
+    return {"object": "list", "data": _listed(request)}
 
 
 @router.get("/models/{model_id:path}")
 async def model(model_id: str, request: Request):
-    service = service_of(request)
-    service.check_model(model_id)
-    return _model(service)
+    for entry in _listed(request):
+        if model_id in (entry["id"], f"{entry['id']}:latest"):
+            return entry
+    models = getattr(request.app.state, "models", None)
+    if models is not None:
+        models.entry(model_id)  # (raises the 404 that names them all)
+    service_of(request).check_model(model_id)  # (raises the one-model server's 404)

@@ -24,7 +24,7 @@ from .constraints import ToolChoice, constraints, refuse_unsupported
 from .reply_parts import Ending, ending, reply_parts, started
 from .response_store import ResponseStore
 from .schemas import STREAMS, OpenAIError, ResponsesItem, ResponsesRequest, error_responses
-from .service import APIError, Service, collect, service_of
+from .service import APIError, Service, collect, serving
 
 router = APIRouter(prefix="/v1", responses=error_responses(OpenAIError))
 
@@ -143,7 +143,7 @@ class _Turn:
 
 @router.post("/responses", responses={200: {"content": STREAMS}})
 async def create(body: ResponsesRequest, request: Request):
-    service = service_of(request)
+    service = await serving(request, body.model)
     refuse_unsupported(body.unsupported())
     service.check_model(body.model)
     earlier: list[dict[str, Any]] = []

@@ -25,8 +25,20 @@ POLL_SECONDS = 0.5  # how often a waiting request checks that its client is stil
 
 
 def service_of(request: Any) -> Service:
-    """The service an API route serves (kept on the app's state)."""
+    """The server's first model's service (kept on the app's state): what /health and the
+    model lists start from."""
     return request.app.state.service
+
+
+async def serving(request: Any, name: str | None, keep_alive: Any = "default") -> Service:
+    """The service of the model a request names (404 if the server has no such model), loaded
+    first if the server keeps several and it is not loaded (`server/models.py`)."""
+    models = getattr(request.app.state, "models", None)
+    if models is None:
+        service = service_of(request)
+        service.check_model(name or "")
+        return service
+    return await models.get(name, keep_alive)
 
 
 async def collect(events: AsyncIterator[Chunk | Stats]
@@ -72,6 +84,9 @@ class Service:
     created: int = field(default_factory=lambda: int(time.time()))
     summary: ModelSummary | None = None  # for Ollama's model list (None: from the config)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    # Requests let in (server/models.py) whose job is not on the worker yet: the model is
+    # not idle while there are some.
+    pending: int = 0
 
     def __post_init__(self) -> None:
         from ..model.limits import limits_of
@@ -81,6 +96,18 @@ class Service:
             self.metrics.watch_counts(pager_counts(pager))
         if pool is not None:
             self.metrics.watch_counts(pool_counts(pool))
+
+    def close(self) -> None:
+        """Let go of the model once its worker has stopped (the server unloaded it): its
+        memory goes back even while something still refers to this service."""
+        import gc
+
+        import mlx.core as mx
+
+        self.model = self.tokenizer = None
+        self.worker.model = self.worker.tokenizer = self.worker.scheduler = None
+        gc.collect()
+        mx.clear_cache()
 
     def described(self) -> ModelSummary:
         """The model as Ollama's /api/tags and /api/show describe it."""
@@ -179,8 +206,10 @@ class Service:
         try:
             self.worker.submit(job)
         except QueueFull:
+            self.pending = max(0, self.pending - 1)
             raise APIError(503, f"the server is busy: {self.worker.max_queue} requests are "
                            "queued; try again shortly") from None
+        self.pending = max(0, self.pending - 1)  # (the worker counts it now)
         try:
             while True:
                 try:
