@@ -110,7 +110,7 @@ def add_model_flags(p: argparse.ArgumentParser, model: bool = True,
 
 def add_store_flags(p: argparse.ArgumentParser) -> None:
     """The prefix store's flags (prefixes/settings.py holds the defaults)."""
-    from ..prefixes.store import DEFAULT_BLOCK
+    from ..prefixes.settings import DEFAULT_BLOCK
 
     p.add_argument("--cache-block", type=int, default=DEFAULT_BLOCK, metavar="TOKENS",
                    help="tokens per block of the prefix store: a prompt reuses stored keys "

@@ -22,10 +22,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from .blocks import Block
+from .folder import BLOCK_SUFFIX as SUFFIX
 
 log = logging.getLogger("mlx_mixtral.prefixes")
 
-SUFFIX = ".block"
 TRAILER = b"MXKVBLK1"  # then the SHA-256 of the bytes before it
 _DIGEST = 32
 PARTIAL_AGE = 3600.0  # seconds after which a partial file's writer is surely gone

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..generation.kv import PROMPT_CACHE_BYTES
-from .store import DEFAULT_BLOCK, PrefixStore
 
 if TYPE_CHECKING:
     from ..model.decoder import Model
+    from .store import PrefixStore
 
+DEFAULT_BLOCK = 256  # tokens per block
 DISK_BYTES = 32 * 10**9
 MAX_BLOCK = 1 << 16
 
@@ -64,6 +65,8 @@ def model_key(model: Model, part: str = "") -> str:
 def open_store(model: Model, settings: StoreSettings | None = None, name: str = "",
                part: str = "") -> PrefixStore:
     """The store for `model` (`name`: how `mlx-mixtral cache` shows it)."""
+    from .store import PrefixStore  # (MLX and the caches: not for a listing of the folder)
+
     settings = settings or StoreSettings()
     folder = settings.folder or store_folder()
     ram = default_ram() if settings.ram is None else settings.ram

@@ -27,12 +27,12 @@ from ..model.cache import parts
 from .blocks import Block, check_layers, cut, join
 from .chain import block_keys
 from .disk_tier import DiskTier
+from .folder import BLOCK_SUFFIX, SPACE_FILE
 from .ram_tier import RamTier
+from .settings import DEFAULT_BLOCK
 
 log = logging.getLogger("mlx_mixtral.prefixes")
 
-DEFAULT_BLOCK = 256  # tokens per block
-SPACE_FILE = "space.json"
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ class PrefixStore:
             self.ram.clear()
             if self.disk is not None:
                 for space in self.spaces.values():
-                    for path in (self.disk.folder / space.id).glob("*.block"):
+                    for path in (self.disk.folder / space.id).glob(f"*{BLOCK_SUFFIX}"):
                         path.unlink(missing_ok=True)
 
     # ---- numbers ------------------------------------------------------------------------------
