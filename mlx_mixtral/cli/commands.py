@@ -37,6 +37,15 @@ COMMANDS = {
         "Ollama, converted folders and models you have opened, and the offline demo; each "
         "with its size on disk, its size once loaded, and whether it fits in the memory "
         "available now. Pass a NAME to --model."),
+    "cache": (
+        "show or clear the prompt store (prompts' keys and values kept on disk)",
+        "Show the prompt store: its folder, the budgets of its RAM and disk tiers, and per "
+        "model the blocks kept on disk and their bytes. `generate`, `serve` and the chat app keep "
+        "a prompt's keys and values there in blocks of tokens, so a prompt that starts like an "
+        "earlier one (a long system prompt, a document) prefills only the rest, also after a "
+        "restart. `mlx-mixtral cache clear` deletes every block (no question asked), with "
+        "--model NAME only that model's; a running server keeps what it holds in memory until "
+        "it stops. No model is loaded."),
     "bench": (
         "measure speed and memory, side by side with mlx-lm",
         "Measure prefill and decode tokens/s, time to first token, peak memory and "

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import replace
 
 from ..errors import MlxMixtralError
 from .commands import add_command
 from .distributed import add_distributed_flags, launched
 from .drafting import add_draft_flags, add_kv_flags, drafting_from, kv_from
-from .flags import add_model_flags, given_sampling, sampling_from
+from .flags import add_model_flags, add_store_flags, given_sampling, sampling_from, store_settings
 from .load_model import load_from_plan, plan_for_cli
 
 
@@ -30,7 +31,15 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-cache", default=None, metavar="FILE",
                    help="reuse the KV cache in FILE where it matches the prompt's beginning "
                    "(a long system prompt or document is then prefilled once), and save it "
-                   "there afterwards")
+                   "there afterwards: one file of your own, used instead of the prompt store")
+    p.add_argument("--no-prompt-cache", action="store_true",
+                   help="do not use the prompt store. By default a chat prompt's beginning "
+                   "is taken from the blocks of keys and values earlier runs kept (in the data "
+                   "folder; `mlx-mixtral cache` shows and clears them), and the prompt's blocks "
+                   "are kept for the next run. The store is not used with --raw, "
+                   "--prompt-cache FILE, under mlx.launch, nor for drafted decoding with "
+                   "--kv-bits")
+    add_store_flags(p)
     add_kv_flags(p)
     add_draft_flags(p)
     add_distributed_flags(p)
@@ -56,6 +65,7 @@ def read_prompt(arg: str) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     sampling, kv = sampling_from(args), kv_from(args)  # validate before the slow load
     drafting = drafting_from(args, args.force, args.dtype)
+    store_use = _store_use(args, drafting is not None, kv.bits)
     if args.prompt_cache:
         _check_prompt_cache_path(args.prompt_cache)  # before the slow load
     given = _prompt_argument(args)  # the same argv on every rank: the same answer
@@ -94,9 +104,27 @@ def run_generate(args: argparse.Namespace) -> int:
         dog.beat()
     ids = prompt_ids(tokenizer, prompt, system=args.system, raw=args.raw,
                      chat_format=args.chat_format)
-    cache, done = _reused_cache(args.prompt_cache, model, ids, draft.k if draft else 0)
+    slack = draft.k if draft else 0
+    store = None
+    if store_use is not None:
+        from ..prefixes.settings import open_store
+        from .stored_prefix import take_prefix
+
+        store = open_store(model, store_use, plan.name)
+        took = time.perf_counter()
+        cache, done = take_prefix(store, model, ids, kv, slack)
+        if len(ids) > store.block:  # (a shorter prompt has no block to take or keep)
+            print(f"Prompt store: {done} of {len(ids)} prompt tokens reused "
+                  f"({time.perf_counter() - took:.2f} s)", file=sys.stderr)
+    else:
+        cache, done = _reused_cache(args.prompt_cache, model, ids, slack)
     stats, printed = None, ""
     beat = (lambda *_: dog.beat()) if dog is not None else None
+    if store is not None:
+        from .stored_prefix import giver, windowed
+
+        if windowed(cache):
+            beat = giver(store, ids, cache)  # (no mlx.launch here: no dog to beat)
     try:
         for item in stream_generate(model, tokenizer, ids[done:], sampling=sampling,
                                     cache=cache, history=ids[:done], kv=kv, draft=draft,
@@ -121,6 +149,8 @@ def run_generate(args: argparse.Namespace) -> int:
         from .distributed import lost
 
         raise lost(e, group) from None
+    if store is not None and stats is not None:
+        store.give(ids, cache)  # the prompt's blocks (a reply is not the next prompt's start)
     if args.prompt_cache and stats is not None:
         from ..loading.prompt_cache import save_prompt_cache
 
@@ -140,6 +170,18 @@ def _prompt_argument(args: argparse.Namespace) -> str:
         return "-"
     raise MlxMixtralError('no prompt: mlx-mixtral generate "your prompt" (or --prompt, or '
                           "pipe it in)")
+
+
+def _store_use(args: argparse.Namespace, drafted: bool, kv_bits: int | None):
+    """The prompt store's settings when this run uses it, else None (its flags are checked
+    either way, before the slow load)."""
+    if args.no_prompt_cache and args.prompt_cache:
+        raise MlxMixtralError("--prompt-cache FILE and --no-prompt-cache exclude each other: "
+                              "--prompt-cache already leaves the prompt store out")
+    settings = store_settings(args)
+    off = (args.no_prompt_cache or args.prompt_cache or args.raw or launched()
+           or (drafted and kv_bits is not None))
+    return None if off else settings
 
 
 def _check_prompt_cache_path(path: str) -> None:

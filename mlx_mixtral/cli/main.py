@@ -9,6 +9,7 @@ import sys
 from .. import __version__
 from ..errors import DistributedError, MlxMixtralError
 from .bench_command import add_bench
+from .cache_command import add_cache
 from .chat import add_chat
 from .commands import COMMANDS, Parser, command_parser
 from .flags import with_flags
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert(sub)
     add_info(sub)
     add_list(sub)
+    add_cache(sub)
     add_bench(sub)
     add_serve(sub)
     return parser

@@ -1,0 +1,63 @@
+"""`generate` and the prefix store: the prompt's longest stored beginning is taken back instead
+of prefilled, and the prompt's blocks are given to the store for the next run.
+
+A reply from the store is the reply of a run from nothing. With quantized KV (`--kv-bits`) that
+takes care: a run from nothing attends its first prefill chunks to float keys (the cache is
+quantized once a chunk ends at `--quantized-kv-start` or later) and the rest to quantized ones,
+so a run from the store takes only quantized blocks, and only from the end of that float part
+on. (Drafted decoding prefills all in float and quantizes later: `generate` keeps the store off
+when it is combined with --kv-bits.)
+
+Imported only when the store is used (it imports MLX and the caches): `generate` starts fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..generation.kv import KVSettings
+    from ..model.decoder import Model
+    from ..prefixes.store import PrefixStore
+
+
+def float_part(kv: KVSettings, chunk: int) -> int:
+    """Prompt positions a run from nothing computes with float keys in its cache: up to the
+    end of the first prefill chunk after which the cache holds `kv.start` tokens or more."""
+    if kv.bits is None:
+        return 0
+    chunks = max(1, -(-kv.start // chunk))
+    return chunks * chunk
+
+
+def take_prefix(store: PrefixStore, model: Model, ids: Sequence[int], kv: KVSettings,
+                slack: int) -> tuple[list, int]:
+    """(cache, n): a cache holding ids[:n] from the store, or a new one and 0. `slack`:
+    positions a rolling cache keeps for rejected drafts (a restored cache has them too)."""
+    from ..generation.stream import prefill_chunk
+
+    def fresh() -> list:
+        return model.make_cache(slack=slack)
+
+    cache, n = store.take(ids, fresh, bits=kv.bits, group_size=kv.group_size)
+    if n and kv.bits is not None and (cache[0].bits != kv.bits
+                                      or n < float_part(kv, prefill_chunk(model))):
+        return fresh(), 0  # not what a run from nothing holds there: computed as it would
+    return cache, n
+
+
+def giver(store: PrefixStore, ids: Sequence[int], cache: list) -> Callable[[int, int], None]:
+    """A prefill-progress callback giving `cache`'s complete prompt blocks to the store after
+    each chunk: a sliding-window cache holds only its last window, so the blocks behind it are
+    kept before the window moves past them. (A full cache is given once, after the reply.)"""
+
+    def give(done: int, total: int) -> None:
+        if 0 < done < total:
+            store.give(ids, cache)
+
+    return give
+
+
+def windowed(cache: list) -> bool:
+    return any(getattr(layer, "window", None) for layer in cache)
