@@ -120,15 +120,16 @@ def run_generate(args: argparse.Namespace) -> int:
         cache, done = _reused_cache(args.prompt_cache, model, ids, slack)
     stats, printed = None, ""
     beat = (lambda *_: dog.beat()) if dog is not None else None
+    progress = beat
     if store is not None:
         from .stored_prefix import giver, windowed
 
         if windowed(cache):
-            beat = giver(store, ids, cache)  # (no mlx.launch here: no dog to beat)
+            progress = giver(store, ids, cache)  # (no mlx.launch here: no dog to beat)
     try:
         for item in stream_generate(model, tokenizer, ids[done:], sampling=sampling,
                                     cache=cache, history=ids[:done], kv=kv, draft=draft,
-                                    progress=beat):
+                                    progress=progress):
             if beat is not None:
                 beat()
             if isinstance(item, Stats):
