@@ -41,7 +41,7 @@ def test_help_lists_every_flag_with_defaults():
     for flag in ("--model", "--prompt", "--system", "--max-tokens", "--temp", "--top-p",
                  "--top-k", "--min-p", "--repetition-penalty", "--seed", "--raw"):
         assert flag in gen
-    for command in ("chat", "generate", "convert", "info", "bench"):
+    for command in ("chat", "generate", "convert", "info", "cache", "bench"):
         assert_defaults_shown(command, cli(command, "--help").stdout)
     for command in ("chat", "generate", "bench"):
         assert "--dtype {float32,float16,bfloat16}" in cli(command, "--help").stdout
@@ -127,8 +127,8 @@ def _help_entries(command: str) -> dict[str, str]:
     return {re.search(r"--[\w-]+", e).group(0): " ".join(e.split()) for e in entries}
 
 
-@pytest.mark.parametrize("command", ["chat", "generate", "convert", "info", "list", "bench",
-                                     "serve"])
+@pytest.mark.parametrize("command", ["chat", "generate", "convert", "info", "list", "cache",
+                                     "bench", "serve"])
 def test_help_says_each_default_once(command):
     """Finding 18: no second "(default: None)" after a default said in words, none for a
     required flag, no "(default: [])", no "%%"."""

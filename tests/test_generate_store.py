@@ -1,4 +1,4 @@
-"""`generate` with the prompt store, and `mlx-mixtral cache`: a second run of a long prompt takes
+"""`generate` with the prefix store, and `mlx-mixtral cache`: a second run of a long prompt takes
 its beginning from the blocks the first one kept on disk (a new store each run, as after a
 restart), and its greedy reply is the reply of `--no-prompt-cache` (the plain path, the
 oracle): for a tiny Mixtral, a windowed tiny Mistral far past its window, 8-bit KV and drafted
@@ -43,7 +43,7 @@ def words(count: int, seed: int = 0) -> str:
 
 def reused(stderr: str) -> tuple[int, int]:
     """(taken, prompt tokens) from the line `generate` prints about the store."""
-    found = re.search(r"Prompt store: (\d+) of (\d+) prompt tokens reused", stderr)
+    found = re.search(r"Prefix store: (\d+) of (\d+) prompt tokens reused", stderr)
     assert found, stderr
     return int(found.group(1)), int(found.group(2))
 
@@ -63,7 +63,7 @@ def three_runs(capsys, model: Path, prompt: str, *flags: str) -> tuple[int, int]
                             in_process(capsys, *argv, "--no-prompt-cache"))
     for result in (first, second, plain):
         assert result.returncode == 0, result.stderr
-    assert reused(first.stderr)[0] == 0 and "Prompt store" not in plain.stderr
+    assert reused(first.stderr)[0] == 0 and "Prefix store" not in plain.stderr
     assert second.stdout == plain.stdout == first.stdout and second.stdout.strip()
     return reused(second.stderr)
 
@@ -141,7 +141,7 @@ def test_cache_lists_and_clears(mixtral, windowed, data, capsys):
      "--prompt-cache FILE and --no-prompt-cache exclude each other"),
     (["generate", "--cache-block", "0", "hi"], "--cache-block must be between 1"),
     (["generate", "--cache-disk", "lots", "hi"], "--cache-disk"),
-    (["cache", "clear", "--model", "nothing-like-it"], "the prompt store has no blocks of it"),
+    (["cache", "clear", "--model", "nothing-like-it"], "the prefix store has no blocks of it"),
     (["cache", "empty"], "invalid choice"),
 ])
 def test_bad_uses_are_one_line(argv, words_, data, capsys):

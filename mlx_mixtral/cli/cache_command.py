@@ -1,4 +1,4 @@
-"""`mlx-mixtral cache`: the prompt store's folder, budgets and blocks per model, and
+"""`mlx-mixtral cache`: the prefix store's folder, budgets and blocks per model, and
 `cache clear` to delete them. Reads files only: no model is loaded."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def run_cache(args: argparse.Namespace) -> int:
         found = [s for s in found if s.matches(args.model)]
         if not found:
             known = sorted({s.name for s in spaces(root)})
-            raise MlxMixtralError(f"--model {args.model}: the prompt store has no blocks of it"
+            raise MlxMixtralError(f"--model {args.model}: the prefix store has no blocks of it"
                                   + (f"; it has: {', '.join(known)}" if known
                                      else "; it is empty"))
     if args.action == "clear":
@@ -66,7 +66,7 @@ def _as_json(root: Path, found: list) -> dict:
 def _table(root: Path, found: list) -> str:
     ram, disk = _budgets(root)
     used = sum(s.nbytes for s in found)
-    lines = [f"Prompt store: {root}",
+    lines = [f"Prefix store: {root}",
              f"RAM tier: up to {size(ram)} per running command (--cache-ram; emptied when it "
              "ends)",
              f"Disk tier: {size(used)} of {size(disk)} (--cache-disk; kept across runs)", ""]

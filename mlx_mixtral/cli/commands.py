@@ -38,8 +38,8 @@ COMMANDS = {
         "with its size on disk, its size once loaded, and whether it fits in the memory "
         "available now. Pass a NAME to --model."),
     "cache": (
-        "show or clear the prompt store (prompts' keys and values kept on disk)",
-        "Show the prompt store: its folder, the budgets of its RAM and disk tiers, and per "
+        "show or clear the prefix store (prompts' keys and values kept on disk)",
+        "Show the prefix store: its folder, the budgets of its RAM and disk tiers, and per "
         "model the blocks kept on disk and their bytes. `generate`, `serve` and the chat app keep "
         "a prompt's keys and values there in blocks of tokens, so a prompt that starts like an "
         "earlier one (a long system prompt, a document) prefills only the rest, also after a "

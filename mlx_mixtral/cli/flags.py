@@ -114,7 +114,7 @@ def add_store_flags(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--cache-block", type=int, default=DEFAULT_BLOCK, metavar="TOKENS",
                    help="tokens per block of the prefix store: a prompt reuses stored keys "
-                   "and values in whole blocks (default %(default)s)")
+                   "and values in whole blocks (default: %(default)s)")
     p.add_argument("--cache-ram", default=None, metavar="SIZE",
                    help="prefix-store blocks kept in memory, least recently used out first "
                    "(default: 2GB or an eighth of the machine's memory, whichever is less)")

@@ -31,9 +31,9 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-cache", default=None, metavar="FILE",
                    help="reuse the KV cache in FILE where it matches the prompt's beginning "
                    "(a long system prompt or document is then prefilled once), and save it "
-                   "there afterwards: one file of your own, used instead of the prompt store")
+                   "there afterwards: one file of your own, used instead of the prefix store")
     p.add_argument("--no-prompt-cache", action="store_true",
-                   help="do not use the prompt store. By default a chat prompt's beginning "
+                   help="do not use the prefix store. By default a chat prompt's beginning "
                    "is taken from the blocks of keys and values earlier runs kept (in the data "
                    "folder; `mlx-mixtral cache` shows and clears them), and the prompt's blocks "
                    "are kept for the next run. The store is not used with --raw, "
@@ -114,7 +114,7 @@ def run_generate(args: argparse.Namespace) -> int:
         took = time.perf_counter()
         cache, done = take_prefix(store, model, ids, kv, slack)
         if len(ids) > store.block:  # (a shorter prompt has no block to take or keep)
-            print(f"Prompt store: {done} of {len(ids)} prompt tokens reused "
+            print(f"Prefix store: {done} of {len(ids)} prompt tokens reused "
                   f"({time.perf_counter() - took:.2f} s)", file=sys.stderr)
     else:
         cache, done = _reused_cache(args.prompt_cache, model, ids, slack)
@@ -174,11 +174,11 @@ def _prompt_argument(args: argparse.Namespace) -> str:
 
 
 def _store_use(args: argparse.Namespace, drafted: bool, kv_bits: int | None):
-    """The prompt store's settings when this run uses it, else None (its flags are checked
+    """The prefix store's settings when this run uses it, else None (its flags are checked
     either way, before the slow load)."""
     if args.no_prompt_cache and args.prompt_cache:
         raise MlxMixtralError("--prompt-cache FILE and --no-prompt-cache exclude each other: "
-                              "--prompt-cache already leaves the prompt store out")
+                              "--prompt-cache already leaves the prefix store out")
     settings = store_settings(args)
     off = (args.no_prompt_cache or args.prompt_cache or args.raw or launched()
            or (drafted and kv_bits is not None))
