@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+DEFAULT_BLOCK = 256  # tokens per block (--cache-block)
 SPACE_FILE = "space.json"  # what the space's blocks are: model, name, block, dtype, bits
 BLOCK_SUFFIX = ".block"
 

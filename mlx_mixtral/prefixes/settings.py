@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..generation.kv import PROMPT_CACHE_BYTES
+from .folder import DEFAULT_BLOCK
 
 if TYPE_CHECKING:
     from ..model.decoder import Model
     from .store import PrefixStore
 
-DEFAULT_BLOCK = 256  # tokens per block
 DISK_BYTES = 32 * 10**9
 MAX_BLOCK = 1 << 16
 

@@ -27,9 +27,8 @@ from ..model.cache import parts
 from .blocks import Block, check_layers, cut, join
 from .chain import block_keys
 from .disk_tier import DiskTier
-from .folder import BLOCK_SUFFIX, SPACE_FILE
+from .folder import BLOCK_SUFFIX, DEFAULT_BLOCK, SPACE_FILE
 from .ram_tier import RamTier
-from .settings import DEFAULT_BLOCK
 
 log = logging.getLogger("mlx_mixtral.prefixes")
 
