@@ -67,8 +67,8 @@ def _table(root: Path, found: list) -> str:
     ram, disk = _budgets(root)
     used = sum(s.nbytes for s in found)
     lines = [f"Prefix store: {root}",
-             f"RAM tier: up to {size(ram)} per running command (--cache-ram; emptied when it "
-             "ends)",
+             f"RAM tier: up to {size(ram)} in each running server or chat (--cache-ram; "
+             "emptied when it ends)",
              f"Disk tier: {size(used)} of {size(disk)} (--cache-disk; kept across runs)", ""]
     if not found:
         return "\n".join([*lines, "No blocks yet: generate, serve and chat keep a prompt's "

@@ -108,16 +108,23 @@ def add_model_flags(p: argparse.ArgumentParser, model: bool = True,
         add_sampling_flags(p)
 
 
-def add_store_flags(p: argparse.ArgumentParser) -> None:
-    """The prefix store's flags (prefixes/settings.py holds the defaults)."""
+def add_store_flags(p: argparse.ArgumentParser, one_prompt: bool = False) -> None:
+    """The prefix store's flags (prefixes/settings.py holds the defaults). `one_prompt`: the
+    command reads one prompt and ends (`generate`), so blocks in memory would serve nothing
+    and only add to its peak: its RAM tier is empty unless asked for."""
     from ..prefixes.settings import DEFAULT_BLOCK
 
     p.add_argument("--cache-block", type=int, default=DEFAULT_BLOCK, metavar="TOKENS",
                    help="tokens per block of the prefix store: a prompt reuses stored keys "
                    "and values in whole blocks (default: %(default)s)")
-    p.add_argument("--cache-ram", default=None, metavar="SIZE",
-                   help="prefix-store blocks kept in memory, least recently used out first "
-                   "(default: 2GB or an eighth of the machine's memory, whichever is less)")
+    if one_prompt:
+        p.add_argument("--cache-ram", default="0", metavar="SIZE",
+                       help="prefix-store blocks kept in memory while the command runs: one "
+                       "prompt reuses none of them, its blocks go to disk (default: 0)")
+    else:
+        p.add_argument("--cache-ram", default=None, metavar="SIZE",
+                       help="prefix-store blocks kept in memory, least recently used out first "
+                       "(default: 2GB or an eighth of the machine's memory, whichever is less)")
     p.add_argument("--cache-disk", default=None, metavar="SIZE",
                    help="prefix-store blocks kept on disk, so prompts are remembered across "
                    "restarts; 0 keeps none (default: 32GB or a tenth of the free disk, "

@@ -39,7 +39,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                    "are kept for the next run. The store is not used with --raw, "
                    "--prompt-cache FILE, under mlx.launch, nor for drafted decoding with "
                    "--kv-bits")
-    add_store_flags(p)
+    add_store_flags(p, one_prompt=True)
     add_kv_flags(p)
     add_draft_flags(p)
     add_distributed_flags(p)
