@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from dataclasses import replace
 
 from ..errors import MlxMixtralError
@@ -107,25 +106,18 @@ def run_generate(args: argparse.Namespace) -> int:
     slack = draft.k if draft else 0
     store = None
     if store_use is not None:
-        from ..prefixes.settings import open_store
-        from .stored_prefix import take_prefix
+        from .stored_prefix import start_from_store
 
-        store = open_store(model, store_use, plan.name)
-        took = time.perf_counter()
-        cache, done = take_prefix(store, model, ids, kv, slack)
-        if len(ids) > store.block:  # (a shorter prompt has no block to take or keep)
-            print(f"Prefix store: {done} of {len(ids)} prompt tokens reused "
-                  f"({time.perf_counter() - took:.2f} s)", file=sys.stderr)
+        store, cache, done = start_from_store(model, store_use, plan.name, ids, kv, slack)
     else:
         cache, done = _reused_cache(args.prompt_cache, model, ids, slack)
     stats, printed = None, ""
     beat = (lambda *_: dog.beat()) if dog is not None else None
     progress = beat
     if store is not None:
-        from .stored_prefix import giver, windowed
+        from .stored_prefix import giver
 
-        if windowed(cache):
-            progress = giver(store, ids, cache)  # (no mlx.launch here: no dog to beat)
+        progress = giver(store, ids, cache)  # (no mlx.launch with the store: no dog to beat)
     try:
         for item in stream_generate(model, tokenizer, ids[done:], sampling=sampling,
                                     cache=cache, history=ids[:done], kv=kv, draft=draft,
