@@ -146,3 +146,16 @@ def test_cache_lists_and_clears(mixtral, windowed, data, capsys):
 ])
 def test_bad_uses_are_one_line(argv, words_, data, capsys):
     assert words_ in refusal(argv, capsys)
+
+
+@pytest.mark.parametrize("flag", ["--raw", "--prompt-cache"])
+def test_raw_prompts_and_prompt_cache_files_leave_the_store_out(flag, mixtral, data, tmp_path,
+                                                                  capsys):
+    flags = [flag, str(tmp_path / "prompt.cache")] if flag == "--prompt-cache" else [flag]
+    result = in_process(capsys, "generate", "--model", str(mixtral), *REPLY, *flags,
+                        words(100))
+    assert result.returncode == 0, result.stderr
+    assert "Prefix store" not in result.stderr
+    assert not list(data.rglob("*.block"))
+    if flag == "--prompt-cache":
+        assert (tmp_path / "prompt.cache").is_file()  # the file of one's own, as before
