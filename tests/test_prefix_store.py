@@ -146,15 +146,20 @@ def warnings_of(caplog) -> list[str]:
                                             ("mistral", 8)])
 def test_reply_from_disk_after_restart_equals_cold_run(models, tmp_path, name, bits):
     """A chat's prompt (90 tokens, the windowed Mistral's window is 16) and reply fill the
-    store; a new store on the folder with no RAM reads every block back from disk. Both a
-    follow-up question and another question after the same prompt (whose blocks a windowed
-    cache held only during the prefill) continue exactly as cold runs."""
+    store; a new store on the folder with no RAM reads every block back from disk. A
+    follow-up question, another question after the same prompt (whose blocks a windowed cache
+    held only during the prefill) and a text branching inside the reply continue exactly as
+    cold runs."""
     model = models[name]
+    windowed = name == "mistral"
     prompt = tokens(90, 1)
     answer = reply(model, prompt, bits=bits, n=30, store=store_at(model, tmp_path))
     seen = prompt + answer.tokens  # 120 tokens: 15 whole blocks
-    follow_up, other = seen + tokens(10, 2), prompt + tokens(10, 3)
-    for ids, reusable in ((follow_up, len(seen)), (other, len(prompt) // BLOCK * BLOCK)):
+    follow_up, other, branch = seen + tokens(10, 2), prompt + tokens(10, 3), seen[:100] + [5] * 9
+    # The reply is decoded one token at a time and given at its end: a windowed cache held
+    # its blocks 88..104 at no give, so a branch inside it goes back to the prompt's blocks.
+    for ids, reusable in ((follow_up, len(seen)), (other, len(prompt) // BLOCK * BLOCK),
+                          (branch, 88 if windowed else 96)):
         cold = reply(model, ids, bits=bits)
         store = store_at(model, tmp_path, ram=0)  # a restart: every block comes from disk
         warm, held = continued(model, store, ids, bits)
@@ -271,7 +276,7 @@ def test_writers_killed_mid_write_leave_nothing_used(models, tmp_path, caplog):
     reply(model, prompt, n=1, store=store_at(model, source))
     cold = reply(model, prompt + question)
     rng = random.Random(2)
-    partials, reused = 0, []
+    partials, reused = 0, []  # kills that left a partial file; tokens the store had
     for _ in range(10):
         writer = subprocess.Popen(
             [sys.executable, str(WRITER), str(source), str(target), model_key(model),
@@ -282,7 +287,7 @@ def test_writers_killed_mid_write_leave_nothing_used(models, tmp_path, caplog):
         time.sleep(rng.uniform(0.0, 0.3))
         writer.send_signal(signal.SIGKILL)
         writer.wait()  # (a dead writer not waited for is still alive to its pid)
-        partials += len(list(target.glob("*/.*.partial")))
+        partials += bool(list(target.glob("*/.*.partial")))
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger=LOGGER):
             store = store_at(model, target, ram=0)
@@ -291,7 +296,7 @@ def test_writers_killed_mid_write_leave_nothing_used(models, tmp_path, caplog):
         assert warnings_of(caplog) == [] and store.stats()["disk_dropped"] == 0
         same_as_cold(warm, cold)
         reused.append(held)
-    assert partials > 0 and max(reused) > 0, (partials, reused)
+    assert partials >= 3 and max(reused) > 0, (partials, reused)  # kills landed in writes
 
 
 def damage(path: Path, how: str) -> None:
