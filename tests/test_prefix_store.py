@@ -8,8 +8,10 @@ Kills and damage are done to real block files, in a folder of the test's own."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import os
 import random
 import shutil
 import signal
@@ -389,3 +391,48 @@ def test_forget_keeps_blocks_other_chats_share(models, tmp_path):
     for ids, held in ((one, len(system)), (two, len(two))):
         for fresh in (store, store_at(model, tmp_path, ram=0)):  # in RAM and on disk
             assert fresh.take([*ids, 1], model.make_cache)[1] == held
+
+
+@pytest.mark.parametrize("fault", ["full", "not a folder"])
+def test_a_disk_that_cannot_be_written_costs_only_the_disk_tier(models, tmp_path, caplog,
+                                                                monkeypatch, fault):
+    """A full disk (fsync fails) or a folder that is a file: the reply is still the cold
+    run's, one log line says so, the RAM tier keeps the blocks; once the disk can be written
+    again, the next turn's blocks reach it."""
+    model = models["mixtral"]
+    folder = tmp_path / "prefixes"
+    prompt = tokens(40, 90)
+    if fault == "full":
+        def full(fd: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "fsync", full)
+    else:
+        folder.write_text("not a folder")
+    store = store_at(model, folder)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        answer = reply(model, prompt, store=store)
+    lines = warnings_of(caplog)
+    assert len(lines) == 1 and "cannot write" in lines[0], lines
+    same_as_cold(answer, reply(model, prompt))
+    assert not block_files(tmp_path) and not list(tmp_path.rglob("*.partial"))
+    assert store.take([*prompt, 1], model.make_cache)[1] == len(prompt)  # from RAM
+    monkeypatch.undo()
+    if fault != "full":
+        folder.unlink()  # (the file in the folder's way)
+    other = tokens(40, 91)
+    reply(model, other, n=1, store=store)
+    assert store_at(model, folder, ram=0).take([*other, 1], model.make_cache)[1] == len(other)
+
+
+def test_blocks_written_after_the_folder_was_cleared_are_found_again(models, tmp_path):
+    """The folder removed under an open store (another process clearing it): the blocks it
+    writes next are described again, so a restart finds them."""
+    model = models["mixtral"]
+    folder = tmp_path / "prefixes"
+    store = store_at(model, folder)
+    reply(model, tokens(40, 92), n=1, store=store)
+    shutil.rmtree(folder)
+    other = tokens(40, 93)
+    reply(model, other, n=1, store=store)
+    assert store_at(model, folder, ram=0).take([*other, 1], model.make_cache)[1] == len(other)

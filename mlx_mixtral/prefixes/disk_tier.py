@@ -44,6 +44,8 @@ class DiskTier:
         self.evicted = 0
         self.dropped = 0  # damaged files found and deleted
         self.written = 0  # bytes written by this process
+        self.failed = 0  # writes that failed (a full or read-only disk)
+        self.failing = False
         if budget > 0:
             self._sweep_partials()
 
@@ -84,21 +86,33 @@ class DiskTier:
         path = self.path(space, key)
         if path.exists():
             return  # written already (by us or another process): blocks never change
-        path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         mx.save_safetensors(buffer, block.arrays)
         body = buffer.getvalue()
         partial = path.with_name(f".{key}.{os.getpid()}.partial")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(partial, "wb") as f:
                 f.write(body)
                 f.write(TRAILER + hashlib.sha256(body).digest())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, path)
+        except OSError as e:  # a full or read-only disk costs the disk tier, never a reply
+            self.cannot_write(e)
+            return
         finally:
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+        self.failing = False
         self.written += len(body) + len(TRAILER) + _DIGEST
+
+    def cannot_write(self, error: OSError) -> None:
+        if not self.failing:  # one line until a write succeeds again
+            log.warning("prefix store: cannot write blocks to %s (%s); they are kept in RAM "
+                        "only", self.folder, error.strerror or error)
+        self.failing = True
+        self.failed += 1
 
     def touch(self, space: str, key: str) -> None:
         with contextlib.suppress(OSError):

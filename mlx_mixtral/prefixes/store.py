@@ -98,17 +98,23 @@ class PrefixStore:
                     space.id == path.parent.name:
                 self.spaces[space.id] = space
 
-    def _add_space(self, space: Space) -> None:
-        if space.id in self.spaces:
-            return
-        self.spaces[space.id] = space
-        if self.disk is not None and self.disk.budget > 0:
-            from ..user_files import write_json
+    def _described(self, space: Space) -> bool:
+        """Whether the folder describes `space`, as it must before its blocks are written (a
+        restart finds them by it); written now if it does not (also after the folder was
+        cleared under us), False when it cannot be."""
+        from ..user_files import write_json
 
-            write_json(self.disk.folder / space.id / SPACE_FILE,
-                       {"model": space.model, "name": self.name, "block": space.block,
-                        "dtype": space.dtype, "group_size": space.group_size,
-                        "bits": space.bits})
+        path = self.disk.folder / space.id / SPACE_FILE
+        if path.is_file():
+            return True
+        try:
+            write_json(path, {"model": space.model, "name": self.name, "block": space.block,
+                              "dtype": space.dtype, "group_size": space.group_size,
+                              "bits": space.bits})
+        except OSError as e:
+            self.disk.cannot_write(e)
+            return False
+        return True
 
     # ---- lookups ---------------------------------------------------------------------------------
 
@@ -188,7 +194,8 @@ class PrefixStore:
         space = space_of(self.model, self.block, cache)
         keys = block_keys(space.id, tokens[:end], self.block)
         with self.lock:
-            self._add_space(space)
+            self.spaces.setdefault(space.id, space)
+            to_disk: bool | None = None  # (whether blocks can go to disk: asked once)
             added = False
             for i, key in enumerate(keys):
                 start = i * self.block
@@ -204,7 +211,10 @@ class PrefixStore:
                     continue
                 block = cut(cache, start, start + self.block)
                 self.ram.put(key, block)
-                if self.disk is not None:
+                if to_disk is None:
+                    to_disk = self.disk is not None and self.disk.budget > 0 and \
+                        self._described(space)
+                if to_disk:
                     self.disk.write(space.id, key, block)
                 self.counters.blocks_added += 1
                 added = True
@@ -257,4 +267,5 @@ class PrefixStore:
             "disk_bytes": disk.nbytes if disk else 0, "disk_budget": disk.budget if disk else 0,
             "disk_evictions": disk.evicted if disk else 0,
             "disk_dropped": disk.dropped if disk else 0,
+            "disk_write_failures": disk.failed if disk else 0,
         }
