@@ -436,3 +436,23 @@ def test_blocks_written_after_the_folder_was_cleared_are_found_again(models, tmp
     other = tokens(40, 93)
     reply(model, other, n=1, store=store)
     assert store_at(model, folder, ram=0).take([*other, 1], model.make_cache)[1] == len(other)
+
+
+def test_opening_a_store_spares_partial_files_this_process_is_writing(models, tmp_path, caplog,
+                                                                     monkeypatch):
+    """A second store opened on the folder (another thread of this process) while the first
+    writes a block: its sweep of dead writers' partial files leaves that one alone."""
+    model = models["mixtral"]
+    real_fsync, opened = os.fsync, []
+
+    def fsync_opening_another_store(fd: int) -> None:
+        if not opened:
+            opened.append(store_at(model, tmp_path))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_opening_another_store)
+    prompt = tokens(40, 94)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        reply(model, prompt, n=1, store=store_at(model, tmp_path))
+    assert opened and warnings_of(caplog) == []
+    assert store_at(model, tmp_path, ram=0).take([*prompt, 1], model.make_cache)[1] == len(prompt)

@@ -29,6 +29,7 @@ SUFFIX = ".block"
 TRAILER = b"MXKVBLK1"  # then the SHA-256 of the bytes before it
 _DIGEST = 32
 PARTIAL_AGE = 3600.0  # seconds after which a partial file's writer is surely gone
+_WRITING: set[str] = set()  # names of the partial files this process is writing (any thread)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class DiskTier:
         mx.save_safetensors(buffer, block.arrays)
         body = buffer.getvalue()
         partial = path.with_name(f".{key}.{os.getpid()}.partial")
+        _WRITING.add(partial.name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(partial, "wb") as f:
@@ -104,6 +106,7 @@ class DiskTier:
         finally:
             with contextlib.suppress(OSError):
                 partial.unlink(missing_ok=True)
+            _WRITING.discard(partial.name)
         self.failing = False
         self.written += len(body) + len(TRAILER) + _DIGEST
 
@@ -156,6 +159,8 @@ class DiskTier:
         """Partial files of writers that are gone (killed mid-write): never used, deleted."""
         now = time.time()
         for path in self.folder.glob("*/.*.partial"):
+            if path.name in _WRITING:
+                continue  # another store of this process is writing it
             pid = path.name.split(".")[-2]
             with contextlib.suppress(OSError, ValueError):
                 if not _alive(int(pid)) or now - path.stat().st_mtime > PARTIAL_AGE:
@@ -164,7 +169,7 @@ class DiskTier:
 
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
-        return False  # ours from before: a pid reused by this very process is not writing
+        return False  # not one being written (_WRITING): a previous process's with our pid
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
