@@ -359,6 +359,20 @@ def test_float_and_quantized_blocks_never_mix(models, tmp_path):
     assert held == len(quantized) and cache[0].bits == 8
     cache, held = take(plain, None)
     assert held == len(plain) and cache[0].bits is None and not isinstance(cache[0].keys, tuple)
+    assert take(plain, 8)[1] == 0  # nor float blocks for an 8-bit request (see below)
+
+
+def test_quantized_reply_never_starts_from_float_blocks(models, tmp_path):
+    """Float blocks of a prompt (an earlier run without KV quantization) quantized for an
+    8-bit request would hold KV computed with float attention: the reply would differ from
+    the cold 8-bit run (here from its fifth token). The request computes its own."""
+    model = models["mistral"]
+    prompt = tokens(90, 1)
+    reply(model, prompt, n=1, store=store_at(model, tmp_path))
+    ids = prompt + tokens(10, 2)
+    warm, held = continued(model, store_at(model, tmp_path), ids, bits=8)
+    assert held == 0
+    same_as_cold(warm, reply(model, ids, bits=8))
 
 
 def test_two_models_never_share_blocks(models, tmp_path):

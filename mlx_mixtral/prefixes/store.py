@@ -148,20 +148,21 @@ class PrefixStore:
              bits: int | None = None, group_size: int = 64) -> tuple[list, int]:
         """(cache, n): a cache holding ids[:n] rebuilt from stored blocks (n < len(ids), a
         multiple of the block size), or a fresh cache and 0. Only blocks kept as the caller
-        would keep them are used: float ones always, quantized ones at `bits`/`group_size`."""
+        keeps KV are used: float ones for a float request, quantized ones at `bits` and
+        `group_size` (float blocks would not do for these: their KV was computed with float
+        attention, so the reply would not be the one a cold quantized run gives)."""
         cache = fresh()
         usable = max(0, len(ids) - 1)  # at least one token is left to run (its logits)
         with self.lock:
             while True:
                 best: tuple[int, int, Space] | None = None
                 for space in list(self.spaces.values()):
-                    if space.bits is not None and (space.bits, space.group_size) != \
-                            (bits, group_size):
+                    if space.bits != bits or (bits is not None and
+                                              space.group_size != group_size):
                         continue
                     keys = block_keys(space.id, ids[:usable], self.block)
                     count, first = self._longest(space, keys, cache)
-                    if count and (best is None or count > best[0]
-                                  or (count == best[0] and space.bits == bits)):
+                    if count and (best is None or count > best[0]):
                         best = (count, first, space)
                 if best is None:
                     self.counters.missed += 1
