@@ -222,7 +222,7 @@ def test_tiers_keep_their_budgets_over_100_conversations(models, tmp_path):
         ids = rng.choice(systems) + tokens(rng.randrange(8, 40), 200 + i)
         answer, _ = continued(model, store, ids, n=REPLY if i % 10 == 9 else 4, give=True)
         one_block = max(b.nbytes for b in store.ram.blocks.values())
-        assert ram_bytes(store) <= ram + one_block, i
+        assert store.nbytes == ram_bytes(store) <= ram + one_block, i
         assert folder_bytes(tmp_path) <= disk + max(p.stat().st_size
                                                     for p in block_files(tmp_path)), i
         if i % 10 == 9:
@@ -336,6 +336,22 @@ def test_damaged_block_is_dropped_once_and_recomputed(models, tmp_path, caplog):
         assert not path.exists() and store.stats()["disk_dropped"] == 1
         assert held == hurt * BLOCK, how
         same_as_cold(warm, cold)
+
+
+def test_a_byte_flipped_anywhere_drops_the_block(models, tmp_path, caplog):
+    """A byte flipped at 64 places spread over a block file: each time the block is dropped
+    with one log line, and what comes back stops before it."""
+    model = models["mixtral"]
+    prompt = tokens(24, 52)
+    keys = reply(model, prompt, n=1, store=store_at(model, tmp_path)).keys
+    (path,) = tmp_path.glob(f"*/{keys[1]}.block")
+    good = path.read_bytes()
+    for at in range(0, len(good), -(-len(good) // 64)):
+        path.write_bytes(good[:at] + bytes([good[at] ^ 0x01]) + good[at + 1:])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            held = store_at(model, tmp_path, ram=0).take([*prompt, 1], model.make_cache)[1]
+        assert (held, len(warnings_of(caplog)), path.exists()) == (BLOCK, 1, False), at
 
 
 # ---- what is never shared ---------------------------------------------------------------------
