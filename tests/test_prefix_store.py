@@ -171,6 +171,21 @@ def test_reply_from_disk_after_restart_equals_cold_run(models, tmp_path, name, b
         assert stats["disk_block_hits"] > 0 and stats["ram_block_hits"] == 0
 
 
+@pytest.mark.parametrize("name", ["mixtral", "mistral"])
+def test_a_second_conversation_reads_the_shared_system_prompt(models, tmp_path, name):
+    """Two conversations with one 100-token system prompt: the second one takes all of its
+    whole blocks (also from a windowed cache, which held them only during the first one's
+    prefill) and replies as a cold run does."""
+    model = models[name]
+    store = store_at(model, tmp_path)
+    system = tokens(100, 20)
+    reply(model, system + tokens(12, 21), n=8, store=store)
+    ids = system + tokens(12, 22)
+    warm, held = continued(model, store, ids)
+    assert held == len(system) // BLOCK * BLOCK
+    same_as_cold(warm, reply(model, ids))
+
+
 # ---- append only ------------------------------------------------------------------------------
 
 
