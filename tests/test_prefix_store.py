@@ -1,7 +1,8 @@
 """The prefix store's acceptance (issue 24) at the library level: replies continued from blocks
 read back after a restart equal cold runs; turns only append; the tiers keep their budgets;
-killed writers and damaged files never reach a reply; blocks of other KV representations or
-other models are never used, and forgetting a chat keeps what others share.
+killed writers and damaged files never reach a reply, and a disk that cannot be written costs
+only the disk tier; blocks of other KV representations or other models are never used, and
+forgetting a chat keeps what others share.
 
 The oracle is always the cold run: the same prompt through `stream_generate` with no store.
 Kills and damage are done to real block files, in a folder of the test's own."""
