@@ -29,6 +29,7 @@ log = logging.getLogger("mlx_mixtral.prefixes")
 TRAILER = b"MXKVBLK1"  # then the SHA-256 of the bytes before it
 _DIGEST = 32
 PARTIAL_AGE = 3600.0  # seconds after which a partial file's writer is surely gone
+_WRITING: set[str] = set()  # names of the partial files this process is writing (any thread)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class DiskTier:
         self.evicted = 0
         self.dropped = 0  # damaged files found and deleted
         self.written = 0  # bytes written by this process
+        self.failed = 0  # writes that failed (a full or read-only disk)
+        self.failing = False
         if budget > 0:
             self._sweep_partials()
 
@@ -84,21 +87,35 @@ class DiskTier:
         path = self.path(space, key)
         if path.exists():
             return  # written already (by us or another process): blocks never change
-        path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         mx.save_safetensors(buffer, block.arrays)
         body = buffer.getvalue()
         partial = path.with_name(f".{key}.{os.getpid()}.partial")
+        _WRITING.add(partial.name)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(partial, "wb") as f:
                 f.write(body)
                 f.write(TRAILER + hashlib.sha256(body).digest())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, path)
+        except OSError as e:  # a full or read-only disk costs the disk tier, never a reply
+            self.cannot_write(e)
+            return
         finally:
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+            _WRITING.discard(partial.name)
+        self.failing = False
         self.written += len(body) + len(TRAILER) + _DIGEST
+
+    def cannot_write(self, error: OSError) -> None:
+        if not self.failing:  # one line until a write succeeds again
+            log.warning("prefix store: cannot write blocks to %s (%s); they are kept in RAM "
+                        "only", self.folder, error.strerror or error)
+        self.failing = True
+        self.failed += 1
 
     def touch(self, space: str, key: str) -> None:
         with contextlib.suppress(OSError):
@@ -142,6 +159,8 @@ class DiskTier:
         """Partial files of writers that are gone (killed mid-write): never used, deleted."""
         now = time.time()
         for path in self.folder.glob("*/.*.partial"):
+            if path.name in _WRITING:
+                continue  # another store of this process is writing it
             pid = path.name.split(".")[-2]
             with contextlib.suppress(OSError, ValueError):
                 if not _alive(int(pid)) or now - path.stat().st_mtime > PARTIAL_AGE:
@@ -150,7 +169,7 @@ class DiskTier:
 
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
-        return False  # ours from before: a pid reused by this very process is not writing
+        return False  # not one being written (_WRITING): a previous process's with our pid
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -97,17 +97,23 @@ class PrefixStore:
                     space.id == path.parent.name:
                 self.spaces[space.id] = space
 
-    def _add_space(self, space: Space) -> None:
-        if space.id in self.spaces:
-            return
-        self.spaces[space.id] = space
-        if self.disk is not None and self.disk.budget > 0:
-            from ..user_files import write_json
+    def _described(self, space: Space) -> bool:
+        """Whether the folder describes `space`, as it must before its blocks are written (a
+        restart finds them by it); written now if it does not (also after the folder was
+        cleared under us), False when it cannot be."""
+        from ..user_files import write_json
 
-            write_json(self.disk.folder / space.id / SPACE_FILE,
-                       {"model": space.model, "name": self.name, "block": space.block,
-                        "dtype": space.dtype, "group_size": space.group_size,
-                        "bits": space.bits})
+        path = self.disk.folder / space.id / SPACE_FILE
+        if path.is_file():
+            return True
+        try:
+            write_json(path, {"model": space.model, "name": self.name, "block": space.block,
+                              "dtype": space.dtype, "group_size": space.group_size,
+                              "bits": space.bits})
+        except OSError as e:
+            self.disk.cannot_write(e)
+            return False
+        return True
 
     # ---- lookups ---------------------------------------------------------------------------------
 
@@ -142,7 +148,9 @@ class PrefixStore:
              bits: int | None = None, group_size: int = 64) -> tuple[list, int]:
         """(cache, n): a cache holding ids[:n] rebuilt from stored blocks (n < len(ids), a
         multiple of the block size), or a fresh cache and 0. Only blocks kept as the caller
-        would keep them are used: float ones always, quantized ones at `bits`/`group_size`."""
+        keeps KV are used: float ones for a float request, quantized ones at `bits` and
+        `group_size` (float blocks would not do for these: their KV was computed with float
+        attention, so the reply would not be the one a cold quantized run gives)."""
         cache = fresh()
         if not cache or not hasattr(cache[0], "needs"):
             return cache, 0  # not our caches (mlx-lm's): nothing to rebuild them from
@@ -152,13 +160,12 @@ class PrefixStore:
             while True:
                 best: tuple[int, int, Space] | None = None
                 for space in list(self.spaces.values()):
-                    if space.bits is not None and (space.bits, space.group_size) != \
-                            (bits, group_size):
+                    if space.bits != bits or (bits is not None and
+                                              space.group_size != group_size):
                         continue
                     keys = block_keys(space.id, ids[:usable], self.block)
                     count, first = self._longest(space, keys, cache)
-                    if count and (best is None or count > best[0]
-                                  or (count == best[0] and space.bits == bits)):
+                    if count and (best is None or count > best[0]):
                         best = (count, first, space)
                 if best is None:
                     self.counters.missed += 1
@@ -191,7 +198,8 @@ class PrefixStore:
         space = space_of(self.model, self.block, cache)
         keys = block_keys(space.id, tokens[:end], self.block)
         with self.lock:
-            self._add_space(space)
+            self.spaces.setdefault(space.id, space)
+            to_disk: bool | None = None  # (whether blocks can go to disk: asked once)
             added = False
             for i, key in enumerate(keys):
                 start = i * self.block
@@ -207,7 +215,10 @@ class PrefixStore:
                     continue
                 block = cut(cache, start, start + self.block)
                 self.ram.put(key, block)
-                if self.disk is not None:
+                if to_disk is None:
+                    to_disk = self.disk is not None and self.disk.budget > 0 and \
+                        self._described(space)
+                if to_disk:
                     self.disk.write(space.id, key, block)
                 self.counters.blocks_added += 1
                 added = True
@@ -260,4 +271,5 @@ class PrefixStore:
             "disk_bytes": disk.nbytes if disk else 0, "disk_budget": disk.budget if disk else 0,
             "disk_evictions": disk.evicted if disk else 0,
             "disk_dropped": disk.dropped if disk else 0,
+            "disk_write_failures": disk.failed if disk else 0,
         }
