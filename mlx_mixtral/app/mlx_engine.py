@@ -1,9 +1,9 @@
 """The chat app's engine on this machine: a model loaded with MLX, run through `ChatSession`,
-its KV cache kept between turns (and on disk between runs, with `ChatCaches`)."""
+its KV cache kept between turns (and in the prefix store between chats and runs, with
+`ChatPrefixes`)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +13,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..catalog.summary import quantization_of
-from ..errors import MlxMixtralError
 from ..generation.kv import KVSettings
 from ..generation.sampling import SamplingParams, model_defaults
 from ..generation.session import ChatSession
@@ -23,7 +22,7 @@ from ..generation.stream import context_length, settle
 from ..model.decoder import Model
 from ..model.routing import RouterTrace
 from ..text.tokenizer import Tokenizer
-from .chat_caches import ChatCaches
+from .chat_prefixes import ChatPrefixes
 from .engine import Emit, EngineInfo, ModelList, Prefill, Prompt, ShouldStop
 
 if TYPE_CHECKING:
@@ -56,15 +55,15 @@ def model_info(name: str, model: Model, chat_format: str) -> EngineInfo:
 
 class MlxEngine:
     def __init__(self, model_name: str, force: bool = False, dtype: str | None = None,
-                 kv: KVSettings | None = None, caches: ChatCaches | None = None,
+                 kv: KVSettings | None = None, prefixes: ChatPrefixes | None = None,
                  drafting: Callable[[Model, Tokenizer], Drafter] | None = None,
                  max_memory: int | str | None = None, plan: LoadPlan | None = None) -> None:
         self.model_name = model_name
         self.max_memory = max_memory  # experts are paged when the model is larger
         self.plan = plan  # the first model's plan, made by the command line (read once)
         self.force = force  # load even if the model looks too big for free memory
-        self.dtype, self.kv, self.caches, self.drafting = dtype, kv, caches, drafting
-        self.key: str | None = None  # the chat the session holds (its cache is saved so)
+        self.dtype, self.kv, self.prefixes, self.drafting = dtype, kv, prefixes, drafting
+        self.key: str | None = None  # the chat the session holds (its blocks are kept so)
         self.info = EngineInfo(name=Path(model_name).name or model_name)
         self.session: ChatSession | None = None
         self.trace: RouterTrace | None = None  # the last reply's routing (Mixtral)
@@ -104,30 +103,33 @@ class MlxEngine:
         draft = self.drafting(model, tokenizer) if self.drafting else None
         self.session = ChatSession(model, tokenizer, kv=self.kv, draft=draft)
         self.session.prefill_step = PREFILL_STEP
+        if self.prefixes is not None:
+            self.prefixes.open(model, self.info.name)
+            self.session.on_chunk = self.prefixes.give
         self.model, self.key = model, None
         self.info = replace(model_info(self.info.name, model, self.session.chat_format),
                             source=self.model_name)
         return self.info
 
     def _open(self, prompt: Prompt) -> None:
-        """Bring the session to `prompt`. Another chat starts from its saved cache, if it has
-        one; the same chat keeps the cache it has, and the next turn reads only what changed."""
+        """Bring the session to `prompt`. Another chat starts from the blocks the prefix store
+        holds of it; the same chat keeps the cache it has, and the next turn reads only what
+        changed."""
         if prompt.key == self.key:
             self.session.sync(prompt.messages, prompt.system)
             return
         self.session.load_messages(prompt.messages, prompt.system)
         self.key = prompt.key
-        if prompt.key is not None and self.caches is not None and \
-                self.caches.path(prompt.key).is_file():
-            self._restore(prompt.key)
+        if prompt.key is not None and self.prefixes is not None:
+            self.prefixes.restore(self.session, prompt.key)
 
     def forget(self, key: str) -> None:
-        """A chat was deleted: delete its saved cache, and let no later chat (the store may
-        give it the same id) take its cache in memory for its own."""
+        """A chat was deleted: free its blocks no other chat uses, and let no later chat (the
+        database may give it the same id) take its cache in memory for its own."""
         if self.key == key:
             self.key = None
-        if self.caches is not None:
-            self.caches.forget(key)
+        if self.prefixes is not None and self.prefixes.store is not None:
+            self.prefixes.free_deleted()
 
     def prefill(self, prompt: Prompt, emit: Emit, should_stop: ShouldStop) -> int:
         """Read the opened conversation into the cache now, so its next reply starts at once;
@@ -137,29 +139,11 @@ class MlxEngine:
             self._save()
         return len(self.session.cached)
 
-    def _restore(self, key: str) -> None:
-        from ..loading.prompt_cache import load_prompt_cache
-
-        try:
-            cache, meta = load_prompt_cache(self.caches.path(key), return_metadata=True,
-                                            model=self.model)
-            self.session.adopt_cache(cache, meta["tokens"], json.loads(meta.get("replies",
-                                                                                  "[]")))
-        except (MlxMixtralError, ValueError, TypeError) as e:
-            self.caches.discard(key, str(e))
-            return
-        self.caches.used(key)
-
     def _save(self) -> None:
-        from ..loading.prompt_cache import save_prompt_cache
-
-        if self.key is None or self.caches is None or not self.session.cached:
+        """Keep the session's new blocks, and what the chat needs to find them again."""
+        if self.key is None or self.prefixes is None or not self.session.cached:
             return
-        session = self.session
-        save_prompt_cache(self.caches.path(self.key), session.cache,
-                          {"replies": json.dumps(session.replies_state())}, model=self.model,
-                          tokens=session.cached)
-        self.caches.evict()
+        self.prefixes.keep(self.session, self.key)
 
     def reply(self, prompt: Prompt, settings: SamplingParams, emit: Emit,
               should_stop: ShouldStop) -> None:

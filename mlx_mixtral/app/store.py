@@ -46,6 +46,22 @@ MIGRATIONS = [
     """
     ALTER TABLE conversations ADD COLUMN system_set REAL;
     """,
+    # version 3: what the prefix store needs of a chat, per model (its fingerprint): the token
+    # ids its replies were generated as ([[text, ids], ...]) and the keys of its blocks; a
+    # deleted chat's keys wait in freed_blocks until an engine of that model frees them.
+    """
+    CREATE TABLE chat_prefixes (
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        model TEXT NOT NULL,
+        replies TEXT NOT NULL DEFAULT '[]',
+        blocks TEXT NOT NULL DEFAULT '[]',
+        PRIMARY KEY (conversation_id, model)
+    );
+    CREATE TABLE freed_blocks (
+        model TEXT NOT NULL,
+        blocks TEXT NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -175,7 +191,10 @@ class Store:
                         (*values.values(), time.time(), conversation_id))
 
     def delete(self, conversation_id: int) -> None:
-        self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        with self._transaction():  # its blocks are freed later, by an engine of their model
+            self.db.execute("INSERT INTO freed_blocks (model, blocks) SELECT model, blocks "
+                            "FROM chat_prefixes WHERE conversation_id = ?", (conversation_id,))
+            self.db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
         # The log still holds the chat's pages as they were: write them back (zeroed, by
         # secure_delete) and empty it, so that no byte of the chat stays on disk.
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -238,3 +257,52 @@ class Store:
 
     def delete_message(self, message_id: int) -> None:
         self.db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+
+    # ---- what the prefix store keeps of chats (app/chat_prefixes.py) ------------------------
+
+    def prefix_replies(self, conversation_id: int, model: str) -> list[list]:
+        """The chat's replies as [text, token ids] for `model` ([] if none are kept)."""
+        row = self.db.execute("SELECT replies FROM chat_prefixes WHERE conversation_id = ? AND "
+                              "model = ?", (conversation_id, model)).fetchone()
+        return _json_list(row[0]) if row else []
+
+    def keep_prefix(self, conversation_id: int, model: str, replies: list[list],
+                    blocks: list[str]) -> bool:
+        """Keep the chat's replies (as `replies`) and add `blocks` to its block keys; False if
+        the chat is gone (deleted meanwhile)."""
+        try:
+            with self._transaction():
+                row = self.db.execute("SELECT blocks FROM chat_prefixes WHERE conversation_id = "
+                                      "? AND model = ?", (conversation_id, model)).fetchone()
+                known = _json_list(row[0]) if row else []
+                union = known + [k for k in dict.fromkeys(blocks) if k not in set(known)]
+                self.db.execute(
+                    "INSERT INTO chat_prefixes (conversation_id, model, replies, blocks) VALUES "
+                    "(?, ?, ?, ?) ON CONFLICT (conversation_id, model) DO UPDATE SET "
+                    "replies = excluded.replies, blocks = excluded.blocks",
+                    (conversation_id, model, json.dumps(replies), json.dumps(union)))
+        except sqlite3.IntegrityError:  # the chat was deleted
+            return False
+        return True
+
+    def kept_blocks(self) -> set[str]:
+        """Every block key a stored chat uses (any model's)."""
+        return {k for (blocks,) in self.db.execute("SELECT blocks FROM chat_prefixes")
+                for k in _json_list(blocks)}
+
+    def take_freed_blocks(self, model: str) -> list[str]:
+        """The block keys of `model` that deleted chats left, now the caller's to free."""
+        with self._transaction():
+            rows = self.db.execute("SELECT blocks FROM freed_blocks WHERE model = ?",
+                                   (model,)).fetchall()
+            self.db.execute("DELETE FROM freed_blocks WHERE model = ?", (model,))
+        return [k for (blocks,) in rows for k in _json_list(blocks)]
+
+
+def _json_list(text: str) -> list:
+    """A JSON list kept in a column ([] if it is not one: nothing of it is trusted)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []

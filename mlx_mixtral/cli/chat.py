@@ -7,11 +7,10 @@ import os
 import sys
 
 from ..errors import MlxMixtralError
-from ..generation.kv import PROMPT_CACHE_BYTES
 from .commands import add_command
 from .distributed import launched
 from .drafting import add_draft_flags, add_kv_flags, drafting_from, kv_from
-from .flags import add_model_flags, given_sampling, sampling_from
+from .flags import add_model_flags, add_store_flags, given_sampling, sampling_from, store_settings
 from .load_model import plan_for_cli
 
 
@@ -20,8 +19,10 @@ def add_chat(sub: argparse._SubParsersAction) -> None:
     add_model_flags(p)
     p.add_argument("--system", default=None, help="a system prompt for new chats")
     p.add_argument("--db", default=None, help="conversation database (default: user data dir)")
-    p.add_argument("--prompt-cache-gb", type=float, default=PROMPT_CACHE_BYTES / 1e9,
-                   help="disk budget for the saved KV caches of conversations (0 = none)")
+    add_store_flags(p)
+    p.add_argument("--prompt-cache-gb", type=float, default=None, metavar="GB",
+                   help="the former name of --cache-disk, in GB (chats now keep their caches "
+                   "in the prefix store)")
     add_kv_flags(p)
     add_draft_flags(p)
     p.add_argument("--server", default=None, metavar="URL",
@@ -39,6 +40,7 @@ def run_chat(args: argparse.Namespace) -> int:
                               "mlx-mixtral serve` there, on a model split over the ranks, and "
                               "`mlx-mixtral chat --server URL` here")
     sampling, kv = sampling_from(args), kv_from(args)
+    settings = store_settings(_disk_alias(args))
     if args.server:  # (before the MLX engine is imported: nothing loads here)
         return _chat_with_server(args, sampling)
     from ..loading import default_model
@@ -56,22 +58,36 @@ def run_chat(args: argparse.Namespace) -> int:
     # not an app that cannot load.
     plan = plan_for_cli(name, args.force, args.dtype, max_memory=args.max_memory)
     from ..app.chat_app import ChatApp  # (imported after the plan: they take seconds)
-    from ..app.chat_caches import ChatCaches
+    from ..app.chat_prefixes import ChatPrefixes, remove_old_cache_files
     from ..app.mlx_engine import MlxEngine
 
     store = _open_store(args.db, terminal, 'in scripts use mlx-mixtral generate "your '
                         'prompt" (or pipe the prompt into it)')
-    caches = None
-    if args.prompt_cache_gb > 0:
-        caches = ChatCaches(store.path.parent / "prompt-caches", int(args.prompt_cache_gb * 1e9))
-    engine = MlxEngine(name, force=args.force, dtype=args.dtype, kv=kv, caches=caches,
+    remove_old_cache_files(store.path.parent)
+    prefixes = ChatPrefixes(store.path, settings)
+    engine = MlxEngine(name, force=args.force, dtype=args.dtype, kv=kv, prefixes=prefixes,
                        drafting=drafting, max_memory=args.max_memory, plan=plan)
     try:
         ChatApp(engine, name, store, system=args.system, settings=sampling,
                 notice="\n".join(said) or None, given=given_sampling(args)).run()
     finally:
+        prefixes.close()
         store.close()
     return 0
+
+
+def _disk_alias(args: argparse.Namespace) -> argparse.Namespace:
+    """--prompt-cache-gb N (the former disk budget of the per-chat cache files) is
+    --cache-disk N GB."""
+    gb = args.prompt_cache_gb
+    if gb is None:
+        return args
+    if args.cache_disk is not None:
+        raise MlxMixtralError("--prompt-cache-gb is the former name of --cache-disk: give one "
+                              "of them")
+    if not gb >= 0:
+        raise MlxMixtralError(f"--prompt-cache-gb must be 0 or more, got {gb}")
+    return argparse.Namespace(**{**vars(args), "cache_disk": str(int(gb * 1e9))})
 
 
 def _chat_with_server(args: argparse.Namespace, sampling) -> int:

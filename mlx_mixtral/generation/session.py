@@ -55,6 +55,9 @@ class ChatSession:
         # The prefill's speed on the last chunk read (None: none read yet), which bounds the
         # chunks of a prefill that may be stopped (model/limits.py).
         self.seconds_per_token: float | None = None
+        # Hears (the ids the cache holds, the cache) after each prefill chunk: the prefix store
+        # keeps its blocks then, since a rolling cache holds only its last window.
+        self.on_chunk: Callable[[list[int], list], None] | None = None
 
     def load_messages(self, messages: list[dict[str, str]], system: str | None = None) -> None:
         """Continue a stored conversation: its replies are re-encoded, the cache starts empty."""
@@ -120,22 +123,36 @@ class ChatSession:
         return [[text, ids] for text, ids in zip(replies, self.reply_ids, strict=True)
                 if ids is not None]
 
-    def adopt_cache(self, cache: list, tokens: list[int],
-                    replies: list[list] | None = None) -> None:
-        """Continue from a saved cache holding `tokens` (after `load_messages`): the next turn
-        prefills only what follows the longest prefix it shares with the conversation.
-        `replies` ([text, token ids] from `replies_state`) restore the tokens the replies were
-        generated as (re-encoding their text could tokenize differently)."""
-        if not cache or cache[0].offset != len(tokens):
-            raise GenerationError("the cache and its tokens disagree")
-        if self.draft is not None:
-            check_cache_slack(cache, self.draft.k)
-        known = {text: ids for text, ids in replies or [] if isinstance(text, str)
+    def adopt_replies(self, replies: list[list]) -> None:
+        """Restore the tokens the replies were generated as, from `replies` ([text, token
+        ids] from `replies_state`; re-encoding their text could tokenize differently)."""
+        known = {text: ids for text, ids in replies if isinstance(text, str)
                  and isinstance(ids, list) and all(isinstance(i, int) for i in ids)}
         texts = [m["content"] for m in self.messages if m["role"] == "assistant"]
         self.reply_ids = [known.get(text, ids) for text, ids in
                           zip(texts, self.reply_ids, strict=True)]
+
+    def adopt_cache(self, cache: list, tokens: list[int],
+                    replies: list[list] | None = None) -> None:
+        """Continue from a saved cache holding `tokens` (after `load_messages`): the next turn
+        prefills only what follows the longest prefix it shares with the conversation.
+        `replies`: as `adopt_replies` takes them."""
+        if not cache or cache[0].offset != len(tokens):
+            raise GenerationError("the cache and its tokens disagree")
+        if self.draft is not None:
+            check_cache_slack(cache, self.draft.k)
+        self.adopt_replies(replies or [])
         self.cache, self.cached = cache, list(tokens)
+
+    def take_cache(self, take: Callable[[list[int], Callable[[], list]], tuple[list, int]]
+                   ) -> int:
+        """Continue from the cache `take(ids, fresh)` rebuilds for the conversation's ids (the
+        prefix store's `take`: a cache holding ids[:n], and n); return n."""
+        ids = self.conversation_ids()
+        cache, n = take(ids, self._fresh_cache)
+        if n:
+            self.adopt_cache(cache, ids[:n])
+        return n
 
     # ---- turns ----------------------------------------------------------------------------
 
@@ -158,6 +175,8 @@ class ChatSession:
             mx.eval([c.state for c in self.cache])
             done += len(chunk)
             self.cached = ids[:len(self.cached) + len(chunk)]
+            if self.on_chunk is not None:
+                self.on_chunk(self.cached, self.cache)
             timed(done, len(new))
         return done
 
@@ -175,6 +194,23 @@ class ChatSession:
                 progress(done, total)
 
         return timed
+
+    def _chunks(self, new: list[int], progress: Progress | None) -> Progress | None:
+        """The progress `stream_generate` hears while it prefills `new` after the cached ids:
+        `progress`, timed, and `on_chunk` after each chunk (not at the end, when the first
+        generated token's step is already queued in the cache)."""
+        timed = progress and self._timed(progress)
+        if self.on_chunk is None:
+            return timed
+        held, keep = list(self.cached), self.on_chunk
+
+        def chunked(done: int, total: int) -> None:
+            if 0 < done < total:
+                keep(held + new[:done], self.cache)
+            if timed is not None:
+                timed(done, total)
+
+        return chunked
 
     def _reply(self, sampling: SamplingParams | None = None, progress: Progress | None = None,
                router_trace: RouterTrace | None = None,
@@ -194,7 +230,7 @@ class ChatSession:
             for item in stream_generate(self.model, self.tokenizer, new, sampling=params,
                                         cache=self.cache, history=self.cached, kv=self.kv,
                                         draft=self.draft,
-                                        progress=progress and self._timed(progress),
+                                        progress=self._chunks(new, progress),
                                         router_trace=router_trace, prefill_step_size=step):
                 clock.first_token()
                 if isinstance(item, Stats):
