@@ -277,25 +277,34 @@ async def test_a_long_prompt_shows_its_count_and_esc_stops_it(model_folder, tmp_
 
 async def test_deleting_a_chat_leaves_nothing_of_it_on_disk(model_folder, tmp_path):
     """Issue 27, finding 1: F12 → Delete removed the chat from the database but kept its saved
-    KV cache (replies' text and token ids in its metadata) under prompt-caches/."""
-    from mlx_mixtral.app.chat_caches import ChatCaches
+    KV cache (replies' text and token ids in its metadata). Now its caches are blocks in the
+    prefix store, and its replies' token ids and block keys rows of the database: its blocks
+    (shared with no other chat) and rows go with it, and no per-chat file is ever written."""
+    from mlx_mixtral.app.chat_prefixes import ChatPrefixes
     from mlx_mixtral.app.screens import ConfirmScreen
+    from mlx_mixtral.prefixes.settings import StoreSettings
 
     data = tmp_path / "data"
-    caches = ChatCaches(data / "prompt-caches")
-    app = ChatApp(MlxEngine(str(model_folder), caches=caches), str(model_folder),
-                  Store(data / "chats.db"), settings=GREEDY)
+    store = Store(data / "chats.db")
+    prefixes = ChatPrefixes(store.path, StoreSettings(16, folder=data / "prefixes"))
+    app = ChatApp(MlxEngine(str(model_folder), prefixes=prefixes), str(model_folder), store,
+                  settings=GREEDY)
+
+    def blocks():
+        return list((data / "prefixes").rglob("*.block"))
+
     async with running(app) as pilot:
         await send(app, pilot, "zebracorn secret words")
-        key = app.conversation.prompt().key
-        await wait_until(pilot, lambda: caches.path(key).is_file())  # saved with the reply
-        assert b"replies" in caches.path(key).read_bytes()  # the replies, in its metadata
+        await wait_until(pilot, lambda: blocks())  # kept with the reply
+        assert store.db.execute("SELECT replies FROM chat_prefixes").fetchone()
         await pilot.press("f12")
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
         await wait_until(pilot, lambda: not app.store.list())
-        await wait_until(pilot, lambda: not caches.path(key).exists())
+        await wait_until(pilot, lambda: not blocks())
+    prefixes.close()
     files = [p for p in data.rglob("*") if p.is_file()]
-    assert not [p for p in files if f"-{key}." in p.name], files
+    assert not [p for p in files if p.name.startswith("conversation-")], files
+    assert not store.db.execute("SELECT * FROM chat_prefixes").fetchall()
     for p in files:  # the database keeps no readable trace either
         assert b"zebracorn" not in p.read_bytes(), p

@@ -40,9 +40,9 @@ def run_chat(args: argparse.Namespace) -> int:
                               "mlx-mixtral serve` there, on a model split over the ranks, and "
                               "`mlx-mixtral chat --server URL` here")
     sampling, kv = sampling_from(args), kv_from(args)
-    settings = store_settings(_disk_alias(args))
     if args.server:  # (before the MLX engine is imported: nothing loads here)
         return _chat_with_server(args, sampling)
+    settings = store_settings(_disk_alias(args))
     from ..loading import default_model
     from ..loading.locate import model_identity
 
