@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 from app_helpers import wait_until
 
 from mlx_mixtral.app.chat_app import ChatApp
+from mlx_mixtral.app.chat_prefixes import ChatPrefixes
 from mlx_mixtral.app.mlx_engine import MlxEngine
 from mlx_mixtral.app.store import Store
 from mlx_mixtral.app.widgets import PromptInput
@@ -22,7 +24,9 @@ from mlx_mixtral.generation.sampling import SamplingParams
 
 async def drive(model: str, db: str, tag: str, rounds: int, max_tokens: int) -> None:
     settings = SamplingParams(temperature=1.0, max_tokens=max_tokens)
-    app = ChatApp(MlxEngine(model), model, Store(db), settings=settings)
+    store = Store(db)  # and the prefix store, as `chat` has them
+    app = ChatApp(MlxEngine(model, prefixes=ChatPrefixes(Path(db))), model, store,
+                  settings=settings)
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_until(pilot, lambda: app.info is not None, timeout=120)
         print("ready", flush=True)
