@@ -212,6 +212,24 @@ def test_damaged_blocks_are_dropped_and_the_chat_prefills_normally(tiny, tmp_pat
     assert chats.files(chats.blocks(key)) == set(chats.blocks(key))  # kept afresh
 
 
+def test_a_store_that_cannot_write_never_stops_a_reply(tiny, tmp_path, monkeypatch, caplog):
+    """A full disk (a block write fails) costs a log line, not the reply or the chat."""
+    from mlx_mixtral.prefixes.disk_tier import DiskTier
+
+    def full(*args) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(DiskTier, "write", full)
+    chats = Chats(tiny, tmp_path)
+    key = chats.chat()
+    engine = chats.engine()
+    with caplog.at_level(logging.WARNING):
+        history = talk(engine, key, ["hello " + WORDS[:300], "more"])
+    assert "No space left on device" in caplog.text
+    assert [m["role"] for m in history] == ["user", "assistant"] * 2
+    assert not list(chats.folder.rglob("*.block"))
+
+
 def test_old_per_chat_cache_files_are_removed_at_start(tiny, tmp_path, monkeypatch, caplog):
     """`chat` deletes the files earlier versions kept per chat (one log line), and
     --prompt-cache-gb is --cache-disk in GB."""

@@ -103,7 +103,7 @@ class ChatActions:
                 key = self.conversation.prompt().key
                 self.conversation.delete()
                 if key is not None:
-                    self.worker.forget(key)  # its saved cache too: nothing of it stays
+                    self.worker.forget(key)  # its blocks too (those no other chat uses)
                 await self.action_new_chat()
                 self.notify(f"Deleted “{title}”")
 

@@ -14,7 +14,10 @@ held on each chat's next turn.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sqlite3
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,6 +51,16 @@ def remove_old_cache_files(data: Path) -> int:
     return len(files)
 
 
+@contextlib.contextmanager
+def _or_without(what: str) -> Iterator[None]:
+    """What the store cannot do (a full disk, a database locked too long) costs prefill time
+    later, never a reply: one log line, and the chat goes on."""
+    try:
+        yield
+    except (OSError, sqlite3.Error) as e:
+        log.warning("prefix store: could not %s (%s); the chat goes on without it", what, e)
+
+
 class ChatPrefixes:
     """The prefix store as the app uses it, with the chat database at `db` (its keys are the
     chats' ids as text, as `Prompt.key` gives them). It opens the database again: it runs on
@@ -69,28 +82,33 @@ class ChatPrefixes:
     def restore(self, session: ChatSession, key: str) -> int:
         """Start `session` (the chat `key`'s messages just loaded) from its kept replies' token
         ids and the longest prefix of it the store holds; return the tokens the cache holds."""
-        session.adopt_replies(self.chats.prefix_replies(int(key), self.store.model))
-        kv = session.kv or KVSettings()
-        return session.take_cache(partial(self.store.take, bits=kv.bits,
-                                          group_size=kv.group_size))
+        with _or_without("restore the chat's cache"):
+            session.adopt_replies(self.chats.prefix_replies(int(key), self.store.model))
+            kv = session.kv or KVSettings()
+            return session.take_cache(partial(self.store.take, bits=kv.bits,
+                                              group_size=kv.group_size))
+        return 0
 
     def give(self, tokens: list[int], cache: list) -> None:
         """Keep the blocks of `cache` that are new (after a prefill chunk)."""
-        self.store.give(tokens, cache)
+        with _or_without("keep the prompt's blocks"):
+            self.store.give(tokens, cache)
 
     def keep(self, session: ChatSession, key: str) -> list[str]:
         """Keep the session's new blocks, and its replies' ids and block keys for the chat
         `key`; return the keys."""
-        keys = self.store.give(session.cached, session.cache)
-        if not self.chats.keep_prefix(int(key), self.store.model, session.replies_state(),
-                                      keys):
-            self.store.forget(keys, keep=self.chats.kept_blocks())  # deleted meanwhile
+        keys: list[str] = []
+        with _or_without("keep the chat's blocks"):
+            keys = self.store.give(session.cached, session.cache)
+            if not self.chats.keep_prefix(int(key), self.store.model, session.replies_state(),
+                                          keys):
+                self.store.forget(keys, keep=self.chats.kept_blocks())  # deleted meanwhile
         return keys
 
     def free_deleted(self) -> int:
         """Free the blocks of deleted chats that no stored chat uses; return the bytes freed
         on disk."""
-        freed = self.chats.take_freed_blocks(self.store.model)
-        if not freed:
-            return 0
-        return self.store.forget(freed, keep=self.chats.kept_blocks())
+        with _or_without("free a deleted chat's blocks"):
+            freed = self.chats.take_freed_blocks(self.store.model)
+            return self.store.forget(freed, keep=self.chats.kept_blocks()) if freed else 0
+        return 0

@@ -56,7 +56,7 @@ class EngineInfo:
 class Prompt:
     """What an engine answers: the conversation so far (user and assistant turns, the last one
     the user's when a reply is wanted), its system prompt, and the stored chat it belongs to
-    (its prompt cache is kept under that key; None: not stored yet)."""
+    (what the engine keeps of it is kept under that key; None: not stored yet)."""
 
     messages: list[dict[str, str]] = field(default_factory=list)
     system: str | None = None
