@@ -266,6 +266,9 @@ def test_prompt_cache_gb_with_cache_disk_is_one_line(tmp_path, cli_here):
     both = cli_here("chat", "--prompt-cache-gb", "1", "--cache-disk", "1GB")
     one_line_error(both, "--prompt-cache-gb", "--cache-disk")
     one_line_error(cli_here("chat", "--prompt-cache-gb", "-1"), "--prompt-cache-gb", "-1")
+    for flags in (["--cache-disk", "1GB"], ["--prompt-cache-gb", "1"], ["--cache-block", "64"]):
+        one_line_error(cli_here("chat", "--server", "http://127.0.0.1:9", *flags), flags[0],
+                       "--server")
 
 
 def test_a_database_of_schema_2_opens_and_deletes_its_chats(tmp_path):

@@ -41,6 +41,7 @@ def run_chat(args: argparse.Namespace) -> int:
                               "`mlx-mixtral chat --server URL` here")
     sampling, kv = sampling_from(args), kv_from(args)
     if args.server:  # (before the MLX engine is imported: nothing loads here)
+        _refuse_store_flags(args)
         return _chat_with_server(args, sampling)
     settings = store_settings(_disk_alias(args))
     from ..loading import default_model
@@ -74,6 +75,20 @@ def run_chat(args: argparse.Namespace) -> int:
         prefixes.close()
         store.close()
     return 0
+
+
+def _refuse_store_flags(args: argparse.Namespace) -> None:
+    """The prefix store keeps the caches of a model run here; a server keeps its own."""
+    from ..prefixes.store import DEFAULT_BLOCK  # (as the parser did: no MLX model code)
+
+    values = (("--cache-ram", args.cache_ram), ("--cache-disk", args.cache_disk),
+              ("--prompt-cache-gb", args.prompt_cache_gb))
+    given = [flag for flag, value in values if value is not None]
+    if args.cache_block != DEFAULT_BLOCK:
+        given.insert(0, "--cache-block")
+    if given:
+        raise MlxMixtralError(f"{given[0]} sets the prefix store of a model run here; with "
+                              "--server the server keeps its own caches (set them there)")
 
 
 def _disk_alias(args: argparse.Namespace) -> argparse.Namespace:
