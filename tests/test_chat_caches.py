@@ -170,6 +170,12 @@ def test_deleting_a_chat_frees_only_its_unshared_blocks(tiny, tmp_path):
     engine = chats.engine()
     talk(engine, a, ["first chat " + WORDS[:400]], system)
     talk(engine, b, ["second chat " + WORDS[400:800]], system)
+    # The second chat read its system prompt from the first one's blocks.
+    framed = len(engine.session.tokenizer.apply_chat_template(
+        [{"role": "system", "content": system}, {"role": "user", "content": "x"}]))
+    reused = engine.prefixes.store.stats()["tokens_reused"]
+    print(f"\nsystem prompt framed: {framed} tokens, second chat reused {reused}")
+    assert reused >= framed - 8 - BLOCK
     mine, theirs = set(chats.blocks(a)), set(chats.blocks(b))
     shared, only_mine = mine & theirs, mine - theirs
     assert len(shared) >= 2 and len(only_mine) >= 4
