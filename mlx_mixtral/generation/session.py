@@ -12,6 +12,8 @@ Policies:
   dropped (the system prompt stays) and the rest is prefilled again.
 - mistral-v3 puts the system prompt in the last user message, so with a system prompt each turn
   also re-prefills the previous user message and reply (the format's choice, kept exactly).
+- Caches kept elsewhere (the app's prefix store): `take_cache` starts from one, and `on_chunk`
+  hears each prefill chunk, so that blocks are kept while a rolling cache still holds them.
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ class ChatSession:
         return self.model.make_cache(slack=self.draft.k if self.draft else 0)
 
     def replies_state(self) -> list[list]:
-        """Each reply's text with the tokens it was generated as, for `adopt_cache`."""
+        """Each reply's text with the tokens it was generated as, for `adopt_replies`."""
         replies = [m["content"] for m in self.messages if m["role"] == "assistant"]
         return [[text, ids] for text, ids in zip(replies, self.reply_ids, strict=True)
                 if ids is not None]
