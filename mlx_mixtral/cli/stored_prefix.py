@@ -1,12 +1,9 @@
 """`generate` and the prefix store: the prompt's longest stored beginning is taken back instead
 of prefilled, and the prompt's blocks are given to the store for the next run.
 
-A reply from the store is the reply of a run from nothing. With quantized KV (`--kv-bits`) that
-takes care: a run from nothing attends its first prefill chunks to float keys (the cache is
-quantized once a chunk ends at `--quantized-kv-start` or later) and the rest to quantized ones,
-so a run from the store takes only quantized blocks, and only from the end of that float part
-on. (Drafted decoding prefills all in float and quantizes later: `generate` keeps the store off
-when it is combined with --kv-bits.)
+A reply from the store is the reply of a run from nothing (prefixes/exact.py says how, with
+quantized KV). (Drafted decoding prefills all in float and quantizes later: `generate` keeps the
+store off when it is combined with --kv-bits.)
 
 Imported only when the store is used (it imports MLX and the caches): `generate` starts fast.
 """
@@ -18,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ..prefixes.exact import take_as_computed
 from ..prefixes.settings import StoreSettings, open_store
 
 if TYPE_CHECKING:
@@ -25,15 +23,6 @@ if TYPE_CHECKING:
     from ..generation.stats import Progress
     from ..model.decoder import Model
     from ..prefixes.store import PrefixStore
-
-
-def float_part(kv: KVSettings, chunk: int) -> int:
-    """Prompt positions a run from nothing computes with float keys in its cache: up to the
-    end of the first prefill chunk after which the cache holds `kv.start` tokens or more."""
-    if kv.bits is None:
-        return 0
-    chunks = max(1, -(-kv.start // chunk))
-    return chunks * chunk
 
 
 def take_prefix(store: PrefixStore, model: Model, ids: Sequence[int], kv: KVSettings,
@@ -45,11 +34,7 @@ def take_prefix(store: PrefixStore, model: Model, ids: Sequence[int], kv: KVSett
     def fresh() -> list:
         return model.make_cache(slack=slack)
 
-    cache, n = store.take(ids, fresh, bits=kv.bits, group_size=kv.group_size)
-    if n and kv.bits is not None and (cache[0].bits != kv.bits
-                                      or n < float_part(kv, prefill_chunk(model))):
-        return fresh(), 0  # not what a run from nothing holds there: computed as it would
-    return cache, n
+    return take_as_computed(store, ids, fresh, kv, prefill_chunk(model))
 
 
 def start_from_store(model: Model, settings: StoreSettings, name: str, ids: Sequence[int],
