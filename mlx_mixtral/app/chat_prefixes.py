@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..generation.kv import KVSettings
+from ..generation.stream import prefill_chunk
+from ..prefixes.exact import take_as_computed
 from ..prefixes.settings import StoreSettings, open_store
 from .store import Store
 
@@ -84,9 +86,9 @@ class ChatPrefixes:
         ids and the longest prefix of it the store holds; return the tokens the cache holds."""
         with _or_without("restore the chat's cache"):
             session.adopt_replies(self.chats.prefix_replies(int(key), self.store.model))
-            kv = session.kv or KVSettings()
-            return session.take_cache(partial(self.store.take, bits=kv.bits,
-                                              group_size=kv.group_size))
+            chunk = prefill_chunk(session.model, session.prefill_step)
+            return session.take_cache(partial(take_as_computed, self.store,
+                                              kv=session.kv or KVSettings(), chunk=chunk))
         return 0
 
     def give(self, tokens: list[int], cache: list) -> None:

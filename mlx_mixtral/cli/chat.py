@@ -79,7 +79,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
 def _refuse_store_flags(args: argparse.Namespace) -> None:
     """The prefix store keeps the caches of a model run here; a server keeps its own."""
-    from ..prefixes.store import DEFAULT_BLOCK  # (as the parser did: no MLX model code)
+    from ..prefixes.folder import DEFAULT_BLOCK  # (MLX-free, as --server wants)
 
     values = (("--cache-ram", args.cache_ram), ("--cache-disk", args.cache_disk),
               ("--prompt-cache-gb", args.prompt_cache_gb))
