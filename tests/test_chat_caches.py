@@ -219,21 +219,24 @@ def test_damaged_blocks_are_dropped_and_the_chat_prefills_normally(tiny, tmp_pat
 
 
 def test_a_store_that_cannot_write_never_stops_a_reply(tiny, tmp_path, monkeypatch, caplog):
-    """A full disk (a block write fails) costs a log line, not the reply or the chat."""
-    from mlx_mixtral.prefixes.disk_tier import DiskTier
+    """A folder that cannot hold blocks (a file in its place) or a database locked too long
+    costs a log line, not the reply or the chat."""
+    from mlx_mixtral.app.store import Store
 
-    def full(*args) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(DiskTier, "write", full)
     chats = Chats(tiny, tmp_path)
+    chats.folder.write_text("not a folder")
     key = chats.chat()
     engine = chats.engine()
+
+    def locked(*args) -> bool:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(Store, "keep_prefix", locked)
     with caplog.at_level(logging.WARNING):
         history = talk(engine, key, ["hello " + WORDS[:300], "more"])
-    assert "No space left on device" in caplog.text
+    assert "database is locked" in caplog.text and "prefix store" in caplog.text
     assert [m["role"] for m in history] == ["user", "assistant"] * 2
-    assert not list(chats.folder.rglob("*.block"))
+    assert chats.folder.read_text() == "not a folder"
 
 
 def test_old_per_chat_cache_files_are_removed_at_start(tiny, tmp_path, monkeypatch, caplog):
