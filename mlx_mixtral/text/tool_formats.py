@@ -215,14 +215,14 @@ def template_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def template_tool_ids(tokenizer: Codec, messages: list[dict[str, Any]],
-                      tools: list[dict[str, Any]] | None) -> list[int]:
+def template_tool_text(tokenizer: Codec, messages: list[dict[str, Any]],
+                       tools: list[dict[str, Any]] | None) -> str:
     """The prompt of a conversation with tools, rendered by the model's template."""
     bos = tokenizer.decode_piece(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
-    text = render_template(tokenizer.chat_template, template_messages(messages), True,
-                           bos_token=bos, eos_token=tokenizer.decode_piece(tokenizer.eos_id),
-                           tools=template_tools(tools) if tools else None)
-    return tokenizer.encode(clean_text(text))
+    return clean_text(render_template(
+        tokenizer.chat_template, template_messages(messages), True, bos_token=bos,
+        eos_token=tokenizer.decode_piece(tokenizer.eos_id),
+        tools=template_tools(tools) if tools else None))
 
 
 def tool_prompt_ids(tokenizer: Codec, messages: list[dict[str, Any]],
@@ -235,7 +235,7 @@ def tool_prompt_ids(tokenizer: Codec, messages: list[dict[str, Any]],
                               "calls")
     if fmt.name == "mistral-v3":
         return mistral_v3_tool_ids(tokenizer, messages, tools)
-    return template_tool_ids(tokenizer, messages, tools)
+    return tokenizer.encode(template_tool_text(tokenizer, messages, tools))
 
 
 class ToolCallReply:
