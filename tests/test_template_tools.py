@@ -182,8 +182,11 @@ def qwen_folder(folder):
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-qwen")
     hf = qwen_folder(folder)
+    # (Its generation config names the tokenizer's end token, not Mixtral's default 2: here
+    # a byte any JSON string may hold.)
     build_hf(folder, "mixtral", vocab_size=len(hf), num_local_experts=4,
-             num_experts_per_tok=2, max_position_embeddings=2048)
+             num_experts_per_tok=2, max_position_embeddings=2048,
+             eos_token_id=hf.eos_token_id, bos_token_id=None)
     server = Server("--api-key", KEY, "--max-tokens", "160", "--model-id", "tiny",
                     model=str(folder))
     server.folder, server.hf = folder, hf
