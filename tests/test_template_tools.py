@@ -228,10 +228,7 @@ def test_qwen_prompt_renders_as_transformers(tmp_path, conversation):
 
 
 def test_llama_prompt_renders_as_transformers_and_its_calls_read_back(tmp_path):
-    hf = byte_tokenizer(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                         "<|eot_id|>"], [], eos="<|eot_id|>", bos="<|begin_of_text|>")
-    hf.chat_template = LLAMA
-    hf.save_pretrained(tmp_path)
+    llama_folder(tmp_path)
     ours = load_folder_tokenizer(tmp_path)
     fmt = tool_format(ours)
     assert fmt.name == "llama3-json"
@@ -255,6 +252,47 @@ def test_hermes_calls_read_back_with_the_markers_as_text_or_left_out(tmp_path):
                  f"\n{one}\n\n{two}\n"):
         assert [c["function"]["name"] for c in fmt.parse(text)] == ["get_time", "get_weather"]
     assert fmt.parse(f"<tool_call>\n{one[:-3]}") is None  # cut short: text
+
+
+def llama_folder(folder):
+    hf = byte_tokenizer(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                         "<|eot_id|>"], [], eos="<|eot_id|>", bos="<|begin_of_text|>")
+    hf.chat_template = LLAMA
+    hf.save_pretrained(folder)
+    return hf
+
+
+@pytest.mark.parametrize("family", ["hermes", "llama3-json"])
+def test_under_auto_text_may_not_start_as_a_call_and_a_call_follows_the_schema(tmp_path,
+                                                                                family):
+    """The "auto" grammar, token by token (llguidance's matcher over our vocabulary): text
+    that spells out how a call starts is refused (else it would start a call no schema holds),
+    other text passes, and a call is held to the tool's schema."""
+    import llguidance
+
+    from mlx_mixtral.generation.grammar import call_grammar, vocabulary
+
+    hf = (qwen_folder if family == "hermes" else llama_folder)(tmp_path)
+    ours = load_folder_tokenizer(tmp_path)
+    fmt = tool_format(ours)
+    assert fmt.name == family
+    grammar = call_grammar(fmt.syntax(ours, TOOLS, None, False), True, ours, len(hf))
+
+    def accepted(ids: list[int]) -> int:
+        return llguidance.LLMatcher(vocabulary(ours, len(hf)), grammar).validate_tokens(ids)
+
+    # Qwen's call token spelled out byte by byte; a reply starting "{" that is no call.
+    spelled = ours.encode("<tool_call") + ours.encode(">") if family == "hermes" \
+        else ours.encode("{hello")
+    assert accepted(spelled) == (len(spelled) - 1 if family == "hermes" else 1)
+    assert accepted(ours.encode("It is sunny.")) == len(ours.encode("It is sunny."))
+    key = "arguments" if family == "hermes" else "parameters"
+    good = f'{{"name": "get_time", "{key}": {{"zone": "UTC"}}}}'
+    bad = f'{{"name": "get_time", "{key}": {{"zone": "GMT"}}}}'
+    wrap = (lambda body: [fmt.start_token, *ours.encode(f"\n{body}\n</tool_call>")]) \
+        if family == "hermes" else ours.encode
+    assert accepted(wrap(good)) == len(wrap(good))
+    assert accepted(wrap(bad)) < len(wrap(bad))
 
 
 def test_a_template_without_tools_cannot_call_tools(tmp_path):
