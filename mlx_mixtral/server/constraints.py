@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from ..errors import MlxMixtralError
 from ..generation.sampling import BAN
-from ..text.tool_formats import tool_format
+from ..text.tool_formats import cannot_call_tools, tool_format
 from .service import APIError, Service
 
 Mode = Literal["none", "auto", "required"]
@@ -64,8 +64,7 @@ def tool_grammar(service: Service, tools: list[dict[str, Any]], choice: ToolChoi
         return None
     fmt = tool_format(service.tokenizer)
     if fmt is None:
-        raise APIError(400, f"the model {service.model_id!r} cannot call tools: its chat "
-                       "format has no tool calls", param="tools")
+        raise APIError(400, cannot_call_tools(service.model_id), param="tools")
     try:
         syntax = fmt.syntax(service.tokenizer, tools, choice.name, choice.parallel)
     except MlxMixtralError as e:

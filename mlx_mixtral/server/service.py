@@ -17,7 +17,7 @@ from ..catalog.summary import ModelSummary, summarize_args
 from ..errors import MlxMixtralError
 from ..generation.sampling import SamplingParams
 from ..generation.stats import Chunk, Stats
-from ..text.tool_formats import tool_format, tool_prompt_ids
+from ..text.tool_formats import cannot_call_tools, tool_format, tool_prompt_ids
 from .metrics import ServerMetrics, pager_counts, pool_counts
 from .worker import LOST, STOPPING, Job, QueueFull, Worker
 
@@ -158,8 +158,7 @@ class Service:
                 if self.calls_tools:
                     ids = tool_prompt_ids(self.tokenizer, messages, tools)
                 else:
-                    raise APIError(400, f"the model {self.model_id!r} cannot call tools: its "
-                                   "chat format has no tool calls", param="tools")
+                    raise APIError(400, cannot_call_tools(self.model_id), param="tools")
             else:
                 plain = [{"role": m["role"], "content": m.get("content") or ""}
                          for m in messages]

@@ -36,6 +36,14 @@ from .tools import (
     tool_spec,
 )
 
+# Why a model cannot call tools, after "the model X cannot call tools: ".
+NO_TOOL_FORMAT = ("it has neither Mistral v3's tool tokens nor a chat template that takes "
+                  "tools and writes calls as Hermes' <tool_call> or Llama 3.1's JSON")
+
+
+def cannot_call_tools(model: str) -> str:
+    return f"the model {model!r} cannot call tools: {NO_TOOL_FORMAT}"
+
 
 @dataclass(frozen=True)
 class CallSyntax:
@@ -231,8 +239,7 @@ def tool_prompt_ids(tokenizer: Codec, messages: list[dict[str, Any]],
     tool format; ChatFormatError when the model has none."""
     fmt = tool_format(tokenizer)
     if fmt is None:
-        raise ChatFormatError("the model cannot call tools: its chat format has no tool "
-                              "calls")
+        raise ChatFormatError(f"the model cannot call tools: {NO_TOOL_FORMAT}")
     if fmt.name == "mistral-v3":
         return mistral_v3_tool_ids(tokenizer, messages, tools)
     return tokenizer.encode(template_tool_text(tokenizer, messages, tools))
