@@ -8,7 +8,9 @@ A conversation with tools is encoded as mistral-common's `InstructTokenizerV3` e
     [TOOL_RESULTS] {"content", "call_id"} [/TOOL_RESULTS]
 
 The tool list goes just before the last user message. The model answers with `[TOOL_CALLS]`
-and a JSON list of calls, which `parse_tool_calls` turns into OpenAI `tool_calls`.
+and a JSON list of calls, which `parse_tool_calls` turns into OpenAI `tool_calls`. (Which
+format a model speaks, this one or its chat template's, is told in `tool_formats.py`, which
+also uses the tool checks and the calls' schema here.)
 """
 
 from __future__ import annotations
