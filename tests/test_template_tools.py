@@ -252,6 +252,9 @@ def test_hermes_calls_read_back_with_the_markers_as_text_or_left_out(tmp_path):
                  f"\n{one}\n\n{two}\n"):
         assert [c["function"]["name"] for c in fmt.parse(text)] == ["get_time", "get_weather"]
     assert fmt.parse(f"<tool_call>\n{one[:-3]}") is None  # cut short: text
+    quoted = '{"name": "get_weather", "arguments": {"city": "</tool_call>", "days": 1}}'
+    (call,) = fmt.parse(f"<tool_call>\n{quoted}\n</tool_call>")
+    assert json.loads(call["function"]["arguments"])["city"] == "</tool_call>"
 
 
 def llama_folder(folder):

@@ -93,7 +93,7 @@ class ToolFormat:
         if self.name == "mistral-v3":
             return parse_tool_calls(text)
         if self.name == "hermes":
-            bodies = _json_objects(re.sub(r"</?tool_call>", "", text))
+            bodies = _json_objects(text, "<tool_call>", "</tool_call>")
             key = "arguments"
         else:
             bodies = _json_objects(text)
@@ -119,10 +119,23 @@ def _renamed(schema: dict[str, Any], old: str, new: str) -> dict[str, Any]:
             "properties": {new if k == old else k: v for k, v in props.items()}}
 
 
-def _json_objects(text: str) -> list[dict[str, Any]] | None:
-    """The JSON objects `text` holds one after another (whitespace between), or None."""
+def _json_objects(text: str, open_mark: str = "", close_mark: str = ""
+                  ) -> list[dict[str, Any]] | None:
+    """The JSON objects `text` holds one after another, each maybe between `open_mark` and
+    `close_mark` (left out of the text when they are special tokens), whitespace between; or
+    None. (Read in place, so that a marker inside an argument's string stays in it.)"""
     decoder, out, at = json.JSONDecoder(), [], 0
-    text = text.strip()
+
+    def skip(mark: str) -> None:
+        nonlocal at
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if mark and text.startswith(mark, at):
+            at += len(mark)
+        while at < len(text) and text[at].isspace():
+            at += 1
+
+    skip(open_mark)
     while at < len(text):
         try:
             value, at = decoder.raw_decode(text, at)
@@ -131,8 +144,8 @@ def _json_objects(text: str) -> list[dict[str, Any]] | None:
         if not isinstance(value, dict):
             return None
         out.append(value)
-        while at < len(text) and text[at].isspace():
-            at += 1
+        skip(close_mark)
+        skip(open_mark)
     return out
 
 
