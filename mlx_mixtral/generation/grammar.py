@@ -11,6 +11,7 @@ The vocabulary is handed over once per tokenizer (about a second for 32k tokens)
 from __future__ import annotations
 
 import json
+import re
 import threading
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from ..errors import GenerationError
 from ..text.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
+from ..text.tool_formats import CallSyntax
 
 _lock = threading.Lock()
 MARKER = "\u263a"  # a character no real text starts with
@@ -157,20 +159,29 @@ def gbnf_grammar(gbnf: str, tokenizer: Tokenizer | None = None, vocab_size: int 
     return checked(grammar, tokenizer, vocab_size, "the grammar")
 
 
-def call_grammar(call_token: int, calls_schema: dict[str, Any], text_allowed: bool,
-                 tokenizer: Tokenizer | None = None, vocab_size: int = 0) -> str:
-    """Tool calls as a Lark grammar: the `call_token` then JSON following `calls_schema`
-    (closed), or, when `text_allowed`, free text instead."""
-    # Spaced as json.dumps writes (and mistral-common re-encodes) calls; no other whitespace,
-    # which a random model would otherwise pile up.
+def _literal(text: str) -> str:
+    """`text` as a Lark regex matching it exactly."""
+    return re.escape(text).replace("/", "\\/")
+
+
+def call_grammar(syntax: CallSyntax, text_allowed: bool, tokenizer: Tokenizer | None = None,
+                 vocab_size: int = 0) -> str:
+    """Tool calls as a Lark grammar: the model's call syntax (its `call` rule, with JSON
+    following each of its schemas, closed as `as_llama_cpp` says), or, when `text_allowed`,
+    free text instead, which may not start as a call does."""
+    # Spaced as json.dumps writes (and mistral-common and templates re-encode) calls; no other
+    # whitespace, which a random model would otherwise pile up.
     layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-    calls = json.dumps({**as_llama_cpp(calls_schema), "x-guidance": layout},
-                       ensure_ascii=False)
-    lark = f'start: {"text | " if text_allowed else ""}call\n' \
-        f'call: <[{call_token}]> " "? calls\n' \
-        f"calls: %json {calls}\n"
+    lark = f'start: {"text | " if text_allowed else ""}call\n{syntax.rules}'
+    for rule, schema in syntax.json.items():
+        closed = json.dumps({**as_llama_cpp(schema), "x-guidance": layout}, ensure_ascii=False)
+        lark += f"{rule}: %json {closed}\n"
     if text_allowed:
-        lark += "text: TEXT?\nTEXT: /(.|\\n)+/\n"
+        # (A call's first token, when special, is no text anyway; written as text, it would
+        # start a call the grammar does not hold to the schemas.)
+        text = "/(.|\\n)+/" + "".join(f" & ~/{_literal(s)}(.|\\n)*/"
+                                       for s in syntax.text_starts)
+        lark += f"text: TEXT?\nTEXT: {text}\n"
     return checked(lark, tokenizer, vocab_size, "the tools' parameter schemas")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
 
-from ..text.tools import ToolCallReply
+from ..text.tool_formats import ToolCallReply
 from .constraints import ToolChoice, constraints, refuse_unsupported
 from .reply_parts import Ending, ending, reply_parts, started, stop_sequence
 from .schemas import (

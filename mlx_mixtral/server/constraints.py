@@ -3,9 +3,10 @@ logit biases. Each API turns its own fields into these; here they become one llg
 grammar (the worker's `Job.grammar`) and the sampling's `logit_bias`.
 
 Tool choice is enforced, not hinted: under "required" or a named function the grammar forces
-Mistral v3's `[TOOL_CALLS]` and a JSON list of calls whose arguments follow the tools'
-parameter schemas; under "auto" the reply is free text or such a call; under "none" the
-`[TOOL_CALLS]` token is banned.
+the model's call syntax (`text/tool_formats.py`: Mistral v3's `[TOOL_CALLS]` and a JSON list,
+Hermes' `<tool_call>` blocks, Llama 3.1's JSON) with arguments that follow the tools'
+parameter schemas; under "auto" the reply is free text or such calls; under "none" the token a
+call starts with is banned.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Literal
 
 from ..errors import MlxMixtralError
 from ..generation.sampling import BAN
-from ..text.tools import calls_schema
+from ..text.tool_formats import cannot_call_tools, tool_format
 from .service import APIError, Service
 
 Mode = Literal["none", "auto", "required"]
@@ -61,16 +62,15 @@ def tool_grammar(service: Service, tools: list[dict[str, Any]], choice: ToolChoi
                        param=param)
     if not tools or choice.mode == "none":
         return None
-    if not service.calls_tools:
-        raise APIError(400, f"the model {service.model_id!r} cannot call tools: its chat "
-                       "format has no tool tokens", param="tools")
+    fmt = tool_format(service.tokenizer)
+    if fmt is None:
+        raise APIError(400, cannot_call_tools(service.model_id), param="tools")
     try:
-        schema = calls_schema(tools, choice.name, choice.parallel)
+        syntax = fmt.syntax(service.tokenizer, tools, choice.name, choice.parallel)
     except MlxMixtralError as e:
         raise APIError(400, str(e), param=param) from None
-    token = service.tokenizer.token_id("[TOOL_CALLS]")
     return _compiled(service, lambda tok, n: call_grammar(
-        token, schema, choice.mode == "auto", tok, n), "tools")
+        syntax, choice.mode == "auto", tok, n), "tools")
 
 
 def constraints(service: Service, tools: list[dict[str, Any]] | None = None,
@@ -83,8 +83,9 @@ def constraints(service: Service, tools: list[dict[str, Any]] | None = None,
     if choice.mode == "auto" and output is not None:
         calls = None  # the reply must follow the response format: that is text
     biases = {int(t): max(-100.0, min(100.0, float(b))) for t, b in (bias or {}).items()}
-    if choice.mode == "none" and service.calls_tools:
-        biases[service.tokenizer.token_id("[TOOL_CALLS]")] = BAN
+    fmt = tool_format(service.tokenizer) if choice.mode == "none" else None
+    if fmt is not None and fmt.start_token is not None:
+        biases[fmt.start_token] = BAN
     return Constraints(calls or output, tuple(sorted(biases.items())))
 
 

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from .. import __version__
 from ..generation.sampling import requested
 from ..generation.stats import Stats
-from ..text.tools import ToolCallReply
+from ..text.tool_formats import ToolCallReply
 from .metrics import timings
 from .models import FOREVER, keep_alive_seconds
 from .schemas import (

@@ -20,7 +20,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from ..generation.sampling import requested
 from ..generation.stats import Chunk, Stats
-from ..text.tools import ToolCallReply
+from ..text.tool_formats import ToolCallReply
 from .constraints import AUTO, ToolChoice, constraints, gbnf, refuse_unsupported
 from .metrics import timings
 from .schemas import (

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..generation.stats import Chunk, Stats
-from ..text.tools import ToolCallReply
+from ..text.tool_formats import ToolCallReply
 
 
 @dataclass

@@ -17,7 +17,7 @@ from ..catalog.summary import ModelSummary, summarize_args
 from ..errors import MlxMixtralError
 from ..generation.sampling import SamplingParams
 from ..generation.stats import Chunk, Stats
-from ..text.tools import can_call_tools, mistral_v3_tool_ids
+from ..text.tool_formats import cannot_call_tools, tool_format, tool_prompt_ids
 from .metrics import ServerMetrics, pager_counts, pool_counts
 from .worker import LOST, STOPPING, Job, QueueFull, Worker
 
@@ -141,13 +141,14 @@ class Service:
 
     @property
     def calls_tools(self) -> bool:
-        """Whether the model can call tools: Mistral v3's format with its tool tokens."""
-        return self.tokenizer.chat_format == "mistral-v3" and can_call_tools(self.tokenizer)
+        """Whether the model can call tools: Mistral v3's format with its tool tokens, or a
+        chat template that takes tools and writes calls in a format we read."""
+        return tool_format(self.tokenizer) is not None
 
     def chat_ids(self, messages: list[dict[str, Any]],
                  tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The prompt for a chat. Tools, tool calls and tool results need the Mistral v3
-        format (or a chat template that takes tools)."""
+        format or a chat template that takes tools (`text/tool_formats.py`)."""
         uses_tools = bool(tools) or any(m.get("role") == "tool" or m.get("tool_calls")
                                         for m in messages)
         messages = [{**m, "role": "system"} if m.get("role") == "developer" else m
@@ -155,10 +156,9 @@ class Service:
         try:
             if uses_tools:
                 if self.calls_tools:
-                    ids = mistral_v3_tool_ids(self.tokenizer, messages, tools)
+                    ids = tool_prompt_ids(self.tokenizer, messages, tools)
                 else:
-                    raise APIError(400, f"the model {self.model_id!r} cannot call tools: its "
-                                   "chat format has no tool tokens", param="tools")
+                    raise APIError(400, cannot_call_tools(self.model_id), param="tools")
             else:
                 plain = [{"role": m["role"], "content": m.get("content") or ""}
                          for m in messages]

@@ -69,6 +69,19 @@ def _compile(source: str) -> Any:
     return env.from_string(source)
 
 
+@lru_cache(maxsize=16)
+def template_variables(source: str) -> frozenset[str]:
+    """The names a template reads from what it is given (messages, tools, documents ...);
+    none when it does not parse. Parsing runs nothing of the template."""
+    from jinja2 import Environment, TemplateSyntaxError, meta
+
+    try:
+        parsed = Environment(extensions=["jinja2.ext.loopcontrols"]).parse(source)
+    except TemplateSyntaxError:
+        return frozenset()
+    return frozenset(meta.find_undeclared_variables(parsed))
+
+
 def render_template(source: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
                     bos_token: str, eos_token: str, tools: list[dict] | None = None,
                     documents: list[dict] | None = None) -> str:

@@ -8,7 +8,9 @@ A conversation with tools is encoded as mistral-common's `InstructTokenizerV3` e
     [TOOL_RESULTS] {"content", "call_id"} [/TOOL_RESULTS]
 
 The tool list goes just before the last user message. The model answers with `[TOOL_CALLS]`
-and a JSON list of calls, which `parse_tool_calls` turns into OpenAI `tool_calls`.
+and a JSON list of calls, which `parse_tool_calls` turns into OpenAI `tool_calls`. (Which
+format a model speaks, this one or its chat template's, is told in `tool_formats.py`, which
+also uses the tool checks and the calls' schema here.)
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def new_call_id() -> str:
     return "".join(secrets.choice(CALL_ID_CHARS) for _ in range(9))
 
 
-def _json_arguments(arguments: Any) -> Any:
+def json_arguments(arguments: Any) -> Any:
     """OpenAI sends arguments as a JSON string; mistral-common re-reads it as JSON if it can."""
     if isinstance(arguments, str):
         try:
@@ -47,7 +49,7 @@ def _json_arguments(arguments: Any) -> Any:
     return arguments
 
 
-def _tool_spec(tool: dict[str, Any]) -> dict[str, Any]:
+def tool_spec(tool: dict[str, Any]) -> dict[str, Any]:
     fn = tool.get("function") if isinstance(tool, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise ChatFormatError("each tool must be {'type': 'function', 'function': {'name', ...}}")
@@ -62,14 +64,14 @@ def _calls_json(calls: list[dict[str, Any]]) -> str:
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise ChatFormatError("a tool call must have a function with a name")
-        item = {"name": fn["name"], "arguments": _json_arguments(fn.get("arguments", "{}"))}
+        item = {"name": fn["name"], "arguments": json_arguments(fn.get("arguments", "{}"))}
         if call.get("id") and call["id"] != "null":
             item["id"] = call["id"]
         out.append(item)
     return json.dumps(out, ensure_ascii=False)
 
 
-def _text(content: Any, role: str) -> str:
+def text_of(content: Any, role: str) -> str:
     if content is None:
         return ""
     if isinstance(content, list):  # OpenAI content parts: only text here
@@ -86,7 +88,7 @@ def mistral_v3_tool_ids(tokenizer: Codec, messages: list[dict[str, Any]],
                         tools: list[dict[str, Any]] | None) -> list[int]:
     """The prompt for a conversation that may hold tools, tool calls and tool results."""
     tid = tokenizer.token_id
-    system = [_text(m.get("content"), "system") for m in messages if m.get("role") == "system"]
+    system = [text_of(m.get("content"), "system") for m in messages if m.get("role") == "system"]
     turns = [m for m in messages if m.get("role") != "system"]
     # Consecutive user messages become one, as mistral-common joins them.
     merged: list[dict[str, Any]] = []
@@ -97,10 +99,10 @@ def mistral_v3_tool_ids(tokenizer: Codec, messages: list[dict[str, Any]],
                                   "or tool")
         if role == "user" and merged and merged[-1]["role"] == "user":
             merged[-1] = {"role": "user", "content": merged[-1]["content"] + JOIN
-                          + _text(m.get("content"), "user")}
+                          + text_of(m.get("content"), "user")}
         else:
             merged.append(m if role != "user" else {"role": "user",
-                                                    "content": _text(m.get("content"), "user")})
+                                                    "content": text_of(m.get("content"), "user")})
     users = [i for i, m in enumerate(merged) if m["role"] == "user"]
     if not users:
         raise ChatFormatError("the conversation has no user message")
@@ -111,7 +113,7 @@ def mistral_v3_tool_ids(tokenizer: Codec, messages: list[dict[str, Any]],
             content = m["content"]
             if i == last_user:
                 if tools:
-                    specs = json.dumps([_tool_spec(t) for t in tools], ensure_ascii=False)
+                    specs = json.dumps([tool_spec(t) for t in tools], ensure_ascii=False)
                     ids += [tid("[AVAILABLE_TOOLS]"), *tokenizer.encode(specs),
                             tid("[/AVAILABLE_TOOLS]")]
                 if system:
@@ -122,7 +124,7 @@ def mistral_v3_tool_ids(tokenizer: Codec, messages: list[dict[str, Any]],
             if calls:
                 ids += [tid("[TOOL_CALLS]"), *tokenizer.encode(_calls_json(calls))]
             else:
-                text = _text(m.get("content"), "assistant").rstrip(" ")
+                text = text_of(m.get("content"), "assistant").rstrip(" ")
                 if not text:
                     raise ChatFormatError("an assistant message needs content or tool_calls")
                 ids += tokenizer.encode(text)
@@ -131,7 +133,7 @@ def mistral_v3_tool_ids(tokenizer: Codec, messages: list[dict[str, Any]],
             call_id = m.get("tool_call_id")
             if not isinstance(call_id, str) or not call_id:
                 raise ChatFormatError("a tool message needs the tool_call_id it answers")
-            content = _json_arguments(_text(m.get("content"), "tool"))
+            content = json_arguments(text_of(m.get("content"), "tool"))
             result = json.dumps({"content": content, "call_id": call_id}, ensure_ascii=False)
             ids += [tid("[TOOL_RESULTS]"), *tokenizer.encode(result), tid("[/TOOL_RESULTS]")]
     return ids
@@ -160,29 +162,12 @@ def parse_tool_calls(text: str) -> list[dict[str, Any]] | None:
     return out
 
 
-class ToolCallReply:
-    """How both APIs tell a tool call from text: when the request offered tools, a reply whose
-    first token is `[TOOL_CALLS]` is a call. Its text is held back (not streamed) and parsed
-    whole at the end; text that does not parse is given back as text."""
-
-    def __init__(self, tokenizer: Codec, tools: list[dict[str, Any]] | None) -> None:
-        self.token = tokenizer.token_id("[TOOL_CALLS]") if tools else None
-
-    def starts(self, first_token: int | None) -> bool:
-        """Whether a reply starting with `first_token` is a tool call (hold its text back)."""
-        return self.token is not None and first_token == self.token
-
-    def calls(self, first_token: int | None, text: str) -> list[dict[str, Any]] | None:
-        """OpenAI `tool_calls` of a whole reply, or None when it is text."""
-        return parse_tool_calls(text) if self.starts(first_token) else None
-
-
 def calls_schema(tools: list[dict[str, Any]], only: str | None = None,
                  parallel: bool = True) -> dict[str, Any]:
     """The JSON schema of what follows `[TOOL_CALLS]`: a list of {"name", "arguments"}, each
     naming one of `tools` (or only the tool `only`) with arguments that follow its parameter
     schema; one call unless `parallel`."""
-    specs = [_tool_spec(t)["function"] for t in tools]
+    specs = [tool_spec(t)["function"] for t in tools]
     if only is not None:
         specs = [s for s in specs if s["name"] == only]
         if not specs:
