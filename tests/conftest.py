@@ -84,8 +84,9 @@ def pytest_sessionfinish(session):
 # The longest files first, so that neither worker is left with a long file at the end.
 # Every file over about 20 s is named (measured on CI), so the last files to start are short.
 LONGEST_FIRST = ["test_server.py", "test_distributed.py", "test_readme.py", "test_server_stop.py",
-                 "test_request_fields.py", "test_tool_choice.py", "test_batching.py",
-                 "test_expert_paging.py", "test_server_load.py", "test_drafting.py",
+                 "test_request_fields.py", "test_clients.py", "test_tool_choice.py",
+                 "test_batching.py", "test_expert_paging.py", "test_server_load.py",
+                 "test_drafting.py",
                  "test_cli.py", "test_model_defaults.py", "test_store_faults.py",
                  "test_prefix_store.py", "test_server_metrics.py", "test_convert_faults.py",
                  "test_fuzz.py", "test_server_fuzz.py", "test_app.py", "test_app_e2e.py",

@@ -141,6 +141,23 @@ def test_parallel_calls_when_allowed(tiny):
     assert max(counts) > 1, counts
 
 
+def test_a_named_function_is_called_exactly_once(tiny):
+    """OpenAI's named function is exactly one call, also with parallel calls allowed (the
+    default, which instructor's TOOLS mode leaves on): on the seeds where "required" makes
+    several calls (above), a named one makes one, on Chat Completions and Responses."""
+    for seed in range(10):
+        reply = chat(tiny).chat.completions.create(
+            model="tiny", messages=ASK, tools=[OPENAI_TOOLS[1]], temperature=1, seed=seed,
+            tool_choice={"type": "function", "function": {"name": "get_time"}}, max_tokens=60)
+        assert len(reply.choices[0].message.tool_calls or []) == 1, reply.choices[0]
+        answer = chat(tiny).responses.create(
+            model="tiny", input=ASK, tools=[{"type": "function", "name": "get_time",
+                                             "parameters": CLOCK}],
+            tool_choice={"type": "function", "name": "get_time"}, temperature=1,
+            max_output_tokens=60, extra_body={"seed": seed})
+        assert [i.type for i in answer.output] == ["function_call"], answer.output
+
+
 def test_a_call_that_cannot_be_made_is_a_400(tiny):
     with pytest.raises(openai.BadRequestError, match="not among the tools"):
         chat(tiny).chat.completions.create(

@@ -94,8 +94,8 @@ def _output_grammar(service: Service, body: Sampling) -> str | None:
 
 def _tool_choice(body: ChatRequest) -> ToolChoice:
     choice = body.tool_choice
-    if isinstance(choice, NamedTool):
-        return ToolChoice("required", choice.function.name, body.parallel_tool_calls)
+    if isinstance(choice, NamedTool):  # OpenAI's "forced function": exactly one call
+        return ToolChoice("required", choice.function.name, parallel=False)
     return ToolChoice(choice or "auto", parallel=body.parallel_tool_calls)
 
 

@@ -70,7 +70,8 @@ def _messages(items: str | list[ResponsesItem]) -> list[dict[str, Any]]:
 
 def _tools(body: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, ToolChoice]:
     c = body.tool_choice
-    choice = ToolChoice("required", c.name, body.parallel_tool_calls) if c is not None \
+    # A named function is OpenAI's "forced function": exactly one call.
+    choice = ToolChoice("required", c.name, parallel=False) if c is not None \
         and not isinstance(c, str) else ToolChoice(c or "auto", parallel=body.parallel_tool_calls)
     tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                "parameters": t.parameters}}
