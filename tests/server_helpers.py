@@ -1,4 +1,5 @@
-"""A real `mlx-mixtral serve` process on a free loopback port, for the server tests."""
+"""A real `mlx-mixtral serve` process on a free loopback port, for the server tests. Each has a
+data folder of its own (its prefix store starts empty) unless one is given (a restart)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +29,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *flags: str, model: str | None = None, startup: float = 180) -> None:
+    def __init__(self, *flags: str, model: str | None = None, startup: float = 180,
+                 data: Path | None = None) -> None:
+        # (a fresh folder within the session's private data folder, see conftest.py)
+        self.data = data or Path(tempfile.mkdtemp(prefix="serve-", dir=os.environ.get(
+            "MLX_MIXTRAL_DATA_DIR")))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "mlx_mixtral.cli", "serve", "--port", str(self.port),
@@ -35,7 +41,8 @@ class Server:
         if model is not None:
             argv += ["--model", model]
         self.log = open(os.devnull, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "MLX_MIXTRAL_DATA_DIR": str(self.data)})
         deadline = time.monotonic() + startup
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
