@@ -22,6 +22,11 @@ V3_TOKENIZER = Path(mistral_common.__file__).parent / "data" / \
     "mistral_instruct_tokenizer_240323.model.v3"
 
 
+# Tokens per prefix-store block for the servers of the tests that check reuse: prompts are
+# reused in whole blocks, and theirs are short.
+TEST_BLOCK = 4
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,10 +110,10 @@ def tiny_v3_mixtral(folder: Path) -> Path:
 
 
 def serve_tiny_v3(tmp_path_factory, *flags: str) -> Iterator[Server]:
-    """A module fixture's body: `serve` with `flags` over a fresh tiny v3 Mixtral, stopped
-    (and checked to stop cleanly) after the module."""
+    """A module fixture's body: `serve` with `flags` over a fresh tiny v3 Mixtral (prompts kept
+    in blocks of TEST_BLOCK tokens), stopped (and checked to stop cleanly) after the module."""
     folder = tiny_v3_mixtral(tmp_path_factory.mktemp("tiny-v3"))
-    server = Server(*flags, model=str(folder))
+    server = Server("--cache-block", str(TEST_BLOCK), *flags, model=str(folder))
     server.folder = folder
     yield server
     server.stop()

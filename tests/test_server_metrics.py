@@ -157,13 +157,14 @@ def test_budget_holds_for_model_requests_and_pool(paged):
     assert m["mlx_mixtral_expert_read_bytes_total"] > 0
 
 
-def test_a_prompt_cache_that_does_not_fit_is_refused(paged):
+@pytest.mark.parametrize("flag", ["--cache-ram", "--prompt-cache-bytes"])  # (its old name)
+def test_a_prompt_cache_that_does_not_fit_is_refused(paged, flag):
     folder, budget = paged
     r = subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", "serve", "--model",
                         str(folder), "--port", str(free_port()), "--max-memory", str(budget),
-                        "--prompt-cache-bytes", "2GB"],
+                        flag, "2GB"],
                        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert "--prompt-cache-bytes" in lines[0] and "--max-memory" in lines[0], lines[0]
+    assert flag in lines[0] and "--max-memory" in lines[0], lines[0]

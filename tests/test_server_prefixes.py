@@ -119,3 +119,17 @@ def test_a_restarted_server_continues_from_disk_exactly(tmp_path, model_type, fl
     assert store["disk_block_hits"] > 0  # (from disk: the new process's memory had none)
     assert warm.choices[0].message.content == cold.choices[0].message.content
     assert warm.usage.completion_tokens == cold.usage.completion_tokens
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--cache-ram", "lots"], "--cache-ram"),
+    (["--prompt-cache-bytes", "-1GB"], "--prompt-cache-bytes"),
+    (["--cache-ram", "1GB", "--prompt-cache-bytes", "2GB"], "--prompt-cache-bytes"),
+    (["--cache-disk", "12 parsecs"], "--cache-disk"),
+    (["--cache-block", "0"], "--cache-block"),
+])
+def test_bad_store_flags_are_one_line(capsys, flags, named):
+    from cli_helpers import refusal
+
+    line = refusal(["serve", "--model", "demo", *flags], capsys)
+    assert named in line and "Traceback" not in line, line

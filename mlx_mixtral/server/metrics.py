@@ -128,8 +128,11 @@ STORE_GAUGES = {
 
 def store_counts(store: Any, kinds: dict[str, str]) -> Counts:
     """The store's stats named in `kinds`, read at each scrape."""
-    return lambda: [(f"prefix_store_{key}", doc, store.stats()[key])
-                    for key, doc in kinds.items()]
+    def counts() -> Sequence[tuple[str, str, float]]:
+        stats = store.stats()  # (once: it looks at the disk tier's files)
+        return [(f"prefix_store_{key}", doc, stats[key]) for key, doc in kinds.items()]
+
+    return counts
 
 
 def prompt_cache_evictions(store: Any) -> Counts:
