@@ -115,19 +115,21 @@ def paged(tmp_path_factory):
 
 
 def prompts(n: int) -> list[str]:
+    """Distinct prompts of 41 words (tokens)."""
     rng = random.Random(0)
-    return [" ".join(f"t{rng.randrange(3, 128)}" for _ in range(6)) + f" t{3 + i % 120}"
+    return [" ".join(f"t{rng.randrange(3, 128)}" for _ in range(40)) + f" t{3 + i % 120}"
             for i in range(n)]
 
 
 @pytest.mark.slow
 def test_budget_holds_for_model_requests_and_pool(paged):
-    """40% of the model's size, 40 distinct prompts from 4 clients (the pool holds fewer
-    than 20 of their caches: it must evict): MLX's peak and the growth
+    """40% of the model's size, 40 distinct prompts from 4 clients (their blocks are twice
+    what the store's memory tier holds: it must evict): MLX's peak and the growth
     of the process's peak resident memory stay within the budget + 5%, and the prompt-cache
     pool, carved out of the budget, had to evict."""
     folder, budget = paged
-    server = Server("--max-memory", str(budget), "--max-tokens", "4", model=str(folder))
+    server = Server("--max-memory", str(budget), "--max-tokens", "4", "--cache-block", "8",
+                    model=str(folder))
     try:
         idle, _ = peak_rss(server.proc.pid)
 
