@@ -43,8 +43,9 @@ class Run:
 
 
 def system_prompt(tokens: int, run: int) -> str:
-    """About `tokens` tokens of rules (about 10 tokens each), distinct for each run."""
-    rules = " ".join(f"Rule {i}: be kind to the number {i}." for i in range(tokens // 10))
+    """About `tokens` tokens of rules (about 15 tokens each on SmolLM2's tokenizer), distinct
+    for each run."""
+    rules = " ".join(f"Rule {i}: be kind to the number {i}." for i in range(tokens // 15))
     return f"You keep the rules of session {run}. {rules}"
 
 
