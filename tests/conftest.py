@@ -90,7 +90,7 @@ LONGEST_FIRST = ["test_server.py", "test_distributed.py", "test_readme.py", "tes
                  "test_cli.py", "test_model_defaults.py", "test_store_faults.py",
                  "test_prefix_store.py", "test_server_metrics.py", "test_convert_faults.py",
                  "test_fuzz.py", "test_server_fuzz.py", "test_app.py", "test_app_e2e.py",
-                 "test_app_issue27.py"]
+                 "test_app_issue27.py", "test_server_prefixes.py"]
 
 
 def pytest_collection_modifyitems(config, items):

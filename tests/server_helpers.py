@@ -1,4 +1,5 @@
-"""A real `mlx-mixtral serve` process on a free loopback port, for the server tests."""
+"""A real `mlx-mixtral serve` process on a free loopback port, for the server tests. Each has a
+data folder of its own (its prefix store starts empty) unless one is given (a restart)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,11 @@ V3_TOKENIZER = Path(mistral_common.__file__).parent / "data" / \
     "mistral_instruct_tokenizer_240323.model.v3"
 
 
+# Tokens per prefix-store block for the servers of the tests that check reuse: prompts are
+# reused in whole blocks, and theirs are short.
+TEST_BLOCK = 4
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -27,7 +34,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *flags: str, model: str | None = None, startup: float = 180) -> None:
+    def __init__(self, *flags: str, model: str | None = None, startup: float = 180,
+                 data: Path | None = None) -> None:
+        # (a fresh folder within the session's private data folder, see conftest.py)
+        self.data = data or Path(tempfile.mkdtemp(prefix="serve-", dir=os.environ.get(
+            "MLX_MIXTRAL_DATA_DIR")))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "mlx_mixtral.cli", "serve", "--port", str(self.port),
@@ -35,7 +46,8 @@ class Server:
         if model is not None:
             argv += ["--model", model]
         self.log = open(os.devnull, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "MLX_MIXTRAL_DATA_DIR": str(self.data)})
         deadline = time.monotonic() + startup
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -98,10 +110,10 @@ def tiny_v3_mixtral(folder: Path) -> Path:
 
 
 def serve_tiny_v3(tmp_path_factory, *flags: str) -> Iterator[Server]:
-    """A module fixture's body: `serve` with `flags` over a fresh tiny v3 Mixtral, stopped
-    (and checked to stop cleanly) after the module."""
+    """A module fixture's body: `serve` with `flags` over a fresh tiny v3 Mixtral (prompts kept
+    in blocks of TEST_BLOCK tokens), stopped (and checked to stop cleanly) after the module."""
     folder = tiny_v3_mixtral(tmp_path_factory.mktemp("tiny-v3"))
-    server = Server(*flags, model=str(folder))
+    server = Server("--cache-block", str(TEST_BLOCK), *flags, model=str(folder))
     server.folder = folder
     yield server
     server.stop()

@@ -281,7 +281,7 @@ def test_batch_generate_runs_on_the_scheduler(tiny, monkeypatch):
 def demo_server():
     from server_helpers import Server
 
-    server = Server("--model", "demo")
+    server = Server("--model", "demo", "--cache-block", "2")  # (short prompts: small blocks)
     yield server
     server.stop()
 

@@ -13,14 +13,15 @@ import jsonschema
 import ollama
 import openai
 import pytest
-from server_helpers import Server, scrape, serve_tiny_v3
+from server_helpers import TEST_BLOCK, Server, scrape, serve_tiny_v3
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
 def demo():
-    server = Server("--temp", "0", "--prompt-cache-bytes", "64MB", "--max-queue", "16")
+    server = Server("--temp", "0", "--prompt-cache-bytes", "64MB", "--max-queue", "16",
+                    "--cache-block", str(TEST_BLOCK))
     yield server
     server.stop()
 
@@ -110,9 +111,10 @@ def test_second_turn_prefills_only_what_is_new(demo):
     whole = tokenizer.apply_chat_template(history)
     assert second.usage.prompt_tokens == len(whole)
     prefilled = second.usage.prompt_tokens - second.usage.prompt_tokens_details.cached_tokens
-    # Turn one's prompt and its reply came from the cache: only the new message was read.
+    # Turn one's prompt and its reply came from the store, in whole blocks: only the new
+    # message (and the rest of a block) was read.
     assert prefilled <= len(whole) - len(asked) - len(tokenizer.encode(
-        first.choices[0].message.content)) + 2
+        first.choices[0].message.content)) + 2 + TEST_BLOCK - 1
     assert prefilled >= len(tokenizer.encode(history[2]["content"]))
 
 

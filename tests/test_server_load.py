@@ -1,8 +1,9 @@
 """A 300-request soak on `serve` from 16 clients, of random lengths, with clients hanging up at
 random: every request completes or
 stops, /health answers throughout, and memory stays within the model plus the prompt-cache
-budget, + 10%. The budget is far smaller than the caches the requests leave, so the pool must
-evict. (The numbers come from benchmarks/serve_load.py, which the README quotes.)"""
+budget (the prefix store's memory tier), + 10%. The budget is far smaller than the blocks the
+requests leave, so the store must evict from memory. (The numbers come from
+benchmarks/serve_load.py, which the README quotes.)"""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 from server_helpers import Server, tiny_v3_mixtral
 
-# --prompt-cache-bytes: a few requests' caches (each holds 256 positions of 512 bytes, the tiny
-# model's keys and values per token), against the 300 the soak leaves.
+# --prompt-cache-bytes: a few hundred blocks of 8 tokens (512 bytes each, the tiny model's keys
+# and values per token), against the many more the soak leaves.
 BUDGET = 2**20
 
 
@@ -31,7 +32,7 @@ def load_script():
 def test_soak_with_disconnects_stays_healthy_and_bounded(tmp_path):
     script = load_script()
     server = Server("--prompt-cache-bytes", str(BUDGET), "--max-queue", "64",
-                    "--decode-concurrency", "8",
+                    "--decode-concurrency", "8", "--cache-block", "8",  # (short prompts)
                     model=str(tiny_v3_mixtral(tmp_path / "tiny")))
     try:
         script.run(server.url, requests=16, concurrency=4, max_tokens=8)  # warm: caches full

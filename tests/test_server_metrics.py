@@ -115,19 +115,21 @@ def paged(tmp_path_factory):
 
 
 def prompts(n: int) -> list[str]:
+    """Distinct prompts of 41 words (tokens)."""
     rng = random.Random(0)
-    return [" ".join(f"t{rng.randrange(3, 128)}" for _ in range(6)) + f" t{3 + i % 120}"
+    return [" ".join(f"t{rng.randrange(3, 128)}" for _ in range(40)) + f" t{3 + i % 120}"
             for i in range(n)]
 
 
 @pytest.mark.slow
 def test_budget_holds_for_model_requests_and_pool(paged):
-    """40% of the model's size, 40 distinct prompts from 4 clients (the pool holds fewer
-    than 20 of their caches: it must evict): MLX's peak and the growth
+    """40% of the model's size, 40 distinct prompts from 4 clients (their blocks are twice
+    what the store's memory tier holds: it must evict): MLX's peak and the growth
     of the process's peak resident memory stay within the budget + 5%, and the prompt-cache
     pool, carved out of the budget, had to evict."""
     folder, budget = paged
-    server = Server("--max-memory", str(budget), "--max-tokens", "4", model=str(folder))
+    server = Server("--max-memory", str(budget), "--max-tokens", "4", "--cache-block", "8",
+                    model=str(folder))
     try:
         idle, _ = peak_rss(server.proc.pid)
 
@@ -157,13 +159,14 @@ def test_budget_holds_for_model_requests_and_pool(paged):
     assert m["mlx_mixtral_expert_read_bytes_total"] > 0
 
 
-def test_a_prompt_cache_that_does_not_fit_is_refused(paged):
+@pytest.mark.parametrize("flag", ["--cache-ram", "--prompt-cache-bytes"])  # (its old name)
+def test_a_prompt_cache_that_does_not_fit_is_refused(paged, flag):
     folder, budget = paged
     r = subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", "serve", "--model",
                         str(folder), "--port", str(free_port()), "--max-memory", str(budget),
-                        "--prompt-cache-bytes", "2GB"],
+                        flag, "2GB"],
                        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert "--prompt-cache-bytes" in lines[0] and "--max-memory" in lines[0], lines[0]
+    assert flag in lines[0] and "--max-memory" in lines[0], lines[0]

@@ -59,8 +59,10 @@ COMMANDS = {
         "serve the model over HTTP: OpenAI's and Ollama's APIs",
         "Serve the model over HTTP on loopback: OpenAI's API under /v1 (chat/completions, "
         "completions, models) and Ollama's under /api (chat, generate, tags, show, version), "
-        "with /health. Requests queue and run one at a time; each conversation's KV cache is "
-        "kept (within --prompt-cache-bytes) so its next turn prefills only what is new. "
+        "with /health. Requests run together (continuous batching); prompts are kept in the "
+        "prefix store, in memory (--cache-ram) and on disk (--cache-disk) across restarts, so "
+        "a conversation's next turn, or another conversation with the same system prompt, "
+        "prefills only what is new. "
         "response_format and Ollama's format are enforced while decoding; Mistral v3 models "
         "call tools. The sampling flags are the defaults for requests that leave them out."),
 }

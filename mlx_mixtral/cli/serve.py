@@ -12,7 +12,14 @@ from ..errors import MlxMixtralError
 from .commands import add_command
 from .distributed import add_distributed_flags, launched
 from .drafting import add_kv_flags, kv_from
-from .flags import add_model_flags, given_sampling, sampling_from
+from .flags import (
+    add_model_flags,
+    add_store_flags,
+    given_sampling,
+    sampling_from,
+    size_flag,
+    store_settings,
+)
 from .load_model import load_from_plan, plan_for_cli
 
 if TYPE_CHECKING:
@@ -23,7 +30,6 @@ DEFAULT_MAX_QUEUE = 32
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
-    from ..generation.kv import PROMPT_CACHE_BYTES
     from ..model.limits import DECODE_CONCURRENCY
     from ..server import DEFAULT_MAX_BODY
 
@@ -37,10 +43,12 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-id", default=None,
                    help="the model's name in the API (default: the folder or file name)")
     p.add_argument("--prompt-cache-bytes", default=None, metavar="SIZE",
-                   help="KV caches kept between requests, so a conversation's next turn "
-                   "prefills only what is new; least recently used go first (default: "
-                   f"{PROMPT_CACHE_BYTES / 1e9:g}GB; within --max-memory, at most half the "
-                   "room the model leaves, and a size that does not fit is refused)")
+                   help="the old name of --cache-ram (the same flag; give one of them). "
+                   "Within --max-memory the memory tier has at most half the room the model "
+                   "leaves by default, and a size that does not fit is refused. Under "
+                   "mlx.launch prompts are kept in memory only, as whole caches within this "
+                   "size (the ranks must agree on what they reuse), and --cache-disk and "
+                   "--cache-block are refused")
     p.add_argument("--response-store-bytes", default="64MB", metavar="SIZE",
                    help="Responses API replies kept for previous_response_id; least recently "
                    "used go first")
@@ -63,23 +71,38 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="what the server logs to stderr")
 
 
-def _size(text: str, flag: str) -> int:
-    from ..units import parse_size
+def ram_wanted(args: argparse.Namespace) -> tuple[int, bool, str]:
+    """(bytes for kept prompts in memory, whether they may shrink to fit a memory budget: they
+    may unless the user gave them, the parameter that named them)."""
+    from ..prefixes.settings import default_ram
 
-    try:
-        return int(text) if text.isdigit() else parse_size(text)
-    except ValueError as e:
-        raise MlxMixtralError(f"{flag}: {e}") from None
+    given = [(flag, param) for flag, param in (("--cache-ram", "cache_ram"),
+                                               ("--prompt-cache-bytes", "prompt_cache_bytes"))
+             if getattr(args, param) is not None]
+    if not given:
+        return default_ram(), True, "cache_ram"
+    sizes = {size_flag(getattr(args, param), flag) for flag, param in given}
+    if len(sizes) > 1:
+        raise MlxMixtralError("--cache-ram and --prompt-cache-bytes are one setting (the second "
+                              "is its old name); give one of them")
+    return sizes.pop(), False, given[0][1]
 
 
-def pool_wanted(args: argparse.Namespace) -> tuple[int, bool]:
-    """(bytes for the prompt-cache pool, whether they may shrink to fit a memory budget: they
-    may unless the user gave them)."""
-    from ..generation.kv import PROMPT_CACHE_BYTES
+def store_wanted(args: argparse.Namespace, launched_here: bool):
+    """The prefix store's settings (its RAM tier sized again by `serve`, within the plan), or
+    None under mlx.launch, where the ranks keep whole caches in a pool (refused: the flags
+    that only a store would use)."""
+    from ..prefixes.store import DEFAULT_BLOCK
 
-    if args.prompt_cache_bytes is None:
-        return PROMPT_CACHE_BYTES, True
-    return _size(args.prompt_cache_bytes, "--prompt-cache-bytes"), False
+    if launched_here:
+        for flag, given in (("--cache-disk", args.cache_disk is not None),
+                            ("--cache-block", args.cache_block != DEFAULT_BLOCK)):
+            if given:
+                raise MlxMixtralError(f"{flag}: under mlx.launch prompts are kept in memory "
+                                      "only (the ranks must agree on what they reuse); leave "
+                                      f"{flag} out")
+        return None
+    return store_settings(args)
 
 
 def model_name(given: str | None, name: str) -> str:
@@ -95,26 +118,37 @@ def model_name(given: str | None, name: str) -> str:
     return path.stem if path.suffix == ".gguf" else path.name or name
 
 
-def _worker(args: argparse.Namespace, plan: LoadPlan, kv, lockstep=None):
-    """The worker that loads `plan`'s model on its thread and runs its jobs."""
+def _worker(args: argparse.Namespace, plan: LoadPlan, kv, lockstep=None, settings=None):
+    """The worker that loads `plan`'s model on its thread and runs its jobs, its prompts kept
+    in the prefix store `settings` describe (its RAM tier sized here), or under a `lockstep`
+    in a pool."""
     import os
     import signal
+    from dataclasses import replace
+    from functools import partial
 
+    from ..prefixes.settings import open_store
     from ..server.cache_pool import CachePool, cache_bytes
     from ..server.worker import Worker
 
-    # Within a budget the pool has the share the plan carved out for it, and MLX's buffer
-    # cache keeps no more than the running requests may use.
-    pool_budget = plan.memory.reserved if plan.memory is not None else pool_wanted(args)[0]
+    # Within a budget the kept prompts have the share the plan carved out for them, and MLX's
+    # buffer cache keeps no more than the running requests may use.
+    ram = plan.memory.reserved if plan.memory is not None else ram_wanted(args)[0]
     if plan.memory is not None:
         import mlx.core as mx
 
         mx.set_cache_limit(plan.memory.cache_limit)
-    pool = CachePool(pool_budget) if lockstep is None else \
-        CachePool(pool_budget, lambda cache: lockstep.largest(cache_bytes(cache)))
+    pool = store = None
+    if lockstep is not None:
+        pool = CachePool(ram, lambda cache: lockstep.largest(cache_bytes(cache)))
+    elif settings is not None:
+        settings = replace(settings, ram=ram)
+        if settings.ram or settings.disk != 0:  # (both 0: no prompt is kept)
+            store = partial(open_store, settings=settings, name=plan.name)
     return Worker(lambda: load_from_plan(plan), pool, args.max_queue, kv, lockstep,
                   on_lost=lambda: os.kill(os.getpid(), signal.SIGINT),  # uvicorn stops
-                  capacity=args.decode_concurrency, prefill_step=args.prefill_step)
+                  capacity=args.decode_concurrency, prefill_step=args.prefill_step,
+                  store=store)
 
 
 def _service(args: argparse.Namespace, plan: LoadPlan, sampling, worker, model_id: str):
@@ -130,11 +164,12 @@ def _service(args: argparse.Namespace, plan: LoadPlan, sampling, worker, model_i
                    summary=summarize(plan.source))  # (what Ollama's model list says)
 
 
-def _loader(args: argparse.Namespace, plan: LoadPlan, sampling, kv, model_id: str):
+def _loader(args: argparse.Namespace, plan: LoadPlan, sampling, kv, model_id: str,
+            settings=None):
     """Loads another model when a request names it (on the registry's thread)."""
 
     def load():
-        worker = _worker(args, plan, kv)
+        worker = _worker(args, plan, kv, settings=settings)
         try:
             return _service(args, plan, sampling, worker, model_id)
         except BaseException:
@@ -145,17 +180,18 @@ def _loader(args: argparse.Namespace, plan: LoadPlan, sampling, kv, model_id: st
 
 
 def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None,
-          others: list[tuple[str, LoadPlan]] | None = None) -> int:
-    """Serve until stopped. With a `lockstep` (the model split over ranks by mlx.launch), rank 0
-    serves HTTP and the other ranks run its jobs alongside; a lost rank stops them all.
+          settings=None, others: list[tuple[str, LoadPlan]] | None = None) -> int:
+    """Serve until stopped, prompts kept in the prefix store `settings` describe. With a
+    `lockstep` (the model split over ranks by mlx.launch), rank 0 serves HTTP and the other
+    ranks run its jobs alongside, prompts kept in a pool; a lost rank stops them all.
     `others`: further models (name, plan) loaded when a request names them."""
     import os
 
     from ..server.http_app import Guards, create_app
     from ..server.http_server import run_http
 
-    max_body = _size(args.max_body, "--max-body")
-    store_bytes = _size(args.response_store_bytes, "--response-store-bytes")
+    max_body = size_flag(args.max_body, "--max-body")
+    store_bytes = size_flag(args.response_store_bytes, "--response-store-bytes")
     for flag, value in (("--max-queue", args.max_queue),
                         ("--decode-concurrency", args.decode_concurrency),
                         ("--prefill-step", 1 if args.prefill_step is None else args.prefill_step)):
@@ -163,8 +199,8 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None,
             raise MlxMixtralError(f"{flag} must be at least 1")
     api_key = args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY") or None
     model_id = args.model_id or model_name(args.model[0] if args.model else None, plan.name)
-    models = _registry(args, plan, sampling, kv, model_id, others) if others else None
-    worker = _worker(args, plan, kv, lockstep)
+    models = _registry(args, plan, sampling, kv, model_id, others, settings) if others else None
+    worker = _worker(args, plan, kv, lockstep, settings)
     try:
         worker.ready()
     except KeyboardInterrupt:  # stopped while loading: MLX is busy on the worker's thread
@@ -201,7 +237,7 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None,
 
 
 def _registry(args: argparse.Namespace, plan: LoadPlan, sampling, kv, model_id: str,
-              others: list[tuple[str, LoadPlan]]):
+              others: list[tuple[str, LoadPlan]], settings=None):
     """The models this server answers for: the first (loaded now) and `others`."""
     from ..catalog.summary import summarize
     from ..server.models import Entry, Models, keep_alive_seconds
@@ -223,9 +259,9 @@ def _registry(args: argparse.Namespace, plan: LoadPlan, sampling, kv, model_id: 
         keep = keep_alive_seconds(args.keep_alive)
     except APIError as e:
         raise MlxMixtralError(f"--keep-alive: {e.message.split(': ', 1)[1]}") from None
-    entries = [Entry(model_id, _loader(args, plan, sampling, kv, model_id), summarize(plan.source),
-                     pinned=model_id in pins)]
-    entries += [Entry(name, _loader(args, p, sampling, kv, name), summarize(p.source),
+    entries = [Entry(model_id, _loader(args, plan, sampling, kv, model_id, settings),
+                     summarize(plan.source), pinned=model_id in pins)]
+    entries += [Entry(name, _loader(args, p, sampling, kv, name, settings), summarize(p.source),
                       pinned=name in pins) for name, p in others]
     return Models(entries, args.max_models, None if keep == "default" else keep)
 
@@ -281,6 +317,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    "models loaded until --max-models needs the room)")
     add_kv_flags(p)
     add_serve_flags(p)
+    add_store_flags(p)
     add_distributed_flags(p)
 
 
@@ -302,6 +339,16 @@ def _model_names(args: argparse.Namespace) -> list[str | None]:
     return names or [None]
 
 
+def renamed(error: MlxMixtralError, param: str, given: str) -> MlxMixtralError:
+    """`error` naming the parameter the user gave (`given`) where it names `param`."""
+    if param not in error.params or param == given:
+        return error
+    import re
+
+    return type(error)(re.sub(rf"\b{param}\b", given, str(error)),
+                       params=tuple(given if p == param else p for p in error.params))
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -310,6 +357,8 @@ def run_serve(args: argparse.Namespace) -> int:
     import signal
 
     sampling, kv = sampling_from(args), kv_from(args)  # validate before the slow load
+    settings = store_wanted(args, launched())
+    reserve, shrink, named = ram_wanted(args)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops `serve` as Ctrl+C does
     group = lockstep = None
     if not launched():
@@ -324,18 +373,20 @@ def run_serve(args: argparse.Namespace) -> int:
         if lockstep.leader:
             check_port(args.host, args.port)  # rank 0 listens
 
-    reserve, shrink = pool_wanted(args)
     names = _model_names(args)
     if len(names) > 1 and (group is not None or args.max_memory):
         raise MlxMixtralError(("--max-memory" if args.max_memory else "mlx.launch")
                               + " serves one model: give one --model (and no --models-dir)")
-    plan = plan_for_cli(names[0], args.force, args.dtype, group, args.pipeline,
-                        args.max_memory, reserve, shrink)  # one line before loading, if it
-    # cannot (a --prompt-cache-bytes that does not fit in --max-memory too)
+    try:
+        plan = plan_for_cli(names[0], args.force, args.dtype, group, args.pipeline,
+                            args.max_memory, reserve, shrink)  # one line before loading, if
+        # it cannot (a --cache-ram that does not fit in --max-memory too)
+    except MlxMixtralError as e:
+        raise renamed(e, "prompt_cache_bytes", named) from None
     others = [(model_name(n, p.name), p) for n, p in
               ((n, plan_for_cli(n, args.force, args.dtype)) for n in names[1:])]
     try:
-        return serve(args, plan, sampling, kv, lockstep, others)
+        return serve(args, plan, sampling, kv, lockstep, settings, others)
     except MlxMixtralError:
         raise
     except Exception as e:

@@ -16,6 +16,11 @@ seed, penalties over its whole token history (the cached prompt included: the sa
 gives the same reply cold or warm), a grammar mask, stop strings, logprobs, max tokens and
 cancellation. `n` choices share one prefill: the prompt's cache is copied for each choice just
 before its last token.
+
+With `keep_every` (a prefix store's block size) a sequence's cache is also given while it runs:
+after each prefill chunk and each time decoding completes a block, so a sliding-window cache,
+which holds only its last window, never loses a block before the store has it (the store keeps
+only what it does not have yet). A pool that keeps whole caches is given them only at the end.
 """
 
 from __future__ import annotations
@@ -68,8 +73,9 @@ class Request:
         return self.left >= self.n
 
 
-# Where caches come from and go to (a pool): `take(ids)` gives a cache holding ids[:k] and k
-# (< len(ids)); `give(tokens, cache)` takes back a finished sequence's cache holding `tokens`.
+# Where caches come from and go to (a pool or a prefix store): `take(ids)` gives a cache holding
+# ids[:k] and k (< len(ids)); `give(tokens, cache)` is handed a cache holding `tokens` (a
+# finished sequence's, or with `keep_every` a running one's, which the store copies from).
 Take = Callable[[list[int]], tuple[list, int]]
 Give = Callable[[list[int], list], None]
 
@@ -159,7 +165,8 @@ class Scheduler:
 
     def __init__(self, model: Any, tokenizer: Any, *, kv: KVSettings | None = None,
                  prefill_step: int | None = None, capacity: int = DECODE_CONCURRENCY,
-                 take: Take | None = None, give: Give | None = None) -> None:
+                 take: Take | None = None, give: Give | None = None,
+                 keep_every: int | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.vocab_size = model.args.vocab_size
         self.kv = kv or KVSettings()
@@ -171,6 +178,7 @@ class Scheduler:
             else None
         self.take = take or (lambda ids: (model.make_cache(), 0))
         self.give = give
+        self.keep_every = keep_every if give is not None else None
         self.queue: deque[Request] = deque()
         self.active: list[_Sequence] = []
         self.forward_calls = 0
@@ -225,10 +233,12 @@ class Scheduler:
         logits = self.model(mx.array([t for s, n in batch for t in s.pending[:n]])[None],
                             cache=Packed([n for _, n in batch], [s.cache for s, _ in batch]))
         self.forward_calls += 1
-        sampled, failed, prefilled = [], [], []
+        sampled, failed, prefilled, grown = [], [], [], []
         for row, (seq, n) in enumerate(batch):
             was_decoding = seq.decoding
             seq.fed(n)
+            if self._completes_block(seq, n):
+                grown.append(seq)
             self._maybe_quantize(seq)
             if not was_decoding:
                 prefilled += [c.state for c in seq.cache]
@@ -240,6 +250,9 @@ class Scheduler:
                 failed.append(seq)
         self._leave(failed, keep=False)
         mx.eval([t for _, t, _ in sampled], prefilled)  # (a prefill's cache, computed now)
+        for seq in grown:
+            if seq not in failed:
+                self.give(seq.history[:seq.cache[0].offset], seq.cache)
         ended = []
         for seq, token, row in sampled:
             token = token.item()
@@ -262,6 +275,13 @@ class Scheduler:
             chunks.append((seq, n))
             total += n
         return chunks
+
+    def _completes_block(self, seq: _Sequence, n: int) -> bool:
+        """Whether the `n` tokens just fed completed a block the store should copy now."""
+        if self.keep_every is None:
+            return False
+        end = seq.cache[0].offset
+        return end // self.keep_every > (end - n) // self.keep_every
 
     def _sample(self, seq: _Sequence, logits: mx.array) -> tuple[mx.array, mx.array]:
         """(token, log-probabilities) for one sequence's row, as mlx-lm's `generate_step`

@@ -1,4 +1,6 @@
-"""KV caches kept between requests, so the next turn of a conversation prefills only what is new.
+"""KV caches kept between requests, so the next turn of a conversation prefills only what is new:
+the server's keeper under `mlx.launch`, whose ranks must agree on every hit (one process keeps
+prompts in the prefix store, `prefixes/store.py`, instead).
 
 Each entry is a cache and the token ids it holds. A request that continues an entry (it starts
 with all of the entry's tokens: the next turn of that conversation) takes the entry out of the

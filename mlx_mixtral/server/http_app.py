@@ -8,6 +8,9 @@
   {"error": ...} under /api), with a 4xx status for the client's mistakes. Nothing answers
   with a traceback: an unexpected failure is a 500 with one line, and the log has the rest.
 - Every answer is counted by path and status for /metrics (server/metrics.py).
+- /health shows the kept prompts' bytes in memory (`memory.prompt_cache`, its budget and
+  evictions) and the prefix store's stats (`prefix_store`: hits, tokens reused, blocks and bytes
+  per tier, evictions; null under mlx.launch, where a pool keeps whole caches).
 """
 
 from __future__ import annotations
@@ -205,10 +208,9 @@ def create_app(service: Service, guards: Guards | None = None,
                 "memory": {"mlx_active": mx.get_active_memory(),
                            "mlx_cache": mx.get_cache_memory(),
                            "mlx_peak": mx.get_peak_memory(),
-                           "prompt_cache": service.worker.pool.nbytes,
-                           "prompt_cache_budget": service.worker.pool.budget,
-                           "prompt_cache_evicted": service.worker.pool.evicted,
+                           **worker.kept(),
                            "resident": resident_bytes()},
+                "prefix_store": None if worker.store is None else worker.store.stats(),
                 **({} if models is None else {"models": [
                     {"name": e.name, "loaded": e.service is not None,
                      "loading": e.loading is not None, "pinned": e.pinned}

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..generation.stats import Chunk, Stats
@@ -79,6 +79,15 @@ class _Counted(Collector):
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
 
+class _Gauged(Collector):
+    def __init__(self, levels: Counts) -> None:
+        self.levels = levels
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for name, doc, value in self.levels():
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
 def pager_counts(pager: Any) -> Counts:
     def counts() -> Sequence[tuple[str, str, float]]:
         total = pager.stats.total()
@@ -94,6 +103,42 @@ def pager_counts(pager: Any) -> Counts:
 def pool_counts(pool: Any) -> Counts:
     return lambda: (("prompt_cache_evictions", "kept caches dropped to stay within the "
                      "prompt-cache budget", pool.evicted),)
+
+
+# The prefix store's stats() keys, as counters (name, help) and gauges.
+STORE_COUNTERS = {
+    "hits": "prompts that found stored blocks",
+    "misses": "prompts that found none",
+    "tokens_reused": "prompt tokens rebuilt from stored blocks",
+    "ram_block_hits": "blocks found in memory",
+    "disk_block_hits": "blocks read back from disk",
+    "blocks_added": "new blocks stored",
+    "ram_evictions": "blocks dropped from memory to stay within --cache-ram (still on disk)",
+    "disk_evictions": "block files deleted to stay within --cache-disk",
+    "disk_dropped": "damaged block files found and deleted",
+}
+STORE_GAUGES = {
+    "ram_bytes": "bytes of blocks in memory",
+    "ram_budget": "bytes of blocks memory may hold (--cache-ram)",
+    "ram_blocks": "blocks in memory",
+    "disk_bytes": "bytes of block files on disk",
+    "disk_budget": "bytes of block files the disk may hold (--cache-disk)",
+}
+
+
+def store_counts(store: Any, kinds: dict[str, str]) -> Counts:
+    """The store's stats named in `kinds`, read at each scrape."""
+    def counts() -> Sequence[tuple[str, str, float]]:
+        stats = store.stats()  # (once: it looks at the disk tier's files)
+        return [(f"prefix_store_{key}", doc, stats[key]) for key, doc in kinds.items()]
+
+    return counts
+
+
+def prompt_cache_evictions(store: Any) -> Counts:
+    """The prompt-cache evictions of before the store: now its memory tier's."""
+    return lambda: (("prompt_cache_evictions", "blocks dropped from memory to stay within "
+                     "--cache-ram", store.ram.evicted),)
 
 
 class ServerMetrics:
@@ -129,6 +174,16 @@ class ServerMetrics:
     def watch_counts(self, counts: Counts) -> None:
         """Expose counts kept elsewhere (the expert pager's, the prompt-cache pool's)."""
         self.registry.register(_Counted(counts))
+
+    def watch_levels(self, levels: Counts) -> None:
+        """Expose levels kept elsewhere (the prefix store's bytes), as gauges."""
+        self.registry.register(_Gauged(levels))
+
+    def watch_store(self, store: Any) -> None:
+        """The prefix store's counters and gauges."""
+        self.watch_counts(store_counts(store, STORE_COUNTERS))
+        self.watch_counts(prompt_cache_evictions(store))
+        self.watch_levels(store_counts(store, STORE_GAUGES))
 
     def watch(self, emit: Callable[[Chunk | Stats], None]) -> Callable[[Chunk | Stats], None]:
         """`emit` with the job's tokens and times counted on the way (the worker's thread)."""

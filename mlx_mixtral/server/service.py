@@ -92,9 +92,12 @@ class Service:
         from ..model.limits import limits_of
 
         pager, pool = limits_of(self.model).expert_pager, getattr(self.worker, "pool", None)
+        store = getattr(self.worker, "store", None)
         if pager is not None:
             self.metrics.watch_counts(pager_counts(pager))
-        if pool is not None:
+        if store is not None:
+            self.metrics.watch_store(store)
+        elif pool is not None:
             self.metrics.watch_counts(pool_counts(pool))
 
     def close(self) -> None:

@@ -3,8 +3,11 @@
 MLX work for one model runs on one thread. Requests arrive in an inbox and join the batch
 (`generation/scheduler.py`: continuous batching) between forward passes; `capacity` sequences
 run together, the rest wait, and beyond `max_queue` requests a client hears 503. Each sequence
-has a KV cache of its own taken from the `CachePool` when it joins (so no two sequences ever
-share a cache), given back when it ends. A request whose client went away is cancelled: dropped
+has a KV cache of its own (so no two sequences ever share one) rebuilt from the prefix store
+(`prefixes/store.py`, RAM and disk, kept across restarts) when it joins, whose new blocks the
+store copies as the sequence runs; under a lockstep from the `CachePool` instead, given back
+when it ends (the ranks' pools see the same caches in the same order, so they agree on hits;
+their stores might not). A request whose client went away is cancelled: dropped
 if it has not started, out of the batch before the next pass if it has. The HTTP side hears
 back through each job's `emit` callback.
 
@@ -33,10 +36,15 @@ from ..generation.sampling import SamplingParams
 from ..generation.scheduler import Request, Scheduler
 from ..generation.stats import Stats
 from ..model.limits import DECODE_CONCURRENCY
+from ..prefixes.store import PrefixStore
 from ..threads import release
 from .cache_pool import CachePool
 
 log = logging.getLogger("mlx_mixtral.server")
+
+# The prefix store for the loaded model, opened on the worker's thread (its fingerprint reads
+# the model's weights).
+OpenStore = Callable[[Any], PrefixStore]
 
 
 class QueueFull(Exception):  # noqa: N818 - the HTTP side answers 503
@@ -56,13 +64,17 @@ class Worker:
     For the HTTP side and /health: `running` (sequences in the batch), `waiting`, `capacity`
     (sequences decoding together), `max_queue`, `served` (requests ended)."""
 
-    def __init__(self, load: Callable[[], tuple[Any, Any]], pool: CachePool, max_queue: int,
-                 kv: KVSettings | None = None, lockstep: Lockstep | None = None,
-                 on_lost: Callable[[], None] | None = None,
-                 capacity: int = DECODE_CONCURRENCY, prefill_step: int | None = None) -> None:
+    def __init__(self, load: Callable[[], tuple[Any, Any]], pool: CachePool | None,
+                 max_queue: int, kv: KVSettings | None = None,
+                 lockstep: Lockstep | None = None, on_lost: Callable[[], None] | None = None,
+                 capacity: int = DECODE_CONCURRENCY, prefill_step: int | None = None,
+                 store: OpenStore | None = None) -> None:
+        """Prompts are kept in the store `store` opens, else in `pool`, else not at all."""
         self.model: Any = None
         self.tokenizer: Any = None
         self.pool, self.kv, self.max_queue, self.lockstep = pool, kv, max_queue, lockstep
+        self.open_store = store
+        self.store: PrefixStore | None = None  # opened once the model is loaded
         self.capacity, self.prefill_step = capacity, prefill_step
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.scheduler: Scheduler | None = None  # made once the model is loaded
@@ -105,6 +117,15 @@ class Worker:
     def forward_calls(self) -> int:
         return 0 if self.scheduler is None else self.scheduler.forward_calls
 
+    def kept(self) -> dict[str, int]:
+        """The prompts kept between requests, as /health shows them: bytes in memory (the
+        store's memory tier, or the pool's), their budget, and evictions from memory."""
+        keeper = self.store.ram if self.store is not None else self.pool
+        if keeper is None:
+            return {"prompt_cache": 0, "prompt_cache_budget": 0, "prompt_cache_evicted": 0}
+        return {"prompt_cache": keeper.nbytes, "prompt_cache_budget": keeper.budget,
+                "prompt_cache_evicted": keeper.evicted}
+
     def submit(self, job: Job) -> None:
         if self.lost is not None or self.halted.is_set():
             job.emit(Stats.failed(LOST if self.lost is not None else STOPPING))
@@ -135,11 +156,7 @@ class Worker:
         try:
             self.model, self.tokenizer = load()
             mx.eval(self.model.parameters())
-            self.scheduler = Scheduler(
-                self.model, self.tokenizer, kv=self.kv, prefill_step=self.prefill_step,
-                capacity=self.capacity, take=lambda ids: self.pool.take(ids,
-                                                                         self.model.make_cache),
-                give=self.pool.give)
+            self.scheduler = self._scheduler()
         except BaseException as e:  # noqa: BLE001 - handed to the main thread by ready()
             self._load_error = e
             return
@@ -156,6 +173,29 @@ class Worker:
             self._drain(LOST)
             if self.on_lost is not None:
                 self.on_lost()
+
+    def _scheduler(self) -> Scheduler:
+        """The batch, its caches taken from and given to the store or the pool."""
+        model, kv = self.model, self.kv or KVSettings()
+        options: dict[str, Any] = {}
+        if self.open_store is not None:
+            store = self.store = self.open_store(model)
+            options = dict(take=lambda ids: store.take(ids, model.make_cache, bits=kv.bits,
+                                                       group_size=kv.group_size),
+                           give=store.give, keep_every=store.block)
+        elif self.pool is not None:
+            options = dict(take=lambda ids: self.pool.take(ids, model.make_cache),
+                           give=self.pool.give)
+        step = self.prefill_step
+        if self.store is not None:
+            step = store_chunk(model, self.store.block, step)
+            window = getattr(model.args, "sliding_window", None)
+            if window is not None and window < self.store.block:
+                log.warning("the model's sliding window (%d tokens) is shorter than a prefix "
+                            "block (--cache-block %d): no prompt is kept; give --cache-block "
+                            "%d or less", window, self.store.block, window)
+        return Scheduler(model, self.tokenizer, kv=kv, prefill_step=step,
+                         capacity=self.capacity, **options)
 
     # ---- rank 0 (or the only rank) --------------------------------------------------------------
 
@@ -255,6 +295,18 @@ class Worker:
             self._step()
             live = {k: j for k, j in live.items() if not j.ended}
         self.scheduler.cancel_all()
+
+
+def store_chunk(model: Any, block: int, wanted: int | None) -> int | None:
+    """The prefill chunk with a prefix store: a sliding-window cache holds only its last
+    window, so a chunk may be at most window - block + 1 tokens for every block to be whole
+    and still held when the chunk ends (when it is given to the store)."""
+    from ..generation.stream import prefill_chunk
+
+    window = getattr(model.args, "sliding_window", None)
+    if window is None or window < block:  # (then no block is ever held whole: none is kept)
+        return wanted
+    return min(prefill_chunk(model, wanted), window - block + 1)
 
 
 def _describe(number: int, job: Job) -> dict[str, Any]:
