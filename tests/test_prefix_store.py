@@ -484,6 +484,21 @@ def test_blocks_written_after_the_folder_was_cleared_are_found_again(models, tmp
     assert store_at(model, folder, ram=0).take([*other, 1], model.make_cache)[1] == len(other)
 
 
+@pytest.mark.parametrize("garbage", ["{not json", "[1, 2]", '{"model": "x"}'])
+def test_a_damaged_space_description_is_written_again(models, tmp_path, garbage):
+    """A space.json that is not JSON or not a description hides its space's blocks: the next
+    blocks given describe the space again, so a restart finds them (before, the blocks were
+    written under the damaged file and never found)."""
+    model = models["mixtral"]
+    folder = tmp_path / "prefixes"
+    reply(model, tokens(40, 94), n=1, store=store_at(model, folder))
+    (described,) = folder.glob("*/space.json")
+    described.write_text(garbage)
+    prompt = tokens(40, 95)
+    reply(model, prompt, n=1, store=store_at(model, folder))
+    assert store_at(model, folder, ram=0).take([*prompt, 1], model.make_cache)[1] == len(prompt)
+
+
 def test_opening_a_store_spares_partial_files_this_process_is_writing(models, tmp_path, caplog,
                                                                      monkeypatch):
     """A second store opened on the folder (another thread of this process) while the first

@@ -57,6 +57,16 @@ def space_of(model: str, block: int, cache: list) -> Space:
     return Space(model, block, str(dtype), layer.group_size, layer.bits)
 
 
+def _read_space(path: Path) -> Space | None:
+    """The space a space.json describes; None when it is missing or damaged."""
+    try:
+        data = json.loads(path.read_text())
+        return Space(data["model"], int(data["block"]), str(data["dtype"]),
+                     int(data["group_size"]), None if data["bits"] is None else int(data["bits"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 @dataclass
 class Counters:
     taken: int = 0  # takes answered from stored blocks
@@ -86,15 +96,9 @@ class PrefixStore:
         if self.disk is None or not self.disk.folder.is_dir():
             return
         for path in self.disk.folder.glob(f"*/{SPACE_FILE}"):
-            try:
-                data = json.loads(path.read_text())
-                space = Space(data["model"], int(data["block"]), str(data["dtype"]),
-                              int(data["group_size"]),
-                              None if data["bits"] is None else int(data["bits"]))
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # not ours to judge: a damaged description hides only its space
-            if space.model == self.model and space.block == self.block and \
-                    space.id == path.parent.name:
+            space = _read_space(path)  # (a damaged description hides only its space)
+            if space is not None and space.model == self.model and \
+                    space.block == self.block and space.id == path.parent.name:
                 self.spaces[space.id] = space
 
     def _described(self, space: Space) -> bool:
@@ -104,8 +108,8 @@ class PrefixStore:
         from ..user_files import write_json
 
         path = self.disk.folder / space.id / SPACE_FILE
-        if path.is_file():
-            return True
+        if _read_space(path) == space:
+            return True  # (a damaged one is written again: else its blocks are never found)
         try:
             write_json(path, {"model": space.model, "name": self.name, "block": space.block,
                               "dtype": space.dtype, "group_size": space.group_size,
