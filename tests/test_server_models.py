@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import build_hf
-from server_helpers import V3_TOKENIZER, Server
+from server_helpers import V3_TOKENIZER, Server, free_port
 
 from mlx_mixtral import load
 from mlx_mixtral.generation import generate
@@ -137,3 +137,23 @@ def test_a_loading_model_holds_up_only_its_own_requests(folders, expected):
         assert loaded(server) == {"alpha", "demo"}
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("flags, says", [
+    (("--pin", "nosuch"), "--pin nosuch: not one of the served models (alpha)"),
+    (("--max-models", "0"), "--max-models must be at least 1"),
+    (("--keep-alive", "bogus"), "--keep-alive: 'bogus' is not a duration"),
+])
+def test_model_flags_are_checked_with_one_model_too(folders, flags, says):
+    """--pin, --max-models and --keep-alive are refused in one line before anything loads,
+    with one --model as with several (they were accepted unchecked with one)."""
+    import subprocess
+    import sys
+
+    # (a timeout, not a hang, if the server started: it would serve until stopped)
+    done = subprocess.run([sys.executable, "-m", "mlx_mixtral.cli", "serve", "--model",
+                           str(folders["alpha"]), "--port", str(free_port()), *flags],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("mlx-mixtral: error: ") and says in line, line

@@ -199,7 +199,9 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None,
             raise MlxMixtralError(f"{flag} must be at least 1")
     api_key = args.api_key or os.environ.get("MLX_MIXTRAL_API_KEY") or None
     model_id = args.model_id or model_name(args.model[0] if args.model else None, plan.name)
-    models = _registry(args, plan, sampling, kv, model_id, others, settings) if others else None
+    pins, keep = _registry_flags(args, [model_id, *(n for n, _ in others)])  # (also for one)
+    models = _registry(args, plan, sampling, kv, model_id, others, pins, keep, settings) \
+        if others else None
     worker = _worker(args, plan, kv, lockstep, settings)
     try:
         worker.ready()
@@ -236,14 +238,12 @@ def serve(args: argparse.Namespace, plan: LoadPlan, sampling, kv, lockstep=None,
     return _ended(worker)
 
 
-def _registry(args: argparse.Namespace, plan: LoadPlan, sampling, kv, model_id: str,
-              others: list[tuple[str, LoadPlan]], settings=None):
-    """The models this server answers for: the first (loaded now) and `others`."""
-    from ..catalog.summary import summarize
-    from ..server.models import Entry, Models, keep_alive_seconds
+def _registry_flags(args: argparse.Namespace, names: list[str]) -> tuple[set[str], object]:
+    """(pinned names, keep-alive seconds or "default") from --pin, --max-models and
+    --keep-alive, checked against the served `names` before anything loads."""
+    from ..server.models import keep_alive_seconds
     from ..server.service import APIError
 
-    names = [model_id, *(n for n, _ in others)]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise MlxMixtralError(f"--model: two models are named {duplicated[0]!r}; give each "
@@ -259,6 +259,15 @@ def _registry(args: argparse.Namespace, plan: LoadPlan, sampling, kv, model_id: 
         keep = keep_alive_seconds(args.keep_alive)
     except APIError as e:
         raise MlxMixtralError(f"--keep-alive: {e.message.split(': ', 1)[1]}") from None
+    return pins, keep
+
+
+def _registry(args: argparse.Namespace, plan: LoadPlan, sampling, kv, model_id: str,
+              others: list[tuple[str, LoadPlan]], pins: set[str], keep: object, settings=None):
+    """The models this server answers for: the first (loaded now) and `others`."""
+    from ..catalog.summary import summarize
+    from ..server.models import Entry, Models
+
     entries = [Entry(model_id, _loader(args, plan, sampling, kv, model_id, settings),
                      summarize(plan.source), pinned=model_id in pins)]
     entries += [Entry(name, _loader(args, p, sampling, kv, name, settings), summarize(p.source),
