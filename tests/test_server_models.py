@@ -157,3 +157,22 @@ def test_model_flags_are_checked_with_one_model_too(folders, flags, says):
     assert done.returncode == 2 and done.stdout == ""
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("mlx-mixtral: error: ") and says in line, line
+
+
+def test_a_pinned_model_outlives_every_keep_alive(folders):
+    """--pin: the server's --keep-alive and a request's keep_alive unload the other model once
+    it is idle, never the pinned one (which /api/ps shows as kept forever)."""
+    server = Server("--max-models", "2", "--keep-alive", "1s", "--pin", "alpha", "--model",
+                    str(folders["alpha"]), "--model", str(folders["beta"]))
+    try:
+        r = httpx.post(server.url + "/api/generate", timeout=120, json={
+            "model": "alpha", "prompt": "hi", "stream": False, "keep_alive": "1s",
+            "options": {"num_predict": 2}})
+        assert r.status_code == 200, r.text
+        assert complete(server, "beta").status_code == 200
+        assert wait_for(lambda: loaded(server) == {"alpha"})  # beta's 1 s ran out
+        time.sleep(1.5)  # (alpha has been idle longer than both keep-alives)
+        (ps,) = httpx.get(server.url + "/api/ps", timeout=10).json()["models"]
+        assert ps["name"] == "alpha" and ps["expires_at"] == "2318-11-26T00:00:00Z"
+    finally:
+        server.stop()

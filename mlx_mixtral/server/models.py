@@ -4,8 +4,9 @@ Each model has a `Service` of its own (its worker thread, its queue, its caches)
 a model that is not loaded starts its load on a thread of its own, so requests to the loaded
 models go on meanwhile; requests for the loading model wait for it. At most `max_models` are
 loaded: to load another, the least recently used idle one that is not pinned is unloaded (when
-every one is busy, the request gets a 503). A model also unloads once it has been idle for its
-keep-alive (Ollama's `keep_alive`, or the server's `--keep-alive`; 0: as soon as it is idle).
+every one is busy, the request gets a 503). A model that is not pinned also unloads once it has
+been idle for its keep-alive (Ollama's `keep_alive`, or the server's `--keep-alive`; 0: as soon
+as it is idle).
 """
 
 from __future__ import annotations
@@ -51,8 +52,11 @@ class Entry:
 
     @property
     def expires(self) -> float | None:
-        """Monotonic time after which it unloads once idle (None: never)."""
-        return None if self.keep_alive is None else self.used + self.keep_alive
+        """Monotonic time after which it unloads once idle (None: never, as for a pinned
+        model, whatever keep-alive a request asked)."""
+        if self.keep_alive is None or self.pinned:
+            return None
+        return self.used + self.keep_alive
 
 
 class Models:
