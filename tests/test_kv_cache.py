@@ -110,6 +110,20 @@ def test_bad_prompt_cache_files(models, tmp_path):
         str(refused.value)
 
 
+def test_a_prompt_cache_that_cannot_be_written_is_one_error(models, tmp_path):
+    """MLX failing to write the file (here: its hidden partial name is taken by a folder,
+    which even root cannot write over) is a PromptCacheError naming the path, which the
+    command says in one line, not MLX's RuntimeError and a traceback; nothing is left."""
+    import os
+
+    model = models["mistral"]
+    target = tmp_path / "cache.safetensors"
+    (tmp_path / f".{target.name}.partial-{os.getpid()}.safetensors").mkdir()
+    with pytest.raises(PromptCacheError, match="cannot save the prompt cache there") as e:
+        save_prompt_cache(target, filled(model, 20), model=model, tokens=list(range(20)))
+    assert str(target) in str(e.value) and not target.exists()
+
+
 # ---- quantized keys and values ------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ safetensors whatever its name ends in (`cache.bin` reads back as it was written)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -69,15 +70,20 @@ def save_prompt_cache(path: str | Path, cache: list, metadata: dict[str, str] | 
         "model": model_fingerprint(model) if model is not None else "",
         "metadata": json.dumps(metadata or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
     # mx.save_safetensors adds ".safetensors" to a name without it: the hidden name has it,
     # and the rename gives the file the name asked for, whatever it ends in.
     partial = path.parent / f".{path.name}.partial-{os.getpid()}.safetensors"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.touch()  # (MLX's error says only that it failed: this one says why)
         mx.save_safetensors(str(partial), tensors, metadata=meta)
         os.replace(partial, path)
+    except (OSError, RuntimeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise PromptCacheError(f"{path}: cannot save the prompt cache there ({why})") from None
     finally:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (tidying up must not hide why the save failed)
+            partial.unlink(missing_ok=True)
 
 
 def refuse_folder(path: Path) -> None:
