@@ -35,13 +35,16 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, *flags: str, model: str | None = None, startup: float = 180,
-                 data: Path | None = None) -> None:
+                 data: Path | None = None, launcher: tuple[str, ...] = ()) -> None:
+        """`launcher`: a script that runs the command line in place of `python -m
+        mlx_mixtral.cli` (with its own arguments first)."""
         # (a fresh folder within the session's private data folder, see conftest.py)
         self.data = data or Path(tempfile.mkdtemp(prefix="serve-", dir=os.environ.get(
             "MLX_MIXTRAL_DATA_DIR")))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        argv = [sys.executable, "-m", "mlx_mixtral.cli", "serve", "--port", str(self.port),
+        argv = [sys.executable, *(launcher or ("-m", "mlx_mixtral.cli")), "serve", "--port",
+                str(self.port),
                 "--log-level", "warning", *flags]
         if model is not None:
             argv += ["--model", model]

@@ -110,40 +110,33 @@ def test_keep_alive_zero_unloads_and_a_third_model_evicts_the_least_recent(two, 
 
 
 def test_a_loading_model_holds_up_only_its_own_requests(folders, expected):
-    """The demo model takes a second or more to load (a GGUF file): meanwhile alpha answers."""
-    demo_model, demo_tokenizer = load("demo")
-    demo_expected = generate(demo_model, demo_tokenizer, PROMPT, sampling=SamplingParams(
-        temperature=0, max_tokens=TOKENS))
-    del demo_model
-    server = Server("--max-models", "2", "--model", str(folders["alpha"]), "--model", "demo")
+    """gamma's load takes 4 s longer (tests/slow_load.py sleeps on the loading thread):
+    meanwhile alpha answers, and gamma's request waits for its model."""
+    launcher = (str(Path(__file__).with_name("slow_load.py")), "gamma", "4")
+    server = Server("--max-models", "2", "--model", str(folders["alpha"]), "--model",
+                    str(folders["gamma"]), launcher=launcher)
     try:
         done: dict[str, float] = {}
-        answers = {"alpha": expected["alpha"], "demo": demo_expected}
 
         def ask(name: str) -> None:
             r = complete(server, name)
-            assert r.status_code == 200 and r.json()["choices"][0]["text"] == answers[name]
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected[name]
             done[name] = time.monotonic()
 
-        slow = threading.Thread(target=ask, args=("demo",))
+        slow = threading.Thread(target=ask, args=("gamma",))
         slow.start()
-        assert wait_for(lambda: any(m["name"] == "demo" and m["loading"]
-                                    for m in server.health()["models"]) or "demo" in done, 5)
+        assert wait_for(lambda: any(m["name"] == "gamma" and m["loading"]
+                                    for m in server.health()["models"]), 10)
         ask("alpha")
-        still_loading = "demo" not in done and "demo" not in loaded(server)
+        still_loading = "gamma" not in done and "gamma" not in loaded(server)
         slow.join()
-        assert still_loading, "alpha waited for the demo's load"
-        assert done["alpha"] < done["demo"]
-        assert loaded(server) == {"alpha", "demo"}
+        assert still_loading, "alpha waited for gamma's load"
+        assert done["alpha"] < done["gamma"]
+        assert loaded(server) == {"alpha", "gamma"}
     finally:
         server.stop()
 
 
-@pytest.mark.parametrize("flags, says", [
-    (("--pin", "nosuch"), "--pin nosuch: not one of the served models (alpha)"),
-    (("--max-models", "0"), "--max-models must be at least 1"),
-    (("--keep-alive", "bogus"), "--keep-alive: 'bogus' is not a duration"),
-])
 def test_model_flags_are_checked_with_one_model_too(folders, flags, says):
     """--pin, --max-models and --keep-alive are refused in one line before anything loads,
     with one --model as with several (they were accepted unchecked with one)."""
