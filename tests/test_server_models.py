@@ -137,6 +137,11 @@ def test_a_loading_model_holds_up_only_its_own_requests(folders, expected):
         server.stop()
 
 
+@pytest.mark.parametrize("flags, says", [
+    (("--pin", "nosuch"), "--pin nosuch: not one of the served models (alpha)"),
+    (("--max-models", "0"), "--max-models must be at least 1"),
+    (("--keep-alive", "bogus"), "--keep-alive: 'bogus' is not a duration"),
+])
 def test_model_flags_are_checked_with_one_model_too(folders, flags, says):
     """--pin, --max-models and --keep-alive are refused in one line before anything loads,
     with one --model as with several (they were accepted unchecked with one)."""
