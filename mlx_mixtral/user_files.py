@@ -60,3 +60,15 @@ def update_user_config(**values: Any) -> Path:
     path = config_file()
     write_json(path, {**user_config(), **values})
     return path
+
+
+def writer_alive(pid: int) -> bool:
+    """Whether process `pid` (which named a partial file or folder after itself) still runs:
+    what a dead writer left may be deleted."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

@@ -30,6 +30,7 @@ from ..model.config import ModelArgs
 from ..model.precision import DTYPES
 from ..text.tokenizer import VOCABULARY_FILES, vocabulary_file
 from ..units import human
+from ..user_files import writer_alive
 from .plan import Q_BITS, Q_GROUP_SIZES, Plan, recipe_bits
 
 # Files copied as they are: tokenizers, chat templates, generation defaults.
@@ -76,18 +77,8 @@ def _remove_stale_partials(out: Path) -> None:
     """Folders left by a killed run (its process is gone) are removed."""
     for folder in out.parent.glob(f".{out.name}.partial-*"):
         pid = folder.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not writer_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _source_dtype(config: dict) -> mx.Dtype:

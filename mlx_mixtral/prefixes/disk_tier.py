@@ -21,6 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..user_files import writer_alive
 from .blocks import Block
 from .folder import BLOCK_SUFFIX as SUFFIX
 
@@ -170,10 +171,4 @@ class DiskTier:
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # not one being written (_WRITING): a previous process's with our pid
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return writer_alive(pid)
