@@ -7,6 +7,7 @@ mlx.launch can exit 0 when a rank failed, so every rank's exit code and stderr a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -90,7 +91,8 @@ def launch(tmp: Path, n: int, *command: str, timeout: float = 240) -> list[dict]
         launcher.wait(timeout=timeout)
     finally:
         launcher.kill()
-        launcher.stdin.close()
+        with contextlib.suppress(BrokenPipeError, ValueError):  # (a nudge may be in flight)
+            launcher.stdin.close()
     return [ranks(tmp, r) for r in range(n)]
 
 
