@@ -8,6 +8,7 @@ process aborts ("terminate called without an active exception", exit 134; mlx#43
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Callable
@@ -53,6 +54,48 @@ class MlxThread:
     def _run(self) -> None:
         try:
             while (item := self._jobs.get()) is not None:
+                future, job, args = item
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    future.set_result(job(*args))
+                except BaseException as e:  # noqa: BLE001 - the future hands it on
+                    future.set_exception(e)
+        finally:
+            release()
+
+
+class MlxPool:
+    """Several threads for MLX work taking jobs from one queue, the lower `priority` first
+    (then in the order submitted); `close()` lets each release MLX's state and end."""
+
+    def __init__(self, name: str, threads: int) -> None:
+        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
+                         for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def size(self) -> int:
+        return len(self._threads)
+
+    def submit(self, job: Callable[..., Any], *args: Any, priority: int = 0) -> Future:
+        future: Future = Future()
+        self._jobs.put((priority, next(self._order), (future, job, args)))
+        return future
+
+    def close(self) -> None:
+        """End the threads after the jobs that wait."""
+        for _ in self._threads:  # after every job already queued
+            self._jobs.put((float("inf"), next(self._order), None))
+        for t in self._threads:
+            t.join()
+
+    def _run(self) -> None:
+        try:
+            while (item := self._jobs.get()[2]) is not None:
                 future, job, args = item
                 if not future.set_running_or_notify_cancel():
                     continue

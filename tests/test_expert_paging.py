@@ -350,9 +350,9 @@ def test_a_batched_pass_reads_the_union_of_its_experts_once_per_layer(folder, mo
     pager = model.limits.expert_pager
     pager.set_policy("lru", prefetch=False)  # every read is the pass's own
     passes: list[list[tuple[int, int]]] = []
-    read = pager.loader.load
-    monkeypatch.setattr(pager.loader, "load", lambda layer, e, s: (
-        passes[-1].append((layer, e)), read(layer, e, s))[1])
+    read = pager._read  # a layer's misses, read together
+    monkeypatch.setattr(pager, "_read", lambda layer, reads: (
+        passes[-1].extend((layer, e) for e, _ in reads), read(layer, reads))[1])
     call = Model.__call__
     monkeypatch.setattr(Model, "__call__", lambda *a, **k: (passes.append([]),
                                                             call(*a, **k))[1])

@@ -6,13 +6,23 @@ one layer is a few byte ranges: in an MLX folder, row `e` of each stacked
 whole `experts.E.w1/w2/w3.weight` tensors. Each range is read with `readinto` straight into the
 slot's memory (a writable NumPy view of the MLX array), so a miss allocates nothing. A range
 stored in another float dtype than the slot's (bfloat16 or float16 scales read into float32
-ones, as the CPU backend wants them) goes through a small per-thread staging buffer.
+ones, as the CPU backend wants them) goes through a small per-thread staging buffer, in
+pieces of at most STAGE_BYTES, so that buffer stays small whatever the tensor.
+
+Ranges of one expert that lie end to end in one file (an expert written contiguously, as the
+streaming layout and Hugging Face's per-expert tensors do) are coalesced: one `preadv` scatters
+them into their slot arrays. An expert's reads can be cut into `pieces` that several reader
+threads run at once (the pager's reader pool), since flash wants large reads, several in flight.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +43,13 @@ _NAMES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: 
           mx.uint8: "U8", mx.int8: "I8"}
 
 
+# A converted range is read in pieces of at most this: each reader thread's staging buffer.
+STAGE_BYTES = 1 << 20
+# Pieces of one expert read by several threads are no smaller than this (flash reads fast
+# only in large requests).
+MIN_PIECE = 1 << 20
+
+
 def is_expert_tensor(name: str) -> bool:
     return EXPERT_TENSOR.match(name) is not None
 
@@ -46,6 +63,47 @@ class Extent:
     nbytes: int
     stored: str  # safetensors dtype
     dest: str  # "gate.weight", "down.scales" ...
+
+
+@dataclass(frozen=True)
+class Run:
+    """Extents of one expert lying end to end in one file (one read), or one converted extent
+    (`staged`: read through the staging buffer)."""
+
+    file: int
+    offset: int
+    extents: tuple[Extent, ...]
+    staged: bool
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in self.extents)
+
+
+def runs_of(extents: list[Extent], staged: set[str], coalesce: bool) -> list[Run]:
+    """An expert's extents as reads: adjacent ones merged (`coalesce`), in file order. A
+    converted extent (its dest in `staged`) is a run of its own."""
+    runs: list[Run] = []
+    for x in sorted(extents, key=lambda x: (x.file, x.offset)):
+        last = runs[-1] if runs else None
+        conv = x.dest in staged
+        if (coalesce and last is not None and not conv and not last.staged
+                and last.file == x.file and last.offset + last.nbytes == x.offset):
+            runs[-1] = Run(last.file, last.offset, (*last.extents, x), False)
+        else:
+            runs.append(Run(x.file, x.offset, (x,), conv))
+    return runs
+
+
+def _cuts(run: Run, parts: int) -> list[tuple[int, int]]:
+    """[start, end) byte spans of `run` for up to `parts` readers (staged runs: pieces of at
+    most STAGE_BYTES, cut on 4-byte boundaries so that no element is split)."""
+    n = run.nbytes
+    step = max(-(-n // parts), MIN_PIECE) if parts > 1 else n
+    if run.staged:
+        step = min(step, STAGE_BYTES)
+    step = max(-(-step // 4) * 4, 4)
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
 def _tensor_index(files: list[Path]) -> dict[str, tuple[int, int, int, str, list[int]]]:
@@ -112,19 +170,56 @@ def _slot_views(switch_mlp, inter: int) -> dict[str, tuple[np.ndarray, slice, st
     return views
 
 
+class BusyClock:
+    """Wall time during which at least one read ran: bytes over it are the read speed, however
+    many threads read at once."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._active = 0
+        self._since = 0.0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if not self._active:
+                self._since = time.perf_counter()
+            self._active += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._active -= 1
+            if not self._active:
+                self.seconds += time.perf_counter() - self._since
+
+
 class ExpertFiles:
     """Reads experts of an MLX or Hugging Face folder into the slots of paged layers
-    (model/expert_cache.py's `ExpertLoader`)."""
+    (model/expert_cache.py's `ExpertLoader`). `coalesce=False` reads every range on its own
+    (the reads before coalescing, kept for the benchmark's baseline)."""
 
     def __init__(self, files: list[Path], switch_mlps: list, num_experts: int,
-                 inter: int) -> None:
+                 inter: int, coalesce: bool = True) -> None:
         self.paths = list(files)
         self.extents = expert_extents(self.paths, len(switch_mlps), num_experts)
         self.views = [_slot_views(m, inter) for m in switch_mlps]
+        self.cold = False  # drop every range read from the page cache (see set_cold)
+        self.read_calls = 0  # read system calls, for the tests
+        self.clock = BusyClock()
         self._local = threading.local()
         self._opened: list = []
         self._lock = threading.Lock()
         self._check()
+        self.set_coalesce(coalesce)
+
+    def set_coalesce(self, on: bool) -> None:
+        """Merge adjacent ranges into one read (on), or read each range alone."""
+        self.coalesce = on
+        self.runs = [[runs_of(ext, self._staged(layer, ext), on) for ext in experts]
+                     for layer, experts in enumerate(self.extents)]
+
+    def _staged(self, layer: int, extents: list[Extent]) -> set[str]:
+        return {x.dest for x in extents if x.stored != self.views[layer][x.dest][1]}
 
     def _check(self) -> None:
         for layer, experts in enumerate(self.extents):
@@ -146,35 +241,86 @@ class ExpertFiles:
                                            f"{x.nbytes} bytes in the file, which does not "
                                            "match the config")
 
+    def set_cold(self, on: bool) -> None:
+        """Cold reads (the benchmark's): every range read is dropped from the page cache, as
+        on a Mac whose memory cannot hold the model (macOS: the handles bypass the cache)."""
+        from .page_cache import bypass_cache
+
+        with self._lock:
+            self.cold = on
+            for f in self._opened:
+                bypass_cache(f.fileno(), on)
+
     def _files(self) -> list:
         files = getattr(self._local, "files", None)
         if files is None:
+            from .page_cache import bypass_cache
+
             files = [open(p, "rb", buffering=0) for p in self.paths]  # noqa: SIM115
             self._local.files = files
             with self._lock:
                 self._opened.extend(files)
+                for f in files:
+                    bypass_cache(f.fileno(), self.cold)
         return files
 
     def _staging(self, nbytes: int) -> np.ndarray:
         buf = getattr(self._local, "staging", None)
         if buf is None or buf.nbytes < nbytes:
-            buf = np.empty(nbytes, np.uint8)  # grows once to the largest converted range
+            buf = np.empty(STAGE_BYTES, np.uint8)  # each piece staged is at most this
             self._local.staging = buf
         return buf[:nbytes]
 
+    def pieces(self, layer: int, expert: int, slot: int, parts: int = 1
+               ) -> list[Callable[[], int]]:
+        """One expert's reads into slot `slot`, cut for up to `parts` threads to run at once;
+        each returns the bytes it read."""
+        return [lambda run=run, a=a, b=b: self._read_span(layer, slot, run, a, b)
+                for run in self.runs[layer][expert] for a, b in _cuts(run, parts)]
+
     def load(self, layer: int, expert: int, slot: int) -> int:
-        files = self._files()
-        total = 0
-        for x in self.extents[layer][expert]:
-            view, kind, rows = self.views[layer][x.dest]
-            dest = view[slot, rows]
-            same = x.stored == kind
-            target = dest if same else self._staging(x.nbytes)
-            _read_into(files[x.file], x.offset, memoryview(target).cast("B"))
-            if not same:
-                _convert(target, x.stored, dest)
-            total += x.nbytes
-        return total
+        return sum(piece() for piece in self.pieces(layer, expert, slot))
+
+    def _read_span(self, layer: int, slot: int, run: Run, a: int, b: int) -> int:
+        """Bytes [a, b) of `run` into slot `slot`."""
+        f = self._files()[run.file]
+        views = self.views[layer]
+        with self.clock:
+            if run.staged:
+                (x,) = run.extents
+                view, _, rows = views[x.dest]
+                raw = self._staging(b - a)
+                self._pread(f, [memoryview(raw)], run.offset + a)
+                size = _itemsize(x.stored)
+                _convert(raw, x.stored, view[slot, rows].reshape(-1)[a // size:b // size])
+            else:
+                bufs, at = [], 0
+                for x in run.extents:
+                    lo, hi = max(a - at, 0), min(b - at, x.nbytes)
+                    if lo < hi:
+                        view, _, rows = views[x.dest]
+                        bufs.append(memoryview(view[slot, rows]).cast("B")[lo:hi])
+                    at += x.nbytes
+                self._pread(f, bufs, run.offset + a)
+            if self.cold:
+                from .page_cache import drop_range
+
+                drop_range(f.fileno(), run.offset + a, b - a)
+        return b - a
+
+    def _pread(self, f, bufs: list[memoryview], offset: int) -> None:
+        """Fill `bufs` from `offset` on: one scattering read (more only if it comes short)."""
+        with self._lock:
+            self.read_calls += 1
+        while bufs:
+            n = os.preadv(f.fileno(), bufs, offset) if _PREADV else _read_each(f, bufs, offset)
+            if n <= 0:
+                raise WeightsError(f"{f.name}: the file ended early (truncated?)")
+            offset += n
+            while bufs and n >= len(bufs[0]):
+                n -= len(bufs.pop(0))
+            if bufs and n:
+                bufs[0] = bufs[0][n:]
 
     def close(self) -> None:
         with self._lock:
@@ -183,22 +329,28 @@ class ExpertFiles:
             self._opened.clear()
 
 
+# preadv: Linux, and macOS from 11 (Python may be built without it).
+_PREADV = hasattr(os, "preadv") and sys.platform != "win32"
+
+
+def _read_each(f, bufs: list[memoryview], offset: int) -> int:
+    """preadv's fallback: the buffers one after another; the bytes read."""
+    done = 0
+    f.seek(offset)
+    for buf in bufs:
+        n = f.readinto(buf) or 0
+        done += n
+        if n < len(buf):
+            break
+    return done
+
+
 def _itemsize(stored: str) -> int:
     return np.dtype(_NUMPY.get(stored, np.uint8)).itemsize
 
 
 def _convertible(stored: str, kind: str) -> bool:
     return stored == kind or (stored in ("BF16", "F16") and kind == "F32")
-
-
-def _read_into(f, offset: int, buf: memoryview) -> None:
-    f.seek(offset)
-    done = 0
-    while done < len(buf):
-        n = f.readinto(buf[done:])
-        if not n:
-            raise WeightsError(f"{f.name}: the file ended early (truncated?)")
-        done += n
 
 
 def _convert(raw: np.ndarray, stored: str, dest: np.ndarray) -> None:

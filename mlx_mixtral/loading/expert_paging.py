@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from ..model.decoder import Model
-from ..model.expert_cache import ExpertPager, PagedMoE
+from ..model.expert_cache import DEFAULT_READ_THREADS, ExpertPager, PagedMoE
 from ..model.precision import loaded_dtype, target_dtype
 from .checkpoint import build_model, sanitize, tensor_name
 from .expert_files import ExpertFiles, is_expert_tensor
@@ -43,9 +43,12 @@ def _empty_slots(mlp: nn.Module, float_dtype: mx.Dtype) -> None:
 
 
 def build_paged(source: ModelSource, plan: MemoryPlan, dtype: str | mx.Dtype | None = None,
-                    policy: str = "lru", prefetch: bool = True) -> tuple[Model, ExpertPager]:
+                policy: str = "lru", prefetch: bool = True,
+                read_threads: int = DEFAULT_READ_THREADS, coalesce: bool = True
+                ) -> tuple[Model, ExpertPager]:
     """A `Model` holding every weight but the experts, with `plan.slots` slots per layer, and
-    the pager that fills them."""
+    the pager that fills them with `read_threads` readers (`coalesce`: adjacent ranges in one
+    read)."""
     args = source.args
     lazy = read_safetensors(source.files)
     weights = sanitize({k: v for k, v in lazy.items() if not is_expert_tensor(k)}, args)
@@ -59,10 +62,11 @@ def build_paged(source: ModelSource, plan: MemoryPlan, dtype: str | mx.Dtype | N
         _empty_slots(layer.block_sparse_moe.switch_mlp, float_dtype)
     mx.eval(model.parameters())
     mlps = [layer.block_sparse_moe.switch_mlp for layer in model.layers]
-    files = ExpertFiles(source.files, mlps, args.num_local_experts, args.intermediate_size)
+    files = ExpertFiles(source.files, mlps, args.num_local_experts, args.intermediate_size,
+                        coalesce)
     pager = ExpertPager(args.num_local_experts, plan.slots,
-                              [layer.block_sparse_moe.gate for layer in model.layers],
-                              args.num_experts_per_tok, files, policy, prefetch)
+                        [layer.block_sparse_moe.gate for layer in model.layers],
+                        args.num_experts_per_tok, files, policy, prefetch, read_threads)
     for i, layer in enumerate(model.layers):
         moe = layer.block_sparse_moe
         layer.block_sparse_moe = PagedMoE(moe.gate, moe.switch_mlp, moe.top_k, i, pager)

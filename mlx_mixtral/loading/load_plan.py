@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import MemoryLimitError
+from ..model.expert_cache import DEFAULT_READ_THREADS, check_read_threads
 from ..model.sharding import check_world
 from ..units import size
 from .locate import default_model, resolve
@@ -32,6 +33,7 @@ class LoadPlan:
     pipeline: bool = False  # split by layers, not tensor parallel
     memory: MemoryPlan | None = None  # a budget's plan; None: resident, no budget
     automatic: bool = False  # the budget is the memory available: the model did not fit
+    read_threads: int = DEFAULT_READ_THREADS  # threads reading paged experts
 
     @property
     def ranks(self) -> int:
@@ -56,12 +58,16 @@ def plan_load(name: str | Path | None = None, *, force: bool = False,
               dtype: str | mx.Dtype | None = None, group: mx.distributed.Group | None = None,
               pipeline: bool = False, max_memory: int | str | None = None,
               context: int | None = None, page_experts: bool = True,
-              reserve: int = 0, shrink: bool = False, tokenizer: bool = True) -> LoadPlan:
+              reserve: int = 0, shrink: bool = False, tokenizer: bool = True,
+              read_threads: int | None = None) -> LoadPlan:
     """The plan for loading `name` (see the module doc and `loader.load` for the arguments);
     anything that cannot load is refused here, before a tensor is read. Within a budget,
     `reserve` bytes are kept aside for KV caches kept between requests (`shrink`: fewer if
     they do not fit, else refused; memory_plan.plan_memory). `tokenizer`: a folder without
-    tokenizer files is refused too (last: a mistaken flag is named first)."""
+    tokenizer files is refused too (last: a mistaken flag is named first). `read_threads`:
+    the threads that read paged experts (default DEFAULT_READ_THREADS)."""
+    threads = check_read_threads(DEFAULT_READ_THREADS if read_threads is None
+                                 else read_threads)
     name = name or default_model()
     source = describe(resolve(name))
     ranks = group.size() if group is not None else 1
@@ -80,4 +86,4 @@ def plan_load(name: str | Path | None = None, *, force: bool = False,
         automatic = memory is not None
     if tokenizer:
         require_vocabulary(source)
-    return LoadPlan(str(name), source, dtype, group, pipeline, memory, automatic)
+    return LoadPlan(str(name), source, dtype, group, pipeline, memory, automatic, threads)

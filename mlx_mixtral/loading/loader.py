@@ -49,7 +49,8 @@ def load(path_or_repo: str | Path | None = None, tokenizer: bool = True, force: 
          dtype: str | mx.Dtype | None = None, group: mx.distributed.Group | None = None,
          pipeline: bool = False, max_memory: int | str | None = None,
          context: int | None = None, expert_policy: str = "lru", prefetch: bool = True,
-         page_experts: bool = True) -> tuple[Model, Tokenizer | None]:
+         page_experts: bool = True, read_threads: int | None = None
+         ) -> tuple[Model, Tokenizer | None]:
     """(model, tokenizer) from a GGUF file, a model folder, a Hugging Face repo id or
     `ollama:NAME`; with no name, the default model (as the command line picks it).
 
@@ -64,8 +65,9 @@ def load(path_or_repo: str | Path | None = None, tokenizer: bool = True, force: 
     `max_memory` (bytes, or "12GB"): run within this budget. A Mixtral larger than it keeps
     its other weights, a KV cache for at least `context` tokens (default 2048) and some experts
     per layer in memory, and reads the others from its safetensors files when the router picks
-    them (`expert_policy` "lru" or "lfu"; `prefetch` guesses the next layer's). The plan is
-    `model.limits.memory_plan`; a budget too small raises `MemoryLimitError` with the minimum.
+    them (`expert_policy` "lru" or "lfu"; `prefetch` guesses the next layer's), with
+    `read_threads` threads reading at once (default 4). The plan is `model.limits.memory_plan`;
+    a budget too small raises `MemoryLimitError` with the minimum.
 
     `group`: an `mx.distributed` group of several ranks (under `mlx.launch`): the model is split
     over them, by layers with `pipeline`, else tensor parallel; each rank reads only its part.
@@ -73,7 +75,7 @@ def load(path_or_repo: str | Path | None = None, tokenizer: bool = True, force: 
     The same in two steps: `plan_load(...)` (load_plan.py), then `load_planned(plan)`."""
     plan = plan_load(path_or_repo, force=force, dtype=dtype, group=group, pipeline=pipeline,
                      max_memory=max_memory, context=context, page_experts=page_experts,
-                     tokenizer=tokenizer)
+                     tokenizer=tokenizer, read_threads=read_threads)
     if plan.note is not None:
         print(f"{plan.note} (max_memory sets the budget, force=True loads it whole)",
               file=sys.stderr, flush=True)
@@ -86,7 +88,8 @@ def load_planned(plan: LoadPlan, tokenizer: bool = True, expert_policy: str = "l
     source, memory = plan.source, plan.memory
     pager = None
     if plan.paging:
-        model, pager = build_paged(source, memory, plan.dtype, expert_policy, prefetch)
+        model, pager = build_paged(source, memory, plan.dtype, expert_policy, prefetch,
+                                   plan.read_threads)
         metadata = {}
     else:
         model, metadata = build(source, plan.dtype, fuse=plan.ranks == 1)

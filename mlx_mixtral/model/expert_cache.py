@@ -7,10 +7,14 @@ not need, and the slot arrays are then computed on exactly as the full table wou
 expert ids are mapped to slot ids). The reading itself is a loader's job (`ExpertLoader`, in
 loading/expert_files.py): it writes straight into the slot arrays, so a miss allocates nothing.
 
+- Reads: a pool of `read_threads` reader threads. A layer's misses are read together, each
+  expert cut into pieces the threads read at once (flash is fast with several reads in
+  flight), and waited for; they go ahead of any prefetch still queued. With one thread, misses
+  are read in turn on the calling thread (the reads before the pool: the benchmark's baseline).
 - Prefetch: while a layer's sync waits for MLX, the next layer's router is applied to this
   layer's input (mixtral-offloading's guess; the residual stream changes little between
-  layers), and the guessed experts are read on a background thread so that reading overlaps
-  computing. The next layer waits for that read before it looks at its slots.
+  layers), and the guessed experts are read by the pool so that reading overlaps computing.
+  The next layer waits for that read before it looks at its slots.
 - Prefill: a chunk may need more experts than a layer has slots. They are then taken in
   groups of `slots`, the ones already resident first; each group's (token, expert) pairs are
   computed and added up before the next group overwrites the slots. Every needed expert is
@@ -22,28 +26,45 @@ loading/expert_files.py): it writes straight into the slot arrays, so a miss all
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..threads import MlxThread
+from ..errors import ConfigError
+from ..threads import MlxPool
 from .moe import ExpertsGLU
 from .routing import RouterRecord, route
 
 POLICIES = ("lru", "lfu")
+# Reader threads: measured on this machine's disk (README, expert paging) and an SSD's wish for
+# several reads in flight; MAX_READ_THREADS bounds --read-threads.
+DEFAULT_READ_THREADS = 4
+MAX_READ_THREADS = 64
 
 
 class ExpertLoader(Protocol):
+    """Reads experts into slots. A loader may also offer `pieces(layer, expert, slot, parts)`:
+    the same reads as callables (each returning its bytes) cut for up to `parts` threads;
+    without it the pool reads each expert whole with `load`."""
+
     def load(self, layer: int, expert: int, slot: int) -> int:
         """Read one expert's weights into slot `slot` of layer `layer`; the bytes read."""
         ...
 
     def close(self) -> None: ...
+
+
+def check_read_threads(n: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_READ_THREADS:
+        raise ConfigError(f"read_threads must be a whole number from 1 to {MAX_READ_THREADS}, "
+                          f"got {n!r}", params=("read_threads",))
+    return n
 
 
 class ExpertSlots:
@@ -117,20 +138,21 @@ class PagingStats:
 
 
 class ExpertPager:
-    """The slots of every MoE layer, the loader that fills them, and the prefetch thread."""
+    """The slots of every MoE layer, the loader that fills them, and its reader threads."""
 
     def __init__(self, num_experts: int, num_slots: int, gates: Sequence[nn.Module],
                  top_k: int, loader: ExpertLoader, policy: str = "lru",
-                 prefetch: bool = True) -> None:
+                 prefetch: bool = True, read_threads: int = DEFAULT_READ_THREADS) -> None:
         self.num_experts, self.num_slots, self.top_k = num_experts, num_slots, top_k
         self.gates = list(gates)  # each layer's router, for the next layer's guess
         self.loader = loader
         self.slots = [ExpertSlots(num_experts, num_slots, policy) for _ in self.gates]
         self.prefetch = prefetch
         self.stats = PagingStats([LayerStats() for _ in self.gates])
-        self._pending: list[Future | None] = [None] * len(self.gates)
+        self._pending: list[tuple[int, list[Future]] | None] = [None] * len(self.gates)
         self._prefetched: list[set[int]] = [set() for _ in self.gates]
-        self._pool = MlxThread("expert-prefetch")
+        self.read_threads = check_read_threads(read_threads)
+        self._pool = MlxPool("expert-reads", read_threads)
 
     def reset_stats(self) -> None:
         self.wait()
@@ -143,14 +165,21 @@ class ExpertPager:
         self._prefetched = [set() for _ in self.gates]
         self.prefetch = prefetch
 
+    def set_read_threads(self, n: int) -> None:
+        """Read with `n` threads from now on (for measuring)."""
+        self.wait()
+        self.read_threads = check_read_threads(n)
+        self._pool.close()
+        self._pool = MlxPool("expert-reads", n)
+
     def wait(self, layer: int | None = None) -> None:
         """Let the prefetch of `layer` (or of every layer) finish."""
         for i in range(len(self._pending)) if layer is None else (layer,):
             pending, self._pending[i] = self._pending[i], None
             if pending is not None:
-                reads, nbytes = pending.result()
+                reads, futures = pending
                 self.stats.layers[i].reads += reads
-                self.stats.layers[i].bytes_read += nbytes
+                self.stats.layers[i].bytes_read += sum(f.result() for f in futures)
 
     def close(self) -> None:
         self.wait()
@@ -172,12 +201,28 @@ class ExpertPager:
         if not reads:
             return
         self._prefetched[layer].update(e for e, _ in reads)
-        load = self.loader.load
+        if self.read_threads == 1:  # one job: the experts in turn
+            load = self.loader.load
+            jobs = [lambda: sum(load(layer, e, s) for e, s in reads)]
+        else:
+            jobs = self._pieces(layer, reads)
+        self._pending[layer] = (len(reads), [self._pool.submit(j, priority=1) for j in jobs])
 
-        def run() -> tuple[int, int]:
-            return len(reads), sum(load(layer, e, s) for e, s in reads)
+    def _pieces(self, layer: int, reads: list[tuple[int, int]]) -> list[Callable[[], int]]:
+        """The reads of these (expert, slot) pairs, cut so that every thread has one."""
+        pieces = getattr(self.loader, "pieces", None)
+        if pieces is None:  # a loader that reads an expert whole
+            return [partial(self.loader.load, layer, e, s) for e, s in reads]
+        parts = -(-self.read_threads // len(reads))
+        return [p for e, s in reads for p in pieces(layer, e, s, parts)]
 
-        self._pending[layer] = self._pool.submit(run)
+    def _read(self, layer: int, reads: list[tuple[int, int]]) -> int:
+        """Read misses now: on this thread with one reader, else together on the pool, ahead
+        of queued prefetches; the bytes read."""
+        if self.read_threads == 1:
+            return sum(self.loader.load(layer, e, s) for e, s in reads)
+        futures = [self._pool.submit(j, priority=0) for j in self._pieces(layer, reads)]
+        return sum(f.result() for f in futures)
 
     def fill(self, layer: int, experts: list[int]) -> np.ndarray:
         """Make `experts` (at most one slot each) resident in `layer`; its expert -> slot
@@ -189,10 +234,10 @@ class ExpertPager:
         stats.hits += len(hits)
         stats.prefetch_hits += sum(1 for e in hits if e in prefetched)
         prefetched.difference_update(experts)
-        for e, s in slots.place(experts):
-            prefetched.discard(e)
-            stats.reads += 1
-            stats.bytes_read += self.loader.load(layer, e, s)
+        reads = slots.place(experts)
+        if reads:
+            stats.reads += len(reads)
+            stats.bytes_read += self._read(layer, reads)
         slots.touch(experts)
         return slots.table
 
