@@ -15,6 +15,7 @@ from mlx_mixtral.convert import convert
 from mlx_mixtral.convert.synthetic import write_hf_checkpoint
 from mlx_mixtral.loading import describe, load
 from mlx_mixtral.loading.memory import folder_tensor_bytes, load_bytes
+from mlx_mixtral.loading.memory_plan import OVERHEAD
 from mlx_mixtral.model.config import ModelArgs
 from mlx_mixtral.model.expert_cache import ExpertSlots, PagedMoE
 from mlx_mixtral.model.moe import SparseMoE
@@ -37,6 +38,12 @@ def folder(tmp_path_factory):
 
 def model_bytes(path) -> int:
     return load_bytes(describe(path))
+
+
+def share_budget(share: float, path) -> int:
+    """`share` of the model's size, plus the process's own memory outside MLX that every plan
+    counts (memory_plan.OVERHEAD): the share is what the model gets."""
+    return OVERHEAD + int(share * model_bytes(path))
 
 
 def greedy_steps(model, prompt: list[int], n: int) -> Iterator[int]:
@@ -68,7 +75,7 @@ def test_40_percent_budget_same_tokens_within_budget(folder):
     want = greedy(resident, prompt, 64)
     del resident
     mx.clear_cache()
-    budget = int(0.4 * model_bytes(folder / "q4"))
+    budget = share_budget(0.4, folder / "q4")
     mx.synchronize()
     mx.reset_peak_memory()
     model, _ = load(folder / "q4", tokenizer=False, max_memory=budget, context=CONTEXT)
@@ -92,7 +99,7 @@ def test_40_percent_budget_same_tokens_within_budget(folder):
 def test_logits_match_resident(folder):
     ids = np.random.RandomState(1).randint(0, WIDE["vocab_size"], 96).tolist()
     resident, _ = load(folder / "q4", tokenizer=False)
-    budget = int(0.4 * model_bytes(folder / "q4"))
+    budget = share_budget(0.4, folder / "q4")
     model, _ = load(folder / "q4", tokenizer=False, max_memory=budget, context=CONTEXT)
     caches = resident.make_cache(), model.make_cache()
     for start in range(0, len(ids), 32):  # prefill chunks (more experts than slots) ...
@@ -135,7 +142,7 @@ def test_the_budget_caps_the_context_and_a_reply_stops_there(folder):
 
 
 def test_one_sync_per_layer_and_each_expert_read_once_per_chunk(folder, monkeypatch):
-    budget = int(0.4 * model_bytes(folder / "q4"))
+    budget = share_budget(0.4, folder / "q4")
     model, _ = load(folder / "q4", tokenizer=False, max_memory=budget, context=CONTEXT,
                     prefetch=False)
     pager = model.limits.expert_pager
@@ -169,7 +176,7 @@ def test_float_checkpoint_pages_its_per_expert_tensors(tmp_path):
                                 "num_hidden_layers": 3, "vocab_size": 128})
     write_hf_checkpoint(tmp_path / "hf", args, dtype=mx.bfloat16, seed=3)
     resident, _ = load(tmp_path / "hf", tokenizer=False)
-    budget = int(0.6 * model_bytes(tmp_path / "hf"))
+    budget = share_budget(0.6, tmp_path / "hf")
     model, _ = load(tmp_path / "hf", tokenizer=False, max_memory=budget, context=64)
     assert model.limits.memory_plan.paging
     ids = mx.array([list(range(1, 40))])
@@ -258,7 +265,8 @@ def test_info_is_the_same_with_or_without_a_measurement_here(monkeypatch, tmp_pa
 
 
 def test_bench_reports_paging_next_to_resident(folder, cli_here):
-    r = cli_here("bench", "--model", str(folder / "q4"), "--max-memory", "50%", "--runs", "1",
+    r = cli_here("bench", "--model", str(folder / "q4"), "--max-memory",
+                 str(share_budget(0.5, folder / "q4")), "--runs", "1",
                 "--prompt-tokens", "24", "--gen-tokens", "6", "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
@@ -281,7 +289,7 @@ def test_a_mixtral_too_big_for_the_memory_pages_by_itself(folder, monkeypatch, c
     from mlx_mixtral.errors import MemoryLimitError
 
     path = folder / "q4"
-    half = int(0.5 * model_bytes(path))
+    half = share_budget(0.5, path)
     monkeypatch.setattr("mlx_mixtral.loading.memory.available_memory", lambda: half)
     # (the folder has no tokenizer, which the plan would refuse and the load would not find)
     monkeypatch.setattr("mlx_mixtral.loading.load_plan.require_vocabulary", lambda _: None)
@@ -311,7 +319,7 @@ def test_load_pages_a_mixtral_too_big_for_the_memory_by_itself(folder, monkeypat
     from mlx_mixtral.units import size
 
     path = folder / "q4"
-    half = int(0.5 * model_bytes(path))
+    half = share_budget(0.5, path)
     monkeypatch.setattr("mlx_mixtral.loading.memory.available_memory", lambda: half)
     model, _ = load(path, tokenizer=False)
     limits = model.limits
@@ -346,7 +354,7 @@ def test_a_batched_pass_reads_the_union_of_its_experts_once_per_layer(folder, mo
     want = [greedy(resident, p, 12) for p in prompts]
     del resident
     model, _ = load(folder / "q4", tokenizer=False,
-                    max_memory=int(0.4 * model_bytes(folder / "q4")), context=CONTEXT)
+                    max_memory=share_budget(0.4, folder / "q4"), context=CONTEXT)
     pager = model.limits.expert_pager
     pager.set_policy("lru", prefetch=False)  # every read is the pass's own
     passes: list[list[tuple[int, int]]] = []

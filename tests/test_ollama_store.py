@@ -300,6 +300,7 @@ def test_an_ollama_mixtral_pages_its_experts_within_a_budget(store, tmp_path):
     folder's files as from any Hugging Face folder: the resident model's logits."""
     from mlx_mixtral.convert.synthetic import write_hf_checkpoint
     from mlx_mixtral.loading.memory import load_bytes
+    from mlx_mixtral.loading.memory_plan import OVERHEAD
     from mlx_mixtral.loading.source import describe
     from mlx_mixtral.model.config import ModelArgs
 
@@ -311,7 +312,7 @@ def test_an_ollama_mixtral_pages_its_experts_within_a_budget(store, tmp_path):
     quantized_store(store, tmp_path / "hf", tmp_path / "dequantized",
                     lambda name, shape: (32, 4) if ".experts." in name else None)
     resident, _ = mlx_mixtral.load("ollama:tiny", tokenizer=False)
-    budget = int(0.8 * load_bytes(describe(resolve("ollama:tiny"))))
+    budget = OVERHEAD + int(0.8 * load_bytes(describe(resolve("ollama:tiny"))))
     model, _ = mlx_mixtral.load("ollama:tiny", tokenizer=False, max_memory=budget, context=64)
     assert model.limits.memory_plan.paging
     ids = mx.array([list(range(1, 40))])

@@ -25,6 +25,7 @@ from server_helpers import (
 
 from mlx_mixtral.loading import describe
 from mlx_mixtral.loading.memory import load_bytes
+from mlx_mixtral.loading.memory_plan import OVERHEAD
 
 KEY = "sesame"  # the API key of the `tiny` server
 HI = [{"role": "user", "content": "Say something."}]
@@ -111,7 +112,7 @@ def test_health_shows_the_occupancy(tiny):
 @pytest.fixture(scope="module")
 def paged(tmp_path_factory):
     folder = paged_mixtral(tmp_path_factory.mktemp("paged"))
-    return folder, int(0.4 * load_bytes(describe(folder)))
+    return folder, OVERHEAD + int(0.4 * load_bytes(describe(folder)))
 
 
 def prompts(n: int) -> list[str]:

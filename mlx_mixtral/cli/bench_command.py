@@ -74,7 +74,7 @@ def _bench_paging(args: argparse.Namespace) -> int:
 
     folder = preset_folder(args.preset) if args.preset else _bench_folder(args.model)
     print(bench_paging(folder, args.max_memory, args.prompt_tokens, args.gen_tokens,
-                          args.runs, args.dtype, args.json))
+                       args.runs, args.dtype, args.json, args.read_threads))
     return 0
 
 

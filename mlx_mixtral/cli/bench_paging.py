@@ -4,6 +4,15 @@ For each budget the same prompt runs fully resident and paged, with a warm page 
 warm-up run reads every expert once first). Reported: prefill and decode tokens/s and their
 ratio to resident, peak memory against the budget, the expert-cache hit rate per layer while
 decoding (LRU with prefetch, LRU without, LFU with), and the bytes read per generated token.
+
+Then the reads themselves, in one run on the same model and budget: the reads before the reader
+pool (one thread, every range read alone, misses in turn: "serial") against the pool
+("pool": --read-threads threads, adjacent ranges coalesced), each cold and warm, the runs
+interleaved. Cold: the weight files are dropped from the page cache before the run and every
+range read is dropped again after it, as on a Mac whose memory cannot hold the model (on macOS
+the reads bypass the cache, and `sudo purge` must empty it first). Reported: decode tokens/s,
+read GB/s (bytes over the time some read was running), bytes read per token (and from the disk,
+where the system counts them), the hit rate, and the process's peak RSS per budget.
 The measured hit rates are kept in the data folder; `info` shows them, labelled as measured here,
 below its plans (which use the defaults, so the same files give the same plans everywhere).
 """
@@ -26,6 +35,8 @@ from ..model.expert_cache import PagingStats
 from ..units import size
 
 VARIANTS = (("lru", True), ("lru", False), ("lfu", True))  # the first is the default
+# The reads compared: (threads, coalesce); None: --read-threads.
+READS = {"serial": (1, False), "pool": (None, True)}
 HIT_RATES_FILE = "expert-hit-rates.json"
 
 
@@ -38,6 +49,8 @@ class PagedRun:
     decode_hit_rate: float
     prefetch_share: float  # of decode hits, the share the prefetch provided
     bytes_per_token: float  # read from disk per generated token
+    read_gbps: float = 0.0  # decode's bytes read over the time some read was running
+    disk_bytes_per_token: float = -1.0  # what the OS read from storage (-1: not counted)
 
 
 def budget_specs(text: str) -> list[str | float | int]:
@@ -84,37 +97,97 @@ def measure_paged(model: Any, prompt: mx.array, gen_tokens: int) -> PagedRun:
 
     from ..generation.stats import Clock
     from ..generation.stream import prefill_chunk, settle
+    from ..loading.page_cache import disk_read_bytes
 
     pager = model.limits.expert_pager
+    clock = getattr(pager.loader, "clock", None)  # ExpertFiles': time spent reading
     pager.reset_stats()
     settle()
     mx.reset_peak_memory()
     cache = model.make_cache()
-    clock, tokens, at_first = Clock(), [], None
+    timer, tokens, at_first = Clock(), [], None
+    read_s = disk = 0.0
     for token, _ in generate_step(prompt, model, max_tokens=gen_tokens, prompt_cache=cache,
                                   prefill_step_size=prefill_chunk(model)):
-        clock.first_token()
+        timer.first_token()
         if at_first is None:
             pager.wait()
             at_first = copy.deepcopy(pager.stats)
+            read_s, disk = clock.seconds if clock else 0.0, disk_read_bytes()
         tokens.append(token)
     pager.wait()
-    stats = clock.stats(len(prompt), tokens)
+    stats = timer.stats(len(prompt), tokens)
     decode = _decode_stats(pager.stats, at_first)
     total = decode.total()
+    steps = max(len(tokens) - 1, 1)
+    read_s = (clock.seconds - read_s) if clock else 0.0
+    after = disk_read_bytes()
     return PagedRun(stats.prompt_tps, stats.generation_tps, stats.peak_memory,
-                     [s.hit_rate for s in decode.layers], total.hit_rate,
-                     total.prefetch_hits / max(total.hits, 1),
-                     total.bytes_read / max(len(tokens) - 1, 1))
+                    [s.hit_rate for s in decode.layers], total.hit_rate,
+                    total.prefetch_hits / max(total.hits, 1), total.bytes_read / steps,
+                    total.bytes_read / read_s / 1e9 if read_s else 0.0,
+                    (after - disk) / steps if after is not None and disk is not None else -1.0)
+
+
+def warm_files(paths: list[Path]) -> None:
+    """Read the files once, so that the page cache holds them (a warm run)."""
+    buf = bytearray(1 << 24)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def compare_reads(model: Any, paths: list[Path], prompt: mx.array, gen_tokens: int,
+                  runs: int, read_threads: int, log) -> dict[str, Any]:
+    """READS's variants, cold and warm, `runs` rounds interleaved; the medians by
+    "serial cold" ... and whether the files could be dropped from the page cache."""
+    from ..loading.page_cache import PURGE_NOTE, drop_files
+
+    pager = model.limits.expert_pager
+    loader = pager.loader
+    pager.set_policy(VARIANTS[0][0], VARIANTS[0][1])
+    done: dict[str, list[PagedRun]] = {}
+    dropped = True
+    for _ in range(runs):
+        for name, (threads, coalesce) in READS.items():
+            pager.set_read_threads(threads or read_threads)
+            loader.set_coalesce(coalesce)
+            for cold in (True, False):
+                pager.set_policy(VARIANTS[0][0], VARIANTS[0][1])  # empty slots: same start
+                if cold:
+                    dropped = drop_files(paths) and dropped
+                else:
+                    warm_files(paths)
+                loader.set_cold(cold)
+                done.setdefault(f"{name} {'cold' if cold else 'warm'}", []).append(
+                    measure_paged(model, prompt, gen_tokens))
+                loader.set_cold(False)
+    pager.set_read_threads(read_threads)
+    loader.set_coalesce(True)
+    if not dropped:
+        log(PURGE_NOTE)
+    out = {key: {name: statistics.median(getattr(r, name) for r in rs)
+                 for name in ("decode_tps", "prefill_tps", "read_gbps", "bytes_per_token",
+                              "disk_bytes_per_token", "decode_hit_rate")}
+           for key, rs in done.items()}
+    for key, v in out.items():
+        v["guess_rate"] = None  # the share of needed experts the guess had read: not yet
+        log(f"  reads {key}: decode {v['decode_tps']:.2f} tok/s, {v['read_gbps']:.2f} GB/s")
+    return {"read_threads": read_threads, "dropped": dropped, "runs": out}
 
 
 def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens: int,
-                    runs: int, dtype: str | None, as_json: bool) -> str:
+                 runs: int, dtype: str | None, as_json: bool,
+                 read_threads: int | None = None) -> str:
     from ..loading import describe, load
     from ..loading.memory import load_bytes
     from ..loading.memory_plan import minimum_budget
+    from ..loading.process_memory import peak_rss, reset_peak_rss
+    from ..model.expert_cache import DEFAULT_READ_THREADS
     from .bench import load_ours, measure
 
+    read_threads = read_threads or DEFAULT_READ_THREADS
     source = describe(folder)
     model_bytes = load_bytes(source, dtype)
     budgets = parse_budgets(budgets_text, model_bytes, minimum_budget(source, dtype))
@@ -135,8 +208,10 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
     mx.clear_cache()
     for budget in budgets:
         start = time.perf_counter()
+        rss_counted = reset_peak_rss()  # this budget's peak: loading and generation
         try:
-            model, _ = load(folder, tokenizer=False, dtype=dtype, max_memory=budget)
+            model, _ = load(folder, tokenizer=False, dtype=dtype, max_memory=budget,
+                            read_threads=read_threads)
         except MemoryLimitError as e:  # the other budgets still run
             log(str(e))
             result["budgets"].append({"budget": budget, "share": budget / model_bytes,
@@ -165,6 +240,9 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
                 for name in asdict(done[0])}
             log(f"  {key}: decode {entry['variants'][key]['decode_tps']:.2f} tok/s, hit rate "
                 f"{entry['variants'][key]['decode_hit_rate']:.0%}")
+        entry["reads"] = compare_reads(model, source.files, prompt, gen_tokens, runs,
+                                       read_threads, log)
+        entry["peak_rss"] = peak_rss() if rss_counted else None
         result["budgets"].append(entry)
         pager.close()
         del model, pager
@@ -199,7 +277,30 @@ def format_paging(result: dict[str, Any]) -> str:
                 f"{size(v['peak_memory'])}")
             lines.append("      hit rate per layer: "
                          + " ".join(f"{h:.0%}" for h in v["decode_hit_rates"]))
+        lines += format_reads(entry)
     return "\n".join(lines)
+
+
+def format_reads(entry: dict[str, Any]) -> list[str]:
+    reads = entry.get("reads")
+    if not reads:
+        return []
+    runs = reads["runs"]
+    rss = entry.get("peak_rss")
+    lines = [f"    reads: serial (1 thread, each range alone) against the pool "
+             f"({reads['read_threads']} threads, coalesced)"
+             + ("" if reads["dropped"] else " - the page cache could not be dropped here")
+             + (f"; peak RSS {size(rss)} ({rss / entry['budget']:.2f}x the budget)"
+                if rss else "")]
+    for key, v in runs.items():
+        disk = v["disk_bytes_per_token"]
+        base = runs["serial " + key.split()[1]]["decode_tps"]
+        lines.append(f"      {key:<11} decode {v['decode_tps']:6.2f} tok/s "
+                     f"({v['decode_tps'] / base:.2f}x serial), read {v['read_gbps']:.2f} GB/s, "
+                     f"{size(v['bytes_per_token'])} per token"
+                     + (f" ({size(disk)} from disk)" if disk >= 0 else "")
+                     + f", hit rate {v['decode_hit_rate']:.0%}")
+    return lines
 
 
 def hit_rates_path() -> Path:

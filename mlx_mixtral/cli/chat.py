@@ -57,7 +57,8 @@ def run_chat(args: argparse.Namespace) -> int:
     name = model_identity(name or default_model())  # the demo's file is "demo", as listed
     # A missing file, an unknown repo, a model too big or a budget too small: one line now,
     # not an app that cannot load.
-    plan = plan_for_cli(name, args.force, args.dtype, max_memory=args.max_memory)
+    plan = plan_for_cli(name, args.force, args.dtype, max_memory=args.max_memory,
+                        read_threads=args.read_threads)
     from ..app.chat_app import ChatApp  # (imported after the plan: they take seconds)
     from ..app.chat_prefixes import ChatPrefixes, remove_old_cache_files
     from ..app.mlx_engine import MlxEngine

@@ -95,15 +95,29 @@ MAX_MEMORY_HELP = ("run within this much memory, e.g. 12GB: a Mixtral larger tha
                    "the plan (default: no budget, the whole model loads)")
 
 
+def read_threads_flag(text: str) -> int:
+    """--read-threads: a whole number in range, else one line."""
+    from ..errors import ConfigError
+    from ..model.expert_cache import check_read_threads
+
+    try:
+        return check_read_threads(int(text))
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(f"a whole number from 1 to 64, got {text!r}") from None
+
+
 def add_model_flags(p: argparse.ArgumentParser, model: bool = True,
                     sampling: bool = True) -> None:
-    """--model, --force, --dtype and --max-memory, and the sampling flags, for the commands
-    that load a model."""
+    """--model, --force, --dtype, --max-memory and --read-threads, and the sampling flags, for
+    the commands that load a model."""
     if model:
         p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help=DTYPE_HELP)
     p.add_argument("--max-memory", default=None, metavar="SIZE", help=MAX_MEMORY_HELP)
+    p.add_argument("--read-threads", type=read_threads_flag, default=None, metavar="N",
+                   help="threads reading paged experts from disk at once (default: 4; an "
+                   "SSD reads fastest with several reads in flight)")
     if sampling:
         add_sampling_flags(p)
 

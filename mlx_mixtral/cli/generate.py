@@ -87,7 +87,7 @@ def run_generate(args: argparse.Namespace) -> int:
         prompt = read_prompt(given)
     # A model that cannot load is one line before the seconds of importing generation.
     plan = plan_for_cli(args.model, args.force, args.dtype, group, args.pipeline,
-                        args.max_memory)
+                        args.max_memory, read_threads=args.read_threads)
     from ..generation import Stats, stream_generate
     from ..generation.sampling import model_defaults
     from ..generation.stream import prompt_ids, require_text

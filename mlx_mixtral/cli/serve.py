@@ -388,8 +388,9 @@ def run_serve(args: argparse.Namespace) -> int:
                               + " serves one model: give one --model (and no --models-dir)")
     try:
         plan = plan_for_cli(names[0], args.force, args.dtype, group, args.pipeline,
-                            args.max_memory, reserve, shrink)  # one line before loading, if
-        # it cannot (a --cache-ram that does not fit in --max-memory too)
+                            args.max_memory, reserve, shrink, args.read_threads)
+        # (one line before loading, if it cannot: a --cache-ram that does not fit in
+        # --max-memory too)
     except MlxMixtralError as e:
         raise renamed(e, "prompt_cache_bytes", named) from None
     others = [(model_name(n, p.name), p) for n, p in

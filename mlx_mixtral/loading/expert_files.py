@@ -44,7 +44,7 @@ _NAMES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: 
 
 
 # A converted range is read in pieces of at most this: each reader thread's staging buffer.
-STAGE_BYTES = 1 << 20
+STAGE_BYTES = 1 << 18
 # Pieces of one expert read by several threads are no smaller than this (flash reads fast
 # only in large requests).
 MIN_PIECE = 1 << 20

@@ -94,6 +94,8 @@ def load_planned(plan: LoadPlan, tokenizer: bool = True, expert_policy: str = "l
     else:
         model, metadata = build(source, plan.dtype, fuse=plan.ranks == 1)
     if memory is not None:
+        # Freed buffers MLX keeps count in RSS: no more than the plan leaves for them.
+        mx.set_cache_limit(memory.cache_limit)
         model.limits = RuntimeLimits(
             max_context=memory.context_limit, memory_plan=memory, expert_pager=pager,
             max_prefill_step=memory.prefill_step if pager is not None else None)

@@ -7,7 +7,13 @@ The budget holds, in MLX's own accounting (`mx.get_peak_memory`):
 - the KV cache for at least `context` tokens;
 - working memory for a prefill chunk, which sets the chunk size (at most a tenth of the budget);
 - a reserve, carved out first, for KV caches kept between requests (the server's prompt-cache
-  pool): the model plans within what is left.
+  pool): the model plans within what is left;
+- the process's own memory outside MLX's counter (OVERHEAD): the runtime's first forward pass
+  (~11 MB measured here: BLAS and the CPU backend's buffers) and the reader threads' staging
+  buffers, so that the budget also holds as the operating system counts it (RSS).
+
+MLX's buffer cache is limited to what the plan leaves beyond the weights (`cache_limit`): freed
+buffers it keeps count in RSS though not in MLX's peak.
 
 What is left bounds the context: a conversation may grow only as long as its KV cache and the
 prefill's attention over it still fit (`context_limit`).
@@ -25,7 +31,7 @@ from ..errors import MemoryLimitError
 from ..model.precision import target_dtype
 from ..units import parse_size, size
 from . import memory
-from .expert_files import is_expert_tensor
+from .expert_files import STAGE_BYTES, is_expert_tensor
 from .memory import check_fits, folder_tensor_bytes, load_bytes
 
 if TYPE_CHECKING:
@@ -33,6 +39,10 @@ if TYPE_CHECKING:
     from .source import ModelSource
 
 MIN_CONTEXT = 2048  # tokens the KV cache must hold at least
+# Resident memory outside MLX's counter: the runtime's (measured above) and up to 8 reader
+# threads' staging buffers (loading/expert_files.py's STAGE_BYTES each).
+RUNTIME_OVERHEAD = 12 * 10**6
+OVERHEAD = RUNTIME_OVERHEAD + 8 * STAGE_BYTES
 PREFILL_STEPS = (512, 256, 128, 64, 32, 16)
 WORKSPACE_SHARE = 0.1
 
@@ -63,6 +73,7 @@ class MemoryPlan:
     slots: int  # experts in memory per layer
     context_limit: int  # the longest context the budget holds (<= the model's own)
     reserved: int = 0  # kept aside for KV caches kept between requests
+    overhead: int = OVERHEAD  # the process's memory outside MLX's counter
 
     @property
     def paging(self) -> bool:
@@ -80,7 +91,8 @@ class MemoryPlan:
 
     @property
     def kv_room(self) -> int:
-        return self.budget - self.reserved - self.resident - self.slot_bytes - self.workspace
+        return (self.budget - self.reserved - self.overhead - self.resident - self.slot_bytes
+                - self.workspace)
 
     @property
     def spare(self) -> int:
@@ -218,10 +230,10 @@ def plan_for(args: ModelArgs, budget: int, resident: int, experts_total: int,
     n_experts = args.num_local_experts if experts_total else 0
     expert = experts_total // max(args.num_hidden_layers * n_experts, 1)
     workspace = workspace_bytes(args, step, context)
-    room = budget - resident - workspace - kv * context
+    room = budget - OVERHEAD - resident - workspace - kv * context
     slots = int(min(n_experts, max(room // max(args.num_hidden_layers * expert, 1), 0)))
-    limit = _context_limit(args, budget - resident - slots * args.num_hidden_layers * expert,
-                           kv, step)
+    limit = _context_limit(args, budget - OVERHEAD - resident
+                           - slots * args.num_hidden_layers * expert, kv, step)
     return MemoryPlan(budget, resident, expert, args.num_hidden_layers, n_experts,
                       args.num_experts_per_tok, kv, context, step, workspace, slots, limit)
 

@@ -35,6 +35,7 @@ def drop_files(paths: list[Path]) -> bool:
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
+            os.fsync(fd)  # pages not yet written back (a file just converted) stay otherwise
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
