@@ -1,9 +1,10 @@
 """Streaming, atomic conversion of a checkpoint folder into an MLX folder.
 
 Every output tensor is first described as a lazy MLX graph (memory-mapped source -> stacked
-experts -> cast -> quantize). The graphs are grouped into shards by their output size, and each
-shard is evaluated and written on its own, so peak memory is about one output shard plus the
-source tensors it reads, never the whole model. Everything is written into a hidden folder beside
+experts -> cast -> quantize; in the streaming layout, then one row per expert). The graphs are
+grouped into shards by their output size, and each shard is evaluated and written on its own,
+so peak memory is about one output shard plus the source tensors it reads, never the whole
+model. Everything is written into a hidden folder beside
 OUT, which is renamed to OUT only when complete: an interrupted run leaves no OUT.
 """
 
@@ -32,6 +33,7 @@ from ..text.tokenizer import VOCABULARY_FILES, vocabulary_file
 from ..units import human
 from ..user_files import writer_alive
 from .plan import Q_BITS, Q_GROUP_SIZES, Plan, recipe_bits
+from .streaming_layout import LAYOUTS, tensor_groups
 
 # Files copied as they are: tokenizers, chat templates, generation defaults.
 SIDE_FILES = (
@@ -128,15 +130,18 @@ def _output_tensors(weights: dict[str, mx.array], plan: Plan,
     return out
 
 
-def _shards(tensors: dict[str, mx.array], max_bytes: int) -> Iterator[dict[str, mx.array]]:
+def _shards(groups: list[dict[str, mx.array]], max_bytes: int
+            ) -> Iterator[dict[str, mx.array]]:
+    """Consecutive groups (streaming_layout.py's) per shard; a group is never split."""
     shard: dict[str, mx.array] = {}
     size = 0
-    for name, value in tensors.items():
-        if shard and size + value.nbytes > max_bytes:
+    for group in groups:
+        nbytes = sum(v.nbytes for v in group.values())
+        if shard and size + nbytes > max_bytes:
             yield shard
             shard, size = {}, 0
-        shard[name] = value
-        size += value.nbytes
+        shard.update(group)
+        size += nbytes
     if shard:
         yield shard
 
@@ -178,6 +183,7 @@ def convert(
     force: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    layout: str = "stacked",
 ) -> Summary:
     """Convert a Hugging Face folder or repo id (or an MLX folder) into an MLX folder.
 
@@ -191,6 +197,9 @@ def convert(
                            params=("force",))
     plan = make_plan(DTYPES[dtype] if dtype else mx.float16, quantize, q_bits, q_group_size,
                      expert_bits, recipe)  # checked before anything is read
+    if layout not in LAYOUTS:
+        raise ConvertError(f"layout={layout!r} is not one of {', '.join(LAYOUTS)}",
+                           params=("layout",))
     if plan.bits is not None and dequantize:
         raise ConvertError("quantize=True (or recipe, expert_bits) and dequantize=True exclude "
                            "each other", params=("quantize", "recipe", "expert_bits", "dequantize"))
@@ -211,7 +220,10 @@ def convert(
 
     layers: dict[str, int | None] = {}
     parameters = _count_parameters(weights)
-    shards = list(_shards(_output_tensors(weights, plan, layers), shard_bytes))
+    groups = tensor_groups(_output_tensors(weights, plan, layers), args.num_local_experts,
+                           layout)
+    shards = list(_shards(groups, shard_bytes))
+    del groups
     # From here on only the lazy graphs in `shards` reference the (memory-mapped) sources, so
     # each source tensor and each written shard is freed as soon as it has been used.
     del weights
