@@ -14,7 +14,10 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     from ..convert.streaming_layout import LAYOUTS
 
     p = add_command(sub, "convert", run_convert)
-    p.add_argument("--hf-path", required=True, help="source folder (config.json + safetensors)")
+    p.add_argument("--hf-path", required=True,
+                   help="source: a folder (config.json + safetensors) or Hugging Face repo id, "
+                   "a .gguf file, or ollama:NAME. A GGUF's Q4_0, Q4_1 and Q8_0 tensors are "
+                   "written as they are (exact); other quantized types are dequantized")
     p.add_argument("--mlx-path", required=True, help="output folder (must not exist)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
     p.add_argument("--q-bits", type=int, choices=Q_BITS, default=4,
@@ -59,7 +62,7 @@ def run_convert(args: argparse.Namespace) -> int:
     if args.verify:
         from ..convert.verify import verify
 
-        print(verify(args.hf_path, args.mlx_path))
+        print(verify(summary.source or args.hf_path, args.mlx_path))
     return 0
 
 
