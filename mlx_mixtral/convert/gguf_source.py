@@ -32,6 +32,7 @@ class GGUFWeights:
     weights: dict[str, mx.array]  # our names, experts stacked
     quantized: dict[str, dict]  # module -> {"group_size", "bits"} of each stored quantized
     note: str | None = None  # what was not kept as it was
+    metadata: dict | None = None  # MLX's reading of the file's metadata, when MLX read it
 
 
 def read_gguf(source: ModelSource, plan: Plan) -> GGUFWeights:
@@ -39,9 +40,9 @@ def read_gguf(source: ModelSource, plan: Plan) -> GGUFWeights:
     odd = sorted({t.dtype for t in source.tensors} - MLX_TYPES)
     if odd:
         return _dequantized(source, plan, odd)
-    weights, quantization, _ = gguf_weights(source)
+    weights, quantization, metadata = gguf_weights(source)
     quantized = {k: v for k, v in (quantization or {}).items() if isinstance(v, dict)}
-    return GGUFWeights(weights, quantized)
+    return GGUFWeights(weights, quantized, metadata=metadata)
 
 
 def _dequantized(source: ModelSource, plan: Plan, odd: list[str]) -> GGUFWeights:
@@ -74,13 +75,14 @@ def _dequantized(source: ModelSource, plan: Plan, odd: list[str]) -> GGUFWeights
     return GGUFWeights(weights, quantized, note)
 
 
-def write_tokenizer(path: Path, folder: Path) -> bool:
-    """The GGUF's vocabulary as `folder`'s tokenizer files; False when it cannot be rebuilt
+def write_tokenizer(path: Path, folder: Path, metadata: dict | None) -> bool:
+    """The GGUF's vocabulary (from `metadata` when MLX read it: the gguf package takes seconds
+    over a large vocabulary) as `folder`'s tokenizer files; False when it cannot be rebuilt
     (the summary then says to copy the model's own)."""
     from ..text.gguf_vocab import gguf_tokenizer_files
 
     try:
-        files = gguf_tokenizer_files(path, read_gguf_vocabulary(path))
+        files = gguf_tokenizer_files(path, metadata or read_gguf_vocabulary(path))
     except TokenizerError:
         return False
     for name, data in files.items():

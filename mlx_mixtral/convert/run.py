@@ -194,6 +194,7 @@ class _Read:
     weights: dict[str, mx.array]
     kept: dict[str, dict] = field(default_factory=dict)  # module -> quantization, as stored
     note: str | None = None
+    metadata: dict | None = None  # a GGUF's, as MLX read it (its vocabulary)
 
 
 def _read_folder(source: ModelSource, dequantize: bool) -> dict[str, mx.array]:
@@ -216,11 +217,11 @@ def _read_gguf(source: ModelSource, plan: Plan, dequantize: bool) -> _Read:
     or all in floats with `dequantize`."""
     read = read_gguf(source, plan)
     if not dequantize:
-        return _Read(read.weights, read.quantized, read.note)
+        return _Read(read.weights, read.quantized, read.note, read.metadata)
     if not read.quantized:
         raise ConvertError(f"{source.path}: dequantize=True needs a quantized MLX folder or "
                            "GGUF file", params=("dequantize",))
-    return _Read(_dequantize(read.weights, read.quantized), {}, read.note)
+    return _Read(_dequantize(read.weights, read.quantized), {}, read.note, read.metadata)
 
 
 def convert(
@@ -289,7 +290,7 @@ def convert(
             if src.is_dir() and (src / name).is_file():
                 shutil.copyfile(src / name, work / name)
         if source.format == "gguf":
-            write_tokenizer(src, work)
+            write_tokenizer(src, work, read.metadata)
         _publish(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
