@@ -21,8 +21,9 @@ COMMANDS = {
         "messages and statistics go to stderr. The model's chat format is applied unless "
         "--raw is given."),
     "convert": (
-        "convert Hugging Face weights into an MLX folder (optionally quantized)",
-        "Convert a Hugging Face checkpoint (safetensors) into an MLX folder, "
+        "convert Hugging Face weights or a GGUF into an MLX folder (optionally quantized)",
+        "Convert a Hugging Face checkpoint (safetensors), a GGUF file or ollama:NAME into an "
+        "MLX folder, "
         "streamed shard by shard and written atomically. With -q: experts and attention at "
         "--q-bits, embeddings and output head at >= 6 bits, router gate and norms unquantized."),
     "info": (

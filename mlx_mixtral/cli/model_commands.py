@@ -11,9 +11,13 @@ from .flags import DTYPE_CHOICES, MODEL_HELP
 
 def add_convert(sub: argparse._SubParsersAction) -> None:
     from ..convert.plan import Q_BITS, Q_GROUP_SIZES, RECIPES
+    from ..convert.streaming_layout import LAYOUTS
 
     p = add_command(sub, "convert", run_convert)
-    p.add_argument("--hf-path", required=True, help="source folder (config.json + safetensors)")
+    p.add_argument("--hf-path", required=True,
+                   help="source: a folder (config.json + safetensors) or Hugging Face repo id, "
+                   "a .gguf file, or ollama:NAME. A GGUF's Q4_0, Q4_1 and Q8_0 tensors are "
+                   "written as they are (exact); other quantized types are dequantized")
     p.add_argument("--mlx-path", required=True, help="output folder (must not exist)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
     p.add_argument("--q-bits", type=int, choices=Q_BITS, default=4,
@@ -33,6 +37,10 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dequantize", action="store_true",
                    help="turn a quantized MLX folder back into floats")
     p.add_argument("--shard-size-gb", type=float, default=5.0, help="maximum shard size in GB")
+    p.add_argument("--layout", choices=LAYOUTS, default="stacked",
+                   help="how a Mixtral's experts lie in the files: stacked (mlx-lm's), or "
+                   "streaming: each expert's tensors side by side, one read when --max-memory "
+                   "pages it in (both load in mlx-lm)")
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
     p.add_argument("--verify", action="store_true",
                    help="afterwards, compare source and output on a fixed text (loads both)")
@@ -45,7 +53,7 @@ def run_convert(args: argparse.Namespace) -> int:
         args.hf_path, args.mlx_path, quantize=args.quantize, q_bits=args.q_bits,
         q_group_size=args.q_group_size, expert_bits=args.expert_bits, recipe=args.recipe,
         dtype=args.dtype, dequantize=args.dequantize,
-        force=args.force, shard_bytes=int(args.shard_size_gb * 1e9),
+        force=args.force, shard_bytes=int(args.shard_size_gb * 1e9), layout=args.layout,
     )
     print(summary)
     from ..catalog.local import remember
@@ -54,7 +62,7 @@ def run_convert(args: argparse.Namespace) -> int:
     if args.verify:
         from ..convert.verify import verify
 
-        print(verify(args.hf_path, args.mlx_path))
+        print(verify(summary.source or args.hf_path, args.mlx_path))
     return 0
 
 

@@ -1,10 +1,14 @@
-"""Streaming, atomic conversion of a checkpoint folder into an MLX folder.
+"""Streaming, atomic conversion of a checkpoint (a folder or a GGUF file) into an MLX folder.
 
 Every output tensor is first described as a lazy MLX graph (memory-mapped source -> stacked
-experts -> cast -> quantize). The graphs are grouped into shards by their output size, and each
-shard is evaluated and written on its own, so peak memory is about one output shard plus the
-source tensors it reads, never the whole model. Everything is written into a hidden folder beside
-OUT, which is renamed to OUT only when complete: an interrupted run leaves no OUT.
+experts -> cast -> quantize; in the streaming layout, then one row per expert). The graphs are
+grouped into shards by their output size, and each shard is evaluated and written on its own,
+so peak memory is about one output shard plus the source tensors it reads, never the whole
+model. Everything is written into a hidden folder beside OUT, which is renamed to OUT only
+when complete: an interrupted run leaves no OUT.
+
+The source is a Hugging Face or MLX folder (a repo id, `ollama:NAME` of a safetensors model), or
+a GGUF file (`ollama:NAME` of a GGUF model): gguf_source.py reads it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +29,15 @@ from ..errors import ConvertError
 from ..loading.checkpoint import sanitize
 from ..loading.locate import resolve
 from ..loading.safetensors_file import read_safetensors
-from ..loading.source import describe
+from ..loading.source import ModelSource, describe
 from ..model.config import ModelArgs
 from ..model.precision import DTYPES
 from ..text.tokenizer import VOCABULARY_FILES, vocabulary_file
 from ..units import human
 from ..user_files import writer_alive
+from .gguf_source import read_gguf, write_tokenizer
 from .plan import Q_BITS, Q_GROUP_SIZES, Plan, recipe_bits
+from .streaming_layout import LAYOUTS, tensor_groups
 
 # Files copied as they are: tokenizers, chat templates, generation defaults.
 SIDE_FILES = (
@@ -56,12 +62,16 @@ class Summary:
     shards: int
     seconds: float
     tokenizer: bool = True  # a tokenizer file came along (without one, nothing can chat)
+    note: str | None = None  # what the source lost on the way (a GGUF's types MLX lacks)
+    source: Path | None = None  # what was converted, resolved (a repo id's folder ...)
 
     def __str__(self) -> str:
         text = (f"Wrote {self.out}: {human(self.parameters, 'B')} parameters, "
                 f"{self.bits_per_weight:.2f} bits per weight, "
                 f"{human(self.bytes_on_disk)}B on disk in {self.shards} shard(s), "
                 f"{self.seconds:.1f} s")
+        if self.note:
+            text += f"\n{self.note}"
         if not self.tokenizer:
             text += (f"\nNote: the source had no {' or '.join(VOCABULARY_FILES)}; copy the "
                      f"model's tokenizer files into {self.out} before generating with it")
@@ -105,14 +115,16 @@ def _dequantize(weights: dict[str, mx.array], quantization: dict) -> dict[str, m
 
 
 def _output_tensors(weights: dict[str, mx.array], plan: Plan,
-                    layers: dict[str, int | None]) -> dict[str, mx.array]:
-    """Lazy output tensors; records each quantizable module's bits in `layers`."""
+                    layers: dict[str, int | None], cast: bool = True) -> dict[str, mx.array]:
+    """Lazy output tensors (floats in `plan.dtype`, or their own without `cast`); records each
+    quantizable module's bits in `layers`."""
     out: dict[str, mx.array] = {}
     for name, value in weights.items():
         if not mx.issubdtype(value.dtype, mx.floating):
             out[name] = value
             continue
-        value = value.astype(plan.dtype)
+        if cast:
+            value = value.astype(plan.dtype)
         module, _, param = name.rpartition(".")
         bits = plan.bits_for(module, value.shape) if param == "weight" else None
         if param == "weight" and value.ndim >= 2:
@@ -128,15 +140,18 @@ def _output_tensors(weights: dict[str, mx.array], plan: Plan,
     return out
 
 
-def _shards(tensors: dict[str, mx.array], max_bytes: int) -> Iterator[dict[str, mx.array]]:
+def _shards(groups: list[dict[str, mx.array]], max_bytes: int
+            ) -> Iterator[dict[str, mx.array]]:
+    """Consecutive groups (streaming_layout.py's) per shard; a group is never split."""
     shard: dict[str, mx.array] = {}
     size = 0
-    for name, value in tensors.items():
-        if shard and size + value.nbytes > max_bytes:
+    for group in groups:
+        nbytes = sum(v.nbytes for v in group.values())
+        if shard and size + nbytes > max_bytes:
             yield shard
             shard, size = {}, 0
-        shard[name] = value
-        size += value.nbytes
+        shard.update(group)
+        size += nbytes
     if shard:
         yield shard
 
@@ -161,8 +176,52 @@ def make_plan(dtype: mx.Dtype, quantize: bool, q_bits: int, group_size: int,
                 expert_bits=expert_bits if quantize else None)
 
 
-def _count_parameters(weights: dict[str, mx.array]) -> int:
-    return sum(v.size for k, v in weights.items() if not k.endswith((".scales", ".biases")))
+def _count_parameters(weights: dict[str, mx.array], kept: dict[str, dict]) -> int:
+    """Weights counted unpacked (a module stored quantized packs 32 / bits per word)."""
+    count = 0
+    for name, value in weights.items():
+        module, _, param = name.rpartition(".")
+        if param in ("scales", "biases"):
+            continue
+        count += value.size * 32 // kept[module]["bits"] if module in kept else value.size
+    return count
+
+
+@dataclass
+class _Read:
+    """The source's tensors (our names, lazy where they can be) and what convert says of it."""
+
+    weights: dict[str, mx.array]
+    kept: dict[str, dict] = field(default_factory=dict)  # module -> quantization, as stored
+    note: str | None = None
+    metadata: dict | None = None  # a GGUF's, as MLX read it (its vocabulary)
+
+
+def _read_folder(source: ModelSource, dequantize: bool) -> dict[str, mx.array]:
+    """A safetensors folder's tensors under our names; an MLX-quantized one's in floats."""
+    weights = sanitize(read_safetensors(source.files), source.args)
+    source_quant = source.quantization
+    if dequantize:
+        if source_quant is None:
+            raise ConvertError(f"{source.path}: dequantize=True needs a quantized MLX folder "
+                               "or GGUF file", params=("dequantize",))
+        return _dequantize(weights, source_quant)
+    if source_quant is not None:
+        raise ConvertError(f"{source.path} is already quantized; pass dequantize=True to turn "
+                           "it back into floats (or use it as it is)", params=("dequantize",))
+    return weights
+
+
+def _read_gguf(source: ModelSource, plan: Plan, dequantize: bool) -> _Read:
+    """A GGUF's tensors (gguf_source.py): its MLX-readable quantized ones kept as they are,
+    or all in floats with `dequantize`."""
+    read = read_gguf(source, plan)
+    if not dequantize:
+        return _Read(read.weights, read.quantized, read.note, read.metadata)
+    if not read.quantized:
+        raise ConvertError(f"{source.path}: dequantize=True needs a quantized MLX folder or "
+                           "GGUF file", params=("dequantize",))
+    return _Read(_dequantize(read.weights, read.quantized), {}, read.note, read.metadata)
 
 
 def convert(
@@ -178,40 +237,41 @@ def convert(
     force: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    layout: str = "stacked",
 ) -> Summary:
-    """Convert a Hugging Face folder or repo id (or an MLX folder) into an MLX folder.
+    """Convert a Hugging Face folder or repo id (or an MLX folder), a GGUF file or
+    `ollama:NAME` into an MLX folder; `layout="streaming"` writes each expert in one range.
 
     See `mlx-mixtral convert --help`; returns what was written."""
     start = time.perf_counter()
     src, out = resolve(hf_path), Path(mlx_path)
-    if not src.is_dir():
-        raise ConvertError(f"{src}: not a folder (give the folder holding config.json)")
     if out.exists() and not force:
         raise ConvertError(f"{out} already exists; pass force=True to replace it",
                            params=("force",))
     plan = make_plan(DTYPES[dtype] if dtype else mx.float16, quantize, q_bits, q_group_size,
                      expert_bits, recipe)  # checked before anything is read
+    if layout not in LAYOUTS:
+        raise ConvertError(f"layout={layout!r} is not one of {', '.join(LAYOUTS)}",
+                           params=("layout",))
     if plan.bits is not None and dequantize:
         raise ConvertError("quantize=True (or recipe, expert_bits) and dequantize=True exclude "
                            "each other", params=("quantize", "recipe", "expert_bits", "dequantize"))
     source = describe(src)
     args, config = source.args, source.config
-    weights = sanitize(read_safetensors(source.files), args)
-    source_quant = config.get("quantization")
-    if dequantize:
-        if not isinstance(source_quant, dict):
-            raise ConvertError(f"{src}: dequantize=True needs a quantized MLX folder",
-                               params=("dequantize",))
-        weights = _dequantize(weights, source_quant)
-    elif isinstance(source_quant, dict):
-        raise ConvertError(f"{src} is already quantized; pass dequantize=True to turn it back "
-                           "into floats (or use it as it is)", params=("dequantize",))
     if dtype is None:
         plan = replace(plan, dtype=_source_dtype(config))
+    read = _read_gguf(source, plan, dequantize) if source.format == "gguf" else _Read(
+        _read_folder(source, dequantize))
+    weights = read.weights
 
     layers: dict[str, int | None] = {}
-    parameters = _count_parameters(weights)
-    shards = list(_shards(_output_tensors(weights, plan, layers), shard_bytes))
+    parameters = _count_parameters(weights, read.kept)
+    # A GGUF's tensors keep their dtypes unless one is asked for: as loading keeps them.
+    cast = dtype is not None or source.format != "gguf"
+    groups = tensor_groups(_output_tensors(weights, plan, layers, cast),
+                           args.num_local_experts, layout)
+    shards = list(_shards(groups, shard_bytes))
+    del groups
     # From here on only the lazy graphs in `shards` reference the (memory-mapped) sources, so
     # each source tensor and each written shard is freed as soon as it has been used.
     del weights
@@ -222,20 +282,22 @@ def convert(
     work.mkdir()
     try:
         weight_map, total = _write_shards(shards, work, progress)
-        _write_config(config, plan, layers, args, work)
+        _write_config(config, plan, layers, args, work, read.kept)
         (work / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
             indent=2))
         for name in SIDE_FILES:
-            if (src / name).is_file():
+            if src.is_dir() and (src / name).is_file():
                 shutil.copyfile(src / name, work / name)
+        if source.format == "gguf":
+            write_tokenizer(src, work, read.metadata)
         _publish(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return Summary(out, parameters, total, 8 * total / max(parameters, 1),
                    len(set(weight_map.values())), time.perf_counter() - start,
-                   vocabulary_file(out) is not None)
+                   vocabulary_file(out) is not None, read.note, src)
 
 
 _SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16",
@@ -288,10 +350,15 @@ def _write_shards(shards: list[dict[str, mx.array]], work: Path,
 
 
 def _write_config(config: dict, plan: Plan, layers: dict[str, int | None], args: ModelArgs,
-                  work: Path) -> None:
-    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+                  work: Path, kept: dict[str, dict]) -> None:
+    """config.json: the source's (a GGUF's as read from its metadata), with the quantization
+    of the layers quantized now (`layers`) and of those stored quantized already (`kept`)."""
+    config = {k: v for k, v in config.items()
+              if k not in ("quantization", "quantization_config") and v is not None}
     config["rope_theta"] = args.rope_theta  # mlx-lm reads it at the top level
     entry = plan.config_entry(layers)
+    if kept:  # mlx-lm wants defaults at the top level: the first kept layer's
+        entry = {**(entry or next(iter(kept.values()))), **dict(sorted(kept.items()))}
     if entry is not None:
         config["quantization"] = config["quantization_config"] = entry
     config["torch_dtype"] = next(k for k, v in DTYPES.items() if v == plan.dtype)

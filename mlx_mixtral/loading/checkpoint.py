@@ -41,6 +41,15 @@ def tensor_name(key: str) -> str:
     return f"{module_name(module)}.{param}"
 
 
+def per_expert_name(stacked: str, expert: int) -> str:
+    """Hugging Face's name of one expert's row of a stacked tensor (the inverse of
+    `tensor_name`): "...switch_mlp.gate_proj.scales", 3 -> "...experts.3.w1.scales"."""
+    module, _, param = stacked.rpartition(".")
+    prefix, _, proj = module.rpartition(".switch_mlp.")
+    hf = next(k for k, v in _EXPERT_NAMES.items() if v == proj)
+    return f"{prefix}.experts.{expert}.{hf}.{param}"
+
+
 def stack_experts(groups: dict[str, dict[int, mx.array]],
                   num_experts: int) -> dict[str, mx.array]:
     """Per-expert tensors {target name: {expert: tensor}} stacked as `[experts, ...]`; every

@@ -148,16 +148,39 @@ def _quantization(weights: dict[str, mx.array]) -> dict[str, Any] | None:
     return {"group_size": GGUF_GROUP_SIZE, "bits": 4, **layers}
 
 
+def our_module(name: str) -> str:
+    """Our module for a GGUF tensor ("blk.3.ffn_down.5.weight" ->
+    "model.layers.3.block_sparse_moe.switch_mlp.down_proj"): what says how to quantize it."""
+    stem = name.rpartition(".")[0]
+    if stem in _TOP_LEVEL:
+        return _TOP_LEVEL[stem]
+    if (m := _PER_EXPERT.match(name)) is not None:
+        return f"model.layers.{m.group(1)}.block_sparse_moe.switch_mlp.{m.group(2)}_proj"
+    if (m := _BLOCK_KEY.match(name)) is not None and m.group(2) in _BLOCK:
+        return f"model.layers.{m.group(1)}.{_BLOCK[m.group(2)]}"
+    return stem
+
+
+def gguf_weights(source: ModelSource, tensors: dict[str, mx.array] | None = None
+                 ) -> tuple[dict[str, mx.array], dict[str, Any] | None, dict[str, Any]]:
+    """A described GGUF file's tensors under our names (`tensors`: already read, under the
+    file's names), their quantization config, and the file's metadata (MLX's reading of it,
+    vocabulary arrays included; {} when `tensors` were given)."""
+    path = source.path
+    metadata: dict[str, Any] = {}
+    if tensors is None:
+        tensors, metadata = _read_tensors(path)
+    try:
+        weights = _rename(tensors, source.args, path)
+        return weights, _quantization(weights), metadata
+    except (ValueError, KeyError, ZeroDivisionError) as e:  # shapes that contradict metadata
+        raise WeightsError(f"{path}: tensor shapes disagree with the metadata ({e})") from None
+
+
 def load_gguf(source: ModelSource, dtype: str | mx.Dtype | None = None, fuse: bool = True
               ) -> tuple[Model, dict[str, Any]]:
     """Build a `Model` from a described GGUF file; returns it with the file's metadata (MLX's
     reading of it, vocabulary arrays included)."""
-    path = source.path
-    args = source.args
-    tensors, metadata = _read_tensors(path)
-    try:
-        weights = _rename(tensors, args, path)
-        quantization = _quantization(weights)
-    except (ValueError, KeyError, ZeroDivisionError) as e:  # shapes that contradict metadata
-        raise WeightsError(f"{path}: tensor shapes disagree with the metadata ({e})") from None
-    return build_model(args, weights, quantization, str(path), dtype, fuse), metadata
+    weights, quantization, metadata = gguf_weights(source)
+    return build_model(source.args, weights, quantization, str(source.path), dtype,
+                       fuse), metadata

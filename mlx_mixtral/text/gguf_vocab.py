@@ -23,8 +23,14 @@ def _plain(value: Any) -> Any:
 
 
 def _sentencepiece_from_gguf(path: Path, metadata: dict[str, Any]) -> SentencePieceTokenizer:
+    model, config = _sentencepiece_model(path, metadata)
+    return SentencePieceTokenizer(path, config, model_proto=model)
+
+
+def _sentencepiece_model(path: Path, metadata: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
     """A `llama` GGUF vocabulary is a sentencepiece BPE model taken apart (pieces, scores,
-    types): put it back together, so it tokenizes exactly as the original tokenizer.model."""
+    types): put back together (the bytes of its tokenizer.model), it tokenizes exactly as the
+    original. With its tokenizer_config.json settings."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     tokens = _plain(metadata.get("tokenizer.ggml.tokens")) or []
@@ -52,7 +58,7 @@ def _sentencepiece_from_gguf(path: Path, metadata: dict[str, Any]) -> SentencePi
     add_bos = _plain(metadata.get("tokenizer.ggml.add_bos_token"))
     config = {"chat_template": _plain(metadata.get("tokenizer.chat_template")),
               "add_bos_token": True if add_bos is None else bool(add_bos)}
-    return SentencePieceTokenizer(path, config, model_proto=model.SerializeToString())
+    return model.SerializeToString(), config
 
 
 # How llama.cpp's pre-tokenizer types split text before byte-level BPE (the regex the merges
@@ -122,7 +128,11 @@ def load_gguf_tokenizer(path: Path, metadata: dict[str, Any]) -> Tokenizer:
     if kind != "gpt2":
         raise TokenizerError(f"{path}: GGUF tokenizer type {kind!r} is not supported "
                              "(expected 'llama' or 'gpt2')")
-    backend = _byte_level_bpe(path, metadata)
+    return HFTokenizer(_byte_level_bpe(path, metadata), _byte_level_config(metadata))
+
+
+def _byte_level_config(metadata: dict[str, Any]) -> dict[str, Any]:
+    """A `gpt2` vocabulary's tokenizer_config.json settings."""
     tokens = _plain(metadata.get("tokenizer.ggml.tokens")) or []
 
     def piece(key: str) -> str | None:
@@ -130,10 +140,30 @@ def load_gguf_tokenizer(path: Path, metadata: dict[str, Any]) -> Tokenizer:
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
     add_bos = _plain(metadata.get("tokenizer.ggml.add_bos_token"))
-    config = {
+    return {
         "bos_token": piece("tokenizer.ggml.bos_token_id"),
         "eos_token": piece("tokenizer.ggml.eos_token_id"),
         "chat_template": _plain(metadata.get("tokenizer.chat_template")),
         "add_bos_token": True if add_bos is None else bool(add_bos),
     }
-    return HFTokenizer(backend, config)
+
+
+def gguf_tokenizer_files(path: Path, metadata: dict[str, Any]) -> dict[str, bytes]:
+    """The vocabulary a GGUF file embeds as a model folder's files, which load as the GGUF's
+    own tokenizer does (here, and in transformers): tokenizer.model (`llama`) or
+    tokenizer.json (`gpt2`), and tokenizer_config.json."""
+    import json
+
+    kind = _plain(metadata.get("tokenizer.ggml.model"))
+    if kind == "llama":
+        model, config = _sentencepiece_model(path, metadata)
+        files = {"tokenizer.model": model}
+        config["tokenizer_class"] = "LlamaTokenizer"
+    elif kind == "gpt2":
+        files = {"tokenizer.json": _byte_level_bpe(path, metadata).to_str().encode()}
+        config = {**_byte_level_config(metadata), "tokenizer_class": "PreTrainedTokenizerFast"}
+    else:
+        raise TokenizerError(f"{path}: GGUF tokenizer type {kind!r} is not supported "
+                             "(expected 'llama' or 'gpt2')")
+    config = {k: v for k, v in config.items() if v is not None}
+    return {**files, "tokenizer_config.json": json.dumps(config, indent=2).encode()}
