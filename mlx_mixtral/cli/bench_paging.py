@@ -112,10 +112,14 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
                     runs: int, dtype: str | None, as_json: bool) -> str:
     from ..loading import describe, load
     from ..loading.memory import load_bytes
-    from ..loading.memory_plan import minimum_budget
+    from ..loading.memory_plan import minimum_budget, pageable
     from .bench import load_ours, measure
 
     source = describe(folder)
+    if source.args.is_moe and not pageable(source):  # a GGUF whose experts do not stream
+        from ..loading.gguf_experts import not_streamable
+
+        raise not_streamable(source, budgets_text)
     model_bytes = load_bytes(source, dtype)
     budgets = parse_budgets(budgets_text, model_bytes, minimum_budget(source, dtype))
     log = (lambda m: None) if as_json else (lambda m: print(m, flush=True))
