@@ -103,6 +103,7 @@ def test_threads_lay_each_expert_into_its_slot_as_the_resident_model_holds_it(fi
     loader.close()
 
 
+@pytest.mark.slow  # 256 tokens resident and paged (~25 s)
 def test_q4_0_streams_at_half_its_size_with_the_resident_tokens(files):
     """256 greedy tokens at 50% of the model: the resident model's tokens, MLX's peak
     (loading included) within the budget + 5%, loading read no expert, and experts were read
