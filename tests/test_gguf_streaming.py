@@ -82,7 +82,7 @@ def test_threads_lay_each_expert_into_its_slot_as_the_resident_model_holds_it(fi
     pager.close()  # its own loader: reading here instead
     slots = model.limits.memory_plan.slots
     mlps = [layer.block_sparse_moe.switch_mlp for layer in model.layers]
-    loader = GGUFExperts(path, mlps, 8, WIDE["intermediate_size"])
+    loader = GGUFExperts(describe(path), mlps, 8, WIDE["intermediate_size"])
     for start in range(0, 8, slots):
         experts = list(range(start, min(start + slots, 8)))
         jobs = [(layer, e, s) for layer in range(len(mlps)) for s, e in enumerate(experts)]

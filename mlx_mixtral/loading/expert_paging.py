@@ -70,7 +70,7 @@ def build_paged(source: ModelSource, plan: MemoryPlan, dtype: str | mx.Dtype | N
     if source.format == "gguf":
         from .gguf_experts import GGUFExperts
 
-        files = GGUFExperts(source.path, mlps, args.num_local_experts, args.intermediate_size)
+        files = GGUFExperts(source, mlps, args.num_local_experts, args.intermediate_size)
     else:
         files = ExpertFiles(source.files, mlps, args.num_local_experts,
                             args.intermediate_size)

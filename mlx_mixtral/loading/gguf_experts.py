@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import MemoryLimitError, WeightsError
 from .expert_files import _read_into, _slot_views
-from .gguf_file import read_gguf_header
 from .gguf_quants import GROUP, NATIVE_BITS, block_bytes, packed_bytes, to_affine
 from .gguf_weights import EXPERT_TENSOR
 
@@ -65,30 +63,30 @@ def not_streamable(source: ModelSource, budget: str) -> MemoryLimitError:
         params=("max_memory",))
 
 
-def gguf_expert_extents(path: Path, layers: int, experts: int
+def gguf_expert_extents(source: ModelSource, layers: int, experts: int
                         ) -> list[list[list[GGUFExtent]]]:
-    """[layer][expert] -> the byte ranges of that expert, from the file's header."""
+    """[layer][expert] -> the byte ranges of that expert, from the file's description."""
+    path = source.path
     table: list[list[list[GGUFExtent]]] = [[[] for _ in range(experts)] for _ in range(layers)]
-    for t in read_gguf_header(path).tensors:
+    for t in source.tensors:
         m = EXPERT_TENSOR.match(t.name)
         if m is None:
             continue
         layer, proj, one = int(m.group(1)), m.group(2), m.group(3)
-        kind = t.type_name
         if layer >= layers or (one is not None and int(one) >= experts):
             raise WeightsError(f"{path}: {t.name} is beyond the model's {layers} layers of "
                                f"{experts} experts")
-        if kind not in NATIVE_BITS:
-            raise WeightsError(f"{path}: {t.name} is {kind}, which expert streaming does not "
-                               "read")
+        if t.dtype not in NATIVE_BITS:
+            raise WeightsError(f"{path}: {t.name} is {t.dtype}, which expert streaming does "
+                               "not read")
         if one is not None:  # one tensor per expert
-            table[layer][int(one)].append(GGUFExtent(t.offset, t.nbytes, kind, proj))
+            table[layer][int(one)].append(GGUFExtent(t.offset, t.nbytes, t.dtype, proj))
             continue
-        if len(t.shape) != 3 or t.shape[-1] != experts:
+        if t.nbytes % experts:
             raise WeightsError(f"{path}: {t.name} does not hold {experts} experts")
         row = t.nbytes // experts  # expert e is the e-th of equal ranges
         for e in range(experts):
-            table[layer][e].append(GGUFExtent(t.offset + e * row, row, kind, proj))
+            table[layer][e].append(GGUFExtent(t.offset + e * row, row, t.dtype, proj))
     return table
 
 
@@ -97,9 +95,10 @@ class GGUFExperts:
     `ExpertLoader`); `load` may run on several threads at once (each has its own file handle
     and staging buffer)."""
 
-    def __init__(self, path: Path, switch_mlps: list, num_experts: int, inter: int) -> None:
-        self.path = path
-        self.extents = gguf_expert_extents(path, len(switch_mlps), num_experts)
+    def __init__(self, source: ModelSource, switch_mlps: list, num_experts: int,
+                 inter: int) -> None:
+        self.path = source.path
+        self.extents = gguf_expert_extents(source, len(switch_mlps), num_experts)
         self.views = [_slot_views(m, inter) for m in switch_mlps]
         self._local = threading.local()
         self._opened: list = []
