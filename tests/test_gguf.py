@@ -101,16 +101,18 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def write_mixtral_gguf(ref, path, merged: bool, qtype=None) -> None:
-    """`qtype`: store the 2-D weights in this GGUF quantization (float32 when None)."""
+    """`qtype`: store the 2-D weights in this GGUF quantization (float32 when None), or a
+    function of the tensor's name giving its quantization (or None)."""
     cfg = ref.config
     writer = gguf.GGUFWriter(str(path), "llama")
     add = writer.add_tensor
 
     def add_tensor(name: str, value: np.ndarray) -> None:
-        if qtype is None or value.ndim < 2:
+        kind = qtype(name) if callable(qtype) else qtype
+        if kind is None or value.ndim < 2:
             return add(name, value)
-        q = gguf.quants.quantize(value, qtype)
-        return add(name, q, raw_shape=q.shape, raw_dtype=qtype)
+        q = gguf.quants.quantize(value, kind)
+        return add(name, q, raw_shape=q.shape, raw_dtype=kind)
 
     writer.add_tensor = add_tensor
     writer.add_block_count(cfg.num_hidden_layers)

@@ -182,13 +182,17 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
                  read_threads: int | None = None) -> str:
     from ..loading import describe, load
     from ..loading.memory import load_bytes
-    from ..loading.memory_plan import minimum_budget
+    from ..loading.memory_plan import minimum_budget, pageable
     from ..loading.process_memory import peak_rss, reset_peak_rss
     from ..model.expert_cache import DEFAULT_READ_THREADS
     from .bench import load_ours, measure
 
     read_threads = read_threads or DEFAULT_READ_THREADS
     source = describe(folder)
+    if source.args.is_moe and not pageable(source):  # a GGUF whose experts do not stream
+        from ..loading.gguf_experts import not_streamable
+
+        raise not_streamable(source, budgets_text)
     model_bytes = load_bytes(source, dtype)
     budgets = parse_budgets(budgets_text, model_bytes, minimum_budget(source, dtype))
     log = (lambda m: None) if as_json else (lambda m: print(m, flush=True))

@@ -1,9 +1,10 @@
-"""Building a Mixtral whose experts are paged from its safetensors files (`load(max_memory=)`).
+"""Building a Mixtral whose experts are paged from its safetensors files or its GGUF file
+(`load(max_memory=)`).
 
 Everything but the experts loads as usual (checkpoint.py's builder, lazy, then evaluated once).
 The expert tensors are never handed to MLX: each MoE layer gets `plan.slots` empty expert
-slots, in the dtypes the full model would have, and `ExpertFiles` fills them by byte range when
-the router asks.
+slots, in the dtypes the full model would have, and `ExpertFiles` (`GGUFExperts` for a GGUF)
+fills them by byte range when the router asks.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ _STORED = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}
 
 def _slot_float_dtype(source: ModelSource, dtype: str | mx.Dtype | None) -> mx.Dtype:
     """The dtype of the slots' float arrays: what the full model would load them as."""
+    if source.format == "gguf":  # quantized experts, their scales float16 in the file
+        return loaded_dtype(".switch_mlp.", mx.float16, True, target_dtype(dtype))
     experts = [t for t in source.tensors if is_expert_tensor(t.name)]
     quantized = any(t.name.endswith(".scales") for t in experts)
     sample = next((t for t in experts if t.dtype in _STORED), None)
@@ -50,20 +53,30 @@ def build_paged(source: ModelSource, plan: MemoryPlan, dtype: str | mx.Dtype | N
     the pager that fills them with `read_threads` readers (`coalesce`: adjacent ranges in one
     read)."""
     args = source.args
-    lazy = read_safetensors(source.files)
-    weights = sanitize({k: v for k, v in lazy.items() if not is_expert_tensor(k)}, args)
-    del lazy  # the expert tensors were never read: nothing references them now
-    experts = {tensor_name(t.name) for t in source.tensors if is_expert_tensor(t.name)}
-    model = build_model(args, weights, source.quantization, str(source.path), dtype,
-                        slots=plan.slots, stored=experts)
-    del weights
+    if source.format == "gguf":
+        from .gguf_weights import load_gguf_without_experts
+
+        model = load_gguf_without_experts(source, plan.slots, dtype)
+    else:
+        lazy = read_safetensors(source.files)
+        weights = sanitize({k: v for k, v in lazy.items() if not is_expert_tensor(k)}, args)
+        del lazy  # the expert tensors were never read: nothing references them now
+        experts = {tensor_name(t.name) for t in source.tensors if is_expert_tensor(t.name)}
+        model = build_model(args, weights, source.quantization, str(source.path), dtype,
+                            slots=plan.slots, stored=experts)
+        del weights
     float_dtype = _slot_float_dtype(source, dtype)
     for layer in model.layers:
         _empty_slots(layer.block_sparse_moe.switch_mlp, float_dtype)
     mx.eval(model.parameters())
     mlps = [layer.block_sparse_moe.switch_mlp for layer in model.layers]
-    files = ExpertFiles(source.files, mlps, args.num_local_experts, args.intermediate_size,
-                        coalesce)
+    if source.format == "gguf":
+        from .gguf_experts import GGUFExperts
+
+        files = GGUFExperts(source, mlps, args.num_local_experts, args.intermediate_size)
+    else:
+        files = ExpertFiles(source.files, mlps, args.num_local_experts,
+                            args.intermediate_size, coalesce)
     pager = ExpertPager(args.num_local_experts, plan.slots,
                         [layer.block_sparse_moe.gate for layer in model.layers],
                         args.num_experts_per_tok, files, policy, prefetch, read_threads)

@@ -38,6 +38,7 @@ class TensorInfo:
     shape: tuple[int, ...]  # GGUF order: the fastest-varying dimension first
     type: int  # a GGMLQuantizationType value
     nbytes: int
+    offset: int = 0  # where its data begins in the file (expert streaming reads from there)
 
     @property
     def count(self) -> int:
@@ -184,7 +185,7 @@ def _parse(buf: mmap.mmap | bytes) -> GGUFHeader:
         if offset % alignment or offset + nbytes > data_size:
             raise _CorruptError(f"tensor {name!r} lies past the end of the file (truncated "
                            "download?)")
-        tensors.append(TensorInfo(name, shape, kind, nbytes))
+        tensors.append(TensorInfo(name, shape, kind, nbytes, data_start + offset))
     return GGUFHeader(metadata, tensors)
 
 

@@ -2,8 +2,10 @@
 
 `mx.load` reads GGUF natively and keeps F32/F16/Q4_0/Q4_1/Q8_0 tensors as they are (the
 quantized ones as MLX affine weights with group size 32). Files with types it cannot read
-(K-quants, I-quants ...) are dequantized tensor by tensor with the `gguf` package and
-re-quantized in MLX; a type neither can read is refused by name.
+(K-quants, I-quants ...) are read tensor by tensor with the `gguf` package: their Q4_0/Q4_1/
+Q8_0 tensors still kept as they are (gguf_quants.py, the same conversion), the others
+dequantized and re-quantized in MLX; a type neither can read is refused by name. The same
+reading, without the experts, builds a model whose experts stream (gguf_experts.py).
 
 llama.cpp's converter permutes the rows of q/k for interleaved (GPT-J) RoPE; we undo that, so a
 GGUF model runs the same Hugging Face layout as every other format.
@@ -12,6 +14,7 @@ GGUF model runs the same Hugging Face layout as every other format.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +26,7 @@ from ..model.config import ModelArgs
 from ..model.decoder import Model
 from .checkpoint import build_model, stack_experts
 from .gguf_file import GGUF_GROUP_SIZE, mlx_bits, unreadable
+from .gguf_quants import NATIVE_BITS, affine_tensor
 
 if TYPE_CHECKING:
     from .source import ModelSource
@@ -49,6 +53,8 @@ _BLOCK = {
 }
 # Older Mixtral GGUFs store one tensor per expert: blk.N.ffn_gate.E.weight
 _PER_EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.(weight|scales|biases)$")
+# An expert tensor, stacked (blk.N.ffn_gate_exps.weight) or one per expert (blk.N.ffn_gate.E.weight)
+EXPERT_TENSOR = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)(?:_exps|\.(\d+))\.weight$")
 _BLOCK_KEY = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|scales|biases)$")
 _SKIP = ("rope_freqs", "attn_rot_embd")
 
@@ -68,33 +74,23 @@ def _read_tensors(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     return _read_with_gguf_package(path)
 
 
-def _read_with_gguf_package(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
-    """Read a GGUF whose tensor types MLX cannot load: the `gguf` package dequantizes each
-    tensor, which is then re-quantized in MLX (group 32, enough bits to hold the type), so
-    memory stays near the file's size instead of growing to float16."""
+def _read_with_gguf_package(path: Path, keep: Callable[[str], bool] | None = None
+                            ) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    """Read a GGUF whose tensor types MLX cannot load (or only the tensors `keep` names):
+    Q4_0, Q4_1 and Q8_0 tensors are converted as `mx.load` converts them (gguf_quants.py),
+    the others dequantized by the `gguf` package and re-quantized in MLX (group 32, enough
+    bits to hold the type), so memory stays near the file's size instead of growing to
+    float16."""
     import gguf  # only needed for these files
 
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
         raise WeightsError(f"{path}: cannot read GGUF ({e})") from None
-    float_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-                   gguf.GGMLQuantizationType.BF16)
     tensors: dict[str, mx.array] = {}
     for t in reader.tensors:
-        try:
-            data = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise unreadable(path, t.name, t.tensor_type.name) from None
-        shape = tuple(int(d) for d in reversed(t.shape))
-        value = mx.array(np.asarray(data, dtype=np.float32).reshape(shape))
-        stem = t.name.rpartition(".")[0]
-        if t.tensor_type in float_types or value.ndim < 2 or shape[-1] % GGUF_GROUP_SIZE:
-            tensors[t.name] = value
-            continue
-        q, scales, biases = mx.quantize(value, GGUF_GROUP_SIZE, mlx_bits(t.tensor_type))
-        mx.eval(q, scales, biases)
-        tensors.update({t.name: q, f"{stem}.scales": scales, f"{stem}.biases": biases})
+        if keep is None or keep(t.name):
+            tensors.update(_tensor_arrays(t, path))
     metadata: dict[str, Any] = {}
     for name, field in reader.fields.items():
         try:
@@ -104,6 +100,32 @@ def _read_with_gguf_package(path: Path) -> tuple[dict[str, mx.array], dict[str, 
                                "download it again") from None
         metadata[name] = mx.array(value) if isinstance(value, (int, float, bool)) else value
     return tensors, metadata
+
+
+def _tensor_arrays(t: Any, path: Path) -> dict[str, mx.array]:
+    """One tensor of a `gguf.GGUFReader` as MLX arrays: with its scales and biases when it
+    stays quantized."""
+    import gguf
+
+    shape = tuple(int(d) for d in reversed(t.shape))
+    stem = t.name.rpartition(".")[0]
+    kind = t.tensor_type.name
+    if kind in NATIVE_BITS:
+        weight, scales, biases = affine_tensor(t.data, kind, shape)
+        return {t.name: mx.array(weight), f"{stem}.scales": mx.array(scales),
+                f"{stem}.biases": mx.array(biases)}
+    if kind in ("F32", "F16"):  # kept in their own dtype, as mx.load keeps them
+        return {t.name: mx.array(np.asarray(t.data).reshape(shape))}
+    try:
+        data = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise unreadable(path, t.name, kind) from None
+    value = mx.array(np.asarray(data, dtype=np.float32).reshape(shape))
+    if kind == "BF16" or value.ndim < 2 or shape[-1] % GGUF_GROUP_SIZE:
+        return {t.name: value}
+    q, scales, biases = mx.quantize(value, GGUF_GROUP_SIZE, mlx_bits(t.tensor_type))
+    mx.eval(q, scales, biases)
+    return {t.name: q, f"{stem}.scales": scales, f"{stem}.biases": biases}
 
 
 def _rename(tensors: dict[str, mx.array], args: ModelArgs, path: Path) -> dict[str, mx.array]:
@@ -184,3 +206,37 @@ def load_gguf(source: ModelSource, dtype: str | mx.Dtype | None = None, fuse: bo
     weights, quantization, metadata = gguf_weights(source)
     return build_model(source.args, weights, quantization, str(source.path), dtype,
                        fuse), metadata
+
+
+def is_gguf_expert(name: str) -> bool:
+    return EXPERT_TENSOR.match(name) is not None
+
+
+def expert_module(layer: int, proj: str) -> str:
+    """Our module holding the `proj` ("gate", "up", "down") experts of `layer`."""
+    return f"model.layers.{layer}.{_BLOCK[f'ffn_{proj}_exps']}"
+
+
+def load_gguf_without_experts(source: ModelSource, slots: int,
+                              dtype: str | mx.Dtype | None = None) -> Model:
+    """The model of a GGUF Mixtral with every weight but the experts, read as `load_gguf`
+    reads them, and `slots` empty expert slots per layer quantized as the file's experts are
+    (their types: Q4_0, Q4_1 or Q8_0, which gguf_experts.py checked)."""
+    from .gguf_quants import GROUP
+
+    path, args = source.path, source.args
+    tensors, _ = _read_with_gguf_package(path, keep=lambda name: not is_gguf_expert(name))
+    try:
+        weights = _rename(tensors, args, path)
+    except (ValueError, KeyError) as e:
+        raise WeightsError(f"{path}: tensor shapes disagree with the metadata ({e})") from None
+    del tensors
+    quantization = _quantization(weights) or {"group_size": GROUP, "bits": 4}
+    stored = set()
+    for t in source.tensors:
+        if (m := EXPERT_TENSOR.match(t.name)) is not None:
+            module = expert_module(int(m.group(1)), m.group(2))
+            quantization[module] = {"group_size": GROUP, "bits": NATIVE_BITS[t.dtype]}
+            stored.update(f"{module}.{p}" for p in ("weight", "scales", "biases"))
+    return build_model(args, weights, quantization, str(path), dtype, slots=slots,
+                       stored=stored)

@@ -58,13 +58,14 @@ def load(path_or_repo: str | Path | None = None, tokenizer: bool = True, force: 
     `dtype` ("float32", "float16", "bfloat16") overrides the backend's choice (float32 on the
     CPU backend, the checkpoint's own on Metal).
 
-    A Mixtral (safetensors) larger than the memory available pages its experts within that
-    memory, and one line on stderr says so; with `page_experts=False`, or for a model that
-    cannot be paged, it raises `MemoryLimitError` instead. `force` loads the model whole anyway.
+    A Mixtral (safetensors, or a GGUF whose experts are Q4_0, Q4_1 or Q8_0) larger than the
+    memory available pages its experts within that memory, and one line on stderr says so;
+    with `page_experts=False`, or for a model that cannot be paged, it raises
+    `MemoryLimitError` instead. `force` loads the model whole anyway.
 
     `max_memory` (bytes, or "12GB"): run within this budget. A Mixtral larger than it keeps
     its other weights, a KV cache for at least `context` tokens (default 2048) and some experts
-    per layer in memory, and reads the others from its safetensors files when the router picks
+    per layer in memory, and reads the others from its files when the router picks
     them (`expert_policy` "lru" or "lfu"; `prefetch` guesses the next layer's), with
     `read_threads` threads reading at once (default 4). The plan is `model.limits.memory_plan`;
     a budget too small raises `MemoryLimitError` with the minimum.
@@ -91,6 +92,10 @@ def load_planned(plan: LoadPlan, tokenizer: bool = True, expert_policy: str = "l
         model, pager = build_paged(source, memory, plan.dtype, expert_policy, prefetch,
                                    plan.read_threads)
         metadata = {}
+        if source.format == "gguf" and tokenizer:  # its vocabulary, read without the tensors
+            from .gguf_file import read_gguf_vocabulary
+
+            metadata = read_gguf_vocabulary(source.path)
     else:
         model, metadata = build(source, plan.dtype, fuse=plan.ranks == 1)
     if memory is not None:

@@ -50,7 +50,6 @@ def available_memory() -> int:
 
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
-_NATIVE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # MLX reads these GGUF types as they are
 
 
 def folder_tensor_bytes(source: ModelSource, target: mx.Dtype | None) -> list[int]:
@@ -73,29 +72,31 @@ def _folder_bytes(source: ModelSource, target: mx.Dtype | None) -> int:
     return sum(folder_tensor_bytes(source, target))
 
 
-def _gguf_bytes(source: ModelSource, target: mx.Dtype | None) -> int:
+def gguf_tensor_bytes(source: ModelSource, target: mx.Dtype | None) -> list[int]:
+    """Each tensor of a GGUF's bytes once loaded (in `source.tensors` order)."""
     from gguf.constants import GGMLQuantizationType
 
     from .gguf_file import GGUF_GROUP_SIZE, mlx_bits
+    from .gguf_quants import NATIVE_BITS
 
     float_size = (target or mx.float16).size
-    total = 0
+    out = []
     for t in source.tensors:
         if t.dtype in _ITEMSIZE:  # float tensors: norms, and whatever the file keeps in float
             size = target.size if target is not None else _ITEMSIZE[t.dtype]
-            total += t.count * size
+            out.append(t.count * size)
             continue
         # quantized: MLX's affine bits, and a scale and bias per group of 32
-        bits = _NATIVE_BITS.get(t.dtype) or mlx_bits(GGMLQuantizationType[t.dtype])
-        total += t.count * bits // 8 + t.count // GGUF_GROUP_SIZE * 2 * float_size
-    return total
+        bits = NATIVE_BITS.get(t.dtype) or mlx_bits(GGMLQuantizationType[t.dtype])
+        out.append(t.count * bits // 8 + t.count // GGUF_GROUP_SIZE * 2 * float_size)
+    return out
 
 
 def load_bytes(source: ModelSource, dtype: str | mx.Dtype | None = None) -> int:
     """Memory the weights take once loaded, from the file headers alone."""
     target = target_dtype(dtype)
     if source.format == "gguf":
-        return _gguf_bytes(source, target)
+        return sum(gguf_tensor_bytes(source, target))
     return _folder_bytes(source, target)
 
 

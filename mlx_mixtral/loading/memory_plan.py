@@ -32,7 +32,7 @@ from ..model.precision import target_dtype
 from ..units import parse_size, size
 from . import memory
 from .expert_files import STAGE_BYTES, is_expert_tensor
-from .memory import check_fits, folder_tensor_bytes, load_bytes
+from .memory import check_fits, folder_tensor_bytes, gguf_tensor_bytes, load_bytes
 
 if TYPE_CHECKING:
     from ..model.config import ModelArgs
@@ -133,13 +133,17 @@ def budget_bytes(max_memory: int | str) -> int:
 
 
 def model_sizes(source: ModelSource, dtype: str | mx.Dtype | None = None) -> tuple[int, int]:
-    """(every weight but the experts, the experts) once loaded; GGUF experts count as the
-    rest, since they cannot be paged."""
-    if source.format != "safetensors":
+    """(every weight but the experts, the experts) once loaded; experts that cannot be paged
+    (a GGUF's of a type that does not stream) count as the rest."""
+    if not pageable(source):
         return load_bytes(source, dtype), 0
-    sizes = folder_tensor_bytes(source, target_dtype(dtype))
-    experts = sum(b for t, b in zip(source.tensors, sizes, strict=True)
-                  if is_expert_tensor(t.name))
+    if source.format == "gguf":
+        from .gguf_weights import is_gguf_expert
+
+        sizes, is_expert = gguf_tensor_bytes(source, target_dtype(dtype)), is_gguf_expert
+    else:
+        sizes, is_expert = folder_tensor_bytes(source, target_dtype(dtype)), is_expert_tensor
+    experts = sum(b for t, b in zip(source.tensors, sizes, strict=True) if is_expert(t.name))
     return sum(sizes) - experts, experts
 
 
@@ -193,8 +197,15 @@ def automatic_plan(source: ModelSource, force: bool = False,
 
 
 def pageable(source: ModelSource) -> bool:
-    """Whether the experts can be read from disk as needed (a Mixtral in safetensors)."""
-    return source.args.is_moe and source.format == "safetensors"
+    """Whether the experts can be read from disk as needed: a Mixtral in safetensors, or in a
+    GGUF whose experts are Q4_0, Q4_1 or Q8_0."""
+    if not source.args.is_moe:
+        return False
+    if source.format == "gguf":
+        from .gguf_experts import streamable
+
+        return streamable(source)
+    return source.format == "safetensors"
 
 
 def minimum_budget(source: ModelSource, dtype: str | mx.Dtype | None = None,
@@ -253,11 +264,10 @@ def _context_limit(args: ModelArgs, room: int, kv: int, step: int) -> int:
 
 def _too_small(source: ModelSource, plan: MemoryPlan, need: int) -> str:
     what = (f"{plan.top_k} experts per layer, " if plan.experts else "")
-    if not plan.experts and source.args.is_moe:
-        why = ("expert paging reads safetensors folders (MLX or Hugging Face), not GGUF; "
-               "use an MLX folder of the model, or ")
-        return (f"max_memory={size(plan.budget)} is too small for {source.path.name} "
-                f"({size(need)} with a {plan.context}-token KV cache); {why}raise the budget")
+    if not plan.experts and source.args.is_moe and source.format == "gguf":
+        from .gguf_experts import not_streamable
+
+        return str(not_streamable(source, size(plan.budget)))
     weights = "weights besides the experts" if source.args.is_moe else "weights"
     # A GGUF loads as its file is quantized; a safetensors folder can be converted.
     fewer_bits = ("or use a GGUF file quantized with fewer bits" if source.format == "gguf"

@@ -25,6 +25,7 @@ class TensorSpec:
     dtype: str  # safetensors dtype ("BF16", "U32" ...) or GGML type name ("Q4_K" ...)
     nbytes: int  # bytes in the file
     count: int  # elements (for a packed quantized weight: its packed words)
+    offset: int = 0  # GGUF: where its data begins in the file (its experts are read from there)
 
 
 @dataclass
@@ -95,7 +96,8 @@ def require_vocabulary(source: ModelSource) -> None:
 def _describe_gguf(path: Path) -> ModelSource:
     header = read_gguf_header(path)
     check_readable(path, header)
-    tensors = [TensorSpec(t.name, t.type_name, t.nbytes, t.count) for t in header.tensors]
+    tensors = [TensorSpec(t.name, t.type_name, t.nbytes, t.count, t.offset)
+               for t in header.tensors]
     vocabulary = f"gguf:{header.metadata.get('tokenizer.ggml.model')}"
     return ModelSource(path, "gguf", header_config(header, path), tensors, vocabulary,
                        metadata=header.metadata)
