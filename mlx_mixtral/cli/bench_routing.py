@@ -89,3 +89,30 @@ def format_replay(result: dict[str, Any], trace: RoutingTrace) -> str:
                      f"{c['reads_per_token']:.2f} experts and {size(c['bytes_per_token'])} "
                      "read per token")
     return "\n".join(lines)
+
+
+# Cold reads with several threads on this project's machine (issue 26: 0.96-1.25 GB/s); a
+# Mac's SSD reads faster, so on a Mac the estimate errs low.
+READ_BYTES_PER_S = 1.2e9
+
+
+def trace_estimates(trace: RoutingTrace, plans: list[tuple[str, Any]]) -> list[str]:
+    """For `info --memory`: each (label, paging MemoryPlan)'s decode estimated by replaying
+    `trace` with the same share of each layer's experts in memory (LRU with prefetch): hit
+    rate, bytes read per token, and the tokens/s reading alone allows."""
+    m = trace.model
+    experts, top_k = int(m["num_experts"]), int(m["top_k"])
+    replayed: dict[int, Any] = {}
+    lines = [f"  from the routing trace {trace.path} ({m['name']}, recorded "
+             f"{m.get('recorded', '?')}), replayed at each plan's share of experts in memory, "
+             f"reads at {READ_BYTES_PER_S / 1e9:.1f} GB/s:"]
+    for label, plan in plans:
+        slots = min(max(round(plan.slots / plan.experts * experts), top_k), experts)
+        if slots not in replayed:
+            replayed[slots] = replay(trace, slots)
+        r = replayed[slots]
+        per_token = r.reads_per_token / trace.num_layers * plan.layers * plan.expert
+        speed = READ_BYTES_PER_S / per_token if per_token else float("inf")
+        lines.append(f"    {label:<10} hit rate {r.decode_hit_rate:.0%}, about "
+                     f"{size(per_token)} read per token: reading allows {speed:.1f} tokens/s")
+    return lines
