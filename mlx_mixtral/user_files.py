@@ -43,12 +43,13 @@ def user_config() -> dict[str, Any]:
     return read_json_object(path, ConfigError, CONFIG_REMEDY) if path.is_file() else {}
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write `data` as JSON atomically: a crash leaves the old file or the new, never half."""
+def write_json(path: Path, data: Any, indent: int | None = 2) -> None:
+    """Write `data` as JSON atomically: a crash leaves the old file or the new, never half.
+    `indent=None`: compact, for large data (routing traces)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")  # one per writer
     try:
-        partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
+        partial.write_text(json.dumps(data, indent=indent, ensure_ascii=False) + "\n",
                            encoding="utf-8")
         os.replace(partial, path)
     finally:

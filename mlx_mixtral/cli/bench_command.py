@@ -24,14 +24,36 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", choices=["mlx-lm"], default=None, help="run a peer too")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     add_model_flags(p, model=False, sampling=False)
+    add_routing_flags(p)
     add_kv_flags(p)
     add_draft_flags(p)
     add_distributed_flags(p)
 
 
+def add_routing_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--record-routing", default=None, metavar="FILE",
+                   help="with --max-memory: write which experts every token chose in every "
+                   "layer, and what the prefetch guessed, as a JSON routing trace")
+    p.add_argument("--replay-routing", default=None, metavar="FILE",
+                   help="replay a routing trace through the expert cache without the model, "
+                   "at the budgets of --max-memory (or --slots): hit rate, reads per token")
+    p.add_argument("--slots", default=None, metavar="N,N",
+                   help="with --replay-routing: experts per layer in memory, instead of "
+                   "budgets")
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from .bench import bench_main
 
+    _check_routing(args)
+    if args.replay_routing:
+        from pathlib import Path
+
+        from .bench_routing import replay_routing
+
+        print(replay_routing(Path(args.replay_routing), args.max_memory, args.slots,
+                             args.json))
+        return 0
     drafting, kv = _checked(args)  # every flag, before a preset is built or a model read
     if launched():
         return _bench_launched(args, drafting, kv)
@@ -41,6 +63,24 @@ def run_bench(args: argparse.Namespace) -> int:
                      args.compare == "mlx-lm", args.json, args.force, args.dtype, drafting,
                      kv))
     return 0
+
+
+def _check_routing(args: argparse.Namespace) -> None:
+    """The routing trace flags' combinations, refused in one line."""
+    if args.replay_routing:
+        if args.record_routing or args.model or args.preset:
+            raise MlxMixtralError("--replay-routing runs without a model: leave out --model, "
+                                  "--preset and --record-routing")
+        if bool(args.max_memory) == bool(args.slots):
+            raise MlxMixtralError("--replay-routing needs the budgets to replay: give "
+                                  "--max-memory SIZE[,SIZE...] or --slots N[,N...] (one)")
+    elif args.slots:
+        raise MlxMixtralError("--slots is for --replay-routing; bench a model with "
+                              "--max-memory")
+    elif args.record_routing and not args.max_memory:
+        raise MlxMixtralError("--record-routing records what the expert cache sees: give "
+                              "--max-memory too (a budget that pages; the routing does not "
+                              "depend on it)")
 
 
 def _checked(args: argparse.Namespace) -> tuple:
@@ -69,12 +109,15 @@ def _checked(args: argparse.Namespace) -> tuple:
 
 
 def _bench_paging(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .bench import preset_folder
     from .bench_paging import bench_paging
 
     folder = preset_folder(args.preset) if args.preset else _bench_folder(args.model)
+    record = Path(args.record_routing) if args.record_routing else None
     print(bench_paging(folder, args.max_memory, args.prompt_tokens, args.gen_tokens,
-                       args.runs, args.dtype, args.json, args.read_threads))
+                       args.runs, args.dtype, args.json, args.read_threads, record))
     return 0
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import MemoryLimitError, MlxMixtralError
 from ..model.expert_cache import PagingStats
+from ..model.routing_trace import RoutingTrace, TraceRecorder
 from ..units import size
 
 VARIANTS = (("lru", True), ("lru", False), ("lfu", True))  # the first is the default
@@ -49,6 +50,8 @@ class PagedRun:
     decode_hit_rate: float
     prefetch_share: float  # of decode hits, the share the prefetch provided
     bytes_per_token: float  # read from disk per generated token
+    decode_guess_rates: list[float | None]  # per layer: share of needed experts guessed
+    decode_guess_rate: float | None  # over the layers that guess (None without prefetch)
     read_gbps: float = 0.0  # decode's bytes read over the time some read was running
     disk_bytes_per_token: float = -1.0  # what the OS read from storage (-1: not counted)
 
@@ -83,16 +86,10 @@ def parse_budgets(text: str, model_bytes: int, minimum: int) -> list[int]:
             else spec for spec in budget_specs(text)]
 
 
-def _decode_stats(total: PagingStats, prefill: PagingStats) -> PagingStats:
-    out = copy.deepcopy(total)
-    for layer, before in zip(out.layers, prefill.layers, strict=True):
-        for name in vars(layer):
-            setattr(layer, name, getattr(layer, name) - getattr(before, name))
-    return out
-
-
-def measure_paged(model: Any, prompt: mx.array, gen_tokens: int) -> PagedRun:
-    """One greedy run of a paged model; its speed and what its expert cache did."""
+def measure_paged(model: Any, prompt: mx.array, gen_tokens: int,
+                  recorder: TraceRecorder | None = None) -> PagedRun:
+    """One greedy run of a paged model; its speed and what its expert cache did (and its
+    routing, a run of `recorder`'s trace)."""
     from mlx_lm.generate import generate_step
 
     from ..generation.stats import Clock
@@ -102,6 +99,8 @@ def measure_paged(model: Any, prompt: mx.array, gen_tokens: int) -> PagedRun:
     pager = model.limits.expert_pager
     clock = getattr(pager.loader, "clock", None)  # ExpertFiles': time spent reading
     pager.reset_stats()
+    if recorder is not None:
+        recorder.start_run()
     settle()
     mx.reset_peak_memory()
     cache = model.make_cache()
@@ -114,10 +113,14 @@ def measure_paged(model: Any, prompt: mx.array, gen_tokens: int) -> PagedRun:
             pager.wait()
             at_first = copy.deepcopy(pager.stats)
             read_s, disk = clock.seconds if clock else 0.0, disk_read_bytes()
+            if recorder is not None:
+                recorder.mark_decode()
         tokens.append(token)
     pager.wait()
     stats = timer.stats(len(prompt), tokens)
-    decode = _decode_stats(pager.stats, at_first)
+    if recorder is not None:
+        recorder.run.tokens = len(tokens)
+    decode = pager.stats.since(at_first)
     total = decode.total()
     steps = max(len(tokens) - 1, 1)
     read_s = (clock.seconds - read_s) if clock else 0.0
@@ -125,6 +128,7 @@ def measure_paged(model: Any, prompt: mx.array, gen_tokens: int) -> PagedRun:
     return PagedRun(stats.prompt_tps, stats.generation_tps, stats.peak_memory,
                     [s.hit_rate for s in decode.layers], total.hit_rate,
                     total.prefetch_hits / max(total.hits, 1), total.bytes_read / steps,
+                    [s.guess_rate for s in decode.layers], total.guess_rate,
                     total.bytes_read / read_s / 1e9 if read_s else 0.0,
                     (after - disk) / steps if after is not None and disk is not None else -1.0)
 
@@ -172,14 +176,17 @@ def compare_reads(model: Any, paths: list[Path], prompt: mx.array, gen_tokens: i
                               "disk_bytes_per_token", "decode_hit_rate")}
            for key, rs in done.items()}
     for key, v in out.items():
-        v["guess_rate"] = None  # the share of needed experts the guess had read: not yet
+        guesses = [r.decode_guess_rate for r in done[key]]
+        v["guess_rate"] = (statistics.median(guesses) if None not in guesses else None)
         log(f"  reads {key}: decode {v['decode_tps']:.2f} tok/s, {v['read_gbps']:.2f} GB/s")
     return {"read_threads": read_threads, "dropped": dropped, "runs": out}
 
 
 def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens: int,
                  runs: int, dtype: str | None, as_json: bool,
-                 read_threads: int | None = None) -> str:
+                 read_threads: int | None = None, record: Path | None = None) -> str:
+    """`record`: write the routing of the first paging budget's default variant (its warm-up
+    run, then its measured runs) there, as a routing trace (model/routing_trace.py)."""
     from ..loading import describe, load
     from ..loading.memory import load_bytes
     from ..loading.memory_plan import minimum_budget, pageable
@@ -234,16 +241,26 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
         pager = model.limits.expert_pager
         for i, (policy, prefetch) in enumerate(VARIANTS):
             pager.set_policy(policy, prefetch)
-            measure_paged(model, prompt[:64], 8)  # warm: every expert read once
+            recorder = None
+            if record is not None and i == 0 and "recorded" not in result:
+                recorder = TraceRecorder(trace_header(source, dtype, plan, prompt_tokens,
+                                                      gen_tokens))
+                pager.recorder = recorder
+            measure_paged(model, prompt[:64], 8, recorder)  # warm: every expert read once
             n = runs if i == 0 else 1
-            done = [measure_paged(model, prompt, gen_tokens) for _ in range(n)]
+            done = [measure_paged(model, prompt, gen_tokens, recorder) for _ in range(n)]
+            if recorder is not None:
+                pager.recorder = None
+                result["recorded"] = save_recorded(recorder.trace, pager.stats, record)
             key = f"{policy}{'+prefetch' if prefetch else ''}"
             entry["variants"][key] = {
                 name: statistics.median(getattr(r, name) for r in done)
                 if name != "decode_hit_rates" else done[len(done) // 2].decode_hit_rates
                 for name in asdict(done[0])}
             log(f"  {key}: decode {entry['variants'][key]['decode_tps']:.2f} tok/s, hit rate "
-                f"{entry['variants'][key]['decode_hit_rate']:.0%}")
+                f"{entry['variants'][key]['decode_hit_rate']:.0%}"
+                + (f", guessed {guess:.0%}" if (guess := entry["variants"][key][
+                    "decode_guess_rate"]) is not None else ""))
         entry["reads"] = compare_reads(model, source.files, prompt, gen_tokens, runs,
                                        read_threads, log)
         entry["peak_rss"] = peak_rss() if rss_counted else None
@@ -281,8 +298,48 @@ def format_paging(result: dict[str, Any]) -> str:
                 f"{size(v['peak_memory'])}")
             lines.append("      hit rate per layer: "
                          + " ".join(f"{h:.0%}" for h in v["decode_hit_rates"]))
+            if v.get("decode_guess_rate") is not None:
+                lines.append(f"      guessed {v['decode_guess_rate']:.0%} of needed experts; "
+                             "per layer: " + " ".join("-" if g is None else f"{g:.0%}"
+                                                      for g in v["decode_guess_rates"]))
         lines += format_reads(entry)
+    if "recorded" in result:
+        lines.append(f"  routing trace written to {result['recorded']} (replay it with bench "
+                     "--replay-routing FILE --max-memory ...)")
     return "\n".join(lines)
+
+
+def trace_header(source: Any, dtype: str | None, plan: Any, prompt_tokens: int,
+                 gen_tokens: int) -> RoutingTrace:
+    """An empty trace naming the model, its shape and sizes (for replays at other budgets)."""
+    from ..loading.memory import load_bytes
+    from ..loading.memory_plan import model_sizes
+    from ..model.precision import DTYPES, target_dtype
+
+    args = source.args
+    resident, experts = model_sizes(source, dtype)
+    target = target_dtype(dtype)  # as resolved here (the replay may run on another backend)
+    return RoutingTrace({
+        "name": str(source.path), "args": args.to_dict(),
+        "dtype": next((k for k, v in DTYPES.items() if v == target), None),
+        "num_layers": args.num_hidden_layers, "num_experts": args.num_local_experts,
+        "top_k": args.num_experts_per_tok, "model_bytes": load_bytes(source, dtype),
+        "resident_bytes": resident, "experts_bytes": experts, "expert_bytes": plan.expert,
+        "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
+        "recorded_slots": plan.slots, "recorded": time.strftime("%Y-%m-%d %H:%M")})
+
+
+def save_recorded(trace: RoutingTrace, stats: PagingStats, path: Path) -> str:
+    """Write the trace, each expert costing what the live reads cost, and remember where it
+    is (for `info --memory`)."""
+    from ..model.routing_trace import remember_trace, save_trace
+
+    total = stats.total()
+    if total.reads:
+        trace.model["expert_bytes"] = total.bytes_read // total.reads
+    save_trace(trace, path)
+    remember_trace(path)
+    return str(path)
 
 
 def format_reads(entry: dict[str, Any]) -> list[str]:

@@ -96,6 +96,7 @@ def plans(args: ModelArgs, budget: int, machine: bool, ranks: int = 1) -> str:
              + (" (on one machine)" if ranks > 1 else "")]
     total, _ = args.parameter_counts()
     whole = args.vocab_size * args.hidden_size * (1 if args.tie_word_embeddings else 2)
+    paged = []  # (label, plan) of the rows that page
     for label, expert_bits, bits in PLAN_OPTIONS:
         plan = Plan(mx.float16, bits, 64, expert_bits=expert_bits if bits else None)
         experts, other = plan.estimate_parts(args)
@@ -106,6 +107,7 @@ def plans(args: ModelArgs, budget: int, machine: bool, ranks: int = 1) -> str:
         elif not p.paging:
             how = "fully resident"
         else:
+            paged.append((label, p))
             hit = expected_hit_rate(p.slots / p.experts)
             per_token = p.layers * p.top_k * (1 - hit) * p.expert
             how = (f"paging: {p.slots} of {p.experts} experts per layer in memory, about "
@@ -117,7 +119,18 @@ def plans(args: ModelArgs, budget: int, machine: bool, ranks: int = 1) -> str:
         lines.append(f"{row}  {how}")
     if args.is_moe:  # the plans use the defaults; a measurement here is shown, labelled
         lines += [f"  {DEFAULT_SOURCE}"] + [f"  {m}" for m in [measured_hit_rates()] if m]
+        lines += _from_trace(paged)
     return "\n".join(lines)
+
+
+def _from_trace(paged: list) -> list[str]:
+    """The paging rows estimated from the routing trace `bench --record-routing` last wrote
+    here, labelled (none without a trace)."""
+    from ..model.routing_trace import recorded_trace
+    from .bench_routing import trace_estimates
+
+    trace = recorded_trace() if paged else None
+    return trace_estimates(trace, paged) if trace is not None else []
 
 
 def info(model: str | None = None, preset_name: str | None = None, ranks: int = 1,

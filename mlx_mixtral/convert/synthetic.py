@@ -44,9 +44,16 @@ def hf_tensor_shapes(args: ModelArgs) -> Iterator[tuple[str, tuple[int, ...]]]:
         yield "lm_head.weight", (args.vocab_size, h)
 
 
+# The projections that write a layer's branch back into the residual stream.
+RESIDUAL_OUTPUTS = ("self_attn.o_proj.weight", ".w2.weight", "mlp.down_proj.weight")
+
+
 def write_hf_checkpoint(folder: str | Path, args: ModelArgs, dtype: mx.Dtype = mx.bfloat16,
-                        shard_bytes: int = 2 * 10**9, seed: int = 0) -> int:
-    """Write a random checkpoint; returns its size in bytes."""
+                        shard_bytes: int = 2 * 10**9, seed: int = 0,
+                        residual_scale: float = 1.0) -> int:
+    """Write a random checkpoint; returns its size in bytes. `residual_scale` multiplies the
+    residual branches' output projections: below 1, each layer changes the residual stream
+    less (as a trained model's layers do; bench.py's `mixtral-realistic`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     key = mx.random.key(seed)
@@ -65,7 +72,9 @@ def write_hf_checkpoint(folder: str | Path, args: ModelArgs, dtype: mx.Dtype = m
         if len(shape) == 1:
             value = mx.ones(shape, dtype)
         else:
-            value = (mx.random.normal(shape, key=sub) * shape[-1] ** -0.5).astype(dtype)
+            scale = shape[-1] ** -0.5 * (residual_scale if name.endswith(RESIDUAL_OUTPUTS)
+                                         else 1.0)
+            value = (mx.random.normal(shape, key=sub) * scale).astype(dtype)
         if size and size + value.nbytes > shard_bytes:
             flush()
             shards.append({})

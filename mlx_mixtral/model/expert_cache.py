@@ -67,6 +67,12 @@ def check_read_threads(n: int) -> int:
     return n
 
 
+class PassRecorder(Protocol):
+    def layer(self, layer: int, chosen: np.ndarray, guess: np.ndarray | None) -> None:
+        """One layer's routing in a forward pass, and its guess of the next layer's."""
+        ...
+
+
 class ExpertSlots:
     """Which expert sits in which slot of one layer. Eviction takes the least recently used
     expert ("lru") or the least used one so far ("lfu", recency breaking ties)."""
@@ -117,6 +123,8 @@ class LayerStats:
     needed: int = 0  # experts needed, counted once per layer per forward pass
     hits: int = 0  # of those, already in a slot (prefetched ones included)
     prefetch_hits: int = 0  # in a slot because the prefetch read it
+    guessable: int = 0  # needed in passes where the previous layer guessed this one's experts
+    guessed: int = 0  # of those, among the guessed experts (read by the guess or resident)
     reads: int = 0  # experts read (misses and prefetches)
     bytes_read: int = 0
 
@@ -124,10 +132,24 @@ class LayerStats:
     def hit_rate(self) -> float:
         return self.hits / self.needed if self.needed else 1.0
 
+    @property
+    def guess_rate(self) -> float | None:
+        """The share of needed experts the guess had predicted; None where nothing guessed
+        (the first layer, or no prefetch)."""
+        return self.guessed / self.guessable if self.guessable else None
+
 
 @dataclass
 class PagingStats:
     layers: list[LayerStats] = field(default_factory=list)
+
+    def since(self, before: PagingStats) -> PagingStats:
+        """What was counted after `before` (an earlier copy of these stats)."""
+        out = PagingStats([LayerStats() for _ in self.layers])
+        for o, a, b in zip(out.layers, self.layers, before.layers, strict=True):
+            for name in vars(o):
+                setattr(o, name, getattr(a, name) - getattr(b, name))
+        return out
 
     def total(self) -> LayerStats:
         out = LayerStats()
@@ -153,6 +175,8 @@ class ExpertPager:
         self._prefetched: list[set[int]] = [set() for _ in self.gates]
         self.read_threads = check_read_threads(read_threads)
         self._pool = MlxPool("expert-reads", read_threads)
+        self._guessed: list[set[int] | None] = [None] * len(self.gates)
+        self.recorder: PassRecorder | None = None  # sees every layer's routing (routing_trace.py)
 
     def reset_stats(self) -> None:
         self.wait()
@@ -163,6 +187,7 @@ class ExpertPager:
         self.wait()
         self.slots = [ExpertSlots(self.num_experts, self.num_slots, policy) for _ in self.gates]
         self._prefetched = [set() for _ in self.gates]
+        self._guessed = [None] * len(self.gates)
         self.prefetch = prefetch
 
     def set_read_threads(self, n: int) -> None:
@@ -197,6 +222,7 @@ class ExpertPager:
         """Read the guessed experts of `layer` in the background (at most a slot's worth)."""
         counts = Counter(guessed.reshape(-1).tolist())
         experts = [e for e, _ in counts.most_common(self.num_slots)]
+        self._guessed[layer] = set(experts)
         reads = self.slots[layer].place(experts)
         if not reads:
             return
@@ -224,6 +250,25 @@ class ExpertPager:
         futures = [self._pool.submit(j, priority=0) for j in self._pieces(layer, reads)]
         return sum(f.result() for f in futures)
 
+    def begin(self, layer: int, chosen: np.ndarray, guess: np.ndarray | None
+              ) -> list[list[int]]:
+        """What a layer does once its router has chosen (`chosen`: expert ids, any shape) and
+        its guess of the next layer's experts is known: wait for its own prefetch, start the
+        next layer's, and say which experts to `fill` in turn — one group when they fit the
+        slots, else groups of `num_slots`, the resident ones first. The live model and a
+        replayed trace (routing_trace.py) both decide here."""
+        if self.recorder is not None:
+            self.recorder.layer(layer, chosen, guess)
+        self.wait(layer)  # the slots of this layer are complete
+        if guess is not None:
+            self.start_prefetch(layer + 1, guess)
+        needed = np.unique(chosen).tolist()
+        if len(needed) <= self.num_slots:
+            return [needed]
+        slots = self.slots[layer]
+        order = sorted(needed, key=lambda e: not slots.resident(e))
+        return [order[i:i + self.num_slots] for i in range(0, len(order), self.num_slots)]
+
     def fill(self, layer: int, experts: list[int]) -> np.ndarray:
         """Make `experts` (at most one slot each) resident in `layer`; its expert -> slot
         table."""
@@ -233,6 +278,9 @@ class ExpertPager:
         hits = [e for e in experts if slots.resident(e)]
         stats.hits += len(hits)
         stats.prefetch_hits += sum(1 for e in hits if e in prefetched)
+        if (guessed := self._guessed[layer]) is not None:
+            stats.guessable += len(experts)
+            stats.guessed += len(guessed.intersection(experts))
         prefetched.difference_update(experts)
         reads = slots.place(experts)
         if reads:
@@ -263,33 +311,28 @@ class PagedMoE(nn.Module):
         guess = pager.guess(layer, x)
         mx.eval(indices if guess is None else [indices, guess])  # this layer's one sync
         chosen = np.array(indices)
-        pager.wait(layer)  # the slots of this layer are complete
-        if guess is not None:
-            pager.start_prefetch(layer + 1, np.array(guess))
+        groups = pager.begin(layer, chosen, None if guess is None else np.array(guess))
         dtype = self.switch_mlp.compute_dtype
         xe = x if dtype is None else x.astype(dtype)
-        needed = np.unique(chosen).tolist()
-        if len(needed) <= pager.num_slots:
-            table = pager.fill(layer, needed)
+        if len(groups) == 1:
+            table = pager.fill(layer, groups[0])
             y = self.switch_mlp(xe, mx.array(table[chosen]))
             y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         else:
-            y = self._in_groups(xe, chosen, weights, needed)
+            y = self._in_groups(xe, chosen, weights, groups)
         return y.astype(x.dtype)
 
     def _in_groups(self, x: mx.array, chosen: np.ndarray, weights: mx.array,
-                   needed: list[int]) -> mx.array:
+                   groups: list[list[int]]) -> mx.array:
         """More experts than slots (prefill): groups of `num_slots` experts, each computed on
-        its own (token, expert) pairs and added up; the resident ones go first."""
-        pager, slots = self.pager, self.pager.slots[self.layer]
+        its own (token, expert) pairs and added up."""
+        pager = self.pager
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         chosen = chosen.reshape(-1, self.top_k)
         weights = weights.reshape(-1, self.top_k)
-        order = sorted(needed, key=lambda e: not slots.resident(e))
         out = None
-        for i in range(0, len(order), pager.num_slots):
-            group = order[i:i + pager.num_slots]
+        for group in groups:
             table = pager.fill(self.layer, group)
             rows, cols = np.nonzero(np.isin(chosen, group))
             at = mx.array(rows)
