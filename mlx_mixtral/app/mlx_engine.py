@@ -27,6 +27,7 @@ from .engine import Emit, EngineInfo, ModelList, Prefill, Prompt, ShouldStop
 
 if TYPE_CHECKING:
     from ..loading.load_plan import LoadPlan
+    from ..loading.memory_plan import DraftNeeds
 
 # Prompt tokens per prefill chunk: small enough that progress moves every few seconds on a
 # slow machine, large enough that Metal stays busy.
@@ -57,10 +58,12 @@ class MlxEngine:
     def __init__(self, model_name: str, force: bool = False, dtype: str | None = None,
                  kv: KVSettings | None = None, prefixes: ChatPrefixes | None = None,
                  drafting: Callable[[Model, Tokenizer], Drafter] | None = None,
-                 max_memory: int | str | None = None, plan: LoadPlan | None = None) -> None:
+                 max_memory: int | str | None = None, plan: LoadPlan | None = None,
+                 draft: DraftNeeds | None = None) -> None:
         self.model_name = model_name
         self.max_memory = max_memory  # experts are paged when the model is larger
         self.plan = plan  # the first model's plan, made by the command line (read once)
+        self.draft = draft  # drafting's share of the budget, in every model's plan
         self.force = force  # load even if the model looks too big for free memory
         self.dtype, self.kv, self.prefixes, self.drafting = dtype, kv, prefixes, drafting
         self.key: str | None = None  # the chat the session holds (its blocks are kept so)
@@ -88,7 +91,7 @@ class MlxEngine:
         from ..loading import load_planned, plan_load
 
         plan = self.plan or plan_load(self.model_name, force=self.force, dtype=self.dtype,
-                                      max_memory=self.max_memory)
+                                      max_memory=self.max_memory, draft=self.draft)
         self.plan = None  # a model picked later plans afresh
         model, tokenizer = load_planned(plan)
         if Path(self.model_name).expanduser().exists():

@@ -217,22 +217,25 @@ def kv_bytes_per_token(model: Any, kv_group_size: int = 64) -> dict[str, dict[st
     return out
 
 
+class Silent:
+    """A tokenizer for token ids in, nothing to show: bench reads only the numbers."""
+
+    eos_ids: frozenset[int] = frozenset()
+
+    def detokenizer(self) -> Any:
+        return self
+
+    def add_token(self, token: int) -> str:
+        return ""
+
+    def finalize(self) -> str:
+        return ""
+
+
 def drafted_run(model: Any, prompt: mx.array, gen_tokens: int, drafter: Any) -> dict[str, float]:
     """Greedy generation with `drafter`: acceptance and the model's passes per token."""
     from ..generation import Stats, stream_generate
     from ..generation.sampling import SamplingParams
-
-    class Silent:  # token ids in, nothing to show: bench reads only the numbers
-        eos_ids: set[int] = set()
-
-        def detokenizer(self) -> Any:
-            return self
-
-        def add_token(self, token: int) -> str:
-            return ""
-
-        def finalize(self) -> str:
-            return ""
 
     greedy = SamplingParams(temperature=0, min_p=0, max_tokens=gen_tokens)
     stats = next(s for s in stream_generate(model, Silent(), prompt.tolist(), sampling=greedy,

@@ -58,7 +58,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if launched():
         return _bench_launched(args, drafting, kv)
     if args.max_memory:
-        return _bench_paging(args)
+        return _bench_paging(args, drafting)
     print(bench_main(args.model, args.preset, args.prompt_tokens, args.gen_tokens, args.runs,
                      args.compare == "mlx-lm", args.json, args.force, args.dtype, drafting,
                      kv))
@@ -99,25 +99,28 @@ def _checked(args: argparse.Namespace) -> tuple:
                                   "--compare, drafting and --kv-bits")
     elif args.max_memory:
         budget_specs(args.max_memory)
-        if args.compare or drafting or kv.bits is not None:
+        if args.compare or kv.bits is not None:
             raise MlxMixtralError("bench --max-memory compares paging with our own resident "
-                                  "run: leave out --compare, drafting and --kv-bits")
+                                  "run: leave out --compare and --kv-bits")
     elif kv.bits is not None and args.compare:
         raise MlxMixtralError("--kv-bits with --compare mlx-lm: mlx-lm cannot quantize a "
                               "rolling cache; compare without --kv-bits")
     return drafting, kv
 
 
-def _bench_paging(args: argparse.Namespace) -> int:
+def _bench_paging(args: argparse.Namespace, drafting) -> int:
     from pathlib import Path
 
     from .bench import preset_folder
     from .bench_paging import bench_paging
+    from .drafting import draft_needs_from
 
+    draft = draft_needs_from(args, args.dtype)  # (a missing draft model: before the bench)
     folder = preset_folder(args.preset) if args.preset else _bench_folder(args.model)
     record = Path(args.record_routing) if args.record_routing else None
     print(bench_paging(folder, args.max_memory, args.prompt_tokens, args.gen_tokens,
-                       args.runs, args.dtype, args.json, args.read_threads, record))
+                       args.runs, args.dtype, args.json, args.read_threads, record,
+                       drafting, draft))
     return 0
 
 

@@ -15,6 +15,11 @@ read GB/s (bytes over the time some read was running), bytes read per token (and
 where the system counts them), the hit rate, and the process's peak RSS per budget.
 The measured hit rates are kept in the data folder; `info` shows them, labelled as measured here,
 below its plans (which use the defaults, so the same files give the same plans everywhere).
+
+With drafting (`--prompt-lookup K`, `--draft-model M`, counted inside each budget) it also
+decodes a prompt the model repeats (its own greedy continuation of a few random tokens) plainly
+and drafted, side by side: bytes read and forward passes per generated token, and whether the
+tokens are the same.
 """
 
 from __future__ import annotations
@@ -182,11 +187,83 @@ def compare_reads(model: Any, paths: list[Path], prompt: mx.array, gen_tokens: i
     return {"read_threads": read_threads, "dropped": dropped, "runs": out}
 
 
+@dataclass
+class DecodeRun:
+    """One greedy decode after a prefill, plain or drafted, on a paged model."""
+
+    tokens: list[int]
+    bytes_per_token: float  # read from disk per generated token, the prefill excluded
+    passes_per_token: float  # the model's forward passes per generated token
+    acceptance: float  # of the drafted tokens, the share the model kept
+    decode_tps: float
+    peak_memory: int
+
+
+def repeating_prompt(model: Any, n: int, seed_tokens: int = 16) -> list[int]:
+    """`n` tokens the model goes on repeating: its own greedy continuation of a few random
+    tokens (a small model's greedy text falls into loops, as a reply that quotes its input
+    does)."""
+    from mlx_lm.generate import generate_step
+
+    seed = np.random.RandomState(1).randint(3, model.args.vocab_size, seed_tokens).tolist()
+    more = generate_step(mx.array(seed), model, max_tokens=max(n - seed_tokens, 0))
+    return (seed + [int(t) for t, _ in more])[:n]
+
+
+def measure_decode(model: Any, prompt: list[int], gen_tokens: int,
+                   drafter: Any = None) -> DecodeRun:
+    """Greedy decoding of `gen_tokens` after `prompt`, drafted with `drafter` or plain; the
+    prompt but its last token is prefilled first, so that only decoding's reads count."""
+    from ..generation import Stats, stream_generate
+    from ..generation.sampling import SamplingParams
+    from ..generation.stream import prefill_chunk, settle
+    from .bench import Silent
+
+    pager = model.limits.expert_pager
+    cache = model.make_cache(slack=drafter.k if drafter is not None else 0)
+    step = prefill_chunk(model)
+    for start in range(0, len(prompt) - 1, step):
+        model(mx.array([prompt[start:min(start + step, len(prompt) - 1)]]), cache=cache)
+        mx.eval([c.state for c in cache])
+    pager.wait()
+    before = pager.stats.total().bytes_read
+    settle()
+    mx.reset_peak_memory()
+    greedy = SamplingParams(temperature=0, min_p=0, max_tokens=gen_tokens)
+    stats = next(s for s in stream_generate(model, Silent(), prompt[-1:], sampling=greedy,
+                                            cache=cache, history=prompt[:-1], draft=drafter)
+                 if isinstance(s, Stats))
+    pager.wait()
+    n = max(len(stats.tokens), 1)
+    return DecodeRun(stats.tokens, (pager.stats.total().bytes_read - before) / n,
+                     stats.forward_passes / n,
+                     stats.draft_accepted / max(stats.draft_proposed, 1),
+                     stats.generation_tps, stats.peak_memory)
+
+
+def drafted_side_by_side(model: Any, prompt: list[int], gen_tokens: int,
+                         drafter: Any) -> dict[str, Any]:
+    """Plain and drafted decoding of `prompt` on the paged `model` (LRU with prefetch), each
+    after a warm-up run."""
+    pager = model.limits.expert_pager
+    out: dict[str, Any] = {}
+    for name, using in (("plain", None), ("drafted", drafter)):
+        pager.set_policy(VARIANTS[0][0], VARIANTS[0][1])
+        measure_decode(model, prompt, 8, using)  # warm: the page cache, first-call setup
+        run = measure_decode(model, prompt, gen_tokens, using)
+        out[name] = {k: v for k, v in asdict(run).items() if k != "tokens"}
+        out[f"{name}_tokens"] = run.tokens
+    out["same_tokens"] = out.pop("plain_tokens") == out.pop("drafted_tokens")
+    return out
+
+
 def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens: int,
                  runs: int, dtype: str | None, as_json: bool,
-                 read_threads: int | None = None, record: Path | None = None) -> str:
+                 read_threads: int | None = None, record: Path | None = None,
+                 drafting: Any = None, draft: Any = None) -> str:
     """`record`: write the routing of the first paging budget's default variant (its warm-up
-    run, then its measured runs) there, as a routing trace (model/routing_trace.py)."""
+    run, then its measured runs) there, as a routing trace (model/routing_trace.py). `drafting`: (model, tokenizer) -> Drafter, and `draft` its
+    `DraftNeeds`, for the side-by-side run of drafted decoding within each budget."""
     from ..loading import describe, load
     from ..loading.memory import load_bytes
     from ..loading.memory_plan import minimum_budget, pageable
@@ -208,9 +285,11 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
     prompt = mx.array(np.random.RandomState(0).randint(3, vocab, prompt_tokens))
     measure(resident, prompt[:32], 4)  # warm up
     resident.runs = [measure(resident, prompt, gen_tokens) for _ in range(runs)]
+    repeated = repeating_prompt(resident.model, prompt_tokens) if drafting else []
     result: dict[str, Any] = {
         "model": str(folder), "model_bytes": model_bytes, "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens, "runs": runs, "device": str(mx.default_device()),
+        "drafting": _drafting_label(draft),
         "resident": {k: resident.median(k) for k in ("prefill_tps", "decode_tps",
                                                      "peak_memory")},
         "budgets": []}
@@ -222,7 +301,7 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
         rss_counted = reset_peak_rss()  # this budget's peak: loading and generation
         try:
             model, _ = load(folder, tokenizer=False, dtype=dtype, max_memory=budget,
-                            read_threads=read_threads)
+                            read_threads=read_threads, draft=draft)
         except MemoryLimitError as e:  # the other budgets still run
             log(str(e))
             result["budgets"].append({"budget": budget, "share": budget / model_bytes,
@@ -264,6 +343,10 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
         entry["reads"] = compare_reads(model, source.files, prompt, gen_tokens, runs,
                                        read_threads, log)
         entry["peak_rss"] = peak_rss() if rss_counted else None
+        if drafting is not None:
+            drafter = drafting(model, None)
+            entry["drafted"] = drafted_side_by_side(model, repeated, gen_tokens, drafter)
+            del drafter
         result["budgets"].append(entry)
         pager.close()
         del model, pager
@@ -303,6 +386,8 @@ def format_paging(result: dict[str, Any]) -> str:
                              "per layer: " + " ".join("-" if g is None else f"{g:.0%}"
                                                       for g in v["decode_guess_rates"]))
         lines += format_reads(entry)
+        if "drafted" in entry:
+            lines.extend(_format_drafted(entry["drafted"], result["drafting"]))
     if "recorded" in result:
         lines.append(f"  routing trace written to {result['recorded']} (replay it with bench "
                      "--replay-routing FILE --max-memory ...)")
@@ -362,6 +447,27 @@ def format_reads(entry: dict[str, Any]) -> list[str]:
                      + (f" ({size(disk)} from disk)" if disk >= 0 else "")
                      + f", hit rate {v['decode_hit_rate']:.0%}")
     return lines
+
+
+def _drafting_label(draft: Any) -> str | None:
+    if draft is None:
+        return None
+    if draft.name is None:
+        return f"prompt lookup {draft.tokens}"
+    return f"draft model {draft.name}, {draft.tokens} tokens"
+
+
+def _format_drafted(d: dict[str, Any], label: str) -> list[str]:
+    plain, drafted = d["plain"], d["drafted"]
+    ratio = drafted["bytes_per_token"] / max(plain["bytes_per_token"], 1)
+    return [f"    drafted ({label}) next to plain decoding, lru+prefetch, on a prompt the "
+            f"model repeats (same tokens: {'yes' if d['same_tokens'] else 'NO'}):",
+            f"      read per token {size(drafted['bytes_per_token'])} vs "
+            f"{size(plain['bytes_per_token'])} ({ratio:.2f}x), forward passes per token "
+            f"{drafted['passes_per_token']:.2f} vs {plain['passes_per_token']:.2f}, drafts "
+            f"accepted {drafted['acceptance']:.0%}, decode {drafted['decode_tps']:.2f} vs "
+            f"{plain['decode_tps']:.2f} tok/s, peak {size(drafted['peak_memory'])} vs "
+            f"{size(plain['peak_memory'])}"]
 
 
 def hit_rates_path() -> Path:

@@ -9,7 +9,7 @@ import sys
 from ..errors import MlxMixtralError
 from .commands import add_command
 from .distributed import launched
-from .drafting import add_draft_flags, add_kv_flags, drafting_from, kv_from
+from .drafting import add_draft_flags, add_kv_flags, draft_needs_from, drafting_from, kv_from
 from .flags import add_model_flags, add_store_flags, given_sampling, sampling_from, store_settings
 from .load_model import plan_for_cli
 
@@ -57,7 +57,8 @@ def run_chat(args: argparse.Namespace) -> int:
     name = model_identity(name or default_model())  # the demo's file is "demo", as listed
     # A missing file, an unknown repo, a model too big or a budget too small: one line now,
     # not an app that cannot load.
-    plan = plan_for_cli(name, args.force, args.dtype, max_memory=args.max_memory,
+    draft = draft_needs_from(args, args.dtype)
+    plan = plan_for_cli(name, args.force, args.dtype, max_memory=args.max_memory, draft=draft,
                         read_threads=args.read_threads)
     from ..app.chat_app import ChatApp  # (imported after the plan: they take seconds)
     from ..app.chat_prefixes import ChatPrefixes, remove_old_cache_files
@@ -68,7 +69,8 @@ def run_chat(args: argparse.Namespace) -> int:
     remove_old_cache_files(store.path.parent)
     prefixes = ChatPrefixes(store.path, settings)
     engine = MlxEngine(name, force=args.force, dtype=args.dtype, kv=kv, prefixes=prefixes,
-                       drafting=drafting, max_memory=args.max_memory, plan=plan)
+                       drafting=drafting, max_memory=args.max_memory, plan=plan,
+                       draft=draft)
     try:
         ChatApp(engine, name, store, system=args.system, settings=sampling,
                 notice="\n".join(said) or None, given=given_sampling(args)).run()

@@ -67,6 +67,20 @@ def drafting_from(args: argparse.Namespace, force: bool = False,
     return make
 
 
+def draft_needs_from(args: argparse.Namespace, dtype: str | None = None):
+    """What the drafting flags add to the model's memory plan (`DraftNeeds`), or None: the
+    draft model is described (a missing one is one line) before anything loads."""
+    if args.prompt_lookup:
+        from ..loading.memory_plan import DraftNeeds
+
+        return DraftNeeds(args.prompt_lookup)
+    if not args.draft_model:
+        return None
+    from ..loading import draft_needs
+
+    return draft_needs(args.num_draft_tokens, args.draft_model, dtype)
+
+
 def check_same_vocabulary(name: str, draft: Any, draft_tokenizer: Any, model: Any,
                           tokenizer: Any) -> None:
     theirs, ours = draft.args.vocab_size, model.args.vocab_size

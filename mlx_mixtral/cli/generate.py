@@ -10,7 +10,7 @@ from dataclasses import replace
 from ..errors import MlxMixtralError
 from .commands import add_command
 from .distributed import add_distributed_flags, launched
-from .drafting import add_draft_flags, add_kv_flags, drafting_from, kv_from
+from .drafting import add_draft_flags, add_kv_flags, draft_needs_from, drafting_from, kv_from
 from .flags import add_model_flags, add_store_flags, given_sampling, sampling_from, store_settings
 from .load_model import load_from_plan, plan_for_cli
 
@@ -87,7 +87,8 @@ def run_generate(args: argparse.Namespace) -> int:
         prompt = read_prompt(given)
     # A model that cannot load is one line before the seconds of importing generation.
     plan = plan_for_cli(args.model, args.force, args.dtype, group, args.pipeline,
-                        args.max_memory, read_threads=args.read_threads)
+                        args.max_memory, read_threads=args.read_threads,
+                        draft=draft_needs_from(args, args.dtype))
     from ..generation import Stats, stream_generate
     from ..generation.sampling import model_defaults
     from ..generation.stream import prompt_ids, require_text

@@ -14,16 +14,18 @@ PAGING_REMEDY = "(--max-memory sets the budget, --force loads it whole)"
 
 def plan_for_cli(name: str | None, force: bool = False, dtype: str | None = None, group=None,
                  pipeline: bool = False, max_memory: str | None = None, reserve: int = 0,
-                 shrink: bool = False, read_threads: int | None = None) -> LoadPlan:
+                 shrink: bool = False, read_threads: int | None = None,
+                 draft=None) -> LoadPlan:
     """The load plan of the named (or default) model: a missing file, a world the model cannot
     be split into, a budget that is not a size or too small, a model too big even to page:
     one line before anything loads. A Mixtral larger than the available memory, with no
-    --max-memory, pages its experts within it: one line says so."""
+    --max-memory, pages its experts within it: one line says so. `draft`: drafted decoding's
+    `DraftNeeds`, counted inside the budget."""
     from ..loading import plan_load
 
     plan = plan_load(name, force=force, dtype=dtype, group=group, pipeline=pipeline,
                      max_memory=max_memory, reserve=reserve, shrink=shrink,
-                     read_threads=read_threads)
+                     read_threads=read_threads, draft=draft)
     if plan.note is not None:
         print(f"{plan.note} {PAGING_REMEDY}", file=sys.stderr, flush=True)
     return plan

@@ -86,12 +86,18 @@ class ModelDrafter(Drafter):
         self.keys: Keys | None = None  # the reply's random keys (set with `sampling`)
         self.cache = model.make_cache(slack=k)
         self.seen: list[int] = []  # the tokens in the draft cache
+        self.prefill_step = 512  # tokens per pass when catching up (the model's, when drafting)
 
     def _sync(self, history: Sequence[int]) -> None:
         self.cache, common = reuse_prefix(self.cache, self.seen, history,
                                           lambda: self.model.make_cache(slack=self.k))
         new = list(history[common:])
-        self._logits = self.model(mx.array([new]), cache=self.cache)[0, -1]
+        # In chunks, as the model prefills: a whole prompt at once could outgrow a budget.
+        for start in range(0, len(new), self.prefill_step):
+            self._logits = self.model(mx.array([new[start:start + self.prefill_step]]),
+                                      cache=self.cache)[0, -1]
+            if start + self.prefill_step < len(new):
+                mx.eval(self._logits)
         self.seen = [*self.seen[:common], *new]
 
     def propose(self, history: Sequence[int]) -> tuple[list[int], mx.array | None]:
@@ -148,6 +154,23 @@ def verify(logits: mx.array, drafts: list[int], q: mx.array | None,
     return out
 
 
+def check_draft_planned(model: Model, drafter: Drafter) -> None:
+    """Within a memory budget the plan must count the drafting (`load(..., draft=)`): a draft
+    model, or more drafted tokens, than it holds would overrun the budget unnoticed."""
+    plan = model.limits.memory_plan
+    if plan is None:
+        return
+    planned = plan.draft
+    model_drafts = isinstance(drafter, ModelDrafter)
+    if planned is None or planned.tokens < drafter.k or (model_drafts and planned.args is None):
+        what = "a draft model" if model_drafts else "prompt lookup"
+        raise GenerationError(
+            f"drafting {drafter.k} tokens with {what} was not counted in this model's memory "
+            f"budget: load it with draft=draft_needs({drafter.k}"
+            f"{', draft_model' if model_drafts else ''}) (mlx_mixtral.loading)",
+            params=("draft",))
+
+
 def check_cache_slack(cache: list, k: int) -> None:
     short = [c for c in cache if getattr(c, "slack", k) < k]
     if short:
@@ -166,6 +189,7 @@ def speculative_steps(model: Callable[..., mx.array], prompt: list[int], cache: 
     check_cache_slack(cache, drafter.k)
     if isinstance(drafter, ModelDrafter):
         drafter.sampling, drafter.keys = sampling, keys
+        drafter.prefill_step = prefill_step_size
     processors = sampling.logits_processors()
     for start in range(0, len(prompt) - 1, prefill_step_size):  # all but the last token
         model(mx.array([prompt[start:min(start + prefill_step_size, len(prompt) - 1)]]),

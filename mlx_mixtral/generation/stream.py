@@ -21,7 +21,7 @@ from ..text.chat_format import clean_text
 from ..text.tokenizer import Tokenizer
 from .kv import KVSettings, kv_settings
 from .sampling import Keys, SamplingParams
-from .speculative import DraftCounts, Drafter, speculative_steps
+from .speculative import DraftCounts, Drafter, check_draft_planned, speculative_steps
 from .stats import Chunk, Clock, PeakMemory, Progress, Stats
 
 
@@ -199,6 +199,7 @@ def stream_generate(
     else:
         if processors or logprobs is not None:
             raise GenerationError("drafted decoding takes no logits processors or logprobs")
+        check_draft_planned(model, draft)
         steps = _without_logprobs(speculative_steps(
             forward, ids, cache, draft, params, keys, max_tokens, kv, counts, prefill_step_size,
             progress))

@@ -12,6 +12,7 @@ from ..lazy import lazy_exports
 _EXPORTS = {
     "LoadPlan": "load_plan",
     "plan_load": "load_plan",
+    "draft_needs": "load_plan",
     "build": "loader",
     "load": "loader",
     "load_model": "loader",
@@ -21,11 +22,11 @@ _EXPORTS = {
     "ModelSource": "source",
     "describe": "source",
 }
-__all__ = ["LoadPlan", "ModelSource", "build", "default_model", "describe", "load", "load_model",
-           "load_planned", "plan_load", "resolve"]
+__all__ = ["LoadPlan", "ModelSource", "build", "default_model", "describe", "draft_needs", "load",
+           "load_model", "load_planned", "plan_load", "resolve"]
 
 if TYPE_CHECKING:
-    from .load_plan import LoadPlan, plan_load
+    from .load_plan import LoadPlan, draft_needs, plan_load
     from .loader import build, load, load_model, load_planned
     from .locate import default_model, resolve
     from .source import ModelSource, describe

@@ -16,11 +16,12 @@ import mlx.core as mx
 
 from ..errors import MemoryLimitError
 from ..model.expert_cache import DEFAULT_READ_THREADS, check_read_threads
+from ..model.precision import target_dtype
 from ..model.sharding import check_world
 from ..units import size
 from .locate import default_model, resolve
-from .memory import check_fits
-from .memory_plan import MemoryPlan, automatic_plan, budget_bytes, plan_memory
+from .memory import check_fits, load_bytes
+from .memory_plan import DraftNeeds, MemoryPlan, automatic_plan, budget_bytes, plan_memory
 from .source import ModelSource, describe, require_vocabulary
 
 
@@ -59,13 +60,15 @@ def plan_load(name: str | Path | None = None, *, force: bool = False,
               pipeline: bool = False, max_memory: int | str | None = None,
               context: int | None = None, page_experts: bool = True,
               reserve: int = 0, shrink: bool = False, tokenizer: bool = True,
-              read_threads: int | None = None) -> LoadPlan:
+              draft: DraftNeeds | None = None, read_threads: int | None = None
+              ) -> LoadPlan:
     """The plan for loading `name` (see the module doc and `loader.load` for the arguments);
     anything that cannot load is refused here, before a tensor is read. Within a budget,
     `reserve` bytes are kept aside for KV caches kept between requests (`shrink`: fewer if
-    they do not fit, else refused; memory_plan.plan_memory). `tokenizer`: a folder without
-    tokenizer files is refused too (last: a mistaken flag is named first). `read_threads`:
-    the threads that read paged experts (default DEFAULT_READ_THREADS)."""
+    they do not fit, else refused; memory_plan.plan_memory), and `draft`'s share for drafted
+    decoding (`draft_needs`). `tokenizer`: a folder without tokenizer files is refused too
+    (last: a mistaken flag is named first). `read_threads`: the threads that read paged
+    experts (default DEFAULT_READ_THREADS)."""
     threads = check_read_threads(DEFAULT_READ_THREADS if read_threads is None
                                  else read_threads)
     name = name or default_model()
@@ -78,12 +81,25 @@ def plan_load(name: str | Path | None = None, *, force: bool = False,
             raise MemoryLimitError("max_memory does not combine with mlx.launch yet; split "
                                    "the model over the ranks, or page its experts on one machine",
                                    params=("max_memory",))
-        memory = plan_memory(source, budget_bytes(max_memory), dtype, context, reserve, shrink)
+        memory = plan_memory(source, budget_bytes(max_memory), dtype, context, reserve, shrink,
+                             draft)
     elif ranks > 1 or not page_experts:
         check_fits(source, force, dtype, ranks)
     else:
-        memory = automatic_plan(source, force, dtype, context, reserve, shrink)
+        memory = automatic_plan(source, force, dtype, context, reserve, shrink, draft)
         automatic = memory is not None
     if tokenizer:
         require_vocabulary(source)
     return LoadPlan(str(name), source, dtype, group, pipeline, memory, automatic, threads)
+
+
+def draft_needs(tokens: int, draft_model: str | Path | None = None,
+                dtype: str | mx.Dtype | None = None) -> DraftNeeds:
+    """What drafting `tokens` tokens per verify pass adds to a memory budget: with
+    `draft_model` (named as for `load`), its weights and KV cache as `dtype` loads them; else
+    prompt lookup, which has no model. Pass it as `load(..., draft=)`."""
+    if draft_model is None:
+        return DraftNeeds(tokens)
+    source = describe(resolve(draft_model))
+    kv = source.args.kv_bytes_per_token((target_dtype(dtype) or mx.float16).size)
+    return DraftNeeds(tokens, str(draft_model), load_bytes(source, dtype), source.args, kv)

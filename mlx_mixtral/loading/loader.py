@@ -20,6 +20,7 @@ from ..text.tokenizer import Tokenizer, load_folder_tokenizer
 from .checkpoint import build_model, sanitize
 from .expert_paging import build_paged
 from .load_plan import LoadPlan, plan_load
+from .memory_plan import DraftNeeds
 from .safetensors_file import read_safetensors
 from .source import ModelSource, describe
 
@@ -49,7 +50,8 @@ def load(path_or_repo: str | Path | None = None, tokenizer: bool = True, force: 
          dtype: str | mx.Dtype | None = None, group: mx.distributed.Group | None = None,
          pipeline: bool = False, max_memory: int | str | None = None,
          context: int | None = None, expert_policy: str = "lru", prefetch: bool = True,
-         page_experts: bool = True, read_threads: int | None = None
+         page_experts: bool = True, read_threads: int | None = None,
+         draft: DraftNeeds | None = None
          ) -> tuple[Model, Tokenizer | None]:
     """(model, tokenizer) from a GGUF file, a model folder, a Hugging Face repo id or
     `ollama:NAME`; with no name, the default model (as the command line picks it).
@@ -69,6 +71,9 @@ def load(path_or_repo: str | Path | None = None, tokenizer: bool = True, force: 
     them (`expert_policy` "lru" or "lfu"; `prefetch` guesses the next layer's), with
     `read_threads` threads reading at once (default 4). The plan is `model.limits.memory_plan`;
     a budget too small raises `MemoryLimitError` with the minimum.
+    Drafted decoding within the budget: `draft=draft_needs(k)` (prompt lookup) or
+    `draft_needs(k, "draft-model")` counts the drafted tokens, and the draft model's weights
+    and KV cache, inside it.
 
     `group`: an `mx.distributed` group of several ranks (under `mlx.launch`): the model is split
     over them, by layers with `pipeline`, else tensor parallel; each rank reads only its part.
@@ -76,7 +81,7 @@ def load(path_or_repo: str | Path | None = None, tokenizer: bool = True, force: 
     The same in two steps: `plan_load(...)` (load_plan.py), then `load_planned(plan)`."""
     plan = plan_load(path_or_repo, force=force, dtype=dtype, group=group, pipeline=pipeline,
                      max_memory=max_memory, context=context, page_experts=page_experts,
-                     tokenizer=tokenizer, read_threads=read_threads)
+                     tokenizer=tokenizer, read_threads=read_threads, draft=draft)
     if plan.note is not None:
         print(f"{plan.note} (max_memory sets the budget, force=True loads it whole)",
               file=sys.stderr, flush=True)

@@ -14,6 +14,9 @@ The budget holds, in MLX's own accounting (`mx.get_peak_memory`):
 
 MLX's buffer cache is limited to what the plan leaves beyond the weights (`cache_limit`): freed
 buffers it keeps count in RSS though not in MLX's peak.
+- with drafted decoding (`DraftNeeds`): a draft model's weights, its KV cache beside the model's
+  (per token), its prefill's working memory, and the k positions of slack each verify pass
+  writes before the rejected drafts are trimmed. Prompt lookup has no model: only the slack.
 
 What is left bounds the context: a conversation may grow only as long as its KV cache and the
 prefill's attention over it still fit (`context_limit`).
@@ -47,6 +50,17 @@ PREFILL_STEPS = (512, 256, 128, 64, 32, 16)
 WORKSPACE_SHARE = 0.1
 
 
+@dataclass(frozen=True)
+class DraftNeeds:
+    """What drafted decoding adds to a budget (`draft_budget.draft_needs` builds it)."""
+
+    tokens: int  # drafted per verify pass (k): the KV caches keep that many slack positions
+    name: str | None = None  # the draft model as the user named it; None: prompt lookup
+    weights: int = 0  # the draft model's, once loaded
+    args: ModelArgs | None = None  # the draft model's shape: its KV cache and working memory
+    kv_per_token: int = 0  # the draft model's KV cache
+
+
 def workspace_bytes(args: ModelArgs, step: int, context: int) -> int:
     """Activations of one prefill chunk of `step` tokens (float32, generous): hidden states,
     attention scores over `context` keys, the experts' intermediates, one row of logits."""
@@ -74,6 +88,15 @@ class MemoryPlan:
     context_limit: int  # the longest context the budget holds (<= the model's own)
     reserved: int = 0  # kept aside for KV caches kept between requests
     overhead: int = OVERHEAD  # the process's memory outside MLX's counter
+    draft: DraftNeeds | None = None  # drafted decoding, counted inside the budget
+
+    @property
+    def drafting(self) -> int:
+        """Fixed bytes drafting takes: the draft model's weights and the caches' slack for
+        the drafted tokens (the draft's KV cache is in `kv_per_token`)."""
+        if self.draft is None:
+            return 0
+        return self.draft.weights + self.kv_per_token * self.draft.tokens
 
     @property
     def paging(self) -> bool:
@@ -91,7 +114,8 @@ class MemoryPlan:
 
     @property
     def kv_room(self) -> int:
-        return (self.budget - self.reserved - self.overhead - self.resident - self.slot_bytes
+        return (self.budget - self.reserved - self.overhead - self.resident - self.drafting
+                - self.slot_bytes
                 - self.workspace)
 
     @property
@@ -110,6 +134,8 @@ class MemoryPlan:
               f"{self.context_limit:,} tokens)")
         if self.reserved:
             kv += f", {size(self.reserved)} for caches kept between requests"
+        if self.draft is not None and self.draft.name is not None:
+            kv += f", {size(self.draft.weights)} for the draft model {self.draft.name}"
         if not self.paging:
             return (f"Memory plan for {size(self.budget)}: the whole model is resident "
                     f"({size(self.resident + self.slot_bytes)}), {kv}")
@@ -149,27 +175,31 @@ def model_sizes(source: ModelSource, dtype: str | mx.Dtype | None = None) -> tup
 
 def plan_memory(source: ModelSource, budget: int, dtype: str | mx.Dtype | None = None,
                 context: int | None = None, reserve: int = 0,
-                shrink: bool = False) -> MemoryPlan:
+                shrink: bool = False, draft: DraftNeeds | None = None) -> MemoryPlan:
     """The plan for `budget` bytes, `reserve` of them kept aside for caches kept between
-    requests; MemoryLimitError (with the minimum) if none runs. With `shrink` the reserve is
-    at most half the room the model leaves beyond its minimal KV cache, instead of refused."""
+    requests and `draft`'s share for drafted decoding; MemoryLimitError (with the minimum) if
+    none runs. With `shrink` the reserve is at most half the room the model leaves beyond its
+    minimal KV cache, instead of refused."""
     resident, experts = model_sizes(source, dtype)
 
-    def planned(kept: int) -> MemoryPlan:
+    def planned(kept: int, drafting: DraftNeeds | None = draft) -> MemoryPlan:
         return plan_for(source.args, budget, resident, experts, target_dtype(dtype), context,
-                        kept)
+                        kept, drafting)
 
     if shrink:
         reserve = min(reserve, planned(0).spare // 2)
     plan = planned(reserve)
     if not plan.fits:
-        need = minimum_budget(source, dtype, context)
+        need = minimum_budget(source, dtype, context, draft)
         if reserve and planned(0).fits:
             raise MemoryLimitError(
                 f"prompt_cache_bytes={size(reserve)} does not fit in max_memory="
                 f"{size(budget)}: {source.path.name} needs {size(need)} of it, so at most "
                 f"{size(budget - need)} is left for kept caches; give less, or raise "
                 "max_memory", params=("prompt_cache_bytes", "max_memory"))
+        if draft is not None and draft.name is not None and planned(reserve, None).fits:
+            raise MemoryLimitError(_no_room_to_draft(source, plan, draft, need),
+                                   params=("max_memory", "draft_model", "prompt_lookup"))
         raise MemoryLimitError(_too_small(source, plan, need), params=("max_memory",))
     return plan
 
@@ -177,7 +207,7 @@ def plan_memory(source: ModelSource, budget: int, dtype: str | mx.Dtype | None =
 def automatic_plan(source: ModelSource, force: bool = False,
                    dtype: str | mx.Dtype | None = None,
                    context: int | None = None, reserve: int = 0,
-                   shrink: bool = False) -> MemoryPlan | None:
+                   shrink: bool = False, draft: DraftNeeds | None = None) -> MemoryPlan | None:
     """The plan for a model given no budget, as Ollama offloads what the GPU cannot hold: None
     when the model fits the available memory (or `force` loads it whole); a plan within the
     available memory when it does not but paging its experts runs there. Otherwise
@@ -188,9 +218,9 @@ def automatic_plan(source: ModelSource, force: bool = False,
     except MemoryLimitError:
         if not pageable(source):
             raise
-    have, least = memory.available_memory(), minimum_budget(source, dtype, context)
+    have, least = memory.available_memory(), minimum_budget(source, dtype, context, draft)
     if least <= have:
-        return plan_memory(source, have, dtype, context, reserve, shrink)
+        return plan_memory(source, have, dtype, context, reserve, shrink, draft)
     check_fits(source, dtype=dtype,  # the same refusal, with one more way out
                other_way=f"page its experts from disk (that needs at least {size(least)}), ")
     return None  # memory was freed meanwhile: it fits after all
@@ -209,15 +239,15 @@ def pageable(source: ModelSource) -> bool:
 
 
 def minimum_budget(source: ModelSource, dtype: str | mx.Dtype | None = None,
-                   context: int | None = None) -> int:
+                   context: int | None = None, draft: DraftNeeds | None = None) -> int:
     """The smallest budget with a plan that runs (found by bisection: the prefill chunk, and
     so the working memory, depends on the budget)."""
     resident, experts = model_sizes(source, dtype)
     target = target_dtype(dtype)
-    low, high = 1, 2 * (resident + experts) + 2**30
+    low, high = 1, 2 * (resident + experts + (draft.weights if draft else 0)) + 2**30
     while high - low > max(high // 1000, 1):
         mid = (low + high) // 2
-        if plan_for(source.args, mid, resident, experts, target, context).fits:
+        if plan_for(source.args, mid, resident, experts, target, context, draft=draft).fits:
             high = mid
         else:
             low = mid
@@ -226,40 +256,65 @@ def minimum_budget(source: ModelSource, dtype: str | mx.Dtype | None = None,
 
 def plan_for(args: ModelArgs, budget: int, resident: int, experts_total: int,
              target: mx.Dtype | None, context: int | None = None,
-             reserve: int = 0) -> MemoryPlan:
+             reserve: int = 0, draft: DraftNeeds | None = None) -> MemoryPlan:
     """The plan from sizes alone (`experts_total` 0: nothing can be paged); check `.fits`.
-    The model plans within the budget less the `reserve`."""
+    The model plans within the budget less the `reserve`, `draft`'s share included."""
     if reserve:
-        plan = plan_for(args, max(budget - reserve, 1), resident, experts_total, target, context)
+        plan = plan_for(args, max(budget - reserve, 1), resident, experts_total, target, context,
+                        draft=draft)
         return replace(plan, budget=budget, reserved=reserve)
     kv = args.kv_bytes_per_token((target or mx.float16).size)
+    kv += draft.kv_per_token if draft else 0
     context = min(context or MIN_CONTEXT, args.sliding_window or args.max_position_embeddings,
                   args.max_position_embeddings)
     step = next((s for s in PREFILL_STEPS
-                 if workspace_bytes(args, s, context) <= budget * WORKSPACE_SHARE),
+                 if drafted_workspace(args, s, context, draft) <= budget * WORKSPACE_SHARE),
                 PREFILL_STEPS[-1])
     n_experts = args.num_local_experts if experts_total else 0
     expert = experts_total // max(args.num_hidden_layers * n_experts, 1)
-    workspace = workspace_bytes(args, step, context)
-    room = budget - OVERHEAD - resident - workspace - kv * context
+    workspace = drafted_workspace(args, step, context, draft)
+    drafting = (draft.weights + kv * draft.tokens) if draft else 0
+    room = budget - OVERHEAD - resident - drafting - workspace - kv * context
     slots = int(min(n_experts, max(room // max(args.num_hidden_layers * expert, 1), 0)))
-    limit = _context_limit(args, budget - OVERHEAD - resident
-                           - slots * args.num_hidden_layers * expert, kv, step)
+    limit = _context_limit(args, budget - OVERHEAD - resident - drafting
+                           - slots * args.num_hidden_layers * expert, kv, step, draft)
     return MemoryPlan(budget, resident, expert, args.num_hidden_layers, n_experts,
-                      args.num_experts_per_tok, kv, context, step, workspace, slots, limit)
+                      args.num_experts_per_tok, kv, context, step, workspace, slots, limit,
+                      draft=draft)
 
 
-def _context_limit(args: ModelArgs, room: int, kv: int, step: int) -> int:
+def drafted_workspace(args: ModelArgs, step: int, context: int,
+                      draft: DraftNeeds | None = None) -> int:
+    """The working memory of a prefill chunk of `step` tokens or, drafting, of a verify pass of
+    k + 1 tokens if that is longer, and of the draft model's own prefill chunk."""
+    if draft is None:
+        return workspace_bytes(args, step, context)
+    own = workspace_bytes(args, max(step, draft.tokens + 1), context)
+    return own + (workspace_bytes(draft.args, step, context) if draft.args else 0)
+
+
+def _context_limit(args: ModelArgs, room: int, kv: int, step: int,
+                   draft: DraftNeeds | None = None) -> int:
     """The most tokens whose KV cache and prefill working memory fit in `room` bytes (the
     working memory grows with the keys a chunk attends to). A sliding window that fits bounds
     the cache by itself: then the model's whole context runs."""
-    fixed = workspace_bytes(args, step, 0)
-    per_token = kv + workspace_bytes(args, step, 1) - fixed
+    fixed = drafted_workspace(args, step, 0, draft)
+    per_token = kv + drafted_workspace(args, step, 1, draft) - fixed
     tokens = max((room - fixed) // per_token, 0)
     window = args.sliding_window
     if window is not None and window + step <= tokens:
         return args.max_position_embeddings
     return int(min(tokens, args.max_position_embeddings))
+
+
+def _no_room_to_draft(source: ModelSource, plan: MemoryPlan, draft: DraftNeeds,
+                      need: int) -> str:
+    """The model runs within the budget, but not with the draft model beside it."""
+    return (f"max_memory={size(plan.budget)} cannot hold the draft model draft_model="
+            f"{draft.name} as well: its {size(draft.weights)} of weights and its KV cache come "
+            f"out of the budget, and with them {source.path.name} needs at least {size(need)}; "
+            f"give max_memory={flag_size(need)} or more, or draft with prompt_lookup=4 (no "
+            "second model)")
 
 
 def _too_small(source: ModelSource, plan: MemoryPlan, need: int) -> str:
