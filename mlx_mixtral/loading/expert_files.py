@@ -46,16 +46,26 @@ class Extent:
     nbytes: int
     stored: str  # safetensors dtype
     dest: str  # "gate.weight", "down.scales" ...
+    shape: tuple[int, ...] = ()  # the expert's whole tensor
+    count: int = 1  # a tensor-parallel rank's part: `count` ranges of `nbytes`, `stride` apart
+    stride: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.nbytes * self.count
 
 
-def _tensor_index(files: list[Path]) -> dict[str, tuple[int, int, int, str, list[int]]]:
-    """Every expert tensor: (file index, absolute data offset, bytes, dtype, shape)."""
+def tensor_index(files: list[Path], keep=is_expert_tensor
+                  ) -> dict[str, tuple[int, int, int, str, list[int]]]:
+    """Every expert tensor (every one `keep` keeps): (file index, absolute data offset, bytes,
+    dtype, shape)."""
     out = {}
     for i, path in enumerate(files):
         header = check_safetensors(path)
-        base = 8 + int.from_bytes(path.open("rb").read(8), "little")
+        with path.open("rb") as f:
+            base = 8 + int.from_bytes(f.read(8), "little")
         for name, info in header.items():
-            if name != "__metadata__" and is_expert_tensor(name):
+            if name != "__metadata__" and keep(name):
                 start, end = info["data_offsets"]
                 out[name] = (i, base + start, end - start, info["dtype"], info["shape"])
     return out
@@ -65,7 +75,7 @@ def expert_extents(files: list[Path], layers: int, experts: int
                    ) -> list[list[list[Extent]]]:
     """[layer][expert] -> the byte ranges of that expert."""
     table: list[list[list[Extent]]] = [[[] for _ in range(experts)] for _ in range(layers)]
-    for name, (file, offset, nbytes, dtype, shape) in _tensor_index(files).items():
+    for name, (file, offset, nbytes, dtype, shape) in tensor_index(files).items():
         m = EXPERT_TENSOR.match(name)
         layer, proj, hf_expert, hf_name, param = m.groups()
         layer = int(layer)
@@ -77,14 +87,14 @@ def expert_extents(files: list[Path], layers: int, experts: int
             row = nbytes // experts
             for e in range(experts):
                 table[layer][e].append(Extent(file, offset + e * row, row, dtype,
-                                              f"{proj}.{param}"))
+                                              f"{proj}.{param}", tuple(shape[1:])))
         else:
             e = int(hf_expert)
             if e >= experts:
                 raise WeightsError(f"{files[file]}: {name} is beyond the config's {experts} "
                                    "experts")
             table[layer][e].append(Extent(file, offset, nbytes, dtype,
-                                          f"{_HF_PROJ[hf_name]}.{param}"))
+                                          f"{_HF_PROJ[hf_name]}.{param}", tuple(shape)))
     return table
 
 
@@ -117,9 +127,11 @@ class ExpertFiles:
     (model/expert_cache.py's `ExpertLoader`)."""
 
     def __init__(self, files: list[Path], switch_mlps: list, num_experts: int,
-                 inter: int) -> None:
+                 inter: int, extents: list[list[list[Extent]]] | None = None) -> None:
+        """`extents`: where each slot's bytes lie, when not every layer's whole experts
+        (a rank's share: loading/rank_loader.py)."""
         self.paths = list(files)
-        self.extents = expert_extents(self.paths, len(switch_mlps), num_experts)
+        self.extents = extents or expert_extents(self.paths, len(switch_mlps), num_experts)
         self.views = [_slot_views(m, inter) for m in switch_mlps]
         self._local = threading.local()
         self._opened: list = []
@@ -141,7 +153,7 @@ class ExpertFiles:
                         raise WeightsError(f"{x.dest} is stored as {x.stored}, which expert "
                                            f"paging cannot read into {kind}; convert the "
                                            "model with mlx-mixtral convert -q first")
-                    if dest.size * _itemsize(x.stored) != x.nbytes:
+                    if dest.size * _itemsize(x.stored) != x.total:
                         raise WeightsError(f"layer {layer}, expert {e}: {x.dest} has "
                                            f"{x.nbytes} bytes in the file, which does not "
                                            "match the config")
@@ -169,11 +181,14 @@ class ExpertFiles:
             view, kind, rows = self.views[layer][x.dest]
             dest = view[slot, rows]
             same = x.stored == kind
-            target = dest if same else self._staging(x.nbytes)
-            _read_into(files[x.file], x.offset, memoryview(target).cast("B"))
+            target = dest if same else self._staging(x.total)
+            raw = memoryview(target).cast("B")
+            for i in range(x.count):
+                _read_into(files[x.file], x.offset + i * x.stride,
+                           raw[i * x.nbytes:(i + 1) * x.nbytes])
             if not same:
                 _convert(target, x.stored, dest)
-            total += x.nbytes
+            total += x.total
         return total
 
     def close(self) -> None:

@@ -30,6 +30,7 @@ from .memory import check_fits, folder_tensor_bytes, load_bytes
 
 if TYPE_CHECKING:
     from ..model.config import ModelArgs
+    from .rank_loader import RankShare
     from .source import ModelSource
 
 MIN_CONTEXT = 2048  # tokens the KV cache must hold at least
@@ -120,12 +121,16 @@ def budget_bytes(max_memory: int | str) -> int:
         raise MemoryLimitError(f"max_memory: {e}", params=("max_memory",)) from None
 
 
-def model_sizes(source: ModelSource, dtype: str | mx.Dtype | None = None) -> tuple[int, int]:
-    """(every weight but the experts, the experts) once loaded; GGUF experts count as the
-    rest, since they cannot be paged."""
+def model_sizes(source: ModelSource, dtype: str | mx.Dtype | None = None,
+                share: RankShare | None = None) -> tuple[int, int]:
+    """(every weight but the experts, the experts) once loaded (of one rank's `share` under
+    mlx.launch); GGUF experts count as the rest, since they cannot be paged."""
     if source.format != "safetensors":
         return load_bytes(source, dtype), 0
     sizes = folder_tensor_bytes(source, target_dtype(dtype))
+    if share is not None:
+        sizes = [round(b * share.fractions[t.name])
+                 for t, b in zip(source.tensors, sizes, strict=True)]
     experts = sum(b for t, b in zip(source.tensors, sizes, strict=True)
                   if is_expert_tensor(t.name))
     return sum(sizes) - experts, experts
@@ -133,21 +138,22 @@ def model_sizes(source: ModelSource, dtype: str | mx.Dtype | None = None) -> tup
 
 def plan_memory(source: ModelSource, budget: int, dtype: str | mx.Dtype | None = None,
                 context: int | None = None, reserve: int = 0,
-                shrink: bool = False) -> MemoryPlan:
+                shrink: bool = False, share: RankShare | None = None) -> MemoryPlan:
     """The plan for `budget` bytes, `reserve` of them kept aside for caches kept between
     requests; MemoryLimitError (with the minimum) if none runs. With `shrink` the reserve is
-    at most half the room the model leaves beyond its minimal KV cache, instead of refused."""
-    resident, experts = model_sizes(source, dtype)
+    at most half the room the model leaves beyond its minimal KV cache, instead of refused.
+    `share`: the plan of one rank under mlx.launch, for what it holds."""
+    resident, experts = model_sizes(source, dtype, share)
+    args = source.args if share is None else share.args
 
     def planned(kept: int) -> MemoryPlan:
-        return plan_for(source.args, budget, resident, experts, target_dtype(dtype), context,
-                        kept)
+        return plan_for(args, budget, resident, experts, target_dtype(dtype), context, kept)
 
     if shrink:
         reserve = min(reserve, planned(0).spare // 2)
     plan = planned(reserve)
     if not plan.fits:
-        need = minimum_budget(source, dtype, context)
+        need = minimum_budget(source, dtype, context, share)
         if reserve and planned(0).fits:
             raise MemoryLimitError(
                 f"prompt_cache_bytes={size(reserve)} does not fit in max_memory="
@@ -186,15 +192,16 @@ def pageable(source: ModelSource) -> bool:
 
 
 def minimum_budget(source: ModelSource, dtype: str | mx.Dtype | None = None,
-                   context: int | None = None) -> int:
+                   context: int | None = None, share: RankShare | None = None) -> int:
     """The smallest budget with a plan that runs (found by bisection: the prefill chunk, and
-    so the working memory, depends on the budget)."""
-    resident, experts = model_sizes(source, dtype)
+    so the working memory, depends on the budget); of one rank's `share` under mlx.launch."""
+    resident, experts = model_sizes(source, dtype, share)
+    args = source.args if share is None else share.args
     target = target_dtype(dtype)
     low, high = 1, 2 * (resident + experts) + 2**30
     while high - low > max(high // 1000, 1):
         mid = (low + high) // 2
-        if plan_for(source.args, mid, resident, experts, target, context).fits:
+        if plan_for(args, mid, resident, experts, target, context).fits:
             high = mid
         else:
             low = mid
