@@ -67,6 +67,8 @@ with open(f"{out}.{rank}.json", "w") as f:
                "rss": status("VmHWM") - base, "read": read,
                "layers": len(model.layers),
                "paged_layers": len(pager.slots) if pager is not None else 0,
+               "slots": pager.num_slots if pager is not None else 0,
+               "expert_reads": pager.stats.total().reads if pager is not None else 0,
                "budget": budget}, f)
 if rank == 0:
     np.save(f"{out}.npy", np.array(logits))
