@@ -53,6 +53,7 @@ for layer in model.layers:  # read the weights layer by layer, as the app does
     mx.eval(layer.parameters())
 mx.eval(model.parameters())
 read = rchar() - read_before
+loaded = mx.get_peak_memory()
 ids = [(7 * i + 3) % model.args.vocab_size for i in range(24)]
 logits = model(mx.array([ids])).astype(mx.float32)
 mx.eval(logits)
@@ -63,7 +64,7 @@ for item in stream_generate(model, tokenizer, ids, temperature=0, max_tokens=max
 rank = group.rank() if group is not None else 0
 pager = model.limits.expert_pager
 with open(f"{out}.{rank}.json", "w") as f:
-    json.dump({"tokens": tokens, "peak": mx.get_peak_memory(),
+    json.dump({"tokens": tokens, "peak": mx.get_peak_memory(), "loaded": loaded,
                "rss": status("VmHWM") - base, "read": read,
                "layers": len(model.layers),
                "paged_layers": len(pager.slots) if pager is not None else 0,
