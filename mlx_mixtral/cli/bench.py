@@ -382,23 +382,30 @@ def bench_distributed(plan: LoadPlan, prompt_tokens: int, gen_tokens: int, runs:
     """Under mlx.launch: our engine with the model split over the ranks as `plan` says; tok/s
     (medians) and each rank's peak memory. The text is rank 0's to print (None on the other
     ranks)."""
+    from ..generation.stream import prefill_chunk
     from ..loading import load_planned
 
     group, folder = plan.group, plan.source.path
     start = time.perf_counter()
     model, _ = load_planned(plan, tokenizer=False)
     mx.eval(model.parameters())
+    peak = mx.get_peak_memory()  # loading's: each run below resets the counter
     mode = "pipeline" if plan.pipeline else "tensor parallel"
     engine = Engine(f"mlx-mixtral over {group.size()} ranks ({mode})", model,
                     time.perf_counter() - start)
     beat()
     prompt = mx.array(np.random.RandomState(0).randint(3, model.args.vocab_size, prompt_tokens))
-    measure(engine, prompt[:32], 4)  # warm up
+    step = prefill_chunk(model)  # (within a budget, the plan's)
+    peak = max(peak, measure(engine, prompt[:32], 4, step).peak_memory)  # warm up
     for _ in range(runs):
-        engine.runs.append(measure(engine, prompt, gen_tokens))
+        engine.runs.append(measure(engine, prompt, gen_tokens, step))
+        peak = max(peak, engine.runs[-1].peak_memory)
         beat()
-    peaks = mx.distributed.all_gather(mx.array([engine.median("peak_memory") / 1e6]),
-                                      group=group)
+    # Each rank's peak over the whole process, loading included.
+    # The step generate_step computed ahead is still running its own collectives: a gather
+    # started now got mixed up with them (rank 1's peak came back as a few KB).
+    mx.synchronize()
+    peaks = mx.distributed.all_gather(mx.array([peak / 1e6]), group=group)
     peaks = [p * 1e6 for p in peaks.tolist()]
     if group.rank() != 0:
         return None
@@ -407,5 +414,10 @@ def bench_distributed(plan: LoadPlan, prompt_tokens: int, gen_tokens: int, runs:
     for key, label, _ in METRICS:
         if key != "peak_memory":
             lines.append(f"  {label:<22} {engine.median(key):10.3f}")
-    lines += [f"  peak memory, rank {r}:   {size(p)}" for r, p in enumerate(peaks)]
+    lines += [f"  peak memory, rank {r}:   {size(p)} (loading included)"
+              for r, p in enumerate(peaks)]
+    if plan.memory is not None:
+        lines.append(f"  budget per rank:       {size(plan.memory.budget)} (rank 0: "
+                     f"{plan.memory.slots} of {plan.memory.experts} experts per layer in "
+                     "memory)")
     return "\n".join(lines)

@@ -97,6 +97,9 @@ def _checked(args: argparse.Namespace) -> tuple:
         if args.compare or drafting or kv.bits is not None:
             raise MlxMixtralError("under mlx.launch, bench runs our engine alone: leave out "
                                   "--compare, drafting and --kv-bits")
+        if args.max_memory and len(budget_specs(args.max_memory)) != 1:
+            raise MlxMixtralError("under mlx.launch, bench --max-memory takes one budget (each "
+                                  "rank's), not a list")
     elif args.max_memory:
         budget_specs(args.max_memory)
         if args.compare or kv.bits is not None:
@@ -145,10 +148,34 @@ def _bench_launched(args: argparse.Namespace, drafting, kv) -> int:
         preset_folder(args.preset)  # built once, by rank 0, before the others look
     mx.eval(mx.distributed.all_sum(mx.array(1), group=group))
     folder = preset_folder(args.preset) if args.preset else args.model
+    budget = _rank_budget(folder, args) if args.max_memory else None
     plan = plan_load(folder, dtype=args.dtype, group=group, pipeline=args.pipeline,
-                     tokenizer=False)
+                     max_memory=budget, tokenizer=False)
     text = bench_distributed(plan, args.prompt_tokens, args.gen_tokens, args.runs, dog.beat)
     dog.stop()
     if text is not None:
         print(text)
     return 0
+
+
+def _rank_budget(folder, args: argparse.Namespace) -> int:
+    """Each rank's budget in bytes: a size, a share of the whole model's size, or "min" (the
+    least every rank's share runs in)."""
+    from ..loading import describe, resolve
+    from ..loading.memory import load_bytes
+    from ..loading.memory_plan import minimum_budget
+    from ..loading.rank_loader import rank_share
+    from .bench_paging import budget_specs
+
+    spec = budget_specs(args.max_memory)[0]
+    if isinstance(spec, int):
+        return spec
+    source = describe(resolve(folder))
+    if isinstance(spec, float):
+        return int(spec * load_bytes(source, args.dtype))
+    import mlx.core as mx
+
+    size = mx.distributed.init().size()
+    return max(minimum_budget(source, args.dtype, share=rank_share(source, size, r,
+                                                                    args.pipeline))
+               for r in range(size))

@@ -27,6 +27,19 @@ _EXPERT_KEY = re.compile(r"^(.*\.block_sparse_moe)\.experts\.(\d+)\.(w[123])\.(\
 _EXPERT_MODULE = re.compile(r"^(.*\.block_sparse_moe)\.experts\.\d+\.(w[123])$")
 
 
+def layer_index(key: str) -> int | None:
+    """The decoder layer a checkpoint's tensor belongs to (None: embeddings, head, final norm)."""
+    m = _LAYER_KEY.match(key)
+    return int(m.group(1)) if m else None
+
+
+def hf_expert(key: str) -> int | None:
+    """The expert a Hugging Face `experts.E.w1...` tensor holds (None for other tensors): its
+    row of the stacked tensor named `tensor_name(key)`."""
+    m = _EXPERT_KEY.match(key)
+    return int(m.group(2)) if m else None
+
+
 def module_name(layer: str) -> str:
     """Our module for a checkpoint's layer: Hugging Face's `experts.E.w1` is one row of the
     stacked `switch_mlp.gate_proj` (as `_stack_hf_experts` stacks it)."""
@@ -132,6 +145,16 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], quantization: dic
     each MoE layer gets `slots` expert slots instead of all its experts, left for the caller to
     fill; `stored` names the experts' tensors, which say how they are quantized."""
     check_shapes(args, weights, source)
+    model = model_skeleton(args, quantization, {*weights, *stored}, slots)
+    load_checked(model, cast_weights(weights, dtype), source, slots is not None)
+    return model.fuse() if fuse else model
+
+
+def model_skeleton(args: ModelArgs, quantization: dict | None, stored: Collection[str],
+                   slots: int | None = None) -> Model:
+    """The model's modules, quantized as the tensors named `stored` (ours) are, with no weights
+    loaded: their initial values are lazy and never computed, so this costs no memory. (`slots`:
+    that many expert slots per MoE layer instead of every expert.)"""
     model = Model(args)
     if slots is not None:
         for layer in model.layers:
@@ -143,14 +166,13 @@ def build_model(args: ModelArgs, weights: dict[str, mx.array], quantization: dic
             group_size=quantization.get("group_size", 64),
             bits=quantization["bits"],
             mode=quantization.get("mode", "affine"),
-            class_predicate=_quantization_predicate(quantization, {*weights, *stored}),
+            class_predicate=_quantization_predicate(quantization, stored),
         )
-    _load_weights(model, cast_weights(weights, dtype), source, slots is not None)
-    return model.fuse() if fuse else model
+    return model
 
 
-def _load_weights(model: Model, weights: dict[str, mx.array], source: str,
-                  without_experts: bool) -> None:
+def load_checked(model: Model, weights: dict[str, mx.array], source: str,
+                 without_experts: bool) -> None:
     """Every parameter from `weights` (but the expert slots, when they are paged)."""
     if without_experts:
         expected = {k for k, _ in tree_flatten(model.parameters()) if ".switch_mlp." not in k}

@@ -63,6 +63,13 @@ class Extent:
     nbytes: int
     stored: str  # safetensors dtype
     dest: str  # "gate.weight", "down.scales" ...
+    shape: tuple[int, ...] = ()  # the expert's whole tensor
+    count: int = 1  # a tensor-parallel rank's part: `count` ranges of `nbytes`, `stride` apart
+    stride: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.nbytes * self.count
 
 
 @dataclass(frozen=True)
@@ -77,17 +84,19 @@ class Run:
 
     @property
     def nbytes(self) -> int:
-        return sum(x.nbytes for x in self.extents)
+        return sum(x.total for x in self.extents)
 
 
 def runs_of(extents: list[Extent], staged: set[str], coalesce: bool) -> list[Run]:
     """An expert's extents as reads: adjacent ones merged (`coalesce`), in file order. A
-    converted extent (its dest in `staged`) is a run of its own."""
+    converted extent (its dest in `staged`) or a strided one (a rank's part) is a run of its
+    own."""
     runs: list[Run] = []
     for x in sorted(extents, key=lambda x: (x.file, x.offset)):
         last = runs[-1] if runs else None
         conv = x.dest in staged
-        if (coalesce and last is not None and not conv and not last.staged
+        if (coalesce and last is not None and not conv and not last.staged and x.count == 1
+                and last.extents[-1].count == 1
                 and last.file == x.file and last.offset + last.nbytes == x.offset):
             runs[-1] = Run(last.file, last.offset, (*last.extents, x), False)
         else:
@@ -99,6 +108,8 @@ def _cuts(run: Run, parts: int) -> list[tuple[int, int]]:
     """[start, end) byte spans of `run` for up to `parts` readers (staged runs: pieces of at
     most STAGE_BYTES, cut on 4-byte boundaries so that no element is split)."""
     n = run.nbytes
+    if run.extents[0].count > 1:  # a rank's strided part: one piece, a read per range
+        return [(0, n)]
     step = max(-(-n // parts), MIN_PIECE) if parts > 1 else n
     if run.staged:
         step = min(step, STAGE_BYTES)
@@ -106,14 +117,17 @@ def _cuts(run: Run, parts: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
-def _tensor_index(files: list[Path]) -> dict[str, tuple[int, int, int, str, list[int]]]:
-    """Every expert tensor: (file index, absolute data offset, bytes, dtype, shape)."""
+def tensor_index(files: list[Path], keep=is_expert_tensor
+                 ) -> dict[str, tuple[int, int, int, str, list[int]]]:
+    """Every expert tensor (every one `keep` keeps): (file index, absolute data offset, bytes,
+    dtype, shape)."""
     out = {}
     for i, path in enumerate(files):
         header = check_safetensors(path)
-        base = 8 + int.from_bytes(path.open("rb").read(8), "little")
+        with path.open("rb") as f:
+            base = 8 + int.from_bytes(f.read(8), "little")
         for name, info in header.items():
-            if name != "__metadata__" and is_expert_tensor(name):
+            if name != "__metadata__" and keep(name):
                 start, end = info["data_offsets"]
                 out[name] = (i, base + start, end - start, info["dtype"], info["shape"])
     return out
@@ -123,7 +137,7 @@ def expert_extents(files: list[Path], layers: int, experts: int
                    ) -> list[list[list[Extent]]]:
     """[layer][expert] -> the byte ranges of that expert."""
     table: list[list[list[Extent]]] = [[[] for _ in range(experts)] for _ in range(layers)]
-    for name, (file, offset, nbytes, dtype, shape) in _tensor_index(files).items():
+    for name, (file, offset, nbytes, dtype, shape) in tensor_index(files).items():
         m = EXPERT_TENSOR.match(name)
         layer, proj, hf_expert, hf_name, param = m.groups()
         layer = int(layer)
@@ -135,14 +149,14 @@ def expert_extents(files: list[Path], layers: int, experts: int
             row = nbytes // experts
             for e in range(experts):
                 table[layer][e].append(Extent(file, offset + e * row, row, dtype,
-                                              f"{proj}.{param}"))
+                                              f"{proj}.{param}", tuple(shape[1:])))
         else:
             e = int(hf_expert)
             if e >= experts:
                 raise WeightsError(f"{files[file]}: {name} is beyond the config's {experts} "
                                    "experts")
             table[layer][e].append(Extent(file, offset, nbytes, dtype,
-                                          f"{_HF_PROJ[hf_name]}.{param}"))
+                                          f"{_HF_PROJ[hf_name]}.{param}", tuple(shape)))
     return table
 
 
@@ -199,9 +213,12 @@ class ExpertFiles:
     (the reads before coalescing, kept for the benchmark's baseline)."""
 
     def __init__(self, files: list[Path], switch_mlps: list, num_experts: int,
-                 inter: int, coalesce: bool = True) -> None:
+                 inter: int, coalesce: bool = True,
+                 extents: list[list[list[Extent]]] | None = None) -> None:
+        """`extents`: where each slot's bytes lie, when not every layer's whole experts
+        (a rank's share: loading/rank_loader.py)."""
         self.paths = list(files)
-        self.extents = expert_extents(self.paths, len(switch_mlps), num_experts)
+        self.extents = extents or expert_extents(self.paths, len(switch_mlps), num_experts)
         self.views = [_slot_views(m, inter) for m in switch_mlps]
         self.cold = False  # drop every range read from the page cache (see set_cold)
         self.read_calls = 0  # read system calls, for the tests
@@ -236,7 +253,7 @@ class ExpertFiles:
                         raise WeightsError(f"{x.dest} is stored as {x.stored}, which expert "
                                            f"paging cannot read into {kind}; convert the "
                                            "model with mlx-mixtral convert -q first")
-                    if dest.size * _itemsize(x.stored) != x.nbytes:
+                    if dest.size * _itemsize(x.stored) != x.total:
                         raise WeightsError(f"layer {layer}, expert {e}: {x.dest} has "
                                            f"{x.nbytes} bytes in the file, which does not "
                                            "match the config")
@@ -267,7 +284,7 @@ class ExpertFiles:
     def _staging(self, nbytes: int) -> np.ndarray:
         buf = getattr(self._local, "staging", None)
         if buf is None or buf.nbytes < nbytes:
-            buf = np.empty(STAGE_BYTES, np.uint8)  # each piece staged is at most this
+            buf = np.empty(max(STAGE_BYTES, nbytes), np.uint8)  # pieces staged are at most this
             self._local.staging = buf
         return buf[:nbytes]
 
@@ -286,7 +303,9 @@ class ExpertFiles:
         f = self._files()[run.file]
         views = self.views[layer]
         with self.clock:
-            if run.staged:
+            if run.extents[0].count > 1:
+                self._read_strided(f, run.extents[0], views, slot)
+            elif run.staged:
                 (x,) = run.extents
                 view, _, rows = views[x.dest]
                 raw = self._staging(b - a)
@@ -307,6 +326,21 @@ class ExpertFiles:
 
                 drop_range(f.fileno(), run.offset + a, b - a)
         return b - a
+
+    def _read_strided(self, f, x: Extent, views: dict, slot: int) -> None:
+        """A rank's part of a tensor: `count` ranges, one after another into the slot."""
+        view, kind, rows = views[x.dest]
+        dest = view[slot, rows].reshape(-1)
+        size = _itemsize(x.stored)
+        per = x.nbytes // size  # elements per range
+        for i in range(x.count):
+            at = x.offset + i * x.stride
+            if x.stored == kind:
+                self._pread(f, [memoryview(dest[i * per:(i + 1) * per]).cast("B")], at)
+            else:
+                raw = self._staging(x.nbytes)
+                self._pread(f, [memoryview(raw)], at)
+                _convert(raw, x.stored, dest[i * per:(i + 1) * per])
 
     def _pread(self, f, bufs: list[memoryview], offset: int) -> None:
         """Fill `bufs` from `offset` on: one scattering read (more only if it comes short)."""

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..errors import MemoryLimitError
 from ..model.expert_cache import DEFAULT_READ_THREADS, check_read_threads
 from ..model.precision import target_dtype
 from ..model.sharding import check_world
@@ -22,6 +21,7 @@ from ..units import size
 from .locate import default_model, resolve
 from .memory import check_fits, load_bytes
 from .memory_plan import DraftNeeds, MemoryPlan, automatic_plan, budget_bytes, plan_memory
+from .rank_loader import plan_ranks
 from .source import ModelSource, describe, require_vocabulary
 
 
@@ -76,11 +76,10 @@ def plan_load(name: str | Path | None = None, *, force: bool = False,
     ranks = group.size() if group is not None else 1
     check_world(source.args, ranks, pipeline)
     memory, automatic = None, False
-    if max_memory is not None:
-        if ranks > 1:
-            raise MemoryLimitError("max_memory does not combine with mlx.launch yet; split "
-                                   "the model over the ranks, or page its experts on one machine",
-                                   params=("max_memory",))
+    if max_memory is not None and ranks > 1:  # each rank within it, for its share
+        memory = plan_ranks(source, budget_bytes(max_memory), ranks, group.rank(), pipeline,
+                            dtype, context, reserve, shrink)
+    elif max_memory is not None:
         memory = plan_memory(source, budget_bytes(max_memory), dtype, context, reserve, shrink,
                              draft)
     elif ranks > 1 or not page_experts:

@@ -15,12 +15,12 @@ import mlx.core as mx
 from ..demo import DEMO_NAME, is_demo
 from ..model.decoder import Model
 from ..model.limits import RuntimeLimits
-from ..model.sharding import shard_layers, shard_tensors
 from ..text.tokenizer import Tokenizer, load_folder_tokenizer
 from .checkpoint import build_model, sanitize
 from .expert_paging import build_paged
 from .load_plan import LoadPlan, plan_load
 from .memory_plan import DraftNeeds
+from .rank_loader import build_rank
 from .safetensors_file import read_safetensors
 from .source import ModelSource, describe
 
@@ -93,7 +93,11 @@ def load_planned(plan: LoadPlan, tokenizer: bool = True, expert_policy: str = "l
     """(model, tokenizer) as `plan` says, its files' headers not read again."""
     source, memory = plan.source, plan.memory
     pager = None
-    if plan.paging:
+    if plan.ranks > 1:  # each rank reads its share alone (rank_loader.py)
+        built = build_rank(source, plan.group, plan.pipeline, plan.dtype,
+                           memory if plan.paging else None, expert_policy, prefetch)
+        model, pager, metadata = built.model, built.pager, {}
+    elif plan.paging:
         model, pager = build_paged(source, memory, plan.dtype, expert_policy, prefetch,
                                    plan.read_threads)
         metadata = {}
@@ -111,10 +115,6 @@ def load_planned(plan: LoadPlan, tokenizer: bool = True, expert_policy: str = "l
             max_prefill_step=memory.prefill_step if pager is not None else None)
     if is_demo(source.path):
         model.defaults_name = DEMO_NAME  # its gentler sampling defaults (generation/sampling.py)
-    if plan.ranks > 1:  # still lazy: the split decides what is read (the plan checked it)
-        shard_layers(model.model, plan.group) if plan.pipeline else shard_tensors(model,
-                                                                                 plan.group)
-        model.fuse()  # after the split: fusing first would read whole tensors to cut them
     return model, (load_tokenizer(source, metadata) if tokenizer else None)
 
 

@@ -39,6 +39,7 @@ from .memory import check_fits, folder_tensor_bytes, gguf_tensor_bytes, load_byt
 
 if TYPE_CHECKING:
     from ..model.config import ModelArgs
+    from .rank_loader import RankShare
     from .source import ModelSource
 
 MIN_CONTEXT = 2048  # tokens the KV cache must hold at least
@@ -158,9 +159,11 @@ def budget_bytes(max_memory: int | str) -> int:
         raise MemoryLimitError(f"max_memory: {e}", params=("max_memory",)) from None
 
 
-def model_sizes(source: ModelSource, dtype: str | mx.Dtype | None = None) -> tuple[int, int]:
-    """(every weight but the experts, the experts) once loaded; experts that cannot be paged
-    (a GGUF's of a type that does not stream) count as the rest."""
+def model_sizes(source: ModelSource, dtype: str | mx.Dtype | None = None,
+                share: RankShare | None = None) -> tuple[int, int]:
+    """(every weight but the experts, the experts) once loaded (of one rank's `share` under
+    mlx.launch); experts that cannot be paged (a GGUF's of a type that does not stream) count
+    as the rest."""
     if not pageable(source):
         return load_bytes(source, dtype), 0
     if source.format == "gguf":
@@ -169,28 +172,34 @@ def model_sizes(source: ModelSource, dtype: str | mx.Dtype | None = None) -> tup
         sizes, is_expert = gguf_tensor_bytes(source, target_dtype(dtype)), is_gguf_expert
     else:
         sizes, is_expert = folder_tensor_bytes(source, target_dtype(dtype)), is_expert_tensor
+    if share is not None:
+        sizes = [round(b * share.fractions[t.name])
+                 for t, b in zip(source.tensors, sizes, strict=True)]
     experts = sum(b for t, b in zip(source.tensors, sizes, strict=True) if is_expert(t.name))
     return sum(sizes) - experts, experts
 
 
 def plan_memory(source: ModelSource, budget: int, dtype: str | mx.Dtype | None = None,
                 context: int | None = None, reserve: int = 0,
-                shrink: bool = False, draft: DraftNeeds | None = None) -> MemoryPlan:
+                shrink: bool = False, draft: DraftNeeds | None = None,
+                share: RankShare | None = None) -> MemoryPlan:
     """The plan for `budget` bytes, `reserve` of them kept aside for caches kept between
     requests and `draft`'s share for drafted decoding; MemoryLimitError (with the minimum) if
     none runs. With `shrink` the reserve is at most half the room the model leaves beyond its
-    minimal KV cache, instead of refused."""
-    resident, experts = model_sizes(source, dtype)
+    minimal KV cache, instead of refused. `share`: the plan of one rank under mlx.launch, for
+    what it holds."""
+    resident, experts = model_sizes(source, dtype, share)
+    args = source.args if share is None else share.args
 
     def planned(kept: int, drafting: DraftNeeds | None = draft) -> MemoryPlan:
-        return plan_for(source.args, budget, resident, experts, target_dtype(dtype), context,
+        return plan_for(args, budget, resident, experts, target_dtype(dtype), context,
                         kept, drafting)
 
     if shrink:
         reserve = min(reserve, planned(0).spare // 2)
     plan = planned(reserve)
     if not plan.fits:
-        need = minimum_budget(source, dtype, context, draft)
+        need = minimum_budget(source, dtype, context, draft, share)
         if reserve and planned(0).fits:
             raise MemoryLimitError(
                 f"prompt_cache_bytes={size(reserve)} does not fit in max_memory="
@@ -239,15 +248,17 @@ def pageable(source: ModelSource) -> bool:
 
 
 def minimum_budget(source: ModelSource, dtype: str | mx.Dtype | None = None,
-                   context: int | None = None, draft: DraftNeeds | None = None) -> int:
+                   context: int | None = None, draft: DraftNeeds | None = None,
+                   share: RankShare | None = None) -> int:
     """The smallest budget with a plan that runs (found by bisection: the prefill chunk, and
-    so the working memory, depends on the budget)."""
-    resident, experts = model_sizes(source, dtype)
+    so the working memory, depends on the budget); of one rank's `share` under mlx.launch."""
+    resident, experts = model_sizes(source, dtype, share)
+    args = source.args if share is None else share.args
     target = target_dtype(dtype)
     low, high = 1, 2 * (resident + experts + (draft.weights if draft else 0)) + 2**30
     while high - low > max(high // 1000, 1):
         mid = (low + high) // 2
-        if plan_for(source.args, mid, resident, experts, target, context, draft=draft).fits:
+        if plan_for(args, mid, resident, experts, target, context, draft=draft).fits:
             high = mid
         else:
             low = mid

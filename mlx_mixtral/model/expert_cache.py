@@ -301,6 +301,7 @@ class PagedMoE(nn.Module):
         self.top_k = top_k
         self.layer = layer
         self.pager = pager
+        self.group: mx.distributed.Group | None = None  # tensor parallel: slots hold 1/N
 
     def __call__(self, x: mx.array, trace: list | None = None) -> mx.array:
         pager, layer = self.pager, self.layer
@@ -320,6 +321,8 @@ class PagedMoE(nn.Module):
             y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
         else:
             y = self._in_groups(xe, chosen, weights, groups)
+        if self.group is not None:  # each rank computed its slice of every expert
+            y = mx.distributed.all_sum(y, group=self.group)
         return y.astype(x.dtype)
 
     def _in_groups(self, x: mx.array, chosen: np.ndarray, weights: mx.array,
