@@ -262,8 +262,9 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
                  read_threads: int | None = None, record: Path | None = None,
                  drafting: Any = None, draft: Any = None) -> str:
     """`record`: write the routing of the first paging budget's default variant (its warm-up
-    run, then its measured runs) there, as a routing trace (model/routing_trace.py). `drafting`: (model, tokenizer) -> Drafter, and `draft` its
-    `DraftNeeds`, for the side-by-side run of drafted decoding within each budget."""
+    run, then its measured runs) there, as a routing trace (model/routing_trace.py).
+    `drafting`: (model, tokenizer) -> Drafter, and `draft` its `DraftNeeds`, for the
+    side-by-side run of drafted decoding within each budget."""
     from ..loading import describe, load
     from ..loading.memory import load_bytes
     from ..loading.memory_plan import minimum_budget, pageable
