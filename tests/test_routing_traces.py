@@ -109,7 +109,8 @@ def test_replay_on_the_command_line(live, cli_here, tmp_path):
                  ["--replay-routing", str(path)],
                  ["--replay-routing", str(path), "--slots", "9"],
                  ["--replay-routing", str(tmp_path / "none.json"), "--slots", "4"],
-                 ["--slots", "4"], ["--record-routing", str(tmp_path / "t.json")]):
+                 ["--slots", "4"], ["--record-routing", str(tmp_path / "t.json")],
+                 ["--max-memory", "70%", "--record-routing", str(tmp_path / "no" / "t.json")]):
         r = cli_here("bench", *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
     r = cli_here("bench", "--replay-routing", str(damaged), "--slots", "4")

@@ -186,6 +186,9 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
         pager.close()
         del model, pager
         mx.clear_cache()
+    if record is not None and "recorded" not in result:
+        result["recorded"] = None
+        log("no budget paged its experts: no routing trace was written")
     save_hit_rates(result)
     return json.dumps(result, indent=2) if as_json else format_paging(result)
 
@@ -220,7 +223,7 @@ def format_paging(result: dict[str, Any]) -> str:
                 lines.append(f"      guessed {v['decode_guess_rate']:.0%} of needed experts; "
                              "per layer: " + " ".join("-" if g is None else f"{g:.0%}"
                                                       for g in v["decode_guess_rates"]))
-    if "recorded" in result:
+    if result.get("recorded"):
         lines.append(f"  routing trace written to {result['recorded']} (replay it with bench "
                      "--replay-routing FILE --max-memory ...)")
     return "\n".join(lines)
@@ -254,7 +257,11 @@ def save_recorded(trace: RoutingTrace, stats: PagingStats, path: Path) -> str:
     total = stats.total()
     if total.reads:
         trace.model["expert_bytes"] = total.bytes_read // total.reads
-    save_trace(trace, path)
+    try:
+        save_trace(trace, path)
+    except OSError as e:
+        raise MlxMixtralError(f"--record-routing: cannot write {path} ({e.strerror or e})"
+                              ) from None
     remember_trace(path)
     return str(path)
 
