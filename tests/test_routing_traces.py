@@ -35,8 +35,10 @@ def live(tmp_path_factory):
     path). 20-45 s on two busy cores (3 budgets x 3 variants x 2 runs, and the preset's
     build), hence `slow` on the tests that use it."""
     path = tmp_path_factory.mktemp("trace") / "routing.json"
-    result = json.loads(bench_paging(preset_folder("mixtral-realistic"), BUDGETS, PROMPT, GEN,
-                                     1, None, True, path))
+    with pytest.MonkeyPatch.context() as patch:  # what bench keeps stays out of other tests
+        patch.setenv("MLX_MIXTRAL_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+        result = json.loads(bench_paging(preset_folder("mixtral-realistic"), BUDGETS, PROMPT,
+                                         GEN, 1, None, True, path))
     return result, path
 
 
