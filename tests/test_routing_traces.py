@@ -219,3 +219,15 @@ def test_a_mistake_or_a_damaged_trace_is_one_line(cli_here, tmp_path):
         r = cli_here("bench", *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1, (what, r.stderr)
         assert says in r.stderr, (what, r.stderr)
+
+
+def test_bench_takes_medians_over_runs_and_a_middle_run_per_layer():
+    from mlx_mixtral.cli.bench_paging import PagedRun, median_run
+
+    runs = [PagedRun(1.0, 2.0, 30, [0.5, 0.6], 0.55, 0.1, 9.0, [None, r], r)
+            for r in (0.7, 0.9, 0.8)]
+    runs.append(PagedRun(1.0, 4.0, 10, [0.5, 0.6], 0.55, 0.1, 9.0, [None, None], None))
+    got = median_run(runs[:3])
+    assert (got["decode_tps"], got["peak_memory"], got["decode_guess_rate"]) == (2.0, 30, 0.8)
+    assert got["decode_guess_rates"] == [None, 0.9]  # the middle run's, as listed
+    assert median_run(runs[3:])["decode_guess_rate"] is None

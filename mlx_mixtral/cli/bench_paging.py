@@ -112,6 +112,15 @@ def measure_paged(model: Any, prompt: mx.array, gen_tokens: int,
                      [s.guess_rate for s in decode.layers], total.guess_rate)
 
 
+def median_run(runs: list[PagedRun]) -> dict[str, Any]:
+    """Each number's median over `runs`; the lists per layer (and a rate that was not
+    measured, None) are the middle run's."""
+    middle = asdict(runs[len(runs) // 2])
+    return {name: statistics.median(getattr(r, name) for r in runs)
+            if isinstance(value, (int, float)) else middle[name]
+            for name, value in asdict(runs[0]).items()}
+
+
 def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens: int,
                     runs: int, dtype: str | None, as_json: bool,
                     record: Path | None = None) -> str:
@@ -174,10 +183,7 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
                 pager.recorder = None
                 result["recorded"] = save_recorded(recorder.trace, pager.stats, record)
             key = f"{policy}{'+prefetch' if prefetch else ''}"
-            entry["variants"][key] = {
-                name: statistics.median(getattr(r, name) for r in done)
-                if name != "decode_hit_rates" else done[len(done) // 2].decode_hit_rates
-                for name in asdict(done[0])}
+            entry["variants"][key] = median_run(done)
             log(f"  {key}: decode {entry['variants'][key]['decode_tps']:.2f} tok/s, hit rate "
                 f"{entry['variants'][key]['decode_hit_rate']:.0%}"
                 + (f", guessed {guess:.0%}" if (guess := entry["variants"][key][
