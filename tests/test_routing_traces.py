@@ -35,8 +35,10 @@ def live(tmp_path_factory):
     path). 20-45 s on two busy cores (3 budgets x 3 variants x 2 runs, and the preset's
     build), hence `slow` on the tests that use it."""
     path = tmp_path_factory.mktemp("trace") / "routing.json"
-    result = json.loads(bench_paging(preset_folder("mixtral-realistic"), BUDGETS, PROMPT, GEN,
-                                     1, None, True, path))
+    with pytest.MonkeyPatch.context() as patch:  # what bench keeps stays out of other tests
+        patch.setenv("MLX_MIXTRAL_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+        result = json.loads(bench_paging(preset_folder("mixtral-realistic"), BUDGETS, PROMPT,
+                                         GEN, 1, None, True, path))
     return result, path
 
 
@@ -91,7 +93,7 @@ def test_the_trace_holds_every_layer_of_every_pass(live):
 
 
 @pytest.mark.slow
-def test_replay_on_the_command_line(live, cli_here, tmp_path):
+def test_replay_on_the_command_line(live, cli_here):
     _, path = live
     r = cli_here("bench", "--replay-routing", str(path), "--slots", "2,4", "--json")
     assert r.returncode == 0, r.stderr
@@ -101,19 +103,6 @@ def test_replay_on_the_command_line(live, cli_here, tmp_path):
     assert cases[0]["decode_hit_rate"] < cases[4]["decode_hit_rate"]  # more slots, more hits
     text = cli_here("bench", "--replay-routing", str(path), "--max-memory", "70%").stdout
     assert "4 of 8 slots  lfu+prefetch  hit rate" in text and "read per token" in text
-    damaged = tmp_path / "damaged.json"
-    data = json.loads(path.read_text())
-    del data["runs"][1]["passes"][3][5]  # a layer missing
-    damaged.write_text(json.dumps(data))
-    for args in (["--replay-routing", str(damaged), "--slots", "4"],
-                 ["--replay-routing", str(path)],
-                 ["--replay-routing", str(path), "--slots", "9"],
-                 ["--replay-routing", str(tmp_path / "none.json"), "--slots", "4"],
-                 ["--slots", "4"], ["--record-routing", str(tmp_path / "t.json")]):
-        r = cli_here("bench", *args)
-        assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
-    r = cli_here("bench", "--replay-routing", str(damaged), "--slots", "4")
-    assert "pass 4: 7 layers, the model has 8" in r.stderr
 
 
 def test_the_guess_counts_what_it_predicted_not_what_was_resident():
@@ -189,3 +178,56 @@ def test_info_estimates_streaming_from_a_recorded_trace(monkeypatch, tmp_path):
     assert speed == pytest.approx(READ_BYTES_PER_S / per_token, rel=0.1)
     path.write_text("{}")  # a damaged trace: no estimate, no error
     assert info(preset_name="mixtral-8x7b", memory=16 * 10**9).splitlines() == plain
+
+
+def test_a_mistake_or_a_damaged_trace_is_one_line(cli_here, tmp_path):
+    path = tmp_path / "trace.json"
+    save_trace(synthetic_trace(), path)
+    assert cli_here("bench", "--replay-routing", str(path), "--slots", "4").returncode == 0
+    good = json.loads(path.read_text())
+
+    def damaged(change) -> str:
+        data = json.loads(json.dumps(good))
+        change(data)
+        out = tmp_path / f"damaged-{len(list(tmp_path.iterdir()))}.json"
+        out.write_text(json.dumps(data))
+        return str(out)
+
+    cases = {  # what is wrong: (the bench arguments, what the line says)
+        "a layer missing": (["--replay-routing", damaged(
+            lambda d: d["runs"][1]["passes"][3].pop(2)), "--slots", "4"],
+            "run 2, pass 4: 3 layers, the model has 4"),
+        "an expert beyond the model's": (["--replay-routing", damaged(
+            lambda d: d["runs"][0]["passes"][0][1]["chosen"].__setitem__(0, 8)), "--slots",
+            "4"], "expert ids below 8"),
+        "a guess past the last layer": (["--replay-routing", damaged(
+            lambda d: d["runs"][0]["passes"][0][3].__setitem__("guess", [1, 2])), "--slots",
+            "4"], "no next layer"),
+        "not a trace": (["--replay-routing", damaged(lambda d: d.pop("format")), "--slots",
+                         "4"], "not a routing trace"),
+        "no file": (["--replay-routing", str(tmp_path / "none.json"), "--slots", "4"],
+                    "cannot read"),
+        "no budgets": (["--replay-routing", str(path)], "--max-memory SIZE"),
+        "too many slots": (["--replay-routing", str(path), "--slots", "9"], "between 2"),
+        "--slots alone": (["--slots", "4"], "--slots is for --replay-routing"),
+        "recording unpaged": (["--record-routing", str(tmp_path / "t.json")],
+                              "give --max-memory too"),
+        "no such folder": (["--max-memory", "70%", "--record-routing",
+                            str(tmp_path / "no" / "t.json")], "is not a folder"),
+    }
+    for what, (args, says) in cases.items():
+        r = cli_here("bench", *args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, (what, r.stderr)
+        assert says in r.stderr, (what, r.stderr)
+
+
+def test_bench_takes_medians_over_runs_and_a_middle_run_per_layer():
+    from mlx_mixtral.cli.bench_paging import PagedRun, median_run
+
+    runs = [PagedRun(1.0, 2.0, 30, [0.5, 0.6], 0.55, 0.1, 9.0, [None, r], r)
+            for r in (0.7, 0.9, 0.8)]
+    runs.append(PagedRun(1.0, 4.0, 10, [0.5, 0.6], 0.55, 0.1, 9.0, [None, None], None))
+    got = median_run(runs[:3])
+    assert (got["decode_tps"], got["peak_memory"], got["decode_guess_rate"]) == (2.0, 30, 0.8)
+    assert got["decode_guess_rates"] == [None, 0.9]  # the middle run's, as listed
+    assert median_run(runs[3:])["decode_guess_rate"] is None

@@ -81,6 +81,13 @@ def _check_routing(args: argparse.Namespace) -> None:
         raise MlxMixtralError("--record-routing records what the expert cache sees: give "
                               "--max-memory too (a budget that pages; the routing does not "
                               "depend on it)")
+    elif args.record_routing:
+        from pathlib import Path
+
+        folder = Path(args.record_routing).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise MlxMixtralError(f"--record-routing: {folder} is not a folder; name a file "
+                                  "in one that exists")
 
 
 def _checked(args: argparse.Namespace) -> tuple:

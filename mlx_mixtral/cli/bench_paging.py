@@ -257,6 +257,15 @@ def drafted_side_by_side(model: Any, prompt: list[int], gen_tokens: int,
     return out
 
 
+def median_run(runs: list[PagedRun]) -> dict[str, Any]:
+    """Each number's median over `runs`; the lists per layer (and a rate that was not
+    measured, None) are the middle run's."""
+    middle = asdict(runs[len(runs) // 2])
+    return {name: statistics.median(getattr(r, name) for r in runs)
+            if isinstance(value, (int, float)) else middle[name]
+            for name, value in asdict(runs[0]).items()}
+
+
 def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens: int,
                  runs: int, dtype: str | None, as_json: bool,
                  read_threads: int | None = None, record: Path | None = None,
@@ -333,10 +342,7 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
                 pager.recorder = None
                 result["recorded"] = save_recorded(recorder.trace, pager.stats, record)
             key = f"{policy}{'+prefetch' if prefetch else ''}"
-            entry["variants"][key] = {
-                name: statistics.median(getattr(r, name) for r in done)
-                if name != "decode_hit_rates" else done[len(done) // 2].decode_hit_rates
-                for name in asdict(done[0])}
+            entry["variants"][key] = median_run(done)
             log(f"  {key}: decode {entry['variants'][key]['decode_tps']:.2f} tok/s, hit rate "
                 f"{entry['variants'][key]['decode_hit_rate']:.0%}"
                 + (f", guessed {guess:.0%}" if (guess := entry["variants"][key][
@@ -352,6 +358,9 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
         pager.close()
         del model, pager
         mx.clear_cache()
+    if record is not None and "recorded" not in result:
+        result["recorded"] = None
+        log("no budget paged its experts: no routing trace was written")
     save_hit_rates(result)
     return json.dumps(result, indent=2) if as_json else format_paging(result)
 
@@ -389,7 +398,7 @@ def format_paging(result: dict[str, Any]) -> str:
         lines += format_reads(entry)
         if "drafted" in entry:
             lines.extend(_format_drafted(entry["drafted"], result["drafting"]))
-    if "recorded" in result:
+    if result.get("recorded"):
         lines.append(f"  routing trace written to {result['recorded']} (replay it with bench "
                      "--replay-routing FILE --max-memory ...)")
     return "\n".join(lines)
@@ -423,7 +432,11 @@ def save_recorded(trace: RoutingTrace, stats: PagingStats, path: Path) -> str:
     total = stats.total()
     if total.reads:
         trace.model["expert_bytes"] = total.bytes_read // total.reads
-    save_trace(trace, path)
+    try:
+        save_trace(trace, path)
+    except OSError as e:
+        raise MlxMixtralError(f"--record-routing: cannot write {path} ({e.strerror or e})"
+                              ) from None
     remember_trace(path)
     return str(path)
 

@@ -113,6 +113,6 @@ def trace_estimates(trace: RoutingTrace, plans: list[tuple[str, Any]]) -> list[s
         r = replayed[slots]
         per_token = r.reads_per_token / trace.num_layers * plan.layers * plan.expert
         speed = READ_BYTES_PER_S / per_token if per_token else float("inf")
-        lines.append(f"    {label:<10} hit rate {r.decode_hit_rate:.0%}, about "
+        lines.append(f"      {label:<10} hit rate {r.decode_hit_rate:.0%}, about "
                      f"{size(per_token)} read per token: reading allows {speed:.1f} tokens/s")
     return lines

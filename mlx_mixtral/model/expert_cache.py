@@ -21,6 +21,10 @@ loading/expert_files.py): it writes straight into the slot arrays, so a miss all
   read once per layer per chunk.
 - A slot's arrays are written only after MLX has finished every computation reading them: the
   layer's sync evaluates everything before it, including this layer in the previous pass.
+- Every decision (which slots, which evictions, which prefetches) is made in
+  `ExpertPager.begin` and `fill`, from the expert ids alone: a recorded routing trace replays
+  through them without the model and gets the live hit rates (routing_trace.py). The stats
+  count, per layer, how many needed experts the guess had predicted.
 """
 
 from __future__ import annotations

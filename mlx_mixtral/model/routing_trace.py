@@ -126,6 +126,8 @@ def load_trace(path: Path) -> RoutingTrace:
                     raise TraceError(f"{where}, layer {layer}: damaged")
                 _ints(entry.get("chosen"), f"{where}, layer {layer}", experts)
                 if entry.get("guess") is not None:
+                    if layer == layers - 1:
+                        raise TraceError(f"{where}: the last layer has no next layer to guess")
                     _ints(entry["guess"], f"{where}, layer {layer}", experts)
     if not runs or top_k < 1:
         raise TraceError(f"{path}: the trace holds no runs")
