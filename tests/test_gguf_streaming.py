@@ -167,6 +167,37 @@ def test_other_types_and_a_mixed_file_stream_with_the_resident_logits(files, nam
     model.limits.expert_pager.close()
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_slots_hold_what_the_resident_model_holds(files, dtype):
+    """With `dtype`, the slots' scales and biases are cast as the resident model casts the
+    file's float16 ones (bfloat16: rounded to nearest even): the same logits."""
+    path = files["Q4_1"]
+    resident, _ = load(path, tokenizer=False, dtype=dtype)
+    budget = int(0.5 * load_bytes(describe(path), dtype))
+    model, _ = load(path, tokenizer=False, dtype=dtype, max_memory=budget, context=CONTEXT)
+    assert model.limits.memory_plan.paging
+    assert model.layers[0].block_sparse_moe.switch_mlp.down_proj.scales.dtype == \
+        getattr(mx, dtype)
+    ids = mx.array([np.random.RandomState(3).randint(0, WIDE["vocab_size"], 24).tolist()])
+    want, got = resident(ids).astype(mx.float32), model(ids).astype(mx.float32)
+    model.limits.expert_pager.close()
+    assert np.array_equal(np.array(got), np.array(want))
+
+
+def test_a_gguf_too_big_for_the_memory_pages_by_itself(files, monkeypatch, capsys):
+    """No budget, less memory available than the model needs: its experts stream within what
+    is available (one line says so), as a folder's do."""
+    from mlx_mixtral.model.expert_cache import PagedMoE
+
+    path = files["Q8_0"]
+    monkeypatch.setattr("mlx_mixtral.loading.memory.available_memory", lambda: half(path))
+    model, _ = load(path, tokenizer=False)
+    model.limits.expert_pager.close()
+    assert model.limits.memory_plan.paging and model.limits.memory_plan.budget == half(path)
+    assert any(isinstance(m, PagedMoE) for _, m in model.named_modules())
+    assert "its experts will be read from disk as chosen" in capsys.readouterr().err
+
+
 def test_an_ollama_gguf_streams(files, tmp_path, monkeypatch):
     """`ollama:NAME` whose model layer is a GGUF blob streams as the file does."""
     from test_ollama_store import Store
