@@ -171,7 +171,7 @@ def test_other_types_and_a_mixed_file_stream_with_the_resident_logits(files, nam
     model.limits.expert_pager.close()
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["bfloat16"])  # (float16 is a plain copy, and 30 s here)
 def test_half_precision_slots_hold_what_the_resident_model_holds(files, dtype):
     """With `dtype`, the slots' scales and biases are cast as the resident model casts the
     file's float16 ones (bfloat16: rounded to nearest even): the same logits."""
