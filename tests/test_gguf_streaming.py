@@ -31,7 +31,7 @@ CONTEXT = 512  # the KV reserve: more than any prompt and reply here
 def files(tmp_path_factory):
     """{name: GGUF path}: every 2-D weight in one streamed type; "mixed": Q4_0 with the output
     in a type MLX cannot read, as llama.cpp writes its Q4_0 files (their Q6_K, which the gguf
-    package cannot write: Q5_0 stands in)."""
+    package cannot write: Q5_0 stands in); "per-expert": Q8_0, a tensor per expert."""
     root = tmp_path_factory.mktemp("gguf-streaming")
     ref = build_hf(root / "hf", "mixtral", **WIDE)
     out = {}
@@ -41,6 +41,8 @@ def files(tmp_path_factory):
     out["mixed"] = root / "mixed.gguf"
     write_mixtral_gguf(ref, out["mixed"], merged=True,
                        qtype=lambda n: Q.Q5_0 if n == "output.weight" else Q.Q4_0)
+    out["per-expert"] = root / "per-expert.gguf"  # older files: blk.L.ffn_gate.E.weight
+    write_mixtral_gguf(ref, out["per-expert"], merged=False, qtype=Q.Q8_0)
     return out
 
 
@@ -138,11 +140,12 @@ def test_q4_0_streams_at_half_its_size_with_the_resident_tokens(files):
     assert stats.reads > prefilled.reads > 0 and stats.hits < stats.needed
 
 
-@pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "mixed"])
+@pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "mixed", "per-expert"])
 def test_other_types_and_a_mixed_file_stream_with_the_resident_logits(files, name):
-    """Q4_1, Q8_0, and a Q4_0 file whose output MLX cannot read (read tensor by tensor, its
-    Q4_0 experts kept 4-bit as MLX keeps them, not re-quantized): prefill chunks and decode
-    steps give the resident logits, 48 greedy tokens its tokens, within the budget."""
+    """Q4_1, Q8_0, a Q4_0 file whose output MLX cannot read (read tensor by tensor, its Q4_0
+    experts kept 4-bit as MLX keeps them, not re-quantized), and a file with a tensor per
+    expert: prefill chunks and decode steps give the resident logits, 48 greedy tokens its
+    tokens, within the budget."""
     path = files[name]
     resident, _ = load(path, tokenizer=False)
     if name == "mixed":
