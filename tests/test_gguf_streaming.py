@@ -31,7 +31,7 @@ CONTEXT = 512  # the KV reserve: more than any prompt and reply here
 def files(tmp_path_factory):
     """{name: GGUF path}: every 2-D weight in one streamed type; "mixed": Q4_0 with the output
     in a type MLX cannot read, as llama.cpp writes its Q4_0 files (their Q6_K, which the gguf
-    package cannot write: Q5_0 stands in)."""
+    package cannot write: Q5_0 stands in); "per-expert": Q8_0, a tensor per expert."""
     root = tmp_path_factory.mktemp("gguf-streaming")
     ref = build_hf(root / "hf", "mixtral", **WIDE)
     out = {}
@@ -41,6 +41,8 @@ def files(tmp_path_factory):
     out["mixed"] = root / "mixed.gguf"
     write_mixtral_gguf(ref, out["mixed"], merged=True,
                        qtype=lambda n: Q.Q5_0 if n == "output.weight" else Q.Q4_0)
+    out["per-expert"] = root / "per-expert.gguf"  # older files: blk.L.ffn_gate.E.weight
+    write_mixtral_gguf(ref, out["per-expert"], merged=False, qtype=Q.Q8_0)
     return out
 
 
@@ -70,10 +72,14 @@ def test_blocks_convert_bit_for_bit_as_mx_load_converts(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", STREAMED, ids=lambda k: k.name)
-def test_threads_lay_each_expert_into_its_slot_as_the_resident_model_holds_it(files, kind):
-    """Every expert of every layer read into a slot, four threads at once: the slot's arrays
-    equal the resident model's row of that expert, bit for bit."""
+def test_threads_lay_each_expert_into_its_slot_as_the_resident_model_holds_it(
+        files, kind, monkeypatch):
+    """Every expert of every layer read into a slot, four threads at once, in pieces of an
+    odd number of blocks: the slot's arrays equal the resident model's row of that expert, bit
+    for bit."""
     from mlx_mixtral.loading.gguf_experts import GGUFExperts
+
+    monkeypatch.setattr("mlx_mixtral.loading.gguf_experts.READ_BYTES", 1000)
 
     path = files[kind.name]
     resident, _ = load(path, tokenizer=False)
@@ -134,11 +140,12 @@ def test_q4_0_streams_at_half_its_size_with_the_resident_tokens(files):
     assert stats.reads > prefilled.reads > 0 and stats.hits < stats.needed
 
 
-@pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "mixed"])
+@pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "mixed", "per-expert"])
 def test_other_types_and_a_mixed_file_stream_with_the_resident_logits(files, name):
-    """Q4_1, Q8_0, and a Q4_0 file whose output MLX cannot read (read tensor by tensor, its
-    Q4_0 experts kept 4-bit as MLX keeps them, not re-quantized): prefill chunks and decode
-    steps give the resident logits, 48 greedy tokens its tokens, within the budget."""
+    """Q4_1, Q8_0, a Q4_0 file whose output MLX cannot read (read tensor by tensor, its Q4_0
+    experts kept 4-bit as MLX keeps them, not re-quantized), and a file with a tensor per
+    expert: prefill chunks and decode steps give the resident logits, 48 greedy tokens its
+    tokens, within the budget."""
     path = files[name]
     resident, _ = load(path, tokenizer=False)
     if name == "mixed":
@@ -165,6 +172,37 @@ def test_other_types_and_a_mixed_file_stream_with_the_resident_logits(files, nam
     assert greedy(model, prompt, 48) == expected
     assert mx.get_peak_memory() <= 1.05 * budget
     model.limits.expert_pager.close()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16"])  # (float16 is a plain copy, and 30 s here)
+def test_half_precision_slots_hold_what_the_resident_model_holds(files, dtype):
+    """With `dtype`, the slots' scales and biases are cast as the resident model casts the
+    file's float16 ones (bfloat16: rounded to nearest even): the same logits."""
+    path = files["Q4_1"]
+    resident, _ = load(path, tokenizer=False, dtype=dtype)
+    budget = int(0.5 * load_bytes(describe(path), dtype))
+    model, _ = load(path, tokenizer=False, dtype=dtype, max_memory=budget, context=CONTEXT)
+    assert model.limits.memory_plan.paging
+    assert model.layers[0].block_sparse_moe.switch_mlp.down_proj.scales.dtype == \
+        getattr(mx, dtype)
+    ids = mx.array([np.random.RandomState(3).randint(0, WIDE["vocab_size"], 24).tolist()])
+    want, got = resident(ids).astype(mx.float32), model(ids).astype(mx.float32)
+    model.limits.expert_pager.close()
+    assert np.array_equal(np.array(got), np.array(want))
+
+
+def test_a_gguf_too_big_for_the_memory_pages_by_itself(files, monkeypatch, capsys):
+    """No budget, less memory available than the model needs: its experts stream within what
+    is available (one line says so), as a folder's do."""
+    from mlx_mixtral.model.expert_cache import PagedMoE
+
+    path = files["Q8_0"]
+    monkeypatch.setattr("mlx_mixtral.loading.memory.available_memory", lambda: half(path))
+    model, _ = load(path, tokenizer=False)
+    model.limits.expert_pager.close()
+    assert model.limits.memory_plan.paging and model.limits.memory_plan.budget == half(path)
+    assert any(isinstance(m, PagedMoE) for _, m in model.named_modules())
+    assert "its experts will be read from disk as chosen" in capsys.readouterr().err
 
 
 def test_an_ollama_gguf_streams(files, tmp_path, monkeypatch):

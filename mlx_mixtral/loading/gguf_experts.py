@@ -3,10 +3,10 @@
 A GGUF stores a layer's experts stacked (`blk.L.ffn_gate_exps.weight`, [experts, out, in]) or
 one tensor each (`blk.L.ffn_gate.E.weight`, older files): either way one expert's gate, up or
 down projection is one contiguous range of blocks. `GGUFExperts` (model/expert_cache.py's
-`ExpertLoader`) reads each range into a per-thread staging buffer and converts its blocks
-straight into the slot's arrays (gguf_quants.py: packed words, scales and biases in the slots'
-dtypes), which is what `mx.load` makes of the whole tensor in the resident model; so the paged
-model computes exactly what the resident one does.
+`ExpertLoader`) reads each range, a few MB at a time, into a per-thread staging buffer and
+converts its blocks straight into the slot's arrays (gguf_quants.py: packed words, scales and
+biases in the slots' dtypes), which is what `mx.load` makes of the whole tensor in the resident
+model; so the paged model computes exactly what the resident one does.
 
 Q4_0, Q4_1 and Q8_0 experts stream; other types (K-quants, I-quants ...) are refused in one line
 that suggests converting the file to an MLX folder, whose experts stream.
@@ -22,13 +22,17 @@ import numpy as np
 
 from ..errors import MemoryLimitError, WeightsError
 from .expert_files import _read_into, _slot_views
-from .gguf_quants import GROUP, NATIVE_BITS, block_bytes, packed_bytes, to_affine
+from .gguf_quants import GROUP, NATIVE_BITS, block_bytes, flat_view, packed_bytes, to_affine
 from .gguf_weights import EXPERT_TENSOR
 
 if TYPE_CHECKING:
     from .source import ModelSource
 
 STREAMED_TYPES = tuple(NATIVE_BITS)
+# A projection is read and converted this many bytes at a time: one expert's projection of a
+# real Mixtral is 33 MB in Q4_0, which a staging buffer per reading thread would add to the
+# process's memory; a few MB still reads at the disk's speed.
+READ_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -133,17 +137,24 @@ class GGUFExperts:
     def _staging(self, nbytes: int) -> np.ndarray:
         buf = getattr(self._local, "staging", None)
         if buf is None or buf.nbytes < nbytes:
-            buf = self._local.staging = np.empty(nbytes, np.uint8)  # grows to the largest
+            buf = self._local.staging = np.empty(nbytes, np.uint8)  # at most READ_BYTES
         return buf[:nbytes]
 
     def load(self, layer: int, expert: int, slot: int) -> int:
         f, views, total = self._file(), self.views[layer], 0
         for x in self.extents[layer][expert]:
-            raw = self._staging(x.nbytes)
-            _read_into(f, x.offset, memoryview(raw))
             weight, _, rows = views[f"{x.proj}.weight"]
-            to_affine(raw, x.kind, weight[slot, rows], views[f"{x.proj}.scales"][0][slot, rows],
-                      views[f"{x.proj}.biases"][0][slot, rows])
+            packed = flat_view(weight[slot, rows].view(np.uint8), (-1,))
+            scales = flat_view(views[f"{x.proj}.scales"][0][slot, rows], (-1,))
+            biases = flat_view(views[f"{x.proj}.biases"][0][slot, rows], (-1,))
+            size, out = block_bytes(x.kind), packed_bytes(x.kind)
+            step, blocks = max(READ_BYTES // size, 1), x.nbytes // size
+            for start in range(0, blocks, step):  # read and convert a piece at a time
+                end = min(start + step, blocks)
+                raw = self._staging((end - start) * size)
+                _read_into(f, x.offset + start * size, memoryview(raw))
+                to_affine(raw, x.kind, packed[start * out:end * out], scales[start:end],
+                          biases[start:end])
             total += x.nbytes
         return total
 

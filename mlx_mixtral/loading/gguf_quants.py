@@ -46,7 +46,7 @@ def packed_bytes(kind: str) -> int:
     return GROUP * NATIVE_BITS[kind] // 8
 
 
-def _flat(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def flat_view(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """`a` reshaped without a copy (its memory is what is written)."""
     view = a.view()
     view.shape = shape  # raises rather than copy
@@ -61,8 +61,8 @@ def to_affine(raw: np.ndarray, kind: str, weight: np.ndarray, scales: np.ndarray
     bfloat16 bits). NumPy lets go of the GIL in each step, so threads convert in parallel."""
     size = _BLOCK_BYTES[kind]
     n = raw.size // size
-    blocks = _flat(raw, (n, size))
-    out = _flat(weight.view(np.uint8), (n, packed_bytes(kind)))
+    blocks = flat_view(raw, (n, size))
+    out = flat_view(weight.view(np.uint8), (n, packed_bytes(kind)))
     d = np.ndarray((n,), np.float16, raw, 0, (size,))
     _store(scales, d)
     if kind == "Q4_1":
@@ -105,7 +105,7 @@ def _unzip_nibbles(qs: np.ndarray, out: np.ndarray) -> None:
 def _store(dest: np.ndarray, values: np.ndarray) -> None:
     """Float `values` into `dest` (float32, float16, or bfloat16 bits as uint16), rounded
     to nearest even as MLX casts."""
-    dest = _flat(dest, (-1,))
+    dest = flat_view(dest, (-1,))
     if dest.dtype != np.uint16:
         np.copyto(dest, values, casting="unsafe")
         return
