@@ -367,6 +367,17 @@ class ExpertFiles:
 _PREADV = hasattr(os, "preadv") and sys.platform != "win32"
 
 
+def _read_into(f, offset: int, buf: memoryview) -> None:
+    """Fill `buf` from `offset` of the open file `f`."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(f.fileno(), [buf[done:]], offset + done) if _PREADV else \
+            _read_each(f, [buf[done:]], offset + done)
+        if n <= 0:
+            raise WeightsError(f"{f.name}: the file ended early (truncated?)")
+        done += n
+
+
 def _read_each(f, bufs: list[memoryview], offset: int) -> int:
     """preadv's fallback: the buffers one after another; the bytes read."""
     done = 0

@@ -15,13 +15,14 @@ that suggests converting the file to an MLX folder, whose experts stream.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import MemoryLimitError, WeightsError
-from .expert_files import _read_into, _slot_views
+from .expert_files import BusyClock, _read_into, _slot_views
 from .gguf_quants import GROUP, NATIVE_BITS, block_bytes, flat_view, packed_bytes, to_affine
 from .gguf_weights import EXPERT_TENSOR
 
@@ -107,7 +108,16 @@ class GGUFExperts:
         self._local = threading.local()
         self._opened: list = []
         self._lock = threading.Lock()
+        self.cold = False  # drop every range read from the page cache (bench's cold runs)
+        self.clock = BusyClock()
         self._check()
+
+    def set_cold(self, on: bool) -> None:
+        """Cold reads (the benchmark's): every range read is dropped from the page cache."""
+        self.cold = on
+
+    def set_coalesce(self, on: bool) -> None:
+        """(Each projection of an expert is already one range: nothing to merge.)"""
 
     def _check(self) -> None:
         """Every expert has its three projections, each as large as its slot."""
@@ -140,23 +150,36 @@ class GGUFExperts:
             buf = self._local.staging = np.empty(nbytes, np.uint8)  # at most READ_BYTES
         return buf[:nbytes]
 
+    def pieces(self, layer: int, expert: int, slot: int, parts: int = 1
+               ) -> list[Callable[[], int]]:
+        """One expert's reads as callables for the reader pool: one per projection."""
+        return [lambda x=x: self._load_range(layer, x, slot)
+                for x in self.extents[layer][expert]]
+
     def load(self, layer: int, expert: int, slot: int) -> int:
-        f, views, total = self._file(), self.views[layer], 0
-        for x in self.extents[layer][expert]:
-            weight, _, rows = views[f"{x.proj}.weight"]
-            packed = flat_view(weight[slot, rows].view(np.uint8), (-1,))
-            scales = flat_view(views[f"{x.proj}.scales"][0][slot, rows], (-1,))
-            biases = flat_view(views[f"{x.proj}.biases"][0][slot, rows], (-1,))
-            size, out = block_bytes(x.kind), packed_bytes(x.kind)
-            step, blocks = max(READ_BYTES // size, 1), x.nbytes // size
-            for start in range(0, blocks, step):  # read and convert a piece at a time
+        return sum(piece() for piece in self.pieces(layer, expert, slot))
+
+    def _load_range(self, layer: int, x, slot: int) -> int:
+        """One projection of one expert, read and converted a piece at a time."""
+        f, views = self._file(), self.views[layer]
+        weight, _, rows = views[f"{x.proj}.weight"]
+        packed = flat_view(weight[slot, rows].view(np.uint8), (-1,))
+        scales = flat_view(views[f"{x.proj}.scales"][0][slot, rows], (-1,))
+        biases = flat_view(views[f"{x.proj}.biases"][0][slot, rows], (-1,))
+        size, out = block_bytes(x.kind), packed_bytes(x.kind)
+        step, blocks = max(READ_BYTES // size, 1), x.nbytes // size
+        with self.clock:
+            for start in range(0, blocks, step):
                 end = min(start + step, blocks)
                 raw = self._staging((end - start) * size)
                 _read_into(f, x.offset + start * size, memoryview(raw))
                 to_affine(raw, x.kind, packed[start * out:end * out], scales[start:end],
                           biases[start:end])
-            total += x.nbytes
-        return total
+            if self.cold:
+                from .page_cache import drop_range
+
+                drop_range(f.fileno(), x.offset, x.nbytes)
+        return x.nbytes
 
     def close(self) -> None:
         with self._lock:
