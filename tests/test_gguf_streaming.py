@@ -17,6 +17,7 @@ from test_gguf import write_mixtral_gguf
 from mlx_mixtral.loading import describe, load
 from mlx_mixtral.loading.gguf_quants import affine_tensor
 from mlx_mixtral.loading.memory import load_bytes
+from mlx_mixtral.loading.memory_plan import OVERHEAD
 
 Q = gguf.GGMLQuantizationType
 STREAMED = (Q.Q4_0, Q.Q4_1, Q.Q8_0)
@@ -47,7 +48,9 @@ def files(tmp_path_factory):
 
 
 def half(path) -> int:
-    return int(0.5 * load_bytes(describe(path)))
+    """Half the model, and the process's fixed memory outside MLX that every plan counts
+    (memory_plan.OVERHEAD)."""
+    return OVERHEAD + int(0.5 * load_bytes(describe(path)))
 
 
 @pytest.mark.parametrize("kind", STREAMED, ids=lambda k: k.name)
@@ -180,7 +183,7 @@ def test_half_precision_slots_hold_what_the_resident_model_holds(files, dtype):
     file's float16 ones (bfloat16: rounded to nearest even): the same logits."""
     path = files["Q4_1"]
     resident, _ = load(path, tokenizer=False, dtype=dtype)
-    budget = int(0.5 * load_bytes(describe(path), dtype))
+    budget = OVERHEAD + int(0.5 * load_bytes(describe(path), dtype))
     model, _ = load(path, tokenizer=False, dtype=dtype, max_memory=budget, context=CONTEXT)
     assert model.limits.memory_plan.paging
     assert model.layers[0].block_sparse_moe.switch_mlp.down_proj.scales.dtype == \

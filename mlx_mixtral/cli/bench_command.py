@@ -172,14 +172,14 @@ def _rank_budget(folder, args: argparse.Namespace) -> int:
     from ..loading.memory import load_bytes
     from ..loading.memory_plan import minimum_budget
     from ..loading.rank_loader import rank_share
-    from .bench_paging import budget_specs
+    from .bench_paging import budget_specs, share_budget
 
     spec = budget_specs(args.max_memory)[0]
     if isinstance(spec, int):
         return spec
     source = describe(resolve(folder))
     if isinstance(spec, float):
-        return int(spec * load_bytes(source, args.dtype))
+        return share_budget(spec, load_bytes(source, args.dtype))
     import mlx.core as mx
 
     size = mx.distributed.init().size()

@@ -84,11 +84,20 @@ def budget_specs(text: str) -> list[str | float | int]:
     return out
 
 
+def share_budget(share: float, model_bytes: int) -> int:
+    """The budget "50%" means: half the model's size once loaded, plus the process's fixed
+    memory outside MLX that every plan counts (memory_plan.OVERHEAD, ~14 MB), so that a
+    share gives the model that share whatever its size (a tiny test model too)."""
+    from ..loading.memory_plan import OVERHEAD
+
+    return OVERHEAD + int(model_bytes * share)
+
+
 def parse_budgets(text: str, model_bytes: int, minimum: int) -> list[int]:
     """`budget_specs` in bytes: "min" the smallest that runs, a share of the model's size
-    once loaded."""
-    return [minimum if spec == "min" else int(model_bytes * spec) if isinstance(spec, float)
-            else spec for spec in budget_specs(text)]
+    once loaded (`share_budget`)."""
+    return [minimum if spec == "min" else share_budget(spec, model_bytes)
+            if isinstance(spec, float) else spec for spec in budget_specs(text)]
 
 
 def measure_paged(model: Any, prompt: mx.array, gen_tokens: int,

@@ -26,7 +26,7 @@ def slots_for_budgets(trace: RoutingTrace, budgets_text: str) -> list[tuple[str,
     from ..loading.memory_plan import plan_for
     from ..model.config import ModelArgs
     from ..model.precision import target_dtype
-    from .bench_paging import budget_specs
+    from .bench_paging import budget_specs, share_budget
 
     m = trace.model
     args = ModelArgs.from_dict(m["args"])
@@ -36,7 +36,8 @@ def slots_for_budgets(trace: RoutingTrace, budgets_text: str) -> list[tuple[str,
         if spec == "min":
             out.append(("min", args.num_experts_per_tok))
             continue
-        budget = int(m["model_bytes"] * spec) if isinstance(spec, float) else int(spec)
+        budget = (share_budget(spec, int(m["model_bytes"])) if isinstance(spec, float)
+                  else int(spec))
         plan = plan_for(args, budget, int(m["resident_bytes"]), int(m["experts_bytes"]), dtype)
         if not plan.fits:
             raise MlxMixtralError(f"--max-memory: {size(budget)} is too small for the traced "
