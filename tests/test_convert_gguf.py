@@ -87,21 +87,25 @@ def test_mlx_lm_loads_the_converted_demo(demo_folder):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny Mixtral as a Q4_0 GGUF (per-expert tensors, as older Mixtral GGUFs store them)."""
+    """A tiny Mixtral as a Q4_0 GGUF (per-expert tensors, as older Mixtral GGUFs store them),
+    and as a float32 one (stacked experts)."""
     root = tmp_path_factory.mktemp("tiny-gguf")
     ref = build_hf(root / "hf", "mixtral", num_local_experts=4, num_experts_per_tok=2,
                    intermediate_size=128)
     write_mixtral_gguf(ref, root / "q4_0.gguf", merged=False,
                        qtype=gguf.GGMLQuantizationType.Q4_0)
+    write_mixtral_gguf(ref, root / "f32.gguf", merged=True)
     return root, ref
 
 
 @pytest.mark.parametrize("layout", ["stacked", "streaming"])
-def test_a_q4_0_mixtral_gguf_converts_to_a_folder_equal_to_it(tiny, tmp_path, tokens, layout):
+@pytest.mark.parametrize("kind", ["q4_0", "f32"])
+def test_a_mixtral_gguf_converts_to_a_folder_equal_to_it(tiny, tmp_path, tokens, layout, kind):
+    """Its tensors as they are (float32 ones stay float32: no --dtype asked for)."""
     root, _ = tiny
-    convert(root / "q4_0.gguf", tmp_path / "out", progress=False, layout=layout)
+    convert(root / f"{kind}.gguf", tmp_path / "out", progress=False, layout=layout)
     prompt = tokens(1, 12)[0].tolist()
-    gguf_model, folder_model = load_model(root / "q4_0.gguf"), load_model(tmp_path / "out")
+    gguf_model, folder_model = load_model(root / f"{kind}.gguf"), load_model(tmp_path / "out")
     np.testing.assert_array_equal(logits(folder_model, prompt), logits(gguf_model, prompt))
     assert greedy(folder_model, prompt, 6) == greedy(gguf_model, prompt, 6)
     theirs, _ = mlx_lm_load_model(tmp_path / "out")
@@ -111,7 +115,8 @@ def test_a_q4_0_mixtral_gguf_converts_to_a_folder_equal_to_it(tiny, tmp_path, to
         table = expert_extents(describe(tmp_path / "out").files, 2, 4)
         for extents in (x for experts in table for x in experts):
             extents = sorted(extents, key=lambda x: x.offset)
-            assert len(extents) == 9 and len({x.file for x in extents}) == 1
+            assert len(extents) == (9 if kind == "q4_0" else 3)
+            assert len({x.file for x in extents}) == 1
             assert all(a.offset + a.nbytes == b.offset for a, b in zip(extents[:-1], extents[1:],
                                                                         strict=True))
         budget = minimum_budget(describe(tmp_path / "out"), context=64)
