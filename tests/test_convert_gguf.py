@@ -98,7 +98,7 @@ def tiny(tmp_path_factory):
     return root, ref
 
 
-@pytest.mark.parametrize("layout", ["stacked", "streaming"])
+@pytest.mark.parametrize("layout", ["stacked", "per-expert"])
 @pytest.mark.parametrize("kind", ["q4_0", "f32"])
 def test_a_mixtral_gguf_converts_to_a_folder_equal_to_it(tiny, tmp_path, tokens, layout, kind):
     """Its tensors as they are (float32 ones stay float32: no --dtype asked for)."""
@@ -111,7 +111,7 @@ def test_a_mixtral_gguf_converts_to_a_folder_equal_to_it(tiny, tmp_path, tokens,
     theirs, _ = mlx_lm_load_model(tmp_path / "out")
     theirs.set_dtype(mx.float32)  # as ours computes on the CPU
     assert np.abs(logits(theirs, prompt) - logits(gguf_model, prompt)).max() <= 1e-4
-    if layout == "streaming":  # one range per expert, and paged as the GGUF answers
+    if layout == "per-expert":  # one range per expert, and paged as the GGUF answers
         table = expert_extents(describe(tmp_path / "out").files, 2, 4)
         for extents in (x for experts in table for x in experts):
             extents = sorted(extents, key=lambda x: x.offset)

@@ -1,7 +1,7 @@
 """Streaming, atomic conversion of a checkpoint (a folder or a GGUF file) into an MLX folder.
 
 Every output tensor is first described as a lazy MLX graph (memory-mapped source -> stacked
-experts -> cast -> quantize; in the streaming layout, then one row per expert). The graphs are
+experts -> cast -> quantize; in the per-expert layout, then one row per expert). The graphs are
 grouped into shards by their output size, and each shard is evaluated and written on its own,
 so peak memory is about one output shard plus the source tensors it reads, never the whole
 model. Everything is written into a hidden folder beside OUT, which is renamed to OUT only
@@ -35,9 +35,9 @@ from ..model.precision import DTYPES
 from ..text.tokenizer import VOCABULARY_FILES, vocabulary_file
 from ..units import human
 from ..user_files import writer_alive
+from .expert_layout import LAYOUTS, tensor_groups
 from .gguf_source import read_gguf, write_tokenizer
 from .plan import Q_BITS, Q_GROUP_SIZES, Plan, recipe_bits
-from .streaming_layout import LAYOUTS, tensor_groups
 
 # Files copied as they are: tokenizers, chat templates, generation defaults.
 SIDE_FILES = (
@@ -142,7 +142,7 @@ def _output_tensors(weights: dict[str, mx.array], plan: Plan,
 
 def _shards(groups: list[dict[str, mx.array]], max_bytes: int
             ) -> Iterator[dict[str, mx.array]]:
-    """Consecutive groups (streaming_layout.py's) per shard; a group is never split."""
+    """Consecutive groups (expert_layout.py's) per shard; a group is never split."""
     shard: dict[str, mx.array] = {}
     size = 0
     for group in groups:
@@ -240,7 +240,7 @@ def convert(
     layout: str = "stacked",
 ) -> Summary:
     """Convert a Hugging Face folder or repo id (or an MLX folder), a GGUF file or
-    `ollama:NAME` into an MLX folder; `layout="streaming"` writes each expert in one range.
+    `ollama:NAME` into an MLX folder; `layout="per-expert"` writes each expert in one range.
 
     See `mlx-mixtral convert --help`; returns what was written."""
     start = time.perf_counter()
