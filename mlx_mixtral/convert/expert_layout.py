@@ -11,10 +11,10 @@ them back (ours, and mlx-lm's `sanitize`), so a loaded model is the same in eith
 
 from __future__ import annotations
 
-import mlx.core as mx
+from typing import TYPE_CHECKING
 
-from ..loading.checkpoint import per_expert_name
-from ..loading.expert_files import EXPERT_TENSOR
+if TYPE_CHECKING:  # the parser reads LAYOUTS: importing this stays light
+    import mlx.core as mx
 
 LAYOUTS = ("stacked", "per-expert")
 _PROJS = ("gate", "up", "down")  # w1, w3, w2: the order the expert runs them in
@@ -24,6 +24,8 @@ _PARAMS = ("weight", "scales", "biases")
 def _layer_of(name: str) -> str | None:
     """The stacked experts' module prefix (`...block_sparse_moe.switch_mlp`) of a stacked
     expert tensor, else None."""
+    from ..loading.expert_files import EXPERT_TENSOR
+
     m = EXPERT_TENSOR.match(name)
     if m is None or m.group(2) is None:
         return None
@@ -33,6 +35,8 @@ def _layer_of(name: str) -> str | None:
 def _per_expert(prefix: str, stacked: dict[str, mx.array],
                 num_experts: int) -> list[dict[str, mx.array]]:
     """One layer's stacked tensors as one group per expert (lazy rows, in file order)."""
+    from ..loading.checkpoint import per_expert_name
+
     groups = []
     for e in range(num_experts):
         group = {}
