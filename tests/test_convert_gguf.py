@@ -165,3 +165,23 @@ def test_ollama_name_converts_its_gguf_blob(tiny, tmp_path, monkeypatch, tokens)
     prompt = tokens(1, 8)[0].tolist()
     np.testing.assert_array_equal(logits(load_model(tmp_path / "out"), prompt),
                                   logits(load_model(root / "q4_0.gguf"), prompt))
+
+
+def test_dequantize_turns_a_gguf_into_floats(tiny, tmp_path, tokens):
+    """--dequantize: the Q4_0 weights as floats (no quantization left), the same model."""
+    root, _ = tiny
+    convert(root / "q4_0.gguf", tmp_path / "out", dequantize=True, dtype="float32",
+            progress=False)
+    assert "quantization" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    prompt = tokens(1, 8)[0].tolist()
+    floats, gguf_model = load_model(tmp_path / "out"), load_model(root / "q4_0.gguf")
+    assert not hasattr(floats.layers[0].block_sparse_moe.switch_mlp.down_proj, "bits")
+    assert np.abs(logits(floats, prompt) - logits(gguf_model, prompt)).max() <= 1e-4
+
+
+def test_verify_compares_the_folder_with_its_gguf(tiny, tmp_path, cli_here):
+    root, _ = tiny
+    result = cli_here("convert", "--hf-path", str(root / "q4_0.gguf"), "--mlx-path",
+                      str(tmp_path / "out"), "--verify")
+    assert result.returncode == 0, result.stderr
+    assert "top-1 agreement 100.0%" in result.stdout and "as expected" in result.stdout

@@ -107,7 +107,11 @@ def _dequantize(weights: dict[str, mx.array], quantization: dict) -> dict[str, m
         if name.endswith(".weight") and scales is not None:
             spec = quantization.get(module)
             spec = spec if isinstance(spec, dict) else quantization
-            value = mx.dequantize(value, scales, weights.get(f"{module}.biases"),
+            biases = weights.get(f"{module}.biases")
+            if mx.issubdtype(scales.dtype, mx.floating):  # affine: float32, rounded once
+                scales = scales.astype(mx.float32)  # to the output dtype, not first to theirs
+                biases = None if biases is None else biases.astype(mx.float32)
+            value = mx.dequantize(value, scales, biases,
                                   spec.get("group_size", 64), spec["bits"],
                                   mode=spec.get("mode", "affine"))
         out[name] = value
