@@ -124,3 +124,20 @@ def test_unknown_layout_is_refused(folders, tmp_path, cli_here):
                       str(tmp_path / "x"), "--layout", "diagonal")
     assert result.returncode == 2 and "--layout" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_quantized_folder_is_rewritten_per_expert_as_it_is(folders, tmp_path, cli_here):
+    """An MLX folder already quantized (mlx-community's, or ours stacked): --layout per-expert
+    without -q rewrites its experts, nothing requantized: the stacked folder's logits exactly.
+    The stacked layout still asks for --dequantize, and names the way out."""
+    out = tmp_path / "rewritten"
+    result = cli_here("convert", "--hf-path", str(folders / "stacked"), "--mlx-path", str(out),
+                      "--layout", "per-expert")
+    assert result.returncode == 0, result.stderr
+    _, want = greedy(load_model(folders / "stacked"), PROMPT, 1)
+    _, got = greedy(load_model(out), PROMPT, 1)
+    np.testing.assert_array_equal(got, want)
+    assert not any(".switch_mlp." in t.name for t in describe(out).tensors)
+    refused = cli_here("convert", "--hf-path", str(folders / "stacked"), "--mlx-path",
+                       str(tmp_path / "again"))
+    assert refused.returncode == 2 and "--layout per-expert" in refused.stderr

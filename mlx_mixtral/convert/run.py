@@ -201,19 +201,32 @@ class _Read:
     metadata: dict | None = None  # a GGUF's, as MLX read it (its vocabulary)
 
 
-def _read_folder(source: ModelSource, dequantize: bool) -> dict[str, mx.array]:
-    """A safetensors folder's tensors under our names; an MLX-quantized one's in floats."""
+def _read_folder(source: ModelSource, plan: Plan, dequantize: bool, layout: str) -> _Read:
+    """A safetensors folder's tensors under our names; an MLX-quantized one's in floats, or,
+    to rewrite its experts in the per-expert layout, as they are."""
     weights = sanitize(read_safetensors(source.files), source.args)
     source_quant = source.quantization
     if dequantize:
         if source_quant is None:
             raise ConvertError(f"{source.path}: dequantize=True needs a quantized MLX folder "
                                "or GGUF file", params=("dequantize",))
-        return _dequantize(weights, source_quant)
-    if source_quant is not None:
+        return _Read(_dequantize(weights, source_quant))
+    if source_quant is None:
+        return _Read(weights)
+    if layout == "stacked" or plan.bits is not None:
         raise ConvertError(f"{source.path} is already quantized; pass dequantize=True to turn "
-                           "it back into floats (or use it as it is)", params=("dequantize",))
-    return weights
+                           "it back into floats (or use it as it is; layout=per-expert "
+                           "without quantizing rewrites its experts as they are)",
+                           params=("dequantize", "layout"))
+    return _Read(weights, _stored_quantization(weights, source_quant))
+
+
+def _stored_quantization(weights: dict[str, mx.array], quantization: dict) -> dict[str, dict]:
+    """Each quantized module's entry (its own, else the folder's defaults)."""
+    defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+    modules = (name.rpartition(".")[0] for name in weights if name.endswith(".scales"))
+    return {m: quantization[m] if isinstance(quantization.get(m), dict) else defaults
+            for m in modules}
 
 
 def _read_gguf(source: ModelSource, plan: Plan, dequantize: bool) -> _Read:
@@ -264,14 +277,14 @@ def convert(
     args, config = source.args, source.config
     if dtype is None:
         plan = replace(plan, dtype=_source_dtype(config))
-    read = _read_gguf(source, plan, dequantize) if source.format == "gguf" else _Read(
-        _read_folder(source, dequantize))
+    read = (_read_gguf(source, plan, dequantize) if source.format == "gguf"
+            else _read_folder(source, plan, dequantize, layout))
     weights = read.weights
 
     layers: dict[str, int | None] = {}
     parameters = _count_parameters(weights, read.kept)
     # A GGUF's tensors keep their dtypes unless one is asked for: as loading keeps them.
-    cast = dtype is not None or source.format != "gguf"
+    cast = dtype is not None or (source.format != "gguf" and not read.kept)
     groups = tensor_groups(_output_tensors(weights, plan, layers, cast),
                            args.num_local_experts, layout)
     shards = list(_shards(groups, shard_bytes))
