@@ -283,7 +283,7 @@ def convert(
 
     layers: dict[str, int | None] = {}
     parameters = _count_parameters(weights, read.kept)
-    # A GGUF's tensors keep their dtypes unless one is asked for: as loading keeps them.
+    # A GGUF's tensors, and a quantized folder's, keep their dtypes unless one is asked for.
     cast = dtype is not None or (source.format != "gguf" and not read.kept)
     groups = tensor_groups(_output_tensors(weights, plan, layers, cast),
                            args.num_local_experts, layout)
