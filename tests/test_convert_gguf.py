@@ -50,7 +50,8 @@ def demo_folder(tmp_path_factory):
 
 def test_the_demo_gguf_converts_to_a_folder_that_answers_as_it_does(demo_folder):
     """Q4_1 and Q8_0 kept bit for bit: the same logits and greedy tokens, and the vocabulary
-    carried over (the same ids for text and a chat, the same end of sequence)."""
+    carried over (the same ids for text and a chat, the same end of sequence). (~15 s: the
+    demo's forward pass takes seconds on this CPU; two models, a prompt and 3 steps each.)"""
     ours, ours_tok = load(demo_folder)
     theirs, theirs_tok = load(DEMO_NAME)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -59,7 +60,7 @@ def test_the_demo_gguf_converts_to_a_folder_that_answers_as_it_does(demo_folder)
     assert ours_tok.encode(text) == theirs_tok.encode(text)
     assert (ours_tok.eos_ids, ours_tok.bos_id) == (theirs_tok.eos_ids, theirs_tok.bos_id)
     np.testing.assert_array_equal(logits(ours, PARIS_PROMPT), logits(theirs, PARIS_PROMPT))
-    assert greedy_cached(ours, PARIS_PROMPT, 4) == greedy_cached(theirs, PARIS_PROMPT, 4)
+    assert greedy_cached(ours, PARIS_PROMPT, 3) == greedy_cached(theirs, PARIS_PROMPT, 3)
     config = json.loads((demo_folder / "config.json").read_text())
     q = config["quantization"]
     assert q["model.layers.0.self_attn.q_proj"] == {"group_size": 32, "bits": 4}  # Q4_1
