@@ -148,7 +148,9 @@ def test_help_entries_read_as_written():
         "--dtype {float32,float16,bfloat16} compute in this dtype (default: float32 on the CPU "
         "backend, the checkpoint's own on Metal)")
     assert _help_entries("convert")["--hf-path"] == (
-        "--hf-path HF_PATH source folder (config.json + safetensors)")
+        "--hf-path HF_PATH source: a folder (config.json + safetensors) or Hugging Face repo "
+        "id, a .gguf file, or ollama:NAME. A GGUF's Q4_0, Q4_1 and Q8_0 tensors are written as "
+        "they are (exact); other quantized types are dequantized")
     assert _help_entries("generate")["--top-p"].endswith("(default: 0.95)")
     assert _help_entries("serve")["--cors-origin"].count("(default") == 0
     for flag in ("--max-memory", "--kv-bits"):

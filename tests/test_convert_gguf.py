@@ -50,7 +50,8 @@ def demo_folder(tmp_path_factory):
 
 def test_the_demo_gguf_converts_to_a_folder_that_answers_as_it_does(demo_folder):
     """Q4_1 and Q8_0 kept bit for bit: the same logits and greedy tokens, and the vocabulary
-    carried over (the same ids for text and a chat, the same end of sequence)."""
+    carried over (the same ids for text and a chat, the same end of sequence). (~15 s: the
+    demo's forward pass takes seconds on this CPU; two models, a prompt and 3 steps each.)"""
     ours, ours_tok = load(demo_folder)
     theirs, theirs_tok = load(DEMO_NAME)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -59,7 +60,7 @@ def test_the_demo_gguf_converts_to_a_folder_that_answers_as_it_does(demo_folder)
     assert ours_tok.encode(text) == theirs_tok.encode(text)
     assert (ours_tok.eos_ids, ours_tok.bos_id) == (theirs_tok.eos_ids, theirs_tok.bos_id)
     np.testing.assert_array_equal(logits(ours, PARIS_PROMPT), logits(theirs, PARIS_PROMPT))
-    assert greedy_cached(ours, PARIS_PROMPT, 4) == greedy_cached(theirs, PARIS_PROMPT, 4)
+    assert greedy_cached(ours, PARIS_PROMPT, 3) == greedy_cached(theirs, PARIS_PROMPT, 3)
     config = json.loads((demo_folder / "config.json").read_text())
     q = config["quantization"]
     assert q["model.layers.0.self_attn.q_proj"] == {"group_size": 32, "bits": 4}  # Q4_1
@@ -87,31 +88,36 @@ def test_mlx_lm_loads_the_converted_demo(demo_folder):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny Mixtral as a Q4_0 GGUF (per-expert tensors, as older Mixtral GGUFs store them)."""
+    """A tiny Mixtral as a Q4_0 GGUF (per-expert tensors, as older Mixtral GGUFs store them),
+    and as a float32 one (stacked experts)."""
     root = tmp_path_factory.mktemp("tiny-gguf")
     ref = build_hf(root / "hf", "mixtral", num_local_experts=4, num_experts_per_tok=2,
                    intermediate_size=128)
     write_mixtral_gguf(ref, root / "q4_0.gguf", merged=False,
                        qtype=gguf.GGMLQuantizationType.Q4_0)
+    write_mixtral_gguf(ref, root / "f32.gguf", merged=True)
     return root, ref
 
 
-@pytest.mark.parametrize("layout", ["stacked", "streaming"])
-def test_a_q4_0_mixtral_gguf_converts_to_a_folder_equal_to_it(tiny, tmp_path, tokens, layout):
+@pytest.mark.parametrize("layout", ["stacked", "per-expert"])
+@pytest.mark.parametrize("kind", ["q4_0", "f32"])
+def test_a_mixtral_gguf_converts_to_a_folder_equal_to_it(tiny, tmp_path, tokens, layout, kind):
+    """Its tensors as they are (float32 ones stay float32: no --dtype asked for)."""
     root, _ = tiny
-    convert(root / "q4_0.gguf", tmp_path / "out", progress=False, layout=layout)
+    convert(root / f"{kind}.gguf", tmp_path / "out", progress=False, layout=layout)
     prompt = tokens(1, 12)[0].tolist()
-    gguf_model, folder_model = load_model(root / "q4_0.gguf"), load_model(tmp_path / "out")
+    gguf_model, folder_model = load_model(root / f"{kind}.gguf"), load_model(tmp_path / "out")
     np.testing.assert_array_equal(logits(folder_model, prompt), logits(gguf_model, prompt))
     assert greedy(folder_model, prompt, 6) == greedy(gguf_model, prompt, 6)
     theirs, _ = mlx_lm_load_model(tmp_path / "out")
     theirs.set_dtype(mx.float32)  # as ours computes on the CPU
     assert np.abs(logits(theirs, prompt) - logits(gguf_model, prompt)).max() <= 1e-4
-    if layout == "streaming":  # one range per expert, and paged as the GGUF answers
+    if layout == "per-expert":  # one range per expert, and paged as the GGUF answers
         table = expert_extents(describe(tmp_path / "out").files, 2, 4)
         for extents in (x for experts in table for x in experts):
             extents = sorted(extents, key=lambda x: x.offset)
-            assert len(extents) == 9 and len({x.file for x in extents}) == 1
+            assert len(extents) == (9 if kind == "q4_0" else 3)
+            assert len({x.file for x in extents}) == 1
             assert all(a.offset + a.nbytes == b.offset for a, b in zip(extents[:-1], extents[1:],
                                                                         strict=True))
         budget = minimum_budget(describe(tmp_path / "out"), context=64)
@@ -160,3 +166,23 @@ def test_ollama_name_converts_its_gguf_blob(tiny, tmp_path, monkeypatch, tokens)
     prompt = tokens(1, 8)[0].tolist()
     np.testing.assert_array_equal(logits(load_model(tmp_path / "out"), prompt),
                                   logits(load_model(root / "q4_0.gguf"), prompt))
+
+
+def test_dequantize_turns_a_gguf_into_floats(tiny, tmp_path, tokens):
+    """--dequantize: the Q4_0 weights as floats (no quantization left), the same model."""
+    root, _ = tiny
+    convert(root / "q4_0.gguf", tmp_path / "out", dequantize=True, dtype="float32",
+            progress=False)
+    assert "quantization" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    prompt = tokens(1, 8)[0].tolist()
+    floats, gguf_model = load_model(tmp_path / "out"), load_model(root / "q4_0.gguf")
+    assert not hasattr(floats.layers[0].block_sparse_moe.switch_mlp.down_proj, "bits")
+    assert np.abs(logits(floats, prompt) - logits(gguf_model, prompt)).max() <= 1e-4
+
+
+def test_verify_compares_the_folder_with_its_gguf(tiny, tmp_path, cli_here):
+    root, _ = tiny
+    result = cli_here("convert", "--hf-path", str(root / "q4_0.gguf"), "--mlx-path",
+                      str(tmp_path / "out"), "--verify")
+    assert result.returncode == 0, result.stderr
+    assert "top-1 agreement 100.0%" in result.stdout and "as expected" in result.stdout

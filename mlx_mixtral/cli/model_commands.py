@@ -10,8 +10,8 @@ from .flags import DTYPE_CHOICES, MODEL_HELP
 
 
 def add_convert(sub: argparse._SubParsersAction) -> None:
+    from ..convert.expert_layout import LAYOUTS
     from ..convert.plan import Q_BITS, Q_GROUP_SIZES, RECIPES
-    from ..convert.streaming_layout import LAYOUTS
 
     p = add_command(sub, "convert", run_convert)
     p.add_argument("--hf-path", required=True,
@@ -39,7 +39,7 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size-gb", type=float, default=5.0, help="maximum shard size in GB")
     p.add_argument("--layout", choices=LAYOUTS, default="stacked",
                    help="how a Mixtral's experts lie in the files: stacked (mlx-lm's), or "
-                   "streaming: each expert's tensors side by side, one read when --max-memory "
+                   "per-expert: each expert's tensors side by side, one read when --max-memory "
                    "pages it in (both load in mlx-lm)")
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
     p.add_argument("--verify", action="store_true",

@@ -3,7 +3,9 @@ which of them are stored quantized and how, and its vocabulary as tokenizer file
 
 - A file whose types MLX reads (F32, F16, Q4_0, Q4_1, Q8_0) is read as loading reads it: its
   quantized tensors already are MLX affine weights (group 32), written bit for bit, so the folder
-  runs exactly as the GGUF does.
+  runs exactly as the GGUF does. MLX's reader is not lazy: the whole file is in memory while
+  the folder is written (reading its blocks per tensor would need the Q4_0/Q4_1/Q8_0 -> MLX
+  block layout done here, tensor by tensor).
 - Other types (K-quants, I-quants, Q5_x ...) have no exact MLX form, and MLX refuses the whole
   file: the gguf package dequantizes it tensor by tensor, each cast to the output dtype and, with
   -q, quantized as the plan says before the next is read (memory: about the output's size).

@@ -1,7 +1,7 @@
 """Streaming, atomic conversion of a checkpoint (a folder or a GGUF file) into an MLX folder.
 
 Every output tensor is first described as a lazy MLX graph (memory-mapped source -> stacked
-experts -> cast -> quantize; in the streaming layout, then one row per expert). The graphs are
+experts -> cast -> quantize; in the per-expert layout, then one row per expert). The graphs are
 grouped into shards by their output size, and each shard is evaluated and written on its own,
 so peak memory is about one output shard plus the source tensors it reads, never the whole
 model. Everything is written into a hidden folder beside OUT, which is renamed to OUT only
@@ -35,9 +35,9 @@ from ..model.precision import DTYPES
 from ..text.tokenizer import VOCABULARY_FILES, vocabulary_file
 from ..units import human
 from ..user_files import writer_alive
+from .expert_layout import LAYOUTS, tensor_groups
 from .gguf_source import read_gguf, write_tokenizer
 from .plan import Q_BITS, Q_GROUP_SIZES, Plan, recipe_bits
-from .streaming_layout import LAYOUTS, tensor_groups
 
 # Files copied as they are: tokenizers, chat templates, generation defaults.
 SIDE_FILES = (
@@ -107,7 +107,11 @@ def _dequantize(weights: dict[str, mx.array], quantization: dict) -> dict[str, m
         if name.endswith(".weight") and scales is not None:
             spec = quantization.get(module)
             spec = spec if isinstance(spec, dict) else quantization
-            value = mx.dequantize(value, scales, weights.get(f"{module}.biases"),
+            biases = weights.get(f"{module}.biases")
+            if mx.issubdtype(scales.dtype, mx.floating):  # affine: float32, rounded once
+                scales = scales.astype(mx.float32)  # to the output dtype, not first to theirs
+                biases = None if biases is None else biases.astype(mx.float32)
+            value = mx.dequantize(value, scales, biases,
                                   spec.get("group_size", 64), spec["bits"],
                                   mode=spec.get("mode", "affine"))
         out[name] = value
@@ -142,7 +146,7 @@ def _output_tensors(weights: dict[str, mx.array], plan: Plan,
 
 def _shards(groups: list[dict[str, mx.array]], max_bytes: int
             ) -> Iterator[dict[str, mx.array]]:
-    """Consecutive groups (streaming_layout.py's) per shard; a group is never split."""
+    """Consecutive groups (expert_layout.py's) per shard; a group is never split."""
     shard: dict[str, mx.array] = {}
     size = 0
     for group in groups:
@@ -197,19 +201,32 @@ class _Read:
     metadata: dict | None = None  # a GGUF's, as MLX read it (its vocabulary)
 
 
-def _read_folder(source: ModelSource, dequantize: bool) -> dict[str, mx.array]:
-    """A safetensors folder's tensors under our names; an MLX-quantized one's in floats."""
+def _read_folder(source: ModelSource, plan: Plan, dequantize: bool, layout: str) -> _Read:
+    """A safetensors folder's tensors under our names; an MLX-quantized one's in floats, or,
+    to rewrite its experts in the per-expert layout, as they are."""
     weights = sanitize(read_safetensors(source.files), source.args)
     source_quant = source.quantization
     if dequantize:
         if source_quant is None:
             raise ConvertError(f"{source.path}: dequantize=True needs a quantized MLX folder "
                                "or GGUF file", params=("dequantize",))
-        return _dequantize(weights, source_quant)
-    if source_quant is not None:
+        return _Read(_dequantize(weights, source_quant))
+    if source_quant is None:
+        return _Read(weights)
+    if layout == "stacked" or plan.bits is not None:
         raise ConvertError(f"{source.path} is already quantized; pass dequantize=True to turn "
-                           "it back into floats (or use it as it is)", params=("dequantize",))
-    return weights
+                           "it back into floats (or use it as it is; layout=per-expert "
+                           "without quantizing rewrites its experts as they are)",
+                           params=("dequantize", "layout"))
+    return _Read(weights, _stored_quantization(weights, source_quant))
+
+
+def _stored_quantization(weights: dict[str, mx.array], quantization: dict) -> dict[str, dict]:
+    """Each quantized module's entry (its own, else the folder's defaults)."""
+    defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+    modules = (name.rpartition(".")[0] for name in weights if name.endswith(".scales"))
+    return {m: quantization[m] if isinstance(quantization.get(m), dict) else defaults
+            for m in modules}
 
 
 def _read_gguf(source: ModelSource, plan: Plan, dequantize: bool) -> _Read:
@@ -240,7 +257,7 @@ def convert(
     layout: str = "stacked",
 ) -> Summary:
     """Convert a Hugging Face folder or repo id (or an MLX folder), a GGUF file or
-    `ollama:NAME` into an MLX folder; `layout="streaming"` writes each expert in one range.
+    `ollama:NAME` into an MLX folder; `layout="per-expert"` writes each expert in one range.
 
     See `mlx-mixtral convert --help`; returns what was written."""
     start = time.perf_counter()
@@ -260,14 +277,14 @@ def convert(
     args, config = source.args, source.config
     if dtype is None:
         plan = replace(plan, dtype=_source_dtype(config))
-    read = _read_gguf(source, plan, dequantize) if source.format == "gguf" else _Read(
-        _read_folder(source, dequantize))
+    read = (_read_gguf(source, plan, dequantize) if source.format == "gguf"
+            else _read_folder(source, plan, dequantize, layout))
     weights = read.weights
 
     layers: dict[str, int | None] = {}
     parameters = _count_parameters(weights, read.kept)
-    # A GGUF's tensors keep their dtypes unless one is asked for: as loading keeps them.
-    cast = dtype is not None or source.format != "gguf"
+    # A GGUF's tensors, and a quantized folder's, keep their dtypes unless one is asked for.
+    cast = dtype is not None or (source.format != "gguf" and not read.kept)
     groups = tensor_groups(_output_tensors(weights, plan, layers, cast),
                            args.num_local_experts, layout)
     shards = list(_shards(groups, shard_bytes))

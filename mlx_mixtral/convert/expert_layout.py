@@ -1,21 +1,22 @@
-"""The streaming layout (`convert --layout streaming`): each expert's tensors side by side.
+"""How a Mixtral's experts lie in a converted folder (`convert --layout`): stacked, or per expert.
 
 The stacked layout (mlx-lm's) writes a layer's experts as nine `[experts, ...]` tensors
 (gate/up/down x weight/scales/biases), so one expert is nine byte ranges spread over the layer.
-Expert paging reads an expert each time the router picks one it does not hold; here each expert
-is written under Hugging Face's names (`experts.E.w1/w3/w2.{weight,scales,biases}`: gate, up,
-down), its tensors one after another in one shard: one expert, one byte range. Loaders stack
+Expert paging reads an expert each time the router picks one it does not hold; in the
+per-expert layout each expert is written under Hugging Face's names
+(`experts.E.w1/w3/w2.{weight,scales,biases}`: gate, up, down), its tensors one after another in
+one shard: one expert, one byte range. Loaders stack
 them back (ours, and mlx-lm's `sanitize`), so a loaded model is the same in either layout.
 """
 
 from __future__ import annotations
 
-import mlx.core as mx
+from typing import TYPE_CHECKING
 
-from ..loading.checkpoint import per_expert_name
-from ..loading.expert_files import EXPERT_TENSOR
+if TYPE_CHECKING:  # the parser reads LAYOUTS: importing this stays light
+    import mlx.core as mx
 
-LAYOUTS = ("stacked", "streaming")
+LAYOUTS = ("stacked", "per-expert")
 _PROJS = ("gate", "up", "down")  # w1, w3, w2: the order the expert runs them in
 _PARAMS = ("weight", "scales", "biases")
 
@@ -23,6 +24,8 @@ _PARAMS = ("weight", "scales", "biases")
 def _layer_of(name: str) -> str | None:
     """The stacked experts' module prefix (`...block_sparse_moe.switch_mlp`) of a stacked
     expert tensor, else None."""
+    from ..loading.expert_files import EXPERT_TENSOR
+
     m = EXPERT_TENSOR.match(name)
     if m is None or m.group(2) is None:
         return None
@@ -32,6 +35,8 @@ def _layer_of(name: str) -> str | None:
 def _per_expert(prefix: str, stacked: dict[str, mx.array],
                 num_experts: int) -> list[dict[str, mx.array]]:
     """One layer's stacked tensors as one group per expert (lazy rows, in file order)."""
+    from ..loading.checkpoint import per_expert_name
+
     groups = []
     for e in range(num_experts):
         group = {}
@@ -47,7 +52,7 @@ def _per_expert(prefix: str, stacked: dict[str, mx.array],
 def tensor_groups(tensors: dict[str, mx.array], num_experts: int,
                   layout: str) -> list[dict[str, mx.array]]:
     """The output tensors in file order, in groups a shard never splits: each tensor alone in
-    the stacked layout; in the streaming layout, each expert's tensors together, where its
+    the stacked layout; in the per-expert layout, each expert's tensors together, where its
     layer's first stacked tensor was."""
     if layout == "stacked" or not num_experts:
         return [{name: value} for name, value in tensors.items()]

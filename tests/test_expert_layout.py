@@ -1,4 +1,4 @@
-"""`convert --layout streaming`: one byte range per expert, and the stacked layout's model
+"""`convert --layout per-expert`: one byte range per expert, and the stacked layout's model
 (ours resident and paged, and mlx-lm's) from it."""
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ PROMPT = np.random.RandomState(3).randint(0, TINY["vocab_size"], 12).tolist()
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """The same checkpoint converted to 4 bits in both layouts (small shards: several files),
-    and in float16 streaming (weights without scales)."""
+    and in float16 per expert (weights without scales)."""
     root = tmp_path_factory.mktemp("layouts")
     write_hf_checkpoint(root / "hf", ModelArgs.from_dict(TINY), dtype=mx.bfloat16)
-    for layout in ("stacked", "streaming"):
+    for layout in ("stacked", "per-expert"):
         convert(root / "hf", root / layout, quantize=True, q_bits=4, shard_bytes=60_000,
                 progress=False, layout=layout)
-    convert(root / "hf", root / "f16-streaming", dtype="float16", shard_bytes=60_000,
-            progress=False, layout="streaming")
+    convert(root / "hf", root / "f16-per-expert", dtype="float16", shard_bytes=60_000,
+            progress=False, layout="per-expert")
     return root
 
 
@@ -54,7 +54,8 @@ def greedy(model, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
 def test_each_expert_is_one_contiguous_range(folders):
     """Every expert's nine ranges (gate, up, down x weight, scales, biases) lie end to end in
     one file; the stacked layout, for contrast, spreads them."""
-    for layout, contiguous in (("streaming", True), ("stacked", False), ("f16-streaming", True)):
+    for layout, contiguous in (("per-expert", True), ("stacked", False),
+                               ("f16-per-expert", True)):
         source = describe(folders / layout)
         table = expert_extents(source.files, TINY["num_hidden_layers"],
                                TINY["num_local_experts"])
@@ -66,52 +67,52 @@ def test_each_expert_is_one_contiguous_range(folders):
                 runs.append(len({x.file for x in extents}) == 1 and all(
                     a.offset + a.nbytes == b.offset for a, b in pairwise(extents)))
         assert all(runs) if contiguous else not any(runs), layout
-    assert len(describe(folders / "streaming").files) > 1  # shards did not split an expert
+    assert len(describe(folders / "per-expert").files) > 1  # shards did not split an expert
 
 
-def test_streaming_names_are_hugging_face_s_in_gate_up_down_order(folders):
-    index = json.loads((folders / "streaming" / "model.safetensors.index.json").read_text())
+def test_per_expert_names_are_hugging_face_s_in_gate_up_down_order(folders):
+    index = json.loads((folders / "per-expert" / "model.safetensors.index.json").read_text())
     assert not any(".switch_mlp." in k for k in index["weight_map"])
-    names = [t.name for t in describe(folders / "streaming").tensors
+    names = [t.name for t in describe(folders / "per-expert").tensors
              if ".experts.1." in t.name and ".layers.0." in t.name]
     assert [n.split(".experts.1.")[1] for n in names] == [
         f"{w}.{p}" for w in ("w1", "w3", "w2") for p in ("weight", "scales", "biases")]
-    config = json.loads((folders / "streaming" / "config.json").read_text())
+    config = json.loads((folders / "per-expert" / "config.json").read_text())
     stacked = json.loads((folders / "stacked" / "config.json").read_text())
     assert config["quantization"] == stacked["quantization"]
 
 
-def test_streaming_gives_the_stacked_layouts_tokens_and_logits(folders):
+def test_per_expert_gives_the_stacked_layouts_tokens_and_logits(folders):
     want, want_logits = greedy(load_model(folders / "stacked"), PROMPT, 8)
-    got, got_logits = greedy(load_model(folders / "streaming"), PROMPT, 8)
+    got, got_logits = greedy(load_model(folders / "per-expert"), PROMPT, 8)
     assert got == want
     np.testing.assert_array_equal(got_logits, want_logits)
 
 
-def test_mlx_lm_loads_the_streaming_layout(folders):
+def test_mlx_lm_loads_the_expert_layout(folders):
     """mlx-lm's sanitize stacks per-expert weights, scales and biases: its model from the
-    streaming folder is its model from the stacked one."""
-    theirs_streaming, _ = mlx_lm_load_model(folders / "streaming")
+    per-expert folder is its model from the stacked one."""
+    theirs_per_expert, _ = mlx_lm_load_model(folders / "per-expert")
     theirs_stacked, _ = mlx_lm_load_model(folders / "stacked")
-    assert greedy(theirs_streaming, PROMPT, 8)[0] == greedy(theirs_stacked, PROMPT, 8)[0]
+    assert greedy(theirs_per_expert, PROMPT, 8)[0] == greedy(theirs_stacked, PROMPT, 8)[0]
     ids = mx.array([PROMPT])
 
     def logits(model) -> np.ndarray:
         return np.array(model(ids).astype(mx.float32))
 
-    np.testing.assert_array_equal(logits(theirs_streaming), logits(theirs_stacked))
-    theirs_f32, _ = mlx_lm_load_model(folders / "streaming")
+    np.testing.assert_array_equal(logits(theirs_per_expert), logits(theirs_stacked))
+    theirs_f32, _ = mlx_lm_load_model(folders / "per-expert")
     theirs_f32.set_dtype(mx.float32)  # as ours computes on the CPU
     ours = logits(load_model(folders / "stacked"))
     assert np.abs(logits(theirs_f32) - ours).max() <= 1e-4
 
 
-def test_streaming_layout_pages_with_the_resident_models_tokens(folders):
-    """Paged from the streaming folder (2 of 4 experts per layer in memory): the stacked
+def test_expert_layout_pages_with_the_resident_models_tokens(folders):
+    """Paged from the per-expert folder (2 of 4 experts per layer in memory): the stacked
     folder's resident tokens."""
     want, _ = greedy(load_model(folders / "stacked"), PROMPT, 8)
-    budget = minimum_budget(describe(folders / "streaming"), context=64)  # the fewest slots
-    model, _ = load(folders / "streaming", tokenizer=False, max_memory=budget, context=64)
+    budget = minimum_budget(describe(folders / "per-expert"), context=64)  # the fewest slots
+    model, _ = load(folders / "per-expert", tokenizer=False, max_memory=budget, context=64)
     plan = model.limits.memory_plan
     assert plan.paging and plan.slots < TINY["num_local_experts"]
     assert greedy(model, PROMPT, 8)[0] == want
@@ -123,3 +124,20 @@ def test_unknown_layout_is_refused(folders, tmp_path, cli_here):
                       str(tmp_path / "x"), "--layout", "diagonal")
     assert result.returncode == 2 and "--layout" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_quantized_folder_is_rewritten_per_expert_as_it_is(folders, tmp_path, cli_here):
+    """An MLX folder already quantized (mlx-community's, or ours stacked): --layout per-expert
+    without -q rewrites its experts, nothing requantized: the stacked folder's logits exactly.
+    The stacked layout still asks for --dequantize, and names the way out."""
+    out = tmp_path / "rewritten"
+    result = cli_here("convert", "--hf-path", str(folders / "stacked"), "--mlx-path", str(out),
+                      "--layout", "per-expert")
+    assert result.returncode == 0, result.stderr
+    _, want = greedy(load_model(folders / "stacked"), PROMPT, 1)
+    _, got = greedy(load_model(out), PROMPT, 1)
+    np.testing.assert_array_equal(got, want)
+    assert not any(".switch_mlp." in t.name for t in describe(out).tensors)
+    refused = cli_here("convert", "--hf-path", str(folders / "stacked"), "--mlx-path",
+                       str(tmp_path / "again"))
+    assert refused.returncode == 2 and "--layout per-expert" in refused.stderr
