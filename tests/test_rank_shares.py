@@ -147,3 +147,15 @@ def test_a_rank_s_slots_hold_its_share_of_the_experts(folders, name, pipeline):
             for key, value in want.items():
                 assert mx.array_equal(slot[key][1], value[expert]).item(), (layer, expert, key)
     paged.pager.close()
+
+
+def test_a_budget_one_rank_cannot_run_in_is_refused_for_every_rank(folders):
+    """Pipeline rank 0 (its layers, plus the embeddings both hold) is asked for the plan of
+    every rank: too small a budget is one line naming the per-rank minimum, on every rank."""
+    source = describe(folders["q4"])
+    lines = set()
+    for rank in (0, 1):
+        with pytest.raises(MemoryLimitError) as e:
+            plan_ranks(source, 1_000_000, 2, rank, True, context=256)
+        lines.add(str(e.value))
+    assert len(lines) == 1 and "each rank's budget" in lines.pop()
