@@ -222,7 +222,7 @@ def test_chat_under_mlx_launch_points_elsewhere(tmp_path):
 def test_bench_under_mlx_launch_reports_each_rank(models, tmp_path):
     """Within the least budget each rank's share runs in (--max-memory min)."""
     results = launch(tmp_path, 2, EXE, "bench", "--model", str(models["mixtral-4bit"]),
-                     "--runs", "1", "--gen-tokens", "8", "--prompt-tokens", "16",
+                     "--runs", "1", "--gen-tokens", "16", "--prompt-tokens", "64",
                      "--max-memory", "min")
     assert [r["rc"] for r in results] == [0, 0], results
     report = results[0]["out"]
