@@ -69,7 +69,8 @@ def load(path_or_repo: str | Path | None = None, tokenizer: bool = True, force: 
     `model.limits.memory_plan`; a budget too small raises `MemoryLimitError` with the minimum.
 
     `group`: an `mx.distributed` group of several ranks (under `mlx.launch`): the model is split
-    over them, by layers with `pipeline`, else tensor parallel; each rank reads only its part.
+    over them, by layers with `pipeline`, else tensor parallel; each rank reads only its part
+    (rank_loader.py). With `max_memory`, that is each rank's budget for its share.
 
     The same in two steps: `plan_load(...)` (load_plan.py), then `load_planned(plan)`."""
     plan = plan_load(path_or_repo, force=force, dtype=dtype, group=group, pipeline=pipeline,
