@@ -174,7 +174,7 @@ class SliceReader:
         return _read_tensor(self.fds[file], part, held, dtype)
 
 
-def _stored_by_target(source: ModelSource, args: ModelArgs) -> dict[str, list[str]]:
+def _stored_by_target(source: ModelSource) -> dict[str, list[str]]:
     """Our parameter -> the stored tensors it comes from (Hugging Face experts: one per
     expert, in expert order)."""
     out: dict[str, dict[int, str]] = {}
@@ -187,7 +187,7 @@ def read_rank_weights(source: ModelSource, targets: dict[str, tuple[int, ...]], 
                       dtype: str | mx.Dtype | None) -> tuple[dict[str, mx.array], int]:
     """This rank's part of every parameter in `targets` (name -> the rank's shape), read
     tensor by tensor and cast to the backend's dtypes; and the bytes read."""
-    stored = _stored_by_target(source, source.args)
+    stored = _stored_by_target(source)
     target = target_dtype(dtype)
     reader = SliceReader(source.files)
     out = {}
