@@ -6,7 +6,9 @@ one layer is a few byte ranges: in an MLX folder, row `e` of each stacked
 whole `experts.E.w1/w2/w3.weight` tensors. Each range is read with `readinto` straight into the
 slot's memory (a writable NumPy view of the MLX array), so a miss allocates nothing. A range
 stored in another float dtype than the slot's (bfloat16 or float16 scales read into float32
-ones, as the CPU backend wants them) goes through a small per-thread staging buffer.
+ones, as the CPU backend wants them) goes through a small per-thread staging buffer. A
+tensor-parallel rank's slots hold its slice of each tensor: an extent is then `count` ranges
+`stride` bytes apart (one per row before the cut axis; loading/rank_loader.py).
 """
 
 from __future__ import annotations
