@@ -159,3 +159,14 @@ def test_a_budget_one_rank_cannot_run_in_is_refused_for_every_rank(folders):
             plan_ranks(source, 1_000_000, 2, rank, True, context=256)
         lines.add(str(e.value))
     assert len(lines) == 1 and "each rank's budget" in lines.pop()
+
+
+def test_bench_under_mlx_launch_takes_one_budget(cli_here, monkeypatch, folders):
+    """Each rank's budget is one size: a list (one process's sweep) is one line, exit 2,
+    before any rank joins the group."""
+    monkeypatch.setenv("MLX_RANK", "0")
+    result = cli_here("bench", "--model", str(folders["q4"]), "--max-memory", "50%,75%")
+    assert result.returncode == 2, result
+    assert result.stderr.strip().splitlines() == [
+        "mlx-mixtral: error: under mlx.launch, bench --max-memory takes one budget (each "
+        "rank's), not a list"]
