@@ -59,8 +59,8 @@ class Extent:
 
 def tensor_index(files: list[Path], keep=is_expert_tensor
                   ) -> dict[str, tuple[int, int, int, str, list[int]]]:
-    """Every expert tensor (every one `keep` keeps): (file index, absolute data offset, bytes,
-    dtype, shape)."""
+    """The tensors `keep` keeps (the experts', unless told): (file index, absolute data
+    offset, bytes, dtype, shape)."""
     out = {}
     for i, path in enumerate(files):
         header = check_safetensors(path)
@@ -157,7 +157,7 @@ class ExpertFiles:
                                            "model with mlx-mixtral convert -q first")
                     if dest.size * _itemsize(x.stored) != x.total:
                         raise WeightsError(f"layer {layer}, expert {e}: {x.dest} has "
-                                           f"{x.nbytes} bytes in the file, which does not "
+                                           f"{x.total} bytes in the file, which does not "
                                            "match the config")
 
     def _files(self) -> list:
