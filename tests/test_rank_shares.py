@@ -147,3 +147,26 @@ def test_a_rank_s_slots_hold_its_share_of_the_experts(folders, name, pipeline):
             for key, value in want.items():
                 assert mx.array_equal(slot[key][1], value[expert]).item(), (layer, expert, key)
     paged.pager.close()
+
+
+def test_a_budget_one_rank_cannot_run_in_is_refused_for_every_rank(folders):
+    """Pipeline rank 0 (its layers, plus the embeddings both hold) is asked for the plan of
+    every rank: too small a budget is one line naming the per-rank minimum, on every rank."""
+    source = describe(folders["q4"])
+    lines = set()
+    for rank in (0, 1):
+        with pytest.raises(MemoryLimitError) as e:
+            plan_ranks(source, 1_000_000, 2, rank, True, context=256)
+        lines.add(str(e.value))
+    assert len(lines) == 1 and "each rank's budget" in lines.pop()
+
+
+def test_bench_under_mlx_launch_takes_one_budget(cli_here, monkeypatch, folders):
+    """Each rank's budget is one size: a list (one process's sweep) is one line, exit 2,
+    before any rank joins the group."""
+    monkeypatch.setenv("MLX_RANK", "0")
+    result = cli_here("bench", "--model", str(folders["q4"]), "--max-memory", "50%,75%")
+    assert result.returncode == 2, result
+    assert result.stderr.strip().splitlines() == [
+        "mlx-mixtral: error: under mlx.launch, bench --max-memory takes one budget (each "
+        "rank's), not a list"]

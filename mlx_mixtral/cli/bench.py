@@ -382,7 +382,7 @@ def bench_distributed(plan: LoadPlan, prompt_tokens: int, gen_tokens: int, runs:
     """Under mlx.launch: our engine with the model split over the ranks as `plan` says; tok/s
     (medians) and each rank's peak memory. The text is rank 0's to print (None on the other
     ranks)."""
-    from ..generation.stream import prefill_chunk
+    from ..generation.stream import prefill_chunk, settle
     from ..loading import load_planned
 
     group, folder = plan.group, plan.source.path
@@ -402,9 +402,9 @@ def bench_distributed(plan: LoadPlan, prompt_tokens: int, gen_tokens: int, runs:
         peak = max(peak, engine.runs[-1].peak_memory)
         beat()
     # Each rank's peak over the whole process, loading included.
-    # The step generate_step computed ahead is still running its own collectives: a gather
-    # started now got mixed up with them (rank 1's peak came back as a few KB).
-    mx.synchronize()
+    # After the step generate_step computed ahead has run its own collectives, on its own
+    # stream: a gather started before them mixed with them (rank 1's peak came back as KB).
+    settle()
     peaks = mx.distributed.all_gather(mx.array([peak / 1e6]), group=group)
     peaks = [p * 1e6 for p in peaks.tolist()]
     if group.rank() != 0:

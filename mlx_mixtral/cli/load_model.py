@@ -42,8 +42,9 @@ def load_from_plan(plan: LoadPlan):
             f" over {group.size()} ranks ({'pipeline' if plan.pipeline else 'tensor parallel'})")
         print(f"Loading {plan.name}{split} ...", file=sys.stderr, flush=True)
     model, tokenizer = load_planned(plan)
-    if plan.memory is not None:
-        print(plan.memory, file=sys.stderr, flush=True)
+    if plan.memory is not None:  # each rank's own, for its share
+        rank = "" if group is None else f"rank {group.rank()}: "
+        print(f"{rank}{plan.memory}", file=sys.stderr, flush=True)
     return model, tokenizer
 
 

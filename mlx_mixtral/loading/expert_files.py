@@ -13,6 +13,9 @@ Ranges of one expert that lie end to end in one file (an expert written contiguo
 streaming layout and Hugging Face's per-expert tensors do) are coalesced: one `preadv` scatters
 them into their slot arrays. An expert's reads can be cut into `pieces` that several reader
 threads run at once (the pager's reader pool), since flash wants large reads, several in flight.
+
+A tensor-parallel rank's slots hold its slice of each tensor: an extent is then `count` ranges
+`stride` bytes apart (one per row before the cut axis; loading/rank_loader.py), read one by one.
 """
 
 from __future__ import annotations
@@ -118,9 +121,9 @@ def _cuts(run: Run, parts: int) -> list[tuple[int, int]]:
 
 
 def tensor_index(files: list[Path], keep=is_expert_tensor
-                 ) -> dict[str, tuple[int, int, int, str, list[int]]]:
-    """Every expert tensor (every one `keep` keeps): (file index, absolute data offset, bytes,
-    dtype, shape)."""
+                  ) -> dict[str, tuple[int, int, int, str, list[int]]]:
+    """The tensors `keep` keeps (the experts', unless told): (file index, absolute data
+    offset, bytes, dtype, shape)."""
     out = {}
     for i, path in enumerate(files):
         header = check_safetensors(path)
@@ -255,7 +258,7 @@ class ExpertFiles:
                                            "model with mlx-mixtral convert -q first")
                     if dest.size * _itemsize(x.stored) != x.total:
                         raise WeightsError(f"layer {layer}, expert {e}: {x.dest} has "
-                                           f"{x.nbytes} bytes in the file, which does not "
+                                           f"{x.total} bytes in the file, which does not "
                                            "match the config")
 
     def set_cold(self, on: bool) -> None:

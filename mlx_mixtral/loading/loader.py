@@ -15,6 +15,7 @@ import mlx.core as mx
 from ..demo import DEMO_NAME, is_demo
 from ..model.decoder import Model
 from ..model.limits import RuntimeLimits
+from ..model.sharding import shard_layers, shard_tensors
 from ..text.tokenizer import Tokenizer, load_folder_tokenizer
 from .checkpoint import build_model, sanitize
 from .expert_paging import build_paged
@@ -76,7 +77,8 @@ def load(path_or_repo: str | Path | None = None, tokenizer: bool = True, force: 
     and KV cache, inside it.
 
     `group`: an `mx.distributed` group of several ranks (under `mlx.launch`): the model is split
-    over them, by layers with `pipeline`, else tensor parallel; each rank reads only its part.
+    over them, by layers with `pipeline`, else tensor parallel; each rank reads only its part
+    (rank_loader.py). With `max_memory`, that is each rank's budget for its share.
 
     The same in two steps: `plan_load(...)` (load_plan.py), then `load_planned(plan)`."""
     plan = plan_load(path_or_repo, force=force, dtype=dtype, group=group, pipeline=pipeline,
@@ -93,7 +95,7 @@ def load_planned(plan: LoadPlan, tokenizer: bool = True, expert_policy: str = "l
     """(model, tokenizer) as `plan` says, its files' headers not read again."""
     source, memory = plan.source, plan.memory
     pager = None
-    if plan.ranks > 1:  # each rank reads its share alone (rank_loader.py)
+    if plan.ranks > 1 and source.format == "safetensors":  # each rank reads its share alone
         built = build_rank(source, plan.group, plan.pipeline, plan.dtype,
                            memory if plan.paging else None, expert_policy, prefetch)
         model, pager, metadata = built.model, built.pager, {}
@@ -113,6 +115,10 @@ def load_planned(plan: LoadPlan, tokenizer: bool = True, expert_policy: str = "l
         model.limits = RuntimeLimits(
             max_context=memory.context_limit, memory_plan=memory, expert_pager=pager,
             max_prefill_step=memory.prefill_step if pager is not None else None)
+    if plan.ranks > 1 and source.format != "safetensors":  # a GGUF: MLX reads, then cuts
+        shard_layers(model.model, plan.group) if plan.pipeline else shard_tensors(model,
+                                                                                 plan.group)
+        model.fuse()  # after the split: fusing first would read whole tensors to cut them
     if is_demo(source.path):
         model.defaults_name = DEMO_NAME  # its gentler sampling defaults (generation/sampling.py)
     return model, (load_tokenizer(source, metadata) if tokenizer else None)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..errors import WeightsError
+from ..errors import MemoryLimitError, WeightsError
 from ..model.config import ModelArgs
 from ..model.decoder import Model
 from ..model.expert_cache import ExpertPager, PagedMoE
@@ -122,8 +122,12 @@ def plan_ranks(source: ModelSource, budget: int, size: int, rank: int, pipeline:
     same line, and all take the shortest prefill chunk and context of the plans."""
     # Tensor-parallel ranks hold equal shares: one plan stands for all.
     ranks = range(size) if pipeline else (rank,)
-    plans = {r: plan_memory(source, budget, dtype, context, reserve, shrink,
-                            share=rank_share(source, size, r, pipeline)) for r in ranks}
+    try:
+        plans = {r: plan_memory(source, budget, dtype, context, reserve, shrink,
+                                share=rank_share(source, size, r, pipeline)) for r in ranks}
+    except MemoryLimitError as e:  # the same line on every rank
+        raise MemoryLimitError(f"{e} (each rank's budget, for its share of the model)",
+                               params=e.params) from None
     return replace(plans[rank], prefill_step=min(p.prefill_step for p in plans.values()),
                    context_limit=min(p.context_limit for p in plans.values()))
 
@@ -170,7 +174,7 @@ class SliceReader:
         return _read_tensor(self.fds[file], part, held, dtype)
 
 
-def _stored_by_target(source: ModelSource, args: ModelArgs) -> dict[str, list[str]]:
+def _stored_by_target(source: ModelSource) -> dict[str, list[str]]:
     """Our parameter -> the stored tensors it comes from (Hugging Face experts: one per
     expert, in expert order)."""
     out: dict[str, dict[int, str]] = {}
@@ -183,7 +187,7 @@ def read_rank_weights(source: ModelSource, targets: dict[str, tuple[int, ...]], 
                       dtype: str | mx.Dtype | None) -> tuple[dict[str, mx.array], int]:
     """This rank's part of every parameter in `targets` (name -> the rank's shape), read
     tensor by tensor and cast to the backend's dtypes; and the bytes read."""
-    stored = _stored_by_target(source, source.args)
+    stored = _stored_by_target(source)
     target = target_dtype(dtype)
     reader = SliceReader(source.files)
     out = {}
