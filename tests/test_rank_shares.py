@@ -18,7 +18,7 @@ from mlx_mixtral.convert import convert
 from mlx_mixtral.convert.synthetic import write_hf_checkpoint
 from mlx_mixtral.errors import MemoryLimitError
 from mlx_mixtral.loading import build, describe
-from mlx_mixtral.loading.memory_plan import model_sizes, plan_memory
+from mlx_mixtral.loading.memory_plan import OVERHEAD, model_sizes, plan_memory
 from mlx_mixtral.loading.rank_loader import RankOf, build_rank, plan_ranks
 from mlx_mixtral.loading.rank_slices import part_of, read_part
 from mlx_mixtral.model.config import ModelArgs
@@ -29,7 +29,8 @@ SHAPE = dict(model_type="mixtral", vocab_size=128, hidden_size=256, intermediate
              num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=1024)
 
 # Too small for the whole model in one process; enough for a rank's share, paged.
-BUDGETS = {"hf": 11_000_000, "q4": 3_200_000}
+# Each rank's budget: its share, plus the process's fixed memory outside MLX every plan counts.
+BUDGETS = {"hf": OVERHEAD + 11_000_000, "q4": OVERHEAD + 3_200_000}
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +157,7 @@ def test_a_budget_one_rank_cannot_run_in_is_refused_for_every_rank(folders):
     lines = set()
     for rank in (0, 1):
         with pytest.raises(MemoryLimitError) as e:
-            plan_ranks(source, 1_000_000, 2, rank, True, context=256)
+            plan_ranks(source, OVERHEAD + 1_000_000, 2, rank, True, context=256)
         lines.add(str(e.value))
     assert len(lines) == 1 and "each rank's budget" in lines.pop()
 
