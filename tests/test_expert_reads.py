@@ -176,6 +176,15 @@ def test_cold_reads_come_from_the_disk_every_time(folders):
     assert read[False] <= read[True] / 2, read
 
 
+def test_a_budget_limits_mlxs_buffer_cache_to_what_the_plan_leaves(folders):
+    """Freed buffers MLX keeps count in RSS, not in its peak: within a budget the cache may
+    keep no more than the plan leaves for the KV cache and working memory."""
+    model, pager = paged(folders[1])
+    pager.close()
+    before = mx.set_cache_limit(10**12)  # (it answers the limit it replaces)
+    assert before == model.limits.memory_plan.cache_limit < model.limits.memory_plan.budget
+
+
 @pytest.mark.parametrize("value", ["0", "many", "65"])
 def test_a_bad_read_threads_is_one_line(folders, value, cli_here):
     r = cli_here("generate", "--model", str(folders[0]), f"--read-threads={value}", "hi")
@@ -212,9 +221,9 @@ print(json.dumps({"tokens": tokens, "base": base, "rss": peak_rss(),
 @pytest.mark.slow  # three 256-token generations, two of them paged (~60 s on a busy machine)
 def test_the_budget_holds_in_rss_and_the_tokens_are_the_resident_models(tmp_path):
     """A paged Mixtral at 50% of its size (short prompt) and at the minimum budget (a
-    1,500-token prompt), the default reader threads: the resident model's 256 greedy tokens, MLX's peak
-    within the budget + 5%, and the process's peak RSS within the budget + the interpreter's
-    own baseline + 10% of the budget."""
+    1,500-token prompt), the default reader threads: the resident model's 256 greedy tokens,
+    MLX's peak within the budget + 5%, and the process's peak RSS within the budget + the
+    interpreter's own baseline + 10% of the budget."""
     from mlx_lm.generate import generate_step
 
     from mlx_mixtral.loading.memory_plan import minimum_budget
