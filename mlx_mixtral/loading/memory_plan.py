@@ -224,8 +224,8 @@ def plan_for(args: ModelArgs, budget: int, resident: int, experts_total: int,
     kv = args.kv_bytes_per_token((target or mx.float16).size)
     context = min(context or MIN_CONTEXT, args.sliding_window or args.max_position_embeddings,
                   args.max_position_embeddings)
-    step = next((s for s in PREFILL_STEPS
-                 if workspace_bytes(args, s, context) <= budget * WORKSPACE_SHARE),
+    step = next((s for s in PREFILL_STEPS  # a share of what the model gets
+                 if workspace_bytes(args, s, context) <= (budget - OVERHEAD) * WORKSPACE_SHARE),
                 PREFILL_STEPS[-1])
     n_experts = args.num_local_experts if experts_total else 0
     expert = experts_total // max(args.num_hidden_layers * n_experts, 1)
