@@ -277,6 +277,14 @@ def test_bench_reports_paging_next_to_resident(folder, cli_here):
         assert len(v["decode_hit_rates"]) == WIDE["num_hidden_layers"]
         assert v["decode_tps"] > 0 and v["bytes_per_token"] >= 0
         assert v["peak_memory"] <= 1.05 * entry["budget"]
+    reads = entry["reads"]["runs"]  # the reads before the pool and the pool's, cold and warm
+    assert set(reads) == {"serial cold", "serial warm", "pool cold", "pool warm"}
+    assert all(v["decode_tps"] > 0 and v["read_gbps"] > 0 for v in reads.values())
+    if entry["reads"]["dropped"] and reads["pool cold"]["disk_bytes_per_token"] >= 0:
+        # cold runs read from storage, warm ones from memory
+        assert reads["pool cold"]["disk_bytes_per_token"] > reads["pool warm"][
+            "disk_bytes_per_token"]
+    assert entry["peak_rss"] is None or entry["peak_rss"] > 0
 
 
 def test_a_mixtral_too_big_for_the_memory_pages_by_itself(folder, monkeypatch, capsys):

@@ -286,7 +286,7 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
     from ..loading import describe, load
     from ..loading.memory import load_bytes
     from ..loading.memory_plan import minimum_budget, pageable
-    from ..loading.process_memory import peak_rss, reset_peak_rss
+    from ..loading.process_memory import current_rss, peak_rss, reset_peak_rss
     from ..model.expert_cache import DEFAULT_READ_THREADS
     from .bench import load_ours, measure
 
@@ -318,6 +318,7 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
     for budget in budgets:
         start = time.perf_counter()
         rss_counted = reset_peak_rss()  # this budget's peak: loading and generation
+        rss_before = current_rss()
         try:
             model, _ = load(folder, tokenizer=False, dtype=dtype, max_memory=budget,
                             read_threads=read_threads, draft=draft)
@@ -359,6 +360,7 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
         entry["reads"] = compare_reads(model, source.files, prompt, gen_tokens, runs,
                                        read_threads, log)
         entry["peak_rss"] = peak_rss() if rss_counted else None
+        entry["rss_before"] = rss_before  # the process before loading (interpreter, imports)
         if drafting is not None:
             drafter = drafting(model, None)
             entry["drafted"] = drafted_side_by_side(model, repeated, gen_tokens, drafter)
@@ -455,12 +457,13 @@ def format_reads(entry: dict[str, Any]) -> list[str]:
     if not reads:
         return []
     runs = reads["runs"]
-    rss = entry.get("peak_rss")
+    rss, before = entry.get("peak_rss"), entry.get("rss_before")
     lines = [f"    reads: serial (1 thread, each range alone) against the pool "
              f"({reads['read_threads']} threads, coalesced)"
              + ("" if reads["dropped"] else " - the page cache could not be dropped here")
-             + (f"; peak RSS {size(rss)} ({rss / entry['budget']:.2f}x the budget)"
-                if rss else "")]
+             + (f"; peak RSS {size(rss)}, {size(rss - before)} over the process before "
+                f"loading ({(rss - before) / entry['budget']:.2f}x the budget)"
+                if rss and before else "")]
     for key, v in runs.items():
         disk = v["disk_bytes_per_token"]
         base = runs["serial " + key.split()[1]]["decode_tps"]

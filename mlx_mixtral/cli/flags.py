@@ -116,7 +116,7 @@ def add_model_flags(p: argparse.ArgumentParser, model: bool = True,
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help=DTYPE_HELP)
     p.add_argument("--max-memory", default=None, metavar="SIZE", help=MAX_MEMORY_HELP)
     p.add_argument("--read-threads", type=read_threads_flag, default=None, metavar="N",
-                   help="threads reading paged experts from disk at once (default: 4; an "
+                   help="threads reading paged experts from disk at once (default: 8; an "
                    "SSD reads fastest with several reads in flight)")
     if sampling:
         add_sampling_flags(p)

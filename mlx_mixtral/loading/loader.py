@@ -70,7 +70,7 @@ def load(path_or_repo: str | Path | None = None, tokenizer: bool = True, force: 
     its other weights, a KV cache for at least `context` tokens (default 2048) and some experts
     per layer in memory, and reads the others from its files when the router picks
     them (`expert_policy` "lru" or "lfu"; `prefetch` guesses the next layer's), with
-    `read_threads` threads reading at once (default 4). The plan is `model.limits.memory_plan`;
+    `read_threads` threads reading at once (default 8). The plan is `model.limits.memory_plan`;
     a budget too small raises `MemoryLimitError` with the minimum.
     Drafted decoding within the budget: `draft=draft_needs(k)` (prompt lookup) or
     `draft_needs(k, "draft-model")` counts the drafted tokens, and the draft model's weights

@@ -278,8 +278,9 @@ def plan_for(args: ModelArgs, budget: int, resident: int, experts_total: int,
     kv += draft.kv_per_token if draft else 0
     context = min(context or MIN_CONTEXT, args.sliding_window or args.max_position_embeddings,
                   args.max_position_embeddings)
-    step = next((s for s in PREFILL_STEPS
-                 if drafted_workspace(args, s, context, draft) <= budget * WORKSPACE_SHARE),
+    step = next((s for s in PREFILL_STEPS  # a share of what the model gets
+                 if drafted_workspace(args, s, context, draft)
+                 <= (budget - OVERHEAD) * WORKSPACE_SHARE),
                 PREFILL_STEPS[-1])
     n_experts = args.num_local_experts if experts_total else 0
     expert = experts_total // max(args.num_hidden_layers * n_experts, 1)

@@ -48,7 +48,7 @@ from .routing import RouterRecord, route
 POLICIES = ("lru", "lfu")
 # Reader threads: measured on this machine's disk (README, expert paging) and an SSD's wish for
 # several reads in flight; MAX_READ_THREADS bounds --read-threads.
-DEFAULT_READ_THREADS = 4
+DEFAULT_READ_THREADS = 8
 MAX_READ_THREADS = 64
 
 
