@@ -1,0 +1,113 @@
+"""Benchmark: cold decode with expert streaming, today's reads against the new ones, side by
+side in one run on the same model and budget.
+
+Usage: python benchmarks/cold_streaming.py [--bits 4|16|32] [--share 0.5] [--runs 3]
+       [--prompt-tokens 16] [--gen-tokens 32] [--read-threads 8] [--workdir DIR]
+
+One synthetic Mixtral (seeded, `SHAPE`) is written twice: in the stacked layout `convert` wrote
+before (an expert is 9 ranges spread over the file) and in the per-expert layout (`convert
+--layout per-expert`: one contiguous range). Both load within the same budget (`--share` of the
+model plus the process's fixed memory outside MLX, as `bench --max-memory 50%` plans it):
+- "before": the stacked folder read as the code before the reader pool read it: one thread,
+  each range alone, a layer's misses in turn (prefetch on its own thread);
+- "after": the per-expert folder read by `--read-threads` threads, an expert in one read.
+Each run is cold (Linux: the files dropped from the page cache before the run and every range
+dropped again after it is read, as on a Mac whose memory cannot hold the model); the variants
+alternate, and the medians over `--runs` are printed with their ratio (that both give the
+resident model's tokens is what tests/test_expert_reads.py and test_expert_layout.py check).
+`--bits 32` keeps the experts in float32: on this CPU 4-bit matmuls are slow
+enough that computing a token takes as long as reading its misses, while on a Mac's GPU (the
+case this models) reading dominates, as it does here for float32 experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_mixtral import ModelArgs
+from mlx_mixtral.cli.bench_paging import measure_paged, share_budget
+from mlx_mixtral.convert import convert
+from mlx_mixtral.convert.synthetic import write_hf_checkpoint
+from mlx_mixtral.loading import describe, load
+from mlx_mixtral.loading.memory import load_bytes
+from mlx_mixtral.loading.page_cache import can_drop, drop_files
+
+SHAPE = dict(model_type="mixtral", vocab_size=1024, hidden_size=512, intermediate_size=1792,
+             num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+             num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
+             rope_theta=1e4)
+
+
+def folders(work: Path, bits: int) -> dict[str, Path]:
+    """The model in both layouts (built once per --workdir)."""
+    out = {"stacked": work / f"stacked-{bits}", "per-expert": work / f"per-expert-{bits}"}
+    if all((f / "config.json").is_file() for f in out.values()):
+        return out
+    hf = work / "hf"
+    if not (hf / "config.json").is_file():
+        write_hf_checkpoint(hf, ModelArgs.from_dict(SHAPE), dtype=mx.bfloat16, seed=0)
+    for layout, folder in out.items():
+        convert(hf, folder, quantize=bits < 16, q_bits=min(bits, 8), q_group_size=64,
+                dtype="float32" if bits != 16 else "float16", layout=layout, force=True,
+                progress=False)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bits", type=int, default=32, choices=[4, 8, 16, 32])
+    p.add_argument("--share", type=float, default=0.5)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--gen-tokens", type=int, default=32)
+    p.add_argument("--read-threads", type=int, default=8)
+    p.add_argument("--workdir", default=None)
+    a = p.parse_args()
+    if not can_drop():
+        raise SystemExit("cold reads need posix_fadvise (Linux); on macOS run `sudo purge`")
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="cold-streaming-"))
+    work.mkdir(parents=True, exist_ok=True)
+    paths = folders(work, a.bits)
+    budget = share_budget(a.share, load_bytes(describe(paths["stacked"])))
+    models = {
+        "before": load(paths["stacked"], tokenizer=False, max_memory=budget, read_threads=1)[0],
+        "after": load(paths["per-expert"], tokenizer=False, max_memory=budget,
+                      read_threads=a.read_threads)[0],
+    }
+    models["before"].limits.expert_pager.loader.set_coalesce(False)
+    prompt = mx.array(np.random.RandomState(0).randint(3, SHAPE["vocab_size"], a.prompt_tokens))
+    runs: dict[str, list] = {name: [] for name in models}
+    for _ in range(a.runs):
+        for name, model in models.items():
+            pager = model.limits.expert_pager
+            pager.set_policy("lru", True)  # empty slots: the same start for both
+            drop_files(describe(paths["stacked" if name == "before" else "per-expert"]).files)
+            pager.loader.set_cold(True)
+            runs[name].append(measure_paged(model, prompt, a.gen_tokens))
+            pager.loader.set_cold(False)
+    plan = models["after"].limits.memory_plan
+    print(f"{a.bits}-bit experts, budget {budget / 1e6:.1f} MB ({a.share:.0%} of "
+          f"{load_bytes(describe(paths['stacked'])) / 1e6:.0f} MB + fixed), {plan.slots} of 8 "
+          f"experts per layer, {a.prompt_tokens} prompt + {a.gen_tokens} generated tokens, "
+          f"cold, medians of {a.runs} runs")
+    base = statistics.median(r.decode_tps for r in runs["before"])
+    print("| reads | decode tok/s | vs before | read GB/s | read per token | hit rate |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, rs in runs.items():
+        tps = statistics.median(r.decode_tps for r in rs)
+        label = ("before: stacked, 1 thread, each range alone" if name == "before" else
+                 f"after: per-expert, {a.read_threads} threads, one read per expert")
+        print(f"| {label} | {tps:.2f} | {tps / base:.2f}x | "
+              f"{statistics.median(r.read_gbps for r in rs):.2f} | "
+              f"{statistics.median(r.bytes_per_token for r in rs) / 1e6:.1f} MB | "
+              f"{statistics.median(r.decode_hit_rate for r in rs):.0%} |")
+
+
+if __name__ == "__main__":
+    main()
