@@ -127,7 +127,7 @@ def test_a_verify_pass_reads_each_needed_expert_at_most_once_per_layer(folder, m
         return logits
 
     prompt = np.random.RandomState(3).randint(0, WIDE["vocab_size"], 24).tolist()
-    stats = greedy(model, prompt + prompt, 48, LookupDrafter(4))
+    stats = greedy(model, prompt + prompt, 24, LookupDrafter(4))
     pager.close()
     assert stats.draft_proposed > 0
     verify = [(reads, need) for reads, need in zip(passes, chosen, strict=True)
@@ -176,5 +176,5 @@ def test_bench_within_a_budget_drafts_next_to_plain_decoding(folder, cli_here):
     drafted = result["budgets"][0]["drafted"]
     assert drafted["same_tokens"]
     assert drafted["drafted"]["passes_per_token"] < drafted["plain"]["passes_per_token"] == 1
-    assert 0 < drafted["drafted"]["bytes_per_token"]
+    assert drafted["drafted"]["bytes_per_token"] > 0
     assert drafted["drafted"]["peak_memory"] <= 1.05 * result["budgets"][0]["budget"]
