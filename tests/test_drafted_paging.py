@@ -65,12 +65,14 @@ def half(folder) -> int:
     return int(0.5 * load_bytes(describe(folder / "q4")))
 
 
+@pytest.mark.slow  # 256 paged tokens, drafted (30-60 s)
 @pytest.mark.parametrize("drafting", ["lookup", "model"])
 def test_drafted_decoding_within_half_the_model_is_its_plain_decoding(folder, prompt_and_plain,
                                                                       drafting):
     """256 greedy tokens at a 50% budget, drafted: the resident model's plain tokens, with
     MLX's peak memory (loading the model and the draft model included) within the budget +
-    5%, and the drafts were checked in passes over several tokens."""
+    5%; drafts were proposed (prompt lookup's, accepted, took fewer passes; the random
+    draft model's seldom agree)."""
     prompt, want = prompt_and_plain
     budget = half(folder)
     needs = draft_needs(4) if drafting == "lookup" else draft_needs(3, folder / "draft")
@@ -89,7 +91,8 @@ def test_drafted_decoding_within_half_the_model_is_its_plain_decoding(folder, pr
     peak = mx.get_peak_memory()
     model.limits.expert_pager.close()
     assert stats.tokens == want
-    assert stats.draft_proposed > 0 and stats.forward_passes < len(want)
+    assert stats.draft_proposed > 0
+    assert drafting == "model" or stats.forward_passes < len(want)
     assert peak <= 1.05 * budget, f"peak {peak / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB"
 
 
