@@ -169,7 +169,10 @@ def test_a_budget_without_room_for_the_draft_model_is_one_line(folder, cli_here)
     assert "--max-memory" in r.stderr and "--prompt-lookup 4" in r.stderr
 
 
+@pytest.mark.slow  # the resident model, three paging variants and the drafted run (~40 s)
 def test_bench_within_a_budget_drafts_next_to_plain_decoding(folder, cli_here):
+    """(Before the CLI's generate below: a model it loaded in this process, its pager never
+    closed, stays in MLX's peak.)"""
     r = cli_here("bench", "--model", str(folder / "q4"), "--max-memory", "50%", "--runs", "1",
                  "--prompt-tokens", "48", "--gen-tokens", "24", "--prompt-lookup", "4",
                  "--json")
@@ -181,3 +184,34 @@ def test_bench_within_a_budget_drafts_next_to_plain_decoding(folder, cli_here):
     assert drafted["drafted"]["passes_per_token"] < drafted["plain"]["passes_per_token"] == 1
     assert drafted["drafted"]["bytes_per_token"] > 0
     assert drafted["drafted"]["peak_memory"] <= 1.05 * result["budgets"][0]["budget"]
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer over token ids t1 .. t{vocab_size - 1} (conftest's, wider)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{f"t{i}": i for i in range(1, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, "<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="t2", bos_token="t1", unk_token="<unk>")
+
+
+def test_generate_drafts_within_the_budget(folder, tmp_path, cli_here):
+    """`generate --max-memory --prompt-lookup 4` drafts (the stats line counts the drafts) and
+    prints plain decoding's reply within the same budget."""
+    import shutil
+
+    model = tmp_path / "q4"
+    shutil.copytree(folder / "q4", model)
+    word_tokenizer(WIDE["vocab_size"]).save_pretrained(model)
+    prompt = " ".join(f"t{i}" for i in [5, 9, 14, 30, 5, 9, 14, 30, 5, 9])
+    flags = ["--model", str(model), "--max-memory", f"{half(folder)}B", "--raw", "--temp",
+             "0", "--max-tokens", "24", prompt]
+    plain = cli_here("generate", *flags)
+    drafted = cli_here("generate", *flags, "--prompt-lookup", "4")
+    assert plain.returncode == drafted.returncode == 0, drafted.stderr
+    assert "experts per layer in memory" in drafted.stderr
+    assert "drafts accepted" in drafted.stderr and "drafts accepted" not in plain.stderr
+    assert drafted.stdout == plain.stdout
