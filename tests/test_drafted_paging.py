@@ -65,7 +65,7 @@ def half(folder) -> int:
     return int(0.5 * load_bytes(describe(folder / "q4")))
 
 
-@pytest.mark.slow  # 256 paged tokens, drafted (30-60 s)
+@pytest.mark.slow  # 256 paged tokens, drafted (15-40 s here; the draft model case is the longer)
 @pytest.mark.parametrize("drafting", ["lookup", "model"])
 def test_drafted_decoding_within_half_the_model_is_its_plain_decoding(folder, prompt_and_plain,
                                                                       drafting):
