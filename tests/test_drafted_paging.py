@@ -65,12 +65,14 @@ def half(folder) -> int:
     return int(0.5 * load_bytes(describe(folder / "q4")))
 
 
+@pytest.mark.slow  # 256 paged tokens, drafted (15-40 s here; the draft model case is the longer)
 @pytest.mark.parametrize("drafting", ["lookup", "model"])
 def test_drafted_decoding_within_half_the_model_is_its_plain_decoding(folder, prompt_and_plain,
                                                                       drafting):
     """256 greedy tokens at a 50% budget, drafted: the resident model's plain tokens, with
     MLX's peak memory (loading the model and the draft model included) within the budget +
-    5%, and the drafts were checked in passes over several tokens."""
+    5%; drafts were proposed (prompt lookup's, accepted, took fewer passes; the random
+    draft model's seldom agree)."""
     prompt, want = prompt_and_plain
     budget = half(folder)
     needs = draft_needs(4) if drafting == "lookup" else draft_needs(3, folder / "draft")
@@ -89,7 +91,8 @@ def test_drafted_decoding_within_half_the_model_is_its_plain_decoding(folder, pr
     peak = mx.get_peak_memory()
     model.limits.expert_pager.close()
     assert stats.tokens == want
-    assert stats.draft_proposed > 0 and stats.forward_passes < len(want)
+    assert stats.draft_proposed > 0
+    assert drafting == "model" or stats.forward_passes < len(want)
     assert peak <= 1.05 * budget, f"peak {peak / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB"
 
 
@@ -127,7 +130,7 @@ def test_a_verify_pass_reads_each_needed_expert_at_most_once_per_layer(folder, m
         return logits
 
     prompt = np.random.RandomState(3).randint(0, WIDE["vocab_size"], 24).tolist()
-    stats = greedy(model, prompt + prompt, 48, LookupDrafter(4))
+    stats = greedy(model, prompt + prompt, 24, LookupDrafter(4))
     pager.close()
     assert stats.draft_proposed > 0
     verify = [(reads, need) for reads, need in zip(passes, chosen, strict=True)
@@ -166,7 +169,10 @@ def test_a_budget_without_room_for_the_draft_model_is_one_line(folder, cli_here)
     assert "--max-memory" in r.stderr and "--prompt-lookup 4" in r.stderr
 
 
+@pytest.mark.slow  # the resident model, three paging variants and the drafted run (~40 s)
 def test_bench_within_a_budget_drafts_next_to_plain_decoding(folder, cli_here):
+    """(Before the CLI's generate below: a model it loaded in this process, its pager never
+    closed, stays in MLX's peak.)"""
     r = cli_here("bench", "--model", str(folder / "q4"), "--max-memory", "50%", "--runs", "1",
                  "--prompt-tokens", "48", "--gen-tokens", "24", "--prompt-lookup", "4",
                  "--json")
@@ -176,5 +182,36 @@ def test_bench_within_a_budget_drafts_next_to_plain_decoding(folder, cli_here):
     drafted = result["budgets"][0]["drafted"]
     assert drafted["same_tokens"]
     assert drafted["drafted"]["passes_per_token"] < drafted["plain"]["passes_per_token"] == 1
-    assert 0 < drafted["drafted"]["bytes_per_token"]
+    assert drafted["drafted"]["bytes_per_token"] > 0
     assert drafted["drafted"]["peak_memory"] <= 1.05 * result["budgets"][0]["budget"]
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer over token ids t1 .. t{vocab_size - 1} (conftest's, wider)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{f"t{i}": i for i in range(1, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, "<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="t2", bos_token="t1", unk_token="<unk>")
+
+
+def test_generate_drafts_within_the_budget(folder, tmp_path, cli_here):
+    """`generate --max-memory --prompt-lookup 4` drafts (the stats line counts the drafts) and
+    prints plain decoding's reply within the same budget."""
+    import shutil
+
+    model = tmp_path / "q4"
+    shutil.copytree(folder / "q4", model)
+    word_tokenizer(WIDE["vocab_size"]).save_pretrained(model)
+    prompt = " ".join(f"t{i}" for i in [5, 9, 14, 30, 5, 9, 14, 30, 5, 9])
+    flags = ["--model", str(model), "--max-memory", f"{half(folder)}B", "--raw", "--temp",
+             "0", "--max-tokens", "24", prompt]
+    plain = cli_here("generate", *flags)
+    drafted = cli_here("generate", *flags, "--prompt-lookup", "4")
+    assert plain.returncode == drafted.returncode == 0, drafted.stderr
+    assert "experts per layer in memory" in drafted.stderr
+    assert "drafts accepted" in drafted.stderr and "drafts accepted" not in plain.stderr
+    assert drafted.stdout == plain.stdout

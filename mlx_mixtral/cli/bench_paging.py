@@ -209,9 +209,9 @@ class DecodeRun:
 
 
 def repeating_prompt(model: Any, n: int, seed_tokens: int = 16) -> list[int]:
-    """`n` tokens the model goes on repeating: its own greedy continuation of a few random
-    tokens (a small model's greedy text falls into loops, as a reply that quotes its input
-    does)."""
+    """`n` tokens of the model's own greedy text, from a few random ones: a small random
+    model's greedy text falls into loops, so its reply goes on repeating its prompt (as a
+    reply that quotes its input does), which prompt lookup drafts."""
     from mlx_lm.generate import generate_step
 
     seed = np.random.RandomState(1).randint(3, model.args.vocab_size, seed_tokens).tolist()
@@ -297,7 +297,7 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
 
         raise not_streamable(source, budgets_text)
     model_bytes = load_bytes(source, dtype)
-    budgets = parse_budgets(budgets_text, model_bytes, minimum_budget(source, dtype))
+    budgets = parse_budgets(budgets_text, model_bytes, minimum_budget(source, dtype, draft=draft))
     log = (lambda m: None) if as_json else (lambda m: print(m, flush=True))
     resident = load_ours(folder, dtype)
     vocab = resident.model.args.vocab_size

@@ -222,8 +222,19 @@ class ExpertPager:
         logits = self.gates[layer + 1](x).reshape(-1, self.num_experts)
         return mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
 
+    def guess_pays(self, guessed: np.ndarray) -> bool:
+        """Whether reading a pass's guess ahead pays: when it fits the slots (one token's) or
+        names every expert (a prefill chunk's: whatever is read ahead is needed). In between,
+        a verify pass over k drafted tokens needs more experts than the slots hold but not all:
+        its guess, most common first, would evict experts the pass needs and read some it does
+        not (measured: 1.7x the bytes per token of drafted decoding without it)."""
+        distinct = len(np.unique(guessed))
+        return distinct <= self.num_slots or distinct >= self.num_experts
+
     def start_prefetch(self, layer: int, guessed: np.ndarray) -> None:
         """Read the guessed experts of `layer` in the background (at most a slot's worth)."""
+        if not self.guess_pays(guessed):
+            return
         counts = Counter(guessed.reshape(-1).tolist())
         experts = [e for e, _ in counts.most_common(self.num_slots)]
         self._guessed[layer] = set(experts)
