@@ -100,10 +100,10 @@ def load_trace(path: Path) -> RoutingTrace:
     """The trace in `path`, checked against its own header; TraceError (one line) if not."""
     from ..jsonfile import read_json_object
 
-    data = read_json_object(path, TraceError, "record one with bench --record-routing FILE")
+    data = read_json_object(path, TraceError, "record one with bench's record option")
     if data.get("format") != TRACE_FORMAT or data.get("version") != TRACE_VERSION:
-        raise TraceError(f"{path}: not a routing trace (version {TRACE_VERSION}) written by "
-                         "bench --record-routing")
+        raise TraceError(f"{path}: not a routing trace (version {TRACE_VERSION}) as bench "
+                         "records them")
     model = data.get("model")
     try:
         layers, experts, top_k = (int(model[k]) for k in ("num_layers", "num_experts", "top_k"))
