@@ -52,17 +52,7 @@ class MlxThread:
         self._thread.join()
 
     def _run(self) -> None:
-        try:
-            while (item := self._jobs.get()) is not None:
-                future, job, args = item
-                if not future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    future.set_result(job(*args))
-                except BaseException as e:  # noqa: BLE001 - the future hands it on
-                    future.set_exception(e)
-        finally:
-            release()
+        _work(self._jobs.get)
 
 
 class MlxPool:
@@ -94,14 +84,20 @@ class MlxPool:
             t.join()
 
     def _run(self) -> None:
-        try:
-            while (item := self._jobs.get()[2]) is not None:
-                future, job, args = item
-                if not future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    future.set_result(job(*args))
-                except BaseException as e:  # noqa: BLE001 - the future hands it on
-                    future.set_exception(e)
-        finally:
-            release()
+        _work(lambda: self._jobs.get()[2])
+
+
+def _work(take: Callable[[], Any]) -> None:
+    """Run the (future, job, args) items `take` gives until it gives None, each job's result
+    or exception into its future; then release this thread's MLX state."""
+    try:
+        while (item := take()) is not None:
+            future, job, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(job(*args))
+            except BaseException as e:  # noqa: BLE001 - the future hands it on
+                future.set_exception(e)
+    finally:
+        release()

@@ -38,7 +38,7 @@ def live(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:  # what bench keeps stays out of other tests
         patch.setenv("MLX_MIXTRAL_DATA_DIR", str(tmp_path_factory.mktemp("data")))
         result = json.loads(bench_paging(preset_folder("mixtral-realistic"), BUDGETS, PROMPT,
-                                         GEN, 1, None, True, path))
+                                         GEN, 1, None, True, record=path))
     return result, path
 
 

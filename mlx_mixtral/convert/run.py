@@ -279,7 +279,7 @@ def convert(
         plan = replace(plan, dtype=_source_dtype(config))
     read = (_read_gguf(source, plan, dequantize) if source.format == "gguf"
             else _read_folder(source, plan, dequantize, layout))
-    weights = read.weights
+    weights, read.weights = read.weights, {}  # `weights` alone holds them: freed below
 
     layers: dict[str, int | None] = {}
     parameters = _count_parameters(weights, read.kept)

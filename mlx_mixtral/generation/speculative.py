@@ -168,7 +168,7 @@ def check_draft_planned(model: Model, drafter: Drafter) -> None:
             f"drafting {drafter.k} tokens with {what} was not counted in this model's memory "
             f"budget: load it with draft=draft_needs({drafter.k}"
             f"{', draft_model' if model_drafts else ''}) (mlx_mixtral.loading)",
-            params=("draft",))
+            params=("max_memory",))
 
 
 def check_cache_slack(cache: list, k: int) -> None:
