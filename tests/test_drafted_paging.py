@@ -4,13 +4,13 @@ tokens' experts once per layer."""
 
 from __future__ import annotations
 
-import gc
 import json
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import Numbers
+from mlx_helpers import settled
 
 from mlx_mixtral.convert import convert
 from mlx_mixtral.convert.synthetic import write_hf_checkpoint
@@ -61,16 +61,6 @@ def greedy(model, prompt: list[int], n: int, draft=None) -> Stats:
     *_, stats = stream_generate(model, Numbers(), prompt, draft=draft,
                                 sampling=SamplingParams(temperature=0, max_tokens=n))
     return stats
-
-
-def settled() -> int:
-    """MLX's memory in use now, its peak reset: what earlier tests in this process still hold
-    (their pagers' threads may keep slots alive), not counted against this test's budget."""
-    gc.collect()
-    mx.clear_cache()
-    mx.synchronize()
-    mx.reset_peak_memory()
-    return mx.get_active_memory()
 
 
 def half(folder) -> int:

@@ -3,7 +3,6 @@ the paged model against the resident one loaded from the same file."""
 
 from __future__ import annotations
 
-import gc
 import json
 import threading
 
@@ -12,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import build_hf
+from mlx_helpers import settled
 from test_expert_paging import greedy, greedy_steps
 from test_gguf import write_mixtral_gguf
 
@@ -46,16 +46,6 @@ def files(tmp_path_factory):
     out["per-expert"] = root / "per-expert.gguf"  # older files: blk.L.ffn_gate.E.weight
     write_mixtral_gguf(ref, out["per-expert"], merged=False, qtype=Q.Q8_0)
     return out
-
-
-def settled() -> int:
-    """MLX's memory in use now, its peak reset: what earlier tests in this process still hold
-    (their pagers' threads may keep slots alive), not counted against this test's budget."""
-    gc.collect()
-    mx.clear_cache()
-    mx.synchronize()
-    mx.reset_peak_memory()
-    return mx.get_active_memory()
 
 
 def half(path) -> int:
