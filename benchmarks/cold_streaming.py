@@ -31,7 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_mixtral import ModelArgs
-from mlx_mixtral.cli.bench_paging import measure_paged, share_budget
+from mlx_mixtral.cli.bench_paging import measure_paged, share_budget, use_reads
 from mlx_mixtral.convert import convert
 from mlx_mixtral.convert.synthetic import write_hf_checkpoint
 from mlx_mixtral.loading import describe, load
@@ -44,14 +44,16 @@ SHAPE = dict(model_type="mixtral", vocab_size=1024, hidden_size=512, intermediat
              rope_theta=1e4)
 
 
-def folders(work: Path, bits: int) -> dict[str, Path]:
+def folders(work: Path, bits: int, scale: float) -> dict[str, Path]:
     """The model in both layouts (built once per --workdir)."""
-    out = {"stacked": work / f"stacked-{bits}", "per-expert": work / f"per-expert-{bits}"}
+    tag = f"{bits}" if scale == 1.0 else f"{bits}-r{scale}"
+    out = {"stacked": work / f"stacked-{tag}", "per-expert": work / f"per-expert-{tag}"}
     if all((f / "config.json").is_file() for f in out.values()):
         return out
-    hf = work / "hf"
+    hf = work / ("hf" if scale == 1.0 else f"hf-r{scale}")
     if not (hf / "config.json").is_file():
-        write_hf_checkpoint(hf, ModelArgs.from_dict(SHAPE), dtype=mx.bfloat16, seed=0)
+        write_hf_checkpoint(hf, ModelArgs.from_dict(SHAPE), dtype=mx.bfloat16, seed=0,
+                            residual_scale=scale)
     for layout, folder in out.items():
         convert(hf, folder, quantize=bits < 16, q_bits=min(bits, 8), q_group_size=64,
                 dtype="float32" if bits != 16 else "float16", layout=layout, force=True,
@@ -67,20 +69,21 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--read-threads", type=int, default=8)
+    p.add_argument("--residual-scale", type=float, default=1.0)
     p.add_argument("--workdir", default=None)
     a = p.parse_args()
     if not can_drop():
         raise SystemExit("cold reads need posix_fadvise (Linux); on macOS run `sudo purge`")
     work = Path(a.workdir or tempfile.mkdtemp(prefix="cold-streaming-"))
     work.mkdir(parents=True, exist_ok=True)
-    paths = folders(work, a.bits)
+    paths = folders(work, a.bits, a.residual_scale)
     budget = share_budget(a.share, load_bytes(describe(paths["stacked"])))
     models = {
         "before": load(paths["stacked"], tokenizer=False, max_memory=budget, read_threads=1)[0],
         "after": load(paths["per-expert"], tokenizer=False, max_memory=budget,
                       read_threads=a.read_threads)[0],
     }
-    models["before"].limits.expert_pager.loader.set_coalesce(False)
+    use_reads(models["before"].limits.expert_pager, 1, new=False)
     prompt = mx.array(np.random.RandomState(0).randint(3, SHAPE["vocab_size"], a.prompt_tokens))
     runs: dict[str, list] = {name: [] for name in models}
     for _ in range(a.runs):

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -124,7 +125,8 @@ def _named_params(mlp):
 
 def test_several_threads_read_a_layers_misses_together(folders, monkeypatch):
     """With 4 reader threads, a layer's two misses are read in pieces by several threads at
-    once (each expert cut in two), and the logits are the resident model's."""
+    once (each expert cut in four, one piece per thread, the experts in turn), and the logits
+    are the resident model's."""
     from mlx_mixtral.loading import expert_files
 
     stacked, contiguous = folders
@@ -144,7 +146,7 @@ def test_several_threads_read_a_layers_misses_together(folders, monkeypatch):
     monkeypatch.setattr(pager.loader, "_read_span", read_span)
     pager.loader.read_calls = 0
     assert pager._read(0, [(3, 0), (6, 1)]) > 0
-    assert pager.loader.read_calls == 4  # two pieces per expert
+    assert pager.loader.read_calls == 8  # four pieces per expert
     assert len(set(readers)) >= 2 and all(r.startswith("expert-reads") for r in readers)
     ids = mx.array([list(range(1, 50))])
     np.testing.assert_allclose(np.array(model(ids)), np.array(resident(ids)), atol=1e-5, rtol=0)
@@ -247,3 +249,126 @@ def test_the_budget_holds_in_rss_and_the_tokens_are_the_resident_models(tmp_path
         assert got["mlx"] <= 1.05 * budget, (got["mlx"] / budget, budget)
         over = got["rss"] - got["base"]
         assert over <= 1.10 * budget, f"RSS {over / budget:.2f}x the budget of {budget:,}"
+
+
+class GatedLoader:
+    """Reads that wait for `go` (those of the `gated` experts: all when None; one job per
+    expert, no `pieces`), logging their order and which finished."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.gated: set[int] | None = None
+        self.order: list[tuple[int, int]] = []
+        self.finished: list[int] = []
+
+    def load(self, layer: int, expert: int, slot: int) -> int:
+        self.order.append((layer, expert))
+        if self.gated is None or expert in self.gated:
+            assert self.go.wait(10)
+        self.finished.append(expert)
+        return 1000
+
+    def close(self) -> None:
+        self.go.set()
+
+
+def gated_pager(threads: int):
+    from mlx_mixtral.model.expert_cache import ExpertPager
+
+    loader = GatedLoader()
+    pager = ExpertPager(8, 3, [None] * 2, 2, loader, read_threads=threads)
+    loader.go.set()
+    pager.begin(1, np.array([0, 1]), None)
+    pager.fill(1, [0, 1])  # layer 1 holds 0 and 1 (0 least recently used) and a free slot
+    loader.go.clear()
+    loader.order.clear()
+    loader.finished.clear()
+    pager.reset_stats()
+    return pager, loader
+
+
+def test_a_wrong_guess_not_yet_read_is_withdrawn_and_its_slot_given_back():
+    """One reader thread, layer 1 guessed {5, 6}: 5 takes the free slot and is being read, 6
+    evicts 0 and waits in the queue. The layer then needs {5, 1}: 6 is withdrawn without a
+    byte read and 0 is back in its slot (intact), 5 is waited for. Without withdrawal (the
+    baseline) 6 is read to the end and 0 is gone."""
+    for baseline in (False, True):
+        pager, loader = gated_pager(1)
+        pager.baseline = baseline
+        pager.start_prefetch(1, np.array([[5, 6]]))
+        slot_of_0 = int(pager.slots[1].table[0])
+        threading.Timer(0.2, loader.go.set).start()
+        pager.begin(1, np.array([5, 1]), None)
+        pager.fill(1, [5, 1])
+        pager.wait()
+        slots = pager.slots[1]
+        if baseline:
+            assert loader.order == [(1, 5), (1, 6)] and slots.resident(6)
+            assert not slots.resident(0)
+        else:
+            assert loader.order == [(1, 5)] and loader.finished == [5]
+            assert not slots.resident(6) and slots.resident(0)
+            assert int(slots.table[0]) == slot_of_0
+            assert pager.stats.layers[1].withdrawn == 1
+            assert pager.stats.layers[1].bytes_read == 1000
+        pager.close()
+
+
+def test_a_wrong_guess_being_read_is_waited_for_and_its_slot_freed():
+    """Two threads, the same guess, but the layer needs {6, 1}, and 6's read is done while 5's
+    is still running when 5 turns out wrong: 5's read is waited for (it still writes into
+    the slot) and its slot is freed, not handed back to 0 (whose bytes are overwritten)."""
+    pager, loader = gated_pager(2)
+    loader.gated = {5}
+    pager.start_prefetch(1, np.array([[5, 6]]))
+    threading.Timer(0.3, loader.go.set).start()
+    pager.begin(1, np.array([6, 1]), None)
+    assert 5 in loader.finished  # 5's read ended before its slot could be given out again
+    pager.fill(1, [6, 1])
+    slots = pager.slots[1]
+    assert not slots.resident(5) and slots.resident(6) and slots.resident(1)
+    assert len(slots.free) == 1 and pager.stats.layers[1].withdrawn == 1
+    pager.close()
+
+
+def test_the_next_layers_guess_is_read_after_this_layers_misses():
+    """Two reader threads: layer 0 misses 3 and 4 and guesses {5, 6} for layer 1; the misses
+    are read first (the baseline starts the guess first)."""
+    for baseline in (False, True):
+        pager, loader = gated_pager(2)
+        pager.baseline = baseline
+        threading.Timer(0.3, loader.go.set).start()
+        pager.begin(0, np.array([3, 4]), np.array([[5, 6]]))
+        time.sleep(0.05)  # (a guess started in begin is surely taken by then)
+        pager.fill(0, [3, 4])
+        pager.wait()
+        if baseline:
+            assert loader.order[0] in {(1, 5), (1, 6)}, loader.order
+        else:
+            assert set(loader.order[:2]) == {(0, 3), (0, 4)}, loader.order
+        assert sorted(loader.order) == [(0, 3), (0, 4), (1, 5), (1, 6)]
+        pager.close()
+
+
+def test_slow_reads_withdraw_wrong_guesses_and_give_the_resident_tokens(folders, monkeypatch):
+    """Reads slower than computing (each piece 20 ms late), as cold reads are: wrong guesses
+    are withdrawn, and 24 greedy tokens are the resident model's."""
+    from mlx_lm.generate import generate_step
+
+    stacked, contiguous = folders
+    resident, _ = load(stacked, tokenizer=False)
+    model, pager = paged(contiguous, read_threads=2)
+    span = pager.loader._read_span
+
+    def slow(*a):
+        time.sleep(0.02)
+        return span(*a)
+
+    monkeypatch.setattr(pager.loader, "_read_span", slow)
+    prompt = mx.array(np.random.RandomState(3).randint(3, 256, 12))
+    want = [int(t) for t, _ in generate_step(prompt, resident, max_tokens=24)]
+    got = [int(t) for t, _ in generate_step(prompt, model, max_tokens=24)]
+    pager.wait()
+    assert got == want
+    assert pager.stats.total().withdrawn > 0
+    pager.close()

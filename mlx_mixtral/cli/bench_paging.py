@@ -41,7 +41,7 @@ from ..model.routing_trace import RoutingTrace, TraceRecorder
 from ..units import size
 
 VARIANTS = (("lru", True), ("lru", False), ("lfu", True))  # the first is the default
-# The reads compared: (threads, coalesce); None: --read-threads.
+# The reads compared: (threads, new: see use_reads); None: --read-threads.
 READS = {"serial": (1, False), "pool": (None, True)}
 HIT_RATES_FILE = "expert-hit-rates.json"
 
@@ -156,6 +156,15 @@ def warm_files(paths: list[Path]) -> None:
                 pass
 
 
+def use_reads(pager: Any, threads: int, new: bool) -> None:
+    """Read with `threads` threads; `new`: coalesced ranges and wrong guesses withdrawn, else as
+    the reads before the reader pool (the benchmarks' baseline: each range alone, every
+    prefetch read to the end)."""
+    pager.set_read_threads(threads)
+    pager.loader.set_coalesce(new)
+    pager.baseline = not new
+
+
 def compare_reads(model: Any, paths: list[Path], prompt: mx.array, gen_tokens: int,
                   runs: int, read_threads: int, log) -> dict[str, Any]:
     """READS's variants, cold and warm, `runs` rounds interleaved; the medians by
@@ -168,9 +177,8 @@ def compare_reads(model: Any, paths: list[Path], prompt: mx.array, gen_tokens: i
     done: dict[str, list[PagedRun]] = {}
     dropped = True
     for _ in range(runs):
-        for name, (threads, coalesce) in READS.items():
-            pager.set_read_threads(threads or read_threads)
-            loader.set_coalesce(coalesce)
+        for name, (threads, new) in READS.items():
+            use_reads(pager, threads or read_threads, new)
             for cold in (True, False):
                 pager.set_policy(VARIANTS[0][0], VARIANTS[0][1])  # empty slots: same start
                 if cold:
@@ -181,8 +189,7 @@ def compare_reads(model: Any, paths: list[Path], prompt: mx.array, gen_tokens: i
                 done.setdefault(f"{name} {'cold' if cold else 'warm'}", []).append(
                     measure_paged(model, prompt, gen_tokens))
                 loader.set_cold(False)
-    pager.set_read_threads(read_threads)
-    loader.set_coalesce(True)
+    use_reads(pager, read_threads, True)
     if not dropped:
         log(PURGE_NOTE)
     out = {key: {name: statistics.median(getattr(r, name) for r in rs)

@@ -14,7 +14,9 @@ loading/expert_files.py): it writes straight into the slot arrays, so a miss all
 - Prefetch: while a layer's sync waits for MLX, the next layer's router is applied to this
   layer's input (mixtral-offloading's guess; the residual stream changes little between
   layers), and the guessed experts are read by the pool so that reading overlaps computing.
-  The next layer waits for that read before it looks at its slots.
+  The next layer waits for the reads of the guessed experts it needs; a wrong guess's reads
+  that have not finished are withdrawn (cancelled, their slots given back), so that they cost
+  neither bytes nor a wait (on cold reads, where reading is slower than computing).
 - Prefill: a chunk may need more experts than a layer has slots. They are then taken in
   groups of `slots`, the ones already resident first; each group's (token, expert) pairs are
   computed and added up before the next group overwrites the slots. Every needed expert is
@@ -91,6 +93,7 @@ class ExpertSlots:
         self.where: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recent first
         self.uses: Counter[int] = Counter()
         self.table = np.zeros(num_experts, np.int32)  # expert -> slot (valid where resident)
+        self.evicted: dict[int, int] = {}  # slot -> the expert the last `place` evicted there
 
     def resident(self, expert: int) -> bool:
         return expert in self.where
@@ -110,11 +113,30 @@ class ExpertSlots:
         reads = []
         for e in experts:
             if e not in self.where:
-                slot = self.free.pop() if self.free else self.where.pop(self._victim(keep))
+                if self.free:
+                    slot = self.free.pop()
+                    self.evicted.pop(slot, None)
+                else:
+                    victim = self._victim(keep)
+                    slot = self.where.pop(victim)
+                    self.evicted[slot] = victim
                 self.where[e] = slot
                 self.table[e] = slot
                 reads.append((e, slot))
         return reads
+
+    def withdraw(self, expert: int, intact: bool) -> None:
+        """Take back `expert`'s placement, whose read did not finish: with the slot `intact`
+        (no byte of it read), the expert it evicted is back, as least recently used; else the
+        slot is free."""
+        slot = self.where.pop(expert)
+        victim = self.evicted.pop(slot, None)
+        if intact and victim is not None:
+            self.where[victim] = slot
+            self.where.move_to_end(victim, last=False)
+            self.table[victim] = slot
+        else:
+            self.free.append(slot)
 
     def touch(self, experts: Iterable[int]) -> None:
         for e in experts:
@@ -130,6 +152,7 @@ class LayerStats:
     guessable: int = 0  # needed in passes where the previous layer guessed this one's experts
     guessed: int = 0  # of those, among the guessed experts (read by the guess or resident)
     reads: int = 0  # experts read (misses and prefetches)
+    withdrawn: int = 0  # guessed experts not needed whose reads were withdrawn unfinished
     bytes_read: int = 0
 
     @property
@@ -175,7 +198,12 @@ class ExpertPager:
         self.slots = [ExpertSlots(num_experts, num_slots, policy) for _ in self.gates]
         self.prefetch = prefetch
         self.stats = PagingStats([LayerStats() for _ in self.gates])
-        self._pending: list[tuple[int, list[Future]] | None] = [None] * len(self.gates)
+        # each layer's prefetch: expert -> the futures of its read's pieces
+        self._pending: list[dict[int, list[Future]] | None] = [None] * len(self.gates)
+        # True: read as before the reader pool (the benchmarks' baseline): a guess is read at
+        # once and to the end; else after the misses, and withdrawn when wrong (begin)
+        self.baseline = False
+        self._next: tuple[int, np.ndarray] | None = None  # a guess to read after the misses
         self._prefetched: list[set[int]] = [set() for _ in self.gates]
         self.read_threads = check_read_threads(read_threads)
         self._pool = MlxPool("expert-reads", read_threads)
@@ -203,12 +231,34 @@ class ExpertPager:
 
     def wait(self, layer: int | None = None) -> None:
         """Let the prefetch of `layer` (or of every layer) finish."""
+        if layer is None:
+            self._start_next()
         for i in range(len(self._pending)) if layer is None else (layer,):
-            pending, self._pending[i] = self._pending[i], None
-            if pending is not None:
-                reads, futures = pending
-                self.stats.layers[i].reads += reads
-                self.stats.layers[i].bytes_read += sum(f.result() for f in futures)
+            self._settle(i, None)
+
+    def _settle(self, layer: int, needed: set[int] | None) -> None:
+        """Finish `layer`'s prefetch. With `needed` (what this pass needs), unless `baseline`, a
+        guessed expert that is not needed and whose read has not finished is withdrawn: its
+        queued pieces are cancelled and its slot given back (to the expert it evicted when
+        none of it was read), so a wrong guess costs neither its remaining bytes nor a wait
+        for them before this layer's misses are read. The rest is waited for."""
+        pending, self._pending[layer] = self._pending[layer], None
+        stats, slots = self.stats.layers[layer], self.slots[layer]
+        # the wrong guesses first: waiting for a right one would let a wrong one start
+        for expert, futures in sorted((pending or {}).items(),
+                                      key=lambda item: needed is None or item[0] in needed):
+            if (needed is not None and not self.baseline and expert not in needed
+                    and not all(f.done() for f in futures)):
+                cancelled = [f.cancel() for f in futures]
+                # pieces already running still write into the slot: wait for them first
+                stats.bytes_read += sum(f.result() for f, c in zip(futures, cancelled, strict=True)
+                                        if not c)
+                slots.withdraw(expert, intact=all(cancelled))
+                stats.withdrawn += 1
+                self._prefetched[layer].discard(expert)
+            else:
+                stats.reads += 1
+                stats.bytes_read += sum(f.result() for f in futures)
 
     def close(self) -> None:
         self.wait()
@@ -220,7 +270,8 @@ class ExpertPager:
         if not self.prefetch or layer + 1 >= len(self.gates):
             return None
         logits = self.gates[layer + 1](x).reshape(-1, self.num_experts)
-        return mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        # the likeliest first: it is read first, and a wrong guess read last is withdrawn
+        return mx.argsort(-logits, axis=-1)[..., : self.top_k]
 
     def guess_pays(self, guessed: np.ndarray) -> bool:
         """Whether reading a pass's guess ahead pays: when it fits the slots (one token's) or
@@ -242,28 +293,36 @@ class ExpertPager:
         if not reads:
             return
         self._prefetched[layer].update(e for e, _ in reads)
-        if self.read_threads == 1:  # one job: the experts in turn
-            load = self.loader.load
-            jobs = [lambda: sum(load(layer, e, s) for e, s in reads)]
-        else:
-            jobs = self._pieces(layer, reads)
-        self._pending[layer] = (len(reads), [self._pool.submit(j, priority=1) for j in jobs])
+        self._pending[layer] = {
+            e: [self._pool.submit(j, priority=1) for j in jobs]
+            for (e, _), jobs in zip(reads, self._pieces(layer, reads), strict=True)}
 
-    def _pieces(self, layer: int, reads: list[tuple[int, int]]) -> list[Callable[[], int]]:
-        """The reads of these (expert, slot) pairs, cut so that every thread has one."""
+    def _pieces(self, layer: int, reads: list[tuple[int, int]]
+                ) -> list[list[Callable[[], int]]]:
+        """The reads of these (expert, slot) pairs, each expert cut for all the threads (one job
+        per expert with one thread): the experts are read one after another, each as fast as
+        the threads can, so that the last ones are still queued (and can be withdrawn) while
+        the first are read."""
         pieces = getattr(self.loader, "pieces", None)
-        if pieces is None:  # a loader that reads an expert whole
-            return [partial(self.loader.load, layer, e, s) for e, s in reads]
-        parts = -(-self.read_threads // len(reads))
-        return [p for e, s in reads for p in pieces(layer, e, s, parts)]
+        if pieces is None or self.read_threads == 1:  # an expert whole
+            return [[partial(self.loader.load, layer, e, s)] for e, s in reads]
+        return [pieces(layer, e, s, self.read_threads) for e, s in reads]
 
     def _read(self, layer: int, reads: list[tuple[int, int]]) -> int:
         """Read misses now: on this thread with one reader, else together on the pool, ahead
-        of queued prefetches; the bytes read."""
+        of the prefetch (which starts after them); the bytes read."""
         if self.read_threads == 1:
+            self._start_next()
             return sum(self.loader.load(layer, e, s) for e, s in reads)
-        futures = [self._pool.submit(j, priority=0) for j in self._pieces(layer, reads)]
+        futures = [self._pool.submit(j, priority=0)
+                   for jobs in self._pieces(layer, reads) for j in jobs]
+        self._start_next()
         return sum(f.result() for f in futures)
+
+    def _start_next(self) -> None:
+        if self._next is not None:
+            (layer, guess), self._next = self._next, None
+            self.start_prefetch(layer, guess)
 
     def begin(self, layer: int, chosen: np.ndarray, guess: np.ndarray | None
               ) -> list[list[int]]:
@@ -274,10 +333,15 @@ class ExpertPager:
         replayed trace (routing_trace.py) both decide here."""
         if self.recorder is not None:
             self.recorder.layer(layer, chosen, guess)
-        self.wait(layer)  # the slots of this layer are complete
-        if guess is not None:
-            self.start_prefetch(layer + 1, guess)
         needed = np.unique(chosen).tolist()
+        self._settle(layer, set(needed))  # the slots of this layer are complete
+        self._start_next()  # (a previous layer's, not started: none of its experts was read)
+        if guess is not None:
+            # the next layer's guess is read after this layer's misses (fill), which need the
+            # disk first; the baseline reads it at once
+            self._next = (layer + 1, guess)
+            if self.baseline:
+                self._start_next()
         if len(needed) <= self.num_slots:
             return [needed]
         slots = self.slots[layer]
@@ -301,6 +365,7 @@ class ExpertPager:
         if reads:
             stats.reads += len(reads)
             stats.bytes_read += self._read(layer, reads)
+        self._start_next()
         slots.touch(experts)
         return slots.table
 

@@ -165,6 +165,7 @@ def replay(trace: RoutingTrace, slots: int, policy: str = "lru",
     pager = ExpertPager(int(m["num_experts"]), slots, [None] * trace.num_layers,
                         int(m["top_k"]), CountingLoader(int(m["expert_bytes"])), policy,
                         prefetch)
+    pager.baseline = True  # reads take no time here: every prefetch finishes in time
     measured: list[tuple[PagingStats, int]] = []
     try:
         for run in trace.runs:
