@@ -218,3 +218,24 @@ def test_generate_drafts_within_the_budget(folder, tmp_path, cli_here):
     assert "experts per layer in memory" in drafted.stderr
     assert "drafts accepted" in drafted.stderr and "drafts accepted" not in plain.stderr
     assert drafted.stdout == plain.stdout
+
+
+@pytest.mark.slow  # a 256-token prompt and 64 tokens, plain and drafted, paged (~40 s here)
+def test_prompt_lookup_reads_at_most_0_6_of_plain_decodings_bytes_per_token(folder):
+    """At 50%, on a prompt the model repeats (its own greedy text, which loops), drafting with
+    `--prompt-lookup 4` reads at most 0.6x the bytes per generated token plain decoding reads,
+    with the same tokens (bench's side-by-side run: the oracle for the tokens is plain
+    decoding, and the bytes are counted at the loader)."""
+    from mlx_mixtral.cli.bench_paging import drafted_side_by_side, repeating_prompt
+
+    resident, _ = load(folder / "q4", tokenizer=False)
+    prompt = repeating_prompt(resident, 256)
+    del resident
+    model, _ = load(folder / "q4", tokenizer=False, max_memory=half(folder), context=CONTEXT * 2,
+                    draft=draft_needs(4))
+    assert model.limits.memory_plan.paging
+    out = drafted_side_by_side(model, prompt, 64, LookupDrafter(4))
+    model.limits.expert_pager.close()
+    assert out["same_tokens"]
+    ratio = out["drafted"]["bytes_per_token"] / out["plain"]["bytes_per_token"]
+    assert ratio <= 0.6, (ratio, out)

@@ -216,14 +216,15 @@ class DecodeRun:
 
 
 def repeating_prompt(model: Any, n: int, seed_tokens: int = 16) -> list[int]:
-    """`n` tokens of the model's own greedy text, from a few random ones: a small random
-    model's greedy text falls into loops, so its reply goes on repeating its prompt (as a
-    reply that quotes its input does), which prompt lookup drafts."""
+    """`n` tokens of the model's own greedy text, from a few random ones, once it has gone on
+    for `n` tokens: a small random model's greedy text falls into loops, so its reply goes on
+    repeating its prompt (as a reply that quotes its input does), which prompt lookup drafts.
+    (The first `n` are left out: a loop takes a while to settle.)"""
     from mlx_lm.generate import generate_step
 
     seed = np.random.RandomState(1).randint(3, model.args.vocab_size, seed_tokens).tolist()
-    more = generate_step(mx.array(seed), model, max_tokens=max(n - seed_tokens, 0))
-    return (seed + [int(t) for t, _ in more])[:n]
+    more = generate_step(mx.array(seed), model, max_tokens=max(2 * n - seed_tokens, 0))
+    return (seed + [int(t) for t, _ in more])[n:2 * n]
 
 
 def measure_decode(model: Any, prompt: list[int], gen_tokens: int,
