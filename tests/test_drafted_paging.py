@@ -239,3 +239,20 @@ def test_prompt_lookup_reads_at_most_0_6_of_plain_decodings_bytes_per_token(fold
     assert out["same_tokens"]
     ratio = out["drafted"]["bytes_per_token"] / out["plain"]["bytes_per_token"]
     assert ratio <= 0.6, (ratio, out)
+
+
+@pytest.mark.slow  # 256 drafted tokens paged in a fresh process (~40 s)
+def test_drafted_decoding_holds_the_budget_as_the_operating_system_counts_it(folder,
+                                                                             prompt_and_plain):
+    """Prompt lookup at 50% in a fresh process: the resident model's 256 plain greedy tokens,
+    MLX's peak within the budget + 5%, and the process's peak RSS within the budget + its own
+    baseline + 10%."""
+    from mlx_helpers import assert_within, fresh_paged_run
+
+    prompt, want = prompt_and_plain
+    budget = half(folder)
+    run = fresh_paged_run(folder / "q4", budget, prompt, tokens=GENERATED, context=CONTEXT,
+                          lookup=4)
+    assert run["slots"] < WIDE["num_local_experts"]
+    assert run["tokens"] == want
+    assert_within(run, budget)

@@ -141,3 +141,30 @@ def test_a_quantized_folder_is_rewritten_per_expert_as_it_is(folders, tmp_path, 
     refused = cli_here("convert", "--hf-path", str(folders / "stacked"), "--mlx-path",
                        str(tmp_path / "again"))
     assert refused.returncode == 2 and "--layout per-expert" in refused.stderr
+
+
+@pytest.mark.slow  # a 256-token generation resident and one paged in a fresh process (~60 s)
+def test_the_expert_layout_streams_256_resident_tokens_within_the_budget_as_rss(tmp_path):
+    """The per-expert folder of a Mixtral whose experts are most of its bytes, at 50%: the
+    stacked folder's resident 256 greedy tokens (mlx-lm's generate_step as the decoder), MLX's
+    peak within the budget + 5%, the process's peak RSS within the budget + its own baseline
+    + 10%."""
+    from mlx_helpers import assert_within, fresh_paged_run
+    from mlx_lm.generate import generate_step
+    from test_expert_reads import FAT
+
+    from mlx_mixtral.cli.bench_paging import share_budget
+    from mlx_mixtral.loading.memory import load_bytes
+
+    write_hf_checkpoint(tmp_path / "hf", ModelArgs.from_dict(FAT), dtype=mx.bfloat16, seed=7)
+    for layout in ("stacked", "per-expert"):
+        convert(tmp_path / "hf", tmp_path / layout, quantize=True, q_bits=4, progress=False,
+                layout=layout)
+    prompt = np.random.RandomState(4).randint(0, FAT["vocab_size"], 24).tolist()
+    resident = load_model(tmp_path / "stacked")
+    want = [int(t) for t, _ in generate_step(mx.array(prompt), resident, max_tokens=256)]
+    budget = share_budget(0.5, load_bytes(describe(tmp_path / "per-expert")))
+    run = fresh_paged_run(tmp_path / "per-expert", budget, prompt)
+    assert run["slots"] < FAT["num_local_experts"]
+    assert run["tokens"] == want
+    assert_within(run, budget)

@@ -248,3 +248,22 @@ def test_bench_max_memory_runs_on_a_gguf(files, cli_here):
     assert entry["slots"] < 8
     for v in entry["variants"].values():
         assert v["decode_tps"] > 0 and v["peak_memory"] - base <= 1.05 * entry["budget"]
+
+
+@pytest.mark.slow  # a 256-token generation resident and one paged in a fresh process (~40 s)
+def test_q4_0_streams_within_the_budget_as_the_operating_system_counts_it(files):
+    """The Q4_0 file at 50% in a fresh process: the resident load's 256 greedy tokens, MLX's
+    peak within the budget + 5%, and the process's peak RSS within the budget + its own
+    baseline + 10%."""
+    from mlx_helpers import assert_within, fresh_paged_run
+
+    path = files["Q4_0"]
+    prompt = np.random.RandomState(1).randint(0, WIDE["vocab_size"], 32).tolist()
+    resident, _ = load(path, tokenizer=False)
+    want = greedy(resident, prompt, 256)
+    del resident
+    budget = half(path)
+    run = fresh_paged_run(path, budget, prompt, context=CONTEXT)
+    assert run["slots"] < WIDE["num_local_experts"]
+    assert run["tokens"] == want
+    assert_within(run, budget)

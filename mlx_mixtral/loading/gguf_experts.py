@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import MemoryLimitError, WeightsError
-from .expert_files import BusyClock, _read_into, _slot_views
+from .expert_files import STAGE_BYTES, BusyClock, _read_into, _slot_views
 from .gguf_quants import GROUP, NATIVE_BITS, block_bytes, flat_view, packed_bytes, to_affine
 from .gguf_weights import EXPERT_TENSOR
 
@@ -32,8 +32,9 @@ if TYPE_CHECKING:
 STREAMED_TYPES = tuple(NATIVE_BITS)
 # A projection is read and converted this many bytes at a time: one expert's projection of a
 # real Mixtral is 33 MB in Q4_0, which a staging buffer per reading thread would add to the
-# process's memory; a few MB still reads at the disk's speed.
-READ_BYTES = 4 << 20
+# process's memory. Half a staging buffer (expert_files.STAGE_BYTES, which the memory plan
+# counts per thread), as the conversion's scratch takes about as much again (gguf_quants).
+READ_BYTES = STAGE_BYTES // 2
 
 
 @dataclass(frozen=True)
