@@ -76,11 +76,11 @@ class MlxPool:
         self._jobs.put((priority, next(self._order), (future, job, args)))
         return future
 
-    def close(self) -> None:
-        """End the threads after the jobs that wait."""
+    def close(self, wait: bool = True) -> None:
+        """End the threads after the jobs that wait (`wait`: and wait for them to end)."""
         for _ in self._threads:  # after every job already queued
             self._jobs.put((float("inf"), next(self._order), None))
-        for t in self._threads:
+        for t in self._threads if wait else ():
             t.join()
 
     def _run(self) -> None:
@@ -93,11 +93,14 @@ def _work(take: Callable[[], Any]) -> None:
     try:
         while (item := take()) is not None:
             future, job, args = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(job(*args))
-            except BaseException as e:  # noqa: BLE001 - the future hands it on
-                future.set_exception(e)
+            item = None
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(job(*args))
+                except BaseException as e:  # noqa: BLE001 - the future hands it on
+                    future.set_exception(e)
+            # a done job's references go now, not when the next job comes: an idle reader
+            # thread would otherwise keep a model it last read for (and its slots) alive
+            future = job = args = None
     finally:
         release()

@@ -372,3 +372,28 @@ def test_slow_reads_withdraw_wrong_guesses_and_give_the_resident_tokens(folders,
     assert got == want
     assert pager.stats.total().withdrawn > 0
     pager.close()
+
+
+def test_a_paged_model_let_go_of_gives_back_its_memory_and_its_reader_threads(folders):
+    """A paged model dropped without closing its pager (as the server and the chat app drop a
+    model they switch from, before close_model): its reader threads end and MLX's memory is
+    what it was before the load, three loads in a row."""
+    import gc
+
+    from mlx_helpers import settled
+
+    base = settled()
+    threads = threading.active_count()
+    for _ in range(3):
+        model, pager = paged(folders[1], read_threads=4)
+        model(mx.array([[1, 2, 3]]))
+        mx.eval(model.parameters())
+        assert threading.active_count() >= threads + 4
+        del model, pager
+        gc.collect()
+        mx.clear_cache()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > threads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == threads
+    assert mx.get_active_memory() <= base

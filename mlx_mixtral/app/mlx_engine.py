@@ -75,6 +75,10 @@ class MlxEngine:
     def select(self, name: str) -> None:
         """Drop the loaded model (its memory is free before the next `load`), and name the next
         one."""
+        from ..model.limits import close_model
+
+        if self.model is not None:
+            close_model(self.model)
         self.session = self.trace = self.model = self.plan = None
         self.key = None
         mx.clear_cache()

@@ -31,6 +31,7 @@ loading/expert_files.py): it writes straight into the slot arrays, so a miss all
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
@@ -206,7 +207,7 @@ class ExpertPager:
         self._next: tuple[int, np.ndarray] | None = None  # a guess to read after the misses
         self._prefetched: list[set[int]] = [set() for _ in self.gates]
         self.read_threads = check_read_threads(read_threads)
-        self._pool = MlxPool("expert-reads", read_threads)
+        self._pool = self._new_pool(read_threads)
         self._guessed: list[set[int] | None] = [None] * len(self.gates)
         self.recorder: PassRecorder | None = None  # sees every layer's routing (routing_trace.py)
 
@@ -227,7 +228,14 @@ class ExpertPager:
         self.wait()
         self.read_threads = check_read_threads(n)
         self._pool.close()
-        self._pool = MlxPool("expert-reads", n)
+        self._pool = self._new_pool(n)
+
+    def _new_pool(self, n: int) -> MlxPool:
+        """Reader threads that end when this pager is closed or collected: a model let go of
+        without `close` would otherwise keep threads, and the MLX memory they hold, for good."""
+        pool = MlxPool("expert-reads", n)
+        weakref.finalize(self, pool.close, False)
+        return pool
 
     def wait(self, layer: int | None = None) -> None:
         """Let the prefetch of `layer` (or of every layer) finish."""

@@ -58,6 +58,14 @@ class RuntimeLimits:
 NO_LIMITS = RuntimeLimits()
 
 
+def close_model(model: Any) -> None:
+    """Let go of what runs beside a model: its expert pager's reader threads and files (a
+    paged model's slots go back with the model once nothing else refers to it)."""
+    pager = limits_of(model).expert_pager
+    if pager is not None:
+        pager.close()
+
+
 def limits_of(model: Any) -> RuntimeLimits:
     """A model's limits; none for a model that has none (any mlx-lm model works too)."""
     limits = getattr(model, "limits", None)

@@ -107,6 +107,10 @@ class Service:
 
         import mlx.core as mx
 
+        from ..model.limits import close_model
+
+        if self.model is not None:
+            close_model(self.model)
         self.model = self.tokenizer = None
         self.worker.model = self.worker.tokenizer = self.worker.scheduler = None
         gc.collect()
