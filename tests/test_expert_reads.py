@@ -397,3 +397,22 @@ def test_a_paged_model_let_go_of_gives_back_its_memory_and_its_reader_threads(fo
         time.sleep(0.05)
     assert threading.active_count() == threads
     assert mx.get_active_memory() <= base
+
+
+def test_the_chat_apps_engine_reads_every_picked_model_with_read_threads(folders):
+    """`chat --read-threads 3`: the first model and one picked later in the app page their
+    experts with 3 reader threads (the picker planned the next model without it before)."""
+    from test_drafted_paging import word_tokenizer
+
+    from mlx_mixtral.app.mlx_engine import MlxEngine
+    from mlx_mixtral.loading.memory_plan import minimum_budget
+
+    for folder in folders:  # the app loads a tokenizer with the model
+        word_tokenizer(SMALL["vocab_size"]).save_pretrained(folder)
+    budget = minimum_budget(describe(folders[1]))  # the fewest slots, the app's context
+    engine = MlxEngine(str(folders[1]), max_memory=budget, read_threads=3)
+    for name in (folders[1], folders[0]):
+        engine.select(str(name))
+        engine.load(lambda done: None)
+        assert engine.model.limits.expert_pager.read_threads == 3
+    engine.select(str(folders[1]))

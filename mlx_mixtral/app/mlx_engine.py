@@ -59,9 +59,10 @@ class MlxEngine:
                  kv: KVSettings | None = None, prefixes: ChatPrefixes | None = None,
                  drafting: Callable[[Model, Tokenizer], Drafter] | None = None,
                  max_memory: int | str | None = None, plan: LoadPlan | None = None,
-                 draft: DraftNeeds | None = None) -> None:
+                 draft: DraftNeeds | None = None, read_threads: int | None = None) -> None:
         self.model_name = model_name
         self.max_memory = max_memory  # experts are paged when the model is larger
+        self.read_threads = read_threads  # --read-threads, for every model picked
         self.plan = plan  # the first model's plan, made by the command line (read once)
         self.draft = draft  # drafting's share of the budget, in every model's plan
         self.force = force  # load even if the model looks too big for free memory
@@ -95,7 +96,8 @@ class MlxEngine:
         from ..loading import load_planned, plan_load
 
         plan = self.plan or plan_load(self.model_name, force=self.force, dtype=self.dtype,
-                                      max_memory=self.max_memory, draft=self.draft)
+                                      max_memory=self.max_memory, draft=self.draft,
+                                      read_threads=self.read_threads)
         self.plan = None  # a model picked later plans afresh
         model, tokenizer = load_planned(plan)
         if Path(self.model_name).expanduser().exists():

@@ -70,7 +70,7 @@ def run_chat(args: argparse.Namespace) -> int:
     prefixes = ChatPrefixes(store.path, settings)
     engine = MlxEngine(name, force=args.force, dtype=args.dtype, kv=kv, prefixes=prefixes,
                        drafting=drafting, max_memory=args.max_memory, plan=plan,
-                       draft=draft)
+                       draft=draft, read_threads=args.read_threads)
     try:
         ChatApp(engine, name, store, system=args.system, settings=sampling,
                 notice="\n".join(said) or None, given=given_sampling(args)).run()
