@@ -48,7 +48,7 @@ base = status("VmRSS")
 Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here on
 read_before = rchar()
 model, tokenizer = load(folder, group=group, pipeline=mode == "pipeline", max_memory=budget,
-                        context=512 if budget else None)
+                        context=512 if budget else None, read_threads=3 if budget else None)
 for layer in model.layers:  # read the weights layer by layer, as the app does
     mx.eval(layer.parameters())
 mx.eval(model.parameters())
@@ -69,6 +69,7 @@ with open(f"{out}.{rank}.json", "w") as f:
                "layers": len(model.layers),
                "paged_layers": len(pager.slots) if pager is not None else 0,
                "slots": pager.num_slots if pager is not None else 0,
+               "read_threads": pager.read_threads if pager is not None else 0,
                "expert_reads": pager.stats.total().reads if pager is not None else 0,
                "budget": budget}, f)
 if rank == 0:

@@ -178,6 +178,7 @@ def test_two_ranks_streaming_give_one_process_s_tokens_within_budget(models, tmp
             assert rank["tokens"] == single["tokens"], (mode, r)
             assert rank["layers"] == rank["paged_layers"] == layers, (mode, r)
             assert 2 <= rank["slots"] < 8 and rank["expert_reads"] > 0, (mode, r)
+            assert rank["read_threads"] == 3, (mode, r)  # read_threads reaches each rank
             assert rank["peak"] <= 1.05 * budget, (mode, r, rank["peak"] / budget)
             # and as the system counts it: RSS above the interpreter's own, within budget + 10%
             assert rank["rss"] <= 1.10 * budget, (mode, r, rank["rss"] / budget)

@@ -157,7 +157,7 @@ def _bench_launched(args: argparse.Namespace, drafting, kv) -> int:
     folder = preset_folder(args.preset) if args.preset else args.model
     budget = _rank_budget(folder, args) if args.max_memory else None
     plan = plan_load(folder, dtype=args.dtype, group=group, pipeline=args.pipeline,
-                     max_memory=budget, tokenizer=False)
+                     max_memory=budget, tokenizer=False, read_threads=args.read_threads)
     text = bench_distributed(plan, args.prompt_tokens, args.gen_tokens, args.runs, dog.beat)
     dog.stop()
     if text is not None:

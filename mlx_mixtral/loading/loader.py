@@ -97,7 +97,8 @@ def load_planned(plan: LoadPlan, tokenizer: bool = True, expert_policy: str = "l
     pager = None
     if plan.ranks > 1 and source.format == "safetensors":  # each rank reads its share alone
         built = build_rank(source, plan.group, plan.pipeline, plan.dtype,
-                           memory if plan.paging else None, expert_policy, prefetch)
+                           memory if plan.paging else None, expert_policy, prefetch,
+                           plan.read_threads)
         model, pager, metadata = built.model, built.pager, {}
     elif plan.paging:
         model, pager = build_paged(source, memory, plan.dtype, expert_policy, prefetch,

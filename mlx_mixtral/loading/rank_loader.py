@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten
 from ..errors import MemoryLimitError, WeightsError
 from ..model.config import ModelArgs
 from ..model.decoder import Model
-from ..model.expert_cache import ExpertPager, PagedMoE
+from ..model.expert_cache import DEFAULT_READ_THREADS, ExpertPager, PagedMoE
 from ..model.precision import cast_weights, loaded_dtype, target_dtype
 from ..model.sharding import layer_range, shard_layers, shard_tensors
 from .checkpoint import (
@@ -216,7 +216,8 @@ class RankModel:
 
 def build_rank(source: ModelSource, group: mx.distributed.Group, pipeline: bool,
                dtype: str | mx.Dtype | None = None, memory: MemoryPlan | None = None,
-               policy: str = "lru", prefetch: bool = True) -> RankModel:
+               policy: str = "lru", prefetch: bool = True,
+               read_threads: int = DEFAULT_READ_THREADS) -> RankModel:
     """This rank's part of the model (see the module doc), evaluated; its experts paged when
     `memory` says so."""
     args = source.args
@@ -243,7 +244,7 @@ def build_rank(source: ModelSource, group: mx.distributed.Group, pipeline: bool,
     lazy = None
     model.fuse()  # after the split: fusing first would read whole tensors to cut them
     pager = _page(model, source, memory, dtype, policy, prefetch, held, group,
-                  pipeline) if paging else None
+                  pipeline, read_threads) if paging else None
     evaluate(model)
     return RankModel(model, pager, nbytes)
 
@@ -261,7 +262,7 @@ def evaluate(model: Model) -> None:
 
 def _page(model: Model, source: ModelSource, memory: MemoryPlan, dtype, policy: str,
           prefetch: bool, held: range, group: mx.distributed.Group,
-          pipeline: bool) -> ExpertPager:
+          pipeline: bool, read_threads: int) -> ExpertPager:
     """This rank's expert slots (as expert_paging.build_paged's, for this rank's share), the
     pager that fills them, and the paged MoE layers."""
     args = source.args
@@ -281,7 +282,7 @@ def _page(model: Model, source: ModelSource, memory: MemoryPlan, dtype, policy: 
     files = ExpertFiles(source.files, mlps, args.num_local_experts, inter, extents=table)
     pager = ExpertPager(args.num_local_experts, memory.slots,
                         [layer.block_sparse_moe.gate for layer in model.layers],
-                        args.num_experts_per_tok, files, policy, prefetch)
+                        args.num_experts_per_tok, files, policy, prefetch, read_threads)
     for i, layer in enumerate(model.layers):
         moe = layer.block_sparse_moe
         paged = PagedMoE(moe.gate, moe.switch_mlp, moe.top_k, i, pager)
