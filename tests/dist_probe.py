@@ -1,6 +1,7 @@
 """Run alone or as one rank of several: load a model (split over the ranks as asked, within a
-budget if given), and write rank 0's logits for fixed tokens, a greedy continuation, and what
-each rank cost over the whole process, loading included (OUT.RANK.json): MLX's peak memory
+budget if given, paged with 3 reader threads), and write rank 0's logits for fixed tokens, a
+greedy continuation, and what each rank cost over the whole process, loading included
+(OUT.RANK.json): MLX's peak memory
 (never reset), the peak resident memory above the interpreter's own before loading, and the
 bytes read while loading.
 
