@@ -254,6 +254,20 @@ def test_a_group_that_never_forms_ends_in_one_line(tmp_path):
     assert time.monotonic() - start < 50
 
 
+def test_mlx_rank_set_by_hand_is_one_line_and_exit_2():
+    """MLX_RANK without mlx.launch's hostfile (a user exporting it by hand): one line naming
+    both ways out, exit 2, no traceback."""
+    env = {**os.environ, "MLX_RANK": "0"}
+    env.pop("MLX_HOSTFILE", None)
+    r = subprocess.run([EXE, "generate", "--max-tokens", "2", "hi"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("mlx-mixtral: error: MLX_RANK is set but no distributed backend")
+    assert "mlx.launch" in lines[0] and "unset MLX_RANK" in lines[0]
+
+
 def greedy(max_tokens: int) -> dict:
     from mlx_mixtral.generation.sampling import SamplingParams
 

@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from ..errors import DistributedError
+from ..errors import ConfigError, DistributedError
 
 if TYPE_CHECKING:  # MLX is imported when a group is joined, not for --help
     import mlx.core as mx
@@ -118,7 +118,14 @@ def join(timeout: float) -> tuple[mx.distributed.Group, Watchdog]:
 
     dog = Watchdog(timeout, filter_ring_noise())
     dog.beat()
-    group = mx.distributed.init(strict=True)
+    try:
+        group = mx.distributed.init(strict=True)
+    except RuntimeError as e:  # MLX_RANK set by hand, or a launcher's environment half there
+        dog.stop()
+        raise ConfigError(  # the user's mistake (exit 2), not a lost rank
+            f"MLX_RANK is set but no distributed backend could start ({e}): run the command "
+            "under `mlx.launch -n 2 --backend ring ...` (which sets MLX_HOSTFILE too), or "
+            "unset MLX_RANK to run alone") from None
     mx.eval(mx.distributed.all_sum(mx.array(1), group=group))  # every rank is here
     dog.stop()
     dog.generating()
