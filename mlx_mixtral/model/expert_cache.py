@@ -234,7 +234,8 @@ class ExpertPager:
         """Reader threads that end when this pager is closed or collected: a model let go of
         without `close` would otherwise keep threads, and the MLX memory they hold, for good."""
         pool = MlxPool("expert-reads", n)
-        weakref.finalize(self, pool.close, False)
+        # not at exit: threads ending while Python finalizes would abort the process (threads.py)
+        weakref.finalize(self, pool.close, False).atexit = False
         return pool
 
     def wait(self, layer: int | None = None) -> None:
