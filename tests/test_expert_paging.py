@@ -264,6 +264,23 @@ def test_info_is_the_same_with_or_without_a_measurement_here(monkeypatch, tmp_pa
     assert str(hit_rates_path()) in extra
 
 
+def test_bench_with_no_budget_that_runs_is_one_line_before_any_run(folder, cli_here,
+                                                                    monkeypatch):
+    """Every budget too small: the first one's refusal (flags, not Python names), exit 2, and
+    the resident model never loaded (it may not fit at all: the reason for a budget)."""
+    from mlx_mixtral.cli import bench
+
+    def no_resident(*a, **k):
+        raise AssertionError("the resident model was loaded")
+
+    monkeypatch.setattr(bench, "load_ours", no_resident)
+    r = cli_here("bench", "--model", str(folder / "q4"), "--max-memory", "1%,2%", "--runs",
+                 "1", "--prompt-tokens", "8", "--gen-tokens", "2")
+    assert r.returncode == 2
+    assert r.stderr.startswith("mlx-mixtral: error: --max-memory ") and "too small" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_bench_reports_paging_next_to_resident(folder, cli_here):
     r = cli_here("bench", "--model", str(folder / "q4"), "--max-memory",
                  str(share_budget(0.5, folder / "q4")), "--runs", "1",

@@ -274,6 +274,22 @@ def drafted_side_by_side(model: Any, prompt: list[int], gen_tokens: int,
     return out
 
 
+def _some_budget_fits(folder: Path, budgets: list[int], dtype: str | None, draft: Any) -> None:
+    """Before the resident run (which may not fit in memory at all): when no budget can run,
+    the first one's refusal, as one line (the others only get a note in the report)."""
+    from ..loading import plan_load
+
+    refusal = None
+    for budget in budgets:
+        try:
+            plan_load(folder, tokenizer=False, dtype=dtype, max_memory=budget, draft=draft)
+            return
+        except MemoryLimitError as e:
+            refusal = refusal or e
+    if refusal is not None:
+        raise refusal
+
+
 def median_run(runs: list[PagedRun]) -> dict[str, Any]:
     """Each number's median over `runs`; the lists per layer (and a rate that was not
     measured, None) are the middle run's."""
@@ -306,6 +322,7 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
         raise not_streamable(source, budgets_text)
     model_bytes = load_bytes(source, dtype)
     budgets = parse_budgets(budgets_text, model_bytes, minimum_budget(source, dtype, draft=draft))
+    _some_budget_fits(folder, budgets, dtype, draft)
     log = (lambda m: None) if as_json else (lambda m: print(m, flush=True))
     resident = load_ours(folder, dtype)
     vocab = resident.model.args.vocab_size

@@ -114,8 +114,14 @@ class GGUFExperts:
         self._check()
 
     def set_cold(self, on: bool) -> None:
-        """Cold reads (the benchmark's): every range read is dropped from the page cache."""
-        self.cold = on
+        """Cold reads (the benchmark's): every range read is dropped from the page cache, and
+        the handles read nothing ahead (page_cache.bypass_cache)."""
+        from .page_cache import bypass_cache
+
+        with self._lock:
+            self.cold = on
+            for f in self._opened:
+                bypass_cache(f.fileno(), on)
 
     def set_coalesce(self, on: bool) -> None:
         """(Each projection of an expert is already one range: nothing to merge.)"""
@@ -140,9 +146,12 @@ class GGUFExperts:
     def _file(self):
         f = getattr(self._local, "file", None)
         if f is None:
+            from .page_cache import bypass_cache
+
             f = self._local.file = open(self.path, "rb", buffering=0)  # noqa: SIM115
             with self._lock:
                 self._opened.append(f)
+                bypass_cache(f.fileno(), self.cold)
         return f
 
     def _staging(self, nbytes: int) -> np.ndarray:

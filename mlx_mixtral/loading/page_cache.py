@@ -43,12 +43,16 @@ def drop_files(paths: list[Path]) -> bool:
 
 
 def bypass_cache(fd: int, on: bool) -> None:
-    """Reads through `fd` skip the page cache (macOS's F_NOCACHE; elsewhere a no-op, and the
-    reader drops each range after reading it)."""
+    """Reads through `fd` skip the page cache: macOS's F_NOCACHE; on Linux no read-ahead
+    (`POSIX_FADV_RANDOM`: the kernel would otherwise read the next expert's bytes too and
+    leave them cached, a warm read next time), and the reader drops each range after reading
+    it."""
     if sys.platform == "darwin":
         import fcntl
 
         fcntl.fcntl(fd, fcntl.F_NOCACHE, int(on))
+    elif can_drop():
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM if on else os.POSIX_FADV_NORMAL)
 
 
 def disk_read_bytes() -> int | None:
