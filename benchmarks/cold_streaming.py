@@ -1,7 +1,7 @@
 """Benchmark: cold decode with expert streaming, today's reads against the new ones, side by
 side in one run on the same model and budget.
 
-Usage: python benchmarks/cold_streaming.py [--bits 4|16|32] [--share 0.5] [--runs 3]
+Usage: python benchmarks/cold_streaming.py [--bits 4|8|16|32] [--share 0.5] [--runs 3]
        [--prompt-tokens 16] [--gen-tokens 32] [--read-threads 8] [--workdir DIR]
 
 One synthetic Mixtral (seeded, `SHAPE`) is written twice: in the stacked layout `convert` wrote
@@ -34,6 +34,7 @@ from mlx_mixtral import ModelArgs
 from mlx_mixtral.cli.bench_paging import measure_paged, share_budget, use_reads
 from mlx_mixtral.convert import convert
 from mlx_mixtral.convert.synthetic import write_hf_checkpoint
+from mlx_mixtral.errors import MlxMixtralError
 from mlx_mixtral.loading import describe, load
 from mlx_mixtral.loading.memory import load_bytes
 from mlx_mixtral.loading.page_cache import can_drop, drop_files
@@ -89,20 +90,35 @@ def disk_speeds(model, files: list[Path], threads: int) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--bits", type=int, default=32, choices=[4, 8, 16, 32])
-    p.add_argument("--share", type=float, default=0.5)
-    p.add_argument("--runs", type=int, default=3)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--bits", type=int, default=32, choices=[4, 8, 16, 32],
+                   help="the experts' precision (32: float32, where reading dominates)")
+    p.add_argument("--share", type=float, default=0.5, help="the budget, a share of the model")
+    p.add_argument("--runs", type=int, default=3, help="runs of each variant (medians)")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--gen-tokens", type=int, default=32)
-    p.add_argument("--read-threads", type=int, default=8)
+    p.add_argument("--read-threads", type=int, default=8, help="the pool's threads (after)")
     # the realistic preset's (bench.py): layers change the residual stream as a trained model's
-    p.add_argument("--residual-scale", type=float, default=0.055)
-    p.add_argument("--workdir", default=None)
+    p.add_argument("--residual-scale", type=float, default=0.055,
+                   help="residual branches' scale (1: random weights' layers)")
+    p.add_argument("--workdir", default=None,
+                   help="keep the models here between invocations (default: a temporary "
+                   "folder, deleted at the end)")
     a = p.parse_args()
+    if a.runs < 1 or a.prompt_tokens < 1 or a.gen_tokens < 2 or not 0 < a.share <= 1:
+        p.error("--runs and --prompt-tokens must be at least 1, --gen-tokens at least 2, "
+                "--share in (0, 1]")
     if not can_drop():
         raise SystemExit("cold reads need posix_fadvise (Linux); on macOS run `sudo purge`")
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="cold-streaming-"))
+    with tempfile.TemporaryDirectory(prefix="cold-streaming-") as temporary:
+        try:
+            run(a, Path(a.workdir or temporary))
+        except MlxMixtralError as e:  # a flag's value the package refuses: one line, exit 2
+            p.exit(2, f"cold_streaming.py: error: {e}\n")
+
+
+def run(a: argparse.Namespace, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     paths = folders(work, a.bits, a.residual_scale)
     budget = share_budget(a.share, load_bytes(describe(paths["stacked"])))
