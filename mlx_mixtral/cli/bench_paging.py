@@ -93,6 +93,14 @@ def share_budget(share: float, model_bytes: int) -> int:
     return OVERHEAD + int(model_bytes * share)
 
 
+def share_of(budget: int, model_bytes: int) -> float:
+    """The share of the model a budget holds besides the fixed memory (`share_budget`'s
+    inverse: "50%" reads back as 50%)."""
+    from ..loading.memory_plan import OVERHEAD
+
+    return (budget - OVERHEAD) / model_bytes
+
+
 def parse_budgets(text: str, model_bytes: int, minimum: int) -> list[int]:
     """`budget_specs` in bytes: "min" the smallest that runs, a share of the model's size
     once loaded (`share_budget`)."""
@@ -349,13 +357,13 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
                             read_threads=read_threads, draft=draft)
         except MemoryLimitError as e:  # the other budgets still run
             log(str(e))
-            result["budgets"].append({"budget": budget, "share": budget / model_bytes,
+            result["budgets"].append({"budget": budget, "share": share_of(budget, model_bytes),
                                       "note": str(e)})
             continue
         load_s = time.perf_counter() - start
         plan = model.limits.memory_plan
         log(str(plan))
-        entry: dict[str, Any] = {"budget": budget, "share": budget / model_bytes,
+        entry: dict[str, Any] = {"budget": budget, "share": share_of(budget, model_bytes),
                                  "slots": plan.slots, "experts": plan.experts,
                                  "load_s": load_s, "variants": {}}
         if not plan.paging:
@@ -409,7 +417,8 @@ def format_paging(result: dict[str, Any]) -> str:
              f"  fully resident: prefill {res['prefill_tps']:.1f} tok/s, decode "
              f"{res['decode_tps']:.2f} tok/s, peak {size(res['peak_memory'])}"]
     for entry in result["budgets"]:
-        head = f"  budget {size(entry['budget'])} ({entry['share']:.0%})"
+        head = (f"  budget {size(entry['budget'])} ({entry['share']:.0%} of the model + "
+                f"{size(int(entry['budget'] - entry['share'] * result['model_bytes']))} fixed)")
         if "note" in entry:
             lines.append(f"{head}: {entry['note']}")
             continue
