@@ -281,6 +281,32 @@ def test_bench_with_no_budget_that_runs_is_one_line_before_any_run(folder, cli_h
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_bench_of_a_model_larger_than_the_memory_runs_only_its_budgets(folder, cli_here,
+                                                                        monkeypatch):
+    """The case budgets are for (Mixtral 8x7B on a 16 GB Mac): the model does not fit the
+    memory available, so the resident run is left out, said so, and the budget still runs;
+    nothing tries to load the whole model."""
+    from mlx_mixtral.cli import bench
+    from mlx_mixtral.loading import memory
+
+    def no_resident(*a, **k):
+        raise AssertionError("the resident model was loaded")
+
+    monkeypatch.setattr(bench, "load_ours", no_resident)
+    monkeypatch.setattr(memory, "available_memory",
+                        lambda: load_bytes(describe(folder / "q4")) // 2)
+    args = ("bench", "--model", str(folder / "q4"), "--max-memory",
+            str(share_budget(0.5, folder / "q4")), "--runs", "1", "--prompt-tokens", "16",
+            "--gen-tokens", "4")
+    r = cli_here(*args, "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["resident"] is None and "not run" in result["resident_note"]
+    assert result["budgets"][0]["variants"]["lru+prefetch"]["decode_tps"] > 0
+    text = cli_here(*args)
+    assert text.returncode == 0 and "fully resident: not run: the model needs" in text.stdout
+
+
 def test_bench_reports_paging_next_to_resident(folder, cli_here):
     r = cli_here("bench", "--model", str(folder / "q4"), "--max-memory",
                  str(share_budget(0.5, folder / "q4")), "--runs", "1",

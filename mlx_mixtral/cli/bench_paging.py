@@ -316,7 +316,7 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
     `drafting`: (model, tokenizer) -> Drafter, and `draft` its `DraftNeeds`, for the
     side-by-side run of drafted decoding within each budget."""
     from ..loading import describe, load
-    from ..loading.memory import load_bytes
+    from ..loading.memory import available_memory, load_bytes
     from ..loading.memory_plan import minimum_budget, pageable
     from ..loading.process_memory import current_rss, peak_rss, reset_peak_rss
     from ..model.expert_cache import DEFAULT_READ_THREADS
@@ -332,22 +332,28 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
     budgets = parse_budgets(budgets_text, model_bytes, minimum_budget(source, dtype, draft=draft))
     _some_budget_fits(folder, budgets, dtype, draft)
     log = (lambda m: None) if as_json else (lambda m: print(m, flush=True))
-    resident = load_ours(folder, dtype)
-    vocab = resident.model.args.vocab_size
-    prompt = mx.array(np.random.RandomState(0).randint(3, vocab, prompt_tokens))
-    measure(resident, prompt[:32], 4)  # warm up
-    resident.runs = [measure(resident, prompt, gen_tokens) for _ in range(runs)]
-    repeated = repeating_prompt(resident.model, prompt_tokens) if drafting else []
+    prompt = mx.array(np.random.RandomState(0).randint(3, source.args.vocab_size,
+                                                       prompt_tokens))
     result: dict[str, Any] = {
         "model": str(folder), "model_bytes": model_bytes, "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens, "runs": runs, "device": str(mx.default_device()),
-        "drafting": _drafting_label(draft),
-        "resident": {k: resident.median(k) for k in ("prefill_tps", "decode_tps",
-                                                     "peak_memory")},
-        "budgets": []}
-    log(f"resident: decode {resident.median('decode_tps'):.2f} tok/s")
-    del resident
-    mx.clear_cache()
+        "drafting": _drafting_label(draft), "resident": None, "budgets": []}
+    repeated: list[int] = []
+    have = available_memory()
+    if have and model_bytes > have:  # the case budgets are for: the model does not fit
+        result["resident_note"] = (f"not run: the model needs {size(model_bytes)} and "
+                                   f"{size(have)} is available")
+        log(f"resident: {result['resident_note']}")
+    else:
+        resident = load_ours(folder, dtype)
+        measure(resident, prompt[:32], 4)  # warm up
+        resident.runs = [measure(resident, prompt, gen_tokens) for _ in range(runs)]
+        repeated = repeating_prompt(resident.model, prompt_tokens) if drafting else []
+        result["resident"] = {k: resident.median(k) for k in ("prefill_tps", "decode_tps",
+                                                              "peak_memory")}
+        log(f"resident: decode {resident.median('decode_tps'):.2f} tok/s")
+        del resident
+        mx.clear_cache()
     for budget in budgets:
         start = time.perf_counter()
         rss_counted = reset_peak_rss()  # this budget's peak: loading and generation
@@ -395,6 +401,8 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
         entry["peak_rss"] = peak_rss() if rss_counted else None
         entry["rss_before"] = rss_before  # the process before loading (interpreter, imports)
         if drafting is not None:
+            # the paged model's greedy text is the resident one's
+            repeated = repeated or repeating_prompt(model, prompt_tokens)
             drafter = drafting(model, None)
             entry["drafted"] = drafted_side_by_side(model, repeated, gen_tokens, drafter)
             del drafter
@@ -415,7 +423,8 @@ def format_paging(result: dict[str, Any]) -> str:
              f"{result['prompt_tokens']} prompt tokens, {result['gen_tokens']} generated, "
              f"median of {result['runs']} runs, {result['device']}, warm page cache)",
              f"  fully resident: prefill {res['prefill_tps']:.1f} tok/s, decode "
-             f"{res['decode_tps']:.2f} tok/s, peak {size(res['peak_memory'])}"]
+             f"{res['decode_tps']:.2f} tok/s, peak {size(res['peak_memory'])}" if res else
+             f"  fully resident: {result['resident_note']}"]
     for entry in result["budgets"]:
         head = (f"  budget {size(entry['budget'])} ({entry['share']:.0%} of the model + "
                 f"{size(int(entry['budget'] - entry['share'] * result['model_bytes']))} fixed)")
@@ -426,10 +435,11 @@ def format_paging(result: dict[str, Any]) -> str:
         lines.append(head)
         for key, v in entry["variants"].items():
             lines.append(
-                f"    {key:<13} decode {v['decode_tps']:6.2f} tok/s "
-                f"({v['decode_tps'] / res['decode_tps']:.2f}x resident), prefill "
-                f"{v['prefill_tps']:6.1f} tok/s ({v['prefill_tps'] / res['prefill_tps']:.2f}x)"
-                f", hit rate {v['decode_hit_rate']:.0%}"
+                f"    {key:<13} decode {v['decode_tps']:6.2f} tok/s"
+                + (f" ({v['decode_tps'] / res['decode_tps']:.2f}x resident)" if res else "")
+                + f", prefill {v['prefill_tps']:6.1f} tok/s"
+                + (f" ({v['prefill_tps'] / res['prefill_tps']:.2f}x)" if res else "")
+                + f", hit rate {v['decode_hit_rate']:.0%}"
                 + (f" ({v['prefetch_share']:.0%} of hits prefetched)" if "prefetch" in key
                    else "")
                 + f", {size(v['bytes_per_token'])} read per token, peak "
