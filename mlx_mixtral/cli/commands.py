@@ -54,8 +54,10 @@ COMMANDS = {
         "through mlx-lm, alternating with ours, and each figure gets a ratio (>1: we are "
         "better). Presets are synthetic 4-bit models of fixed shape and seed. With "
         "--max-memory (sizes, shares of the model's size, or min: min,50%%,75%%) it runs expert "
-        "paging within each budget next to the fully resident model: tok/s, hit rates per "
-        "layer with and without prefetch, and bytes read per token."),
+        "paging within each budget next to the fully resident model (left out when the model "
+        "does not fit in the memory available): tok/s, hit rates per layer with and without "
+        "prefetch, and bytes read per token. A budget is the share asked of the model plus "
+        "the process's fixed memory (about 14 MB)."),
     "serve": (
         "serve the model over HTTP: OpenAI's and Ollama's APIs",
         "Serve the model over HTTP on loopback: OpenAI's API under /v1 (chat/completions, "
