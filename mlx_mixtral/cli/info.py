@@ -110,8 +110,10 @@ def plans(args: ModelArgs, budget: int, machine: bool, ranks: int = 1) -> str:
             paged.append((label, p))
             hit = expected_hit_rate(p.slots / p.experts)
             per_token = p.layers * p.top_k * (1 - hit) * p.expert
+            # misses only: the guess's reads ahead come on top (a routing trace counts them)
             how = (f"paging: {p.slots} of {p.experts} experts per layer in memory, about "
-                   f"{size(per_token)} read per token (hit rate {hit:.0%})")
+                   f"{size(per_token)} of misses read per token (hit rate {hit:.0%}; reads "
+                   "ahead not counted)")
         row = f"    {label:<10} {size(weights):>10}"
         if ranks > 1:
             mine = weights * (whole + (total - whole) / ranks) / total
