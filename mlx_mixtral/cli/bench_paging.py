@@ -417,11 +417,16 @@ def bench_paging(folder: Path, budgets_text: str, prompt_tokens: int, gen_tokens
     return json.dumps(result, indent=2) if as_json else format_paging(result)
 
 
+def _runs(n: int) -> str:
+    return "one run" if n == 1 else f"median of {n} runs"
+
+
 def format_paging(result: dict[str, Any]) -> str:
     res = result["resident"]
     lines = [f"{result['model']}  ({size(result['model_bytes'])} once loaded; "
              f"{result['prompt_tokens']} prompt tokens, {result['gen_tokens']} generated, "
-             f"median of {result['runs']} runs, {result['device']}, warm page cache)",
+             f"{_runs(result['runs'])}, {result['device']}, warm page cache unless marked "
+             "cold)",
              f"  fully resident: prefill {res['prefill_tps']:.1f} tok/s, decode "
              f"{res['decode_tps']:.2f} tok/s, peak {size(res['peak_memory'])}" if res else
              f"  fully resident: {result['resident_note']}"]
@@ -503,7 +508,8 @@ def format_reads(entry: dict[str, Any]) -> list[str]:
     runs = reads["runs"]
     rss, before = entry.get("peak_rss"), entry.get("rss_before")
     lines = [f"    reads: serial (1 thread, each range alone) against the pool "
-             f"({reads['read_threads']} threads, coalesced)"
+             f"({reads['read_threads']} thread{'s' if reads['read_threads'] > 1 else ''}, "
+             "coalesced)"
              + ("" if reads["dropped"] else " - the page cache could not be dropped here")
              + (f"; peak RSS {size(rss)}, {size(rss - before)} over the process before "
                 f"loading ({(rss - before) / entry['budget']:.2f}x the budget)"
