@@ -91,7 +91,8 @@ DTYPE_HELP = ("compute in this dtype (default: float32 on the CPU backend, the c
 
 MAX_MEMORY_HELP = ("run within this much memory, e.g. 12GB: a Mixtral larger than that keeps "
                    "some experts per layer in memory and reads the others from disk when "
-                   "chosen (MLX or Hugging Face safetensors folders); one line at load states "
+                   "chosen (MLX or Hugging Face safetensors folders, and GGUF files or "
+                   "ollama:NAME with Q4_0, Q4_1 or Q8_0 experts); one line at load states "
                    "the plan (default: no budget, the whole model loads)")
 
 
@@ -116,8 +117,8 @@ def add_model_flags(p: argparse.ArgumentParser, model: bool = True,
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help=DTYPE_HELP)
     p.add_argument("--max-memory", default=None, metavar="SIZE", help=MAX_MEMORY_HELP)
     p.add_argument("--read-threads", type=read_threads_flag, default=None, metavar="N",
-                   help="threads reading paged experts from disk at once (default: 8; an "
-                   "SSD reads fastest with several reads in flight)")
+                   help="with --max-memory: threads reading paged experts from disk at once, "
+                   "1 to 64 (default: 8; an SSD reads fastest with several reads in flight)")
     if sampling:
         add_sampling_flags(p)
 
