@@ -299,9 +299,11 @@ def test_a_wrong_guess_not_yet_read_is_withdrawn_and_its_slot_given_back():
         slot_of_0 = int(pager.slots[1].table[0])
         threading.Timer(0.2, loader.go.set).start()
         pager.begin(1, np.array([5, 1]), None)
+        slots = pager.slots[1]
+        if not baseline:  # 0 is back as the least recently used, the next to go
+            assert list(slots.where)[0] == 0, list(slots.where)
         pager.fill(1, [5, 1])
         pager.wait()
-        slots = pager.slots[1]
         if baseline:
             assert loader.order == [(1, 5), (1, 6)] and slots.resident(6)
             assert not slots.resident(0)
@@ -311,7 +313,23 @@ def test_a_wrong_guess_not_yet_read_is_withdrawn_and_its_slot_given_back():
             assert int(slots.table[0]) == slot_of_0
             assert pager.stats.layers[1].withdrawn == 1
             assert pager.stats.layers[1].bytes_read == 1000
+            assert pager.stats.layers[1].reads == 1  # the withdrawn guess is no read
         pager.close()
+
+
+def test_the_guess_names_the_likeliest_expert_first():
+    """The next layer's router scores the experts 0 < 1 < ... < 7 for this input: the guess is
+    [7, 6], the likeliest first (it is read first, and a wrong last guess is withdrawn)."""
+    import mlx.nn as nn
+
+    from mlx_mixtral.model.expert_cache import ExpertPager
+
+    gate = nn.Linear(4, 8, bias=False)
+    gate.weight = mx.array(np.outer(np.arange(8), np.ones(4)).astype(np.float32))
+    pager = ExpertPager(8, 3, [None, gate], 2, GatedLoader(), read_threads=1)
+    guess = pager.guess(0, mx.ones((1, 1, 4)))
+    assert np.array(guess).reshape(-1).tolist() == [7, 6]
+    pager.close()
 
 
 def test_a_wrong_guess_being_read_is_waited_for_and_its_slot_freed():
