@@ -344,7 +344,6 @@ class ExpertPager:
             self.recorder.layer(layer, chosen, guess)
         needed = np.unique(chosen).tolist()
         self._settle(layer, set(needed))  # the slots of this layer are complete
-        self._start_next()  # (a previous layer's, not started: none of its experts was read)
         if guess is not None:
             # the next layer's guess is read after this layer's misses (fill), which need the
             # disk first; the baseline reads it at once
